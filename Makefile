@@ -1,0 +1,35 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+# Both create the Python 3.12 virtualenv on first use (deeplens-core needs 3.12).
+
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+PSF   := $(VENV)/bin/psf
+STAMP := $(VENV)/.installed
+DEMO  := runs/demo
+
+.PHONY: venv demo test bench clean-demo
+
+venv: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	@if ! $(PY) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null; then \
+		py=$$(tools/find-python312) || exit 1; \
+		echo "creating $(VENV) with $$py"; \
+		rm -rf $(VENV) && $$py -m venv $(VENV) || exit 1; \
+	fi
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+demo: $(STAMP)
+	$(PSF) generate --config configs/demo.yaml --out $(DEMO)/grid.h5
+	$(PSF) info $(DEMO)/grid.h5
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_generate.py
+
+clean-demo:
+	rm -rf $(DEMO)

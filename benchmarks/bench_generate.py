@@ -1,0 +1,111 @@
+"""psfgen's throughput against a bare DeepLens ``psf_rgb`` loop over the same points.
+
+Both run in this process, on the same device, over the same blocks of points, alternating
+(bare, psfgen, bare, psfgen, ...) so that warm-up and machine noise hit both alike; the
+best repetition of each counts. Prints PSFs/s of each, their ratio (target >= 0.95: the
+wrapper, with its downsampling, border statistics and HDF5 writes, costs nothing next to
+tracing) and the peak resident memory of each phase.
+
+    python benchmarks/bench_generate.py [--grid-size 7] [--spp 100000] [--device auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from psfgen import GenerateConfig, configio, generate  # noqa: E402
+from psfgen.generate import plan_blocks  # noqa: E402
+from psfgen.grid import grid_coords  # noqa: E402
+from psfgen.lens import build_lens, read_lens_file, resolve_device  # noqa: E402
+
+
+class PeakRSS:
+    """Peak resident set size [MiB] while the block runs, sampled every 5 ms."""
+
+    def __enter__(self):
+        self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.005)
+
+    @staticmethod
+    def _rss() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096 / 2**20
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--grid-size", type=int, default=7)
+    ap.add_argument("--spp", type=int, default=100_000)
+    ap.add_argument("--depth", type=float, default=1.0, help="object depth [m]")
+    ap.add_argument("--block-rays", type=int, default=4_000_000)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+
+    cfg = configio.build(GenerateConfig, dict(
+        grid_size=args.grid_size, depths=(args.depth,), spp=args.spp, heldout=0, noise_points=0,
+        block_rays=args.block_rays, device=args.device, overwrite=True,
+    ))
+    device = resolve_device(cfg.device)
+    lens = build_lens(read_lens_file(cfg.lens), device)
+    blocks = plan_blocks(cfg, 1, 0)
+    coords = grid_coords(cfg.grid_size)
+    n = cfg.grid_size**2
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def bare() -> None:
+        for b in blocks:
+            xy = coords[b.start : b.stop]
+            pts = np.concatenate([xy, np.full((len(xy), 1), -1000.0 * args.depth)], axis=1)
+            with torch.no_grad():
+                lens.psf_rgb(points=torch.as_tensor(pts, dtype=torch.float32, device=device), ks=cfg.ks, spp=cfg.spp).cpu()
+        sync()
+
+    results = {"bare psf_rgb": [], "psfgen": []}
+    peaks = {"bare psf_rgb": 0.0, "psfgen": 0.0}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "bench.h5"
+        run_cfg = configio.build(GenerateConfig, {**configio.to_dict(cfg), "out": str(out)})
+        for _ in range(args.repeats):
+            for name, fn in (("bare psf_rgb", bare), ("psfgen", lambda: generate(run_cfg))):
+                with PeakRSS() as mem:
+                    t0 = time.perf_counter()
+                    fn()
+                    sync()
+                    results[name].append(time.perf_counter() - t0)
+                peaks[name] = max(peaks[name], mem.peak)
+    print(f"device {device}, {n} points in {len(blocks)} blocks, spp {cfg.spp}, ks {cfg.ks}, "
+          f"{torch.get_num_threads()} threads, {args.repeats} repeats (best counts)")
+    rate = {k: n / min(v) for k, v in results.items()}
+    for name in results:
+        extra = ""
+        if device.type == "cuda":
+            extra = f", peak CUDA memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB (both)"
+        print(f"{name:13s} {rate[name]:8.2f} PSFs/s   peak RSS {peaks[name]:7.0f} MiB{extra}")
+    print(f"ratio psfgen / bare = {rate['psfgen'] / rate['bare psf_rgb']:.3f}  (target >= 0.95)")
+
+
+if __name__ == "__main__":
+    main()

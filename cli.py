@@ -1,0 +1,116 @@
+"""The ``psf`` command line: parse options, load the config, call the library.
+
+Nothing here computes anything: each command maps its options onto a typed config and
+calls ``psfgen`` / ``psfcvae``. A user mistake (InputError) becomes one ``Error:`` line
+and exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+
+import click
+
+from psfgen.errors import InputError
+
+
+def _versions_line() -> str:
+    from psfgen.provenance import package_version
+
+    return (
+        f"psf-cvae {package_version('psf-cvae')}, deeplens-core {package_version('deeplens-core')}, "
+        f"torch {package_version('torch')}"
+    )
+
+
+def _print_version(ctx, _param, value):
+    if value and not ctx.resilient_parsing:
+        click.echo(_versions_line())
+        ctx.exit()
+
+
+class BadInput(click.ClickException):
+    """A user mistake: printed as one ``Error: ...`` line, exit code 2 (click's usage code)."""
+
+    exit_code = 2
+
+
+def user_errors(fn):
+    """Turn InputError into one line on stderr and exit code 2, no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except InputError as exc:
+            raise BadInput(str(exc)) from None
+
+    return wrapper
+
+
+SET_OPTION = click.option(
+    "--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override one config key (repeatable), e.g. --set spp=2000."
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Print the psf-cvae, deeplens-core and torch versions and exit.")
+@click.option("-v", "--verbose", count=True, help="More log output (-v: debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors; no progress bars.")
+def main(verbose: int, quiet: bool) -> None:
+    """psf-cvae: learned point spread functions of a real lens, anywhere in the field."""
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger().setLevel(level)
+    for noisy in ("deeplens", "matplotlib", "PIL", "h5py"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config (e.g. configs/generate.yaml); options below override it.")
+@click.option("--lens", type=str, help="DeepLens lens JSON file [default: data/lenses/acl12708u.json].")
+@click.option("--out", type=str, help="Output HDF5 file [default: grid.h5].")
+@click.option("--grid-size", type=int, help="N: trace an N x N field grid [default: 20].")
+@click.option("--depths", type=str, help="Object depths in metres, comma separated, e.g. 0.4,1,2,5,20.")
+@click.option("--depth-min", type=float, help="Nearest depth [m] of a range spaced uniformly in 1/depth [default: 0.4].")
+@click.option("--depth-max", type=float, help="Farthest depth [m] of the range [default: 20].")
+@click.option("--num-depths", type=int, help="Number of depths in the range [default: 5].")
+@click.option("--focus-m", type=float, help="Refocus the lens to this object distance [m] before tracing.")
+@click.option("--spp", type=int, help="Rays per point and wavelength for the grid [default: 100000].")
+@click.option("--kernel-size", "ks", type=int, help="Traced kernel size ks [px] [default: 64].")
+@click.option("--kernel-size-small", "ks_small", type=int, help="Stored kernel size [px] after area downsampling [default: 15].")
+@click.option("--heldout", type=int, help="Number of off-grid evaluation points [default: 256].")
+@click.option("--heldout-spp", type=int, help="Rays of the held-out reference, split into two halves [default: 4 x spp].")
+@click.option("--noise-points", type=int, help="Grid points traced twice per depth to measure the noise floor [default: 32].")
+@click.option("--block-rays", type=int, help="Rays per traced block; bounds memory [default: 4000000].")
+@click.option("--seed", type=int, help="Random seed [default: 0].")
+@click.option("--device", type=str, help="auto, cpu, cuda or cuda:K [default: auto].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file that holds another run.")
+@SET_OPTION
+@user_errors
+def generate(config_path, sets, overwrite, **options):
+    """Ray-trace a multi-depth PSF grid into a self-describing HDF5 file."""
+    from psfgen import GenerateConfig, configio, generate as run
+
+    if overwrite:
+        options["overwrite"] = True
+    cfg = configio.load(GenerateConfig, config_path, options, sets)
+    path = run(cfg)
+    click.echo(str(path))
+
+
+@main.command()
+@click.argument("path", type=str)
+@user_errors
+def info(path):
+    """Summarise a grid file: lens, grid, depths, spp, progress, truncation, noise floor."""
+    from psfgen.info import summary
+
+    click.echo(summary(path))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""``psf info``: a human summary of a grid file, and the noise figures it rests on."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+
+from .store import open_info
+
+
+def rel_l2(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """||a - b|| / ||b|| over the last three axes: [..., 3, k, k] -> [...]."""
+    diff = np.sqrt(((a - b) ** 2).sum(axis=(-3, -2, -1)))
+    return diff / np.sqrt((b**2).sum(axis=(-3, -2, -1)))
+
+
+def noise_floor(path) -> np.ndarray | None:
+    """Per depth, mean relative L2 between a grid PSF and its independent re-trace
+    at the same spp: [D], or None without noise points. Only finished blocks count."""
+    with h5py.File(path, "r") as f:
+        idx = f["noise/index"][:]
+        if idx.size == 0:
+            return None
+        grid = f["grid/psf"][:, idx]  # [D, S, 3, k, k]
+        again = f["noise/psf"][:]
+        ok = (grid.sum(axis=(-3, -2, -1)) > 0) & (again.sum(axis=(-3, -2, -1)) > 0)
+    err = rel_l2(again, grid)
+    return np.array([err[d][ok[d]].mean() if ok[d].any() else np.nan for d in range(len(err))])
+
+
+def summary(path) -> str:
+    info = open_info(path)
+    a = info.attrs
+    cfg = info.config
+    lines = [
+        f"file        {info.path}  (format {a['format']} v{a['schema_version']}, run {info.run_id})",
+        f"lens        {a['lens_path']}  sha256 {a['lens_sha256'][:16]}…  foclen {a.get('foclen_mm', float('nan')):.3f} mm",
+        f"grid        {info.grid_size} x {info.grid_size} points, kernel {cfg['ks']} px -> {info.ks_small} px",
+        f"depths [m]  {', '.join(f'{d:g}' for d in info.depths)}" + (f"  (focus {cfg['focus_m']} m)" if cfg.get("focus_m") else ""),
+        f"spp         {info.spp} (grid), {info.heldout_spp} (held-out reference, two halves)",
+        f"held-out    {info.n_heldout} points;  noise re-traces: {info.n_noise} grid points per depth",
+        f"blocks      {info.blocks_done}/{info.blocks_total} traced" + ("" if info.complete else "  (unfinished: run the same 'psf generate' again to resume)"),
+        f"device      {a['device']}, seed {a['seed']}, started {a['started_at']}"
+        + (f", finished {a['finished_at']} ({a['wall_time_s']:.1f} s wall)" if "finished_at" in a else ""),
+    ]
+    with h5py.File(path, "r") as f:
+        done = f["blocks/done"][:].astype(bool)
+        table = f["blocks/table"][:]
+        secs = f["blocks/seconds"][:]
+        border = f["grid/border"][:]
+        grid_blocks = done & (table[:, 0] == 0)
+        traced = np.zeros(border.shape[:2], dtype=bool)  # [D, P]: PSFs whose block is done
+        for _, d, lo, hi in table[grid_blocks]:
+            traced[d, lo:hi] = True
+        n_grid = int((table[grid_blocks, 3] - table[grid_blocks, 2]).sum())
+        if n_grid and secs[grid_blocks].sum() > 0:
+            lines.append(f"speed       {n_grid / secs[grid_blocks].sum():.2f} grid PSFs/s at spp {info.spp}")
+        if traced.any():
+            worst = border.max(axis=-1)[traced]
+            lines.append(
+                f"truncation  energy on the {cfg['ks']}-px window border: mean {100 * worst.mean():.2f}%, "
+                f"max {100 * worst.max():.2f}%, {int((worst > 0.01).sum())} of {worst.size} PSFs above 1%"
+            )
+        if info.n_heldout and done.all():
+            ref = rel_l2(f["heldout/psf_a"][:], f["heldout/psf_b"][:])
+            lines.append(f"reference   held-out halves differ by {100 * ref.mean():.2f}% (relative L2, mean)")
+    nf = noise_floor(path)
+    if nf is not None:
+        per = ", ".join(f"{d:g} m: {100 * v:.2f}%" for d, v in zip(info.depths, nf))
+        lines.append(f"noise floor two traces at spp {info.spp} differ by (relative L2) {per}")
+    lines.append(f"versions    {', '.join(f'{k} {v}' for k, v in json.loads(a['versions']).items())}")
+    return "\n".join(lines)

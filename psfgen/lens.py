@@ -1,0 +1,92 @@
+"""Loading a DeepLens lens file, with user-facing errors instead of tracebacks."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LensFile:
+    path: str
+    text: str  # the file's exact text, stored in every output
+    sha256: str  # of the file's bytes
+
+
+def read_lens_file(path: str | Path) -> LensFile:
+    """Read and syntax-check a DeepLens lens JSON file (no tracing, no torch)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"lens file {path} does not exist; pass --lens with a DeepLens JSON file")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read lens file {path}: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+        data = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        where = f" (line {exc.lineno})" if isinstance(exc, json.JSONDecodeError) else ""
+        raise InputError(f"lens file {path} is not valid JSON{where}; fix the file or pass another --lens") from None
+    if not isinstance(data, dict) or not isinstance(data.get("surfaces"), list) or not data["surfaces"]:
+        raise InputError(f"lens file {path} has no 'surfaces' list; it is not a DeepLens lens JSON file")
+    return LensFile(str(path), text, hashlib.sha256(raw).hexdigest())
+
+
+def build_lens(lens_file: LensFile, device: torch.device, focus_m: float | None = None):
+    """A DeepLens ``GeoLens`` on ``device``, refocused to ``focus_m`` [m] if given."""
+    from deeplens import GeoLens
+
+    if not lens_file.path.endswith(".json"):
+        raise InputError(f"lens file {lens_file.path} must be a DeepLens .json file")
+    said = io.StringIO()
+    try:
+        # DeepLens prints notes on stdout, which belongs to our output: pass them to the log.
+        with contextlib.redirect_stdout(said):
+            lens = GeoLens(filename=lens_file.path, device=str(device))
+    except NotImplementedError as exc:
+        m = re.match(r"Material (.+) not implemented", str(exc))
+        if m:
+            raise InputError(
+                f"lens file {lens_file.path}: unknown glass '{m.group(1)}'; use a material name "
+                "from DeepLens's glass catalogs"
+            ) from None
+        raise InputError(f"lens file {lens_file.path}: {exc}") from None
+    except (KeyError, ValueError, TypeError, AssertionError, IndexError) as exc:
+        detail = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc) or type(exc).__name__
+        raise InputError(f"lens file {lens_file.path} is not a valid DeepLens lens: {detail}") from None
+    finally:
+        for line in said.getvalue().splitlines():
+            log.info("deeplens: %s", line)
+    if focus_m is not None:
+        try:
+            lens.refocus(foc_dist=-focus_m * 1000.0)  # DeepLens: object distance [mm], negative
+        except AssertionError:
+            raise InputError(f"cannot focus this lens at {focus_m} m; choose a farther --focus-m") from None
+    log.debug("lens %s: foclen %.4f mm, sensor %s mm", lens_file.path, float(lens.foclen), lens.sensor_size)
+    return lens
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; an explicit CUDA device that is absent is an input error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {name} asked for, but CUDA is not available here; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"device {name} does not exist: {torch.cuda.device_count()} CUDA device(s)")
+    return dev

@@ -1,0 +1,45 @@
+"""Energy-preserving area downsampling of PSF kernels (ks -> ks_small).
+
+64/15 is not an integer ratio, so strided subsampling or pooling would drop or
+double-count pixels. Each output pixel instead sums the input pixels it covers, weighted
+by the covered fraction of their area: out = A @ psf @ A^T with A[i, j] the overlap of
+output pixel i ([i r, (i+1) r), r = ks / ks_small, in input pixel units) with input pixel
+j ([j, j+1)). Every column of A sums to 1, so the total energy is preserved exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+METHOD = "area: exact pixel-overlap weights, separable, then per-channel renormalisation"
+
+
+def area_matrix(ks: int, ks_small: int) -> np.ndarray:
+    """A: [ks_small, ks]; A[i, j] = length of [i r, (i+1) r) intersected with [j, j+1)."""
+    r = ks / ks_small
+    lo = np.arange(ks_small)[:, None] * r
+    hi = lo + r
+    j = np.arange(ks)[None, :]
+    return np.clip(np.minimum(hi, j + 1) - np.maximum(lo, j), 0.0, None)
+
+
+def downsample(psf: torch.Tensor, ks_small: int) -> torch.Tensor:
+    """psf: [..., ks, ks] -> [..., ks_small, ks_small], each kernel renormalised to sum 1."""
+    ks = psf.shape[-1]
+    a = torch.as_tensor(area_matrix(ks, ks_small), dtype=torch.float64, device=psf.device)
+    out = a @ psf.to(torch.float64) @ a.T  # [..., ks_small, ks_small]
+    total = out.sum(dim=(-2, -1), keepdim=True)
+    out = out / torch.where(total > 0, total, torch.ones_like(total))
+    return out.to(torch.float32)
+
+
+def border_fraction(psf: torch.Tensor) -> torch.Tensor:
+    """Fraction of each kernel's energy on its outermost pixel ring: [..., ks, ks] -> [...].
+
+    DeepLens drops rays that land outside the window and renormalises, so energy near
+    the border is the visible sign that some was lost beyond it.
+    """
+    total = psf.sum(dim=(-2, -1))
+    inner = psf[..., 1:-1, 1:-1].sum(dim=(-2, -1))
+    return ((total - inner) / total.clamp_min(1e-30)).to(torch.float32)

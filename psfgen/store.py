@@ -1,0 +1,188 @@
+"""The HDF5 grid file: layout, creation, block writes and the checked reader.
+
+Layout (schema 1; see docs/dataset.md):
+
+    /depths             [D] float64, object depths [m], ascending
+    /wvln               [3] float64, wavelengths [µm], order R, G, B
+    /grid/coords        [P, 2] float64, (x, y) in [-1, 1], P = N*N, flat index = row*N + col
+    /grid/neighbors     [E, 2] int32, undirected pairs, E = 2N(N-1) + 2(N-1)^2
+    /grid/psf           [D, P, 3, k, k] float32, each channel sums to 1
+    /grid/border        [D, P, 3] float32, energy fraction on the ks-window border
+    /noise/index        [S] int64, grid points traced a second time
+    /noise/psf          [D, S, 3, k, k], /noise/border [D, S, 3]
+    /heldout/coords     [M, 2], /heldout/depth [M] [m], /heldout/at_grid_depth [M] bool
+    /heldout/psf_a, psf_b    [M, 3, k, k], two independent traces at heldout_spp/2 each
+    /heldout/border_a, border_b  [M, 3]
+    /blocks/table       [B, 4] int64 (kind, depth index or -1, start, stop)
+    /blocks/done        [B] uint8, 1 once the block's PSFs are written
+    /blocks/seconds     [B] float64, tracing time of each block [s]
+
+Crash safety: every dataset is allocated in full when the file is created (contiguous
+layout, early allocation), so writing a block only overwrites raw bytes and then flips
+its done byte, without touching HDF5 metadata. A process killed at any moment leaves a
+readable file whose done marks are true only for blocks fully written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .errors import InputError
+
+FORMAT = "psf-cvae.grid"
+SCHEMA_VERSION = 1
+KINDS = ("grid", "noise", "heldout_a", "heldout_b")
+
+
+@dataclass(frozen=True)
+class Block:
+    kind: str  # one of KINDS
+    depth: int  # depth index for grid/noise blocks, -1 for held-out blocks
+    start: int  # first point (index into the kind's point list)
+    stop: int  # one past the last point
+
+    def row(self) -> list[int]:
+        return [KINDS.index(self.kind), self.depth, self.start, self.stop]
+
+    @staticmethod
+    def from_row(row) -> "Block":
+        return Block(KINDS[int(row[0])], int(row[1]), int(row[2]), int(row[3]))
+
+
+def _early(f: h5py.File, name: str, shape, dtype) -> h5py.Dataset:
+    """A contiguous dataset whose storage is allocated (zero-filled) right now."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_ALLOC)
+    return f.create_dataset(name, shape=shape, dtype=dtype, dcpl=dcpl)
+
+
+def create(path: Path, *, attrs: dict, arrays: dict, sizes: dict, blocks: list[Block]) -> None:
+    """Write the file's skeleton to a temporary file, then rename it onto ``path``.
+
+    arrays: fixed content known up front (coords, depths, ...).
+    sizes: D, P, S, M, k: shapes of the PSF datasets to allocate.
+    """
+    D, P, S, M, k = (sizes[x] for x in ("D", "P", "S", "M", "k"))
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as f:
+            for key, value in attrs.items():
+                f.attrs[key] = value
+            for name, value in arrays.items():
+                f.create_dataset(name, data=value)
+            f["depths"].attrs["units"] = "m"
+            f["wvln"].attrs["units"] = "um"
+            _early(f, "grid/psf", (D, P, 3, k, k), np.float32)
+            _early(f, "grid/border", (D, P, 3), np.float32)
+            _early(f, "noise/psf", (D, S, 3, k, k), np.float32)
+            _early(f, "noise/border", (D, S, 3), np.float32)
+            for half in "ab":
+                _early(f, f"heldout/psf_{half}", (M, 3, k, k), np.float32)
+                _early(f, f"heldout/border_{half}", (M, 3), np.float32)
+            f.create_dataset("blocks/table", data=np.array([b.row() for b in blocks], dtype=np.int64).reshape(-1, 4))
+            _early(f, "blocks/done", (len(blocks),), np.uint8)
+            _early(f, "blocks/seconds", (len(blocks),), np.float64)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_block(path: Path, index: int, block: Block, psf: np.ndarray, border: np.ndarray, seconds: float) -> None:
+    """Store one traced block: psf [B, 3, k, k], border [B, 3]; then mark it done."""
+    with h5py.File(path, "r+") as f:
+        if block.kind in ("grid", "noise"):
+            f[f"{block.kind}/psf"][block.depth, block.start : block.stop] = psf
+            f[f"{block.kind}/border"][block.depth, block.start : block.stop] = border
+        else:
+            half = block.kind[-1]
+            f[f"heldout/psf_{half}"][block.start : block.stop] = psf
+            f[f"heldout/border_{half}"][block.start : block.stop] = border
+        f["blocks/seconds"][index] = seconds
+        f.flush()  # the data before the mark, so a mark never points at missing data
+        f["blocks/done"][index] = 1
+
+
+def set_attrs(path: Path, **attrs) -> None:
+    with h5py.File(path, "r+") as f:
+        for key, value in attrs.items():
+            f.attrs[key] = value
+
+
+@dataclass(frozen=True)
+class GridInfo:
+    """What a reader needs to know about a grid file, read and checked in one go."""
+
+    path: str
+    run_id: str
+    grid_size: int
+    ks_small: int
+    depths: np.ndarray  # [D] metres
+    spp: int
+    heldout_spp: int
+    n_heldout: int
+    n_noise: int
+    blocks_done: int
+    blocks_total: int
+    config: dict
+    attrs: dict
+
+    @property
+    def complete(self) -> bool:
+        return self.blocks_done == self.blocks_total
+
+
+def open_info(path: str | Path) -> GridInfo:
+    """Open and check a grid file: exists, is HDF5, has our format and schema version."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"data file {path} does not exist; create it with 'psf generate --out {path}'")
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        raise InputError(f"{path} is not a readable HDF5 file; give a file written by 'psf generate'") from None
+    with f:
+        fmt = f.attrs.get("format")
+        if fmt != FORMAT:
+            raise InputError(f"{path} is not a psf-cvae grid file (format {fmt!r}); give a file written by 'psf generate'")
+        version = int(f.attrs.get("schema_version", -1))
+        if version != SCHEMA_VERSION:
+            raise InputError(
+                f"{path} has schema version {version}, this psf-cvae reads {SCHEMA_VERSION}; "
+                "regenerate it with this version of 'psf generate'"
+            )
+        attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
+        params = json.loads(attrs["run_params"])
+        done = f["blocks/done"][:]
+        return GridInfo(
+            path=str(path),
+            run_id=attrs["run_id"],
+            grid_size=int(params["grid_size"]),
+            ks_small=int(params["ks_small"]),
+            depths=f["depths"][:],
+            spp=int(params["spp"]),
+            heldout_spp=int(params["heldout_spp"]),
+            n_heldout=int(f["heldout/coords"].shape[0]),
+            n_noise=int(f["noise/index"].shape[0]),
+            blocks_done=int(done.sum()),
+            blocks_total=int(done.size),
+            config=json.loads(attrs["config"]),
+            attrs=attrs,
+        )
+
+
+def require_complete(info: GridInfo) -> None:
+    if not info.complete:
+        raise InputError(
+            f"{info.path} is unfinished ({info.blocks_done}/{info.blocks_total} blocks traced); "
+            "run the same 'psf generate' command again to resume it"
+        )

@@ -1,0 +1,172 @@
+"""``psf generate`` / ``psf info`` through the CLI: bad input, refusal, resume after kill -9."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cli import main
+from conftest import ROOT, TINY, tiny_config
+from psfgen import generate
+from psfgen.config import DEFAULT_LENS
+
+
+def tiny_args(out, **changes):
+    opts = {**TINY, **changes}
+    args = ["generate", "--out", str(out)]
+    for key, value in opts.items():
+        if key == "depths":
+            value = ",".join(map(str, value))
+        args += ["--set", f"{key}={value}"] if key in ("block_rays",) else [
+            {"grid_size": "--grid-size", "depths": "--depths", "spp": "--spp", "heldout": "--heldout",
+             "heldout_spp": "--heldout-spp", "noise_points": "--noise-points", "seed": "--seed",
+             "device": "--device", "ks": "--kernel-size", "ks_small": "--kernel-size-small",
+             "lens": "--lens", "depth_min": "--depth-min"}[key], str(value)]
+    return args
+
+
+def run_cli(args):
+    return CliRunner().invoke(main, args)
+
+
+def assert_one_line_error(result, *needles):
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    err = result.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("Error: "), result.stderr
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert needle in err[0], err[0]
+
+
+def sha(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+@pytest.fixture()
+def bad_lenses(tmp_path):
+    invalid = tmp_path / "invalid.json"
+    invalid.write_text('{"surfaces": [')
+    data = json.loads(open(DEFAULT_LENS).read())
+    data["surfaces"][1]["mat2"] = "unobtainium"
+    glass = tmp_path / "glass.json"
+    glass.write_text(json.dumps(data))
+    nodir = tmp_path / "adir.json"
+    nodir.mkdir()
+    return {"invalid": invalid, "glass": glass, "dir": nodir}
+
+
+@pytest.mark.parametrize(
+    "change, needles",
+    [
+        ({"lens": "/nonexistent/lens.json"}, ("does not exist", "--lens")),
+        ({"lens": "@dir"}, ("cannot read lens file",)),
+        ({"lens": "@invalid"}, ("not valid JSON",)),
+        ({"lens": "@glass"}, ("unknown glass 'unobtainium'",)),
+        ({"grid_size": 1}, ("grid_size must be at least 2",)),
+        ({"depths": (0.0, 1.0)}, ("depths must be positive",)),
+        ({"depths": None, "depth_min": -1.0}, ("depth_min must be positive",)),
+        ({"spp": 0}, ("spp must be at least 1",)),
+        ({"ks": 16, "ks_small": 17}, ("ks_small", "must be between 1 and ks")),
+        ({"device": "gpu"}, ("device must be",)),
+    ],
+)
+def test_bad_input_one_line_exit_2_no_file(tmp_path, bad_lenses, change, needles):
+    change = {k: (str(bad_lenses[v[1:]]) if isinstance(v, str) and v.startswith("@") else v) for k, v in change.items()}
+    if change.get("depths", ()) is None:
+        change.pop("depths")
+        opts = {k: v for k, v in TINY.items() if k != "depths"}
+        args = ["generate", "--out", str(tmp_path / "g.h5"), "--depth-min", str(change["depth_min"]), "--spp", "2000"]
+    else:
+        args = tiny_args(tmp_path / "g.h5", **change)
+    result = run_cli(args)
+    assert_one_line_error(result, *needles)
+    assert not (tmp_path / "g.h5").exists()
+    assert list(tmp_path.glob("*.tmp")) == []
+
+
+def test_unwritable_output(tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a directory")
+    result = run_cli(tiny_args(blocker / "grid.h5"))
+    assert_one_line_error(result, "cannot create the output directory")
+    assert blocker.read_text() == "not a directory"
+
+
+def test_config_errors(tmp_path):
+    assert_one_line_error(run_cli(tiny_args(tmp_path / "g.h5") + ["--set", "sppp=3"]), "unknown key 'sppp'")
+    assert_one_line_error(run_cli(tiny_args(tmp_path / "g.h5") + ["--set", "spp=many"]), "'spp'", "integer")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("grid_size: 4\nkernel: 3\n")
+    assert_one_line_error(run_cli(["generate", "--config", str(cfg)]), "unknown key 'kernel'", str(cfg))
+    assert not (tmp_path / "g.h5").exists()
+
+
+def test_existing_file_from_another_run_is_refused(tmp_path, tiny_grid):
+    out = tmp_path / "grid.h5"
+    shutil.copy(tiny_grid, out)
+    before = sha(out)
+    assert_one_line_error(run_cli(tiny_args(out, spp=3000)), "holds another run", "--overwrite")
+    assert sha(out) == before
+    foreign = tmp_path / "notes.h5"
+    foreign.write_text("my notes")
+    assert_one_line_error(run_cli(tiny_args(foreign)), "not a psf-cvae grid file", "--overwrite")
+    assert foreign.read_text() == "my notes"
+    # The same run again is a no-op resume; --overwrite replaces another run.
+    assert run_cli(tiny_args(out)).exit_code == 0
+    assert sha(out) == before
+    result = run_cli(tiny_args(out, spp=3000, heldout=0, noise_points=0) + ["--overwrite"])
+    assert result.exit_code == 0, result.output
+    with h5py.File(out) as f:
+        assert json.loads(f.attrs["run_params"])["spp"] == 3000
+
+
+def test_info_cli(tiny_grid, tmp_path):
+    result = run_cli(["info", str(tiny_grid)])
+    assert result.exit_code == 0 and "14/14 traced" in result.output
+    assert_one_line_error(run_cli(["info", str(tmp_path / "none.h5")]), "does not exist")
+
+
+def test_version():
+    result = run_cli(["--version"])
+    assert result.exit_code == 0 and "psf-cvae" in result.output and "deeplens-core" in result.output
+
+
+def test_resume_after_kill_9_equals_uninterrupted_run(tmp_path):
+    """Kill a real run mid-way with SIGKILL, run the same command again, compare."""
+    out = tmp_path / "killed.h5"
+    changes = dict(spp=20000, block_rays=40000, heldout=4, heldout_spp=40000, noise_points=2)  # 2 points a block
+    cmd = [sys.executable, "-m", "cli", "-v"] + tiny_args(out, **changes)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    for line in proc.stderr:
+        if "block 4/" in line:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    with h5py.File(out, "r") as f:
+        done = f["blocks/done"][:].astype(bool)
+        table = f["blocks/table"][:]
+        first_done = f["grid/psf"][:]
+    assert 4 <= done.sum() < len(done), done  # killed mid-run: some blocks, not all
+
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "resuming" in result.stderr
+    reference = generate(tiny_config(tmp_path / "straight.h5", **changes))
+    with h5py.File(out, "r") as f, h5py.File(reference, "r") as g:
+        assert f["blocks/done"][:].all()
+        for kind, d, lo, hi in table[done & (table[:, 0] == 0)]:  # finished blocks untouched
+            np.testing.assert_array_equal(f["grid/psf"][d, lo:hi], first_done[d, lo:hi])
+        for name in ("grid/psf", "grid/border", "noise/psf", "heldout/psf_a", "heldout/psf_b"):
+            np.testing.assert_array_equal(f[name][:], g[name][:])

@@ -1,0 +1,157 @@
+"""Stage 1: the grid file's layout and invariants, faithfulness to DeepLens, determinism."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from itertools import combinations
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY, tiny_config
+from psfgen import generate, open_info, store
+from psfgen.config import DEFAULT_LENS
+from psfgen.generate import block_seed, plan_blocks, trace_points
+from psfgen.grid import grid_coords, neighbour_pairs
+from psfgen.info import rel_l2, summary
+from psfgen.lens import build_lens, read_lens_file
+from psfgen.resample import area_matrix, border_fraction, downsample
+
+
+def test_file_layout_and_invariants(tiny_grid):
+    N, D, k = 4, 2, 15
+    with h5py.File(tiny_grid, "r") as f:
+        a = f.attrs
+        assert a["format"] == "psf-cvae.grid" and a["schema_version"] == 1
+        assert set(json.loads(a["versions"])) >= {"psf-cvae", "deeplens-core", "torch", "h5py"}
+        lens_bytes = open(DEFAULT_LENS, "rb").read()
+        assert a["lens_sha256"] == hashlib.sha256(lens_bytes).hexdigest()
+        assert a["lens_json"] == lens_bytes.decode()
+        assert json.loads(a["config"])["spp"] == 2000 and a["seed"] == 7
+        for key in ("device", "started_at", "finished_at", "wall_time_s", "downsample_method"):
+            assert key in a
+        psf = f["grid/psf"][:]
+        assert psf.shape == (D, N * N, 3, k, k) and psf.dtype == np.float32
+        assert (psf >= 0).all()
+        np.testing.assert_allclose(psf.sum(axis=(-2, -1)), 1.0, atol=1e-5)
+        np.testing.assert_array_equal(f["grid/coords"][:], grid_coords(N))
+        np.testing.assert_allclose(f["grid/coords"][N + 2], [1 / 3, 1 / 3], rtol=1e-12)  # row 1, col 2: y falls down the rows
+        np.testing.assert_array_equal(f["depths"][:], [0.5, 2.0])
+        assert f["depths"].attrs["units"] == "m"
+        np.testing.assert_allclose(f["wvln"][:], [0.656, 0.587, 0.486])
+        assert f["grid/neighbors"].shape == (2 * N * (N - 1) + 2 * (N - 1) ** 2, 2)
+        assert f["grid/border"].shape == (D, N * N, 3)
+        assert f["blocks/done"][:].all()
+        # The noise re-trace is an independent trace of the same points: close, not equal.
+        idx = f["noise/index"][:]
+        again, first = f["noise/psf"][:], psf[:, idx]
+        assert again.shape == (D, 4, 3, k, k) and not np.array_equal(again, first)
+        err = rel_l2(again, first)  # spp 2000: 10-90% Monte Carlo noise; another point's PSF is ~140% off
+        assert 0 < err.mean() < 0.8, err
+        # Held-out: off the grid, two independent halves, half between grid depths.
+        xy, depth, at = f["heldout/coords"][:], f["heldout/depth"][:], f["heldout/at_grid_depth"][:]
+        step = 2 / (N - 1)
+        assert np.abs(xy[:, None, :] - grid_coords(N)[None]).max(axis=-1).min() >= 0.1 * step
+        assert at.sum() == 4 and set(depth[at]) <= {0.5, 2.0}
+        assert ((depth[~at] > 0.5) & (depth[~at] < 2.0)).all()
+        pa, pb = f["heldout/psf_a"][:], f["heldout/psf_b"][:]
+        np.testing.assert_allclose(pa.sum(axis=(-2, -1)), 1.0, atol=1e-5)
+        assert not np.array_equal(pa, pb)
+
+
+def test_neighbour_table_matches_brute_force():
+    for n in (2, 3, 5):
+        coords = [(r, c) for r in range(n) for c in range(n)]
+        brute = {
+            frozenset((i, j))
+            for i, j in combinations(range(n * n), 2)
+            if max(abs(coords[i][0] - coords[j][0]), abs(coords[i][1] - coords[j][1])) == 1
+        }
+        table = neighbour_pairs(n)
+        got = [frozenset(map(int, p)) for p in table]
+        assert len(got) == len(set(got)) == 2 * n * (n - 1) + 2 * (n - 1) ** 2
+        assert set(got) == brute
+
+
+def test_downsampling_preserves_energy_and_matches_supersampling():
+    a = area_matrix(64, 15)
+    np.testing.assert_allclose(a.sum(axis=0), 1.0)  # every input pixel fully distributed
+    np.testing.assert_allclose(a.sum(axis=1), 64 / 15)
+    rng = np.random.default_rng(0)
+    x = rng.random((2, 3, 64, 64))
+    y = a @ x @ a.T
+    np.testing.assert_allclose(y.sum(axis=(-2, -1)), x.sum(axis=(-2, -1)))
+    # Independent check: split each input pixel into 15x15 equal parts, sum 64x64 blocks.
+    fine = np.repeat(np.repeat(x, 15, axis=-1), 15, axis=-2) / 225.0
+    blocks = fine.reshape(2, 3, 15, 64, 15, 64).sum(axis=(-3, -1))
+    np.testing.assert_allclose(y, blocks, rtol=1e-10)
+    out = downsample(torch.as_tensor(x), 15).numpy()
+    np.testing.assert_allclose(out, blocks / blocks.sum(axis=(-2, -1), keepdims=True), rtol=1e-5)
+
+
+def test_border_fraction():
+    psf = torch.zeros(1, 3, 8, 8)
+    psf[0, :, 4, 4] = 0.9
+    psf[0, :, 0, 3] = 0.1
+    np.testing.assert_allclose(border_fraction(psf).numpy(), 0.1, rtol=1e-6)
+
+
+def test_grid_psf_equals_deeplens_psf_rgb(tiny_grid):
+    """Block 0 again, straight from DeepLens's psf_rgb with the block's seed."""
+    cfg = tiny_config(tiny_grid)
+    block = plan_blocks(cfg, 2, cfg.heldout)[0]
+    lens = build_lens(read_lens_file(DEFAULT_LENS), torch.device("cpu"))
+    pts = torch.as_tensor(
+        np.concatenate([grid_coords(4)[block.start : block.stop], np.full((block.stop - block.start, 1), -500.0)], 1),
+        dtype=torch.float32,
+    )
+    torch.manual_seed(block_seed(cfg.seed, block))
+    ref = downsample(lens.psf_rgb(points=pts, ks=64, spp=cfg.spp), 15).numpy()
+    with h5py.File(tiny_grid, "r") as f:
+        got = f["grid/psf"][0, block.start : block.stop]
+    np.testing.assert_allclose(got, ref, atol=1e-7)
+    # And statistically: an independent trace at 10x the rays lies within the noise.
+    torch.manual_seed(12345)
+    fine = downsample(trace_points(lens, grid_coords(4)[: block.stop], np.full(block.stop, 0.5), 20000, 64), 15).numpy()
+    err = rel_l2(got, fine)
+    assert err.mean() < 0.8, err
+
+
+def test_same_seed_same_psfs_whatever_ran_before(tmp_path, tiny_grid):
+    torch.manual_seed(999)  # disturb the global generator: blocks must not depend on it
+    torch.rand(1000)
+    other = generate(tiny_config(tmp_path / "again.h5"))
+    with h5py.File(tiny_grid, "r") as f, h5py.File(other, "r") as g:
+        for name in ("grid/psf", "noise/psf", "heldout/psf_a", "heldout/psf_b", "grid/border"):
+            np.testing.assert_array_equal(f[name][:], g[name][:])
+    different = generate(tiny_config(tmp_path / "seed8.h5", seed=8, heldout=0, noise_points=0))
+    with h5py.File(tiny_grid, "r") as f, h5py.File(different, "r") as g:
+        assert not np.array_equal(f["grid/psf"][:], g["grid/psf"][:])
+
+
+def test_block_seeds_are_distinct():
+    cfg = tiny_config("x.h5")
+    blocks = plan_blocks(cfg, 2, cfg.heldout)
+    assert len(blocks) == 8 + 2 + 4
+    assert len({block_seed(0, b) for b in blocks}) == len(blocks)
+    assert block_seed(0, blocks[3]) != block_seed(1, blocks[3])
+
+
+def test_info_summary(tiny_grid):
+    text = summary(tiny_grid)
+    for needle in ("4 x 4 points", "0.5, 2", "2000 (grid)", "14/14 traced", "truncation", "noise floor", "acl12708u"):
+        assert needle in text, needle
+    assert open_info(tiny_grid).complete
+
+
+def test_run_params_ignore_where_it_runs(tmp_path):
+    a = tiny_config(tmp_path / "a.h5", device="cpu")
+    b = tiny_config(tmp_path / "b.h5", device="auto", overwrite=True)
+    assert a.run_params() == b.run_params()
+    assert a.run_params() != tiny_config(tmp_path / "a.h5", spp=3000).run_params()
+    # A depth range is stored as the resolved list, spaced uniformly in 1/depth.
+    r = tiny_config(tmp_path / "c.h5", depths=None, depth_min=0.5, depth_max=2.0, num_depths=3)
+    np.testing.assert_allclose(1 / r.depth_values(), [2.0, 1.25, 0.5])
