@@ -46,6 +46,12 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except InputError as exc:
             raise BadInput(str(exc)) from None
+        except RuntimeError as exc:
+            from psfcvae.train import TrainingError
+
+            if isinstance(exc, TrainingError):
+                raise click.ClickException(str(exc)) from None  # exit 1: not a usage error
+            raise
 
     return wrapper
 
@@ -110,6 +116,26 @@ def info(path):
     from psfgen.info import summary
 
     click.echo(summary(path))
+
+
+@main.command()
+@click.option("--data", type=str, help="Grid HDF5 file written by 'psf generate'.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config (e.g. configs/cvae_v1.yaml); options below override it.")
+@click.option("--run-dir", type=str, help="Directory for TensorBoard logs, checkpoints and the resolved config [default: runs/cvae].")
+@click.option("--resume", is_flag=True, help="Continue the run in --run-dir from its latest checkpoint.")
+@click.option("--max-steps", type=int, help="Stop after this many optimiser steps [default: 20000].")
+@click.option("--device", type=str, help="auto, cpu, cuda or cuda:K [default: auto].")
+@click.option("--num-workers", type=int, help="DataLoader worker processes [default: 0].")
+@SET_OPTION
+@user_errors
+def train(config_path, sets, resume, **options):
+    """Train the conditional VAE on a grid file; writes TensorBoard logs and checkpoints."""
+    from psfcvae import TrainConfig, train as run
+    from psfgen import configio
+
+    cfg = configio.load(TrainConfig, config_path, options, sets)
+    run_dir = run(cfg, resume=resume)
+    click.echo(f"TensorBoard logs: {run_dir / 'tb'}  (tensorboard --logdir {run_dir / 'tb'})")
 
 
 if __name__ == "__main__":

@@ -1,1 +1,7 @@
 """psfcvae: stage 2 of psf-cvae, the conditional VAE over a psfgen grid file."""
+
+from .config import TrainConfig
+from .model import CVAE, ModelArgs, ModelOutput
+from .train import TrainingError, train
+
+__all__ = ["TrainConfig", "CVAE", "ModelArgs", "ModelOutput", "TrainingError", "train"]

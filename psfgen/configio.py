@@ -66,6 +66,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         except (TypeError, ValueError):
             raise InputError(f"config key '{key}': expected a number, got {value!r}") from None
     if tp is str:
+        if isinstance(value, bool):  # YAML reads `true` as a bool; str fields like "auto|true|false" want text
+            return "true" if value else "false"
         if isinstance(value, (dict, list)):
             raise InputError(f"config key '{key}': expected a string, got {value!r}")
         return str(value)

@@ -1,0 +1,71 @@
+"""Checkpoints: self-describing, written atomically, loaded with ``weights_only=True``."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from psfgen.errors import InputError
+from psfgen.store import GridInfo
+
+FORMAT = "psf-cvae.checkpoint"
+SCHEMA_VERSION = 1
+
+
+def data_fingerprint(info: GridInfo) -> dict:
+    """What a model is tied to: the grid run, its lens, grid, kernel and depths."""
+    return {
+        "run_id": info.run_id,
+        "lens_sha256": info.attrs["lens_sha256"],
+        "grid_size": info.grid_size,
+        "ks_small": info.ks_small,
+        "depths": [float(d) for d in info.depths],
+        "spp": info.spp,
+    }
+
+
+def save(path: Path, payload: dict) -> None:
+    """Write to a temporary file in the same directory, then rename: never a torn file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save({"format": FORMAT, "schema_version": SCHEMA_VERSION, **payload}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load(path: str | Path, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"checkpoint {path} does not exist; give a .pt file written by 'psf train'")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception:  # torch raises many types for a file that is not a checkpoint
+        raise InputError(f"{path} is not a readable psf-cvae checkpoint; give a .pt file written by 'psf train'") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise InputError(f"{path} is not a psf-cvae checkpoint; give a .pt file written by 'psf train'")
+    if ckpt.get("schema_version") != SCHEMA_VERSION:
+        raise InputError(
+            f"checkpoint {path} has schema version {ckpt.get('schema_version')}, this psf-cvae reads "
+            f"{SCHEMA_VERSION}; retrain with this version"
+        )
+    return ckpt
+
+
+def check_same_data(ckpt: dict, info: GridInfo, what: str) -> None:
+    """Refuse a checkpoint trained on another dataset, naming what differs."""
+    mine = ckpt["data_fingerprint"]
+    theirs = data_fingerprint(info)
+    diff = [k for k in ("lens_sha256", "grid_size", "ks_small", "depths", "spp", "run_id") if mine.get(k) != theirs[k]]
+    if diff:
+        names = {"lens_sha256": "lens", "run_id": "grid run", "ks_small": "kernel size"}
+        raise InputError(
+            f"{what} was trained on another dataset than {info.path} (different "
+            f"{', '.join(names.get(d, d) for d in diff)}); use the matching data file or another checkpoint"
+        )

@@ -1,0 +1,64 @@
+"""The configuration of ``psf train``: the spec's keys and defaults plus the run's plumbing."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from psfgen.errors import InputError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # Data
+    data: str = ""  # grid HDF5 file written by `psf generate`
+    run_dir: str = "runs/cvae"  # TensorBoard logs, checkpoints and the resolved config
+    grid_size: int | None = None  # N; None: take it from the file, else it must match
+    kernel_size_small: int = 15  # PSF side [px]; must match the file
+    condition_on_depth: str = "auto"  # auto | true | false; auto: true when the file has >1 depth
+    in_memory: str = "auto"  # hold the grid in RAM: auto (files under 2 GiB) | true | false
+    read_run: int = 8  # contiguous PSFs per read; a batch gathers batch_size/read_run runs
+    num_workers: int = 0  # DataLoader worker processes
+    # Model (USAGE_CVAE.md, "Network Architecture")
+    latent_dim: int = 128  # z dimension
+    hidden_dim: int = 512  # MLP width
+    num_layers: int = 4  # hidden layers per MLP
+    num_frequencies: int = 10  # Fourier bands L of the positional encoding
+    # Optimisation and losses (USAGE_CVAE.md, "Loss Function", "Configuration")
+    batch_size: int = 64
+    learning_rate: float = 1e-4  # Adam
+    recon_weight: float = 1.0
+    kl_weight: float = 1e-4
+    smooth_weight: float = 1e-3
+    max_steps: int = 20_000
+    # Schedule and bookkeeping
+    log_every: int = 50  # steps between scalar logs
+    val_every: int = 500  # steps between validations (and image logs)
+    checkpoint_every: int = 1000  # steps between checkpoints (also at the end)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:K
+
+    def validate(self) -> None:
+        positive = (
+            "kernel_size_small", "read_run", "latent_dim", "hidden_dim", "num_layers", "batch_size",
+            "max_steps", "log_every", "val_every", "checkpoint_every",
+        )
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise InputError(f"config key '{key}' must be at least 1, got {getattr(self, key)}")
+        if self.grid_size is not None and self.grid_size < 2:
+            raise InputError(f"config key 'grid_size' must be at least 2, got {self.grid_size}")
+        if self.num_frequencies < 0:
+            raise InputError(f"config key 'num_frequencies' must be 0 or more, got {self.num_frequencies}")
+        if self.num_workers < 0:
+            raise InputError(f"config key 'num_workers' must be 0 or more, got {self.num_workers}")
+        if not self.learning_rate > 0:
+            raise InputError(f"config key 'learning_rate' must be positive, got {self.learning_rate}")
+        for key in ("recon_weight", "kl_weight", "smooth_weight"):
+            if not getattr(self, key) >= 0:
+                raise InputError(f"config key '{key}' must be 0 or more, got {getattr(self, key)}")
+        for key in ("condition_on_depth", "in_memory"):
+            if getattr(self, key) not in ("auto", "true", "false"):
+                raise InputError(f"config key '{key}' must be auto, true or false, got {getattr(self, key)!r}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise InputError(f"config key 'device' must be auto, cpu, cuda or cuda:K, got {self.device!r}")

@@ -1,0 +1,183 @@
+"""Streaming the grid file into training batches.
+
+A training batch is ``batch_size`` grid PSFs gathered as ``batch_size / read_run`` runs of
+``read_run`` consecutive PSFs (consecutive points of one grid row at one depth) from
+random places in the file: each run is one contiguous HDF5 read, and the order of the
+runs is a fresh permutation every epoch, so every PSF is seen once per epoch. Batch ``g``
+depends only on (seed, g), which is what lets ``--resume`` continue the same data order.
+
+The HDF5 file is opened lazily inside whichever process reads it (each DataLoader
+worker opens its own handle, never inherited through fork). With ``in_memory`` the
+grid is read into RAM once, before workers fork, and shared with them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from psfgen.store import GridInfo
+
+log = logging.getLogger(__name__)
+
+
+def depth_codes(depths: np.ndarray) -> np.ndarray:
+    """Depths [m] -> d in [-1, 1], linear in 1/depth, +1 at the nearest; [D]. One depth: 0."""
+    inv = 1.0 / depths
+    if len(depths) == 1 or inv.max() == inv.min():
+        return np.zeros_like(depths)
+    return 2.0 * (inv - inv.min()) / (inv.max() - inv.min()) - 1.0
+
+
+class Conditions:
+    """The conditioning vectors of grid points and their neighbour pairs, on one device.
+
+    table: [D, P, C] with c = (x, y) or (x, y, d). Neighbours of a grid point are those of
+    the file's neighbour table (both directions), at the same depth, plus the same point
+    at the adjacent depths when conditioning on depth.
+    """
+
+    def __init__(self, coords: np.ndarray, depths: np.ndarray, neighbors: np.ndarray, use_depth: bool, device):
+        D, P = len(depths), len(coords)
+        xy = np.broadcast_to(coords[None], (D, P, 2))
+        parts = [xy]
+        if use_depth:
+            parts.append(np.broadcast_to(depth_codes(depths)[:, None, None], (D, P, 1)))
+        self.table = torch.as_tensor(np.concatenate(parts, axis=2), dtype=torch.float32, device=device)
+        self.use_depth = use_depth
+        self.D = D
+        both = np.concatenate([neighbors, neighbors[:, ::-1]])  # [2E, 2]
+        deg = np.bincount(both[:, 0], minlength=P)
+        adj = np.full((P, max(int(deg.max()), 1)), -1, dtype=np.int64)
+        fill = np.zeros(P, dtype=np.int64)
+        for i, j in both:
+            adj[i, fill[i]] = j
+            fill[i] += 1
+        self.adj = torch.as_tensor(adj, device=device)  # [P, 8], -1 padded
+
+    def __call__(self, point: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
+        """cond [B, C] of grid points ``point`` [B] at depth indices ``depth`` [B]."""
+        return self.table[depth, point]
+
+    def pairs(self, point: torch.Tensor, depth: torch.Tensor):
+        """Neighbour pairs of a batch: (src [Q] index into the batch, neighbour cond [Q, C])."""
+        nbr = self.adj[point]  # [B, 8]
+        src, slot = torch.nonzero(nbr >= 0, as_tuple=True)
+        srcs = [src]
+        conds = [self.table[depth[src], nbr[src, slot]]]
+        if self.use_depth:
+            for step in (-1, 1):
+                other = depth + step
+                ok = torch.nonzero((other >= 0) & (other < self.D), as_tuple=True)[0]
+                srcs.append(ok)
+                conds.append(self.table[other[ok], point[ok]])
+        return torch.cat(srcs), torch.cat(conds)
+
+
+class GridBatches(Dataset):
+    """Map-style dataset whose item ``g`` is the whole training batch number ``g``.
+
+    Returns dict(psf [B, 3, k, k] float32, point [B] int64, depth [B] int64).
+    """
+
+    def __init__(self, info: GridInfo, batch_size: int, read_run: int, seed: int, in_memory: bool):
+        self.path = info.path
+        self.D = len(info.depths)
+        self.P = info.grid_size**2
+        self.k = info.ks_small
+        self.batch_size = batch_size
+        self.runs_per_batch = max(1, batch_size // read_run)
+        self.read_run = read_run
+        self.seed = seed
+        n = self.D * self.P
+        self.run_starts = np.arange(0, n, read_run)  # flat index of each run's first PSF
+        self.batches_per_epoch = int(np.ceil(len(self.run_starts) / self.runs_per_batch))
+        self._file = None
+        self._epoch = None
+        self._order = None
+        self.memory = None
+        if in_memory:
+            with h5py.File(self.path, "r") as f:
+                self.memory = f["grid/psf"][:].reshape(n, 3, self.k, self.k)  # [D*P, 3, k, k]
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch  # per epoch; the sampler runs on across epochs
+
+    def _runs_of_epoch(self, epoch: int) -> np.ndarray:
+        if self._epoch != epoch:
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed, 0x44415441, epoch]))  # "DATA"
+            self._order = rng.permutation(self.run_starts)
+            self._epoch = epoch
+        return self._order
+
+    def _read(self, lo: int, hi: int) -> np.ndarray:
+        """PSFs with flat indices [lo, hi): [hi - lo, 3, k, k]; a run may cross a depth."""
+        if self.memory is not None:
+            return self.memory[lo:hi]
+        if self._file is None:
+            self._file = h5py.File(self.path, "r")  # opened here, in the reading process
+        dset = self._file["grid/psf"]
+        parts = []
+        while lo < hi:
+            d, p = divmod(lo, self.P)
+            stop = min(hi, (d + 1) * self.P)
+            parts.append(dset[d, p : p + stop - lo])
+            lo = stop
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def __getitem__(self, g: int) -> dict:
+        epoch, b = divmod(int(g), self.batches_per_epoch)
+        starts = self._runs_of_epoch(epoch)[b * self.runs_per_batch : (b + 1) * self.runs_per_batch]
+        n = self.D * self.P
+        flat = np.concatenate([np.arange(s, min(s + self.read_run, n)) for s in starts])
+        psf = np.concatenate([self._read(s, min(s + self.read_run, n)) for s in starts])
+        depth, point = np.divmod(flat, self.P)
+        return {
+            "psf": torch.from_numpy(np.ascontiguousarray(psf)),
+            "point": torch.from_numpy(point),
+            "depth": torch.from_numpy(depth),
+        }
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_file"] = None  # an h5py handle never crosses processes
+        return state
+
+
+def make_loader(dataset: GridBatches, start: int, num_workers: int, pin_memory: bool = False) -> DataLoader:
+    """Batches start, start+1, ... forever, in order, whatever num_workers."""
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        sampler=itertools.count(start),
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        # Its own generator: creating the iterator would otherwise draw from the global RNG,
+        # which training saves and restores for --resume.
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+def read_grid_depth(path: str, depth: int) -> np.ndarray:
+    """All grid PSFs of one depth: [P, 3, k, k]."""
+    with h5py.File(path, "r") as f:
+        return f["grid/psf"][depth]
+
+
+def read_heldout(path: str) -> dict:
+    """coords [M, 2], depth [M] m, at_grid_depth [M], psf_a/psf_b [M, 3, k, k], ref = their mean."""
+    with h5py.File(path, "r") as f:
+        out = {k: f[f"heldout/{k}"][:] for k in ("coords", "depth", "at_grid_depth", "psf_a", "psf_b")}
+    out["ref"] = 0.5 * (out["psf_a"] + out["psf_b"])
+    return out
+
+
+def read_grid_meta(path: str) -> dict:
+    with h5py.File(path, "r") as f:
+        return {"coords": f["grid/coords"][:], "depths": f["depths"][:], "neighbors": f["grid/neighbors"][:]}

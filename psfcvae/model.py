@@ -1,0 +1,146 @@
+"""The conditional VAE of USAGE_CVAE.md: encoder q(z|K,c), learned prior p(z|c), decoder p(K|z,c)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .losses import kl_loss, recon_loss, smooth_loss
+
+LOGVAR_BOUND = 10.0  # log σ² is kept in (-10, 10): σ between 0.007 and 150, never 0 or inf
+NORM_EPS = 1e-8  # added to each channel's sum before normalising
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """Everything needed to rebuild the network (stored in every checkpoint)."""
+
+    ks: int = 15  # PSF side [px]
+    cond_dim: int = 2  # 2: c = (x, y); 3: c = (x, y, d) with d the inverse depth mapped to [-1, 1]
+    latent_dim: int = 128
+    hidden_dim: int = 512
+    num_layers: int = 4
+    num_frequencies: int = 10
+    depth_min: float = 1.0  # [m] nearest training depth: d = +1
+    depth_max: float = 1.0  # [m] farthest training depth: d = -1
+    recon_weight: float = 1.0
+    kl_weight: float = 1e-4
+    smooth_weight: float = 1e-3
+
+
+@dataclass
+class ModelOutput:
+    """Named loss terms (one TensorBoard tag each) and what produced them."""
+
+    loss: torch.Tensor
+    recon: torch.Tensor
+    kl: torch.Tensor
+    smooth: torch.Tensor
+    psf_hat: torch.Tensor  # [B, 3, k, k]
+    mu_q: torch.Tensor  # [B, Z]
+    mu_p: torch.Tensor  # [B, Z]
+
+
+class PositionalEncoding(nn.Module):
+    """γ(c) = [sin(2^0 π c), cos(2^0 π c), ..., sin(2^(L-1) π c), cos(2^(L-1) π c)]: [B, C] -> [B, 2 L C]."""
+
+    def __init__(self, num_frequencies: int):
+        super().__init__()
+        self.register_buffer("freqs", (2.0 ** torch.arange(num_frequencies)) * math.pi, persistent=False)
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        angles = c[:, None, :] * self.freqs[None, :, None]  # [B, L, C]
+        return torch.stack([angles.sin(), angles.cos()], dim=2).flatten(1)  # [B, L*2*C]
+
+    def out_dim(self, cond_dim: int) -> int:
+        return 2 * len(self.freqs) * cond_dim
+
+
+def mlp(in_dim: int, hidden_dim: int, num_layers: int, out_dim: int) -> nn.Sequential:
+    """num_layers hidden layers of width hidden_dim (SiLU), then a linear output layer."""
+    layers: list[nn.Module] = []
+    for i in range(num_layers):
+        layers += [nn.Linear(in_dim if i == 0 else hidden_dim, hidden_dim), nn.SiLU()]
+    layers.append(nn.Linear(hidden_dim, out_dim))
+    return nn.Sequential(*layers)
+
+
+def bounded_logvar(raw: torch.Tensor) -> torch.Tensor:
+    return LOGVAR_BOUND * torch.tanh(raw / LOGVAR_BOUND)
+
+
+class CVAE(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.pe = PositionalEncoding(args.num_frequencies)
+        pe_dim = self.pe.out_dim(args.cond_dim)
+        k_dim = 3 * args.ks * args.ks
+        Z = args.latent_dim
+        self.encoder = mlp(k_dim + pe_dim, args.hidden_dim, args.num_layers, 2 * Z)  # -> μ_q, log σ²_q
+        self.prior = mlp(pe_dim, args.hidden_dim, args.num_layers, 2 * Z)  # -> μ_p, log σ²_p
+        self.decoder = mlp(Z + pe_dim, args.hidden_dim, args.num_layers, k_dim)
+
+    # --- the three networks -------------------------------------------------------------
+    def encode(self, psf: torch.Tensor, cond: torch.Tensor):
+        """q(z|K,c): psf [B, 3, k, k], cond [B, C] -> μ_q, log σ²_q [B, Z]."""
+        mu, raw = self.encoder(torch.cat([psf.flatten(1), self.pe(cond)], dim=1)).chunk(2, dim=1)
+        return mu, bounded_logvar(raw)
+
+    def prior_params(self, cond: torch.Tensor):
+        """p(z|c): cond [B, C] -> μ_p, log σ²_p [B, Z]."""
+        mu, raw = self.prior(self.pe(cond)).chunk(2, dim=1)
+        return mu, bounded_logvar(raw)
+
+    def decode(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """p(K|z,c): z [B, Z], cond [B, C] -> K̂ [B, 3, k, k], non-negative, each channel sums to 1."""
+        k = self.args.ks
+        out = F.softplus(self.decoder(torch.cat([z, self.pe(cond)], dim=1))).view(-1, 3, k, k)
+        return out / (out.sum(dim=(-2, -1), keepdim=True) + NORM_EPS)
+
+    # --- training -----------------------------------------------------------------------
+    def forward(self, psf, cond, pair_src=None, pair_cond=None) -> ModelOutput:
+        """psf [B, 3, k, k], cond [B, C]; pair_src [Q] (batch index), pair_cond [Q, C] (neighbour)."""
+        mu_q, logvar_q = self.encode(psf, cond)
+        z = mu_q + torch.randn_like(mu_q) * (0.5 * logvar_q).exp()  # reparameterisation
+        psf_hat = self.decode(z, cond)
+        mu_p, logvar_p = self.prior_params(cond)
+        recon = recon_loss(psf_hat, psf)
+        kl = kl_loss(mu_q, logvar_q, mu_p, logvar_p)
+        if pair_src is not None and pair_src.numel() > 0:
+            mu_nbr, _ = self.prior_params(pair_cond)
+            smooth = smooth_loss(mu_p, pair_src, mu_nbr)
+        else:
+            smooth = psf.new_zeros(())
+        a = self.args
+        loss = a.recon_weight * recon + a.kl_weight * kl + a.smooth_weight * smooth
+        return ModelOutput(loss, recon, kl, smooth, psf_hat, mu_q, mu_p)
+
+    # --- inference ----------------------------------------------------------------------
+    @torch.no_grad()
+    def reconstruct(self, psf, cond) -> torch.Tensor:
+        """The posterior path with z = μ_q: [B, 3, k, k]."""
+        mu_q, _ = self.encode(psf, cond)
+        return self.decode(mu_q, cond)
+
+    @torch.no_grad()
+    def sample_from_prior(self, coords: torch.Tensor, mean: bool = False) -> torch.Tensor:
+        """PSFs at conditions ``coords`` [B, C]: z ~ p(z|c) (or z = μ_p with mean=True) -> [B, 3, k, k]."""
+        mu_p, logvar_p = self.prior_params(coords)
+        z = mu_p if mean else mu_p + torch.randn_like(mu_p) * (0.5 * logvar_p).exp()
+        return self.decode(z, coords)
+
+    def depth_code(self, depth_m: torch.Tensor) -> torch.Tensor:
+        """Depth [m] -> d in [-1, 1], linear in 1/depth: +1 at depth_min, -1 at depth_max."""
+        a = self.args
+        if a.depth_max == a.depth_min:
+            return torch.zeros_like(depth_m)
+        lo, hi = 1.0 / a.depth_max, 1.0 / a.depth_min
+        return 2.0 * (1.0 / depth_m - lo) / (hi - lo) - 1.0
+
+    def args_dict(self) -> dict:
+        return asdict(self.args)

@@ -1,0 +1,239 @@
+"""``psfcvae.train(config)``: the training loop, top to bottom.
+
+Set up (data, model, optimiser, maybe a checkpoint to resume), then one loop that steps,
+logs, validates and checkpoints in plain order. Batch ``g`` of the data depends only on
+(seed, g) and the random state is saved in every checkpoint, so ``resume`` continues the
+very same run: same step count, same data order, same TensorBoard curves.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from psfgen import configio
+from psfgen.errors import InputError
+from psfgen.lens import resolve_device
+from psfgen.provenance import now, versions
+from psfgen.store import GridInfo, open_info, require_complete
+
+from . import checkpoint
+from .config import TrainConfig
+from .data import Conditions, GridBatches, make_loader, read_grid_depth, read_grid_meta, read_heldout
+from .images import mosaic
+from .model import CVAE, ModelArgs
+
+log = logging.getLogger(__name__)
+
+IN_MEMORY_AUTO_LIMIT = 2 * 2**30  # bytes: 'auto' holds grids below this in RAM
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message is one line."""
+
+
+def model_args_for(cfg: TrainConfig, info: GridInfo) -> ModelArgs:
+    """The network for this config on this file; checks the file fits the config."""
+    if cfg.grid_size is not None and cfg.grid_size != info.grid_size:
+        raise InputError(f"config grid_size is {cfg.grid_size} but {info.path} has a {info.grid_size}x{info.grid_size} grid")
+    if cfg.kernel_size_small != info.ks_small:
+        raise InputError(
+            f"config kernel_size_small is {cfg.kernel_size_small} but {info.path} holds "
+            f"{info.ks_small}x{info.ks_small} PSFs; set kernel_size_small: {info.ks_small}"
+        )
+    use_depth = {"auto": len(info.depths) > 1, "true": True, "false": False}[cfg.condition_on_depth]
+    return ModelArgs(
+        ks=info.ks_small,
+        cond_dim=3 if use_depth else 2,
+        latent_dim=cfg.latent_dim,
+        hidden_dim=cfg.hidden_dim,
+        num_layers=cfg.num_layers,
+        num_frequencies=cfg.num_frequencies,
+        depth_min=float(info.depths.min()),
+        depth_max=float(info.depths.max()),
+        recon_weight=cfg.recon_weight,
+        kl_weight=cfg.kl_weight,
+        smooth_weight=cfg.smooth_weight,
+    )
+
+
+@torch.no_grad()
+def validate(model: CVAE, conds: Conditions, info: GridInfo, heldout: dict | None, device, image_depth: int):
+    """Whole-grid posterior reconstruction and prior mean; prior mean on the held-out set.
+
+    Returns (metrics, images); images are [3, H, W] mosaics of depth ``image_depth``.
+    """
+    model.eval()
+    P = info.grid_size**2
+    sums = {"recon": 0.0, "prior": 0.0}
+    images = {}
+    for d in range(len(info.depths)):
+        gt = read_grid_depth(info.path, d)  # [P, 3, k, k]
+        recon, prior = [], []
+        for lo in range(0, P, 4096):
+            psf = torch.as_tensor(gt[lo : lo + 4096], device=device)
+            cond = conds(torch.arange(lo, lo + len(psf), device=device), torch.full((len(psf),), d, device=device))
+            recon.append(model.reconstruct(psf, cond).cpu().numpy())
+            prior.append(model.sample_from_prior(cond, mean=True).cpu().numpy())
+        recon, prior = np.concatenate(recon), np.concatenate(prior)
+        sums["recon"] += float(((recon - gt) ** 2).mean())
+        sums["prior"] += float(((prior - gt) ** 2).mean())
+        if d == image_depth:
+            n = info.grid_size
+            images = {"val_psf_gt": mosaic(gt, n), "val_psf_recon": mosaic(recon, n), "val_psf_prior": mosaic(prior, n)}
+    D = len(info.depths)
+    metrics = {"val_mse": sums["recon"] / D, "val_prior_mse": sums["prior"] / D}
+    if heldout is not None and len(heldout["ref"]):
+        cond = heldout_conditions(model, heldout["coords"], heldout["depth"], device)
+        pred = model.sample_from_prior(cond, mean=True).cpu().numpy()
+        ref = heldout["ref"]
+        err = np.linalg.norm((pred - ref).reshape(len(ref), -1), axis=1) / np.linalg.norm(ref.reshape(len(ref), -1), axis=1)
+        metrics["val_heldout_mse"] = float(((pred - ref) ** 2).mean())
+        metrics["val_heldout_rel_l2"] = float(err.mean())
+    model.train()
+    return metrics, images
+
+
+def heldout_conditions(model: CVAE, coords: np.ndarray, depth_m: np.ndarray, device) -> torch.Tensor:
+    """cond [M, C] of arbitrary points: (x, y) or (x, y, d(depth))."""
+    xy = torch.as_tensor(coords, dtype=torch.float32, device=device)
+    if model.args.cond_dim == 2:
+        return xy
+    d = model.depth_code(torch.as_tensor(depth_m, dtype=torch.float32, device=device))
+    return torch.cat([xy, d[:, None]], dim=1)
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> Path:
+    """Train the CVAE on ``cfg.data``; returns the run directory."""
+    # --- data, model, optimiser --------------------------------------------------------
+    if not cfg.data:
+        raise InputError("no data file given; pass --data grid.h5 (written by 'psf generate')")
+    info = open_info(cfg.data)
+    require_complete(info)
+    args = model_args_for(cfg, info)
+    device = resolve_device(cfg.device)
+    run_dir = Path(cfg.run_dir)
+    latest, best_path = run_dir / "latest.pt", run_dir / "best.pt"
+    if latest.exists() and not resume:
+        raise InputError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
+    if resume and not latest.exists():
+        raise InputError(f"nothing to resume: {latest} does not exist; start without --resume")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create run directory {run_dir}: {exc.strerror}") from None
+
+    torch.manual_seed(cfg.seed)
+    model = CVAE(args).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+    step, best = 0, math.inf
+    if resume:
+        ckpt = checkpoint.load(latest)
+        checkpoint.check_same_data(ckpt, info, f"checkpoint {latest}")
+        if ckpt["model_args"] != asdict(args):
+            raise InputError(f"checkpoint {latest} has another network than this config; resume with the run's own config ({run_dir}/config.yaml)")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, best = ckpt["step"], ckpt["best_val"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if device.type == "cuda" and "cuda" in ckpt["rng"]:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        log.info("resuming %s at step %d", run_dir, step)
+    configio.save_yaml(cfg, run_dir / "config.yaml")
+
+    meta = read_grid_meta(info.path)
+    conds = Conditions(meta["coords"], meta["depths"], meta["neighbors"], args.cond_dim == 3, device)
+    heldout = read_heldout(info.path) if info.n_heldout else None
+    grid_bytes = len(info.depths) * info.grid_size**2 * 3 * info.ks_small**2 * 4
+    in_memory = {"auto": grid_bytes < IN_MEMORY_AUTO_LIMIT, "true": True, "false": False}[cfg.in_memory]
+    dataset = GridBatches(info, cfg.batch_size, cfg.read_run, cfg.seed, in_memory)
+    loader = make_loader(dataset, start=step, num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+    writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=step + 1 if resume else None)
+    fingerprint = checkpoint.data_fingerprint(info)
+
+    def save(path: Path, metrics: dict) -> None:
+        rng = {"torch": torch.get_rng_state()}
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(device)
+        checkpoint.save(path, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": asdict(args),
+            "step": step, "best_val": best, "val": metrics, "config": configio.to_dict(cfg),
+            "data_fingerprint": fingerprint, "versions": versions(), "saved_at": now(), "rng": rng,
+        })
+
+    log.info(
+        "training on %s: %d depths x %d points, cond %s, %s, %d parameters, run dir %s",
+        device, len(info.depths), info.grid_size**2, "(x, y, d)" if args.cond_dim == 3 else "(x, y)",
+        "in memory" if in_memory else "streamed from disk", sum(p.numel() for p in model.parameters()), run_dir,
+    )
+
+    # --- the loop ----------------------------------------------------------------------
+    metrics: dict = {}
+    window = {"loss_all": 0.0, "loss_recon": 0.0, "loss_kl": 0.0, "loss_smooth": 0.0, "grad_norm": 0.0}
+    n_window = 0
+    t0, step0 = time.perf_counter(), step
+    quiet = not log.isEnabledFor(logging.INFO)
+    bar = tqdm(total=cfg.max_steps, initial=step, unit="step", disable=True if quiet else None, dynamic_ncols=True)
+    model.train()
+    for batch in loader:
+        if step >= cfg.max_steps:
+            break
+        psf = batch["psf"].to(device, non_blocking=True)  # [B, 3, k, k]
+        point, depth = batch["point"].to(device), batch["depth"].to(device)  # [B]
+        pair_src, pair_cond = conds.pairs(point, depth)  # [Q], [Q, C]
+        out = model(psf, conds(point, depth), pair_src, pair_cond)
+        if not torch.isfinite(out.loss):
+            raise TrainingError(
+                f"loss became non-finite at step {step + 1} (recon {out.recon.item():.3g}, kl {out.kl.item():.3g}); "
+                f"the last good checkpoint {latest if latest.exists() else '(none yet)'} is kept; lower learning_rate or kl_weight"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=math.inf)
+        optimizer.step()
+        step += 1
+
+        for key, value in (("loss_all", out.loss), ("loss_recon", out.recon), ("loss_kl", out.kl),
+                           ("loss_smooth", out.smooth), ("grad_norm", grad_norm)):
+            window[key] += float(value.detach())
+        n_window += 1
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            for key in window:
+                writer.add_scalar(key, window[key] / n_window, step)
+            writer.add_scalar("learning_rate", optimizer.param_groups[0]["lr"], step)
+            bar.set_postfix(loss=f"{window['loss_all'] / n_window:.3g}", refresh=False)
+            window = dict.fromkeys(window, 0.0)
+            n_window = 0
+
+        if step % cfg.val_every == 0 or step == cfg.max_steps:
+            metrics, images = validate(model, conds, info, heldout, device, image_depth=len(info.depths) // 2)
+            for key, value in metrics.items():
+                writer.add_scalar(key, value, step)
+            for key, img in images.items():
+                writer.add_image(key, img, step)
+            score = metrics.get("val_heldout_rel_l2", metrics["val_prior_mse"])
+            log.info("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            if score < best:
+                best = score
+                save(best_path, metrics)
+
+        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            save(latest, metrics)
+        bar.update(1)
+    bar.close()
+
+    elapsed = time.perf_counter() - t0
+    rate = (step - step0) / elapsed if elapsed > 0 else float("nan")
+    log.info("%d steps in %.1f s (%.1f steps/s); logs: %s", step - step0, elapsed, rate, run_dir / "tb")
+    hparams = {k: v for k, v in configio.to_dict(cfg).items() if isinstance(v, (int, float, str, bool))}
+    writer.add_hparams(hparams, {f"hparam/{k}": v for k, v in metrics.items()}, run_name="hparams", global_step=step)
+    writer.close()
+    return run_dir

@@ -1,0 +1,226 @@
+"""Stage 2: the CVAE's terms and shapes, the streaming dataset, training, resume, bad input."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import distributions as dist
+
+from cli import main
+from conftest import ROOT
+from psfcvae import CVAE, ModelArgs, TrainConfig, train
+from psfcvae.data import Conditions, GridBatches, make_loader, read_grid_meta
+from psfcvae.losses import kl_loss, smooth_loss
+from psfgen import configio, open_info
+from test_cli_generate import assert_one_line_error
+
+SMALL = dict(recon_weight=1000.0, latent_dim=8, hidden_dim=64, num_layers=2, num_frequencies=4, batch_size=16, learning_rate=1e-3,
+             log_every=5, val_every=10, checkpoint_every=10, max_steps=40, device="cpu", seed=3)
+
+
+def small_config(data, run_dir, **changes) -> TrainConfig:
+    return configio.build(TrainConfig, {**SMALL, "data": str(data), "run_dir": str(run_dir), **changes})
+
+
+def scalars(run_dir, tag):
+    ea = EventAccumulator(str(run_dir / "tb"))
+    ea.Reload()
+    return [(e.step, e.value) for e in ea.Scalars(tag)]
+
+
+def test_spec_network_input_sizes():
+    """With (x, y) only and the spec's defaults: 715 / 40 / 168 inputs, 4 x 512 hidden layers."""
+    model = CVAE(ModelArgs(cond_dim=2))
+    lin = lambda seq: [m for m in seq if isinstance(m, torch.nn.Linear)]
+    assert [m.in_features for m in lin(model.encoder)] == [715, 512, 512, 512, 512]
+    assert [m.in_features for m in lin(model.prior)] == [40, 512, 512, 512, 512]
+    assert [m.in_features for m in lin(model.decoder)] == [168, 512, 512, 512, 512]
+    assert lin(model.encoder)[-1].out_features == 256 and lin(model.decoder)[-1].out_features == 675
+    assert model.pe(torch.zeros(5, 2)).shape == (5, 40)
+
+
+def test_positional_encoding_values():
+    model = CVAE(ModelArgs(cond_dim=2, num_frequencies=2))
+    c = torch.tensor([[0.25, -0.5]])
+    pe = model.pe(c)[0]
+    expect = [np.sin(np.pi * 0.25), np.sin(np.pi * -0.5), np.cos(np.pi * 0.25), np.cos(np.pi * -0.5),
+              np.sin(2 * np.pi * 0.25), np.sin(2 * np.pi * -0.5), np.cos(2 * np.pi * 0.25), np.cos(2 * np.pi * -0.5)]
+    np.testing.assert_allclose(pe.numpy(), expect, atol=1e-6)
+
+
+def test_decoder_output_is_a_normalised_psf():
+    model = CVAE(ModelArgs(cond_dim=3, latent_dim=8, hidden_dim=32, num_layers=2))
+    torch.manual_seed(0)
+    out = model.decode(torch.randn(7, 8) * 5, torch.rand(7, 3) * 2 - 1)
+    assert out.shape == (7, 3, 15, 15)
+    assert (out >= 0).all()
+    torch.testing.assert_close(out.sum(dim=(-2, -1)), torch.ones(7, 3), atol=1e-5, rtol=0)
+    samples = model.sample_from_prior(torch.zeros(4, 3))
+    assert samples.shape == (4, 3, 15, 15)
+
+
+def test_kl_matches_torch_distributions():
+    torch.manual_seed(0)
+    mu_q, lv_q, mu_p, lv_p = (torch.randn(6, 5) for _ in range(4))
+    q = dist.Independent(dist.Normal(mu_q, (0.5 * lv_q).exp()), 1)
+    p = dist.Independent(dist.Normal(mu_p, (0.5 * lv_p).exp()), 1)
+    torch.testing.assert_close(kl_loss(mu_q, lv_q, mu_p, lv_p), dist.kl_divergence(q, p).mean())
+
+
+def test_smoothness_matches_brute_force(tiny_grid):
+    meta = read_grid_meta(str(tiny_grid))
+    for use_depth in (False, True):
+        conds = Conditions(meta["coords"], meta["depths"], meta["neighbors"], use_depth, "cpu")
+        model = CVAE(ModelArgs(cond_dim=3 if use_depth else 2, latent_dim=4, hidden_dim=16, num_layers=1))
+        point = torch.tensor([0, 5, 15, 6, 9])
+        depth = torch.tensor([0, 1, 1, 0, 1])
+        src, nbr_cond = conds.pairs(point, depth)
+        mu_p, _ = model.prior_params(conds(point, depth))
+        mu_nbr, _ = model.prior_params(nbr_cond)
+        got = smooth_loss(mu_p, src, mu_nbr)
+        # Brute force: every table pair touching a batch point, at its depth; plus adjacent depths.
+        terms = []
+        for b, (g, d) in enumerate(zip(point.tolist(), depth.tolist())):
+            for i, j in meta["neighbors"].tolist():
+                if g in (i, j):
+                    other = j if g == i else i
+                    mu_o, _ = model.prior_params(conds(torch.tensor([other]), torch.tensor([d])))
+                    terms.append(((mu_p[b] - mu_o[0]) ** 2).sum())
+            if use_depth:
+                for d2 in (d - 1, d + 1):
+                    if 0 <= d2 < 2:
+                        mu_o, _ = model.prior_params(conds(torch.tensor([g]), torch.tensor([d2])))
+                        terms.append(((mu_p[b] - mu_o[0]) ** 2).sum())
+        assert len(terms) == len(src)
+        torch.testing.assert_close(got, torch.stack(terms).mean())
+
+
+def test_dataset_streams_every_psf_once_per_epoch_with_2_workers(tiny_grid):
+    info = open_info(tiny_grid)
+    with h5py.File(tiny_grid) as f:
+        grid = f["grid/psf"][:]
+    ds = GridBatches(info, batch_size=8, read_run=4, seed=1, in_memory=False)
+    n = len(ds)  # batches per epoch: 32 PSFs / 8
+    assert n == 4
+    batches = []
+    for b, batch in zip(range(2 * n), make_loader(ds, start=0, num_workers=2)):
+        batches.append(batch)
+    single = [ds[g] for g in range(2 * n)]
+    for a, b in zip(batches, single):  # same order and content as in one process
+        torch.testing.assert_close(a["psf"], b["psf"])
+    for epoch in range(2):
+        seen = torch.cat([torch.stack([x["depth"], x["point"]], 1) for x in batches[epoch * n : (epoch + 1) * n]])
+        assert len({tuple(r) for r in seen.tolist()}) == 32
+    for batch in batches:
+        np.testing.assert_array_equal(batch["psf"].numpy(), grid[batch["depth"].numpy(), batch["point"].numpy()])
+    assert not torch.equal(batches[0]["point"], batches[n]["point"]) or not torch.equal(batches[0]["depth"], batches[n]["depth"])
+    mem = GridBatches(info, batch_size=8, read_run=4, seed=1, in_memory=True)
+    torch.testing.assert_close(mem[5]["psf"], single[5]["psf"])
+
+
+def test_loss_falls_and_event_file_holds_every_tag(tiny_grid, tmp_path):
+    run_dir = train(small_config(tiny_grid, tmp_path / "run", max_steps=80))
+    loss = scalars(run_dir, "loss_all")  # spp-2000 PSFs: the Monte Carlo noise bounds how far it can fall
+    assert loss[-1][1] < 0.8 * loss[0][1], loss
+    ea = EventAccumulator(str(run_dir / "tb"))
+    ea.Reload()
+    tags = ea.Tags()
+    for tag in ("loss_all", "loss_recon", "loss_kl", "loss_smooth", "val_mse", "learning_rate", "grad_norm",
+                "val_prior_mse", "val_heldout_rel_l2"):
+        assert tag in tags["scalars"], tag
+    for tag in ("val_psf_gt", "val_psf_recon", "val_psf_prior"):
+        assert tag in tags["images"], tag
+        img = ea.Images(tag)[-1]
+        assert img.width == img.height == 4 * 16 - 1  # 4 x 4 kernels of 15 px, 1 px gaps
+    assert any((run_dir / "tb" / "hparams").iterdir())
+    for name in ("latest.pt", "best.pt", "config.yaml"):
+        assert (run_dir / name).exists()
+    ckpt = torch.load(run_dir / "latest.pt", weights_only=True)
+    assert ckpt["step"] == 80 and ckpt["config"]["latent_dim"] == 8 and "torch" in ckpt["versions"]
+    assert ckpt["data_fingerprint"]["run_id"] == open_info(tiny_grid).run_id
+
+
+def test_resume_after_kill_equals_uninterrupted_run(tiny_grid, tmp_path):
+    killed = tmp_path / "killed"
+    args = ["train", "--data", str(tiny_grid), "--run-dir", str(killed)]
+    sets = [x for k, v in {**SMALL, "max_steps": 100000}.items() for x in ("--set", f"{k}={v}")]
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "-q"] + args + sets, cwd=ROOT)
+    deadline = time.time() + 120
+    while not (killed / "latest.pt").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step = torch.load(killed / "latest.pt", weights_only=True)["step"]
+    assert step >= 10 and step % 10 == 0
+    end = step + 20
+    straight = train(small_config(tiny_grid, tmp_path / "straight", max_steps=end))
+    resumed = train(small_config(tiny_grid, killed, max_steps=end), resume=True)
+    a = torch.load(straight / "latest.pt", weights_only=True)
+    b = torch.load(resumed / "latest.pt", weights_only=True)
+    assert b["step"] == end
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0)
+    for tag in ("loss_all", "val_mse"):
+        sa, sb = scalars(straight, tag), scalars(resumed, tag)
+        assert [s for s, _ in sa] == [s for s, _ in sb]
+        np.testing.assert_allclose([v for _, v in sa], [v for _, v in sb], rtol=1e-6)
+
+
+def test_non_finite_loss_stops_naming_the_step(tiny_grid, tmp_path):
+    bad = tmp_path / "nan.h5"
+    shutil.copy(tiny_grid, bad)
+    with h5py.File(bad, "r+") as f:
+        f["grid/psf"][1, 3] = np.nan
+    result = CliRunner().invoke(main, ["train", "--data", str(bad), "--run-dir", str(tmp_path / "r")]
+                                + [x for k, v in SMALL.items() for x in ("--set", f"{k}={v}")])
+    assert result.exit_code == 1
+    assert "non-finite at step" in result.stderr and "Traceback" not in result.output
+
+
+def _train_args(data, run_dir, *extra):
+    sets = [x for k, v in SMALL.items() for x in ("--set", f"{k}={v}")]
+    return ["train", "--data", str(data), "--run-dir", str(run_dir)] + sets + list(extra)
+
+
+def test_bad_input(tiny_grid, tmp_path):
+    run = lambda args: CliRunner().invoke(main, args)
+    assert_one_line_error(run(_train_args(tmp_path / "none.h5", tmp_path / "r")), "does not exist", "psf generate")
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as f:
+        f["x"] = 1
+    assert_one_line_error(run(_train_args(foreign, tmp_path / "r")), "not a psf-cvae grid file")
+    text = tmp_path / "text.h5"
+    text.write_text("hello")
+    assert_one_line_error(run(_train_args(text, tmp_path / "r")), "not a readable HDF5 file")
+    unfinished = tmp_path / "unfinished.h5"
+    shutil.copy(tiny_grid, unfinished)
+    with h5py.File(unfinished, "r+") as f:
+        f["blocks/done"][3] = 0
+    assert_one_line_error(run(_train_args(unfinished, tmp_path / "r")), "unfinished", "run the same 'psf generate'")
+    assert_one_line_error(run(_train_args(tiny_grid, tmp_path / "r", "--set", "latnt_dim=3")), "unknown key 'latnt_dim'")
+    assert_one_line_error(run(_train_args(tiny_grid, tmp_path / "r", "--set", "batch_size=0")), "'batch_size'")
+    assert_one_line_error(run(_train_args(tiny_grid, tmp_path / "r", "--set", "kernel_size_small=11")), "kernel_size_small")
+    assert not (tmp_path / "r").exists()
+    # A finished run: refused without --resume; --resume on another dataset refused.
+    assert run(_train_args(tiny_grid, tmp_path / "r", "--set", "max_steps=5")).exit_code == 0
+    assert_one_line_error(run(_train_args(tiny_grid, tmp_path / "r")), "already holds a run", "--resume")
+    other = tmp_path / "other.h5"
+    from conftest import tiny_config
+    from psfgen import generate
+
+    generate(tiny_config(other, seed=99, heldout=0, noise_points=0))
+    before = (tmp_path / "r" / "latest.pt").read_bytes()
+    assert_one_line_error(run(_train_args(other, tmp_path / "r", "--resume")), "trained on another dataset")
+    assert (tmp_path / "r" / "latest.pt").read_bytes() == before
+    assert_one_line_error(run(_train_args(tiny_grid, tmp_path / "new", "--resume")), "nothing to resume")
