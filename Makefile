@@ -24,12 +24,15 @@ $(STAMP): setup.cfg pyproject.toml
 demo: $(STAMP)
 	$(PSF) generate --config configs/demo.yaml --out $(DEMO)/grid.h5
 	$(PSF) info $(DEMO)/grid.h5
+	$(PSF) train --data $(DEMO)/grid.h5 --config configs/demo_train.yaml --run-dir $(DEMO)/cvae \
+		$$(test -f $(DEMO)/cvae/latest.pt && echo --resume)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_generate.py
+	$(PY) benchmarks/bench_loader.py
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -1,0 +1,114 @@
+"""Does training ever wait on data? Loader samples/s against training-step samples/s.
+
+Builds a grid file of 100 x 100 points x 10 depths = 100 000 PSFs (270 MB) in the real
+schema-1 layout: a small grid is ray-traced with psfgen and its PSFs are tiled into the
+large file's blocks through psfgen's own writer (tracing 100 000 PSFs takes half an hour
+on this CPU, and the loader's speed depends on the layout, not on the values). Then, in
+the same process: samples/s that ``GridBatches`` delivers from disk (0 and 2 workers),
+and samples/s that one optimiser step of the default CVAE consumes. Target: loader >= 10x.
+
+    python benchmarks/bench_loader.py [--device auto] [--batches 300] [--steps 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import logging  # noqa: E402
+
+from psfcvae import CVAE, TrainConfig  # noqa: E402
+from psfcvae.data import Conditions, GridBatches, make_loader, read_grid_meta  # noqa: E402
+from psfcvae.train import model_args_for  # noqa: E402
+from psfgen import GenerateConfig, configio, generate, open_info, store  # noqa: E402
+from psfgen.generate import plan_blocks  # noqa: E402
+from psfgen.grid import grid_coords, neighbour_pairs  # noqa: E402
+from psfgen.lens import resolve_device  # noqa: E402
+
+
+def build_big_file(tmp: Path, n: int, depths: tuple) -> Path:
+    small = generate(configio.build(GenerateConfig, dict(
+        out=str(tmp / "small.h5"), grid_size=8, depths=(1.0,), spp=2000, heldout=0, noise_points=0, device="cpu")))
+    with h5py.File(small, "r") as f:
+        attrs = dict(f.attrs)
+        traced = f["grid/psf"][0]  # [64, 3, 15, 15]
+    cfg = configio.build(GenerateConfig, dict(grid_size=n, depths=depths, spp=2000, heldout=0, noise_points=0, block_rays=2000 * 2000))
+    params = cfg.run_params()
+    attrs.update(run_params=json.dumps(params, sort_keys=True), run_id="bench-loader", config=configio.to_json(cfg))
+    blocks = plan_blocks(cfg, len(depths), 0)
+    big = tmp / "big.h5"
+    arrays = {"depths": np.array(depths), "wvln": np.array([0.656, 0.587, 0.486]), "grid/coords": grid_coords(n),
+              "grid/neighbors": neighbour_pairs(n), "noise/index": np.zeros(0, np.int64),
+              "heldout/coords": np.zeros((0, 2)), "heldout/depth": np.zeros(0), "heldout/at_grid_depth": np.zeros(0, bool)}
+    store.create(big, attrs=attrs, arrays=arrays, sizes=dict(D=len(depths), P=n * n, S=0, M=0, k=15), blocks=blocks)
+    for i, b in enumerate(blocks):
+        psf = traced[np.arange(b.start, b.stop) % len(traced)]
+        store.write_block(big, i, b, psf, np.zeros((len(psf), 3), np.float32), 0.0)
+    return big
+
+
+def loader_rate(ds: GridBatches, workers: int, batches: int) -> float:
+    it = iter(make_loader(ds, start=0, num_workers=workers))
+    next(it)  # worker start-up is not steady state
+    t0 = time.perf_counter()
+    n = sum(len(next(it)["psf"]) for _ in range(batches))
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--batches", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=50)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    device = resolve_device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        big = build_big_file(Path(tmp), 100, (0.4, 0.5, 0.6, 0.8, 1.0, 1.5, 2.0, 4.0, 8.0, 20.0))
+        info = open_info(big)
+        cfg = configio.build(TrainConfig, {"data": str(big)})  # the spec's defaults, batch 64
+        n_psf = len(info.depths) * info.grid_size**2
+        print(f"file: {n_psf} PSFs, {big.stat().st_size / 2**20:.0f} MiB; batch {cfg.batch_size}, read_run {cfg.read_run}")
+        rates = {}
+        for workers in (0, 2):
+            ds = GridBatches(info, cfg.batch_size, cfg.read_run, seed=0, in_memory=False)
+            rates[f"loader, disk, {workers} workers"] = loader_rate(ds, workers, args.batches)
+
+        model = CVAE(model_args_for(cfg, info)).to(device)
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+        meta = read_grid_meta(str(big))
+        conds = Conditions(meta["coords"], meta["depths"], meta["neighbors"], True, device)
+        ds = GridBatches(info, cfg.batch_size, cfg.read_run, seed=0, in_memory=False)
+        batches = [ds[g] for g in range(args.steps + 5)]
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        t0 = 0.0
+        for i, batch in enumerate(batches):
+            if i == 5:  # warm-up done
+                sync()
+                t0 = time.perf_counter()
+            psf = batch["psf"].to(device)
+            point, depth = batch["point"].to(device), batch["depth"].to(device)
+            src, pc = conds.pairs(point, depth)
+            out = model(psf, conds(point, depth), src, pc)
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()
+        sync()
+        step_rate = args.steps * cfg.batch_size / (time.perf_counter() - t0)
+        print(f"{'training step (' + str(device) + ')':28s} {step_rate:10.0f} samples/s  ({step_rate / cfg.batch_size:.1f} steps/s)")
+        for name, rate in rates.items():
+            print(f"{name:28s} {rate:10.0f} samples/s  = {rate / step_rate:6.1f}x the step  (target >= 10x)")
+
+
+if __name__ == "__main__":
+    main()
