@@ -26,6 +26,7 @@ demo: $(STAMP)
 	$(PSF) info $(DEMO)/grid.h5
 	$(PSF) train --data $(DEMO)/grid.h5 --config configs/demo_train.yaml --run-dir $(DEMO)/cvae \
 		$$(test -f $(DEMO)/cvae/latest.pt && echo --resume)
+	$(PSF) eval --checkpoint $(DEMO)/cvae/latest.pt --data $(DEMO)/grid.h5 --out $(DEMO)/eval
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -33,6 +34,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_generate.py
 	$(PY) benchmarks/bench_loader.py
+	$(PY) benchmarks/bench_accuracy.py
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+from pathlib import Path
 
 import click
 
@@ -56,12 +57,34 @@ def user_errors(fn):
     return wrapper
 
 
+class OneLineGroup(click.Group):
+    """Usage errors of any kind (click's own parsing too) as one ``Error:`` line, exit 2."""
+
+    @staticmethod
+    def _one_line(exc: click.UsageError):
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `psf`: show the help
+            return exc
+        return BadInput(exc.format_message())
+
+    def parse_args(self, ctx, args):
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            raise self._one_line(exc) from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            raise self._one_line(exc) from None
+
+
 SET_OPTION = click.option(
     "--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override one config key (repeatable), e.g. --set spp=2000."
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
               help="Print the psf-cvae, deeplens-core and torch versions and exit.")
 @click.option("-v", "--verbose", count=True, help="More log output (-v: debug).")
@@ -136,6 +159,67 @@ def train(config_path, sets, resume, **options):
     cfg = configio.load(TrainConfig, config_path, options, sets)
     run_dir = run(cfg, resume=resume)
     click.echo(f"TensorBoard logs: {run_dir / 'tb'}  (tensorboard --logdir {run_dir / 'tb'})")
+
+
+@main.command(name="eval")
+@click.option("--checkpoint", type=str, help="Checkpoint written by 'psf train' (latest.pt or best.pt).")
+@click.option("--data", type=str, required=True, help="Grid HDF5 file with a held-out set (the one the model trained on).")
+@click.option("--out", type=str, required=True, help="Output directory for metrics.json, the PNGs and report.html.")
+@click.option("--baselines-only", is_flag=True, help="Evaluate the interpolation baselines without a checkpoint.")
+@click.option("--eigen-components", type=int, default=32, show_default=True, help="Components K of the eigen-PSF baseline.")
+@click.option("--log-scale", is_flag=True, help="Show PSFs on a log scale (3 decades) instead of linear.")
+@click.option("--device", type=str, default="auto", show_default=True, help="auto, cpu, cuda or cuda:K.")
+@user_errors
+def evaluate_cmd(checkpoint, data, out, baselines_only, eigen_components, log_scale, device):
+    """Measure the model against ray-traced truth and interpolation baselines; write a report."""
+    from psfcvae import EvalConfig, evaluate
+
+    if baselines_only == (checkpoint is not None):
+        raise click.UsageError("give either --checkpoint or --baselines-only")
+    if eigen_components < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--eigen-components")
+    result = evaluate(EvalConfig(data=data, out=out, checkpoint=checkpoint, eigen_components=eigen_components,
+                                 log_scale=log_scale, device=device))
+    click.echo(result["table"])
+    click.echo(f"report: {Path(out) / 'report.html'}")
+
+
+def _parse_coords(text: str) -> list[tuple[float, float]]:
+    try:
+        pts = [tuple(float(v) for v in item.split(",")) for item in text.split(";") if item.strip()]
+    except ValueError:
+        pts = []
+    if not pts or any(len(p) != 2 for p in pts):
+        raise click.BadParameter("expected 'x,y;x,y;...', e.g. '0.5,0.5;-0.3,0.8'", param_hint="--coords")
+    return pts
+
+
+@main.command()
+@click.option("--checkpoint", type=str, required=True, help="Checkpoint written by 'psf train'.")
+@click.option("--coords", type=str, help="Field points 'x,y;x,y;...' in [-1, 1].")
+@click.option("--grid", "grid_m", type=int, help="Instead of --coords: a dense M x M map over the field.")
+@click.option("--depth", type=float, help="Object depth [m] (needed when the model knows several depths).")
+@click.option("--mode", type=click.Choice(["mean", "sample"]), default="mean", show_default=True, help="Prior mean (deterministic) or a prior sample.")
+@click.option("--out", type=str, required=True, help="Output: .npy (array), .h5 (array + coordinates) or .png (mosaic for --grid, a row otherwise).")
+@click.option("--allow-extrapolation", is_flag=True, help="Accept coordinates or depths outside the trained range.")
+@click.option("--device", type=str, default="auto", show_default=True, help="auto, cpu, cuda or cuda:K.")
+@user_errors
+def sample(checkpoint, coords, grid_m, depth, mode, out, allow_extrapolation, device):
+    """PSFs at arbitrary field points (or a dense map) from a trained model."""
+    import numpy as np
+
+    from psfcvae.sample import sample_psfs
+
+    if (coords is None) == (grid_m is None):
+        raise click.UsageError("give either --coords or --grid")
+    if grid_m is not None and grid_m < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--grid")
+    suffix = Path(out).suffix
+    if suffix not in (".npy", ".h5", ".png"):
+        raise click.BadParameter(f"unknown output type {suffix!r}; use .npy, .h5 or .png", param_hint="--out")
+    pts = np.array(_parse_coords(coords)) if coords is not None else None
+    path = sample_psfs(checkpoint, out, pts, grid_m, depth, mode, allow_extrapolation, device)
+    click.echo(str(path))
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def load(path: str | Path, map_location="cpu") -> dict:
 
 
 def check_same_data(ckpt: dict, info: GridInfo, what: str) -> None:
-    """Refuse a checkpoint trained on another dataset, naming what differs."""
+    """Refuse a checkpoint (or its ``data_fingerprint``) trained on another dataset, naming what differs."""
     mine = ckpt["data_fingerprint"]
     theirs = data_fingerprint(info)
     diff = [k for k in ("lens_sha256", "grid_size", "ks_small", "depths", "spp", "run_id") if mine.get(k) != theirs[k]]

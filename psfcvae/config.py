@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ class TrainConfig:
     # Optimisation and losses (USAGE_CVAE.md, "Loss Function", "Configuration")
     batch_size: int = 64
     learning_rate: float = 1e-4  # Adam
+    lr_schedule: str = "constant"  # constant | cosine (decays to 1% of learning_rate at max_steps)
     recon_weight: float = 1.0
     kl_weight: float = 1e-4
     smooth_weight: float = 1e-3
@@ -57,8 +59,17 @@ class TrainConfig:
         for key in ("recon_weight", "kl_weight", "smooth_weight"):
             if not getattr(self, key) >= 0:
                 raise InputError(f"config key '{key}' must be 0 or more, got {getattr(self, key)}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise InputError(f"config key 'lr_schedule' must be constant or cosine, got {self.lr_schedule!r}")
         for key in ("condition_on_depth", "in_memory"):
             if getattr(self, key) not in ("auto", "true", "false"):
                 raise InputError(f"config key '{key}' must be auto, true or false, got {getattr(self, key)!r}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise InputError(f"config key 'device' must be auto, cpu, cuda or cuda:K, got {self.device!r}")
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of optimiser step ``step`` (0-based): a function of the step alone."""
+        if self.lr_schedule == "constant":
+            return self.learning_rate
+        t = min(step / self.max_steps, 1.0)
+        return self.learning_rate * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t)))

@@ -195,6 +195,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                 f"loss became non-finite at step {step + 1} (recon {out.recon.item():.3g}, kl {out.kl.item():.3g}); "
                 f"the last good checkpoint {latest if latest.exists() else '(none yet)'} is kept; lower learning_rate or kl_weight"
             )
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr_at(step)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=math.inf)

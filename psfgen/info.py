@@ -26,7 +26,8 @@ def noise_floor(path) -> np.ndarray | None:
         grid = f["grid/psf"][:, idx]  # [D, S, 3, k, k]
         again = f["noise/psf"][:]
         ok = (grid.sum(axis=(-3, -2, -1)) > 0) & (again.sum(axis=(-3, -2, -1)) > 0)
-    err = rel_l2(again, grid)
+    with np.errstate(invalid="ignore", divide="ignore"):  # untraced blocks are all zeros
+        err = rel_l2(again, grid)
     return np.array([err[d][ok[d]].mean() if ok[d].any() else np.nan for d in range(len(err))])
 
 

@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
 
+from psfcvae import TrainConfig, train  # noqa: E402
 from psfgen import GenerateConfig, configio, generate  # noqa: E402
 
 TINY = dict(
@@ -38,3 +39,18 @@ def tiny_grid(tmp_path_factory) -> Path:
     logging.getLogger("psfgen").setLevel(logging.WARNING)
     out = tmp_path_factory.mktemp("grid") / "tiny.h5"
     return generate(tiny_config(out))
+
+
+# A small network for CPU tests; recon_weight lifts the tiny pixel MSE above the KL term.
+SMALL = dict(recon_weight=1000.0, latent_dim=8, hidden_dim=64, num_layers=2, num_frequencies=4, batch_size=16,
+             learning_rate=1e-3, log_every=5, val_every=10, checkpoint_every=10, max_steps=40, device="cpu", seed=3)
+
+
+def small_config(data, run_dir, **changes) -> TrainConfig:
+    return configio.build(TrainConfig, {**SMALL, "data": str(data), "run_dir": str(run_dir), **changes})
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_grid, tmp_path_factory) -> Path:
+    """A small model trained for 40 steps on the tiny grid: its run directory."""
+    return train(small_config(tiny_grid, tmp_path_factory.mktemp("run") / "small"))

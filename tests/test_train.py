@@ -18,20 +18,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import distributions as dist
 
 from cli import main
-from conftest import ROOT
+from conftest import ROOT, SMALL, small_config
 from psfcvae import CVAE, ModelArgs, TrainConfig, train
 from psfcvae.data import Conditions, GridBatches, make_loader, read_grid_meta
 from psfcvae.losses import kl_loss, smooth_loss
 from psfgen import configio, open_info
 from test_cli_generate import assert_one_line_error
-
-SMALL = dict(recon_weight=1000.0, latent_dim=8, hidden_dim=64, num_layers=2, num_frequencies=4, batch_size=16, learning_rate=1e-3,
-             log_every=5, val_every=10, checkpoint_every=10, max_steps=40, device="cpu", seed=3)
-
-
-def small_config(data, run_dir, **changes) -> TrainConfig:
-    return configio.build(TrainConfig, {**SMALL, "data": str(data), "run_dir": str(run_dir), **changes})
-
 
 def scalars(run_dir, tag):
     ea = EventAccumulator(str(run_dir / "tb"))

@@ -1,0 +1,111 @@
+"""PSFs at arbitrary coordinates from a trained checkpoint; no dataset needed.
+
+    import psfcvae
+    model = psfcvae.load_model("runs/v1/best.pt")           # CPU; .to("cuda") to move
+    psf = model.psf([0.5, -0.3], [0.5, 0.8], depth_m=1.0)    # [2, 3, 15, 15], each channel sums to 1
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from psfgen.errors import InputError
+
+from . import checkpoint
+from .model import CVAE, ModelArgs
+
+
+class PSFModel:
+    """A trained CVAE with the ranges it was trained on, behind a coordinate API."""
+
+    def __init__(self, net: CVAE, info: dict):
+        self.net = net
+        self.info = info  # step, config, data_fingerprint, versions of the checkpoint
+        self.depths = np.asarray(info["data_fingerprint"]["depths"])  # [D] training depths [m]
+        self.device = next(net.parameters()).device
+
+    def to(self, device) -> "PSFModel":
+        self.net.to(device)
+        self.device = torch.device(device)
+        return self
+
+    def eval(self) -> "PSFModel":
+        self.net.eval()
+        return self
+
+    @property
+    def depth_range(self) -> tuple[float, float]:
+        return float(self.depths.min()), float(self.depths.max())
+
+    def conditions(self, x, y, depth_m=None, allow_extrapolation: bool = False) -> torch.Tensor:
+        """cond [B, C] for field points x, y (scalars or [B]) and depth_m [m] (scalar or [B])."""
+        x = np.atleast_1d(np.asarray(x, dtype=np.float64))
+        y = np.atleast_1d(np.asarray(y, dtype=np.float64))
+        if x.shape != y.shape or x.ndim != 1:
+            raise InputError(f"x and y must be scalars or 1-D of one length, got shapes {x.shape} and {y.shape}")
+        if not allow_extrapolation and (np.abs(x).max() > 1 or np.abs(y).max() > 1):
+            raise InputError("coordinates must lie in [-1, 1] (the sensor); pass allow_extrapolation=True to go beyond")
+        parts = [x, y]
+        if self.net.args.cond_dim == 3:
+            lo, hi = self.depth_range
+            if depth_m is None:
+                if lo != hi:
+                    raise InputError(f"this model was trained on depths {lo:g}-{hi:g} m: give depth_m")
+                depth_m = lo
+            d = np.broadcast_to(np.asarray(depth_m, dtype=np.float64), x.shape)
+            if (d <= 0).any():
+                raise InputError("depth_m must be positive (metres)")
+            if not allow_extrapolation and ((d < lo * (1 - 1e-9)).any() or (d > hi * (1 + 1e-9)).any()):
+                raise InputError(f"depth_m outside the trained range {lo:g}-{hi:g} m; pass allow_extrapolation=True to go beyond")
+            parts.append(self.net.depth_code(torch.as_tensor(np.array(d))).numpy())
+        elif depth_m is not None:
+            lo, hi = self.depth_range
+            d = np.asarray(depth_m, dtype=np.float64)
+            if not allow_extrapolation and (np.abs(d - lo) > 1e-9 * lo).any():
+                raise InputError(f"this model knows one depth ({lo:g} m) only; pass allow_extrapolation=True to use it anyway")
+        return torch.as_tensor(np.stack(parts, axis=1), dtype=torch.float32, device=self.device)
+
+    @torch.no_grad()
+    def psf(self, x, y, depth_m=None, mode: str = "mean", n_samples: int = 1, allow_extrapolation: bool = False) -> torch.Tensor:
+        """PSFs [B, 3, 15, 15] (non-negative, each channel sums to 1).
+
+        mode "mean" decodes z = μ_p(c): a deterministic interpolation. mode "sample" draws
+        z ~ p(z|c); with n_samples > 1 it returns [B, n_samples, 3, 15, 15].
+        """
+        if mode not in ("mean", "sample"):
+            raise InputError(f"mode must be 'mean' or 'sample', got {mode!r}")
+        if n_samples < 1:
+            raise InputError(f"n_samples must be at least 1, got {n_samples}")
+        cond = self.conditions(x, y, depth_m, allow_extrapolation)
+        if mode == "mean":
+            return self.net.sample_from_prior(cond, mean=True)
+        draws = torch.stack([self.net.sample_from_prior(cond) for _ in range(n_samples)], dim=1)
+        return draws[:, 0] if n_samples == 1 else draws
+
+    @torch.no_grad()
+    def sample_from_prior(self, coords) -> torch.Tensor:
+        """As in the spec: coords [B, C] (x, y[, d]) already in model space -> [B, 3, 15, 15], z ~ p(z|c)."""
+        return self.net.sample_from_prior(torch.as_tensor(coords, dtype=torch.float32, device=self.device))
+
+    @torch.no_grad()
+    def prior_std(self, x, y, depth_m=None, allow_extrapolation: bool = False) -> torch.Tensor:
+        """The prior's standard deviation per position, RMS over latent dimensions: [B]."""
+        _, logvar = self.net.prior_params(self.conditions(x, y, depth_m, allow_extrapolation))
+        return logvar.exp().mean(dim=1).sqrt()
+
+
+def load_model(path: str | Path, device=None) -> PSFModel:
+    """Load a checkpoint written by ``psf train`` (weights only, safe to load)."""
+    ckpt = checkpoint.load(path)
+    try:
+        net = CVAE(ModelArgs(**ckpt["model_args"]))
+        net.load_state_dict(ckpt["model"])
+    except (TypeError, KeyError, RuntimeError):
+        raise InputError(f"checkpoint {path} does not match this version's network; retrain with this version") from None
+    info = {k: ckpt[k] for k in ("step", "config", "data_fingerprint", "versions")}
+    info["path"] = str(path)
+    model = PSFModel(net.eval(), info)
+    return model.to(device or "cpu")

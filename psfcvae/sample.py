@@ -1,0 +1,56 @@
+"""``psf sample``: PSFs from a checkpoint at given points or on a dense map, to a file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from psfgen.errors import InputError
+from psfgen.lens import resolve_device
+
+from .api import load_model
+
+
+def sample_psfs(checkpoint, out, points, grid_m, depth_m, mode, allow_extrapolation=False, device="auto") -> Path:
+    """Write PSFs [B, 3, 15, 15] (or [M*M, ...] for a map, row-major, row 0 at y = +1).
+
+    .npy: the array; .h5: psf, coords, depth and the checkpoint; .png: display-scaled
+    RGB, an M x M mosaic for a map or a single row for points.
+    """
+    model = load_model(checkpoint, resolve_device(device))
+    if grid_m is not None:
+        lin = np.linspace(-1, 1, grid_m) if grid_m > 1 else np.zeros(1)
+        gx, gy = np.meshgrid(lin, lin[::-1])
+        points = np.stack([gx.ravel(), gy.ravel()], axis=1)
+    psf = model.psf(points[:, 0], points[:, 1], depth_m, mode=mode, allow_extrapolation=allow_extrapolation).cpu().numpy()
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.suffix == ".npy":
+            np.save(out, psf)
+        elif out.suffix == ".h5":
+            with h5py.File(out, "w") as f:
+                f["psf"] = psf
+                f["coords"] = points
+                f.attrs["depth_m"] = np.nan if depth_m is None else depth_m
+                f.attrs["mode"] = mode
+                f.attrs["checkpoint"] = str(checkpoint)
+                f.attrs["model"] = json.dumps({k: model.info[k] for k in ("step", "data_fingerprint")})
+        else:
+            from PIL import Image
+
+            from .images import mosaic
+
+            if grid_m is not None:
+                img = mosaic(psf, grid_m)
+            else:
+                img = mosaic(np.concatenate([psf, np.zeros((0,) + psf.shape[1:], psf.dtype)]), 1) if len(psf) == 1 else \
+                    np.concatenate([mosaic(p[None], 1) for p in psf], axis=2)
+            Image.fromarray((np.moveaxis(img, 0, -1) * 255).astype(np.uint8)).resize(
+                (img.shape[2] * 8, img.shape[1] * 8), Image.NEAREST).save(out)
+    except OSError as exc:
+        raise InputError(f"cannot write {out}: {exc.strerror or exc}") from None
+    return out

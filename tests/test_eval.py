@@ -1,0 +1,200 @@
+"""psf eval, the baselines, the metrics, the PSF API and psf sample."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cli import main
+from conftest import tiny_config
+from psfcvae import load_model
+from psfcvae import baselines as B
+from psfcvae.metrics import rel_l2, rel_l2_corrected, spearman
+from psfgen import generate
+from psfgen.errors import InputError
+from test_cli_generate import assert_one_line_error
+
+
+def grid_of(path):
+    with h5py.File(path) as f:
+        return f["grid/psf"][:], f["depths"][:], f["grid/coords"][:]
+
+
+# --- metrics ---------------------------------------------------------------------------
+def test_reference_itself_scores_zero():
+    rng = np.random.default_rng(0)
+    a, b = rng.random((20, 3, 5, 5)), rng.random((20, 3, 5, 5))
+    ref = 0.5 * (a + b)
+    assert rel_l2(ref, ref).max() == 0
+    per_point, pooled = rel_l2_corrected(ref, a, b)
+    assert per_point.max() == 0 and pooled == 0
+
+
+def test_noise_corrected_estimator_recovers_injected_error():
+    rng = np.random.default_rng(1)
+    M = 2000
+    truth = rng.random((M, 3, 5, 5)) + 0.5
+    norm = np.sqrt((truth**2).reshape(M, -1).sum(1))[:, None, None, None]
+    sigma = 0.15 * norm / np.sqrt(75)  # each half: 15% noise
+    a = truth + rng.normal(size=truth.shape) * sigma
+    b = truth + rng.normal(size=truth.shape) * sigma
+    err = rng.normal(size=truth.shape)
+    err *= 0.10 * norm / np.sqrt((err**2).reshape(M, -1).sum(1))[:, None, None, None]  # exactly 10% per point
+    raw = rel_l2(truth + err, 0.5 * (a + b)).mean()
+    _, pooled = rel_l2_corrected(truth + err, a, b)
+    assert raw > 0.13  # the reference's own noise inflates the raw figure
+    assert pooled == pytest.approx(0.10, abs=0.005)
+
+
+def test_spearman():
+    x = np.arange(10.0)
+    assert spearman(x, x**3) == pytest.approx(1.0)
+    assert spearman(x, -x) == pytest.approx(-1.0)
+
+
+# --- baselines ------------------------------------------------------------------------
+def test_baselines_exact_at_grid_points(tiny_grid):
+    grid, depths, coords = grid_of(tiny_grid)
+    for d, depth in enumerate(depths):
+        q = (coords[:, 0], coords[:, 1], np.full(len(coords), depth))
+        np.testing.assert_allclose(B.nearest(grid, depths, 4, *q), grid[d], atol=1e-6)
+        np.testing.assert_allclose(B.bilinear(grid, depths, 4, *q), grid[d], atol=1e-6)
+        np.testing.assert_allclose(B.EigenPSF(grid, depths, 4, components=1000)(*q), grid[d], atol=1e-5)
+    # Truncated eigen-PSF: at grid points it is the rank-K projection, not the PSF.
+    low = B.EigenPSF(grid, depths, 4, components=2)
+    assert low.components == 2 and 0 < low.explained < 1
+    assert np.abs(low(coords[:, 0], coords[:, 1], np.full(16, depths[0])) - grid[0]).max() > 1e-3
+
+
+def test_bilinear_interpolates_field_and_inverse_depth(tiny_grid):
+    grid, depths, coords = grid_of(tiny_grid)
+    mid = 0.5 * (coords[0] + coords[1])  # halfway between points 0 and 1 of the top row
+    got = B.bilinear(grid, depths, 4, np.array([mid[0]]), np.array([mid[1]]), np.array([depths[0]]))[0]
+    want = 0.5 * (grid[0, 0] + grid[0, 1])
+    np.testing.assert_allclose(got, want / want.sum(axis=(-2, -1), keepdims=True), atol=1e-6)
+    z = 1.0 / (0.25 / depths[0] + 0.75 / depths[1])  # a quarter of the way in 1/depth
+    got = B.bilinear(grid, depths, 4, coords[5:6, 0], coords[5:6, 1], np.array([z]))[0]
+    want = 0.25 * grid[0, 5] + 0.75 * grid[1, 5]
+    np.testing.assert_allclose(got, want / want.sum(axis=(-2, -1), keepdims=True), atol=1e-6)
+    # Nearest: the closest grid point and depth.
+    got = B.nearest(grid, depths, 4, np.array([coords[6, 0] + 0.1]), np.array([coords[6, 1] - 0.1]), np.array([0.55]))
+    np.testing.assert_allclose(got[0], grid[0, 6], atol=1e-7)
+
+
+# --- the API --------------------------------------------------------------------------
+def test_api_shapes_modes_ranges(tiny_run):
+    model = load_model(tiny_run / "latest.pt").to("cpu").eval()
+    assert model.depth_range == (0.5, 2.0)
+    psf = model.psf([0.5, -0.3, 0.0], [0.5, 0.8, 0.0], depth_m=1.0)
+    assert psf.shape == (3, 3, 15, 15) and psf.device.type == "cpu" and not psf.requires_grad
+    assert (psf >= 0).all()
+    torch.testing.assert_close(psf.sum(dim=(-2, -1)), torch.ones(3, 3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(model.psf(0.5, 0.5, 1.0), psf[:1])  # mean: deterministic
+    torch.manual_seed(0)
+    draws = model.psf(0.5, 0.5, 1.0, mode="sample", n_samples=4)
+    assert draws.shape == (1, 4, 3, 15, 15) and not torch.equal(draws[0, 0], draws[0, 1])
+    assert model.psf(0.5, 0.5, 1.0, mode="sample").shape == (1, 3, 15, 15)
+    std = model.prior_std([0.0, 0.9], [0.0, -0.9], [1.0, 1.0])
+    assert std.shape == (2,) and (std > 0).all()
+    cond = model.conditions([0.2], [0.1], 1.0)
+    assert model.sample_from_prior(cond).shape == (1, 3, 15, 15)
+    # Same point through the network directly: the API adds nothing but the condition.
+    torch.testing.assert_close(model.psf(0.2, 0.1, 1.0), model.net.sample_from_prior(cond, mean=True))
+    with pytest.raises(InputError, match=r"\[-1, 1\]"):
+        model.psf(1.2, 0.0, 1.0)
+    with pytest.raises(InputError, match="trained range"):
+        model.psf(0.0, 0.0, 10.0)
+    with pytest.raises(InputError, match="give depth_m"):
+        model.psf(0.0, 0.0)
+    with pytest.raises(InputError, match="mode"):
+        model.psf(0.0, 0.0, 1.0, mode="median")
+    assert model.psf(1.2, 0.0, 10.0, allow_extrapolation=True).shape == (1, 3, 15, 15)
+
+
+def test_checkpoint_round_trip(tiny_run):
+    ckpt = torch.load(tiny_run / "latest.pt", weights_only=True)
+    model = load_model(tiny_run / "latest.pt")
+    for key, value in ckpt["model"].items():
+        torch.testing.assert_close(model.net.state_dict()[key], value)
+    assert model.info["step"] == 40 and model.net.args.cond_dim == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_api_on_cuda(tiny_run):
+    model = load_model(tiny_run / "latest.pt", device="cuda")
+    assert model.psf(0.1, 0.1, 1.0).device.type == "cuda"
+
+
+# --- psf sample ------------------------------------------------------------------------
+def test_sample_cli(tiny_run, tmp_path):
+    run = lambda *a: CliRunner().invoke(main, ["sample", "--checkpoint", str(tiny_run / "latest.pt"), *a])
+    r = run("--coords", "0.5,0.5;-0.3,0.8", "--depth", "1.0", "--out", str(tmp_path / "p.npy"))
+    assert r.exit_code == 0, r.output
+    arr = np.load(tmp_path / "p.npy")
+    assert arr.shape == (2, 3, 15, 15)
+    np.testing.assert_allclose(arr, load_model(tiny_run / "latest.pt").psf([0.5, -0.3], [0.5, 0.8], 1.0).numpy())
+    assert run("--grid", "5", "--depth", "2", "--out", str(tmp_path / "m.h5")).exit_code == 0
+    with h5py.File(tmp_path / "m.h5") as f:
+        assert f["psf"].shape == (25, 3, 15, 15) and f["coords"].shape == (25, 2)
+        np.testing.assert_allclose(f["coords"][0], [-1, 1])
+    assert run("--grid", "5", "--depth", "2", "--out", str(tmp_path / "m.png")).exit_code == 0
+    assert (tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_one_line_error(run("--coords", "0.5", "--depth", "1", "--out", str(tmp_path / "x.npy")), "--coords")
+    assert_one_line_error(run("--coords", "1.5,0", "--depth", "1", "--out", str(tmp_path / "x.npy")), "[-1, 1]")
+    assert_one_line_error(run("--coords", "0,0", "--depth", "1", "--out", str(tmp_path / "x.txt")), ".npy")
+    assert not (tmp_path / "x.npy").exists()
+
+
+# --- psf eval ---------------------------------------------------------------------------
+def test_eval_cli_writes_report(tiny_run, tiny_grid, tmp_path):
+    out = tmp_path / "eval"
+    r = CliRunner().invoke(main, ["eval", "--checkpoint", str(tiny_run / "latest.pt"), "--data", str(tiny_grid), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "bilinear" in r.stdout and "cvae prior mean" in r.stdout and "report.html" in r.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    with h5py.File(tiny_grid) as f:
+        at = f["heldout/at_grid_depth"][:]
+        per_depth = {f"at {d:g} m" for d in f["heldout/depth"][:][at]}
+    for method in ("cvae prior mean", "cvae prior sample", "nearest", "bilinear", "eigen-psf (32)"):
+        m = metrics["heldout"][method]
+        assert set(m) == {"all", "at grid depths", "between grid depths"} | per_depth
+        assert m["all"]["raw"]["n"] == 8 and 0 <= m["all"]["corrected"]["pooled"] < 5
+    assert metrics["raytrace_at_training_spp"]["all"]["n"] == 8
+    assert metrics["checkpoint"]["step"] == 40 and metrics["data"]["run_id"]
+    assert "cvae prior mean (cpu)" in metrics["speed_psfs_per_s"]
+    assert -1 <= metrics["uncertainty"]["spearman_prior_std_vs_error"] <= 1
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert {"error_maps.png", "side_by_side.png", "prior_std.png", "grid_depth0_0.5m.png", "grid_depth1_2m.png"} <= set(pngs)
+    page = (out / "report.html").read_text()
+    embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(embedded) == len(pngs)
+    import base64
+
+    assert sorted(base64.b64decode(e) for e in embedded) == sorted((out / p).read_bytes() for p in pngs)
+    for p in pngs:
+        assert p in page
+
+
+def test_eval_baselines_only_and_bad_input(tiny_run, tiny_grid, tmp_path):
+    run = lambda *a: CliRunner().invoke(main, ["eval", *a])
+    r = run("--baselines-only", "--data", str(tiny_grid), "--out", str(tmp_path / "b"))
+    assert r.exit_code == 0, r.output
+    assert "cvae" not in json.loads((tmp_path / "b" / "metrics.json").read_text())["heldout"]
+    ck = str(tiny_run / "latest.pt")
+    assert_one_line_error(run("--checkpoint", str(tmp_path / "none.pt"), "--data", str(tiny_grid), "--out", str(tmp_path / "e")), "does not exist")
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a checkpoint")
+    assert_one_line_error(run("--checkpoint", str(junk), "--data", str(tiny_grid), "--out", str(tmp_path / "e")), "not a readable psf-cvae checkpoint")
+    other = generate(tiny_config(tmp_path / "other.h5", seed=99, noise_points=0))
+    assert_one_line_error(run("--checkpoint", ck, "--data", str(other), "--out", str(tmp_path / "e")), "trained on another dataset")
+    no_heldout = generate(tiny_config(tmp_path / "noheld.h5", heldout=0, noise_points=0))
+    assert_one_line_error(run("--baselines-only", "--data", str(no_heldout), "--out", str(tmp_path / "e")), "no held-out set")
+    assert_one_line_error(run("--data", str(tiny_grid), "--out", str(tmp_path / "e")), "--checkpoint or --baselines-only")
+    assert not (tmp_path / "e").exists()
