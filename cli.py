@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -118,6 +119,7 @@ def main(verbose: int, quiet: bool) -> None:
 @click.option("--seed", type=int, help="Random seed [default: 0].")
 @click.option("--device", type=str, help="auto, cpu, cuda or cuda:K [default: auto].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file that holds another run.")
+@click.option("--shard", type=str, help="Trace only shard K of N (0-based, e.g. 0/4) into its own file; 'auto' takes K/N from torchrun or a SLURM array.")
 @SET_OPTION
 @user_errors
 def generate(config_path, sets, overwrite, **options):
@@ -129,6 +131,19 @@ def generate(config_path, sets, overwrite, **options):
     cfg = configio.load(GenerateConfig, config_path, options, sets)
     path = run(cfg)
     click.echo(str(path))
+
+
+@main.command()
+@click.argument("shards", nargs=-1, required=True)
+@click.option("--out", type=str, required=True, help="The merged grid file.")
+@click.option("--virtual", is_flag=True, help="Map the shards with HDF5 virtual datasets instead of copying (keep the shards beside it).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+@user_errors
+def merge(shards, out, virtual, overwrite):
+    """Merge the shard files of one 'psf generate --shard K/N' run into one grid file."""
+    from psfgen.merge import merge as run
+
+    click.echo(str(run(list(shards), out, overwrite=overwrite, virtual=virtual)))
 
 
 @main.command()
@@ -158,7 +173,8 @@ def train(config_path, sets, resume, **options):
 
     cfg = configio.load(TrainConfig, config_path, options, sets)
     run_dir = run(cfg, resume=resume)
-    click.echo(f"TensorBoard logs: {run_dir / 'tb'}  (tensorboard --logdir {run_dir / 'tb'})")
+    if int(os.environ.get("RANK", "0")) == 0:  # once, also under torchrun
+        click.echo(f"TensorBoard logs: {run_dir / 'tb'}  (tensorboard --logdir {run_dir / 'tb'})")
 
 
 @main.command(name="eval")

@@ -32,6 +32,7 @@ class TrainConfig:
     recon_weight: float = 1.0
     kl_weight: float = 1e-4
     smooth_weight: float = 1e-3
+    prior_recon_weight: float = 0.0  # not in the spec: MSE of decode(μ_p(c), c), the path `psf sample` uses
     max_steps: int = 20_000
     # Schedule and bookkeeping
     log_every: int = 50  # steps between scalar logs
@@ -56,7 +57,7 @@ class TrainConfig:
             raise InputError(f"config key 'num_workers' must be 0 or more, got {self.num_workers}")
         if not self.learning_rate > 0:
             raise InputError(f"config key 'learning_rate' must be positive, got {self.learning_rate}")
-        for key in ("recon_weight", "kl_weight", "smooth_weight"):
+        for key in ("recon_weight", "kl_weight", "smooth_weight", "prior_recon_weight"):
             if not getattr(self, key) >= 0:
                 raise InputError(f"config key '{key}' must be 0 or more, got {getattr(self, key)}")
         if self.lr_schedule not in ("constant", "cosine"):

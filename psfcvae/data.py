@@ -82,10 +82,13 @@ class Conditions:
 class GridBatches(Dataset):
     """Map-style dataset whose item ``g`` is the whole training batch number ``g``.
 
-    Returns dict(psf [B, 3, k, k] float32, point [B] int64, depth [B] int64).
+    Returns dict(psf [B, 3, k, k] float32, point [B] int64, depth [B] int64). Under DDP,
+    rank r of W gets the runs r, r+W, ... of global batch g: together the ranks see
+    exactly the batch a single process would, which is how a DistributedSampler with its
+    epoch set is realised here (the permutation is a function of the epoch).
     """
 
-    def __init__(self, info: GridInfo, batch_size: int, read_run: int, seed: int, in_memory: bool):
+    def __init__(self, info: GridInfo, batch_size: int, read_run: int, seed: int, in_memory: bool, rank: int = 0, world: int = 1):
         self.path = info.path
         self.D = len(info.depths)
         self.P = info.grid_size**2
@@ -94,6 +97,7 @@ class GridBatches(Dataset):
         self.runs_per_batch = max(1, batch_size // read_run)
         self.read_run = read_run
         self.seed = seed
+        self.rank, self.world = rank, world  # under DDP each rank takes every world-th run of a batch
         n = self.D * self.P
         self.run_starts = np.arange(0, n, read_run)  # flat index of each run's first PSF
         self.batches_per_epoch = int(np.ceil(len(self.run_starts) / self.runs_per_batch))
@@ -133,6 +137,7 @@ class GridBatches(Dataset):
     def __getitem__(self, g: int) -> dict:
         epoch, b = divmod(int(g), self.batches_per_epoch)
         starts = self._runs_of_epoch(epoch)[b * self.runs_per_batch : (b + 1) * self.runs_per_batch]
+        starts = starts[self.rank :: self.world]  # the global batch is the same for any number of ranks
         n = self.D * self.P
         flat = np.concatenate([np.arange(s, min(s + self.read_run, n)) for s in starts])
         psf = np.concatenate([self._read(s, min(s + self.read_run, n)) for s in starts])

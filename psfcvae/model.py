@@ -30,6 +30,7 @@ class ModelArgs:
     recon_weight: float = 1.0
     kl_weight: float = 1e-4
     smooth_weight: float = 1e-3
+    prior_recon_weight: float = 0.0  # weight of MSE(decode(μ_p(c), c), K): trains the prior-mean path itself
 
 
 @dataclass
@@ -40,6 +41,7 @@ class ModelOutput:
     recon: torch.Tensor
     kl: torch.Tensor
     smooth: torch.Tensor
+    recon_prior: torch.Tensor  # MSE of the prior-mean path (0 unless prior_recon_weight > 0)
     psf_hat: torch.Tensor  # [B, 3, k, k]
     mu_q: torch.Tensor  # [B, Z]
     mu_p: torch.Tensor  # [B, Z]
@@ -117,8 +119,9 @@ class CVAE(nn.Module):
         else:
             smooth = psf.new_zeros(())
         a = self.args
-        loss = a.recon_weight * recon + a.kl_weight * kl + a.smooth_weight * smooth
-        return ModelOutput(loss, recon, kl, smooth, psf_hat, mu_q, mu_p)
+        recon_prior = recon_loss(self.decode(mu_p, cond), psf) if a.prior_recon_weight > 0 else psf.new_zeros(())
+        loss = a.recon_weight * recon + a.kl_weight * kl + a.smooth_weight * smooth + a.prior_recon_weight * recon_prior
+        return ModelOutput(loss, recon, kl, smooth, recon_prior, psf_hat, mu_q, mu_p)
 
     # --- inference ----------------------------------------------------------------------
     @torch.no_grad()

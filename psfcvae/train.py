@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -62,6 +66,7 @@ def model_args_for(cfg: TrainConfig, info: GridInfo) -> ModelArgs:
         recon_weight=cfg.recon_weight,
         kl_weight=cfg.kl_weight,
         smooth_weight=cfg.smooth_weight,
+        prior_recon_weight=cfg.prior_recon_weight,
     )
 
 
@@ -111,25 +116,48 @@ def heldout_conditions(model: CVAE, coords: np.ndarray, depth_m: np.ndarray, dev
     return torch.cat([xy, d[:, None]], dim=1)
 
 
+def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) this joins the process
+    group from the environment: nccl on GPUs, gloo on the CPU; each rank takes the GPU of
+    its LOCAL_RANK. Plain runs get (0, 1, the configured device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(device_name)
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda" and device_name == "auto":
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}")
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
-    """Train the CVAE on ``cfg.data``; returns the run directory."""
+    """Train the CVAE on ``cfg.data``; returns the run directory.
+
+    Under torchrun every rank runs this function: each takes its share of every global
+    batch, DistributedDataParallel averages the gradients, and rank 0 alone validates,
+    logs and writes checkpoints.
+    """
     # --- data, model, optimiser --------------------------------------------------------
     if not cfg.data:
         raise InputError("no data file given; pass --data grid.h5 (written by 'psf generate')")
     info = open_info(cfg.data)
     require_complete(info)
     args = model_args_for(cfg, info)
-    device = resolve_device(cfg.device)
+    rank, world, device = setup_distributed(cfg.device)
+    main_rank = rank == 0
     run_dir = Path(cfg.run_dir)
     latest, best_path = run_dir / "latest.pt", run_dir / "best.pt"
     if latest.exists() and not resume:
         raise InputError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
     if resume and not latest.exists():
         raise InputError(f"nothing to resume: {latest} does not exist; start without --resume")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"cannot create run directory {run_dir}: {exc.strerror}") from None
+    if main_rank:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"cannot create run directory {run_dir}: {exc.strerror}") from None
 
     torch.manual_seed(cfg.seed)
     model = CVAE(args).to(device)
@@ -147,16 +175,22 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         if device.type == "cuda" and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
         log.info("resuming %s at step %d", run_dir, step)
-    configio.save_yaml(cfg, run_dir / "config.yaml")
+    if world > 1:  # the same weights everywhere (DDP broadcasts them), other noise on each rank
+        torch.manual_seed(cfg.seed + 7919 * rank + step)
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        net = model
+    if main_rank:
+        configio.save_yaml(cfg, run_dir / "config.yaml")
 
     meta = read_grid_meta(info.path)
     conds = Conditions(meta["coords"], meta["depths"], meta["neighbors"], args.cond_dim == 3, device)
     heldout = read_heldout(info.path) if info.n_heldout else None
     grid_bytes = len(info.depths) * info.grid_size**2 * 3 * info.ks_small**2 * 4
     in_memory = {"auto": grid_bytes < IN_MEMORY_AUTO_LIMIT, "true": True, "false": False}[cfg.in_memory]
-    dataset = GridBatches(info, cfg.batch_size, cfg.read_run, cfg.seed, in_memory)
+    dataset = GridBatches(info, cfg.batch_size, cfg.read_run, cfg.seed, in_memory, rank=rank, world=world)
     loader = make_loader(dataset, start=step, num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
-    writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=step + 1 if resume else None)
+    writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=step + 1 if resume else None) if main_rank else None
     fingerprint = checkpoint.data_fingerprint(info)
 
     def save(path: Path, metrics: dict) -> None:
@@ -170,17 +204,17 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         })
 
     log.info(
-        "training on %s: %d depths x %d points, cond %s, %s, %d parameters, run dir %s",
-        device, len(info.depths), info.grid_size**2, "(x, y, d)" if args.cond_dim == 3 else "(x, y)",
+        "training on %s%s: %d depths x %d points, cond %s, %s, %d parameters, run dir %s",
+        device, f" ({world} processes)" if world > 1 else "", len(info.depths), info.grid_size**2, "(x, y, d)" if args.cond_dim == 3 else "(x, y)",
         "in memory" if in_memory else "streamed from disk", sum(p.numel() for p in model.parameters()), run_dir,
     )
 
     # --- the loop ----------------------------------------------------------------------
     metrics: dict = {}
-    window = {"loss_all": 0.0, "loss_recon": 0.0, "loss_kl": 0.0, "loss_smooth": 0.0, "grad_norm": 0.0}
+    window = {"loss_all": 0.0, "loss_recon": 0.0, "loss_kl": 0.0, "loss_smooth": 0.0, "loss_recon_prior": 0.0, "grad_norm": 0.0}
     n_window = 0
     t0, step0 = time.perf_counter(), step
-    quiet = not log.isEnabledFor(logging.INFO)
+    quiet = not log.isEnabledFor(logging.INFO) or not main_rank
     bar = tqdm(total=cfg.max_steps, initial=step, unit="step", disable=True if quiet else None, dynamic_ncols=True)
     model.train()
     for batch in loader:
@@ -189,8 +223,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         psf = batch["psf"].to(device, non_blocking=True)  # [B, 3, k, k]
         point, depth = batch["point"].to(device), batch["depth"].to(device)  # [B]
         pair_src, pair_cond = conds.pairs(point, depth)  # [Q], [Q, C]
-        out = model(psf, conds(point, depth), pair_src, pair_cond)
-        if not torch.isfinite(out.loss):
+        out = net(psf, conds(point, depth), pair_src, pair_cond)
+        finite = torch.isfinite(out.loss.detach())
+        if world > 1:  # every rank must stop together, or the others wait forever
+            flag = finite.float().to(device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            finite = flag > 0
+        if not finite:
             raise TrainingError(
                 f"loss became non-finite at step {step + 1} (recon {out.recon.item():.3g}, kl {out.kl.item():.3g}); "
                 f"the last good checkpoint {latest if latest.exists() else '(none yet)'} is kept; lower learning_rate or kl_weight"
@@ -204,18 +243,23 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         step += 1
 
         for key, value in (("loss_all", out.loss), ("loss_recon", out.recon), ("loss_kl", out.kl),
-                           ("loss_smooth", out.smooth), ("grad_norm", grad_norm)):
+                           ("loss_smooth", out.smooth), ("loss_recon_prior", out.recon_prior), ("grad_norm", grad_norm)):
             window[key] += float(value.detach())
         n_window += 1
         if step % cfg.log_every == 0 or step == cfg.max_steps:
-            for key in window:
-                writer.add_scalar(key, window[key] / n_window, step)
-            writer.add_scalar("learning_rate", optimizer.param_groups[0]["lr"], step)
-            bar.set_postfix(loss=f"{window['loss_all'] / n_window:.3g}", refresh=False)
+            if world > 1:  # log the mean over ranks: the loss of the whole global batch
+                sums = torch.tensor(list(window.values()), dtype=torch.float64, device=device)
+                dist.all_reduce(sums)
+                window = dict(zip(window, (sums / world).tolist()))
+            if main_rank:
+                for key in window:
+                    writer.add_scalar(key, window[key] / n_window, step)
+                writer.add_scalar("learning_rate", optimizer.param_groups[0]["lr"], step)
+                bar.set_postfix(loss=f"{window['loss_all'] / n_window:.3g}", refresh=False)
             window = dict.fromkeys(window, 0.0)
             n_window = 0
 
-        if step % cfg.val_every == 0 or step == cfg.max_steps:
+        if main_rank and (step % cfg.val_every == 0 or step == cfg.max_steps):
             metrics, images = validate(model, conds, info, heldout, device, image_depth=len(info.depths) // 2)
             for key, value in metrics.items():
                 writer.add_scalar(key, value, step)
@@ -227,15 +271,25 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                 best = score
                 save(best_path, metrics)
 
-        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+        if main_rank and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps):
             save(latest, metrics)
         bar.update(1)
     bar.close()
 
     elapsed = time.perf_counter() - t0
     rate = (step - step0) / elapsed if elapsed > 0 else float("nan")
-    log.info("%d steps in %.1f s (%.1f steps/s); logs: %s", step - step0, elapsed, rate, run_dir / "tb")
-    hparams = {k: v for k, v in configio.to_dict(cfg).items() if isinstance(v, (int, float, str, bool))}
-    writer.add_hparams(hparams, {f"hparam/{k}": v for k, v in metrics.items()}, run_name="hparams", global_step=step)
-    writer.close()
+    if main_rank:
+        log.info("%d steps in %.1f s (%.1f steps/s); logs: %s", step - step0, elapsed, rate, run_dir / "tb")
+        hparams = {k: v for k, v in configio.to_dict(cfg).items() if isinstance(v, (int, float, str, bool))}
+        writer.add_hparams(hparams, {f"hparam/{k}": v for k, v in metrics.items()}, run_name="hparams", global_step=step)
+        writer.close()
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
     return run_dir
+
+
+if __name__ == "__main__":  # torchrun --nproc-per-node=K -m psfcvae.train --data grid.h5 ...
+    from cli import main
+
+    main(["train", *sys.argv[1:]])

@@ -34,6 +34,7 @@ class GenerateConfig:
     seed: int = 0  # every block is seeded from (seed, block)
     device: str = "auto"  # auto | cpu | cuda | cuda:K
     overwrite: bool = False  # replace an existing output file from another run
+    shard: str | None = None  # "K/N": trace only shard K (0-based) of N; "auto": from torchrun or a SLURM array
 
     def validate(self) -> None:
         if self.grid_size < 2:
@@ -81,6 +82,10 @@ class GenerateConfig:
             )
         if self.block_rays < 1:
             raise InputError(f"block_rays must be at least 1, got {self.block_rays}")
+        if self.shard is not None and self.shard != "auto":
+            m = re.fullmatch(r"(\d+)/(\d+)", self.shard)
+            if not m or not int(m.group(1)) < int(m.group(2)):
+                raise InputError(f"shard must be K/N with 0 <= K < N (e.g. 0/4), or auto; got {self.shard!r}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise InputError(f"device must be auto, cpu, cuda or cuda:K, got {self.device!r}")
 
@@ -102,7 +107,7 @@ class GenerateConfig:
         from .configio import to_dict
 
         d = to_dict(self)
-        for k in ("out", "device", "overwrite", "lens"):
+        for k in ("out", "device", "overwrite", "lens", "shard"):
             d.pop(k)
         d["depths"] = [float(x) for x in self.depth_values()]
         d["heldout_spp"] = 2 * self.heldout_half_spp()

@@ -8,8 +8,10 @@ resumes and ends identical, PSF for PSF, to an uninterrupted one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -79,9 +81,32 @@ def _block_points(block: Block, depths, coords, noise_idx, ho_coords, ho_depth):
     return xy, np.full(len(xy), depths[block.depth])
 
 
-def _check_output(cfg: GenerateConfig, run_id: str) -> bool:
-    """Decide what to do with ``cfg.out``. Returns True to resume an existing file."""
-    out = Path(cfg.out)
+def resolve_shard(spec: str | None) -> tuple[int, int] | None:
+    """(K, N) from "K/N", or from torchrun / a SLURM job array for "auto"; None: no sharding."""
+    if spec is None:
+        return None
+    if spec != "auto":
+        k, n = map(int, spec.split("/"))
+        return k, n
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"])
+    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+        k = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+        return k, int(env["SLURM_ARRAY_TASK_COUNT"])
+    raise InputError(
+        "--shard auto needs torchrun (RANK, WORLD_SIZE) or a SLURM job array "
+        "(SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT); otherwise give --shard K/N"
+    )
+
+
+def shard_path(out: Path, k: int, n: int) -> Path:
+    """grid.h5 -> grid.shard0001-of-0004.h5"""
+    return out.with_name(f"{out.stem}.shard{k:04d}-of-{n:04d}{out.suffix}")
+
+
+def _check_output(cfg: GenerateConfig, out: Path, run_id: str) -> bool:
+    """Decide what to do with ``out``. Returns True to resume an existing file."""
     if out.is_dir():
         raise InputError(f"output {out} is a directory; give a file path for --out")
     try:
@@ -114,10 +139,12 @@ def generate(cfg: GenerateConfig) -> Path:
     device = resolve_device(cfg.device)
     params = cfg.run_params()
     identity = json.dumps({"params": params, "lens_sha256": lens_file.sha256}, sort_keys=True)
-    import hashlib
-
     run_id = hashlib.sha256(identity.encode()).hexdigest()[:16]
-    resume = _check_output(cfg, run_id)
+    shard = resolve_shard(cfg.shard)
+    out = Path(cfg.out) if shard is None else shard_path(Path(cfg.out), *shard)
+    if shard is not None and cfg.device == "auto" and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+        device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}")
+    resume = _check_output(cfg, out, run_id)
 
     # Build the lens before any file is written, so a bad lens leaves nothing behind.
     torch.manual_seed(cfg.seed)  # refocusing samples rays
@@ -129,17 +156,18 @@ def generate(cfg: GenerateConfig) -> Path:
     noise_idx = noise_indices(N, cfg.noise_points, cfg.seed)
     ho_coords, ho_depth, ho_at = heldout_points(N, depths, cfg.heldout, cfg.seed)
     blocks = plan_blocks(cfg, len(depths), cfg.heldout)
-    out = Path(cfg.out)
+    # A shard owns every N-th block: round-robin keeps the shards' work about equal.
+    mine = np.array([shard is None or i % shard[1] == shard[0] for i in range(len(blocks))])
 
     if resume:
         with h5py.File(out, "r") as f:
             done = f["blocks/done"][:].astype(bool)
-            if done.all() and "finished_at" in f.attrs:
+            if done[mine].all() and "finished_at" in f.attrs:
                 log.info("%s is already complete; nothing to trace", out)
                 return out
             if f.attrs.get("device") != str(device):
                 log.warning("resuming a run traced on %s on %s: PSFs stay statistically equal, not bitwise", f.attrs.get("device"), device)
-        log.info("resuming %s: %d/%d blocks already traced", out, done.sum(), len(blocks))
+        log.info("resuming %s: %d/%d blocks already traced", out, done[mine].sum(), mine.sum())
     else:
         attrs = {
             "format": store.FORMAT,
@@ -157,6 +185,8 @@ def generate(cfg: GenerateConfig) -> Path:
             "foclen_mm": float(lens.foclen),
             "started_at": now(),
         }
+        if shard is not None:
+            attrs.update(shard_index=shard[0], shard_count=shard[1])
         arrays = {
             "depths": depths,
             "wvln": np.asarray(lens.wvln_rgb, dtype=np.float64),
@@ -173,9 +203,9 @@ def generate(cfg: GenerateConfig) -> Path:
         except OSError as exc:
             raise InputError(f"cannot write {out}: {exc.strerror or exc}; choose a writable --out") from None
         done = np.zeros(len(blocks), dtype=bool)
-        log.info("tracing %d blocks into %s on %s", len(blocks), out, device)
+        log.info("tracing %d blocks into %s on %s", mine.sum(), out, device)
 
-    todo = [i for i in range(len(blocks)) if not done[i]]
+    todo = [i for i in range(len(blocks)) if mine[i] and not done[i]]
     total = sum(blocks[i].stop - blocks[i].start for i in todo)
     quiet = not log.isEnabledFor(logging.INFO)
     with tqdm(total=total, unit="PSF", desc="tracing", disable=True if quiet else None, dynamic_ncols=True) as bar:

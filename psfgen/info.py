@@ -43,9 +43,14 @@ def summary(path) -> str:
         f"spp         {info.spp} (grid), {info.heldout_spp} (held-out reference, two halves)",
         f"held-out    {info.n_heldout} points;  noise re-traces: {info.n_noise} grid points per depth",
         f"blocks      {info.blocks_done}/{info.blocks_total} traced" + ("" if info.complete else "  (unfinished: run the same 'psf generate' again to resume)"),
-        f"device      {a['device']}, seed {a['seed']}, started {a['started_at']}"
-        + (f", finished {a['finished_at']} ({a['wall_time_s']:.1f} s wall)" if "finished_at" in a else ""),
+        f"device      {a.get('devices', a['device'])}, seed {a['seed']}, started {a['started_at']}"
+        + (f", finished {a['finished_at']}" if "finished_at" in a else "")
+        + (f" ({a['trace_seconds']:.1f} s tracing)" if "trace_seconds" in a else ""),
     ]
+    if info.shard is not None:
+        lines.insert(1, f"shard       {info.shard[0]}/{info.shard[1]}: this file holds every {info.shard[1]}-th block; merge with 'psf merge'")
+    elif "merged_from" in a:
+        lines.insert(1, f"merged      from {len(json.loads(a['merged_from']))} shards" + (" (virtual datasets)" if a.get("virtual") else ""))
     with h5py.File(path, "r") as f:
         done = f["blocks/done"][:].astype(bool)
         table = f["blocks/table"][:]

@@ -56,11 +56,16 @@ class Block:
         return Block(KINDS[int(row[0])], int(row[1]), int(row[2]), int(row[3]))
 
 
-def _early(f: h5py.File, name: str, shape, dtype) -> h5py.Dataset:
-    """A contiguous dataset whose storage is allocated (zero-filled) right now."""
+def _early(f: h5py.File, name: str, shape, dtype, zero_fill: bool = False) -> h5py.Dataset:
+    """A contiguous dataset whose storage is allocated right now.
+
+    Without ``zero_fill`` nothing is written: the space is a hole of the (sparse) file,
+    which reads as zeros and takes no disk until a block is written, so a shard file
+    costs only the blocks it traces.
+    """
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-    dcpl.set_fill_time(h5py.h5d.FILL_TIME_ALLOC)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_ALLOC if zero_fill else h5py.h5d.FILL_TIME_NEVER)
     return f.create_dataset(name, shape=shape, dtype=dtype, dcpl=dcpl)
 
 
@@ -89,8 +94,8 @@ def create(path: Path, *, attrs: dict, arrays: dict, sizes: dict, blocks: list[B
                 _early(f, f"heldout/psf_{half}", (M, 3, k, k), np.float32)
                 _early(f, f"heldout/border_{half}", (M, 3), np.float32)
             f.create_dataset("blocks/table", data=np.array([b.row() for b in blocks], dtype=np.int64).reshape(-1, 4))
-            _early(f, "blocks/done", (len(blocks),), np.uint8)
-            _early(f, "blocks/seconds", (len(blocks),), np.float64)
+            _early(f, "blocks/done", (len(blocks),), np.uint8, zero_fill=True)
+            _early(f, "blocks/seconds", (len(blocks),), np.float64, zero_fill=True)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -110,6 +115,16 @@ def write_block(path: Path, index: int, block: Block, psf: np.ndarray, border: n
         f["blocks/seconds"][index] = seconds
         f.flush()  # the data before the mark, so a mark never points at missing data
         f["blocks/done"][index] = 1
+
+
+def read_block(f: h5py.File, block: Block) -> tuple[np.ndarray, np.ndarray]:
+    """The stored (psf [B, 3, k, k], border [B, 3]) of one block."""
+    if block.kind in ("grid", "noise"):
+        sl = (block.depth, slice(block.start, block.stop))
+        return f[f"{block.kind}/psf"][sl], f[f"{block.kind}/border"][sl]
+    half = block.kind[-1]
+    sl = slice(block.start, block.stop)
+    return f[f"heldout/psf_{half}"][sl], f[f"heldout/border_{half}"][sl]
 
 
 def set_attrs(path: Path, **attrs) -> None:
@@ -135,6 +150,7 @@ class GridInfo:
     blocks_total: int
     config: dict
     attrs: dict
+    shard: tuple[int, int] | None = None  # (K, N) for a shard file: it owns blocks i with i % N == K
 
     @property
     def complete(self) -> bool:
@@ -163,6 +179,10 @@ def open_info(path: str | Path) -> GridInfo:
         attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
         params = json.loads(attrs["run_params"])
         done = f["blocks/done"][:]
+        shard = None
+        if "shard_count" in attrs:
+            shard = (int(attrs["shard_index"]), int(attrs["shard_count"]))
+            done = done[shard[0] :: shard[1]]  # the blocks this shard owns
         return GridInfo(
             path=str(path),
             run_id=attrs["run_id"],
@@ -177,10 +197,17 @@ def open_info(path: str | Path) -> GridInfo:
             blocks_total=int(done.size),
             config=json.loads(attrs["config"]),
             attrs=attrs,
+            shard=shard,
         )
 
 
 def require_complete(info: GridInfo) -> None:
+    """A finished, whole run: what training and evaluation need."""
+    if info.shard is not None:
+        raise InputError(
+            f"{info.path} is shard {info.shard[0]}/{info.shard[1]} of a run; merge all shards first "
+            "with 'psf merge SHARD... --out grid.h5'"
+        )
     if not info.complete:
         raise InputError(
             f"{info.path} is unfinished ({info.blocks_done}/{info.blocks_total} blocks traced); "

@@ -1,0 +1,164 @@
+"""``psf merge``: shard files of one sharded ``psf generate`` run -> one grid file.
+
+Shard K of N traced the blocks i with i % N == K into a file of the full layout. The
+merge checks that the shards are one run (same run id: parameters, lens, seed) split the
+same way, that each of 0..N-1 is there exactly once and finished, then copies every
+block from its owner. Block seeds depend on (seed, block) only, so the result equals,
+PSF for PSF, the file of the same run traced in one process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from . import store
+from .errors import InputError
+from .provenance import now
+
+log = logging.getLogger(__name__)
+
+# Datasets fixed when the run starts, identical in every shard.
+FIXED = ("depths", "wvln", "grid/coords", "grid/neighbors", "noise/index", "heldout/coords", "heldout/depth",
+         "heldout/at_grid_depth", "blocks/table")
+
+
+def _check_shards(paths: list[str]) -> list[store.GridInfo]:
+    if not paths:
+        raise InputError("no shard files given; pass the files written by 'psf generate --shard K/N'")
+    infos = []
+    for p in paths:
+        try:
+            info = store.open_info(p)
+        except InputError as exc:
+            raise InputError(f"shard {p}: {exc}") from None
+        if info.shard is None:
+            raise InputError(f"{p} is not a shard file (written without --shard); merge only shard files")
+        infos.append(info)
+    first = infos[0]
+    for info in infos[1:]:
+        if info.run_id != first.run_id:
+            raise InputError(f"{info.path} belongs to another run than {first.path} (different parameters, lens or seed); leave it out")
+        if info.shard[1] != first.shard[1]:
+            raise InputError(f"{info.path} is a shard of {info.shard[1]}, {first.path} of {first.shard[1]}; merge shards of one split")
+    n = first.shard[1]
+    owner: dict[int, str] = {}
+    for info in infos:
+        k = info.shard[0]
+        if k in owner:
+            raise InputError(f"duplicate shard {k}/{n}: {owner[k]} and {info.path}; pass each shard once")
+        owner[k] = info.path
+    missing = sorted(set(range(n)) - set(owner))
+    if missing:
+        raise InputError(f"missing shard(s) {', '.join(f'{k}/{n}' for k in missing)}; pass all {n} shard files")
+    for info in infos:
+        if not info.complete:
+            raise InputError(
+                f"shard {info.shard[0]}/{n} ({info.path}) is unfinished ({info.blocks_done}/{info.blocks_total} blocks); "
+                f"resume it with the same 'psf generate --shard {info.shard[0]}/{n}' command"
+            )
+    return sorted(infos, key=lambda i: i.shard[0])
+
+
+def merge(paths: list[str], out: str | Path, overwrite: bool = False, virtual: bool = False) -> Path:
+    """Merge shard files into ``out`` (a copy, or HDF5 virtual datasets with ``virtual``)."""
+    infos = _check_shards([str(p) for p in paths])
+    out = Path(out)
+    if any(out.resolve() == Path(i.path).resolve() for i in infos):
+        raise InputError(f"--out {out} is one of the shards; choose another output path")
+    if out.exists() and not overwrite:
+        raise InputError(f"{out} exists; choose another --out or pass --overwrite to replace it")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create the output directory {out.parent}: {exc.strerror}") from None
+    n = infos[0].shard[1]
+    with h5py.File(infos[0].path, "r") as f:
+        attrs = dict(f.attrs)
+        fixed = {name: f[name][:] for name in FIXED}
+        shapes = {name: (f[name].shape, f[name].dtype) for name in
+                  ("grid/psf", "grid/border", "noise/psf", "noise/border", "heldout/psf_a", "heldout/psf_b",
+                   "heldout/border_a", "heldout/border_b")}
+    starts = [i.attrs["started_at"] for i in infos]
+    ends = [i.attrs.get("finished_at", "") for i in infos]
+    for key in ("shard_index", "shard_count", "finished_at", "wall_time_s", "trace_seconds"):
+        attrs.pop(key, None)
+    attrs.update(started_at=min(starts), finished_at=max(ends), merged_from=json.dumps([i.path for i in infos]),
+                 merged_at=now(), devices=json.dumps(sorted({i.attrs["device"] for i in infos})))
+    blocks = [store.Block.from_row(r) for r in fixed["blocks/table"]]
+
+    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        if virtual:
+            _write_virtual(tmp, attrs, fixed, shapes, blocks, infos, out.parent)
+        else:
+            D, P = shapes["grid/psf"][0][:2]
+            sizes = dict(D=D, P=P, S=shapes["noise/psf"][0][1], M=shapes["heldout/psf_a"][0][0], k=shapes["grid/psf"][0][-1])
+            arrays = {k: v for k, v in fixed.items() if k != "blocks/table"}
+            os.unlink(tmp)
+            store.create(Path(tmp), attrs=attrs, arrays=arrays, sizes=sizes, blocks=blocks)
+            handles = [h5py.File(i.path, "r") for i in infos]
+            try:
+                for i, block in enumerate(blocks):
+                    src = handles[i % n]
+                    psf, border = store.read_block(src, block)
+                    store.write_block(Path(tmp), i, block, psf, border, float(src["blocks/seconds"][i]))
+            finally:
+                for h in handles:
+                    h.close()
+            with h5py.File(tmp, "r") as f:
+                trace_seconds = float(f["blocks/seconds"][:].sum())
+            store.set_attrs(Path(tmp), trace_seconds=trace_seconds)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    log.info("merged %d shards into %s%s", n, out, " (virtual datasets)" if virtual else "")
+    return out
+
+
+def _write_virtual(tmp, attrs, fixed, shapes, blocks, infos, out_dir: Path) -> None:
+    """A file whose PSF datasets map each block onto the shard that traced it (no copy).
+
+    Sources are referenced by paths relative to the merged file, so the shards must stay
+    beside it. done and seconds are copied: they are small.
+    """
+    n = len(infos)
+    with h5py.File(tmp, "w") as f:
+        for key, value in attrs.items():
+            f.attrs[key] = value
+        f.attrs["virtual"] = True
+        for name, value in fixed.items():
+            f.create_dataset(name, data=value)
+        f["depths"].attrs["units"] = "m"
+        f["wvln"].attrs["units"] = "um"
+        rel = [os.path.relpath(i.path, out_dir) for i in infos]
+        for name, (shape, dtype) in shapes.items():
+            layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
+            kind = name.split("/")[0]
+            for i, block in enumerate(blocks):
+                src = h5py.VirtualSource(rel[i % n], name, shape=shape)
+                if kind in ("grid", "noise") and block.kind == kind:
+                    sl = (block.depth, slice(block.start, block.stop))
+                elif kind == "heldout" and block.kind == f"heldout_{name[-1]}":
+                    sl = slice(block.start, block.stop)
+                else:
+                    continue
+                layout[sl] = src[sl]
+            f.create_virtual_dataset(name, layout, fillvalue=0)
+        done = np.zeros(len(blocks), np.uint8)
+        seconds = np.zeros(len(blocks))
+        for k, info in enumerate(infos):
+            with h5py.File(info.path, "r") as s:
+                done[k::n] = s["blocks/done"][k::n]
+                seconds[k::n] = s["blocks/seconds"][k::n]
+        f["blocks/done"] = done
+        f["blocks/seconds"] = seconds
+        f.attrs["trace_seconds"] = float(seconds.sum())
