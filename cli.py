@@ -161,7 +161,7 @@ def info(path):
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config (e.g. configs/cvae_v1.yaml); options below override it.")
 @click.option("--run-dir", type=str, help="Directory for TensorBoard logs, checkpoints and the resolved config [default: runs/cvae].")
 @click.option("--resume", is_flag=True, help="Continue the run in --run-dir from its latest checkpoint.")
-@click.option("--max-steps", type=int, help="Stop after this many optimiser steps [default: 20000].")
+@click.option("--max-steps", type=int, help="Stop after this many optimiser steps [default: 5000].")
 @click.option("--device", type=str, help="auto, cpu, cuda or cuda:K [default: auto].")
 @click.option("--num-workers", type=int, help="DataLoader worker processes [default: 0].")
 @SET_OPTION

@@ -183,14 +183,14 @@ def evaluate(cfg: EvalConfig) -> dict:
     for d in range(len(depths)):
         panels = {"ground truth": grid[d]}
         if model is not None:
-            torch.manual_seed(cfg.seed)
+            torch.manual_seed(cfg.seed + d)
             cond = model.conditions(coords[:, 0], coords[:, 1], np.full(n * n, depths[d]))
             panels["posterior recon"] = recon_all[d]
             panels["prior mean"] = prior_all[d]
             panels["prior sample"] = model.net.sample_from_prior(cond).cpu().numpy()
             shown = prior_all[d]
         else:
-            shown = baselines.EigenPSF(grid, depths, n, cfg.eigen_components)(coords[:, 0], coords[:, 1], np.full(n * n, depths[d]))
+            shown = eigen(coords[:, 0], coords[:, 1], np.full(n * n, depths[d]))
             panels["eigen-psf"] = shown
         peak = grid[d].max(axis=(-3, -2, -1), keepdims=True)
         panels["|error|"] = np.abs(shown - grid[d]) / peak

@@ -25,6 +25,8 @@ class ModelArgs:
     hidden_dim: int = 512
     num_layers: int = 4
     num_frequencies: int = 10
+    pe_scale: float = 1.0  # c is multiplied by this before the encoding (1.0: the spec)
+    depth_frequencies: int | None = None  # bands used for d (the rest are held constant); None: all
     depth_min: float = 1.0  # [m] nearest training depth: d = +1
     depth_max: float = 1.0  # [m] farthest training depth: d = -1
     recon_weight: float = 1.0
@@ -48,18 +50,30 @@ class ModelOutput:
 
 
 class PositionalEncoding(nn.Module):
-    """γ(c) = [sin(2^0 π c), cos(2^0 π c), ..., sin(2^(L-1) π c), cos(2^(L-1) π c)]: [B, C] -> [B, 2 L C]."""
+    """γ(c) = [sin(2^0 π s c), cos(2^0 π s c), ..., sin(2^(L-1) π s c), cos(2^(L-1) π s c)]: [B, C] -> [B, 2 L C].
 
-    def __init__(self, num_frequencies: int):
+    With s = 1 (the spec) every band has period 2 in c, so c = -1 and c = +1, opposite
+    edges of the field (and the nearest and farthest depth), get the same encoding;
+    s = 0.5 keeps them apart.
+    """
+
+    def __init__(self, num_frequencies: int, scale: float = 1.0, cond_dim: int = 2, depth_frequencies: int | None = None):
         super().__init__()
-        self.register_buffer("freqs", (2.0 ** torch.arange(num_frequencies)) * math.pi, persistent=False)
+        freqs = (2.0 ** torch.arange(num_frequencies)) * math.pi * scale  # [L]
+        freqs = freqs[:, None].repeat(1, cond_dim)  # [L, C]
+        if cond_dim == 3 and depth_frequencies is not None:
+            # Only the lowest bands vary with depth: with a few grid depths, higher ones
+            # would oscillate between them. Zeroed bands give constant features, so the
+            # network's input size stays 2 L C.
+            freqs[depth_frequencies:, 2] = 0.0
+        self.register_buffer("freqs", freqs, persistent=False)
 
     def forward(self, c: torch.Tensor) -> torch.Tensor:
-        angles = c[:, None, :] * self.freqs[None, :, None]  # [B, L, C]
+        angles = c[:, None, :] * self.freqs[None]  # [B, L, C]
         return torch.stack([angles.sin(), angles.cos()], dim=2).flatten(1)  # [B, L*2*C]
 
     def out_dim(self, cond_dim: int) -> int:
-        return 2 * len(self.freqs) * cond_dim
+        return 2 * self.freqs.shape[0] * cond_dim
 
 
 def mlp(in_dim: int, hidden_dim: int, num_layers: int, out_dim: int) -> nn.Sequential:
@@ -79,7 +93,7 @@ class CVAE(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.pe = PositionalEncoding(args.num_frequencies)
+        self.pe = PositionalEncoding(args.num_frequencies, args.pe_scale, args.cond_dim, args.depth_frequencies)
         pe_dim = self.pe.out_dim(args.cond_dim)
         k_dim = 3 * args.ks * args.ks
         Z = args.latent_dim

@@ -45,10 +45,9 @@ def sample_psfs(checkpoint, out, points, grid_m, depth_m, mode, allow_extrapolat
             from .images import mosaic
 
             if grid_m is not None:
-                img = mosaic(psf, grid_m)
-            else:
-                img = mosaic(np.concatenate([psf, np.zeros((0,) + psf.shape[1:], psf.dtype)]), 1) if len(psf) == 1 else \
-                    np.concatenate([mosaic(p[None], 1) for p in psf], axis=2)
+                img = mosaic(psf, grid_m)  # [3, H, W]
+            else:  # one row of kernels
+                img = np.concatenate([mosaic(p[None], 1) for p in psf], axis=2)
             Image.fromarray((np.moveaxis(img, 0, -1) * 255).astype(np.uint8)).resize(
                 (img.shape[2] * 8, img.shape[1] * 8), Image.NEAREST).save(out)
     except OSError as exc:

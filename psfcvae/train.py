@@ -61,6 +61,8 @@ def model_args_for(cfg: TrainConfig, info: GridInfo) -> ModelArgs:
         hidden_dim=cfg.hidden_dim,
         num_layers=cfg.num_layers,
         num_frequencies=cfg.num_frequencies,
+        pe_scale=cfg.pe_scale,
+        depth_frequencies=cfg.depth_frequencies,
         depth_min=float(info.depths.min()),
         depth_max=float(info.depths.max()),
         recon_weight=cfg.recon_weight,
@@ -194,6 +196,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     fingerprint = checkpoint.data_fingerprint(info)
 
     def save(path: Path, metrics: dict) -> None:
+        writer.flush()  # the curves up to this step reach the disk with the checkpoint (kill -9 safe)
         rng = {"torch": torch.get_rng_state()}
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(device)
@@ -203,7 +206,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             "data_fingerprint": fingerprint, "versions": versions(), "saved_at": now(), "rng": rng,
         })
 
-    log.info(
+    (log.info if main_rank else log.debug)(  # once, not once per rank
         "training on %s%s: %d depths x %d points, cond %s, %s, %d parameters, run dir %s",
         device, f" ({world} processes)" if world > 1 else "", len(info.depths), info.grid_size**2, "(x, y, d)" if args.cond_dim == 3 else "(x, y)",
         "in memory" if in_memory else "streamed from disk", sum(p.numel() for p in model.parameters()), run_dir,

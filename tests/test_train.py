@@ -146,7 +146,8 @@ def test_loss_falls_and_event_file_holds_every_tag(tiny_grid, tmp_path):
 def test_resume_after_kill_equals_uninterrupted_run(tiny_grid, tmp_path):
     killed = tmp_path / "killed"
     args = ["train", "--data", str(tiny_grid), "--run-dir", str(killed)]
-    sets = [x for k, v in {**SMALL, "max_steps": 100000}.items() for x in ("--set", f"{k}={v}")]
+    # A constant learning rate: the killed run does not know where the other one stops.
+    sets = [x for k, v in {**SMALL, "max_steps": 100000, "lr_schedule": "constant"}.items() for x in ("--set", f"{k}={v}")]
     proc = subprocess.Popen([sys.executable, "-m", "cli", "-q"] + args + sets, cwd=ROOT)
     deadline = time.time() + 120
     while not (killed / "latest.pt").exists() and time.time() < deadline:
@@ -156,17 +157,41 @@ def test_resume_after_kill_equals_uninterrupted_run(tiny_grid, tmp_path):
     step = torch.load(killed / "latest.pt", weights_only=True)["step"]
     assert step >= 10 and step % 10 == 0
     end = step + 20
-    straight = train(small_config(tiny_grid, tmp_path / "straight", max_steps=end))
-    resumed = train(small_config(tiny_grid, killed, max_steps=end), resume=True)
+    straight = train(small_config(tiny_grid, tmp_path / "straight", max_steps=end, lr_schedule="constant"))
+    resumed = train(small_config(tiny_grid, killed, max_steps=end, lr_schedule="constant"), resume=True)
     a = torch.load(straight / "latest.pt", weights_only=True)
     b = torch.load(resumed / "latest.pt", weights_only=True)
     assert b["step"] == end
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0)
     for tag in ("loss_all", "val_mse"):
-        sa, sb = scalars(straight, tag), scalars(resumed, tag)
+        sa, sb = sorted(scalars(straight, tag)), sorted(scalars(resumed, tag))  # by step; purged steps gone
         assert [s for s, _ in sa] == [s for s, _ in sb]
         np.testing.assert_allclose([v for _, v in sa], [v for _, v in sb], rtol=1e-6)
+
+
+def test_resume_with_cosine_schedule_after_a_crash(tiny_grid, tmp_path, monkeypatch):
+    """The same, with the default cosine schedule: a run that dies after its step-10
+    checkpoint, resumed, ends where an uninterrupted run of the same length does."""
+    from psfcvae import checkpoint as ckpt_module
+
+    straight = train(small_config(tiny_grid, tmp_path / "straight", max_steps=30))
+    real_save = ckpt_module.save
+
+    def save_then_die(path, payload):
+        real_save(path, payload)
+        if path.name == "latest.pt" and payload["step"] == 10:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt_module, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(small_config(tiny_grid, tmp_path / "crashed", max_steps=30))
+    monkeypatch.setattr(ckpt_module, "save", real_save)
+    resumed = train(small_config(tiny_grid, tmp_path / "crashed", max_steps=30), resume=True)
+    a = torch.load(straight / "latest.pt", weights_only=True)["model"]
+    b = torch.load(resumed / "latest.pt", weights_only=True)["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
 
 
 def test_non_finite_loss_stops_naming_the_step(tiny_grid, tmp_path):
@@ -216,3 +241,58 @@ def test_bad_input(tiny_grid, tmp_path):
     assert_one_line_error(run(_train_args(other, tmp_path / "r", "--resume")), "trained on another dataset")
     assert (tmp_path / "r" / "latest.pt").read_bytes() == before
     assert_one_line_error(run(_train_args(tiny_grid, tmp_path / "new", "--resume")), "nothing to resume")
+
+
+def test_spec_encoding_aliases_field_edges_and_pe_scale_separates_them():
+    edges = torch.tensor([[-1.0, -1.0], [1.0, 1.0]])
+    spec = CVAE(ModelArgs(cond_dim=2)).pe(edges)
+    torch.testing.assert_close(spec[0], spec[1], atol=1e-3, rtol=0)  # why pe_scale exists (float32 at 2^9 pi)
+    scaled = CVAE(ModelArgs(cond_dim=2, pe_scale=0.5)).pe(edges)
+    assert (scaled[0] - scaled[1]).abs().max() > 1.0
+
+
+def test_prior_recon_term_and_weights():
+    torch.manual_seed(0)
+    args = ModelArgs(cond_dim=2, latent_dim=4, hidden_dim=16, num_layers=1, recon_weight=2.0, kl_weight=0.5,
+                     smooth_weight=0.0, prior_recon_weight=3.0)
+    model = CVAE(args)
+    psf = torch.rand(5, 3, 15, 15)
+    psf = psf / psf.sum(dim=(-2, -1), keepdim=True)
+    cond = torch.rand(5, 2) * 2 - 1
+    out = model(psf, cond)
+    mu_p, _ = model.prior_params(cond)
+    torch.testing.assert_close(out.recon_prior, torch.mean((model.decode(mu_p, cond) - psf) ** 2))
+    torch.testing.assert_close(out.loss, 2.0 * out.recon + 0.5 * out.kl + 3.0 * out.recon_prior)
+    assert CVAE(ModelArgs(cond_dim=2, latent_dim=4, hidden_dim=16, num_layers=1))(psf, cond).recon_prior == 0
+
+
+def test_learning_rate_schedules():
+    const = configio.build(TrainConfig, {"learning_rate": 1e-3, "max_steps": 100, "lr_schedule": "constant"})
+    assert const.lr_at(0) == const.lr_at(99) == 1e-3
+    cos = configio.build(TrainConfig, {"learning_rate": 1e-3, "max_steps": 100, "lr_schedule": "cosine"})
+    assert cos.lr_at(0) == pytest.approx(1e-3) and cos.lr_at(50) == pytest.approx(0.505e-3)
+    assert cos.lr_at(100) == pytest.approx(1e-5)
+
+
+def test_depth_frequencies_limit_the_bands_that_vary_with_depth():
+    pe = CVAE(ModelArgs(cond_dim=3, num_frequencies=3, depth_frequencies=1)).pe
+    near, far = pe(torch.tensor([[0.2, 0.3, 1.0]])), pe(torch.tensor([[0.2, 0.3, -0.4]]))
+    changed = (near - far).abs().reshape(3, 2, 3) > 1e-6  # [band, sin/cos, coordinate]
+    assert changed[0, :, 2].any() and not changed[1:, :, 2].any() and not changed[:, :, :2].any()
+    assert pe(torch.zeros(1, 3)).shape == (1, 18)
+
+
+def test_cvae_v1_yaml_is_the_spec():
+    cfg = configio.load(TrainConfig, ROOT / "configs" / "cvae_v1.yaml")
+    spec = dict(kernel_size_small=15, latent_dim=128, hidden_dim=512, num_layers=4, num_frequencies=10, batch_size=64,
+                learning_rate=1e-4, recon_weight=1.0, kl_weight=1e-4, smooth_weight=1e-3, val_every=500,
+                pe_scale=1.0, depth_frequencies=None, prior_recon_weight=0.0, lr_schedule="constant")
+    assert {k: getattr(cfg, k) for k in spec} == spec
+    from psfcvae.train import model_args_for
+
+    class OneDepth:  # the file facts model_args_for reads: one depth, 15 px kernels
+        grid_size, ks_small, depths, path = 4, 15, np.array([1.0]), "x.h5"
+
+    args = model_args_for(configio.build(TrainConfig, {**configio.to_dict(cfg), "condition_on_depth": "false"}), OneDepth)
+    model = CVAE(args)
+    assert model.encoder[0].in_features == 715 and model.prior[0].in_features == 40 and model.decoder[0].in_features == 168
