@@ -177,6 +177,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         if device.type == "cuda" and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
         log.info("resuming %s at step %d", run_dir, step)
+        if step >= cfg.max_steps:
+            log.info("%s is already at max_steps (%d); raise --max-steps to train on", run_dir, cfg.max_steps)
+            if world > 1:
+                dist.destroy_process_group()
+            return run_dir
     if world > 1:  # the same weights everywhere (DDP broadcasts them), other noise on each rank
         torch.manual_seed(cfg.seed + 7919 * rank + step)
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -192,6 +192,10 @@ def test_resume_with_cosine_schedule_after_a_crash(tiny_grid, tmp_path, monkeypa
     b = torch.load(resumed / "latest.pt", weights_only=True)["model"]
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    # Resuming a finished run changes nothing.
+    before = (resumed / "latest.pt").read_bytes(), sorted((resumed / "tb").rglob("*"))
+    train(small_config(tiny_grid, resumed, max_steps=30), resume=True)
+    assert ((resumed / "latest.pt").read_bytes(), sorted((resumed / "tb").rglob("*"))) == before
 
 
 def test_non_finite_loss_stops_naming_the_step(tiny_grid, tmp_path):
