@@ -61,11 +61,11 @@ class PSFModel:
             if not allow_extrapolation and ((d < lo * (1 - 1e-9)).any() or (d > hi * (1 + 1e-9)).any()):
                 raise InputError(f"depth_m outside the trained range {lo:g}-{hi:g} m; pass allow_extrapolation=True to go beyond")
             parts.append(self.net.depth_code(torch.as_tensor(np.array(d))).numpy())
-        elif depth_m is not None:
+        elif depth_m is not None:  # an (x, y) model: depth is checked, then not used
             lo, hi = self.depth_range
             d = np.asarray(depth_m, dtype=np.float64)
-            if not allow_extrapolation and (np.abs(d - lo) > 1e-9 * lo).any():
-                raise InputError(f"this model knows one depth ({lo:g} m) only; pass allow_extrapolation=True to use it anyway")
+            if not allow_extrapolation and ((d < lo * (1 - 1e-9)).any() or (d > hi * (1 + 1e-9)).any()):
+                raise InputError(f"depth_m outside the trained range {lo:g}-{hi:g} m; pass allow_extrapolation=True to go beyond")
         return torch.as_tensor(np.stack(parts, axis=1), dtype=torch.float32, device=self.device)
 
     @torch.no_grad()

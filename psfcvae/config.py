@@ -54,6 +54,12 @@ class TrainConfig:
         for key in positive:
             if getattr(self, key) < 1:
                 raise InputError(f"config key '{key}' must be at least 1, got {getattr(self, key)}")
+        if self.batch_size % self.read_run:
+            raise InputError(
+                f"config key 'batch_size' ({self.batch_size}) must be a multiple of read_run ({self.read_run})"
+            )
+        if self.seed < 0:
+            raise InputError(f"config key 'seed' must be 0 or more, got {self.seed}")
         if self.grid_size is not None and self.grid_size < 2:
             raise InputError(f"config key 'grid_size' must be at least 2, got {self.grid_size}")
         if self.num_frequencies < 0:

@@ -1,8 +1,8 @@
 """Streaming the grid file into training batches.
 
 A training batch is ``batch_size`` grid PSFs gathered as ``batch_size / read_run`` runs of
-``read_run`` consecutive PSFs (consecutive points of one grid row at one depth) from
-random places in the file: each run is one contiguous HDF5 read, and the order of the
+``read_run`` consecutive PSFs (consecutive in the file's [depth, point] order, so mostly
+neighbours along a grid row) from random places in the file: each run is one contiguous HDF5 read, and the order of the
 runs is a fresh permutation every epoch, so every PSF is seen once per epoch. Batch ``g``
 depends only on (seed, g), which is what lets ``--resume`` continue the same data order.
 
@@ -83,9 +83,9 @@ class GridBatches(Dataset):
     """Map-style dataset whose item ``g`` is the whole training batch number ``g``.
 
     Returns dict(psf [B, 3, k, k] float32, point [B] int64, depth [B] int64). Under DDP,
-    rank r of W gets the runs r, r+W, ... of global batch g: together the ranks see
-    exactly the batch a single process would, which is how a DistributedSampler with its
-    epoch set is realised here (the permutation is a function of the epoch).
+    rank r of W keeps PSFs r, r+W, ... of global batch g: together the ranks see exactly
+    the batch a single process would, which is how a DistributedSampler with its epoch
+    set is realised here (the permutation is a function of the epoch).
     """
 
     def __init__(self, info: GridInfo, batch_size: int, read_run: int, seed: int, in_memory: bool, rank: int = 0, world: int = 1):
@@ -94,13 +94,15 @@ class GridBatches(Dataset):
         self.P = info.grid_size**2
         self.k = info.ks_small
         self.batch_size = batch_size
-        self.runs_per_batch = max(1, batch_size // read_run)
+        self.runs_per_batch = batch_size // read_run  # the config checks that read_run divides batch_size
         self.read_run = read_run
         self.seed = seed
         self.rank, self.world = rank, world  # under DDP each rank takes every world-th run of a batch
         n = self.D * self.P
         self.run_starts = np.arange(0, n, read_run)  # flat index of each run's first PSF
-        self.batches_per_epoch = int(np.ceil(len(self.run_starts) / self.runs_per_batch))
+        # Runs that cannot fill a last batch wait for the next epoch's permutation (drop_last):
+        # every batch then has batch_size PSFs, and every rank of a DDP run gets its share.
+        self.batches_per_epoch = max(1, len(self.run_starts) // self.runs_per_batch)
         self._file = None
         self._epoch = None
         self._order = None
@@ -137,10 +139,11 @@ class GridBatches(Dataset):
     def __getitem__(self, g: int) -> dict:
         epoch, b = divmod(int(g), self.batches_per_epoch)
         starts = self._runs_of_epoch(epoch)[b * self.runs_per_batch : (b + 1) * self.runs_per_batch]
-        starts = starts[self.rank :: self.world]  # the global batch is the same for any number of ranks
         n = self.D * self.P
         flat = np.concatenate([np.arange(s, min(s + self.read_run, n)) for s in starts])
         psf = np.concatenate([self._read(s, min(s + self.read_run, n)) for s in starts])
+        if self.world > 1:  # every rank reads the global batch (a few small reads) and keeps its share
+            flat, psf = flat[self.rank :: self.world], psf[self.rank :: self.world]
         depth, point = np.divmod(flat, self.P)
         return {
             "psf": torch.from_numpy(np.ascontiguousarray(psf)),

@@ -121,17 +121,25 @@ def heldout_conditions(model: CVAE, coords: np.ndarray, depth_m: np.ndarray, dev
 def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
     """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) this joins the process
     group from the environment: nccl on GPUs, gloo on the CPU; each rank takes the GPU of
-    its LOCAL_RANK. Plain runs get (0, 1, the configured device)."""
+    its LOCAL_RANK (for --device auto or cuda). Plain runs get (0, 1, the configured device)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = resolve_device(device_name)
     if world == 1:
-        return 0, 1, device
-    if device.type == "cuda" and device_name == "auto":
-        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}")
+        return 0, 1, resolve_device(device_name)
+    device = resolve_device(device_name, int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def _wait_for_a_later_second(log_dir: Path) -> None:
+    """TensorBoard reads event files in name order, and names start with the creation
+    second: a resumed run's file must sort after the interrupted run's, or the purge of the
+    steps logged after the checkpoint would come before them and miss them."""
+    stamps = [int(p.name.split(".")[3]) for p in log_dir.glob("events.out.tfevents.*") if p.name.split(".")[3].isdigit()]
+    while stamps and time.time() < max(stamps) + 1:
+        time.sleep(0.05)
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
@@ -147,19 +155,20 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     info = open_info(cfg.data)
     require_complete(info)
     args = model_args_for(cfg, info)
-    rank, world, device = setup_distributed(cfg.device)
-    main_rank = rank == 0
     run_dir = Path(cfg.run_dir)
     latest, best_path = run_dir / "latest.pt", run_dir / "best.pt"
     if latest.exists() and not resume:
         raise InputError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
     if resume and not latest.exists():
         raise InputError(f"nothing to resume: {latest} does not exist; start without --resume")
-    if main_rank:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise InputError(f"cannot create run directory {run_dir}: {exc.strerror}") from None
+    try:  # every rank, before the process group: a rank that fails here must not leave others waiting
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create run directory {run_dir}: {exc.strerror}") from None
+    rank, world, device = setup_distributed(cfg.device)
+    main_rank = rank == 0
+    if world > cfg.batch_size:
+        raise InputError(f"{world} processes share a batch of {cfg.batch_size}: raise batch_size to at least {world}")
 
     torch.manual_seed(cfg.seed)
     model = CVAE(args).to(device)
@@ -170,6 +179,16 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         checkpoint.check_same_data(ckpt, info, f"checkpoint {latest}")
         if ckpt["model_args"] != asdict(args):
             raise InputError(f"checkpoint {latest} has another network than this config; resume with the run's own config ({run_dir}/config.yaml)")
+        before = ckpt["config"]
+        order = [k for k in ("seed", "batch_size", "read_run") if before.get(k) != getattr(cfg, k)]
+        if order:
+            raise InputError(
+                f"--resume with another {', '.join(order)} than the run would change its data order; "
+                f"resume with the values in {run_dir}/config.yaml"
+            )
+        schedule = [k for k in ("learning_rate", "lr_schedule", "max_steps") if before.get(k) != getattr(cfg, k)]
+        if schedule and not (schedule == ["max_steps"] and cfg.lr_schedule == "constant"):
+            log.warning("resuming with another %s: the learning rate from here on is not the original run's", ", ".join(schedule))
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step, best = ckpt["step"], ckpt["best_val"]
@@ -197,6 +216,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     in_memory = {"auto": grid_bytes < IN_MEMORY_AUTO_LIMIT, "true": True, "false": False}[cfg.in_memory]
     dataset = GridBatches(info, cfg.batch_size, cfg.read_run, cfg.seed, in_memory, rank=rank, world=world)
     loader = make_loader(dataset, start=step, num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+    if resume and main_rank:
+        _wait_for_a_later_second(run_dir / "tb")
     writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=step + 1 if resume else None) if main_rank else None
     fingerprint = checkpoint.data_fingerprint(info)
 

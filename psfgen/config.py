@@ -80,6 +80,8 @@ class GenerateConfig:
                 f"noise_points must be between 0 and grid_size^2 = {self.grid_size**2}, "
                 f"got {self.noise_points}"
             )
+        if self.seed < 0:
+            raise InputError(f"seed must be 0 or more, got {self.seed}")
         if self.block_rays < 1:
             raise InputError(f"block_rays must be at least 1, got {self.block_rays}")
         if self.shard is not None and self.shard != "auto":

@@ -136,14 +136,13 @@ def generate(cfg: GenerateConfig) -> Path:
     """Trace everything ``cfg`` asks for into ``cfg.out`` and return its path."""
     t_start = time.time()
     lens_file = read_lens_file(cfg.lens)
-    device = resolve_device(cfg.device)
     params = cfg.run_params()
     identity = json.dumps({"params": params, "lens_sha256": lens_file.sha256}, sort_keys=True)
     run_id = hashlib.sha256(identity.encode()).hexdigest()[:16]
     shard = resolve_shard(cfg.shard)
     out = Path(cfg.out) if shard is None else shard_path(Path(cfg.out), *shard)
-    if shard is not None and cfg.device == "auto" and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
-        device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}")
+    local_rank = int(os.environ["LOCAL_RANK"]) if shard is not None and "LOCAL_RANK" in os.environ else None
+    device = resolve_device(cfg.device, local_rank)
     resume = _check_output(cfg, out, run_id)
 
     # Build the lens before any file is written, so a bad lens leaves nothing behind.

@@ -19,7 +19,7 @@ def rel_l2(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def noise_floor(path) -> np.ndarray | None:
     """Per depth, mean relative L2 between a grid PSF and its independent re-trace
     at the same spp: [D], or None without noise points. Only finished blocks count."""
-    with h5py.File(path, "r") as f:
+    with h5py.File(path, "r", locking=False) as f:
         idx = f["noise/index"][:]
         if idx.size == 0:
             return None
@@ -51,7 +51,7 @@ def summary(path) -> str:
         lines.insert(1, f"shard       {info.shard[0]}/{info.shard[1]}: this file holds every {info.shard[1]}-th block; merge with 'psf merge'")
     elif "merged_from" in a:
         lines.insert(1, f"merged      from {len(json.loads(a['merged_from']))} shards" + (" (virtual datasets)" if a.get("virtual") else ""))
-    with h5py.File(path, "r") as f:
+    with h5py.File(path, "r", locking=False) as f:
         done = f["blocks/done"][:].astype(bool)
         table = f["blocks/table"][:]
         secs = f["blocks/seconds"][:]

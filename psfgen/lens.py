@@ -79,8 +79,17 @@ def build_lens(lens_file: LensFile, device: torch.device, focus_m: float | None 
     return lens
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present; an explicit CUDA device that is absent is an input error."""
+def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
+    """``auto`` picks CUDA when present; an explicit CUDA device that is absent is an input error.
+
+    With ``local_rank`` (one process of several on a node, e.g. under torchrun), ``auto``
+    and ``cuda`` mean the node's GPU number local_rank; a fixed ``cuda:K`` is refused,
+    since every process would share it.
+    """
+    if local_rank is not None and name in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device(f"cuda:{local_rank % torch.cuda.device_count()}")
+    if local_rank is not None and re.fullmatch(r"cuda:\d+", name):
+        raise InputError(f"device {name} with several processes would put them all on one GPU; use --device cuda or auto")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)

@@ -104,7 +104,9 @@ def create(path: Path, *, attrs: dict, arrays: dict, sizes: dict, blocks: list[B
 
 def write_block(path: Path, index: int, block: Block, psf: np.ndarray, border: np.ndarray, seconds: float) -> None:
     """Store one traced block: psf [B, 3, k, k], border [B, 3]; then mark it done."""
-    with h5py.File(path, "r+") as f:
+    # No file lock: a reader (psf info, a user's h5py) must not make the run fail, and a
+    # block write changes raw data only, never the metadata a reader depends on.
+    with h5py.File(path, "r+", locking=False) as f:
         if block.kind in ("grid", "noise"):
             f[f"{block.kind}/psf"][block.depth, block.start : block.stop] = psf
             f[f"{block.kind}/border"][block.depth, block.start : block.stop] = border
@@ -163,7 +165,7 @@ def open_info(path: str | Path) -> GridInfo:
     if not path.exists():
         raise InputError(f"data file {path} does not exist; create it with 'psf generate --out {path}'")
     try:
-        f = h5py.File(path, "r")
+        f = h5py.File(path, "r", locking=False)  # never blocks, nor is blocked by, a run writing it
     except OSError:
         raise InputError(f"{path} is not a readable HDF5 file; give a file written by 'psf generate'") from None
     with f:
@@ -177,6 +179,14 @@ def open_info(path: str | Path) -> GridInfo:
                 "regenerate it with this version of 'psf generate'"
             )
         attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
+        if attrs.get("virtual"):  # a `psf merge --virtual` file reads zeros where a shard is gone
+            missing = sorted({vs.file_name for vs in f["grid/psf"].virtual_sources()
+                              if not (path.parent / vs.file_name).exists()})
+            if missing:
+                raise InputError(
+                    f"{path} maps shard files that are missing ({', '.join(missing)}); put them back beside it "
+                    "or merge again without --virtual"
+                )
         params = json.loads(attrs["run_params"])
         done = f["blocks/done"][:]
         shard = None

@@ -11,7 +11,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
 
 from psfcvae import TrainConfig, train  # noqa: E402
 from psfgen import GenerateConfig, configio, generate  # noqa: E402

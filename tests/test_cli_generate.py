@@ -170,3 +170,23 @@ def test_resume_after_kill_9_equals_uninterrupted_run(tmp_path):
             np.testing.assert_array_equal(f["grid/psf"][d, lo:hi], first_done[d, lo:hi])
         for name in ("grid/psf", "grid/border", "noise/psf", "heldout/psf_a", "heldout/psf_b"):
             np.testing.assert_array_equal(f[name][:], g[name][:])
+
+
+def test_a_reader_holding_the_file_does_not_stop_the_writer(tiny_grid, tmp_path):
+    """`psf info` (or any h5py reader with HDF5's default lock) while a run writes."""
+    from psfgen.store import Block, write_block
+
+    out = tmp_path / "g.h5"
+    shutil.copy(tiny_grid, out)
+    hold = "import h5py, sys, time; f = h5py.File(sys.argv[1], 'r'); print('open', flush=True); time.sleep(60)"
+    reader = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, text=True,
+                              env={k: v for k, v in os.environ.items() if k != "HDF5_USE_FILE_LOCKING"})
+    try:
+        assert reader.stdout.readline().strip() == "open"  # HDF5's default shared lock is held now
+        write_block(out, 0, Block("grid", 0, 0, 4), np.full((4, 3, 15, 15), 0.5, np.float32), np.zeros((4, 3), np.float32), 1.0)
+        assert run_cli(["info", str(out)]).exit_code == 0
+    finally:
+        reader.kill()
+        reader.wait()
+    with h5py.File(out) as f:
+        assert (f["grid/psf"][0, :4] == 0.5).all()

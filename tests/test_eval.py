@@ -198,3 +198,17 @@ def test_eval_baselines_only_and_bad_input(tiny_run, tiny_grid, tmp_path):
     assert_one_line_error(run("--baselines-only", "--data", str(no_heldout), "--out", str(tmp_path / "e")), "no held-out set")
     assert_one_line_error(run("--data", str(tiny_grid), "--out", str(tmp_path / "e")), "--checkpoint or --baselines-only")
     assert not (tmp_path / "e").exists()
+
+
+def test_xy_only_model_on_a_multi_depth_file(tiny_grid, tmp_path):
+    from conftest import small_config
+    from psfcvae import train
+
+    run_dir = train(small_config(tiny_grid, tmp_path / "xy", max_steps=5, condition_on_depth="false"))
+    model = load_model(run_dir / "latest.pt")
+    assert model.net.args.cond_dim == 2
+    torch.testing.assert_close(model.psf(0.1, 0.2, 2.0), model.psf(0.1, 0.2, 0.5))  # depth is not an input
+    with pytest.raises(InputError, match="trained range"):
+        model.psf(0.1, 0.2, 7.0)
+    r = CliRunner().invoke(main, ["eval", "--checkpoint", str(run_dir / "latest.pt"), "--data", str(tiny_grid), "--out", str(tmp_path / "e")])
+    assert r.exit_code == 0, r.output

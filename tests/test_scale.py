@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -115,3 +116,12 @@ def test_ddp_two_processes_gloo(tiny_grid, tmp_path):
     d_loss = [v for s, v in scalars(ddp, "loss_all") if s == steps]
     assert s_step == steps and len(d_loss) == 1
     assert d_loss[0] == pytest.approx(s_loss, rel=0.1)
+
+
+def test_virtual_merge_refuses_to_read_when_a_shard_is_gone(three_shards, tmp_path):
+    d = tmp_path / "v"
+    d.mkdir()
+    copies = [shutil.copy(p, d / p.name) for p in three_shards]
+    merged = merge([str(p) for p in copies], d / "virtual.h5", virtual=True)
+    Path(copies[1]).unlink()
+    assert_one_line_error(CliRunner().invoke(main, ["info", str(merged)]), "missing", Path(copies[1]).name)

@@ -23,6 +23,7 @@ from psfcvae import CVAE, ModelArgs, TrainConfig, train
 from psfcvae.data import Conditions, GridBatches, make_loader, read_grid_meta
 from psfcvae.losses import kl_loss, smooth_loss
 from psfgen import configio, open_info
+from psfgen.errors import InputError
 from test_cli_generate import assert_one_line_error
 
 def scalars(run_dir, tag):
@@ -300,3 +301,23 @@ def test_cvae_v1_yaml_is_the_spec():
     args = model_args_for(configio.build(TrainConfig, {**configio.to_dict(cfg), "condition_on_depth": "false"}), OneDepth)
     model = CVAE(args)
     assert model.encoder[0].in_features == 715 and model.prior[0].in_features == 40 and model.decoder[0].in_features == 168
+
+
+def test_resume_refuses_another_data_order_and_batch_must_fit_runs(tiny_grid, tmp_path):
+    run_dir = train(small_config(tiny_grid, tmp_path / "r", max_steps=10))
+    with pytest.raises(InputError, match="another seed"):
+        train(small_config(tiny_grid, run_dir, max_steps=20, seed=4), resume=True)
+    with pytest.raises(InputError, match="multiple of read_run"):
+        small_config(tiny_grid, run_dir, batch_size=12)
+    with pytest.raises(InputError, match="'seed'"):
+        small_config(tiny_grid, run_dir, seed=-1)
+
+
+def test_device_for_a_process_of_several():
+    from psfgen.lens import resolve_device
+
+    assert resolve_device("cpu", 1).type == "cpu"
+    with pytest.raises(InputError, match="one GPU"):
+        resolve_device("cuda:1", 0)
+    if torch.cuda.is_available():
+        assert resolve_device("cuda", 0) == torch.device("cuda:0")
