@@ -48,25 +48,18 @@ class PSFModel:
             raise InputError(f"x and y must be scalars or 1-D of one length, got shapes {x.shape} and {y.shape}")
         if not allow_extrapolation and (np.abs(x).max() > 1 or np.abs(y).max() > 1):
             raise InputError("coordinates must lie in [-1, 1] (the sensor); pass allow_extrapolation=True to go beyond")
-        parts = [x, y]
-        if self.net.args.cond_dim == 3:
-            lo, hi = self.depth_range
-            if depth_m is None:
-                if lo != hi:
-                    raise InputError(f"this model was trained on depths {lo:g}-{hi:g} m: give depth_m")
-                depth_m = lo
-            d = np.broadcast_to(np.asarray(depth_m, dtype=np.float64), x.shape)
-            if (d <= 0).any():
-                raise InputError("depth_m must be positive (metres)")
-            if not allow_extrapolation and ((d < lo * (1 - 1e-9)).any() or (d > hi * (1 + 1e-9)).any()):
-                raise InputError(f"depth_m outside the trained range {lo:g}-{hi:g} m; pass allow_extrapolation=True to go beyond")
-            parts.append(self.net.depth_code(torch.as_tensor(np.array(d))).numpy())
-        elif depth_m is not None:  # an (x, y) model: depth is checked, then not used
-            lo, hi = self.depth_range
-            d = np.asarray(depth_m, dtype=np.float64)
-            if not allow_extrapolation and ((d < lo * (1 - 1e-9)).any() or (d > hi * (1 + 1e-9)).any()):
-                raise InputError(f"depth_m outside the trained range {lo:g}-{hi:g} m; pass allow_extrapolation=True to go beyond")
-        return torch.as_tensor(np.stack(parts, axis=1), dtype=torch.float32, device=self.device)
+        lo, hi = self.depth_range
+        if depth_m is None:
+            if self.net.args.cond_dim == 3 and lo != hi:
+                raise InputError(f"this model was trained on depths {lo:g}-{hi:g} m: give depth_m")
+            depth_m = lo
+        d = np.broadcast_to(np.asarray(depth_m, dtype=np.float64), x.shape)
+        if (d <= 0).any():
+            raise InputError("depth_m must be positive (metres)")
+        # An (x, y) model does not use the depth, but a depth it never saw is still an extrapolation.
+        if not allow_extrapolation and ((d < lo * (1 - 1e-9)).any() or (d > hi * (1 + 1e-9)).any()):
+            raise InputError(f"depth_m outside the trained range {lo:g}-{hi:g} m; pass allow_extrapolation=True to go beyond")
+        return self.net.condition(np.stack([x, y], axis=1), d)
 
     @torch.no_grad()
     def psf(self, x, y, depth_m=None, mode: str = "mean", n_samples: int = 1, allow_extrapolation: bool = False) -> torch.Tensor:

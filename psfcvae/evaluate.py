@@ -23,12 +23,14 @@ import numpy as np
 import torch
 
 from psfgen.errors import InputError
+from psfgen.info import grid_speed
 from psfgen.lens import resolve_device
 from psfgen.provenance import now, versions
 from psfgen.store import open_info, require_complete
 
 from . import baselines, checkpoint, plots
 from .api import load_model
+from .data import read_heldout
 from .metrics import rel_l2, rel_l2_corrected, spearman, summarize
 
 log = logging.getLogger(__name__)
@@ -66,14 +68,6 @@ def _model_speed(model, device, n: int = 4096, repeats: int = 3) -> float:
     return n / best
 
 
-def _raytrace_speed(path: str) -> float:
-    """Grid PSFs/s of ray tracing, from the file's per-block times."""
-    with h5py.File(path, "r") as f:
-        table, secs = f["blocks/table"][:], f["blocks/seconds"][:]
-    grid = table[:, 0] == 0
-    return float((table[grid, 3] - table[grid, 2]).sum() / secs[grid].sum())
-
-
 def evaluate(cfg: EvalConfig) -> dict:
     """Compute every figure, write metrics.json, the PNGs and report.html into cfg.out."""
     info = open_info(cfg.data)
@@ -92,13 +86,13 @@ def evaluate(cfg: EvalConfig) -> dict:
     except OSError as exc:
         raise InputError(f"cannot create output directory {out}: {exc.strerror}") from None
 
-    with h5py.File(info.path, "r") as f:
+    with h5py.File(info.path, "r", locking=False) as f:
         grid = f["grid/psf"][:]  # [D, P, 3, k, k]
         coords = f["grid/coords"][:]
         noise_idx, noise = f["noise/index"][:], f["noise/psf"][:]
-        ho = {k: f[f"heldout/{k}"][:] for k in ("coords", "depth", "at_grid_depth", "psf_a", "psf_b")}
+    ho = read_heldout(info.path)
     depths, n = info.depths, info.grid_size
-    ref = 0.5 * (ho["psf_a"] + ho["psf_b"])
+    ref = ho["ref"]
     x, y, z = ho["coords"][:, 0], ho["coords"][:, 1], ho["depth"]
 
     # --- predictions on the held-out points ----------------------------------------------
@@ -151,19 +145,15 @@ def evaluate(cfg: EvalConfig) -> dict:
         "raytrace_at_training_spp": raytrace,
         "reference_noise": summarize(ref_noise),
         "eigen_explained_variance": eigen.explained,
-        "speed_psfs_per_s": {"raytrace (file provenance, device " + info.attrs["device"] + f", spp {info.spp})": _raytrace_speed(info.path)},
+        "speed_psfs_per_s": {"raytrace (file provenance, device " + info.attrs["device"] + f", spp {info.spp})": grid_speed(info.path)[0]},
     }
 
     # --- the CVAE on the grid itself; speed; uncertainty -----------------------------------
     if model is not None:
         grid_eval = {}
-        recon_all, prior_all = [], []
-        for d in range(len(depths)):
-            cond = model.conditions(coords[:, 0], coords[:, 1], np.full(n * n, depths[d]))
-            psf_t = torch.as_tensor(grid[d], device=model.device)
-            recon_all.append(model.net.reconstruct(psf_t, cond).cpu().numpy())
-            prior_all.append(model.net.sample_from_prior(cond, mean=True).cpu().numpy())
-        recon_all, prior_all = np.stack(recon_all), np.stack(prior_all)
+        both = [model.net.predict_grid(grid[d], model.conditions(coords[:, 0], coords[:, 1], np.full(n * n, depths[d])))
+                for d in range(len(depths))]
+        recon_all, prior_all = np.stack([b[0] for b in both]), np.stack([b[1] for b in both])  # [D, P, 3, k, k]
         grid_eval["posterior reconstruction"] = summarize(np.concatenate([rel_l2(recon_all[d], grid[d]) for d in range(len(depths))]))
         grid_eval["prior mean"] = summarize(np.concatenate([rel_l2(prior_all[d], grid[d]) for d in range(len(depths))]))
         result["grid_vs_training_psfs"] = grid_eval

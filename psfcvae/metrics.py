@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from psfgen.info import rel_l2  # noqa: F401  (||pred - ref|| / ||ref|| per PSF: one definition for both stages)
+
 
 def _sq(x: np.ndarray) -> np.ndarray:
     """Squared L2 norm over [3, k, k]: [M, 3, k, k] -> [M] (float64)."""
     return (x.astype(np.float64) ** 2).reshape(len(x), -1).sum(axis=1)
-
-
-def rel_l2(pred: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    """||pred - ref|| / ||ref|| per PSF: [M, 3, k, k] x2 -> [M]."""
-    return np.sqrt(_sq(pred - ref) / _sq(ref))
 
 
 def rel_l2_corrected(pred: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, float]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -150,6 +151,29 @@ class CVAE(nn.Module):
         mu_p, logvar_p = self.prior_params(coords)
         z = mu_p if mean else mu_p + torch.randn_like(mu_p) * (0.5 * logvar_p).exp()
         return self.decode(z, coords)
+
+    @torch.no_grad()
+    def predict_grid(self, psf, cond: torch.Tensor, chunk: int = 4096):
+        """Posterior reconstruction (z = μ_q) and prior mean of many PSFs, in chunks.
+
+        psf: [N, 3, k, k] numpy, cond: [N, C] on the model's device -> two numpy [N, 3, k, k].
+        """
+        recon, prior = [], []
+        for lo in range(0, len(psf), chunk):
+            p = torch.as_tensor(psf[lo : lo + chunk], device=cond.device)
+            c = cond[lo : lo + chunk]
+            recon.append(self.reconstruct(p, c).cpu().numpy())
+            prior.append(self.sample_from_prior(c, mean=True).cpu().numpy())
+        return np.concatenate(recon), np.concatenate(prior)
+
+    def condition(self, xy, depth_m) -> torch.Tensor:
+        """cond [B, C] of field points xy [B, 2] at depths depth_m [B] in metres: (x, y) or (x, y, d)."""
+        device = self.prior[0].weight.device
+        xy = torch.as_tensor(np.asarray(xy), dtype=torch.float32, device=device)
+        if self.args.cond_dim == 2:
+            return xy
+        d = self.depth_code(torch.tensor(np.asarray(depth_m, dtype=np.float64), device=device)).float()  # a copy: depth_m may be a read-only view
+        return torch.cat([xy, d[:, None]], dim=1)
 
     def depth_code(self, depth_m: torch.Tensor) -> torch.Tensor:
         """Depth [m] -> d in [-1, 1], linear in 1/depth: +1 at depth_min, -1 at depth_max."""

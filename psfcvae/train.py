@@ -33,6 +33,7 @@ from . import checkpoint
 from .config import TrainConfig
 from .data import Conditions, GridBatches, make_loader, read_grid_depth, read_grid_meta, read_heldout
 from .images import mosaic
+from .metrics import rel_l2
 from .model import CVAE, ModelArgs
 
 log = logging.getLogger(__name__)
@@ -84,13 +85,7 @@ def validate(model: CVAE, conds: Conditions, info: GridInfo, heldout: dict | Non
     images = {}
     for d in range(len(info.depths)):
         gt = read_grid_depth(info.path, d)  # [P, 3, k, k]
-        recon, prior = [], []
-        for lo in range(0, P, 4096):
-            psf = torch.as_tensor(gt[lo : lo + 4096], device=device)
-            cond = conds(torch.arange(lo, lo + len(psf), device=device), torch.full((len(psf),), d, device=device))
-            recon.append(model.reconstruct(psf, cond).cpu().numpy())
-            prior.append(model.sample_from_prior(cond, mean=True).cpu().numpy())
-        recon, prior = np.concatenate(recon), np.concatenate(prior)
+        recon, prior = model.predict_grid(gt, conds(torch.arange(P, device=device), torch.full((P,), d, device=device)))
         sums["recon"] += float(((recon - gt) ** 2).mean())
         sums["prior"] += float(((prior - gt) ** 2).mean())
         if d == image_depth:
@@ -99,23 +94,13 @@ def validate(model: CVAE, conds: Conditions, info: GridInfo, heldout: dict | Non
     D = len(info.depths)
     metrics = {"val_mse": sums["recon"] / D, "val_prior_mse": sums["prior"] / D}
     if heldout is not None and len(heldout["ref"]):
-        cond = heldout_conditions(model, heldout["coords"], heldout["depth"], device)
+        cond = model.condition(heldout["coords"], heldout["depth"])
         pred = model.sample_from_prior(cond, mean=True).cpu().numpy()
         ref = heldout["ref"]
-        err = np.linalg.norm((pred - ref).reshape(len(ref), -1), axis=1) / np.linalg.norm(ref.reshape(len(ref), -1), axis=1)
         metrics["val_heldout_mse"] = float(((pred - ref) ** 2).mean())
-        metrics["val_heldout_rel_l2"] = float(err.mean())
+        metrics["val_heldout_rel_l2"] = float(rel_l2(pred, ref).mean())
     model.train()
     return metrics, images
-
-
-def heldout_conditions(model: CVAE, coords: np.ndarray, depth_m: np.ndarray, device) -> torch.Tensor:
-    """cond [M, C] of arbitrary points: (x, y) or (x, y, d(depth))."""
-    xy = torch.as_tensor(coords, dtype=torch.float32, device=device)
-    if model.args.cond_dim == 2:
-        return xy
-    d = model.depth_code(torch.as_tensor(depth_m, dtype=torch.float32, device=device))
-    return torch.cat([xy, d[:, None]], dim=1)
 
 
 def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:

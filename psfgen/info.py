@@ -11,9 +11,19 @@ from .store import open_info
 
 
 def rel_l2(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """||a - b|| / ||b|| over the last three axes: [..., 3, k, k] -> [...]."""
+    """||a - b|| / ||b|| over the last three axes, in float64: [..., 3, k, k] -> [...]."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     diff = np.sqrt(((a - b) ** 2).sum(axis=(-3, -2, -1)))
     return diff / np.sqrt((b**2).sum(axis=(-3, -2, -1)))
+
+
+def grid_speed(path) -> tuple[float, int] | None:
+    """(grid PSFs/s of ray tracing, PSFs counted) from the finished grid blocks' times."""
+    with h5py.File(path, "r", locking=False) as f:
+        table, secs, done = f["blocks/table"][:], f["blocks/seconds"][:], f["blocks/done"][:].astype(bool)
+    grid = done & (table[:, 0] == 0)
+    n = int((table[grid, 3] - table[grid, 2]).sum())
+    return (n / secs[grid].sum(), n) if n and secs[grid].sum() > 0 else None
 
 
 def noise_floor(path) -> np.ndarray | None:
@@ -60,9 +70,9 @@ def summary(path) -> str:
         traced = np.zeros(border.shape[:2], dtype=bool)  # [D, P]: PSFs whose block is done
         for _, d, lo, hi in table[grid_blocks]:
             traced[d, lo:hi] = True
-        n_grid = int((table[grid_blocks, 3] - table[grid_blocks, 2]).sum())
-        if n_grid and secs[grid_blocks].sum() > 0:
-            lines.append(f"speed       {n_grid / secs[grid_blocks].sum():.2f} grid PSFs/s at spp {info.spp}")
+        speed = grid_speed(path)
+        if speed is not None:
+            lines.append(f"speed       {speed[0]:.2f} grid PSFs/s at spp {info.spp}")
         if traced.any():
             worst = border.max(axis=-1)[traced]
             lines.append(
