@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import h5py
@@ -93,8 +92,8 @@ def merge(paths: list[str], out: str | Path, overwrite: bool = False, virtual: b
                  merged_at=now(), devices=json.dumps(sorted({i.attrs["device"] for i in infos})))
     blocks = [store.Block.from_row(r) for r in fixed["blocks/table"]]
 
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
-    os.close(fd)
+    # Built beside the output under a private name, renamed onto it only when complete.
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.merging")
     try:
         if virtual:
             _write_virtual(tmp, attrs, fixed, shapes, blocks, infos, out.parent)
@@ -102,23 +101,23 @@ def merge(paths: list[str], out: str | Path, overwrite: bool = False, virtual: b
             D, P = shapes["grid/psf"][0][:2]
             sizes = dict(D=D, P=P, S=shapes["noise/psf"][0][1], M=shapes["heldout/psf_a"][0][0], k=shapes["grid/psf"][0][-1])
             arrays = {k: v for k, v in fixed.items() if k != "blocks/table"}
-            os.unlink(tmp)
-            store.create(Path(tmp), attrs=attrs, arrays=arrays, sizes=sizes, blocks=blocks)
+            store.create(tmp, attrs=attrs, arrays=arrays, sizes=sizes, blocks=blocks)
+            trace_seconds = 0.0
             handles = [h5py.File(i.path, "r") for i in infos]
             try:
                 for i, block in enumerate(blocks):
-                    src = handles[i % n]
+                    src = handles[i % n]  # block i was traced by shard i % n
                     psf, border = store.read_block(src, block)
-                    store.write_block(Path(tmp), i, block, psf, border, float(src["blocks/seconds"][i]))
+                    seconds = float(src["blocks/seconds"][i])
+                    store.write_block(tmp, i, block, psf, border, seconds)
+                    trace_seconds += seconds
             finally:
                 for h in handles:
                     h.close()
-            with h5py.File(tmp, "r") as f:
-                trace_seconds = float(f["blocks/seconds"][:].sum())
-            store.set_attrs(Path(tmp), trace_seconds=trace_seconds)
+            store.set_attrs(tmp, trace_seconds=trace_seconds)
         os.replace(tmp, out)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     log.info("merged %d shards into %s%s", n, out, " (virtual datasets)" if virtual else "")
     return out
