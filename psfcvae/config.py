@@ -20,6 +20,9 @@ class TrainConfig:
     grid_size: int | None = None  # N; None: take it from the file, else it must match
     kernel_size_small: int = 15  # PSF side [px]; must match the file
     condition_on_depth: str = "auto"  # auto | true | false; auto: true when the file has >1 depth
+    condition_frame: str = "auto"  # auto | canonical | cartesian; auto: canonical when the lens is rotationally symmetric
+    supersample: int = 3  # canonical frame: the decoder's kernel is this many times finer than kernel_size_small
+    decoder_rank: int | None = None  # canonical frame: factor the decoder's output layer through this many dimensions (speed)
     in_memory: str = "auto"  # hold the grid in RAM: auto (files under 2 GiB) | true | false
     read_run: int = 8  # contiguous PSFs per read; a batch gathers batch_size/read_run runs
     num_workers: int = 0  # DataLoader worker processes
@@ -34,6 +37,10 @@ class TrainConfig:
     batch_size: int = 64
     learning_rate: float = 1e-3  # Adam (spec: 1e-4)
     lr_schedule: str = "cosine"  # constant (spec) | cosine (decays to 1% of learning_rate at max_steps)
+    output: str = "softplus"  # decoder output: softplus (spec) | softmax (exp, normalised per channel)
+    scale_weight: float = 0.01  # pins the decoder's output scale, which the normalisation leaves free (README)
+    relative_loss: bool = False  # reconstruction on ||K̂ - K||² / ||K||² per PSF (the metric) instead of the MSE
+    warmup_steps: int = 0  # the learning rate rises linearly from 0 over these first steps (0: the spec, none)
     recon_weight: float = 1e4  # spec: 1.0; see README, "Why these defaults"
     kl_weight: float = 1e-4
     smooth_weight: float = 1e-3
@@ -48,7 +55,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         positive = (
-            "kernel_size_small", "read_run", "latent_dim", "hidden_dim", "num_layers", "batch_size",
+            "kernel_size_small", "read_run", "supersample", "latent_dim", "hidden_dim", "num_layers", "batch_size",
             "max_steps", "log_every", "val_every", "checkpoint_every",
         )
         for key in positive:
@@ -60,23 +67,33 @@ class TrainConfig:
             )
         if self.seed < 0:
             raise InputError(f"config key 'seed' must be 0 or more, got {self.seed}")
+        if self.warmup_steps < 0:
+            raise InputError(f"config key 'warmup_steps' must be 0 or more, got {self.warmup_steps}")
         if self.grid_size is not None and self.grid_size < 2:
             raise InputError(f"config key 'grid_size' must be at least 2, got {self.grid_size}")
         if self.num_frequencies < 0:
             raise InputError(f"config key 'num_frequencies' must be 0 or more, got {self.num_frequencies}")
         if self.num_workers < 0:
             raise InputError(f"config key 'num_workers' must be 0 or more, got {self.num_workers}")
+        if self.decoder_rank is not None and self.decoder_rank < 1:
+            raise InputError(f"config key 'decoder_rank' must be at least 1 (or null), got {self.decoder_rank}")
         if self.depth_frequencies is not None and self.depth_frequencies < 0:
             raise InputError(f"config key 'depth_frequencies' must be 0 or more, got {self.depth_frequencies}")
         if not self.pe_scale > 0:
             raise InputError(f"config key 'pe_scale' must be positive, got {self.pe_scale}")
         if not self.learning_rate > 0:
             raise InputError(f"config key 'learning_rate' must be positive, got {self.learning_rate}")
-        for key in ("recon_weight", "kl_weight", "smooth_weight", "prior_recon_weight"):
+        for key in ("recon_weight", "kl_weight", "smooth_weight", "prior_recon_weight", "scale_weight"):
             if not getattr(self, key) >= 0:
                 raise InputError(f"config key '{key}' must be 0 or more, got {getattr(self, key)}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise InputError(f"config key 'lr_schedule' must be constant or cosine, got {self.lr_schedule!r}")
+        if self.output not in ("softplus", "softmax"):
+            raise InputError(f"config key 'output' must be softplus or softmax, got {self.output!r}")
+        if self.condition_frame not in ("auto", "canonical", "cartesian"):
+            raise InputError(
+                f"config key 'condition_frame' must be auto, canonical or cartesian, got {self.condition_frame!r}"
+            )
         for key in ("condition_on_depth", "in_memory"):
             if getattr(self, key) not in ("auto", "true", "false"):
                 raise InputError(f"config key '{key}' must be auto, true or false, got {getattr(self, key)!r}")
@@ -85,7 +102,8 @@ class TrainConfig:
 
     def lr_at(self, step: int) -> float:
         """Learning rate of optimiser step ``step`` (0-based): a function of the step alone."""
+        warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
         if self.lr_schedule == "constant":
-            return self.learning_rate
+            return warm * self.learning_rate
         t = min(step / self.max_steps, 1.0)
-        return self.learning_rate * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t)))
+        return warm * self.learning_rate * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t)))

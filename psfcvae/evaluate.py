@@ -103,6 +103,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         preds["cvae prior mean"] = model.psf(x, y, z, mode="mean", allow_extrapolation=True).cpu().numpy()
         preds["cvae prior sample"] = model.psf(x, y, z, mode="sample", allow_extrapolation=True).cpu().numpy()
     preds["nearest"] = baselines.nearest(grid, depths, n, x, y, z)
+    preds["bicubic"] = baselines.bicubic(grid, depths, n, x, y, z)
     preds["bilinear"] = baselines.bilinear(grid, depths, n, x, y, z)
     preds[f"eigen-psf ({eigen.components})"] = eigen(x, y, z)
 
@@ -140,7 +141,7 @@ def evaluate(cfg: EvalConfig) -> dict:
                  "n_heldout": info.n_heldout},
         "checkpoint": None if model is None else {"path": cfg.checkpoint, "step": model.info["step"],
                                                   "data_fingerprint": model.info["data_fingerprint"],
-                                                  "config": model.info["config"]},
+                                                  "config": model.info["config"], "frame": model.net.args.frame},
         "heldout": methods,
         "raytrace_at_training_spp": raytrace,
         "reference_noise": summarize(ref_noise),

@@ -5,9 +5,18 @@ from __future__ import annotations
 import torch
 
 
-def recon_loss(psf_hat: torch.Tensor, psf: torch.Tensor) -> torch.Tensor:
-    """MSE(K̂, K) over all pixels and channels: psf, psf_hat [B, 3, k, k] -> scalar."""
-    return torch.mean((psf_hat - psf) ** 2)
+def recon_loss(psf_hat: torch.Tensor, psf: torch.Tensor, relative: bool = False) -> torch.Tensor:
+    """MSE(K̂, K) over all pixels and channels: psf, psf_hat [B, 3, k, k] -> scalar.
+
+    relative: each PSF's squared error over its own squared norm, ||K̂ - K||² / ||K||² (the
+    square of the evaluation metric), averaged over the batch and divided by the number of
+    values 3 k², so that it equals the MSE for a PSF of unit norm. Sharp and broad PSFs then
+    weigh alike; with plain MSE a sharp PSF (large ||K||) dominates the batch.
+    """
+    if not relative:
+        return torch.mean((psf_hat - psf) ** 2)
+    err = ((psf_hat - psf) ** 2).flatten(1).sum(1) / (psf**2).flatten(1).sum(1).clamp_min(1e-12)
+    return err.mean() / psf[0].numel()
 
 
 def kl_loss(mu_q, logvar_q, mu_p, logvar_p) -> torch.Tensor:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .frame import canonical_side, max_radius, polar, rotate_sample
 from .losses import kl_loss, recon_loss, smooth_loss
 
 LOGVAR_BOUND = 10.0  # log σ² is kept in (-10, 10): σ between 0.007 and 150, never 0 or inf
@@ -34,6 +35,17 @@ class ModelArgs:
     kl_weight: float = 1e-4
     smooth_weight: float = 1e-3
     prior_recon_weight: float = 0.0  # weight of MSE(decode(μ_p(c), c), K): trains the prior-mean path itself
+    # The frame the networks see (psfcvae/frame.py). cartesian: the spec, c = (x, y[, d]).
+    # canonical: a rotationally symmetric lens; the networks see (r[, d]), the decoder draws
+    # the PSF at (r, 0) on a kernel `supersample` times finer than ks, which is rotated by
+    # θ = atan2(y, x) into the field and integrated over the ks x ks pixels.
+    frame: str = "cartesian"
+    supersample: int = 3  # canonical kernel pixels per stored pixel (per axis)
+    output: str = "softplus"  # softplus (the spec) | softmax: exp of the decoder's output, normalised per channel
+    scale_weight: float = 0.0  # weight of mean(log(sum of the decoder's channel before normalisation)²)
+    relative_loss: bool = False  # reconstruction terms on ||K̂ - K||² / ||K||² instead of the MSE
+    decoder_rank: int | None = None  # canonical: the decoder's output layer factored through this many dimensions
+    field_scale: tuple[float, float] = (1.0, 1.0)  # sensor half-width, half-height over the longer one
 
 
 @dataclass
@@ -45,6 +57,7 @@ class ModelOutput:
     kl: torch.Tensor
     smooth: torch.Tensor
     recon_prior: torch.Tensor  # MSE of the prior-mean path (0 unless prior_recon_weight > 0)
+    scale: torch.Tensor  # mean squared log of the decoder's per-channel sums before normalisation
     psf_hat: torch.Tensor  # [B, 3, k, k]
     mu_q: torch.Tensor  # [B, Z]
     mu_p: torch.Tensor  # [B, Z]
@@ -58,15 +71,17 @@ class PositionalEncoding(nn.Module):
     s = 0.5 keeps them apart.
     """
 
-    def __init__(self, num_frequencies: int, scale: float = 1.0, cond_dim: int = 2, depth_frequencies: int | None = None):
+    def __init__(self, num_frequencies: int, scale: float = 1.0, cond_dim: int = 2, depth_frequencies: int | None = None,
+                 has_depth: bool | None = None):
         super().__init__()
         freqs = (2.0 ** torch.arange(num_frequencies)) * math.pi * scale  # [L]
         freqs = freqs[:, None].repeat(1, cond_dim)  # [L, C]
-        if cond_dim == 3 and depth_frequencies is not None:
+        has_depth = cond_dim == 3 if has_depth is None else has_depth  # depth is the last column
+        if has_depth and depth_frequencies is not None:
             # Only the lowest bands vary with depth: with a few grid depths, higher ones
             # would oscillate between them. Zeroed bands give constant features, so the
             # network's input size stays 2 L C.
-            freqs[depth_frequencies:, 2] = 0.0
+            freqs[depth_frequencies:, -1] = 0.0
         self.register_buffer("freqs", freqs, persistent=False)
 
     def forward(self, c: torch.Tensor) -> torch.Tensor:
@@ -77,12 +92,19 @@ class PositionalEncoding(nn.Module):
         return 2 * self.freqs.shape[0] * cond_dim
 
 
-def mlp(in_dim: int, hidden_dim: int, num_layers: int, out_dim: int) -> nn.Sequential:
-    """num_layers hidden layers of width hidden_dim (SiLU), then a linear output layer."""
+def mlp(in_dim: int, hidden_dim: int, num_layers: int, out_dim: int, rank: int | None = None) -> nn.Sequential:
+    """num_layers hidden layers of width hidden_dim (SiLU), then a linear output layer.
+
+    rank: the output layer factored through ``rank`` dimensions (two linear maps, no
+    activation between): out_dim x rank + rank x hidden_dim weights instead of out_dim x hidden_dim.
+    """
     layers: list[nn.Module] = []
     for i in range(num_layers):
         layers += [nn.Linear(in_dim if i == 0 else hidden_dim, hidden_dim), nn.SiLU()]
-    layers.append(nn.Linear(hidden_dim, out_dim))
+    if rank is None:
+        layers.append(nn.Linear(hidden_dim, out_dim))
+    else:
+        layers += [nn.Linear(hidden_dim, rank), nn.Linear(rank, out_dim)]
     return nn.Sequential(*layers)
 
 
@@ -94,39 +116,105 @@ class CVAE(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.pe = PositionalEncoding(args.num_frequencies, args.pe_scale, args.cond_dim, args.depth_frequencies)
-        pe_dim = self.pe.out_dim(args.cond_dim)
+        if args.output not in ("softplus", "softmax"):
+            raise ValueError(f"output must be softplus or softmax, got {args.output!r}")
+        if args.frame not in ("cartesian", "canonical"):
+            raise ValueError(f"frame must be cartesian or canonical, got {args.frame!r}")
+        self.canonical = args.frame == "canonical"
+        enc_dim = args.cond_dim - 1 if self.canonical else args.cond_dim  # (x, y) -> r
+        self.pe = PositionalEncoding(args.num_frequencies, args.pe_scale, enc_dim, args.depth_frequencies,
+                                     has_depth=args.cond_dim == 3)
+        pe_dim = self.pe.out_dim(enc_dim)
         k_dim = 3 * args.ks * args.ks
+        # The canonical kernel covers the k x k window at any rotation, `supersample` times finer.
+        self.out_side = args.supersample * canonical_side(args.ks) if self.canonical else args.ks
         Z = args.latent_dim
         self.encoder = mlp(k_dim + pe_dim, args.hidden_dim, args.num_layers, 2 * Z)  # -> μ_q, log σ²_q
         self.prior = mlp(pe_dim, args.hidden_dim, args.num_layers, 2 * Z)  # -> μ_p, log σ²_p
-        self.decoder = mlp(Z + pe_dim, args.hidden_dim, args.num_layers, k_dim)
+        # A canonical kernel is mirror-symmetric in y: the decoder draws its upper half (and the axis row).
+        out_dim = 3 * ((self.out_side + 1) // 2) * self.out_side if self.canonical else k_dim
+        self.decoder = mlp(Z + pe_dim, args.hidden_dim, args.num_layers, out_dim, args.decoder_rank if self.canonical else None)
+
+    def _frame(self, cond: torch.Tensor):
+        """Model-space cond [B, C] = (x, y[, d]) -> (what the networks see [B, C'], angle θ [B] or None).
+
+        canonical: (r[, d]) with r mapped to [-1, 1] (centre to sensor corner), and θ.
+        """
+        if not self.canonical:
+            return cond, None
+        scale = tuple(self.args.field_scale)
+        r, theta = polar(cond[:, :2], scale)
+        code = (2.0 * r / max_radius(scale) - 1.0)[:, None]
+        return torch.cat([code, cond[:, 2:]], dim=1), theta
 
     # --- the three networks -------------------------------------------------------------
     def encode(self, psf: torch.Tensor, cond: torch.Tensor):
-        """q(z|K,c): psf [B, 3, k, k], cond [B, C] -> μ_q, log σ²_q [B, Z]."""
-        mu, raw = self.encoder(torch.cat([psf.flatten(1), self.pe(cond)], dim=1)).chunk(2, dim=1)
+        """q(z|K,c): psf [B, 3, k, k], cond [B, C] -> μ_q, log σ²_q [B, Z].
+
+        canonical: the encoder sees the PSF turned back by -θ to the +x axis.
+        """
+        enc, theta = self._frame(cond)
+        if theta is not None:
+            psf = rotate_sample(psf, -theta, self.args.ks, q=1)
+        mu, raw = self.encoder(torch.cat([psf.flatten(1), self.pe(enc)], dim=1)).chunk(2, dim=1)
         return mu, bounded_logvar(raw)
 
     def prior_params(self, cond: torch.Tensor):
         """p(z|c): cond [B, C] -> μ_p, log σ²_p [B, Z]."""
-        mu, raw = self.prior(self.pe(cond)).chunk(2, dim=1)
+        mu, raw = self.prior(self.pe(self._frame(cond)[0])).chunk(2, dim=1)
         return mu, bounded_logvar(raw)
 
     def decode(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """p(K|z,c): z [B, Z], cond [B, C] -> K̂ [B, 3, k, k], non-negative, each channel sums to 1."""
-        k = self.args.ks
-        out = F.softplus(self.decoder(torch.cat([z, self.pe(cond)], dim=1))).view(-1, 3, k, k)
+        """p(K|z,c): z [B, Z], cond [B, C] -> K̂ [B, 3, k, k], non-negative, each channel sums to 1.
+
+        canonical: the decoder draws the PSF at (r, 0), mirror-symmetric about the x axis as
+        a coaxial lens makes it, on the fine canonical kernel; it is rotated by θ, cropped to
+        the k x k window and normalised, which is also what DeepLens does to rays that land
+        outside its window.
+        """
+        return self._decode(z, cond)[0]
+
+    def _decode(self, z: torch.Tensor, cond: torch.Tensor):
+        """(K̂ [B, 3, k, k], log of each channel's sum before normalisation [B, 3])."""
+        enc, theta = self._frame(cond)
+        out = self._draw(z, enc)
+        log_sum = torch.log(out.sum(dim=(-2, -1)) + NORM_EPS)
+        if theta is not None:
+            out = rotate_sample(out, theta, self.args.ks, q=self.args.supersample, out_extent=canonical_side(self.args.ks))
+        return out / (out.sum(dim=(-2, -1), keepdim=True) + NORM_EPS), log_sum
+
+    def canonical_kernel(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The decoder's fine kernel at (r, 0), before rotation: [B, 3, S, S], each channel sums to 1."""
+        if not self.canonical:
+            raise ValueError("a cartesian model has no canonical kernel")
+        out = self._draw(z, self._frame(cond)[0])
         return out / (out.sum(dim=(-2, -1), keepdim=True) + NORM_EPS)
+
+    def _draw(self, z: torch.Tensor, enc: torch.Tensor) -> torch.Tensor:
+        """The decoder's non-negative kernel before normalisation: [B, 3, S, S] (S = k when cartesian)."""
+        S = self.out_side
+        raw = self.decoder(torch.cat([z, self.pe(enc)], dim=1))
+        if self.args.output == "softmax":
+            # A sharp PSF (0.9 of the energy in one pixel) is a few units of log-ratio here,
+            # where softplus needs pixel values hundreds of units apart (measured: the network
+            # then scales every layer up and loses the condition's signal).
+            out = torch.softmax(raw.view(len(raw), 3, -1), dim=-1).view(len(raw), -1)
+        else:
+            out = F.softplus(raw)
+        if not self.canonical:
+            return out.view(-1, 3, S, S)
+        top = out.view(-1, 3, (S + 1) // 2, S)  # rows from y = +max down to the axis
+        return torch.cat([top, top.flip(-2)[:, :, S % 2 :]], dim=-2)  # rows run along -y: the flip mirrors y -> -y
 
     # --- training -----------------------------------------------------------------------
     def forward(self, psf, cond, pair_src=None, pair_cond=None) -> ModelOutput:
         """psf [B, 3, k, k], cond [B, C]; pair_src [Q] (batch index), pair_cond [Q, C] (neighbour)."""
         mu_q, logvar_q = self.encode(psf, cond)
         z = mu_q + torch.randn_like(mu_q) * (0.5 * logvar_q).exp()  # reparameterisation
-        psf_hat = self.decode(z, cond)
+        psf_hat, log_sum = self._decode(z, cond)
         mu_p, logvar_p = self.prior_params(cond)
-        recon = recon_loss(psf_hat, psf)
+        rel = self.args.relative_loss
+        recon = recon_loss(psf_hat, psf, rel)
         kl = kl_loss(mu_q, logvar_q, mu_p, logvar_p)
         if pair_src is not None and pair_src.numel() > 0:
             mu_nbr, _ = self.prior_params(pair_cond)
@@ -134,9 +222,16 @@ class CVAE(nn.Module):
         else:
             smooth = psf.new_zeros(())
         a = self.args
-        recon_prior = recon_loss(self.decode(mu_p, cond), psf) if a.prior_recon_weight > 0 else psf.new_zeros(())
-        loss = a.recon_weight * recon + a.kl_weight * kl + a.smooth_weight * smooth + a.prior_recon_weight * recon_prior
-        return ModelOutput(loss, recon, kl, smooth, recon_prior, psf_hat, mu_q, mu_p)
+        scale = (log_sum**2).mean()
+        if a.prior_recon_weight > 0:
+            prior_hat, prior_log_sum = self._decode(mu_p, cond)
+            recon_prior = recon_loss(prior_hat, psf, rel)
+            scale = 0.5 * (scale + (prior_log_sum**2).mean())
+        else:
+            recon_prior = psf.new_zeros(())
+        loss = (a.recon_weight * recon + a.kl_weight * kl + a.smooth_weight * smooth + a.prior_recon_weight * recon_prior
+                + a.scale_weight * scale)
+        return ModelOutput(loss, recon, kl, smooth, recon_prior, scale, psf_hat, mu_q, mu_p)
 
     # --- inference ----------------------------------------------------------------------
     @torch.no_grad()
@@ -182,6 +277,3 @@ class CVAE(nn.Module):
             return torch.zeros_like(depth_m)
         lo, hi = 1.0 / a.depth_max, 1.0 / a.depth_min
         return 2.0 * (1.0 / depth_m - lo) / (hi - lo) - 1.0
-
-    def args_dict(self) -> dict:
-        return asdict(self.args)

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from psfgen import configio
+from psfgen import configio, symmetry
 from psfgen.errors import InputError
 from psfgen.lens import resolve_device
 from psfgen.provenance import now, versions
@@ -55,6 +55,7 @@ def model_args_for(cfg: TrainConfig, info: GridInfo) -> ModelArgs:
             f"{info.ks_small}x{info.ks_small} PSFs; set kernel_size_small: {info.ks_small}"
         )
     use_depth = {"auto": len(info.depths) > 1, "true": True, "false": False}[cfg.condition_on_depth]
+    frame, scale = resolve_frame(cfg.condition_frame, info)
     return ModelArgs(
         ks=info.ks_small,
         cond_dim=3 if use_depth else 2,
@@ -70,7 +71,34 @@ def model_args_for(cfg: TrainConfig, info: GridInfo) -> ModelArgs:
         kl_weight=cfg.kl_weight,
         smooth_weight=cfg.smooth_weight,
         prior_recon_weight=cfg.prior_recon_weight,
+        relative_loss=cfg.relative_loss,
+        output=cfg.output,
+        scale_weight=cfg.scale_weight,
+        frame=frame,
+        supersample=cfg.supersample,
+        decoder_rank=cfg.decoder_rank,
+        field_scale=scale,
     )
+
+
+def resolve_frame(choice: str, info: GridInfo) -> tuple[str, tuple[float, float]]:
+    """(frame, field scale) for condition_frame ``choice`` on this file.
+
+    auto: canonical when the prescription is rotationally symmetric and the file's own
+    PSFs agree under the field's mirror and quarter-turn maps within its noise floor.
+    """
+    if choice == "cartesian":
+        return "cartesian", (1.0, 1.0)
+    scale = symmetry.field_scale(symmetry.sensor_size_mm(info.attrs))
+    check = symmetry.check_file(info.path)
+    if choice == "canonical":
+        if not check.holds:
+            log.warning("condition_frame canonical on a lens that does not look rotationally symmetric (%s)", check.describe())
+        return "canonical", scale
+    frame = "canonical" if check.holds else "cartesian"
+    log.info("condition frame %s: %s", frame, check.describe()
+             if check.holds else f"not rotationally symmetric, conditioning on (x, y): {check.describe()}")
+    return frame, scale
 
 
 @torch.no_grad()
@@ -225,7 +253,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 
     # --- the loop ----------------------------------------------------------------------
     metrics: dict = {}
-    window = {"loss_all": 0.0, "loss_recon": 0.0, "loss_kl": 0.0, "loss_smooth": 0.0, "loss_recon_prior": 0.0, "grad_norm": 0.0}
+    window = {"loss_all": 0.0, "loss_recon": 0.0, "loss_kl": 0.0, "loss_smooth": 0.0, "loss_recon_prior": 0.0, "loss_scale": 0.0,
+              "grad_norm": 0.0}
     n_window = 0
     t0, step0 = time.perf_counter(), step
     quiet = not log.isEnabledFor(logging.INFO) or not main_rank
@@ -257,7 +286,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         step += 1
 
         for key, value in (("loss_all", out.loss), ("loss_recon", out.recon), ("loss_kl", out.kl),
-                           ("loss_smooth", out.smooth), ("loss_recon_prior", out.recon_prior), ("grad_norm", grad_norm)):
+                           ("loss_smooth", out.smooth), ("loss_recon_prior", out.recon_prior), ("loss_scale", out.scale),
+                           ("grad_norm", grad_norm)):
             window[key] += float(value.detach())
         n_window += 1
         if step % cfg.log_every == 0 or step == cfg.max_steps:

@@ -182,6 +182,7 @@ def generate(cfg: GenerateConfig) -> Path:
             "device": str(device),
             "downsample_method": METHOD,
             "foclen_mm": float(lens.foclen),
+            "sensor_size_mm": json.dumps([float(v) for v in lens.sensor_size]),
             "started_at": now(),
         }
         if shard is not None:

@@ -86,5 +86,11 @@ def summary(path) -> str:
     if nf is not None:
         per = ", ".join(f"{d:g} m: {100 * v:.2f}%" for d, v in zip(info.depths, nf))
         lines.append(f"noise floor two traces at spp {info.spp} differ by (relative L2) {per}")
+    if info.complete and info.shard is None:
+        from .symmetry import check_file
+
+        check = check_file(path)
+        verdict = "rotationally symmetric" if check.holds else "not rotationally symmetric"
+        lines.append(f"symmetry    {verdict}: {check.describe()}")
     lines.append(f"versions    {', '.join(f'{k} {v}' for k, v in json.loads(a['versions']).items())}")
     return "\n".join(lines)

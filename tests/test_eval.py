@@ -66,6 +66,7 @@ def test_baselines_exact_at_grid_points(tiny_grid):
         q = (coords[:, 0], coords[:, 1], np.full(len(coords), depth))
         np.testing.assert_allclose(B.nearest(grid, depths, 4, *q), grid[d], atol=1e-6)
         np.testing.assert_allclose(B.bilinear(grid, depths, 4, *q), grid[d], atol=1e-6)
+        np.testing.assert_allclose(B.bicubic(grid, depths, 4, *q), grid[d], atol=1e-6)
         np.testing.assert_allclose(B.EigenPSF(grid, depths, 4, components=1000)(*q), grid[d], atol=1e-5)
     # Truncated eigen-PSF: at grid points it is the rank-K projection, not the PSF.
     low = B.EigenPSF(grid, depths, 4, components=2)
@@ -86,6 +87,30 @@ def test_bilinear_interpolates_field_and_inverse_depth(tiny_grid):
     # Nearest: the closest grid point and depth.
     got = B.nearest(grid, depths, 4, np.array([coords[6, 0] + 0.1]), np.array([coords[6, 1] - 0.1]), np.array([0.55]))
     np.testing.assert_allclose(got[0], grid[0, 6], atol=1e-7)
+
+
+def test_bicubic_reproduces_a_quadratic_field_that_bilinear_cuts_across():
+    # PSFs = base + f(x, y) * pattern, with pattern summing to 0 per channel, so every PSF
+    # sums to 1 and interpolating the PSFs is interpolating f. Catmull-Rom reproduces
+    # quadratics exactly inside the lattice (all four taps on the grid).
+    n = 6
+    rng = np.random.default_rng(4)
+    base = rng.random((3, 5, 5)) + 1.0
+    base /= base.sum(axis=(-2, -1), keepdims=True)
+    pattern = rng.normal(size=(3, 5, 5)) * 0.002  # small enough that no pixel goes below 0
+    pattern -= pattern.mean(axis=(-2, -1), keepdims=True)
+    from psfgen.grid import grid_coords
+
+    coords = grid_coords(n)
+    f = lambda x, y: 1.0 + 0.7 * x**2 - 0.4 * x * y + 0.3 * y**2 + 0.2 * x  # noqa: E731
+    grid = (base[None] + f(coords[:, 0], coords[:, 1])[:, None, None, None] * pattern[None])[None]  # [1, P, 3, 5, 5]
+    step = 2.0 / (n - 1)
+    x = rng.uniform(-1 + step, 1 - step, 50)  # interior cells: every tap is a grid point
+    y = rng.uniform(-1 + step, 1 - step, 50)
+    want = base[None] + f(x, y)[:, None, None, None] * pattern[None]
+    got = B.bicubic(grid, np.array([1.0]), n, x, y, np.ones(50))
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert np.abs(B.bilinear(grid, np.array([1.0]), n, x, y, np.ones(50)) - want).max() > 1e-5
 
 
 # --- the API --------------------------------------------------------------------------

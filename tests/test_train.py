@@ -271,12 +271,60 @@ def test_prior_recon_term_and_weights():
     assert CVAE(ModelArgs(cond_dim=2, latent_dim=4, hidden_dim=16, num_layers=1))(psf, cond).recon_prior == 0
 
 
+def test_scale_term_pins_the_decoders_sum_that_normalisation_leaves_free():
+    torch.manual_seed(0)
+    args = ModelArgs(cond_dim=2, latent_dim=4, hidden_dim=16, num_layers=1, recon_weight=1.0, kl_weight=0.0,
+                     smooth_weight=0.0, prior_recon_weight=0.0, scale_weight=2.0)
+    model = CVAE(args)
+    psf = torch.rand(5, 3, 15, 15)
+    psf = psf / psf.sum(dim=(-2, -1), keepdim=True)
+    cond = torch.rand(5, 2) * 2 - 1
+    torch.manual_seed(1)
+    out = model(psf, cond)
+    torch.manual_seed(1)  # the same reparameterisation noise: z again
+    mu_q, logvar_q = model.encode(psf, cond)
+    z = mu_q + torch.randn_like(mu_q) * (0.5 * logvar_q).exp()
+    raw = torch.nn.functional.softplus(model.decoder(torch.cat([z, model.pe(cond)], dim=1))).view(5, 3, -1)
+    torch.testing.assert_close(out.scale, (torch.log(raw.sum(-1)) ** 2).mean(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.loss, out.recon + 2.0 * out.scale)
+    with torch.no_grad():  # a decoder scaled up draws the same PSFs, and only the scale term sees it
+        model.decoder[-1].bias += 5.0
+    assert model(psf, cond).scale > out.scale
+
+
 def test_learning_rate_schedules():
     const = configio.build(TrainConfig, {"learning_rate": 1e-3, "max_steps": 100, "lr_schedule": "constant"})
     assert const.lr_at(0) == const.lr_at(99) == 1e-3
     cos = configio.build(TrainConfig, {"learning_rate": 1e-3, "max_steps": 100, "lr_schedule": "cosine"})
     assert cos.lr_at(0) == pytest.approx(1e-3) and cos.lr_at(50) == pytest.approx(0.505e-3)
     assert cos.lr_at(100) == pytest.approx(1e-5)
+    warm = configio.build(TrainConfig, {"learning_rate": 1e-3, "max_steps": 100, "lr_schedule": "constant", "warmup_steps": 10})
+    assert warm.lr_at(0) == pytest.approx(1e-4) and warm.lr_at(4) == pytest.approx(5e-4) and warm.lr_at(9) == 1e-3
+
+
+def test_relative_loss_is_the_squared_metric_and_equals_mse_at_unit_norm():
+    from psfcvae.losses import recon_loss
+
+    rng = torch.Generator().manual_seed(1)
+    psf = torch.rand(4, 3, 15, 15, generator=rng)
+    hat = psf + 0.01 * torch.randn(4, 3, 15, 15, generator=rng)
+    per = ((hat - psf) ** 2).flatten(1).sum(1) / (psf**2).flatten(1).sum(1)
+    torch.testing.assert_close(recon_loss(hat, psf, relative=True), per.mean() / 675)
+    unit = psf / psf.flatten(1).norm(dim=1)[:, None, None, None]
+    torch.testing.assert_close(recon_loss(unit + 0.01, unit, relative=True), recon_loss(unit + 0.01, unit))
+
+
+def test_softmax_output_draws_a_sharp_psf_from_small_logits():
+    net = CVAE(ModelArgs(cond_dim=2, latent_dim=4, hidden_dim=16, num_layers=1, output="softmax"))
+    with torch.no_grad():
+        net.decoder[-1].weight.zero_()
+        net.decoder[-1].bias.zero_()
+        net.decoder[-1].bias.view(3, 15, 15)[:, 7, 7] = 8.0  # log-ratio 8: e^8 / (e^8 + 224) = 0.93 in one pixel
+    out = net.decode(torch.zeros(2, 4), torch.zeros(2, 2))
+    torch.testing.assert_close(out.sum(dim=(-2, -1)), torch.ones(2, 3))
+    assert out[0, :, 7, 7].min() > 0.9
+    with pytest.raises(ValueError):
+        CVAE(ModelArgs(output="relu"))
 
 
 def test_depth_frequencies_limit_the_bands_that_vary_with_depth():
@@ -291,7 +339,8 @@ def test_cvae_v1_yaml_is_the_spec():
     cfg = configio.load(TrainConfig, ROOT / "configs" / "cvae_v1.yaml")
     spec = dict(kernel_size_small=15, latent_dim=128, hidden_dim=512, num_layers=4, num_frequencies=10, batch_size=64,
                 learning_rate=1e-4, recon_weight=1.0, kl_weight=1e-4, smooth_weight=1e-3, val_every=500,
-                pe_scale=1.0, depth_frequencies=None, prior_recon_weight=0.0, lr_schedule="constant")
+                pe_scale=1.0, depth_frequencies=None, prior_recon_weight=0.0, lr_schedule="constant",
+                condition_frame="cartesian", output="softplus", relative_loss=False, warmup_steps=0)
     assert {k: getattr(cfg, k) for k in spec} == spec
     from psfcvae.train import model_args_for
 

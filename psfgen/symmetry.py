@@ -1,0 +1,123 @@
+"""Is the lens rotationally symmetric? From its prescription, then from its own traced PSFs.
+
+A coaxial lens (every surface centred on the axis, untilted, with a round aperture and a
+rotationally symmetric profile) images the field point (r cos θ, r sin θ) as it images
+(r, 0), rotated by θ. The prescription can say so; the grid file can show it: the grid
+maps onto itself under x -> -x, y -> -y and (on a square sensor) a quarter turn, and the
+PSFs at the image points must be the mirrored or turned PSFs, as close as two independent
+traces of one point are (the file's noise re-traces measure that).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+
+# DeepLens surface types whose profile is a function of the radius alone.
+ROUND_TYPES = {"Aperture", "Stop", "Spheric", "Aspheric", "Plane", "ThinLens"}
+# Symmetry errors up to this multiple of the noise floor count as noise: two traces of
+# mirrored points are two independent traces, so their difference is the noise itself.
+NOISE_TOLERANCE = 1.5
+
+
+def lens_symmetry(lens_json: str) -> tuple[bool, str]:
+    """(symmetric, why) from a DeepLens lens JSON text: which surface breaks the symmetry, if any."""
+    data = json.loads(lens_json)
+    for i, s in enumerate(data.get("surfaces", [])):
+        kind = s.get("type", "?")
+        if kind not in ROUND_TYPES:
+            return False, f"surface {i} is of type {kind}, not rotationally symmetric"
+        if any(abs(float(v)) > 0 for v in s.get("pos_xy", (0.0, 0.0))):
+            return False, f"surface {i} is decentred (pos_xy {s['pos_xy']})"
+        vec = s.get("vec_local", (0.0, 0.0, 1.0))
+        if abs(float(vec[0])) > 0 or abs(float(vec[1])) > 0:
+            return False, f"surface {i} is tilted (vec_local {vec})"
+        if s.get("is_square"):
+            return False, f"surface {i} has a square aperture"
+    return True, "all surfaces coaxial, untilted and round"
+
+
+def sensor_size_mm(attrs: dict) -> tuple[float, float] | None:
+    """(width, height) [mm] of the sensor, from the file's attribute or its lens JSON; None if unknown."""
+    if "sensor_size_mm" in attrs:
+        w, h = json.loads(attrs["sensor_size_mm"])
+        return float(w), float(h)
+    size = json.loads(attrs["lens_json"]).get("sensor_size")
+    return (float(size[0]), float(size[1])) if size else None
+
+
+def field_scale(size: tuple[float, float] | None) -> tuple[float, float]:
+    """(sx, sy): the sensor's half-width and half-height over the longer one; (1, 1) if unknown."""
+    if size is None:
+        return 1.0, 1.0
+    w, h = size
+    return float(w / max(w, h)), float(h / max(w, h))
+
+
+@dataclass(frozen=True)
+class SymmetryCheck:
+    lens_symmetric: bool
+    lens_reason: str
+    errors: dict  # {"mirror x": mean relative L2, ...} between mapped PSFs
+    noise: float | None  # mean relative L2 of the file's noise pairs; None without noise points
+
+    @property
+    def holds(self) -> bool:
+        if not self.lens_symmetric:
+            return False
+        if self.noise is None:  # nothing to compare with: the prescription decides
+            return True
+        return all(e <= NOISE_TOLERANCE * self.noise for e in self.errors.values())
+
+    def describe(self) -> str:
+        errs = ", ".join(f"{k} {100 * v:.1f}%" for k, v in self.errors.items())
+        noise = "no noise re-traces to compare" if self.noise is None else f"noise floor {100 * self.noise:.1f}%"
+        return f"lens: {self.lens_reason}; PSFs under the field's symmetries differ by {errs} ({noise})"
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return np.sqrt(((a - b) ** 2).sum(axis=(-3, -2, -1)) / (b**2).sum(axis=(-3, -2, -1)))
+
+
+def grid_symmetry_errors(psf: np.ndarray, n: int, square: bool) -> dict:
+    """Mean relative L2 between grid PSFs mapped by the field's symmetries and the PSFs there.
+
+    psf: [D, P, 3, k, k] on the N x N grid (row 0 at y = +1). Mirror x: column c <-> N-1-c
+    with the kernel's columns flipped; mirror y: rows likewise; quarter turn (square
+    sensors): the point (x, y) -> (-y, x) is grid (r, c) -> (N-1-c, r), the kernel turned by
+    rot90. Points that map onto themselves are left out.
+    """
+    g = psf.reshape(psf.shape[0], n, n, *psf.shape[2:])  # [D, row, col, 3, k, k]
+    r, c = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    maps = {
+        "mirror x": ((r, n - 1 - c), lambda k: k[..., ::-1]),
+        "mirror y": ((n - 1 - r, c), lambda k: k[..., ::-1, :]),
+    }
+    if square:
+        maps["quarter turn"] = ((n - 1 - c, r), lambda k: np.rot90(k, 1, axes=(-2, -1)))
+    out = {}
+    for name, ((r2, c2), turn) in maps.items():
+        moved = (r2 != r) | (c2 != c)
+        src = g[:, r[moved], c[moved]]
+        dst = g[:, r2[moved], c2[moved]]
+        out[name] = float(_rel(turn(src), dst).mean())
+    return out
+
+
+def check_file(path) -> SymmetryCheck:
+    """Check a finished grid file for rotational symmetry: prescription and PSFs."""
+    with h5py.File(path, "r", locking=False) as f:
+        attrs = dict(f.attrs)
+        psf = f["grid/psf"][:]
+        idx = f["noise/index"][:]
+        noise_psf = f["noise/psf"][:]
+    ok, reason = lens_symmetry(attrs["lens_json"])
+    n = int(round(np.sqrt(psf.shape[1])))
+    sx, sy = field_scale(sensor_size_mm(attrs))
+    errors = grid_symmetry_errors(psf, n, square=abs(sx - sy) < 1e-9)
+    noise = float(_rel(noise_psf, psf[:, idx]).mean()) if len(idx) else None
+    return SymmetryCheck(ok, reason, errors, noise)
