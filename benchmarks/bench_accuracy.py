@@ -53,6 +53,8 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=None, help="override every configuration's schedule")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="train config override key=value")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--grid-size", type=int, default=None,
+                    help="another grid at the same rays per depth (spp scaled by the grid's points)")
     ap.add_argument("--smoke", action="store_true", help="a 4x4 grid at spp 2000: checks this script, measures nothing")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -67,6 +69,9 @@ def main() -> None:
         names.append(name)
     work = Path(args.work or f"runs/bench_accuracy/{args.lens}")
     grid_cfg = {**BUDGET, **LENSES[args.lens], "out": str(work / "grid.h5"), "device": args.device}
+    if args.grid_size:
+        rays = grid_cfg["grid_size"] ** 2 * grid_cfg["spp"]
+        grid_cfg.update(grid_size=args.grid_size, spp=round(rays / args.grid_size**2))
     if args.smoke:
         grid_cfg.update(grid_size=4, spp=2000, heldout=8, heldout_spp=4000, noise_points=4)
 

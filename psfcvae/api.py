@@ -46,6 +46,8 @@ class PSFModel:
         y = np.atleast_1d(np.asarray(y, dtype=np.float64))
         if x.shape != y.shape or x.ndim != 1:
             raise InputError(f"x and y must be scalars or 1-D of one length, got shapes {x.shape} and {y.shape}")
+        if not (np.isfinite(x).all() and np.isfinite(y).all()):
+            raise InputError("coordinates x and y must be finite numbers (got NaN or inf)")
         if not allow_extrapolation and (np.abs(x).max() > 1 or np.abs(y).max() > 1):
             raise InputError("coordinates must lie in [-1, 1] (the sensor); pass allow_extrapolation=True to go beyond")
         lo, hi = self.depth_range
@@ -54,8 +56,8 @@ class PSFModel:
                 raise InputError(f"this model was trained on depths {lo:g}-{hi:g} m: give depth_m")
             depth_m = lo
         d = np.broadcast_to(np.asarray(depth_m, dtype=np.float64), x.shape)
-        if (d <= 0).any():
-            raise InputError("depth_m must be positive (metres)")
+        if not np.isfinite(d).all() or (d <= 0).any():
+            raise InputError("depth_m must be a positive, finite number of metres")
         # An (x, y) model does not use the depth, but a depth it never saw is still an extrapolation.
         if not allow_extrapolation and ((d < lo * (1 - 1e-9)).any() or (d > hi * (1 + 1e-9)).any()):
             raise InputError(f"depth_m outside the trained range {lo:g}-{hi:g} m; pass allow_extrapolation=True to go beyond")

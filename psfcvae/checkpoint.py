@@ -55,6 +55,9 @@ def load(path: str | Path, map_location="cpu") -> dict:
             f"checkpoint {path} has schema version {ckpt.get('schema_version')}, this psf-cvae reads "
             f"{SCHEMA_VERSION}; retrain with this version"
         )
+    bad = [name for name, t in ckpt.get("model", {}).items() if torch.is_tensor(t) and not torch.isfinite(t).all()]
+    if bad:
+        raise InputError(f"checkpoint {path} holds non-finite weights ({bad[0]}); use another checkpoint or retrain")
     return ckpt
 
 

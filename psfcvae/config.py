@@ -81,11 +81,11 @@ class TrainConfig:
             raise InputError(f"config key 'depth_frequencies' must be 0 or more, got {self.depth_frequencies}")
         if not self.pe_scale > 0:
             raise InputError(f"config key 'pe_scale' must be positive, got {self.pe_scale}")
-        if not self.learning_rate > 0:
-            raise InputError(f"config key 'learning_rate' must be positive, got {self.learning_rate}")
+        if not 0 < self.learning_rate < math.inf:
+            raise InputError(f"config key 'learning_rate' must be a positive, finite number, got {self.learning_rate}")
         for key in ("recon_weight", "kl_weight", "smooth_weight", "prior_recon_weight", "scale_weight"):
-            if not getattr(self, key) >= 0:
-                raise InputError(f"config key '{key}' must be 0 or more, got {getattr(self, key)}")
+            if not 0 <= getattr(self, key) < math.inf:
+                raise InputError(f"config key '{key}' must be a finite number, 0 or more, got {getattr(self, key)}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise InputError(f"config key 'lr_schedule' must be constant or cosine, got {self.lr_schedule!r}")
         if self.output not in ("softplus", "softmax"):

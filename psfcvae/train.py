@@ -284,6 +284,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=math.inf)
         optimizer.step()
         step += 1
+        if not all(torch.isfinite(p).all() for p in model.parameters()):  # a finite loss can still step to inf
+            raise TrainingError(
+                f"the weights became non-finite at step {step} (learning rate {cfg.lr_at(step - 1):.3g}); the last good "
+                f"checkpoint {latest if latest.exists() else '(none yet)'} is kept; lower learning_rate"
+            )
 
         for key, value in (("loss_all", out.loss), ("loss_recon", out.recon), ("loss_kl", out.kl),
                            ("loss_smooth", out.smooth), ("loss_recon_prior", out.recon_prior), ("loss_scale", out.scale),

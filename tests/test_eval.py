@@ -141,6 +141,10 @@ def test_api_shapes_modes_ranges(tiny_run):
     with pytest.raises(InputError, match="mode"):
         model.psf(0.0, 0.0, 1.0, mode="median")
     assert model.psf(1.2, 0.0, 10.0, allow_extrapolation=True).shape == (1, 3, 15, 15)
+    for bad in (dict(x=[np.nan], y=[0.1], depth_m=1.0), dict(x=[0.1], y=[np.inf], depth_m=1.0),
+                dict(x=[0.1], y=[0.1], depth_m=np.nan)):
+        with pytest.raises(InputError, match="finite"):
+            model.psf(**bad)
 
 
 def test_checkpoint_round_trip(tiny_run):

@@ -19,7 +19,7 @@ from torch import distributions as dist
 
 from cli import main
 from conftest import ROOT, SMALL, small_config
-from psfcvae import CVAE, ModelArgs, TrainConfig, train
+from psfcvae import CVAE, ModelArgs, TrainConfig, load_model, train
 from psfcvae.data import Conditions, GridBatches, make_loader, read_grid_meta
 from psfcvae.losses import kl_loss, smooth_loss
 from psfgen import configio, open_info
@@ -208,6 +208,34 @@ def test_non_finite_loss_stops_naming_the_step(tiny_grid, tmp_path):
                                 + [x for k, v in SMALL.items() for x in ("--set", f"{k}={v}")])
     assert result.exit_code == 1
     assert "non-finite at step" in result.stderr and "Traceback" not in result.output
+
+
+def test_non_finite_weights_are_never_saved_or_loaded(tiny_grid, tiny_run, tmp_path, monkeypatch):
+    # A step can leave non-finite weights behind a finite loss (an overflowing update):
+    # inject one into the optimiser's step and check that no checkpoint takes it.
+    from psfcvae.train import TrainingError
+
+    step = torch.optim.Adam.step
+
+    def overflowing_step(self, *args, **kwargs):
+        out = step(self, *args, **kwargs)
+        with torch.no_grad():
+            self.param_groups[0]["params"][0].view(-1)[0] = float("inf")
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", overflowing_step)
+    with pytest.raises(TrainingError, match="weights became non-finite at step 1"):
+        train(small_config(tiny_grid, tmp_path / "r", max_steps=2, checkpoint_every=1))
+    assert not (tmp_path / "r" / "latest.pt").exists()
+    monkeypatch.undo()
+    assert_one_line_error(CliRunner().invoke(main, _train_args(tiny_grid, tmp_path / "r2", "--set", "learning_rate=inf")),
+                          "'learning_rate' must be a positive, finite number")
+    ckpt = torch.load(tiny_run / "latest.pt", weights_only=True)
+    name = next(iter(ckpt["model"]))
+    ckpt["model"][name].view(-1)[0] = float("nan")
+    torch.save(ckpt, tmp_path / "nan.pt")
+    with pytest.raises(InputError, match="non-finite weights"):
+        load_model(tmp_path / "nan.pt")
 
 
 def _train_args(data, run_dir, *extra):
