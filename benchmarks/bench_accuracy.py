@@ -11,7 +11,7 @@ second run only retrains and evaluates.
                                         [--work DIR] [--max-steps N] [--set key=value ...]
 
 Configurations: default (psf train's defaults), cartesian (the defaults conditioned on
-(x, y, d) instead of the lens's symmetry), spec (configs/cvae_v1.yaml, verbatim), or a
+(x, y[, d]) instead of the lens's symmetry), spec (configs/cvae_v1.yaml, verbatim), or a
 variant of the defaults named NAME:key=value:key=value (e.g. nf5:num_frequencies=5).
 """
 
@@ -63,6 +63,8 @@ def main() -> None:
     for item in filter(None, args.configs.split(",")):
         name, *sets = item.split(":")
         if sets:
+            if name in CONFIGS:
+                ap.error(f"{name!r} names a built-in configuration; give the variant another name")
             configs[name] = (None, sets)
         elif name not in configs:
             ap.error(f"unknown configuration {name!r}; choose from {', '.join(CONFIGS)} or NAME:key=value")
@@ -127,7 +129,8 @@ def summary_table(results: dict) -> str:
             lines.append(row(method, m))
     rt = first.get("raytrace_at_training_spp", {})
     if rt:
-        lines.append(f"| ray tracing at spp {first['data']['spp']} | {100 * rt['all']['mean']:.1f}% | (grid points) | |")
+        lines.append(f"| ray tracing at spp {first['data']['spp']} (mean over {rt['all']['n']} re-traced grid points, "
+                     f"not pooled) | {100 * rt['all']['mean']:.1f}% | | |")
     return "\n".join(lines)
 
 

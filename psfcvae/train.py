@@ -8,6 +8,8 @@ very same run: same step count, same data order, same TensorBoard curves.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -23,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from psfgen import configio, symmetry
+from psfgen import configio, locking, symmetry
 from psfgen.errors import InputError
 from psfgen.lens import resolve_device
 from psfgen.provenance import now, versions
@@ -56,6 +58,11 @@ def model_args_for(cfg: TrainConfig, info: GridInfo) -> ModelArgs:
         )
     use_depth = {"auto": len(info.depths) > 1, "true": True, "false": False}[cfg.condition_on_depth]
     frame, scale = resolve_frame(cfg.condition_frame, info)
+    if frame == "canonical" and cfg.pe_scale > 0.5:
+        raise InputError(
+            f"pe_scale {cfg.pe_scale} with the canonical frame gives the centre and the sensor corner the same "
+            "encoding (their codes are -1 and +1); use pe_scale 0.5 or less, or condition_frame: cartesian"
+        )
     return ModelArgs(
         ks=info.ks_small,
         cond_dim=3 if use_depth else 2,
@@ -167,8 +174,44 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         raise InputError("no data file given; pass --data grid.h5 (written by 'psf generate')")
     info = open_info(cfg.data)
     require_complete(info)
-    args = model_args_for(cfg, info)
     run_dir = Path(cfg.run_dir)
+    if resume:
+        cfg = _with_the_runs_own_new_keys(cfg, run_dir / "latest.pt")
+    args = model_args_for(cfg, info)
+    with _run_lock(run_dir):  # one writer per run directory, from the checks below to the end
+        return _train(cfg, resume, info, args, run_dir)
+
+
+# Keys added after a run may have started, with the value that reproduces the older code.
+OLDER_BEHAVIOUR = {"condition_frame": "cartesian", "scale_weight": 0.0, "output": "softplus", "supersample": 3,
+                   "decoder_rank": None, "relative_loss": False, "warmup_steps": 0}
+
+
+def _with_the_runs_own_new_keys(cfg: TrainConfig, latest: Path) -> TrainConfig:
+    """For --resume of a run whose checkpoint predates some config keys: those keys take
+    the value that reproduces the code it started with, not today's defaults."""
+    if not latest.exists():
+        return cfg
+    saved = checkpoint.load(latest)["config"]
+    missing = {k: v for k, v in OLDER_BEHAVIOUR.items() if k not in saved}
+    if missing:
+        log.info("resuming a run from an older version: %s", ", ".join(f"{k}={v}" for k, v in missing.items()))
+    return dataclasses.replace(cfg, **missing)
+
+
+def _run_lock(run_dir: Path):
+    """The run directory's lock, taken by rank 0 alone (the ranks of one DDP run share it)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return contextlib.nullcontext()
+    try:
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create run directory {run_dir}: {exc.strerror}") from None
+    return locking.exclusive(run_dir, "psf train")
+
+
+def _train(cfg: TrainConfig, resume: bool, info: GridInfo, args: ModelArgs, run_dir: Path) -> Path:
+    """train() once the run directory is locked."""
     latest, best_path = run_dir / "latest.pt", run_dir / "best.pt"
     if latest.exists() and not resume:
         raise InputError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
@@ -190,7 +233,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     if resume:
         ckpt = checkpoint.load(latest)
         checkpoint.check_same_data(ckpt, info, f"checkpoint {latest}")
-        if ckpt["model_args"] != asdict(args):
+        if asdict(ModelArgs(**ckpt["model_args"])) != asdict(args):  # older checkpoints lack newer keys
             raise InputError(f"checkpoint {latest} has another network than this config; resume with the run's own config ({run_dir}/config.yaml)")
         before = ckpt["config"]
         order = [k for k in ("seed", "batch_size", "read_run") if before.get(k) != getattr(cfg, k)]

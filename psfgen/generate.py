@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import store
+from . import locking, store
 from .config import GenerateConfig
 from .configio import to_json
 from .errors import InputError
@@ -105,14 +105,17 @@ def shard_path(out: Path, k: int, n: int) -> Path:
     return out.with_name(f"{out.stem}.shard{k:04d}-of-{n:04d}{out.suffix}")
 
 
-def _check_output(cfg: GenerateConfig, out: Path, run_id: str) -> bool:
-    """Decide what to do with ``out``. Returns True to resume an existing file."""
+def _make_parent(out: Path) -> None:
     if out.is_dir():
         raise InputError(f"output {out} is a directory; give a file path for --out")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"cannot create the output directory {out.parent}: {exc.strerror}; choose another --out") from None
+
+
+def _check_output(cfg: GenerateConfig, out: Path, run_id: str) -> bool:
+    """Decide what to do with ``out`` (under its lock). Returns True to resume an existing file."""
     if not out.exists():
         return False
     if cfg.overwrite:
@@ -143,6 +146,13 @@ def generate(cfg: GenerateConfig) -> Path:
     out = Path(cfg.out) if shard is None else shard_path(Path(cfg.out), *shard)
     local_rank = int(os.environ["LOCAL_RANK"]) if shard is not None and "LOCAL_RANK" in os.environ else None
     device = resolve_device(cfg.device, local_rank)
+    _make_parent(out)
+    with locking.exclusive(out, "psf generate"):  # from the check of the file to the last block
+        return _trace_all(cfg, out, run_id, params, lens_file, shard, device, t_start)
+
+
+def _trace_all(cfg, out: Path, run_id: str, params: dict, lens_file, shard, device, t_start: float) -> Path:
+    """generate() once ``out`` is locked: check or create the file, trace what is missing."""
     resume = _check_output(cfg, out, run_id)
 
     # Build the lens before any file is written, so a bad lens leaves nothing behind.

@@ -83,15 +83,15 @@ def _rel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sqrt(((a - b) ** 2).sum(axis=(-3, -2, -1)) / (b**2).sum(axis=(-3, -2, -1)))
 
 
-def grid_symmetry_errors(psf: np.ndarray, n: int, square: bool) -> dict:
+def grid_symmetry_errors(psf, n: int, square: bool) -> dict:
     """Mean relative L2 between grid PSFs mapped by the field's symmetries and the PSFs there.
 
-    psf: [D, P, 3, k, k] on the N x N grid (row 0 at y = +1). Mirror x: column c <-> N-1-c
+    psf: [D, P, 3, k, k] on the N x N grid (row 0 at y = +1), an array or an HDF5 dataset,
+    read one depth at a time. Mirror x: column c <-> N-1-c
     with the kernel's columns flipped; mirror y: rows likewise; quarter turn (square
     sensors): the point (x, y) -> (-y, x) is grid (r, c) -> (N-1-c, r), the kernel turned by
     rot90. Points that map onto themselves are left out.
     """
-    g = psf.reshape(psf.shape[0], n, n, *psf.shape[2:])  # [D, row, col, 3, k, k]
     r, c = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
     maps = {
         "mirror x": ((r, n - 1 - c), lambda k: k[..., ::-1]),
@@ -99,25 +99,25 @@ def grid_symmetry_errors(psf: np.ndarray, n: int, square: bool) -> dict:
     }
     if square:
         maps["quarter turn"] = ((n - 1 - c, r), lambda k: np.rot90(k, 1, axes=(-2, -1)))
-    out = {}
-    for name, ((r2, c2), turn) in maps.items():
-        moved = (r2 != r) | (c2 != c)
-        src = g[:, r[moved], c[moved]]
-        dst = g[:, r2[moved], c2[moved]]
-        out[name] = float(_rel(turn(src), dst).mean())
-    return out
+    errors = {name: [] for name in maps}
+    for d in range(psf.shape[0]):
+        g = np.asarray(psf[d]).reshape(n, n, *psf.shape[2:])  # [row, col, 3, k, k]
+        for name, ((r2, c2), turn) in maps.items():
+            moved = (r2 != r) | (c2 != c)
+            errors[name].append(_rel(turn(g[r[moved], c[moved]]), g[r2[moved], c2[moved]]))
+    return {name: float(np.concatenate(e).mean()) for name, e in errors.items()}
 
 
 def check_file(path) -> SymmetryCheck:
     """Check a finished grid file for rotational symmetry: prescription and PSFs."""
-    with h5py.File(path, "r", locking=False) as f:
+    with h5py.File(path, "r", locking=False) as f:  # one depth at a time: files may exceed RAM
         attrs = dict(f.attrs)
-        psf = f["grid/psf"][:]
+        psf = f["grid/psf"]
         idx = f["noise/index"][:]
-        noise_psf = f["noise/psf"][:]
+        n = int(round(np.sqrt(psf.shape[1])))
+        sx, sy = field_scale(sensor_size_mm(attrs))
+        errors = grid_symmetry_errors(psf, n, square=abs(sx - sy) < 1e-9)
+        pairs = [_rel(f["noise/psf"][d], psf[d][idx]) for d in range(psf.shape[0])] if len(idx) else []
     ok, reason = lens_symmetry(attrs["lens_json"])
-    n = int(round(np.sqrt(psf.shape[1])))
-    sx, sy = field_scale(sensor_size_mm(attrs))
-    errors = grid_symmetry_errors(psf, n, square=abs(sx - sy) < 1e-9)
-    noise = float(_rel(noise_psf, psf[:, idx]).mean()) if len(idx) else None
+    noise = float(np.concatenate(pairs).mean()) if pairs else None
     return SymmetryCheck(ok, reason, errors, noise)

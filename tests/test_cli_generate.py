@@ -190,3 +190,38 @@ def test_a_reader_holding_the_file_does_not_stop_the_writer(tiny_grid, tmp_path)
         reader.wait()
     with h5py.File(out) as f:
         assert (f["grid/psf"][0, :4] == 0.5).all()
+
+
+def _hold_lock(target, what):
+    """A separate process holding the run lock of ``target`` until killed."""
+    code = (f"import time, pathlib; from psfgen import locking\n"
+            f"with locking.exclusive(pathlib.Path({str(target)!r}), {what!r}):\n"
+            f"    print('held', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_writer_is_refused_naming_the_first_and_kill_9_frees_the_lock(tmp_path, tiny_grid):
+    out = tmp_path / "g.h5"
+    holder = _hold_lock(out, "psf generate")
+    try:
+        args = ["generate", "--out", str(out)] + [x for k, v in TINY.items() if k != "depths"
+                                                  for x in (f"--{k.replace('_', '-')}", str(v))] + ["--depths", "0.5,2"]
+        assert_one_line_error(CliRunner().invoke(main, args), f"{out} is being written by psf generate (pid {holder.pid})")
+        assert not out.exists()
+        run_dir = tmp_path / "run"
+        train_holder = _hold_lock(run_dir, "psf train")
+        try:
+            result = CliRunner().invoke(main, ["train", "--data", str(tiny_grid), "--run-dir", str(run_dir)])
+            assert_one_line_error(result, f"{run_dir} is being written by psf train (pid {train_holder.pid})")
+            assert not run_dir.exists()
+        finally:
+            train_holder.kill()
+            train_holder.wait()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # The kernel released the lock with the process: the same command now runs.
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output

@@ -398,3 +398,26 @@ def test_device_for_a_process_of_several():
         resolve_device("cuda:1", 0)
     if torch.cuda.is_available():
         assert resolve_device("cuda", 0) == torch.device("cuda:0")
+
+
+def test_a_run_from_before_the_canonical_frame_resumes_as_it_started(tiny_grid, tmp_path):
+    from psfcvae.train import OLDER_BEHAVIOUR
+
+    run_dir = tmp_path / "old"
+    train(small_config(tiny_grid, run_dir, max_steps=10, **OLDER_BEHAVIOUR))
+    ckpt = torch.load(run_dir / "latest.pt", weights_only=True)
+    new_args = ("frame", "supersample", "decoder_rank", "field_scale", "output", "relative_loss", "scale_weight")
+    for key in OLDER_BEHAVIOUR:
+        ckpt["config"].pop(key)
+    for key in new_args:
+        ckpt["model_args"].pop(key)
+    torch.save(ckpt, run_dir / "latest.pt")  # as the previous version wrote it
+    train(small_config(tiny_grid, run_dir, max_steps=20), resume=True)  # today's defaults: auto, 0.01, ...
+    resumed = torch.load(run_dir / "latest.pt", weights_only=True)
+    assert resumed["step"] == 20 and resumed["model_args"]["frame"] == "cartesian"
+    assert resumed["config"]["scale_weight"] == 0.0
+
+
+def test_canonical_frame_refuses_an_encoding_that_aliases_centre_and_corner(tiny_grid, tmp_path):
+    with pytest.raises(InputError, match="centre and the sensor corner"):
+        train(small_config(tiny_grid, tmp_path / "r", pe_scale=1.0))
