@@ -18,6 +18,14 @@ from . import checkpoint
 from .model import CVAE, ModelArgs
 
 
+def _positive_numbers(values) -> bool:
+    try:
+        v = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        return False
+    return v.ndim == 1 and v.size > 0 and bool(np.isfinite(v).all() and (v > 0).all())
+
+
 class PSFModel:
     """A trained CVAE with the ranges it was trained on, behind a coordinate API."""
 
@@ -42,10 +50,9 @@ class PSFModel:
 
     def conditions(self, x, y, depth_m=None, allow_extrapolation: bool = False) -> torch.Tensor:
         """cond [B, C] for field points x, y (scalars or [B]) and depth_m [m] (scalar or [B])."""
-        x = np.atleast_1d(np.asarray(x, dtype=np.float64))
-        y = np.atleast_1d(np.asarray(y, dtype=np.float64))
-        if x.shape != y.shape or x.ndim != 1:
-            raise InputError(f"x and y must be scalars or 1-D of one length, got shapes {x.shape} and {y.shape}")
+        x, y = _numbers("x", x), _numbers("y", y)
+        if x.shape != y.shape or x.ndim != 1 or x.size == 0:
+            raise InputError(f"x and y must be scalars or non-empty 1-D arrays of one length, got shapes {x.shape} and {y.shape}")
         if not (np.isfinite(x).all() and np.isfinite(y).all()):
             raise InputError("coordinates x and y must be finite numbers (got NaN or inf)")
         if not allow_extrapolation and (np.abs(x).max() > 1 or np.abs(y).max() > 1):
@@ -55,7 +62,10 @@ class PSFModel:
             if self.net.args.cond_dim == 3 and lo != hi:
                 raise InputError(f"this model was trained on depths {lo:g}-{hi:g} m: give depth_m")
             depth_m = lo
-        d = np.broadcast_to(np.asarray(depth_m, dtype=np.float64), x.shape)
+        d = _numbers("depth_m", depth_m)
+        if d.size not in (1, x.size) or d.ndim > 1:
+            raise InputError(f"depth_m must be one depth or one per point ({x.size}), got shape {d.shape}")
+        d = np.broadcast_to(d.reshape(-1), x.shape)
         if not np.isfinite(d).all() or (d <= 0).any():
             raise InputError("depth_m must be a positive, finite number of metres")
         # An (x, y) model does not use the depth, but a depth it never saw is still an extrapolation.
@@ -92,6 +102,14 @@ class PSFModel:
         return logvar.exp().mean(dim=1).sqrt()
 
 
+def _numbers(name: str, value) -> np.ndarray:
+    """``value`` as a float64 array of at least one dimension, or an InputError naming the argument."""
+    try:
+        return np.atleast_1d(np.asarray(value, dtype=np.float64))
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be a number or an array of numbers, got {value!r:.60}") from None
+
+
 def load_model(path: str | Path, device=None) -> PSFModel:
     """Load a checkpoint written by ``psf train`` (weights only, safe to load)."""
     ckpt = checkpoint.load(path)
@@ -100,6 +118,11 @@ def load_model(path: str | Path, device=None) -> PSFModel:
         net.load_state_dict(ckpt["model"])
     except (TypeError, KeyError, RuntimeError):
         raise InputError(f"checkpoint {path} does not match this version's network; retrain with this version") from None
+    missing = [k for k in ("step", "config", "data_fingerprint", "versions") if k not in ckpt]
+    depths = ckpt.get("data_fingerprint", {}).get("depths") if isinstance(ckpt.get("data_fingerprint"), dict) else None
+    if missing or not _positive_numbers(depths):
+        what = f"lacks '{missing[0]}'" if missing else "has no valid training depths"
+        raise InputError(f"checkpoint {path} {what}; it was not written by 'psf train' or was edited")
     info = {k: ckpt[k] for k in ("step", "config", "data_fingerprint", "versions")}
     info["path"] = str(path)
     model = PSFModel(net.eval(), info)

@@ -208,12 +208,23 @@ def evaluate(cfg: EvalConfig) -> dict:
         plots.std_map(out / "prior_std.png", std_map, mid, coords)
         images.append(("prior_std.png", "The prior's standard deviation over the field: the model's own uncertainty."))
 
-    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    (out / "metrics.json").write_text(json.dumps(_json_safe(result), indent=2, allow_nan=False))
     table = format_table(result)
     (out / "report.html").write_text(report_html(result, table, out, images))
     log.info("wrote %s", out / "report.html")
     result["table"] = table
     return result
+
+
+def _json_safe(value):
+    """NaN and inf become null: JSON has no token for them (a Spearman of too few points is NaN)."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
 
 
 def format_table(result: dict) -> str:

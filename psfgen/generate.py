@@ -8,7 +8,9 @@ resumes and ends identical, PSF for PSF, to an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -65,8 +67,14 @@ def trace_points(lens, xy: np.ndarray, depth_m: np.ndarray, spp: int, ks: int) -
     """
     points = np.concatenate([xy, -1000.0 * depth_m[:, None]], axis=1)  # DeepLens z [mm], negative
     points = torch.as_tensor(points, dtype=torch.float32, device=lens.device)
-    with torch.no_grad():
-        return lens.psf_rgb(points=points, ks=ks, spp=spp)
+    said = io.StringIO()
+    try:
+        # DeepLens prints notes ("Point source is too close...") on stdout, which is ours.
+        with torch.no_grad(), contextlib.redirect_stdout(said):
+            return lens.psf_rgb(points=points, ks=ks, spp=spp)
+    finally:
+        for line in dict.fromkeys(said.getvalue().splitlines()):  # once per distinct note
+            log.warning("deeplens: %s", line)
 
 
 def _block_points(block: Block, depths, coords, noise_idx, ho_coords, ho_depth):

@@ -64,7 +64,7 @@ def build_lens(lens_file: LensFile, device: torch.device, focus_m: float | None 
                 "from DeepLens's glass catalogs"
             ) from None
         raise InputError(f"lens file {lens_file.path}: {exc}") from None
-    except (KeyError, ValueError, TypeError, AssertionError, IndexError) as exc:
+    except Exception as exc:  # DeepLens raises bare Exception too (an unknown surface type): all mean a bad file
         detail = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc) or type(exc).__name__
         raise InputError(f"lens file {lens_file.path} is not a valid DeepLens lens: {detail}") from None
     finally:

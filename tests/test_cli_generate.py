@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -62,7 +63,11 @@ def bad_lenses(tmp_path):
     glass.write_text(json.dumps(data))
     nodir = tmp_path / "adir.json"
     nodir.mkdir()
-    return {"invalid": invalid, "glass": glass, "dir": nodir}
+    data = json.loads(Path(DEFAULT_LENS).read_text())
+    data["surfaces"][2]["type"] = "Wormhole"
+    wormhole = tmp_path / "wormhole.json"
+    wormhole.write_text(json.dumps(data))
+    return {"invalid": invalid, "glass": glass, "dir": nodir, "wormhole": wormhole}
 
 
 @pytest.mark.parametrize(
@@ -72,6 +77,7 @@ def bad_lenses(tmp_path):
         ({"lens": "@dir"}, ("cannot read lens file",)),
         ({"lens": "@invalid"}, ("not valid JSON",)),
         ({"lens": "@glass"}, ("unknown glass 'unobtainium'",)),
+        ({"lens": "@wormhole"}, ("not a valid DeepLens lens", "Wormhole")),
         ({"grid_size": 1}, ("grid_size must be at least 2",)),
         ({"depths": (0.0, 1.0)}, ("depths must be positive",)),
         ({"depths": None, "depth_min": -1.0}, ("depth_min must be positive",)),

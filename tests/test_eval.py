@@ -241,3 +241,32 @@ def test_xy_only_model_on_a_multi_depth_file(tiny_grid, tmp_path):
         model.psf(0.1, 0.2, 7.0)
     r = CliRunner().invoke(main, ["eval", "--checkpoint", str(run_dir / "latest.pt"), "--data", str(tiny_grid), "--out", str(tmp_path / "e")])
     assert r.exit_code == 0, r.output
+
+
+def test_api_names_the_bad_argument(tiny_run):
+    model = load_model(tiny_run / "latest.pt")
+    for kwargs, needle in ((dict(x=[], y=[], depth_m=1.0), "non-empty"),
+                           (dict(x=[0.1, 0.2], y=[0.1, 0.2], depth_m=[1.0, 1.0, 1.0]), "depth_m must be one depth or one per point"),
+                           (dict(x="left", y=0.1, depth_m=1.0), "x must be a number"),
+                           (dict(x=0.1, y=0.1, depth_m="far"), "depth_m must be a number")):
+        with pytest.raises(InputError, match=needle):
+            model.psf(**kwargs)
+
+
+def test_edited_checkpoints_are_refused_in_one_line(tiny_run, tmp_path):
+    ckpt = torch.load(tiny_run / "latest.pt", weights_only=True)
+    for edit, needle in ((lambda c: c.pop("versions"), "lacks 'versions'"),
+                         (lambda c: c["data_fingerprint"].update(depths=[]), "no valid training depths"),
+                         (lambda c: c["data_fingerprint"].update(depths="far"), "no valid training depths")):
+        bad = {**ckpt, "data_fingerprint": dict(ckpt["data_fingerprint"])}
+        edit(bad)
+        torch.save(bad, tmp_path / "bad.pt")
+        with pytest.raises(InputError, match=needle):
+            load_model(tmp_path / "bad.pt")
+
+
+def test_metrics_json_has_no_nan_tokens(tmp_path):
+    from psfcvae.evaluate import _json_safe
+
+    text = json.dumps(_json_safe({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": np.float64("nan")}}), allow_nan=False)
+    assert json.loads(text) == {"a": None, "b": [1.0, None], "c": {"d": None}}

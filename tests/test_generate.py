@@ -155,3 +155,19 @@ def test_run_params_ignore_where_it_runs(tmp_path):
     # A depth range is stored as the resolved list, spaced uniformly in 1/depth.
     r = tiny_config(tmp_path / "c.h5", depths=None, depth_min=0.5, depth_max=2.0, num_depths=3)
     np.testing.assert_allclose(1 / r.depth_values(), [2.0, 1.25, 0.5])
+
+
+def test_deeplens_notes_during_tracing_go_to_the_log(capsys, caplog):
+    from psfgen.generate import trace_points
+
+    class Talkative:  # stands in for the lens only to check where its prints go
+        device = "cpu"
+
+        def psf_rgb(self, points, ks, spp):
+            print("Point source is too close, pinhole model may be inaccurate")
+            return torch.zeros(len(points), 3, ks, ks)
+
+    with caplog.at_level("WARNING", logger="psfgen.generate"):
+        out = trace_points(Talkative(), np.zeros((2, 2)), np.ones(2), 10, 4)
+    assert out.shape == (2, 3, 4, 4) and capsys.readouterr().out == ""
+    assert "deeplens: Point source is too close" in caplog.text
