@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 
+from psfgen import tempfiles
 from psfgen.errors import InputError
 from psfgen.store import GridInfo
 
@@ -30,13 +31,13 @@ def data_fingerprint(info: GridInfo) -> dict:
 def save(path: Path, payload: dict) -> None:
     """Write to a temporary file in the same directory, then rename: never a torn file."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tempfiles.remove_stale(path)
+    tmp = tempfiles.temp_path(path)
     try:
         torch.save({"format": FORMAT, "schema_version": SCHEMA_VERSION, **payload}, tmp)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tempfiles.discard(tmp)
         raise
 
 
@@ -45,7 +46,9 @@ def load(path: str | Path, map_location="cpu") -> dict:
     if not path.is_file():
         raise InputError(f"checkpoint {path} does not exist; give a .pt file written by 'psf train'")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about some files it then refuses: one line is ours to print
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception:  # torch raises many types for a file that is not a checkpoint
         raise InputError(f"{path} is not a readable psf-cvae checkpoint; give a .pt file written by 'psf train'") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:

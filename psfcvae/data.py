@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from psfgen.errors import InputError
 from psfgen.store import GridInfo
 
 log = logging.getLogger(__name__)
@@ -170,6 +171,24 @@ def make_loader(dataset: GridBatches, start: int, num_workers: int, pin_memory: 
         # which training saves and restores for --resume.
         generator=torch.Generator().manual_seed(0),
     )
+
+
+def check_grid_content(path: str) -> None:
+    """Refuse grid PSFs a model must not learn from, naming the first bad one: NaN or inf,
+    negative values, or a channel with no energy. One depth at a time."""
+    with h5py.File(path, "r") as f:
+        dset, depths = f["grid/psf"], f["depths"][:]
+        for d in range(dset.shape[0]):
+            psf = dset[d]  # [P, 3, k, k]
+            for bad, what in ((~np.isfinite(psf), "NaN or inf values"), (psf < 0, "negative values"),
+                              ((psf.sum(axis=(-2, -1)) <= 0)[..., None, None], "a channel with no energy")):
+                hit = np.argwhere(bad.reshape(bad.shape[0], 3, -1).any(axis=-1))
+                if len(hit):
+                    p, c = hit[0]
+                    raise InputError(
+                        f"{path}: the grid PSF at point {p}, depth {depths[d]:g} m, channel {'RGB'[c]} has {what} "
+                        f"({len(hit)} channel PSFs at this depth); regenerate the file or remove those points"
+                    )
 
 
 def read_grid_depth(path: str, depth: int) -> np.ndarray:

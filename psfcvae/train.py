@@ -33,7 +33,7 @@ from psfgen.store import GridInfo, open_info, require_complete
 
 from . import checkpoint
 from .config import TrainConfig
-from .data import Conditions, GridBatches, make_loader, read_grid_depth, read_grid_meta, read_heldout
+from .data import Conditions, check_grid_content, GridBatches, make_loader, read_grid_depth, read_grid_meta, read_heldout
 from .images import mosaic
 from .metrics import rel_l2
 from .model import CVAE, ModelArgs
@@ -174,6 +174,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         raise InputError("no data file given; pass --data grid.h5 (written by 'psf generate')")
     info = open_info(cfg.data)
     require_complete(info)
+    check_grid_content(info.path)
     run_dir = Path(cfg.run_dir)
     if resume:
         cfg = _with_the_runs_own_new_keys(cfg, run_dir / "latest.pt")

@@ -17,7 +17,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from . import store
+from . import store, tempfiles
 from .errors import InputError
 from .provenance import now
 
@@ -93,7 +93,8 @@ def merge(paths: list[str], out: str | Path, overwrite: bool = False, virtual: b
     blocks = [store.Block.from_row(r) for r in fixed["blocks/table"]]
 
     # Built beside the output under a private name, renamed onto it only when complete.
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.merging")
+    tempfiles.remove_stale(out)
+    tmp = tempfiles.temp_path(out)
     try:
         if virtual:
             _write_virtual(tmp, attrs, fixed, shapes, blocks, infos, out.parent)
@@ -116,8 +117,11 @@ def merge(paths: list[str], out: str | Path, overwrite: bool = False, virtual: b
                     h.close()
             store.set_attrs(tmp, trace_seconds=trace_seconds)
         os.replace(tmp, out)
+    except OSError as exc:
+        tempfiles.discard(tmp)
+        raise InputError(f"cannot write {out}: {exc.strerror or exc}; choose a writable --out") from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        tempfiles.discard(tmp)
         raise
     log.info("merged %d shards into %s%s", n, out, " (virtual datasets)" if virtual else "")
     return out

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+from . import tempfiles
 from .errors import InputError
 
 FORMAT = "psf-cvae.grid"
@@ -76,8 +76,8 @@ def create(path: Path, *, attrs: dict, arrays: dict, sizes: dict, blocks: list[B
     sizes: D, P, S, M, k: shapes of the PSF datasets to allocate.
     """
     D, P, S, M, k = (sizes[x] for x in ("D", "P", "S", "M", "k"))
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tempfiles.remove_stale(path)
+    tmp = tempfiles.temp_path(path)
     try:
         with h5py.File(tmp, "w") as f:
             for key, value in attrs.items():
@@ -98,7 +98,7 @@ def create(path: Path, *, attrs: dict, arrays: dict, sizes: dict, blocks: list[B
             _early(f, "blocks/seconds", (len(blocks),), np.float64, zero_fill=True)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tempfiles.discard(tmp)
         raise
 
 
@@ -187,7 +187,7 @@ def open_info(path: str | Path) -> GridInfo:
                     f"{path} maps shard files that are missing ({', '.join(missing)}); put them back beside it "
                     "or merge again without --virtual"
                 )
-        params = json.loads(attrs["run_params"])
+        params = _checked_structure(f, attrs, path)
         done = f["blocks/done"][:]
         shard = None
         if "shard_count" in attrs:
@@ -209,6 +209,61 @@ def open_info(path: str | Path) -> GridInfo:
             attrs=attrs,
             shard=shard,
         )
+
+
+REQUIRED = ("depths", "wvln", "grid/coords", "grid/neighbors", "grid/psf", "grid/border", "noise/index", "noise/psf",
+            "heldout/coords", "heldout/depth", "heldout/at_grid_depth", "heldout/psf_a", "heldout/psf_b",
+            "blocks/table", "blocks/done", "blocks/seconds")
+
+
+def _checked_structure(f: h5py.File, attrs: dict, path: Path) -> dict:
+    """The file's run parameters, after checking every dataset and index a reader relies on.
+
+    One place, so that a damaged or hand-edited file is one clear line, not a traceback
+    deep inside training or evaluation.
+    """
+    def damaged(what: str) -> InputError:
+        return InputError(f"{path} is damaged: {what}; regenerate it with 'psf generate' (or restore the file)")
+
+    missing = [name for name in REQUIRED if name not in f]
+    if missing:
+        raise damaged(f"dataset {missing[0]} is missing")
+    for key in ("run_params", "config", "run_id", "lens_json", "lens_sha256", "versions"):
+        if key not in attrs:
+            raise damaged(f"attribute {key} is missing")
+    try:
+        params = json.loads(attrs["run_params"])
+        json.loads(attrs["config"])
+        n, k = int(params["grid_size"]), int(params["ks_small"])
+        int(params["spp"]), int(params["heldout_spp"])
+    except (ValueError, TypeError, KeyError):
+        raise damaged("its run_params or config attribute is not the JSON psf generate writes") from None
+    depths = f["depths"][:]
+    P = n * n
+    D = len(depths)
+    if D == 0 or not (np.isfinite(depths).all() and (depths > 0).all()):
+        raise damaged("depths must be positive metres")
+    shapes = {"grid/coords": (P, 2), "grid/psf": (D, P, 3, k, k), "grid/border": (D, P, 3)}
+    for name, shape in shapes.items():
+        if f[name].shape != shape:
+            raise damaged(f"{name} has shape {f[name].shape}, expected {shape}")
+    coords = f["grid/coords"][:]
+    if not np.isfinite(coords).all():
+        raise damaged("grid/coords holds NaN or inf")
+    for name in ("noise/index", "grid/neighbors"):
+        idx = f[name][:]
+        if idx.size and (idx.min() < 0 or idx.max() >= P):
+            raise damaged(f"{name} holds {int(idx.min() if idx.min() < 0 else idx.max())}, outside the {P} grid points")
+    S = f["noise/index"].shape[0]
+    if f["noise/psf"].shape != (D, S, 3, k, k):
+        raise damaged(f"noise/psf has shape {f['noise/psf'].shape}, expected {(D, S, 3, k, k)}")
+    M = f["heldout/coords"].shape[0]
+    for name, shape in (("heldout/psf_a", (M, 3, k, k)), ("heldout/psf_b", (M, 3, k, k)), ("heldout/depth", (M,))):
+        if f[name].shape != shape:
+            raise damaged(f"{name} has shape {f[name].shape}, expected {shape}")
+    if f["blocks/done"].shape[0] != f["blocks/table"].shape[0]:
+        raise damaged("blocks/done and blocks/table differ in length")
+    return params
 
 
 def require_complete(info: GridInfo) -> None:

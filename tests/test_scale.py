@@ -125,3 +125,32 @@ def test_virtual_merge_refuses_to_read_when_a_shard_is_gone(three_shards, tmp_pa
     merged = merge([str(p) for p in copies], d / "virtual.h5", virtual=True)
     Path(copies[1]).unlink()
     assert_one_line_error(CliRunner().invoke(main, ["info", str(merged)]), "missing", Path(copies[1]).name)
+
+
+def test_stale_temporary_files_are_removed_and_a_failed_merge_says_why(three_shards, tmp_path, monkeypatch):
+    from psfgen import store
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid names files of a process that is gone
+    out = tmp_path / "merged.h5"
+    stale = [tmp_path / f".merged.h5.{dead.pid}.tmp", tmp_path / ".merged.h5.4194305.tmp"]  # above any pid_max
+    for p in stale:
+        p.write_bytes(b"x" * 1000)
+    live = tmp_path / f".merged.h5.{os.getppid()}.tmp"  # a process that exists: not ours to delete
+    live.write_bytes(b"x")
+    merge([str(p) for p in three_shards], out)
+    assert out.exists() and not any(p.exists() for p in stale) and live.exists()
+
+    # A write that fails (a read-only or full directory) is one line, and its clean-up's
+    # own failure does not hide it.
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(store, "create", refuse)
+    monkeypatch.setattr(Path, "unlink", refuse)
+    result = CliRunner().invoke(main, ["merge", *map(str, three_shards), "--out", str(tmp_path / "again.h5")])
+    assert_one_line_error(result, "cannot write", "Permission denied", "writable --out")
+
+
+def test_checkpoints_leave_no_temporary_files(tiny_run):
+    assert [p.name for p in tiny_run.iterdir() if p.name.endswith(".tmp")] == []

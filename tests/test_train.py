@@ -199,15 +199,38 @@ def test_resume_with_cosine_schedule_after_a_crash(tiny_grid, tmp_path, monkeypa
     assert ((resumed / "latest.pt").read_bytes(), sorted((resumed / "tb").rglob("*"))) == before
 
 
-def test_non_finite_loss_stops_naming_the_step(tiny_grid, tmp_path):
+def test_bad_grid_data_is_named_and_a_non_finite_loss_stops_naming_the_step(tiny_grid, tmp_path, monkeypatch):
     bad = tmp_path / "nan.h5"
     shutil.copy(tiny_grid, bad)
-    with h5py.File(bad, "r+") as f:
-        f["grid/psf"][1, 3] = np.nan
-    result = CliRunner().invoke(main, ["train", "--data", str(bad), "--run-dir", str(tmp_path / "r")]
-                                + [x for k, v in SMALL.items() for x in ("--set", f"{k}={v}")])
-    assert result.exit_code == 1
-    assert "non-finite at step" in result.stderr and "Traceback" not in result.output
+    sets = [x for k, v in SMALL.items() for x in ("--set", f"{k}={v}")]
+    for value, what in ((np.nan, "NaN or inf"), (-0.01, "negative values"), (0.0, "no energy")):
+        with h5py.File(bad, "r+") as f:
+            f["grid/psf"][:] = f["grid/psf"][:].clip(0, None) if value else f["grid/psf"][:]
+            f["grid/psf"][1, 3] = value
+        result = CliRunner().invoke(main, ["train", "--data", str(bad), "--run-dir", str(tmp_path / "r")] + sets)
+        assert_one_line_error(result, "point 3, depth 2 m, channel R", what)
+        assert not (tmp_path / "r").exists()
+        shutil.copy(tiny_grid, bad)
+    from psfcvae import model as model_module
+    from psfcvae.train import TrainingError
+
+    monkeypatch.setattr(model_module, "recon_loss", lambda *a, **k: torch.tensor(float("nan")))
+    with pytest.raises(TrainingError, match="loss became non-finite at step 1"):
+        train(small_config(tiny_grid, tmp_path / "r2"))
+
+
+def test_damaged_grid_files_are_one_line(tiny_grid, tmp_path):
+    bad = tmp_path / "bad.h5"
+    for edit, needle in ((lambda f: f.__delitem__("grid/psf"), "dataset grid/psf is missing"),
+                         (lambda f: f.attrs.__setitem__("run_params", "{not json"), "run_params"),
+                         (lambda f: f["noise/index"].__setitem__(0, 99), "noise/index holds 99"),
+                         (lambda f: f["grid/neighbors"].__setitem__((0, 1), -5), "grid/neighbors holds -5")):
+        shutil.copy(tiny_grid, bad)
+        with h5py.File(bad, "r+") as f:
+            edit(f)
+        for args in (["info", str(bad)], _train_args(bad, tmp_path / "r")):
+            assert_one_line_error(CliRunner().invoke(main, args), "is damaged", needle)
+        assert not (tmp_path / "r").exists()
 
 
 def test_non_finite_weights_are_never_saved_or_loaded(tiny_grid, tiny_run, tmp_path, monkeypatch):
