@@ -7,3 +7,7 @@ class InputError(ValueError):
     The message is one line that names the problem and says what to do; the CLI
     prints it as is and exits with code 2.
     """
+
+
+class DamagedFile(InputError):
+    """A file of ours whose structure is broken (a dataset missing, an index out of range)."""

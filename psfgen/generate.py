@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -22,10 +23,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import locking, store
+from . import locking, store, tempfiles
 from .config import GenerateConfig
 from .configio import to_json
-from .errors import InputError
+from .errors import DamagedFile, InputError
 from .grid import grid_coords, heldout_points, neighbour_pairs, noise_indices
 from .lens import build_lens, read_lens_file, resolve_device
 from .provenance import now, versions
@@ -113,6 +114,45 @@ def shard_path(out: Path, k: int, n: int) -> Path:
     return out.with_name(f"{out.stem}.shard{k:04d}-of-{n:04d}{out.suffix}")
 
 
+BYTES_PER_RAY = 400  # traced ray state on the device, measured: 1.9 GiB peak at 4e6 rays (README), with margin
+BYTES_PER_GRID_POINT = 200  # coordinates, neighbour table and their intermediates in RAM
+
+
+def memory_needed(cfg: GenerateConfig) -> tuple[int, int]:
+    """(bytes of one traced block on the tracing device, bytes of the grid's tables in RAM)."""
+    points = max(1, cfg.block_rays // cfg.spp)
+    rays = points * max(cfg.spp, cfg.heldout_half_spp())
+    block = rays * BYTES_PER_RAY + points * 3 * cfg.ks * cfg.ks * 4 * 4  # kernels: a few float32 copies
+    return block, cfg.grid_size**2 * BYTES_PER_GRID_POINT
+
+
+def check_memory(cfg: GenerateConfig, device: torch.device) -> None:
+    """Refuse, before anything is traced or written, a run whose blocks or tables cannot fit."""
+    block, tables = memory_needed(cfg)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else ram
+    gib = 2.0**30
+    if tables > ram:
+        raise InputError(f"grid_size {cfg.grid_size} needs about {tables / gib:.1f} GiB of memory for its tables, "
+                         f"this machine has {ram / gib:.1f} GiB; choose a smaller --grid-size")
+    if block > memory:
+        raise InputError(
+            f"one block of spp {cfg.spp} (held-out {cfg.heldout_half_spp()} per half) with a {cfg.ks}-px kernel needs "
+            f"about {block / gib:.1f} GiB on {device}, which has {memory / gib:.1f} GiB; lower --spp, --heldout-spp, "
+            "--kernel-size or --block-rays"
+        )
+
+
+def _check_disk(out: Path, sizes: dict, share: float) -> None:
+    """Refuse a new file whose PSFs would not fit on the disk (they are written block by block)."""
+    D, P, S, M, k = (sizes[x] for x in ("D", "P", "S", "M", "k"))
+    need = share * 4 * (3 * k * k + 3) * (D * P + D * S + 2 * M)
+    free = shutil.disk_usage(out.parent).free
+    if need > free:
+        raise InputError(f"{out} will need about {need / 2**30:.2f} GiB and {out.parent} has {free / 2**30:.2f} GiB "
+                         "free; free space or choose another --out")
+
+
 def _make_parent(out: Path) -> None:
     if out.is_dir():
         raise InputError(f"output {out} is a directory; give a file path for --out")
@@ -130,11 +170,14 @@ def _check_output(cfg: GenerateConfig, out: Path, run_id: str) -> bool:
         return False
     try:
         info = store.open_info(out)
+    except DamagedFile as exc:
+        raise InputError(f"{exc}; or pass --overwrite to trace it again from the start") from None
     except InputError:
-        raise InputError(
-            f"{out} exists and is not a psf-cvae grid file from this run; choose another --out "
-            "or pass --overwrite to replace it"
-        ) from None
+        with open(out, "rb") as fh:
+            ours = fh.read(8) == b"\x89HDF\r\n\x1a\n"
+        what = ("is an HDF5 file that cannot be read (damaged, e.g. by a write that failed)" if ours
+                else "exists and is not a psf-cvae grid file from this run")
+        raise InputError(f"{out} {what}; choose another --out or pass --overwrite to replace it") from None
     if info.run_id != run_id:
         raise InputError(
             f"{out} holds another run (different parameters or lens); choose another --out "
@@ -154,6 +197,7 @@ def generate(cfg: GenerateConfig) -> Path:
     out = Path(cfg.out) if shard is None else shard_path(Path(cfg.out), *shard)
     local_rank = int(os.environ["LOCAL_RANK"]) if shard is not None and "LOCAL_RANK" in os.environ else None
     device = resolve_device(cfg.device, local_rank)
+    check_memory(cfg, device)
     _make_parent(out)
     with locking.exclusive(out, "psf generate"):  # from the check of the file to the last block
         return _trace_all(cfg, out, run_id, params, lens_file, shard, device, t_start)
@@ -216,6 +260,7 @@ def _trace_all(cfg, out: Path, run_id: str, params: dict, lens_file, shard, devi
             "heldout/at_grid_depth": ho_at,
         }
         sizes = dict(D=len(depths), P=N * N, S=cfg.noise_points, M=cfg.heldout, k=cfg.ks_small)
+        _check_disk(out, sizes, 1.0 if shard is None else 1.0 / shard[1])
         try:
             store.create(out, attrs=attrs, arrays=arrays, sizes=sizes, blocks=blocks)
         except OSError as exc:
@@ -226,20 +271,23 @@ def _trace_all(cfg, out: Path, run_id: str, params: dict, lens_file, shard, devi
     todo = [i for i in range(len(blocks)) if mine[i] and not done[i]]
     total = sum(blocks[i].stop - blocks[i].start for i in todo)
     quiet = not log.isEnabledFor(logging.INFO)
-    with tqdm(total=total, unit="PSF", desc="tracing", disable=True if quiet else None, dynamic_ncols=True) as bar:
-        for i in todo:
-            block = blocks[i]
-            xy, depth_m = _block_points(block, depths, coords, noise_idx, ho_coords, ho_depth)
-            spp = cfg.spp if block.kind in ("grid", "noise") else cfg.heldout_half_spp()
-            t0 = time.perf_counter()
-            torch.manual_seed(block_seed(cfg.seed, block))
-            psf = trace_points(lens, xy, depth_m, spp, cfg.ks)  # [B, 3, ks, ks]
-            small = downsample(psf, cfg.ks_small).cpu().numpy()  # [B, 3, k, k]
-            border = border_fraction(psf).cpu().numpy()  # [B, 3]
-            seconds = time.perf_counter() - t0
-            store.write_block(out, i, block, small, border, seconds)
-            log.debug("block %d/%d done (%s, depth %d, points %d:%d)", i + 1, len(blocks), block.kind, block.depth, block.start, block.stop)
-            bar.update(block.stop - block.start)
+    traced = 0
+    try:
+        with tqdm(total=total, unit="PSF", desc="tracing", disable=True if quiet else None, dynamic_ncols=True) as bar:
+            for i in todo:
+                block = blocks[i]
+                xy, depth_m = _block_points(block, depths, coords, noise_idx, ho_coords, ho_depth)
+                spp = cfg.spp if block.kind in ("grid", "noise") else cfg.heldout_half_spp()
+                torch.manual_seed(block_seed(cfg.seed, block))
+                _trace_block(lens, out, i, block, xy, depth_m, spp, cfg)
+                traced += 1
+                log.debug("block %d/%d done (%s, depth %d, points %d:%d)", i + 1, len(blocks), block.kind, block.depth,
+                          block.start, block.stop)
+                bar.update(block.stop - block.start)
+    except InputError:
+        if not resume and traced == 0:  # a file this run created holds nothing yet: leave no trace of it
+            tempfiles.discard(out)
+        raise
 
     with h5py.File(out, "r") as f:
         trace_seconds = float(f["blocks/seconds"][:].sum())
@@ -248,6 +296,44 @@ def _trace_all(cfg, out: Path, run_id: str, params: dict, lens_file, shard, devi
     _warn_truncation(border, cfg)
     log.info("wrote %s", out)
     return out
+
+
+def _trace_block(lens, out: Path, index: int, block: Block, xy: np.ndarray, depth_m: np.ndarray, spp: int,
+                 cfg: GenerateConfig) -> None:
+    """Trace one block (xy [B, 2], depth_m [B] m), check it, downsample it and write it with its done mark."""
+    t0 = time.perf_counter()
+    where = f"{block.kind} points {block.start}-{block.stop - 1} at {_depths_text(depth_m)}"
+    try:
+        psf = trace_points(lens, xy, depth_m, spp, cfg.ks)  # [B, 3, ks, ks]
+    except (RuntimeError, ValueError, AssertionError, MemoryError) as exc:  # DeepLens's and torch's
+        raise InputError(f"tracing {where} failed: {str(exc).splitlines()[0][:200] or type(exc).__name__}; "
+                         "finished blocks are kept: fix the cause and run the same command again") from None
+    small = downsample(psf, cfg.ks_small).cpu().numpy()  # [B, 3, k, k]
+    _refuse_dark(small, xy, depth_m, where)
+    border = border_fraction(psf).cpu().numpy()  # [B, 3]
+    try:
+        store.write_block(out, index, block, small, border, time.perf_counter() - t0)
+    except OSError as exc:
+        raise InputError(f"cannot write {out} ({exc.strerror or exc}, e.g. a full disk); the blocks "
+                         "finished before are kept: free space and run the same command again") from None
+
+
+def _depths_text(depth_m: np.ndarray) -> str:
+    lo, hi = float(np.min(depth_m)), float(np.max(depth_m))
+    return f"{lo:g} m" if lo == hi else f"{lo:g}-{hi:g} m"
+
+
+def _refuse_dark(psf: np.ndarray, xy: np.ndarray, depth_m: np.ndarray, where: str) -> None:
+    """A channel that received no ray is no PSF (DeepLens returns zeros): refuse it by name."""
+    energy = psf.sum(axis=(-2, -1))
+    dark = np.argwhere(~(energy > 0))  # [n, 2] (point in block, channel); NaN counts as dark
+    if len(dark):
+        p, c = dark[0]
+        raise InputError(
+            f"no ray of channel {'RGB'[c]} reached the sensor window from ({xy[p][0]:+.3f}, {xy[p][1]:+.3f}) at "
+            f"{depth_m[p]:g} m ({len(dark)} dark channel PSFs among {where}): the lens vignettes that field point "
+            "completely or the depth is outside its range; check the lens file's apertures and --depths"
+        )
 
 
 def _warn_truncation(border: np.ndarray, cfg: GenerateConfig) -> None:

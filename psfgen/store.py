@@ -34,7 +34,7 @@ import h5py
 import numpy as np
 
 from . import tempfiles
-from .errors import InputError
+from .errors import DamagedFile, InputError
 
 FORMAT = "psf-cvae.grid"
 SCHEMA_VERSION = 1
@@ -222,8 +222,8 @@ def _checked_structure(f: h5py.File, attrs: dict, path: Path) -> dict:
     One place, so that a damaged or hand-edited file is one clear line, not a traceback
     deep inside training or evaluation.
     """
-    def damaged(what: str) -> InputError:
-        return InputError(f"{path} is damaged: {what}; regenerate it with 'psf generate' (or restore the file)")
+    def damaged(what: str) -> DamagedFile:
+        return DamagedFile(f"{path} is damaged: {what}; regenerate it with 'psf generate' (or restore the file)")
 
     missing = [name for name in REQUIRED if name not in f]
     if missing:

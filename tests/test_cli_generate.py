@@ -231,3 +231,56 @@ def test_a_second_writer_is_refused_naming_the_first_and_kill_9_frees_the_lock(t
     # The kernel released the lock with the process: the same command now runs.
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    "change, needles",
+    [
+        ({"spp": 10**12, "heldout_spp": 4 * 10**12}, ("one block of spp 1000000000000", "GiB", "lower --spp")),
+        ({"ks": 100_000}, ("100000-px kernel", "GiB")),
+        ({"grid_size": 100_000, "noise_points": 4}, ("grid_size 100000 needs about", "smaller --grid-size")),
+        ({"depths": (1e30,)}, ("tracing grid points 0-3 at 1e+30 m failed",)),
+        ({"depths": (1e-9,)}, ("no ray of channel", "at 1e-09 m", "vignettes", "--depths")),
+    ],
+)
+def test_what_cannot_be_traced_is_refused_in_one_line_leaving_no_file(tmp_path, change, needles):
+    assert_one_line_error(run_cli(tiny_args(tmp_path / "g.h5", **change)), *needles)
+    assert not (tmp_path / "g.h5").exists() and list(tmp_path.glob("*.tmp")) == []
+
+
+def test_a_full_disk_is_one_line_and_the_same_command_resumes(tmp_path, tiny_grid, monkeypatch):
+    import shutil as sh
+
+    from psfgen import store
+
+    out = tmp_path / "g.h5"
+    real_usage = sh.disk_usage
+    monkeypatch.setattr(sh, "disk_usage", lambda p: real_usage(p)._replace(free=1000))
+    assert_one_line_error(run_cli(tiny_args(out)), "will need about", "free space or choose another --out")
+    assert not out.exists()
+    monkeypatch.setattr(sh, "disk_usage", real_usage)
+    write, calls = store.write_block, []
+
+    def fills_up(*args, **kwargs):  # the disk fills up at the third block
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(store, "write_block", fills_up)
+    assert_one_line_error(run_cli(tiny_args(out)), "No space left on device", "run the same command again")
+    monkeypatch.setattr(store, "write_block", write)
+    assert run_cli(tiny_args(out)).exit_code == 0  # resumes: the two finished blocks are kept
+    with h5py.File(out) as a, h5py.File(tiny_grid) as b:
+        np.testing.assert_array_equal(a["grid/psf"][:], b["grid/psf"][:])
+
+
+def test_a_damaged_file_is_named_damaged_not_foreign(tmp_path, tiny_grid):
+    out = tmp_path / "g.h5"
+    sh_copy = __import__("shutil").copy
+    sh_copy(tiny_grid, out)
+    with h5py.File(out, "r+") as f:
+        del f["noise/psf"]
+    assert_one_line_error(run_cli(tiny_args(out)), "is damaged: dataset noise/psf is missing", "--overwrite")
+    out.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)  # an HDF5 signature and nothing readable after it
+    assert_one_line_error(run_cli(tiny_args(out)), "cannot be read (damaged", "--overwrite")

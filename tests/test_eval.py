@@ -270,3 +270,20 @@ def test_metrics_json_has_no_nan_tokens(tmp_path):
 
     text = json.dumps(_json_safe({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": np.float64("nan")}}), allow_nan=False)
     assert json.loads(text) == {"a": None, "b": [1.0, None], "c": {"d": None}}
+
+
+def test_sample_cli_refuses_nan_and_a_protocol_4_pickle_in_one_line(tiny_run, tmp_path):
+    import pickle
+    import warnings
+
+    ck = str(tiny_run / "latest.pt")
+    run = lambda *a: CliRunner().invoke(main, ["sample", "--checkpoint", *a])  # noqa: E731
+    assert_one_line_error(run(ck, "--coords", "nan,0.1", "--depth", "1", "--out", str(tmp_path / "a.npy")), "finite")
+    assert_one_line_error(run(ck, "--coords", "0.1,0.1", "--depth", "nan", "--out", str(tmp_path / "b.npy")), "depth_m")
+    assert not list(tmp_path.glob("*.npy"))
+    with open(tmp_path / "p4.pt", "wb") as f:
+        pickle.dump({"format": "psf-cvae.checkpoint"}, f, protocol=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")  # torch's warning would show if it were not silenced
+        result = run(str(tmp_path / "p4.pt"), "--coords", "0,0", "--out", str(tmp_path / "c.npy"))
+    assert_one_line_error(result, "not a readable psf-cvae checkpoint")
