@@ -219,8 +219,9 @@ def _parse_coords(text: str) -> list[tuple[float, float]]:
 @click.option("--out", type=str, required=True, help="Output: .npy (array), .h5 (array + coordinates) or .png (mosaic for --grid, a row otherwise).")
 @click.option("--allow-extrapolation", is_flag=True, help="Accept coordinates or depths outside the trained range.")
 @click.option("--device", type=str, default="auto", show_default=True, help="auto, cpu, cuda or cuda:K.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 @user_errors
-def sample(checkpoint, coords, grid_m, depth, mode, out, allow_extrapolation, device):
+def sample(checkpoint, coords, grid_m, depth, mode, out, allow_extrapolation, device, overwrite):
     """PSFs at arbitrary field points (or a dense map) from a trained model."""
     import numpy as np
 
@@ -234,7 +235,15 @@ def sample(checkpoint, coords, grid_m, depth, mode, out, allow_extrapolation, de
     if suffix not in (".npy", ".h5", ".png"):
         raise click.BadParameter(f"unknown output type {suffix!r}; use .npy, .h5 or .png", param_hint="--out")
     pts = np.array(_parse_coords(coords)) if coords is not None else None
-    path = sample_psfs(checkpoint, out, pts, grid_m, depth, mode, allow_extrapolation, device)
+    try:
+        path = sample_psfs(checkpoint, out, pts, grid_m, depth, mode, allow_extrapolation, device, overwrite)
+    except InputError as exc:  # the API's argument names, in the options this command takes
+        words = {"allow_extrapolation=True": "--allow-extrapolation", "give depth_m": "give --depth",
+                 "depth_m": "--depth", "coordinates x and y": "--coords"}
+        message = str(exc)
+        for api, option in words.items():
+            message = message.replace(api, option)
+        raise InputError(message) from None
     click.echo(str(path))
 
 

@@ -86,9 +86,14 @@ class PSFModel:
             raise InputError(f"n_samples must be at least 1, got {n_samples}")
         cond = self.conditions(x, y, depth_m, allow_extrapolation)
         if mode == "mean":
-            return self.net.sample_from_prior(cond, mean=True)
-        draws = torch.stack([self.net.sample_from_prior(cond) for _ in range(n_samples)], dim=1)
-        return draws[:, 0] if n_samples == 1 else draws
+            out = self.net.sample_from_prior(cond, mean=True)
+        else:
+            draws = torch.stack([self.net.sample_from_prior(cond) for _ in range(n_samples)], dim=1)
+            out = draws[:, 0] if n_samples == 1 else draws
+        if not torch.isfinite(out).all():  # far outside the trained range the encoding can overflow
+            raise InputError("the model gives no finite PSF at these coordinates or depths (too far outside the "
+                             "trained range to extrapolate); bring them closer to the field and the trained depths")
+        return out
 
     @torch.no_grad()
     def sample_from_prior(self, coords) -> torch.Tensor:

@@ -43,6 +43,8 @@ def save(path: Path, payload: dict) -> None:
 
 def load(path: str | Path, map_location="cpu") -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"checkpoint {path} is a directory; give a .pt file in it (latest.pt or best.pt)")
     if not path.is_file():
         raise InputError(f"checkpoint {path} does not exist; give a .pt file written by 'psf train'")
     try:

@@ -9,6 +9,9 @@ from dataclasses import dataclass
 from psfgen.errors import InputError
 
 
+MAX_FREQUENCIES = 24  # band 2^23 pi: beyond it sin(2^l pi c) is noise at float32 precision
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Defaults: the spec's network with the training choices that make its prior mean beat
@@ -71,8 +74,11 @@ class TrainConfig:
             raise InputError(f"config key 'warmup_steps' must be 0 or more, got {self.warmup_steps}")
         if self.grid_size is not None and self.grid_size < 2:
             raise InputError(f"config key 'grid_size' must be at least 2, got {self.grid_size}")
-        if self.num_frequencies < 0:
-            raise InputError(f"config key 'num_frequencies' must be 0 or more, got {self.num_frequencies}")
+        if not 0 <= self.num_frequencies <= MAX_FREQUENCIES:
+            raise InputError(
+                f"config key 'num_frequencies' must be between 0 and {MAX_FREQUENCIES}, got {self.num_frequencies} "
+                "(finer bands oscillate faster than float32 resolves a coordinate)"
+            )
         if self.num_workers < 0:
             raise InputError(f"config key 'num_workers' must be 0 or more, got {self.num_workers}")
         if self.decoder_rank is not None and self.decoder_rank < 1:

@@ -174,9 +174,14 @@ def make_loader(dataset: GridBatches, start: int, num_workers: int, pin_memory: 
 
 
 def check_grid_content(path: str) -> None:
-    """Refuse grid PSFs a model must not learn from, naming the first bad one: NaN or inf,
-    negative values, or a channel with no energy. One depth at a time."""
-    with h5py.File(path, "r") as f:
+    """Refuse grid PSFs a model must not learn from (or be measured against), naming the first
+    bad one: NaN or inf, negative values, or a channel with no energy; the held-out and noise
+    PSFs must be finite and non-negative. The grid one depth at a time."""
+    with h5py.File(path, "r") as f, np.errstate(all="ignore"):  # garbage values must not print warnings first
+        for name in ("heldout/psf_a", "heldout/psf_b", "noise/psf"):
+            values = f[name][:]
+            if not (np.isfinite(values).all() and (values >= 0).all()):
+                raise InputError(f"{path}: {name} holds NaN, inf or negative values; regenerate the file")
         dset, depths = f["grid/psf"], f["depths"][:]
         for d in range(dset.shape[0]):
             psf = dset[d]  # [P, 3, k, k]

@@ -30,7 +30,7 @@ from psfgen.store import open_info, require_complete
 
 from . import baselines, checkpoint, plots
 from .api import load_model
-from .data import read_heldout
+from .data import check_grid_content, read_heldout
 from .metrics import rel_l2, rel_l2_corrected, spearman, summarize
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     """Compute every figure, write metrics.json, the PNGs and report.html into cfg.out."""
     info = open_info(cfg.data)
     require_complete(info)
+    check_grid_content(info.path)
     if info.n_heldout == 0:
         raise InputError(f"{cfg.data} has no held-out set; regenerate it with 'psf generate --heldout M' (M > 0)")
     model = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import h5py
@@ -14,19 +15,35 @@ from psfgen.lens import resolve_device
 from .api import load_model
 
 
-def sample_psfs(checkpoint, out, points, grid_m, depth_m, mode, allow_extrapolation=False, device="auto") -> Path:
+CHUNK = 4096  # PSFs evaluated at once: bounds the decoder's transient memory
+
+
+def sample_psfs(checkpoint, out, points, grid_m, depth_m, mode, allow_extrapolation=False, device="auto",
+                overwrite: bool = False) -> Path:
     """Write PSFs [B, 3, 15, 15] (or [M*M, ...] for a map, row-major, row 0 at y = +1).
 
     .npy: the array; .h5: psf, coords, depth and the checkpoint; .png: display-scaled
     RGB, an M x M mosaic for a map or a single row for points.
     """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise InputError(f"{out} exists; choose another --out or pass --overwrite to replace it")
     model = load_model(checkpoint, resolve_device(device))
     if grid_m is not None:
+        k = model.net.args.ks
+        need, ram = grid_m**2 * 3 * k * k * 4 * 2, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if need > ram / 2:
+            raise InputError(f"--grid {grid_m} makes {grid_m**2} PSFs, about {need / 2**30:.1f} GiB with their copies; "
+                             f"this machine has {ram / 2**30:.1f} GiB: choose a smaller --grid")
         lin = np.linspace(-1, 1, grid_m) if grid_m > 1 else np.zeros(1)
         gx, gy = np.meshgrid(lin, lin[::-1])
         points = np.stack([gx.ravel(), gy.ravel()], axis=1)
-    psf = model.psf(points[:, 0], points[:, 1], depth_m, mode=mode, allow_extrapolation=allow_extrapolation).cpu().numpy()
-    out = Path(out)
+    depths = np.broadcast_to(np.asarray(depth_m if depth_m is not None else np.nan, dtype=np.float64), len(points))
+    psf = np.concatenate([
+        model.psf(points[i : i + CHUNK, 0], points[i : i + CHUNK, 1], None if depth_m is None else depths[i : i + CHUNK],
+                  mode=mode, allow_extrapolation=allow_extrapolation).cpu().numpy()
+        for i in range(0, len(points), CHUNK)
+    ])
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.suffix == ".npy":

@@ -110,9 +110,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping; a missing file or bad YAML raises InputError."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise InputError(f"cannot read config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise InputError(f"config file {path} is not UTF-8 text; give a YAML file (e.g. configs/demo.yaml)") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

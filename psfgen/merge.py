@@ -71,6 +71,8 @@ def merge(paths: list[str], out: str | Path, overwrite: bool = False, virtual: b
     out = Path(out)
     if any(out.resolve() == Path(i.path).resolve() for i in infos):
         raise InputError(f"--out {out} is one of the shards; choose another output path")
+    if out.is_dir():
+        raise InputError(f"--out {out} is a directory; give a file path for the merged grid")
     if out.exists() and not overwrite:
         raise InputError(f"{out} exists; choose another --out or pass --overwrite to replace it")
     try:

@@ -17,7 +17,7 @@ from conftest import tiny_config
 from psfcvae import load_model
 from psfcvae import baselines as B
 from psfcvae.metrics import rel_l2, rel_l2_corrected, spearman
-from psfgen import generate
+from psfgen import generate, open_info
 from psfgen.errors import InputError
 from test_cli_generate import assert_one_line_error
 
@@ -279,7 +279,7 @@ def test_sample_cli_refuses_nan_and_a_protocol_4_pickle_in_one_line(tiny_run, tm
     ck = str(tiny_run / "latest.pt")
     run = lambda *a: CliRunner().invoke(main, ["sample", "--checkpoint", *a])  # noqa: E731
     assert_one_line_error(run(ck, "--coords", "nan,0.1", "--depth", "1", "--out", str(tmp_path / "a.npy")), "finite")
-    assert_one_line_error(run(ck, "--coords", "0.1,0.1", "--depth", "nan", "--out", str(tmp_path / "b.npy")), "depth_m")
+    assert_one_line_error(run(ck, "--coords", "0.1,0.1", "--depth", "nan", "--out", str(tmp_path / "b.npy")), "--depth")
     assert not list(tmp_path.glob("*.npy"))
     with open(tmp_path / "p4.pt", "wb") as f:
         pickle.dump({"format": "psf-cvae.checkpoint"}, f, protocol=4)
@@ -287,3 +287,40 @@ def test_sample_cli_refuses_nan_and_a_protocol_4_pickle_in_one_line(tiny_run, tm
         warnings.simplefilter("always")  # torch's warning would show if it were not silenced
         result = run(str(tmp_path / "p4.pt"), "--coords", "0,0", "--out", str(tmp_path / "c.npy"))
     assert_one_line_error(result, "not a readable psf-cvae checkpoint")
+
+
+def test_second_round_of_bad_inputs(tiny_run, tiny_grid, tmp_path):
+    ck = str(tiny_run / "latest.pt")
+    run = lambda *a: CliRunner().invoke(main, list(a))  # noqa: E731
+    out = str(tmp_path / "p.npy")
+    # Far outside the field the encoding overflows: no NaN PSFs written.
+    assert_one_line_error(run("sample", "--checkpoint", ck, "--coords", "1e20,0", "--depth", "1", "--allow-extrapolation",
+                              "--out", out), "no finite PSF")
+    # The API's words become the command's options.
+    assert_one_line_error(run("sample", "--checkpoint", ck, "--coords", "1.5,0", "--depth", "1", "--out", out),
+                          "--allow-extrapolation")
+    assert_one_line_error(run("sample", "--checkpoint", ck, "--coords", "0,0", "--out", out), "give --depth")
+    # An existing file is never replaced without --overwrite (it may be the training grid).
+    grid_copy = tmp_path / "grid.h5"
+    shutil.copy(tiny_grid, grid_copy)
+    assert_one_line_error(run("sample", "--checkpoint", ck, "--coords", "0,0", "--depth", "1", "--out", str(grid_copy)),
+                          "exists", "--overwrite")
+    assert h5py.is_hdf5(grid_copy) and open_info(grid_copy).complete
+    assert run("sample", "--checkpoint", ck, "--coords", "0,0", "--depth", "1", "--out", str(grid_copy), "--overwrite").exit_code == 0
+    assert_one_line_error(run("sample", "--checkpoint", ck, "--grid", "5000", "--depth", "1", "--out", out),
+                          "--grid 5000 makes 25000000 PSFs", "smaller --grid")
+    assert_one_line_error(run("sample", "--checkpoint", str(tiny_run), "--coords", "0,0", "--depth", "1", "--out", out),
+                          "is a directory", "latest.pt")
+    # Corrupted PSF values: eval says so in one line, as train does.
+    bad = tmp_path / "bad.h5"
+    shutil.copy(tiny_grid, bad)
+    with h5py.File(bad, "r+") as f:
+        f["heldout/psf_a"][2] = np.nan
+    assert_one_line_error(run("eval", "--baselines-only", "--data", str(bad), "--out", str(tmp_path / "ev")),
+                          "heldout/psf_a holds NaN")
+    # A config file that is not text; a band count that overflows float32.
+    (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe\x00binary")
+    assert_one_line_error(run("train", "--data", str(tiny_grid), "--config", str(tmp_path / "bin.yaml")), "not UTF-8")
+    assert_one_line_error(run("train", "--data", str(tiny_grid), "--run-dir", str(tmp_path / "r"), "--set",
+                              "num_frequencies=130"), "'num_frequencies' must be between 0 and 24")
+    assert not (tmp_path / "r").exists()

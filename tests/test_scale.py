@@ -154,3 +154,8 @@ def test_stale_temporary_files_are_removed_and_a_failed_merge_says_why(three_sha
 
 def test_checkpoints_leave_no_temporary_files(tiny_run):
     assert [p.name for p in tiny_run.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_merge_into_a_directory_says_so(three_shards, tmp_path):
+    result = CliRunner().invoke(main, ["merge", *map(str, three_shards), "--out", str(tmp_path), "--overwrite"])
+    assert_one_line_error(result, "is a directory")
