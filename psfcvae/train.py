@@ -279,6 +279,13 @@ def _train(cfg: TrainConfig, resume: bool, info: GridInfo, args: ModelArgs, run_
     fingerprint = checkpoint.data_fingerprint(info)
 
     def save(path: Path, metrics: dict) -> None:
+        # A finite loss can still step to non-finite weights; checked here, where they would be kept,
+        # not every step (one device sync per tensor); the next step's loss check catches them too.
+        if not torch.stack([p.isfinite().all() for p in model.parameters()]).all():
+            raise TrainingError(
+                f"the weights became non-finite by step {step} (learning rate {cfg.lr_at(step - 1):.3g}); the last good "
+                f"checkpoint {latest if latest.exists() else '(none yet)'} is kept; lower learning_rate"
+            )
         writer.flush()  # the curves up to this step reach the disk with the checkpoint (kill -9 safe)
         rng = {"torch": torch.get_rng_state()}
         if device.type == "cuda":
@@ -328,11 +335,6 @@ def _train(cfg: TrainConfig, resume: bool, info: GridInfo, args: ModelArgs, run_
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=math.inf)
         optimizer.step()
         step += 1
-        if not all(torch.isfinite(p).all() for p in model.parameters()):  # a finite loss can still step to inf
-            raise TrainingError(
-                f"the weights became non-finite at step {step} (learning rate {cfg.lr_at(step - 1):.3g}); the last good "
-                f"checkpoint {latest if latest.exists() else '(none yet)'} is kept; lower learning_rate"
-            )
 
         for key, value in (("loss_all", out.loss), ("loss_recon", out.recon), ("loss_kl", out.kl),
                            ("loss_smooth", out.smooth), ("loss_recon_prior", out.recon_prior), ("loss_scale", out.scale),

@@ -247,7 +247,7 @@ def test_non_finite_weights_are_never_saved_or_loaded(tiny_grid, tiny_run, tmp_p
         return out
 
     monkeypatch.setattr(torch.optim.Adam, "step", overflowing_step)
-    with pytest.raises(TrainingError, match="weights became non-finite at step 1"):
+    with pytest.raises(TrainingError, match="weights became non-finite by step 1"):
         train(small_config(tiny_grid, tmp_path / "r", max_steps=2, checkpoint_every=1))
     assert not (tmp_path / "r" / "latest.pt").exists()
     monkeypatch.undo()
