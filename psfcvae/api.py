@@ -123,11 +123,9 @@ def load_model(path: str | Path, device=None) -> PSFModel:
         net.load_state_dict(ckpt["model"])
     except (TypeError, KeyError, RuntimeError):
         raise InputError(f"checkpoint {path} does not match this version's network; retrain with this version") from None
-    missing = [k for k in ("step", "config", "data_fingerprint", "versions") if k not in ckpt]
-    depths = ckpt.get("data_fingerprint", {}).get("depths") if isinstance(ckpt.get("data_fingerprint"), dict) else None
-    if missing or not _positive_numbers(depths):
-        what = f"lacks '{missing[0]}'" if missing else "has no valid training depths"
-        raise InputError(f"checkpoint {path} {what}; it was not written by 'psf train' or was edited")
+    depths = ckpt["data_fingerprint"].get("depths") if isinstance(ckpt["data_fingerprint"], dict) else None
+    if not _positive_numbers(depths):
+        raise InputError(f"checkpoint {path} has no valid training depths; it was not written by 'psf train' or was edited")
     info = {k: ckpt[k] for k in ("step", "config", "data_fingerprint", "versions")}
     info["path"] = str(path)
     model = PSFModel(net.eval(), info)

@@ -13,6 +13,8 @@ from psfgen.errors import InputError
 from psfgen.store import GridInfo
 
 FORMAT = "psf-cvae.checkpoint"
+# What every checkpoint written by psf train holds (optimizer and rng: what --resume needs).
+REQUIRED = ("model", "model_args", "optimizer", "step", "best_val", "config", "data_fingerprint", "versions", "rng")
 SCHEMA_VERSION = 1
 
 
@@ -60,7 +62,10 @@ def load(path: str | Path, map_location="cpu") -> dict:
             f"checkpoint {path} has schema version {ckpt.get('schema_version')}, this psf-cvae reads "
             f"{SCHEMA_VERSION}; retrain with this version"
         )
-    bad = [name for name, t in ckpt.get("model", {}).items() if torch.is_tensor(t) and not torch.isfinite(t).all()]
+    missing = [k for k in REQUIRED if k not in ckpt]
+    if missing:
+        raise InputError(f"checkpoint {path} lacks '{missing[0]}'; it was not written by 'psf train' or was edited")
+    bad = [name for name, t in ckpt["model"].items() if torch.is_tensor(t) and not torch.isfinite(t).all()]
     if bad:
         raise InputError(f"checkpoint {path} holds non-finite weights ({bad[0]}); use another checkpoint or retrain")
     return ckpt

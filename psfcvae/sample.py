@@ -38,10 +38,9 @@ def sample_psfs(checkpoint, out, points, grid_m, depth_m, mode, allow_extrapolat
         lin = np.linspace(-1, 1, grid_m) if grid_m > 1 else np.zeros(1)
         gx, gy = np.meshgrid(lin, lin[::-1])
         points = np.stack([gx.ravel(), gy.ravel()], axis=1)
-    depths = np.broadcast_to(np.asarray(depth_m if depth_m is not None else np.nan, dtype=np.float64), len(points))
     psf = np.concatenate([
-        model.psf(points[i : i + CHUNK, 0], points[i : i + CHUNK, 1], None if depth_m is None else depths[i : i + CHUNK],
-                  mode=mode, allow_extrapolation=allow_extrapolation).cpu().numpy()
+        model.psf(points[i : i + CHUNK, 0], points[i : i + CHUNK, 1], depth_m, mode=mode,
+                  allow_extrapolation=allow_extrapolation).cpu().numpy()
         for i in range(0, len(points), CHUNK)
     ])
     try:

@@ -82,8 +82,10 @@ def model_args_for(cfg: TrainConfig, info: GridInfo) -> ModelArgs:
         output=cfg.output,
         scale_weight=cfg.scale_weight,
         frame=frame,
-        supersample=cfg.supersample,
-        decoder_rank=cfg.decoder_rank,
+        # Settings of the canonical decoder only: at their defaults otherwise, so they never
+        # make two identical cartesian networks look different (on --resume).
+        supersample=cfg.supersample if frame == "canonical" else ModelArgs.supersample,
+        decoder_rank=cfg.decoder_rank if frame == "canonical" else None,
         field_scale=scale,
     )
 
@@ -176,11 +178,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     require_complete(info)
     check_grid_content(info.path)
     run_dir = Path(cfg.run_dir)
-    if resume:
-        cfg = _with_the_runs_own_new_keys(cfg, run_dir / "latest.pt")
+    ckpt = checkpoint.load(run_dir / "latest.pt") if resume and (run_dir / "latest.pt").exists() else None
+    if ckpt is not None:
+        cfg = _with_the_runs_own_new_keys(cfg, ckpt)
     args = model_args_for(cfg, info)
     with _run_lock(run_dir):  # one writer per run directory, from the checks below to the end
-        return _train(cfg, resume, info, args, run_dir)
+        return _train(cfg, resume, info, args, run_dir, ckpt)
 
 
 # Keys added after a run may have started, with the value that reproduces the older code.
@@ -188,12 +191,10 @@ OLDER_BEHAVIOUR = {"condition_frame": "cartesian", "scale_weight": 0.0, "output"
                    "decoder_rank": None, "relative_loss": False, "warmup_steps": 0}
 
 
-def _with_the_runs_own_new_keys(cfg: TrainConfig, latest: Path) -> TrainConfig:
+def _with_the_runs_own_new_keys(cfg: TrainConfig, ckpt: dict) -> TrainConfig:
     """For --resume of a run whose checkpoint predates some config keys: those keys take
     the value that reproduces the code it started with, not today's defaults."""
-    if not latest.exists():
-        return cfg
-    saved = checkpoint.load(latest)["config"]
+    saved = ckpt["config"]
     missing = {k: v for k, v in OLDER_BEHAVIOUR.items() if k not in saved}
     if missing:
         log.info("resuming a run from an older version: %s", ", ".join(f"{k}={v}" for k, v in missing.items()))
@@ -211,8 +212,8 @@ def _run_lock(run_dir: Path):
     return locking.exclusive(run_dir, "psf train")
 
 
-def _train(cfg: TrainConfig, resume: bool, info: GridInfo, args: ModelArgs, run_dir: Path) -> Path:
-    """train() once the run directory is locked."""
+def _train(cfg: TrainConfig, resume: bool, info: GridInfo, args: ModelArgs, run_dir: Path, ckpt: dict | None) -> Path:
+    """train() once the run directory is locked; ckpt: the run's latest checkpoint when resuming."""
     latest, best_path = run_dir / "latest.pt", run_dir / "best.pt"
     if latest.exists() and not resume:
         raise InputError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
@@ -232,7 +233,6 @@ def _train(cfg: TrainConfig, resume: bool, info: GridInfo, args: ModelArgs, run_
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
     step, best = 0, math.inf
     if resume:
-        ckpt = checkpoint.load(latest)
         checkpoint.check_same_data(ckpt, info, f"checkpoint {latest}")
         if asdict(ModelArgs(**ckpt["model_args"])) != asdict(args):  # older checkpoints lack newer keys
             raise InputError(f"checkpoint {latest} has another network than this config; resume with the run's own config ({run_dir}/config.yaml)")

@@ -8,9 +8,7 @@ resumes and ends identical, PSF for PSF, to an uninterrupted one.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import logging
 import os
@@ -28,7 +26,7 @@ from .config import GenerateConfig
 from .configio import to_json
 from .errors import DamagedFile, InputError
 from .grid import grid_coords, heldout_points, neighbour_pairs, noise_indices
-from .lens import build_lens, read_lens_file, resolve_device
+from .lens import build_lens, deeplens_notes, read_lens_file, resolve_device
 from .provenance import now, versions
 from .resample import METHOD, border_fraction, downsample
 from .store import Block
@@ -68,14 +66,8 @@ def trace_points(lens, xy: np.ndarray, depth_m: np.ndarray, spp: int, ks: int) -
     """
     points = np.concatenate([xy, -1000.0 * depth_m[:, None]], axis=1)  # DeepLens z [mm], negative
     points = torch.as_tensor(points, dtype=torch.float32, device=lens.device)
-    said = io.StringIO()
-    try:
-        # DeepLens prints notes ("Point source is too close...") on stdout, which is ours.
-        with torch.no_grad(), contextlib.redirect_stdout(said):
-            return lens.psf_rgb(points=points, ks=ks, spp=spp)
-    finally:
-        for line in dict.fromkeys(said.getvalue().splitlines()):  # once per distinct note
-            log.warning("deeplens: %s", line)
+    with torch.no_grad(), deeplens_notes(log, logging.WARNING):
+        return lens.psf_rgb(points=points, ks=ks, spp=spp)
 
 
 def _block_points(block: Block, depths, coords, noise_idx, ho_coords, ho_depth):
@@ -114,15 +106,15 @@ def shard_path(out: Path, k: int, n: int) -> Path:
     return out.with_name(f"{out.stem}.shard{k:04d}-of-{n:04d}{out.suffix}")
 
 
-BYTES_PER_RAY = 400  # traced ray state on the device, measured: 1.9 GiB peak at 4e6 rays (README), with margin
+BYTES_PER_RAY = 400  # traced ray state on the device: 1.9 GiB peak at 4e6 rays (README), less the process's own ~0.5 GiB
 BYTES_PER_GRID_POINT = 200  # coordinates, neighbour table and their intermediates in RAM
 
 
 def memory_needed(cfg: GenerateConfig) -> tuple[int, int]:
     """(bytes of one traced block on the tracing device, bytes of the grid's tables in RAM)."""
-    points = max(1, cfg.block_rays // cfg.spp)
-    rays = points * max(cfg.spp, cfg.heldout_half_spp())
-    block = rays * BYTES_PER_RAY + points * 3 * cfg.ks * cfg.ks * 4 * 4  # kernels: a few float32 copies
+    # As plan_blocks cuts them: block_rays // spp points per block (at least one), for both spps.
+    block = max(max(1, cfg.block_rays // spp) * (spp * BYTES_PER_RAY + 3 * cfg.ks * cfg.ks * 4 * 4)  # kernels: float32 copies
+                for spp in (cfg.spp, cfg.heldout_half_spp()))
     return block, cfg.grid_size**2 * BYTES_PER_GRID_POINT
 
 
@@ -173,11 +165,10 @@ def _check_output(cfg: GenerateConfig, out: Path, run_id: str) -> bool:
     except DamagedFile as exc:
         raise InputError(f"{exc}; or pass --overwrite to trace it again from the start") from None
     except InputError:
-        with open(out, "rb") as fh:
-            ours = fh.read(8) == b"\x89HDF\r\n\x1a\n"
-        what = ("is an HDF5 file that cannot be read (damaged, e.g. by a write that failed)" if ours
-                else "exists and is not a psf-cvae grid file from this run")
-        raise InputError(f"{out} {what}; choose another --out or pass --overwrite to replace it") from None
+        raise InputError(
+            f"{out} exists and is not a psf-cvae grid file from this run; choose another --out "
+            "or pass --overwrite to replace it"
+        ) from None
     if info.run_id != run_id:
         raise InputError(
             f"{out} holds another run (different parameters or lens); choose another --out "

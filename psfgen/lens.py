@@ -45,16 +45,27 @@ def read_lens_file(path: str | Path) -> LensFile:
     return LensFile(str(path), text, hashlib.sha256(raw).hexdigest())
 
 
+@contextlib.contextmanager
+def deeplens_notes(logger: logging.Logger, level: int):
+    """DeepLens prints notes on stdout, which belongs to our output: pass them to the log,
+    once per distinct note, also when the call fails."""
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(said):
+            yield
+    finally:
+        for line in dict.fromkeys(said.getvalue().splitlines()):
+            logger.log(level, "deeplens: %s", line)
+
+
 def build_lens(lens_file: LensFile, device: torch.device, focus_m: float | None = None):
     """A DeepLens ``GeoLens`` on ``device``, refocused to ``focus_m`` [m] if given."""
     from deeplens import GeoLens
 
     if not lens_file.path.endswith(".json"):
         raise InputError(f"lens file {lens_file.path} must be a DeepLens .json file")
-    said = io.StringIO()
     try:
-        # DeepLens prints notes on stdout, which belongs to our output: pass them to the log.
-        with contextlib.redirect_stdout(said):
+        with deeplens_notes(log, logging.INFO):
             lens = GeoLens(filename=lens_file.path, device=str(device))
     except NotImplementedError as exc:
         m = re.match(r"Material (.+) not implemented", str(exc))
@@ -67,9 +78,6 @@ def build_lens(lens_file: LensFile, device: torch.device, focus_m: float | None 
     except Exception as exc:  # DeepLens raises bare Exception too (an unknown surface type): all mean a bad file
         detail = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc) or type(exc).__name__
         raise InputError(f"lens file {lens_file.path} is not a valid DeepLens lens: {detail}") from None
-    finally:
-        for line in said.getvalue().splitlines():
-            log.info("deeplens: %s", line)
     if focus_m is not None:
         try:
             lens.refocus(foc_dist=-focus_m * 1000.0)  # DeepLens: object distance [mm], negative

@@ -167,6 +167,8 @@ def open_info(path: str | Path) -> GridInfo:
     try:
         f = h5py.File(path, "r", locking=False)  # never blocks, nor is blocked by, a run writing it
     except OSError:
+        if h5py.is_hdf5(path):  # ours or not, its structure is broken (e.g. by a write that failed)
+            raise DamagedFile(f"{path} is an HDF5 file that cannot be opened (damaged)") from None
         raise InputError(f"{path} is not a readable HDF5 file; give a file written by 'psf generate'") from None
     with f:
         fmt = f.attrs.get("format")

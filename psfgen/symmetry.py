@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 
+from .info import rel_l2
+
 # DeepLens surface types whose profile is a function of the radius alone.
 ROUND_TYPES = {"Aperture", "Stop", "Spheric", "Aspheric", "Plane", "ThinLens"}
 # Symmetry errors up to this multiple of the noise floor count as noise: two traces of
@@ -78,11 +80,6 @@ class SymmetryCheck:
         return f"lens: {self.lens_reason}; PSFs under the field's symmetries differ by {errs} ({noise})"
 
 
-def _rel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    return np.sqrt(((a - b) ** 2).sum(axis=(-3, -2, -1)) / (b**2).sum(axis=(-3, -2, -1)))
-
-
 def grid_symmetry_errors(psf, n: int, square: bool) -> dict:
     """Mean relative L2 between grid PSFs mapped by the field's symmetries and the PSFs there.
 
@@ -104,7 +101,7 @@ def grid_symmetry_errors(psf, n: int, square: bool) -> dict:
         g = np.asarray(psf[d]).reshape(n, n, *psf.shape[2:])  # [row, col, 3, k, k]
         for name, ((r2, c2), turn) in maps.items():
             moved = (r2 != r) | (c2 != c)
-            errors[name].append(_rel(turn(g[r[moved], c[moved]]), g[r2[moved], c2[moved]]))
+            errors[name].append(rel_l2(turn(g[r[moved], c[moved]]), g[r2[moved], c2[moved]]))
     return {name: float(np.concatenate(e).mean()) for name, e in errors.items()}
 
 
@@ -117,7 +114,7 @@ def check_file(path) -> SymmetryCheck:
         n = int(round(np.sqrt(psf.shape[1])))
         sx, sy = field_scale(sensor_size_mm(attrs))
         errors = grid_symmetry_errors(psf, n, square=abs(sx - sy) < 1e-9)
-        pairs = [_rel(f["noise/psf"][d], psf[d][idx]) for d in range(psf.shape[0])] if len(idx) else []
+        pairs = [rel_l2(f["noise/psf"][d], psf[d][idx]) for d in range(psf.shape[0])] if len(idx) else []
     ok, reason = lens_symmetry(attrs["lens_json"])
     noise = float(np.concatenate(pairs).mean()) if pairs else None
     return SymmetryCheck(ok, reason, errors, noise)

@@ -283,4 +283,4 @@ def test_a_damaged_file_is_named_damaged_not_foreign(tmp_path, tiny_grid):
         del f["noise/psf"]
     assert_one_line_error(run_cli(tiny_args(out)), "is damaged: dataset noise/psf is missing", "--overwrite")
     out.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)  # an HDF5 signature and nothing readable after it
-    assert_one_line_error(run_cli(tiny_args(out)), "cannot be read (damaged", "--overwrite")
+    assert_one_line_error(run_cli(tiny_args(out)), "cannot be opened (damaged", "--overwrite")
