@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -17,40 +16,9 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
-from conftest import ROOT, TINY, tiny_config
+from helpers import ROOT, TINY, assert_one_line_error, run_cli, sha, tiny_args, tiny_config
 from psfgen import generate
 from psfgen.config import DEFAULT_LENS
-
-
-def tiny_args(out, **changes):
-    opts = {**TINY, **changes}
-    args = ["generate", "--out", str(out)]
-    for key, value in opts.items():
-        if key == "depths":
-            value = ",".join(map(str, value))
-        args += ["--set", f"{key}={value}"] if key in ("block_rays",) else [
-            {"grid_size": "--grid-size", "depths": "--depths", "spp": "--spp", "heldout": "--heldout",
-             "heldout_spp": "--heldout-spp", "noise_points": "--noise-points", "seed": "--seed",
-             "device": "--device", "ks": "--kernel-size", "ks_small": "--kernel-size-small",
-             "lens": "--lens", "depth_min": "--depth-min"}[key], str(value)]
-    return args
-
-
-def run_cli(args):
-    return CliRunner().invoke(main, args)
-
-
-def assert_one_line_error(result, *needles):
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    err = result.stderr.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("Error: "), result.stderr
-    assert "Traceback" not in result.output
-    for needle in needles:
-        assert needle in err[0], err[0]
-
-
-def sha(path):
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
 @pytest.fixture()
@@ -90,7 +58,6 @@ def test_bad_input_one_line_exit_2_no_file(tmp_path, bad_lenses, change, needles
     change = {k: (str(bad_lenses[v[1:]]) if isinstance(v, str) and v.startswith("@") else v) for k, v in change.items()}
     if change.get("depths", ()) is None:
         change.pop("depths")
-        opts = {k: v for k, v in TINY.items() if k != "depths"}
         args = ["generate", "--out", str(tmp_path / "g.h5"), "--depth-min", str(change["depth_min"]), "--spp", "2000"]
     else:
         args = tiny_args(tmp_path / "g.h5", **change)

@@ -13,13 +13,12 @@ import torch
 from click.testing import CliRunner
 
 from cli import main
-from conftest import tiny_config
+from helpers import assert_one_line_error, tiny_config
 from psfcvae import load_model
 from psfcvae import baselines as B
 from psfcvae.metrics import rel_l2, rel_l2_corrected, spearman
 from psfgen import generate, open_info
 from psfgen.errors import InputError
-from test_cli_generate import assert_one_line_error
 
 
 def grid_of(path):

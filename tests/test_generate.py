@@ -8,11 +8,10 @@ from itertools import combinations
 
 import h5py
 import numpy as np
-import pytest
 import torch
 
-from conftest import TINY, tiny_config
-from psfgen import generate, open_info, store
+from helpers import tiny_config
+from psfgen import generate, open_info
 from psfgen.config import DEFAULT_LENS
 from psfgen.generate import block_seed, plan_blocks, trace_points
 from psfgen.grid import grid_coords, neighbour_pairs

@@ -12,16 +12,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 from cli import main
-from conftest import ROOT, SMALL, TINY, small_config, tiny_config
+from helpers import ROOT, SMALL, assert_one_line_error, scalars, small_config, tiny_args, tiny_config
 from psfcvae import load_model, train
 from psfgen import generate
 from psfgen.merge import merge
-from test_cli_generate import assert_one_line_error, tiny_args
-from test_train import scalars
 
 COMPARED = ("grid/psf", "grid/border", "noise/psf", "heldout/psf_a", "heldout/psf_b", "heldout/border_b", "blocks/done")
 def torchrun() -> list[str]:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, small_config
+from helpers import ROOT, small_config
 from psfcvae import CVAE, ModelArgs, load_model
 from psfcvae.frame import canonical_side, polar, rotate_sample
 from psfcvae.train import model_args_for

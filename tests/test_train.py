@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -18,19 +17,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import distributions as dist
 
 from cli import main
-from conftest import ROOT, SMALL, small_config
+from helpers import ROOT, SMALL, assert_one_line_error, scalars, small_config
 from psfcvae import CVAE, ModelArgs, TrainConfig, load_model, train
 from psfcvae.data import Conditions, GridBatches, make_loader, read_grid_meta
 from psfcvae.losses import kl_loss, smooth_loss
 from psfgen import configio, open_info
 from psfgen.errors import InputError
-from test_cli_generate import assert_one_line_error
-
-def scalars(run_dir, tag):
-    ea = EventAccumulator(str(run_dir / "tb"))
-    ea.Reload()
-    return [(e.step, e.value) for e in ea.Scalars(tag)]
-
 
 def test_spec_network_input_sizes():
     """With (x, y) only and the spec's defaults: 715 / 40 / 168 inputs, 4 x 512 hidden layers."""

@@ -1,0 +1,80 @@
+"""Helpers shared by the tests: tiny settings, config builders, CLI and TensorBoard readers.
+
+Fixtures live in conftest.py; everything a test imports by name lives here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from click.testing import CliRunner
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from cli import main
+from psfcvae import TrainConfig
+from psfgen import GenerateConfig, configio
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TINY = dict(
+    grid_size=4,
+    depths=(0.5, 2.0),
+    spp=2000,
+    heldout=8,
+    heldout_spp=4000,
+    noise_points=4,
+    block_rays=8000,  # 4 points per block: several blocks per depth
+    seed=7,
+    device="cpu",
+)
+
+
+def tiny_config(out, **changes) -> GenerateConfig:
+    return configio.build(GenerateConfig, {**TINY, "out": str(out), **changes})
+
+
+# A small network for CPU tests; recon_weight lifts the tiny pixel MSE above the KL term.
+SMALL = dict(recon_weight=1000.0, latent_dim=8, hidden_dim=64, num_layers=2, num_frequencies=4, batch_size=16,
+             learning_rate=1e-3, log_every=5, val_every=10, checkpoint_every=10, max_steps=40, device="cpu", seed=3)
+
+
+def small_config(data, run_dir, **changes) -> TrainConfig:
+    return configio.build(TrainConfig, {**SMALL, "data": str(data), "run_dir": str(run_dir), **changes})
+
+
+def tiny_args(out, **changes):
+    opts = {**TINY, **changes}
+    args = ["generate", "--out", str(out)]
+    for key, value in opts.items():
+        if key == "depths":
+            value = ",".join(map(str, value))
+        args += ["--set", f"{key}={value}"] if key in ("block_rays",) else [
+            {"grid_size": "--grid-size", "depths": "--depths", "spp": "--spp", "heldout": "--heldout",
+             "heldout_spp": "--heldout-spp", "noise_points": "--noise-points", "seed": "--seed",
+             "device": "--device", "ks": "--kernel-size", "ks_small": "--kernel-size-small",
+             "lens": "--lens", "depth_min": "--depth-min"}[key], str(value)]
+    return args
+
+
+def run_cli(args):
+    return CliRunner().invoke(main, args)
+
+
+def assert_one_line_error(result, *needles):
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    err = result.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("Error: "), result.stderr
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert needle in err[0], err[0]
+
+
+def sha(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def scalars(run_dir, tag):
+    ea = EventAccumulator(str(run_dir / "tb"))
+    ea.Reload()
+    return [(e.step, e.value) for e in ea.Scalars(tag)]
