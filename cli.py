@@ -101,7 +101,7 @@ def main(verbose: int, quiet: bool) -> None:
 
 @main.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config (e.g. configs/generate.yaml); options below override it.")
-@click.option("--lens", type=str, help="DeepLens lens JSON file [default: data/lenses/acl12708u.json].")
+@click.option("--lens", type=str, help="DeepLens lens JSON file, or the name of a lens shipped in data/lenses [default: acl12708u].")
 @click.option("--out", type=str, help="Output HDF5 file [default: grid.h5].")
 @click.option("--grid-size", type=int, help="N: trace an N x N field grid [default: 20].")
 @click.option("--depths", type=str, help="Object depths in metres, comma separated, e.g. 0.4,1,2,5,20.")

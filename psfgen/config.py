@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,13 +11,23 @@ import numpy as np
 
 from .errors import InputError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_LENS = str(REPO_ROOT / "data" / "lenses" / "acl12708u.json")
+
+
+def shipped_lens_dir() -> Path:
+    """Where the lenses that come with psf-cvae lie: the installed package ``psfgen.lenses``
+    (setup.cfg maps it to data/lenses), or data/lenses itself when running from a checkout."""
+    spec = importlib.util.find_spec("psfgen.lenses")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return Path(__file__).resolve().parent.parent / "data" / "lenses"
+
+
+DEFAULT_LENS = str(shipped_lens_dir() / "acl12708u.json")
 
 
 @dataclass(frozen=True)
 class GenerateConfig:
-    lens: str = DEFAULT_LENS  # DeepLens lens JSON file
+    lens: str = DEFAULT_LENS  # DeepLens lens JSON file, or the name of a shipped lens (data/lenses)
     out: str = "grid.h5"  # output HDF5 file
     grid_size: int = 20  # N: the field grid is N x N points over [-1, 1]^2
     depths: tuple[float, ...] | None = None  # explicit object depths [m]; overrides the range

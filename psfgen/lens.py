@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .config import shipped_lens_dir
 from .errors import InputError
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,14 @@ def read_lens_file(path: str | Path) -> LensFile:
     """Read and syntax-check a DeepLens lens JSON file (no tracing, no torch)."""
     path = Path(path)
     if not path.exists():
-        raise InputError(f"lens file {path} does not exist; pass --lens with a DeepLens JSON file")
+        shipped = shipped_lens_dir()
+        named = shipped / (path.name if path.suffix == ".json" else f"{path.name}.json")
+        if path.parent == Path(".") and named.exists():
+            path = named  # a bare name such as "cooke_triplet_f5" picks a lens that ships with psf-cvae
+        else:
+            names = ", ".join(sorted(p.stem for p in shipped.glob("*.json")))
+            raise InputError(f"lens file {path} does not exist; pass --lens with a DeepLens JSON file "
+                             f"or the name of a shipped lens ({names})")
     try:
         raw = path.read_bytes()
     except OSError as exc:
