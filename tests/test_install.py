@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -14,11 +15,13 @@ from helpers import ROOT
 
 @pytest.mark.slow
 def test_installed_package_generates_from_another_directory(tmp_path):
-    target, work = tmp_path / "site", tmp_path / "elsewhere"
+    target, work, source = tmp_path / "site", tmp_path / "elsewhere", tmp_path / "source"
     work.mkdir()
+    # A copy of the source, so the build's leftovers (build/, *.egg-info) stay out of the checkout.
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".*", "runs", "build", "*.egg-info", "__pycache__"))
     # --no-deps: torch and DeepLens come from this environment; what is tested is the package itself.
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(ROOT)], check=True, capture_output=True, cwd=work)
+                    "--target", str(target), str(source)], check=True, capture_output=True, cwd=work)
     env = {**os.environ, "PYTHONPATH": str(target), "OMP_NUM_THREADS": "1"}
     where = subprocess.run([sys.executable, "-c", "import psfgen, cli; print(psfgen.__file__, cli.__file__)"],
                            env=env, cwd=work, capture_output=True, text=True, check=True).stdout.split()
