@@ -29,14 +29,14 @@ class TrainConfig:
     in_memory: str = "auto"  # hold the grid in RAM: auto (files under 2 GiB) | true | false
     read_run: int = 8  # contiguous PSFs per read; a batch gathers batch_size/read_run runs
     num_workers: int = 0  # DataLoader worker processes
-    # Model (USAGE_CVAE.md, "Network Architecture")
+    # Model (docs/design.md, "What is learned")
     latent_dim: int = 128  # z dimension
     hidden_dim: int = 512  # MLP width
     num_layers: int = 4  # hidden layers per MLP
     num_frequencies: int = 3  # Fourier bands L of the positional encoding (spec: 10)
     pe_scale: float = 0.5  # coordinates are scaled by this before encoding; 1.0 (spec) aliases -1 with +1
     depth_frequencies: int | None = 1  # bands that vary with depth d; None: all num_frequencies (spec)
-    # Optimisation and losses (USAGE_CVAE.md, "Loss Function", "Configuration")
+    # Optimisation and losses (docs/design.md, "The losses", "Defaults")
     batch_size: int = 64
     learning_rate: float = 1e-3  # Adam (spec: 1e-4)
     lr_schedule: str = "cosine"  # constant (spec) | cosine (decays to 1% of learning_rate at max_steps)

@@ -1,4 +1,4 @@
-"""The conditional VAE of USAGE_CVAE.md: encoder q(z|K,c), learned prior p(z|c), decoder p(K|z,c)."""
+"""The conditional VAE of docs/design.md: encoder q(z|K,c), learned prior p(z|c), decoder p(K|z,c)."""
 
 from __future__ import annotations
 
