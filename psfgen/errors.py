@@ -1,12 +1,41 @@
 """The one exception type that means "the user asked for something we cannot do"."""
 
+from __future__ import annotations
+
+import re
+
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+
 
 class InputError(ValueError):
     """Bad input from the user: a config value, a file, a path.
 
     The message is one line that names the problem and says what to do; the CLI
     prints it as is and exits with code 2.
+
+    A message may name settings by placeholder, ``{key}``, with ``names`` giving each
+    one's spelling in the library (``depth_m``, ``allow_extrapolation=True``). Whoever
+    shows the message to a user in other terms (the CLI: ``--depth``) calls
+    :meth:`render` with its own spellings; nothing else is rewritten.
     """
+
+    def __init__(self, message: str, names: dict[str, str] | None = None):
+        self.template = message
+        self.names = dict(names or {})
+        super().__init__(self.render())
+
+    def render(self, spellings: dict[str, str] | None = None) -> str:
+        """The message with each ``{key}`` spelled by ``spellings``, else by the library's own name."""
+        words = {**self.names, **(spellings or {})}
+        return _PLACEHOLDER.sub(lambda m: words.get(m.group(1), m.group(0)), self.template) if self.names else self.template
+
+    @classmethod
+    def for_key(cls, key: str, problem: str) -> "InputError":
+        """``config key 'key' <problem>``; the CLI names the option instead when the user typed one."""
+        return cls("{" + key + "} " + problem, {key: f"config key '{key}'"})
+
+    def __reduce__(self):  # picklable across DataLoader workers and processes
+        return (type(self), (self.template, self.names))
 
 
 class DamagedFile(InputError):
