@@ -59,7 +59,7 @@ def _same_command(ctx: click.Context, *extra: str) -> str:
     words = ["psf", ctx.command.name or ""]
     for p in ctx.command.params:
         value = ctx.params.get(p.name)
-        if ctx.get_parameter_source(p.name) != ParameterSource.COMMANDLINE or value in (None, False, ()):
+        if ctx.get_parameter_source(p.name) != ParameterSource.COMMANDLINE or value is None or value is False or value == ():
             continue
         if isinstance(p, click.Argument):
             words += list(value) if isinstance(value, tuple) else [str(value)]
@@ -178,7 +178,9 @@ def generate(config_path, sets, overwrite, **options):
     if overwrite:
         options["overwrite"] = True
     cfg = configio.load(GenerateConfig, config_path, options, sets)
-    from psfgen import generate as run  # torch and DeepLens: after the config is known to be good
+    from psfgen import (
+        generate as run,  # torch and DeepLens: after the config is known to be good
+    )
     try:
         path = run(cfg)
     except KeyboardInterrupt:

@@ -60,8 +60,8 @@ class TrainConfig:
         check_at_least(self, 1, "kernel_size_small", "read_run", "supersample", "latent_dim", "hidden_dim", "num_layers",
                        "batch_size", "max_steps", "log_every", "val_every", "checkpoint_every", "decoder_rank")
         if self.batch_size % self.read_run:
-            raise InputError(f"{{batch_size}} ({self.batch_size}) must be a multiple of {{read_run}} ({self.read_run})",
-                             {"batch_size": "config key 'batch_size'", "read_run": "read_run"})
+            raise InputError.for_keys(f"{{batch_size}} ({self.batch_size}) must be a multiple of {{read_run}} "
+                                      f"({self.read_run})", "batch_size", "read_run")
         check_at_least(self, 0, "seed", "warmup_steps", "num_workers", "depth_frequencies")
         if self.grid_size is not None:
             check_grid_size(self)

@@ -166,7 +166,7 @@ def check_device(cfg: Any, key: str = "device") -> None:
         raise InputError.for_key(key, f"must be auto, cpu, cuda or cuda:K, got {value!r}")
 
 
-def check_at_least(cfg: Any, lowest: int | float, *keys: str) -> None:
+def check_at_least(cfg: Any, lowest: float, *keys: str) -> None:
     """Each of ``keys`` (None allowed: 'not set') is at least ``lowest``."""
     for key in keys:
         value = getattr(cfg, key)

@@ -27,12 +27,19 @@ class InputError(ValueError):
     def render(self, spellings: dict[str, str] | None = None) -> str:
         """The message with each ``{key}`` spelled by ``spellings``, else by the library's own name."""
         words = {**self.names, **(spellings or {})}
-        return _PLACEHOLDER.sub(lambda m: words.get(m.group(1), m.group(0)), self.template) if self.names else self.template
+        if not self.names:  # a plain message: braces in it are text
+            return self.template
+        return _PLACEHOLDER.sub(lambda m: words.get(m.group(1), m.group(0)), self.template)
 
     @classmethod
-    def for_key(cls, key: str, problem: str) -> "InputError":
+    def for_key(cls, key: str, problem: str) -> InputError:
         """``config key 'key' <problem>``; the CLI names the option instead when the user typed one."""
         return cls("{" + key + "} " + problem, {key: f"config key '{key}'"})
+
+    @classmethod
+    def for_keys(cls, template: str, *keys: str) -> InputError:
+        """A message naming several config keys by placeholder: the first as ``config key 'k'``, the rest as ``k``."""
+        return cls(template, {k: (f"config key '{k}'" if i == 0 else k) for i, k in enumerate(keys)})
 
     def __reduce__(self):  # picklable across DataLoader workers and processes
         return (type(self), (self.template, self.names))
