@@ -22,7 +22,8 @@ def sample_psfs(checkpoint, out, points, grid_m, depth_m, mode, allow_extrapolat
                 overwrite: bool = False) -> Path:
     """Write PSFs [B, 3, k, k] (or [M*M, ...] for a map, row-major, row 0 at y = +1), each channel summing to 1.
 
-    .npz: psf, coords [B, 2] (x, y in [-1, 1]), depth_m [m] (NaN: none given), mode, checkpoint;
+    .npz: psf, coords [B, 2] (x, y in [-1, 1]), depth_m [m] (the model's only depth when none is given), mode,
+    checkpoint;
     .h5: the same plus the model's step and data fingerprint; .npy: the array alone, in the
     order of --coords (a map: row-major from the top-left corner, x = -1, y = +1);
     .png: display-scaled RGB, an M x M mosaic for a map or a single row for points, captioned.
@@ -40,6 +41,7 @@ def sample_psfs(checkpoint, out, points, grid_m, depth_m, mode, allow_extrapolat
         lin = np.linspace(-1, 1, grid_m) if grid_m > 1 else np.zeros(1)
         gx, gy = np.meshgrid(lin, lin[::-1])
         points = np.stack([gx.ravel(), gy.ravel()], axis=1)
+    used_depth = float(depth_m) if depth_m is not None else model.depth_range[0]  # the depth the model was given
     psf = np.concatenate([
         model.psf(points[i : i + CHUNK, 0], points[i : i + CHUNK, 1], depth_m, mode=mode,
                   allow_extrapolation=allow_extrapolation).cpu().numpy()
@@ -50,7 +52,7 @@ def sample_psfs(checkpoint, out, points, grid_m, depth_m, mode, allow_extrapolat
         if out.suffix == ".npy":
             np.save(out, psf)
         elif out.suffix == ".npz":
-            np.savez(out, psf=psf, coords=points, depth_m=np.nan if depth_m is None else depth_m, mode=mode,
+            np.savez(out, psf=psf, coords=points, depth_m=used_depth, mode=mode,
                      checkpoint=str(checkpoint))
         elif out.suffix == ".h5":
             with h5py.File(out, "w") as f:
@@ -71,7 +73,7 @@ def sample_psfs(checkpoint, out, points, grid_m, depth_m, mode, allow_extrapolat
                 img = np.concatenate([mosaic(p[None], 1) for p in psf], axis=2)
             tiles = Image.fromarray((np.moveaxis(img, 0, -1) * 255).astype(np.uint8)).resize(
                 (img.shape[2] * 8, img.shape[1] * 8), Image.NEAREST)
-            _captioned(tiles, _caption(points, grid_m, depth_m, mode, model.net.args.ks)).save(out)
+            _captioned(tiles, _caption(points, grid_m, used_depth, mode, model.net.args.ks)).save(out)
     except OSError as exc:
         raise InputError(f"cannot write {out}: {exc.strerror or exc}") from None
     return out
@@ -79,7 +81,7 @@ def sample_psfs(checkpoint, out, points, grid_m, depth_m, mode, allow_extrapolat
 
 def _caption(points, grid_m, depth_m, mode: str, k: int) -> list[str]:
     """The lines under a PNG: what each tile is, where it is in the field, at which depth."""
-    depth = "the model's only depth" if depth_m is None else f"depth {depth_m:g} m"
+    depth = f"depth {depth_m:g} m"
     what = "prior mean" if mode == "mean" else "one prior sample"
     lines = [f"psf sample: {what}, {depth}, {k}x{k} px per PSF, each PSF scaled to its own peak"]
     if grid_m is not None:
