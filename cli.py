@@ -10,10 +10,12 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from psfgen.errors import InputError
 
@@ -39,15 +41,46 @@ class BadInput(click.ClickException):
     exit_code = 2
 
 
+# Settings the library names in its messages, as the options of the commands that take them.
+API_OPTIONS = {"sample": {"depth_m": "--depth", "allow_extrapolation": "--allow-extrapolation", "coords": "--coords"}}
+INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C (128 + SIGINT)
+
+
+def _spellings(ctx: click.Context) -> dict[str, str]:
+    """Config key -> the option that set it, for the options the user typed on this command line."""
+    from_set = {item.split("=", 1)[0].strip() for item in ctx.params.get("sets") or ()}  # --set wins over an option
+    typed = {p.name: p.opts[-1] for p in ctx.command.params if isinstance(p, click.Option) and p.name not in from_set
+             and ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE}
+    return {**typed, **API_OPTIONS.get(ctx.command.name, {})}
+
+
+def _same_command(ctx: click.Context, *extra: str) -> str:
+    """The command line the user typed (options as given, in the command's order), plus ``extra``."""
+    words = ["psf", ctx.command.name or ""]
+    for p in ctx.command.params:
+        value = ctx.params.get(p.name)
+        if ctx.get_parameter_source(p.name) != ParameterSource.COMMANDLINE or value is None or value is False or value == ():
+            continue
+        if isinstance(p, click.Argument):
+            words += list(value) if isinstance(value, tuple) else [str(value)]
+        elif p.is_flag:
+            words.append(p.opts[-1])
+        else:
+            for v in value if p.multiple else [value]:
+                words += [p.opts[-1], str(v)]
+    return shlex.join(words + [w for w in extra if w not in words])
+
+
 def user_errors(fn):
-    """Turn InputError into one line on stderr and exit code 2, no traceback."""
+    """Turn InputError into one line on stderr and exit code 2, no traceback; the settings it
+    names are spelled as the options the user typed (--noise-points, not noise_points)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except InputError as exc:
-            raise BadInput(str(exc)) from None
+            raise BadInput(exc.render(_spellings(click.get_current_context()))) from None
         except RuntimeError as exc:
             from psfcvae.train import TrainingError
 
@@ -80,9 +113,9 @@ class OneLineGroup(click.Group):
             raise self._one_line(exc) from None
 
 
-SET_OPTION = click.option(
-    "--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override one config key (repeatable), e.g. --set spp=2000."
-)
+def set_option(example: str):
+    return click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                        help=f"Override one config key (repeatable), e.g. --set {example}.")
 
 
 @click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -97,6 +130,19 @@ def main(verbose: int, quiet: bool) -> None:
     logging.getLogger().setLevel(level)
     for noisy in ("deeplens", "matplotlib", "PIL", "h5py"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    click.get_current_context().with_resource(_logs_above_bars())
+
+
+def _logs_above_bars():
+    """While a command runs, log lines go through tqdm.write: above the progress bar, never inside it.
+    Only when the log goes to the console (not when a caller such as pytest has its own handlers)."""
+    import contextlib
+
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    console = [h for h in logging.getLogger().handlers
+               if type(h) is logging.StreamHandler and h.stream in (sys.stdout, sys.stderr)]
+    return logging_redirect_tqdm() if console else contextlib.nullcontext()
 
 
 @main.command()
@@ -114,22 +160,33 @@ def main(verbose: int, quiet: bool) -> None:
 @click.option("--kernel-size-small", "ks_small", type=int, help="Stored kernel size [px] after area downsampling [default: 15].")
 @click.option("--heldout", type=int, help="Number of off-grid evaluation points [default: 256].")
 @click.option("--heldout-spp", type=int, help="Rays of the held-out reference, split into two halves [default: 4 x spp].")
-@click.option("--noise-points", type=int, help="Grid points traced twice per depth to measure the noise floor [default: 32].")
+@click.option("--noise-points", type=int, help="Grid points traced twice per depth to measure the noise floor [default: 32, or all points of a grid smaller than 6 x 6].")
 @click.option("--block-rays", type=int, help="Rays per traced block; bounds memory [default: 4000000].")
 @click.option("--seed", type=int, help="Random seed [default: 0].")
 @click.option("--device", type=str, help="auto, cpu, cuda or cuda:K [default: auto].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file that holds another run.")
 @click.option("--shard", type=str, help="Trace only shard K of N (0-based, e.g. 0/4) into its own file; 'auto' takes K/N from torchrun or a SLURM array.")
-@SET_OPTION
+@set_option("spp=2000")
 @user_errors
 def generate(config_path, sets, overwrite, **options):
-    """Ray-trace a multi-depth PSF grid into a self-describing HDF5 file."""
-    from psfgen import GenerateConfig, configio, generate as run
+    """Ray-trace a multi-depth PSF grid into a self-describing HDF5 file.
+
+    Ctrl-C (or a crash) keeps every finished block: the same command again resumes.
+    """
+    from psfgen import GenerateConfig, configio
 
     if overwrite:
         options["overwrite"] = True
     cfg = configio.load(GenerateConfig, config_path, options, sets)
-    path = run(cfg)
+    from psfgen import (
+        generate as run,  # torch and DeepLens: after the config is known to be good
+    )
+    try:
+        path = run(cfg)
+    except KeyboardInterrupt:
+        click.echo(f"\nInterrupted; the finished blocks are kept in {cfg.out}. Resume with:\n  "
+                   f"{_same_command(click.get_current_context())}", err=True)
+        sys.exit(INTERRUPTED)
     click.echo(str(path))
 
 
@@ -157,24 +214,45 @@ def info(path):
 
 
 @main.command()
-@click.option("--data", type=str, help="Grid HDF5 file written by 'psf generate'.")
+@click.option("--data", type=str, help="Grid HDF5 file written by 'psf generate' [required, unless the --config file sets data].")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config (e.g. configs/cvae_v1.yaml); options below override it.")
 @click.option("--run-dir", type=str, help="Directory for TensorBoard logs, checkpoints and the resolved config [default: runs/cvae].")
 @click.option("--resume", is_flag=True, help="Continue the run in --run-dir from its latest checkpoint.")
 @click.option("--max-steps", type=int, help="Stop after this many optimiser steps [default: 5000].")
 @click.option("--device", type=str, help="auto, cpu, cuda or cuda:K [default: auto].")
 @click.option("--num-workers", type=int, help="DataLoader worker processes [default: 0].")
-@SET_OPTION
+@set_option("kl_weight=1e-3")
 @user_errors
 def train(config_path, sets, resume, **options):
-    """Train the conditional VAE on a grid file; writes TensorBoard logs and checkpoints."""
-    from psfcvae import TrainConfig, train as run
+    """Train the conditional VAE on a grid file; writes TensorBoard logs and checkpoints.
+
+    Ctrl-C (or SIGTERM) finishes the current step, saves latest.pt and prints the command
+    that resumes the run (exit code 130).
+    """
+    from psfcvae.config import TrainConfig
     from psfgen import configio
 
     cfg = configio.load(TrainConfig, config_path, options, sets)
-    run_dir = run(cfg, resume=resume)
-    if int(os.environ.get("RANK", "0")) == 0:  # once, also under torchrun
+    from psfcvae import train as run
+    from psfcvae.interrupt import Interrupted
+
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # print once, also under torchrun
+    try:
+        run_dir = run(cfg, resume=resume)
+    except Interrupted as stop:
+        if main_rank:
+            again = _same_command(click.get_current_context(), "--resume")
+            click.echo(f"\nInterrupted at step {stop.step}; saved {stop.checkpoint}. Resume with:\n  {again}"
+                       + ("\n  (under torchrun: the same torchrun command with --resume)"
+                          if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""), err=True)
+        sys.exit(INTERRUPTED)
+    if main_rank:
+        best = run_dir / "best.pt"
+        click.echo(f"checkpoints: {run_dir / 'latest.pt'}" + (f", {best} (best held-out error)" if best.exists() else ""))
         click.echo(f"TensorBoard logs: {run_dir / 'tb'}  (tensorboard --logdir {run_dir / 'tb'})")
+        ckpt = best if best.exists() else run_dir / "latest.pt"
+        click.echo("next: " + shlex.join(["psf", "eval", "--checkpoint", str(ckpt), "--data", cfg.data,
+                                          "--out", str(run_dir / "eval")]))
 
 
 @main.command(name="eval")
@@ -182,22 +260,22 @@ def train(config_path, sets, resume, **options):
 @click.option("--data", type=str, required=True, help="Grid HDF5 file with a held-out set (the one the model trained on).")
 @click.option("--out", type=str, required=True, help="Output directory for metrics.json, the PNGs and report.html.")
 @click.option("--baselines-only", is_flag=True, help="Evaluate the interpolation baselines without a checkpoint.")
-@click.option("--eigen-components", type=int, default=32, show_default=True, help="Components K of the eigen-PSF baseline.")
+@click.option("--eigen-components", type=int, help="Components K of the eigen-PSF baseline [default: 32].")
 @click.option("--log-scale", is_flag=True, help="Show PSFs on a log scale (3 decades) instead of linear.")
-@click.option("--device", type=str, default="auto", show_default=True, help="auto, cpu, cuda or cuda:K.")
+@click.option("--device", type=str, help="auto, cpu, cuda or cuda:K [default: auto].")
 @user_errors
-def evaluate_cmd(checkpoint, data, out, baselines_only, eigen_components, log_scale, device):
+def evaluate_cmd(baselines_only, **options):
     """Measure the model against ray-traced truth and interpolation baselines; write a report."""
+    from psfgen import configio
+
+    if baselines_only == (options["checkpoint"] is not None):
+        raise click.UsageError("give either --checkpoint or --baselines-only")
     from psfcvae import EvalConfig, evaluate
 
-    if baselines_only == (checkpoint is not None):
-        raise click.UsageError("give either --checkpoint or --baselines-only")
-    if eigen_components < 1:
-        raise click.BadParameter("must be at least 1", param_hint="--eigen-components")
-    result = evaluate(EvalConfig(data=data, out=out, checkpoint=checkpoint, eigen_components=eigen_components,
-                                 log_scale=log_scale, device=device))
+    cfg = configio.load(EvalConfig, None, options)  # the one loader: typed, unknown keys refused, validated
+    result = evaluate(cfg)
     click.echo(result["table"])
-    click.echo(f"report: {Path(out) / 'report.html'}")
+    click.echo(f"report: {Path(cfg.out) / 'report.html'}")
 
 
 def _parse_coords(text: str) -> list[tuple[float, float]]:
@@ -216,34 +294,27 @@ def _parse_coords(text: str) -> list[tuple[float, float]]:
 @click.option("--grid", "grid_m", type=int, help="Instead of --coords: a dense M x M map over the field.")
 @click.option("--depth", type=float, help="Object depth [m] (needed when the model knows several depths).")
 @click.option("--mode", type=click.Choice(["mean", "sample"]), default="mean", show_default=True, help="Prior mean (deterministic) or a prior sample.")
-@click.option("--out", type=str, required=True, help="Output: .npy (array), .h5 (array + coordinates) or .png (mosaic for --grid, a row otherwise).")
+@click.option("--out", type=str, required=True, help="Output: .npz or .h5 (PSFs [B, 3, k, k] with coords [B, 2] and depth_m), .npy (PSFs alone, in --coords order; a --grid map row-major from the top-left, x = -1, y = +1) or .png (captioned mosaic for --grid, a row otherwise).")
 @click.option("--allow-extrapolation", is_flag=True, help="Accept coordinates or depths outside the trained range.")
 @click.option("--device", type=str, default="auto", show_default=True, help="auto, cpu, cuda or cuda:K.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 @user_errors
 def sample(checkpoint, coords, grid_m, depth, mode, out, allow_extrapolation, device, overwrite):
     """PSFs at arbitrary field points (or a dense map) from a trained model."""
-    import numpy as np
-
-    from psfcvae.sample import sample_psfs
-
     if (coords is None) == (grid_m is None):
         raise click.UsageError("give either --coords or --grid")
     if grid_m is not None and grid_m < 1:
         raise click.BadParameter("must be at least 1", param_hint="--grid")
     suffix = Path(out).suffix
-    if suffix not in (".npy", ".h5", ".png"):
-        raise click.BadParameter(f"unknown output type {suffix!r}; use .npy, .h5 or .png", param_hint="--out")
-    pts = np.array(_parse_coords(coords)) if coords is not None else None
-    try:
-        path = sample_psfs(checkpoint, out, pts, grid_m, depth, mode, allow_extrapolation, device, overwrite)
-    except InputError as exc:  # the API's argument names, in the options this command takes
-        words = {"allow_extrapolation=True": "--allow-extrapolation", "give depth_m": "give --depth",
-                 "depth_m": "--depth", "coordinates x and y": "--coords"}
-        message = str(exc)
-        for api, option in words.items():
-            message = message.replace(api, option)
-        raise InputError(message) from None
+    if suffix not in (".npz", ".h5", ".npy", ".png"):
+        raise click.BadParameter(f"unknown output type {suffix!r}; use .npz, .h5, .npy or .png", param_hint="--out")
+    pts = _parse_coords(coords) if coords is not None else None
+    import numpy as np
+
+    from psfcvae.sample import sample_psfs
+
+    pts = np.array(pts) if pts is not None else None
+    path = sample_psfs(checkpoint, out, pts, grid_m, depth, mode, allow_extrapolation, device, overwrite)
     click.echo(str(path))
 
 

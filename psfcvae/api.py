@@ -1,7 +1,7 @@
 """PSFs at arbitrary coordinates from a trained checkpoint; no dataset needed.
 
     import psfcvae
-    model = psfcvae.load_model("runs/v1/best.pt")           # CPU; .to("cuda") to move
+    model = psfcvae.load_model("runs/v1/best.pt")           # device="auto": CUDA when present; .to(...) to move
     psf = model.psf([0.5, -0.3], [0.5, 0.8], depth_m=1.0)    # [2, 3, 15, 15], each channel sums to 1
 """
 
@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from psfgen.errors import InputError
+from psfgen.lens import resolve_device
 
 from . import checkpoint
 from .model import CVAE, ModelArgs
@@ -24,6 +25,10 @@ def _positive_numbers(values) -> bool:
     except (TypeError, ValueError):
         return False
     return v.ndim == 1 and v.size > 0 and bool(np.isfinite(v).all() and (v > 0).all())
+
+
+# The spellings of the API's arguments in its messages; the CLI renders them as its options.
+_API_NAMES = {"coords": "coordinates x and y", "allow_extrapolation": "allow_extrapolation=True", "depth_m": "depth_m"}
 
 
 class PSFModel:
@@ -54,23 +59,28 @@ class PSFModel:
         if x.shape != y.shape or x.ndim != 1 or x.size == 0:
             raise InputError(f"x and y must be scalars or non-empty 1-D arrays of one length, got shapes {x.shape} and {y.shape}")
         if not (np.isfinite(x).all() and np.isfinite(y).all()):
-            raise InputError("coordinates x and y must be finite numbers (got NaN or inf)")
+            raise InputError("{coords} must be finite numbers (got NaN or inf)", _API_NAMES)
         if not allow_extrapolation and (np.abs(x).max() > 1 or np.abs(y).max() > 1):
-            raise InputError("coordinates must lie in [-1, 1] (the sensor); pass allow_extrapolation=True to go beyond")
+            far = float(np.abs(np.concatenate([x, y])).max())
+            raise InputError(f"{{coords}} must lie in [-1, 1] (the sensor), got {far:g}; pass {{allow_extrapolation}} "
+                             "to go beyond", _API_NAMES)
         lo, hi = self.depth_range
         if depth_m is None:
             if self.net.args.cond_dim == 3 and lo != hi:
-                raise InputError(f"this model was trained on depths {lo:g}-{hi:g} m: give depth_m")
+                raise InputError(f"this model was trained on depths {lo:g}-{hi:g} m: give {{depth_m}}", _API_NAMES)
             depth_m = lo
         d = _numbers("depth_m", depth_m)
         if d.size not in (1, x.size) or d.ndim > 1:
             raise InputError(f"depth_m must be one depth or one per point ({x.size}), got shape {d.shape}")
         d = np.broadcast_to(d.reshape(-1), x.shape)
         if not np.isfinite(d).all() or (d <= 0).any():
-            raise InputError("depth_m must be a positive, finite number of metres")
+            bad = d[~(np.isfinite(d) & (d > 0))][0]
+            raise InputError(f"{{depth_m}} must be a positive, finite number of metres, got {bad:g}", _API_NAMES)
         # An (x, y) model does not use the depth, but a depth it never saw is still an extrapolation.
         if not allow_extrapolation and ((d < lo * (1 - 1e-9)).any() or (d > hi * (1 + 1e-9)).any()):
-            raise InputError(f"depth_m outside the trained range {lo:g}-{hi:g} m; pass allow_extrapolation=True to go beyond")
+            out = d[(d < lo * (1 - 1e-9)) | (d > hi * (1 + 1e-9))][0]
+            raise InputError(f"{{depth_m}} {out:g} m is outside the trained range {lo:g}-{hi:g} m; pass "
+                             "{allow_extrapolation} to go beyond", _API_NAMES)
         return self.net.condition(np.stack([x, y], axis=1), d)
 
     @torch.no_grad()
@@ -115,8 +125,12 @@ def _numbers(name: str, value) -> np.ndarray:
         raise InputError(f"{name} must be a number or an array of numbers, got {value!r:.60}") from None
 
 
-def load_model(path: str | Path, device=None) -> PSFModel:
-    """Load a checkpoint written by ``psf train`` (weights only, safe to load)."""
+def load_model(path: str | Path, device="auto") -> PSFModel:
+    """Load a checkpoint written by ``psf train`` (weights only, safe to load).
+
+    device: "auto" (CUDA when present, else the CPU), "cpu", "cuda", "cuda:K" or a torch.device;
+    a CUDA device that is absent is an InputError.
+    """
     ckpt = checkpoint.load(path)
     try:
         net = CVAE(ModelArgs(**ckpt["model_args"]))
@@ -129,4 +143,4 @@ def load_model(path: str | Path, device=None) -> PSFModel:
     info = {k: ckpt[k] for k in ("step", "config", "data_fingerprint", "versions")}
     info["path"] = str(path)
     model = PSFModel(net.eval(), info)
-    return model.to(device or "cpu")
+    return model.to(device if isinstance(device, torch.device) else resolve_device(device or "auto"))

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
+from psfgen.configio import check_at_least, check_device, check_grid_size
 from psfgen.errors import InputError
 
 
@@ -57,54 +57,34 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:K
 
     def validate(self) -> None:
-        positive = (
-            "kernel_size_small", "read_run", "supersample", "latent_dim", "hidden_dim", "num_layers", "batch_size",
-            "max_steps", "log_every", "val_every", "checkpoint_every",
-        )
-        for key in positive:
-            if getattr(self, key) < 1:
-                raise InputError(f"config key '{key}' must be at least 1, got {getattr(self, key)}")
+        check_at_least(self, 1, "kernel_size_small", "read_run", "supersample", "latent_dim", "hidden_dim", "num_layers",
+                       "batch_size", "max_steps", "log_every", "val_every", "checkpoint_every", "decoder_rank")
         if self.batch_size % self.read_run:
-            raise InputError(
-                f"config key 'batch_size' ({self.batch_size}) must be a multiple of read_run ({self.read_run})"
-            )
-        if self.seed < 0:
-            raise InputError(f"config key 'seed' must be 0 or more, got {self.seed}")
-        if self.warmup_steps < 0:
-            raise InputError(f"config key 'warmup_steps' must be 0 or more, got {self.warmup_steps}")
-        if self.grid_size is not None and self.grid_size < 2:
-            raise InputError(f"config key 'grid_size' must be at least 2, got {self.grid_size}")
+            raise InputError.for_keys(f"{{batch_size}} ({self.batch_size}) must be a multiple of {{read_run}} "
+                                      f"({self.read_run})", "batch_size", "read_run")
+        check_at_least(self, 0, "seed", "warmup_steps", "num_workers", "depth_frequencies")
+        if self.grid_size is not None:
+            check_grid_size(self)
         if not 0 <= self.num_frequencies <= MAX_FREQUENCIES:
-            raise InputError(
-                f"config key 'num_frequencies' must be between 0 and {MAX_FREQUENCIES}, got {self.num_frequencies} "
+            raise InputError.for_key(
+                "num_frequencies", f"must be between 0 and {MAX_FREQUENCIES}, got {self.num_frequencies} "
                 "(finer bands oscillate faster than float32 resolves a coordinate)"
             )
-        if self.num_workers < 0:
-            raise InputError(f"config key 'num_workers' must be 0 or more, got {self.num_workers}")
-        if self.decoder_rank is not None and self.decoder_rank < 1:
-            raise InputError(f"config key 'decoder_rank' must be at least 1 (or null), got {self.decoder_rank}")
-        if self.depth_frequencies is not None and self.depth_frequencies < 0:
-            raise InputError(f"config key 'depth_frequencies' must be 0 or more, got {self.depth_frequencies}")
         if not self.pe_scale > 0:
-            raise InputError(f"config key 'pe_scale' must be positive, got {self.pe_scale}")
+            raise InputError.for_key("pe_scale", f"must be positive, got {self.pe_scale}")
         if not 0 < self.learning_rate < math.inf:
-            raise InputError(f"config key 'learning_rate' must be a positive, finite number, got {self.learning_rate}")
+            raise InputError.for_key("learning_rate", f"must be a positive, finite number, got {self.learning_rate}")
         for key in ("recon_weight", "kl_weight", "smooth_weight", "prior_recon_weight", "scale_weight"):
             if not 0 <= getattr(self, key) < math.inf:
-                raise InputError(f"config key '{key}' must be a finite number, 0 or more, got {getattr(self, key)}")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise InputError(f"config key 'lr_schedule' must be constant or cosine, got {self.lr_schedule!r}")
-        if self.output not in ("softplus", "softmax"):
-            raise InputError(f"config key 'output' must be softplus or softmax, got {self.output!r}")
-        if self.condition_frame not in ("auto", "canonical", "cartesian"):
-            raise InputError(
-                f"config key 'condition_frame' must be auto, canonical or cartesian, got {self.condition_frame!r}"
-            )
-        for key in ("condition_on_depth", "in_memory"):
-            if getattr(self, key) not in ("auto", "true", "false"):
-                raise InputError(f"config key '{key}' must be auto, true or false, got {getattr(self, key)!r}")
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            raise InputError(f"config key 'device' must be auto, cpu, cuda or cuda:K, got {self.device!r}")
+                raise InputError.for_key(key, f"must be a finite number, 0 or more, got {getattr(self, key)}")
+        choices = {"lr_schedule": ("constant", "cosine"), "output": ("softplus", "softmax"),
+                   "condition_frame": ("auto", "canonical", "cartesian"), "condition_on_depth": ("auto", "true", "false"),
+                   "in_memory": ("auto", "true", "false")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                words = ", ".join(allowed[:-1]) + " or " + allowed[-1]
+                raise InputError.for_key(key, f"must be {words}, got {getattr(self, key)!r}")
+        check_device(self)
 
     def lr_at(self, step: int) -> float:
         """Learning rate of optimiser step ``step`` (0-based): a function of the step alone."""

@@ -22,6 +22,7 @@ import h5py
 import numpy as np
 import torch
 
+from psfgen.configio import check_at_least, check_device
 from psfgen.errors import InputError
 from psfgen.info import grid_speed
 from psfgen.lens import resolve_device
@@ -46,6 +47,11 @@ class EvalConfig:
     side_by_side: int = 6  # held-out points shown side by side
     device: str = "auto"
     seed: int = 0  # for the prior samples
+
+    def validate(self) -> None:  # called by psfgen.configio.build, the one loader of every config
+        check_at_least(self, 1, "eigen_components", "side_by_side")
+        check_at_least(self, 0, "seed")
+        check_device(self)
 
 
 def _model_speed(model, device, n: int = 4096, repeats: int = 3) -> float:

@@ -20,10 +20,13 @@ CHUNK = 4096  # PSFs evaluated at once: bounds the decoder's transient memory
 
 def sample_psfs(checkpoint, out, points, grid_m, depth_m, mode, allow_extrapolation=False, device="auto",
                 overwrite: bool = False) -> Path:
-    """Write PSFs [B, 3, 15, 15] (or [M*M, ...] for a map, row-major, row 0 at y = +1).
+    """Write PSFs [B, 3, k, k] (or [M*M, ...] for a map, row-major, row 0 at y = +1), each channel summing to 1.
 
-    .npy: the array; .h5: psf, coords, depth and the checkpoint; .png: display-scaled
-    RGB, an M x M mosaic for a map or a single row for points.
+    .npz: psf, coords [B, 2] (x, y in [-1, 1]), depth_m [m] (the model's only depth when none is given), mode,
+    checkpoint;
+    .h5: the same plus the model's step and data fingerprint; .npy: the array alone, in the
+    order of --coords (a map: row-major from the top-left corner, x = -1, y = +1);
+    .png: display-scaled RGB, an M x M mosaic for a map or a single row for points, captioned.
     """
     out = Path(out)
     if out.exists() and not overwrite:
@@ -38,6 +41,7 @@ def sample_psfs(checkpoint, out, points, grid_m, depth_m, mode, allow_extrapolat
         lin = np.linspace(-1, 1, grid_m) if grid_m > 1 else np.zeros(1)
         gx, gy = np.meshgrid(lin, lin[::-1])
         points = np.stack([gx.ravel(), gy.ravel()], axis=1)
+    used_depth = float(depth_m) if depth_m is not None else model.depth_range[0]  # the depth the model was given
     psf = np.concatenate([
         model.psf(points[i : i + CHUNK, 0], points[i : i + CHUNK, 1], depth_m, mode=mode,
                   allow_extrapolation=allow_extrapolation).cpu().numpy()
@@ -47,6 +51,9 @@ def sample_psfs(checkpoint, out, points, grid_m, depth_m, mode, allow_extrapolat
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.suffix == ".npy":
             np.save(out, psf)
+        elif out.suffix == ".npz":
+            np.savez(out, psf=psf, coords=points, depth_m=used_depth, mode=mode,
+                     checkpoint=str(checkpoint))
         elif out.suffix == ".h5":
             with h5py.File(out, "w") as f:
                 f["psf"] = psf
@@ -64,8 +71,40 @@ def sample_psfs(checkpoint, out, points, grid_m, depth_m, mode, allow_extrapolat
                 img = mosaic(psf, grid_m)  # [3, H, W]
             else:  # one row of kernels
                 img = np.concatenate([mosaic(p[None], 1) for p in psf], axis=2)
-            Image.fromarray((np.moveaxis(img, 0, -1) * 255).astype(np.uint8)).resize(
-                (img.shape[2] * 8, img.shape[1] * 8), Image.NEAREST).save(out)
+            tiles = Image.fromarray((np.moveaxis(img, 0, -1) * 255).astype(np.uint8)).resize(
+                (img.shape[2] * 8, img.shape[1] * 8), Image.NEAREST)
+            _captioned(tiles, _caption(points, grid_m, used_depth, mode, model.net.args.ks)).save(out)
     except OSError as exc:
         raise InputError(f"cannot write {out}: {exc.strerror or exc}") from None
     return out
+
+
+def _caption(points, grid_m, depth_m, mode: str, k: int) -> list[str]:
+    """The lines under a PNG: what each tile is, where it is in the field, at which depth."""
+    depth = f"depth {depth_m:g} m"
+    what = "prior mean" if mode == "mean" else "one prior sample"
+    lines = [f"psf sample: {what}, {depth}, {k}x{k} px per PSF, each PSF scaled to its own peak"]
+    if grid_m is not None:
+        lines.append(f"{grid_m}x{grid_m} map of the field: x -1 (left) to +1 (right), y +1 (top) to -1 (bottom)")
+        lines.append("field coordinates: +-1 = the sensor's edges")
+    else:
+        where = " ".join(f"({x:.3g}, {y:.3g})" for x, y in points[:12]) + (" ..." if len(points) > 12 else "")
+        lines.append(f"field points (x, y), left to right: {where}")
+    return lines
+
+
+def _captioned(tiles, lines: list[str]):
+    """``tiles`` (a PIL image) above ``lines`` of text, on a canvas wide enough for both."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    draw = ImageDraw.Draw(tiles)
+    widths = [draw.textlength(line, font=font) for line in lines]
+    line_h = 14
+    width = max(tiles.width, int(max(widths)) + 8)
+    canvas = Image.new("RGB", (width, tiles.height + line_h * len(lines) + 6), (255, 255, 255))
+    canvas.paste(tiles, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(lines):
+        draw.text((4, tiles.height + 3 + i * line_h), line, fill=(0, 0, 0), font=font)
+    return canvas

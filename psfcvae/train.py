@@ -31,7 +31,7 @@ from psfgen.lens import resolve_device
 from psfgen.provenance import now, versions
 from psfgen.store import GridInfo, open_info, require_complete
 
-from . import checkpoint
+from . import checkpoint, interrupt
 from .config import TrainConfig
 from .data import Conditions, check_grid_content, GridBatches, make_loader, read_grid_depth, read_grid_meta, read_heldout
 from .images import mosaic
@@ -182,7 +182,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     if ckpt is not None:
         cfg = _with_the_runs_own_new_keys(cfg, ckpt)
     args = model_args_for(cfg, info)
-    with _run_lock(run_dir):  # one writer per run directory, from the checks below to the end
+    with _run_lock(run_dir), interrupt.stop_on_signal():  # one writer per run directory; Ctrl-C saves, then stops
         return _train(cfg, resume, info, args, run_dir, ckpt)
 
 
@@ -294,6 +294,7 @@ def _train(cfg: TrainConfig, resume: bool, info: GridInfo, args: ModelArgs, run_
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": asdict(args),
             "step": step, "best_val": best, "val": metrics, "config": configio.to_dict(cfg),
             "data_fingerprint": fingerprint, "versions": versions(), "saved_at": now(), "rng": rng,
+            "loss_window": {"sums": dict(window), "n": n_window},  # a resume between two logs logs the same means
         })
 
     (log.info if main_rank else log.debug)(  # once, not once per rank
@@ -307,13 +308,20 @@ def _train(cfg: TrainConfig, resume: bool, info: GridInfo, args: ModelArgs, run_
     window = {"loss_all": 0.0, "loss_recon": 0.0, "loss_kl": 0.0, "loss_smooth": 0.0, "loss_recon_prior": 0.0, "loss_scale": 0.0,
               "grad_norm": 0.0}
     n_window = 0
+    if ckpt is not None and "loss_window" in ckpt and world == 1:  # under DDP each rank summed its own share
+        window, n_window = dict(ckpt["loss_window"]["sums"]), ckpt["loss_window"]["n"]
     t0, step0 = time.perf_counter(), step
     quiet = not log.isEnabledFor(logging.INFO) or not main_rank
-    bar = tqdm(total=cfg.max_steps, initial=step, unit="step", disable=True if quiet else None, dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, initial=step, unit="step", desc="training", disable=True if quiet else None, dynamic_ncols=True)
     model.train()
     for batch in loader:
         if step >= cfg.max_steps:
             break
+        if signum := interrupt.requested(world, device):  # Ctrl-C or SIGTERM: save where the last step left off
+            if main_rank:
+                save(latest, metrics)
+            bar.close()
+            raise interrupt.Interrupted(step, latest, signum)
         psf = batch["psf"].to(device, non_blocking=True)  # [B, 3, k, k]
         point, depth = batch["point"].to(device), batch["depth"].to(device)  # [B]
         pair_src, pair_cond = conds.pairs(point, depth)  # [Q], [Q, C]

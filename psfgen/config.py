@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .configio import check_at_least, check_device, check_grid_size
 from .errors import InputError
 
 
@@ -23,6 +24,13 @@ def shipped_lens_dir() -> Path:
 
 
 DEFAULT_LENS = str(shipped_lens_dir() / "acl12708u.json")
+
+NOISE_POINTS = 32  # re-traced grid points per depth, when the grid has that many
+
+
+def default_noise_points(grid_size: int) -> int:
+    """The noise floor's re-traced points per depth: 32, or every point of a smaller grid."""
+    return min(NOISE_POINTS, max(grid_size, 0) ** 2)
 
 
 @dataclass(frozen=True)
@@ -40,67 +48,58 @@ class GenerateConfig:
     ks_small: int = 15  # stored kernel size [px] after area downsampling
     heldout: int = 256  # off-grid evaluation points (half at grid depths, half between)
     heldout_spp: int | None = None  # rays of the held-out reference, split in two halves; None: 4*spp
-    noise_points: int = 32  # grid points traced a second time per depth (noise floor)
+    noise_points: int | None = None  # grid points traced a second time per depth (noise floor); None: default_noise_points
     block_rays: int = 4_000_000  # rays per traced block (bounds memory); points/block = block_rays // spp
     seed: int = 0  # every block is seeded from (seed, block)
     device: str = "auto"  # auto | cpu | cuda | cuda:K
     overwrite: bool = False  # replace an existing output file from another run
     shard: str | None = None  # "K/N": trace only shard K (0-based) of N; "auto": from torchrun or a SLURM array
 
+    def __post_init__(self) -> None:
+        # noise_points None: the default, which adapts to the grid (a 4x4 grid has 16 points, not 32).
+        if self.noise_points is None and isinstance(self.grid_size, int):
+            object.__setattr__(self, "noise_points", default_noise_points(self.grid_size))
+
     def validate(self) -> None:
-        if self.grid_size < 2:
-            raise InputError(f"grid_size must be at least 2, got {self.grid_size}")
+        check_grid_size(self)
         if self.depths is not None:
             if len(self.depths) == 0:
-                raise InputError("depths is empty; give at least one depth in metres")
+                raise InputError.for_key("depths", "is empty; give at least one depth in metres")
             bad = [d for d in self.depths if not d > 0 or not np.isfinite(d)]
             if bad:
-                raise InputError(f"depths must be positive (metres), got {bad[0]}")
+                raise InputError.for_key("depths", f"must be positive (metres), got {bad[0]}")
             if len(set(self.depths)) != len(self.depths):
-                raise InputError("depths must not repeat")
+                raise InputError.for_key("depths", f"must not repeat, got {', '.join(f'{d:g}' for d in self.depths)}")
         else:
             if not self.depth_min > 0:
-                raise InputError(f"depth_min must be positive (metres), got {self.depth_min}")
+                raise InputError.for_key("depth_min", f"must be positive (metres), got {self.depth_min}")
             if not self.depth_max >= self.depth_min:
-                raise InputError(
-                    f"depth_max ({self.depth_max}) must be at least depth_min ({self.depth_min})"
-                )
-            if self.num_depths < 1:
-                raise InputError(f"num_depths must be at least 1, got {self.num_depths}")
+                raise InputError.for_keys(f"{{depth_max}} ({self.depth_max}) must be at least {{depth_min}} "
+                                          f"({self.depth_min})", "depth_max", "depth_min")
+            check_at_least(self, 1, "num_depths")
             if self.num_depths > 1 and self.depth_max == self.depth_min:
-                raise InputError("depth_max equals depth_min: set num_depths to 1 or widen the range")
+                raise InputError.for_keys("{depth_max} equals {depth_min}: set {num_depths} to 1 or widen the range",
+                                          "depth_max", "depth_min", "num_depths")
         if self.focus_m is not None and not self.focus_m > 0:
-            raise InputError(f"focus_m must be positive (metres), got {self.focus_m}")
-        if self.spp < 1:
-            raise InputError(f"spp must be at least 1, got {self.spp}")
-        if self.ks < 2:
-            raise InputError(f"ks (--kernel-size) must be at least 2, got {self.ks}")
+            raise InputError.for_key("focus_m", f"must be positive (metres), got {self.focus_m}")
+        check_at_least(self, 1, "spp", "block_rays")
+        check_at_least(self, 2, "ks")
         if self.ks_small < 1 or self.ks_small > self.ks:
-            raise InputError(
-                f"ks_small (--kernel-size-small, {self.ks_small}) must be between 1 and "
-                f"ks (--kernel-size, {self.ks})"
-            )
-        if self.heldout < 0:
-            raise InputError(f"heldout must be 0 or more, got {self.heldout}")
+            raise InputError.for_keys(f"{{ks_small}} ({self.ks_small}) must be between 1 and {{ks}} ({self.ks})",
+                                      "ks_small", "ks")
+        check_at_least(self, 0, "heldout", "seed")
         if self.heldout_spp is not None and self.heldout_spp < 2:
-            raise InputError(
-                f"heldout_spp must be at least 2 (it is split in two halves), got {self.heldout_spp}"
-            )
+            raise InputError.for_key("heldout_spp", f"must be at least 2 (it is split in two halves), got {self.heldout_spp}")
         if not 0 <= self.noise_points <= self.grid_size**2:
-            raise InputError(
-                f"noise_points must be between 0 and grid_size^2 = {self.grid_size**2}, "
-                f"got {self.noise_points}"
+            raise InputError.for_key(
+                "noise_points", f"must be between 0 and {self.grid_size**2} (the points of a "
+                f"{self.grid_size}x{self.grid_size} grid), got {self.noise_points}"
             )
-        if self.seed < 0:
-            raise InputError(f"seed must be 0 or more, got {self.seed}")
-        if self.block_rays < 1:
-            raise InputError(f"block_rays must be at least 1, got {self.block_rays}")
         if self.shard is not None and self.shard != "auto":
             m = re.fullmatch(r"(\d+)/(\d+)", self.shard)
             if not m or not int(m.group(1)) < int(m.group(2)):
-                raise InputError(f"shard must be K/N with 0 <= K < N (e.g. 0/4), or auto; got {self.shard!r}")
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            raise InputError(f"device must be auto, cpu, cuda or cuda:K, got {self.device!r}")
+                raise InputError.for_key("shard", f"must be K/N with 0 <= K < N (e.g. 0/4), or auto; got {self.shard!r}")
+        check_device(self)
 
     # Derived values. Kept as methods, not fields, so they cannot disagree with the fields.
     def depth_values(self) -> np.ndarray:

@@ -9,7 +9,9 @@ the key instead of being silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -35,54 +37,62 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             try:
                 return _coerce(key, value, a)
             except InputError as exc:
-                errors.append(str(exc))
-        raise InputError(errors[0])
+                errors.append(exc)
+        raise errors[0]
     if origin is tuple:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
-            raise InputError(f"config key '{key}': expected a list, got {value!r}")
+            raise InputError.for_key(key, f"must be a list, got {value!r}")
         return tuple(_coerce(key, v, args[0]) for v in value)
     if tp is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
-        raise InputError(f"config key '{key}': expected true or false, got {value!r}")
+        raise InputError.for_key(key, f"must be true or false, got {value!r}")
     if tp is int:
         if isinstance(value, bool):
-            raise InputError(f"config key '{key}': expected an integer, got {value!r}")
+            raise InputError.for_key(key, f"must be an integer, got {value!r}")
         if isinstance(value, float) and value.is_integer():
             return int(value)
         try:
             return int(str(value).replace("_", ""))
         except ValueError:
-            raise InputError(f"config key '{key}': expected an integer, got {value!r}") from None
+            raise InputError.for_key(key, f"must be an integer, got {value!r}") from None
     if tp is float:
         if isinstance(value, bool):
-            raise InputError(f"config key '{key}': expected a number, got {value!r}")
+            raise InputError.for_key(key, f"must be a number, got {value!r}")
         try:
             return float(value)
         except (TypeError, ValueError):
-            raise InputError(f"config key '{key}': expected a number, got {value!r}") from None
+            raise InputError.for_key(key, f"must be a number, got {value!r}") from None
     if tp is str:
         if isinstance(value, bool):  # YAML reads `true` as a bool; str fields like "auto|true|false" want text
             return "true" if value else "false"
         if isinstance(value, (dict, list)):
-            raise InputError(f"config key '{key}': expected a string, got {value!r}")
+            raise InputError.for_key(key, f"must be a string, got {value!r}")
         return str(value)
     raise TypeError(f"unsupported config field type {tp!r} for '{key}'")
 
 
-def build(cls: type[C], values: dict[str, Any], source: str = "config") -> C:
-    """Instantiate ``cls`` from ``values``; unknown keys and bad values raise InputError."""
+def unknown_key(key: str, names: list[str], source: str) -> InputError:
+    """The error for a key ``cls`` does not have: the closest valid key, or all of them when none is close."""
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}?" if close else f"valid keys are: {', '.join(names)}"
+    return InputError(f"unknown key '{key}' in {source}; {hint}")
+
+
+def build(cls: type[C], values: dict[str, Any], source: str = "config", set_keys: typing.Iterable[str] = ()) -> C:
+    """Instantiate ``cls`` from ``values``; unknown keys and bad values raise InputError.
+
+    set_keys: the keys that came from ``--set``, so an unknown one is reported as such.
+    """
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(values) - set(names))
+    unknown = sorted(set(values) - set(names), key=lambda k: (k not in set_keys, k))
     if unknown:
-        raise InputError(
-            f"unknown key '{unknown[0]}' in {source}; valid keys are: {', '.join(names)}"
-        )
+        raise unknown_key(unknown[0], names, "--set" if unknown[0] in set_keys else source)
     kwargs = {k: _coerce(k, v, hints[k]) for k, v in values.items()}
     cfg = cls(**kwargs)
     check = getattr(cfg, "validate", None)
@@ -141,8 +151,33 @@ def load(
         values.update(read_yaml(path))
         source = str(path)
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    values.update(parse_sets(sets))
-    return build(cls, values, source)
+    from_sets = parse_sets(sets)
+    values.update(from_sets)
+    return build(cls, values, source, set_keys=from_sets)
+
+
+# Checks that several configs share, in one wording: "config key 'seed' must be 0 or more, got -1".
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def check_device(cfg: Any, key: str = "device") -> None:
+    value = getattr(cfg, key)
+    if not isinstance(value, str) or not DEVICE.fullmatch(value):
+        raise InputError.for_key(key, f"must be auto, cpu, cuda or cuda:K, got {value!r}")
+
+
+def check_at_least(cfg: Any, lowest: float, *keys: str) -> None:
+    """Each of ``keys`` (None allowed: 'not set') is at least ``lowest``."""
+    for key in keys:
+        value = getattr(cfg, key)
+        if value is not None and not value >= lowest:
+            bound = "0 or more" if lowest == 0 else f"at least {lowest}"
+            raise InputError.for_key(key, f"must be {bound}, got {value}")
+
+
+def check_grid_size(cfg: Any, key: str = "grid_size") -> None:
+    """An N x N field grid needs N >= 2: its points span [-1, 1] from edge to edge."""
+    check_at_least(cfg, 2, key)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -41,6 +41,22 @@ def noise_floor(path) -> np.ndarray | None:
     return np.array([err[d][ok[d]].mean() if ok[d].any() else np.nan for d in range(len(err))])
 
 
+def _devices(attrs) -> str:
+    """The device(s) that traced the file: one name, or those of a merged file's shards."""
+    names = json.loads(attrs["devices"]) if "devices" in attrs else [attrs["device"]]
+    names = list(dict.fromkeys(str(n) for n in (names if isinstance(names, list) else [names])))
+    return names[0] if len(names) == 1 else " + ".join(names) + " (shards)"
+
+
+def _default_note(noise_points, grid_size: int) -> str:
+    """Says when the noise points were the default chosen for this grid (fewer than 32 on a small one)."""
+    from .config import NOISE_POINTS, default_noise_points
+
+    if noise_points == default_noise_points(grid_size) and noise_points != NOISE_POINTS:
+        return f" (the default for a {grid_size}x{grid_size} grid: all its points)"
+    return ""
+
+
 def summary(path) -> str:
     info = open_info(path)
     a = info.attrs
@@ -49,11 +65,12 @@ def summary(path) -> str:
         f"file        {info.path}  (format {a['format']} v{a['schema_version']}, run {info.run_id})",
         f"lens        {a['lens_path']}  sha256 {a['lens_sha256'][:16]}…  foclen {a.get('foclen_mm', float('nan')):.3f} mm",
         f"grid        {info.grid_size} x {info.grid_size} points, kernel {cfg['ks']} px -> {info.ks_small} px",
-        f"depths [m]  {', '.join(f'{d:g}' for d in info.depths)}" + (f"  (focus {cfg['focus_m']} m)" if cfg.get("focus_m") else ""),
+        f"depths [m]  {', '.join(f'{d:.4g}' for d in info.depths)}" + (f"  (focus {cfg['focus_m']} m)" if cfg.get("focus_m") else ""),
         f"spp         {info.spp} (grid), {info.heldout_spp} (held-out reference, two halves)",
-        f"held-out    {info.n_heldout} points;  noise re-traces: {info.n_noise} grid points per depth",
+        f"held-out    {info.n_heldout} points;  noise re-traces: {info.n_noise} grid points per depth"
+        + _default_note(cfg.get("noise_points"), info.grid_size),
         f"blocks      {info.blocks_done}/{info.blocks_total} traced" + ("" if info.complete else "  (unfinished: run the same 'psf generate' again to resume)"),
-        f"device      {a.get('devices', a['device'])}, seed {a['seed']}, started {a['started_at']}"
+        f"device      {_devices(a)}, seed {a['seed']}, started {a['started_at']}"
         + (f", finished {a['finished_at']}" if "finished_at" in a else "")
         + (f" ({a['trace_seconds']:.1f} s tracing)" if "trace_seconds" in a else ""),
     ]
@@ -84,7 +101,8 @@ def summary(path) -> str:
             lines.append(f"reference   held-out halves differ by {100 * ref.mean():.2f}% (relative L2, mean)")
     nf = noise_floor(path)
     if nf is not None:
-        per = ", ".join(f"{d:g} m: {100 * v:.2f}%" for d, v in zip(info.depths, nf))
+        per = ", ".join(f"{d:.4g} m: " + ("not measured yet" if np.isnan(v) else f"{100 * v:.2f}%")
+                        for d, v in zip(info.depths, nf))
         lines.append(f"noise floor two traces at spp {info.spp} differ by (relative L2) {per}")
     if info.complete and info.shard is None:
         from .symmetry import check_file

@@ -111,7 +111,9 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
     dev = torch.device(name)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise InputError(f"device {name} asked for, but CUDA is not available here; use --device cpu")
+            raise InputError(f"{{device}} {name} asked for, but CUDA is not available here; use {{device}} cpu or auto",
+                             {"device": "device"})
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise InputError(f"device {name} does not exist: {torch.cuda.device_count()} CUDA device(s)")
+            raise InputError(f"{{device}} {name} does not exist: {torch.cuda.device_count()} CUDA device(s)",
+                             {"device": "device"})
     return dev

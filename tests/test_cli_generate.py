@@ -46,12 +46,12 @@ def bad_lenses(tmp_path):
         ({"lens": "@invalid"}, ("not valid JSON",)),
         ({"lens": "@glass"}, ("unknown glass 'unobtainium'",)),
         ({"lens": "@wormhole"}, ("not a valid DeepLens lens", "Wormhole")),
-        ({"grid_size": 1}, ("grid_size must be at least 2",)),
-        ({"depths": (0.0, 1.0)}, ("depths must be positive",)),
-        ({"depths": None, "depth_min": -1.0}, ("depth_min must be positive",)),
-        ({"spp": 0}, ("spp must be at least 1",)),
-        ({"ks": 16, "ks_small": 17}, ("ks_small", "must be between 1 and ks")),
-        ({"device": "gpu"}, ("device must be",)),
+        ({"grid_size": 1}, ("--grid-size must be at least 2, got 1",)),
+        ({"depths": (0.0, 1.0)}, ("--depths must be positive", "got 0.0")),
+        ({"depths": None, "depth_min": -1.0}, ("--depth-min must be positive", "got -1.0")),
+        ({"spp": 0}, ("--spp must be at least 1, got 0",)),
+        ({"ks": 16, "ks_small": 17}, ("--kernel-size-small (17) must be between 1 and --kernel-size (16)",)),
+        ({"device": "gpu"}, ("--device must be", "gpu")),
     ],
 )
 def test_bad_input_one_line_exit_2_no_file(tmp_path, bad_lenses, change, needles):
