@@ -27,7 +27,7 @@ def test_installed_package_generates_from_another_directory(tmp_path):
                            env=env, cwd=work, capture_output=True, text=True, check=True).stdout.split()
     assert all(path.startswith(str(target)) for path in where), where  # not the checkout's copy
     cmd = [sys.executable, "-c", "from cli import main; main()", "generate", "--grid-size", "4", "--depths", "1",
-           "--spp", "2000", "--out", "g.h5", "--device", "cpu", "--noise-points", "4", "--heldout", "8"]
+           "--spp", "2000", "--out", "g.h5", "--device", "cpu"]
     result = subprocess.run(cmd, env=env, cwd=work, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     with h5py.File(work / "g.h5", "r") as f:
