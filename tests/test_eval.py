@@ -253,7 +253,8 @@ class _Page(HTMLParser):
 
 def test_report_opens_with_the_headline_and_shows_held_out_points(tiny_run, tiny_grid, tmp_path):
     out = tmp_path / "eval"
-    r = CliRunner().invoke(main, ["eval", "--checkpoint", str(tiny_run / "latest.pt"), "--data", str(tiny_grid), "--out", str(out)])
+    args = ["eval", "--checkpoint", str(tiny_run / "latest.pt"), "--data", str(tiny_grid), "--out", str(out)]
+    r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     metrics = json.loads((out / "metrics.json").read_text())
     page = _Page()
@@ -267,8 +268,9 @@ def test_report_opens_with_the_headline_and_shows_held_out_points(tiny_run, tiny
     trace = 100 * np.sqrt(((again - grid[:, idx]) ** 2).sum() / (grid[:, idx] ** 2).sum() / 2)
     cvae, b = pooled["cvae prior mean"], pooled[best_interp]
     change = f"{100 * abs(b - cvae) / b:.0f}% {'lower' if cvae <= b else 'higher'} than"
-    assert page.ids["headline"] == (f"CVAE {cvae:.1f}% — {change} the best interpolation ({best_interp}, {b:.1f}%), "
-                                    f"{cvae / trace:.1f}× the error of tracing the point at the training spp ({trace:.1f}%).")
+    assert page.ids["headline"] == (
+        f"CVAE {cvae:.1f}% — {change} the best interpolation ({best_interp}, {b:.1f}%), "
+        f"{cvae / trace:.1f}× the error of tracing the point at the training spp ({trace:.1f}%).")
     table = {row[0]: row[1] for row in page.rows if len(row) == 2 and row[1].endswith("%")}
     for name, value in pooled.items():
         assert table[name] == f"{value:.1f}%"
@@ -331,7 +333,8 @@ def test_import_psfcvae_keeps_the_callers_matplotlib_backend():
     code = ("import matplotlib; matplotlib.use('svg'); import sys, psfcvae, psfcvae.evaluate, psfcvae.plots, "
             "psfcvae.report, psfcvae.eval_figures, numpy as np; "
             "psfcvae.plots.save(psfcvae.plots.std_maps([np.ones((2, 2))], [1.0], np.zeros((1, 2))), '/dev/null'); "
-            "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend(); assert 'matplotlib.pyplot' not in sys.modules")
+            "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend(); "
+            "assert 'matplotlib.pyplot' not in sys.modules")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
 
