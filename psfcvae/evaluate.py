@@ -1,21 +1,23 @@
 """``psfcvae.evaluate(config)``: the model against ray-traced truth and the interpolation a
 user would otherwise use, on held-out points it never trained on.
 
+Three steps a reader can call alone: ``compute_metrics`` (every figure, metrics.json's
+content, plus the arrays behind it), ``eval_figures.make_figures`` (the PNGs) and
+``report.write_report`` (report.html); ``evaluate`` runs the three.
+
 Methods, all on the same held-out points: the CVAE's prior mean and one prior sample;
-nearest grid PSF; bilinear (field) x linear (1/depth); eigen-PSF interpolation. Ray
-tracing itself at the training spp is measured on the file's re-traced grid subset.
+nearest grid PSF; bilinear and bicubic (field) x linear (1/depth); eigen-PSF interpolation.
+Ray tracing itself at the training spp is measured on the file's re-traced grid subset.
 Errors are relative L2 against the held-out reference, raw and noise-corrected
 (docs/metrics.md), overall, per grid depth, and at depths between grid depths.
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
@@ -27,14 +29,17 @@ from psfgen.errors import InputError
 from psfgen.info import grid_speed
 from psfgen.lens import resolve_device
 from psfgen.provenance import now, versions
-from psfgen.store import open_info, require_complete
+from psfgen.store import GridInfo, open_info, require_complete
 
-from . import baselines, checkpoint, plots
-from .api import load_model
+from . import baselines, checkpoint
+from .api import PSFModel, load_model
 from .data import check_grid_content, read_heldout
 from .metrics import rel_l2, rel_l2_corrected, spearman, summarize
 
 log = logging.getLogger(__name__)
+
+TRUNCATION_LIMIT = 0.01  # a PSF with more of its energy on the traced window's border is called truncated
+INTERPOLATION = ("nearest", "bilinear", "bicubic", "eigen-psf")  # name prefixes of the baselines
 
 
 @dataclass(frozen=True)
@@ -74,8 +79,34 @@ def _model_speed(model, device, n: int = 4096, repeats: int = 3) -> float:
     return n / best
 
 
-def evaluate(cfg: EvalConfig) -> dict:
-    """Compute every figure, write metrics.json, the PNGs and report.html into cfg.out."""
+@dataclass
+class EvalArrays:
+    """The arrays behind the metrics, for the figures (and for a reader's own plots).
+
+    grid [D, P, 3, k, k] training PSFs, coords [P, 2], depths [D] m; heldout: read_heldout's
+    dict (coords [M, 2], depth [M] m, at_grid_depth [M], psf_a, psf_b, ref [M, 3, k, k]);
+    preds: method -> [M, 3, k, k]; corrected: method -> [M] per-point noise-corrected error;
+    recon, prior: the model's posterior reconstruction and prior mean of the grid [D, P, 3, k, k];
+    eigen: the eigen-PSF baseline fitted to the grid.
+    """
+
+    grid: np.ndarray
+    coords: np.ndarray
+    depths: np.ndarray
+    heldout: dict
+    preds: dict = field(default_factory=dict)
+    corrected: dict = field(default_factory=dict)
+    recon: np.ndarray | None = None
+    prior: np.ndarray | None = None
+    eigen: baselines.EigenPSF | None = None
+
+
+def evaluate(cfg: EvalConfig, extra_figures: list | None = None) -> dict:
+    """Compute every figure, write metrics.json, the PNGs and report.html into cfg.out.
+
+    extra_figures: (title, png, caption) appended to the report; png is PNG bytes, a path
+    or a matplotlib figure. Returns the metrics (metrics.json's content) plus "table".
+    """
     info = open_info(cfg.data)
     require_complete(info)
     check_grid_content(info.path)
@@ -92,135 +123,178 @@ def evaluate(cfg: EvalConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"cannot create output directory {out}: {exc.strerror}") from None
+    from . import eval_figures, report  # matplotlib is imported only when figures are drawn
 
+    result, arrays = compute_metrics(cfg, info, model)
+    figures = eval_figures.make_figures(result, arrays, out, model, cfg.log_scale, cfg.side_by_side, cfg.seed)
+    (out / "metrics.json").write_text(json.dumps(_json_safe(result), indent=2, allow_nan=False))
+    report.write_report(result, out, figures, extra_figures or [])
+    log.info("wrote %s", out / "report.html")
+    result["table"] = format_table(result)
+    return result
+
+
+def compute_metrics(cfg: EvalConfig, info: GridInfo, model: PSFModel | None) -> tuple[dict, EvalArrays]:
+    """Every method's held-out errors, ray tracing's, the model's grid fit, speed and uncertainty.
+
+    Returns (metrics: the content of metrics.json, arrays: what they were computed from).
+    """
     with h5py.File(info.path, "r", locking=False) as f:
-        grid = f["grid/psf"][:]  # [D, P, 3, k, k]
-        coords = f["grid/coords"][:]
-        noise_idx, noise = f["noise/index"][:], f["noise/psf"][:]
-    ho = read_heldout(info.path)
-    depths, n = info.depths, info.grid_size
-    ref = ho["ref"]
-    x, y, z = ho["coords"][:, 0], ho["coords"][:, 1], ho["depth"]
+        grid, coords = f["grid/psf"][:], f["grid/coords"][:]  # [D, P, 3, k, k], [P, 2]
+    arrays = EvalArrays(grid=grid, coords=coords, depths=info.depths, heldout=read_heldout(info.path))
+    ho, depths = arrays.heldout, info.depths
+    x, y, depth_m = ho["coords"][:, 0], ho["coords"][:, 1], ho["depth"]
+    eigen = baselines.EigenPSF(arrays.grid, depths, info.grid_size, cfg.eigen_components)
+    arrays.eigen = eigen
+    arrays.preds = _predictions(model, arrays.grid, depths, info.grid_size, eigen, x, y, depth_m, cfg.seed)
 
-    # --- predictions on the held-out points ----------------------------------------------
-    eigen = baselines.EigenPSF(grid, depths, n, cfg.eigen_components)
-    preds: dict[str, np.ndarray] = {}
-    if model is not None:
-        torch.manual_seed(cfg.seed)
-        preds["cvae prior mean"] = model.psf(x, y, z, mode="mean", allow_extrapolation=True).cpu().numpy()
-        preds["cvae prior sample"] = model.psf(x, y, z, mode="sample", allow_extrapolation=True).cpu().numpy()
-    preds["nearest"] = baselines.nearest(grid, depths, n, x, y, z)
-    preds["bicubic"] = baselines.bicubic(grid, depths, n, x, y, z)
-    preds["bilinear"] = baselines.bilinear(grid, depths, n, x, y, z)
-    preds[f"eigen-psf ({eigen.components})"] = eigen(x, y, z)
-
-    groups = {"all": np.ones(len(z), bool), "at grid depths": ho["at_grid_depth"], "between grid depths": ~ho["at_grid_depth"]}
+    groups = {"all": np.ones(len(depth_m), bool), "at grid depths": ho["at_grid_depth"],
+              "between grid depths": ~ho["at_grid_depth"]}
     for d in depths:
-        groups[f"at {d:g} m"] = ho["at_grid_depth"] & np.isclose(z, d)
+        groups[f"at {d:g} m"] = ho["at_grid_depth"] & np.isclose(depth_m, d)
     methods = {}
-    per_point = {}
-    for name, pred in preds.items():
-        raw = rel_l2(pred, ref)
-        corr, _ = rel_l2_corrected(pred, ho["psf_a"], ho["psf_b"])
-        per_point[name] = raw
+    for name, pred in arrays.preds.items():
+        raw = rel_l2(pred, ho["ref"])
+        arrays.corrected[name], _ = rel_l2_corrected(pred, ho["psf_a"], ho["psf_b"])
         methods[name] = {}
         for g, mask in groups.items():
-            if not mask.any():
-                continue
-            _, pooled = rel_l2_corrected(pred[mask], ho["psf_a"][mask], ho["psf_b"][mask])
-            methods[name][g] = {"raw": summarize(raw[mask]), "corrected": {**summarize(corr[mask]), "pooled": pooled}}
-
-    # Ray tracing at the training spp: two independent traces of the same grid points
-    # differ by sqrt(2) times the error of one of them.
-    raytrace = {}
-    if len(noise_idx):
-        pair_err = np.stack([rel_l2(noise[d], grid[d, noise_idx]) for d in range(len(depths))])  # [D, S]
-        one = pair_err / np.sqrt(2)
-        raytrace = {"all": summarize(one.ravel())}
-        raytrace.update({f"at {d:g} m": summarize(one[i]) for i, d in enumerate(depths)})
-    ref_noise = np.sqrt(((ho["psf_a"] - ho["psf_b"]) ** 2).reshape(len(z), -1).sum(1)) / 2 / np.sqrt((ref**2).reshape(len(z), -1).sum(1))
-
+            if mask.any():
+                _, pooled = rel_l2_corrected(pred[mask], ho["psf_a"][mask], ho["psf_b"][mask])
+                methods[name][g] = {"raw": summarize(raw[mask]),
+                                    "corrected": {**summarize(arrays.corrected[name][mask]), "pooled": pooled}}
+    ref = ho["ref"]
+    ref_noise = np.sqrt(((ho["psf_a"] - ho["psf_b"]) ** 2).reshape(len(ref), -1).sum(1)) / 2 / np.sqrt(
+        (ref**2).reshape(len(ref), -1).sum(1))
     result = {
         "created_at": now(),
         "versions": versions(),
-        "data": {"path": info.path, "run_id": info.run_id, "lens_sha256": info.attrs["lens_sha256"], "grid_size": n,
-                 "depths_m": [float(d) for d in depths], "spp": info.spp, "heldout_spp": info.heldout_spp,
-                 "n_heldout": info.n_heldout},
+        "data": {"path": info.path, "run_id": info.run_id, "lens_sha256": info.attrs["lens_sha256"],
+                 "grid_size": info.grid_size, "depths_m": [float(d) for d in depths], "spp": info.spp,
+                 "heldout_spp": info.heldout_spp, "n_heldout": info.n_heldout},
+        "optics": optics(info),
         "checkpoint": None if model is None else {"path": cfg.checkpoint, "step": model.info["step"],
                                                   "data_fingerprint": model.info["data_fingerprint"],
                                                   "config": model.info["config"], "frame": model.net.args.frame},
         "heldout": methods,
-        "raytrace_at_training_spp": raytrace,
+        "raytrace_at_training_spp": _raytrace(info.path, arrays.grid, depths),
         "reference_noise": summarize(ref_noise),
         "eigen_explained_variance": eigen.explained,
-        "speed_psfs_per_s": {"raytrace (file provenance, device " + info.attrs["device"] + f", spp {info.spp})": grid_speed(info.path)[0]},
+        "speed_psfs_per_s": {"raytrace (file provenance, device " + info.attrs["device"] + f", spp {info.spp})":
+                             grid_speed(info.path)[0]},
     }
-
-    # --- the CVAE on the grid itself; speed; uncertainty -----------------------------------
     if model is not None:
-        grid_eval = {}
-        both = [model.net.predict_grid(grid[d], model.conditions(coords[:, 0], coords[:, 1], np.full(n * n, depths[d])))
-                for d in range(len(depths))]
-        recon_all, prior_all = np.stack([b[0] for b in both]), np.stack([b[1] for b in both])  # [D, P, 3, k, k]
-        grid_eval["posterior reconstruction"] = summarize(np.concatenate([rel_l2(recon_all[d], grid[d]) for d in range(len(depths))]))
-        grid_eval["prior mean"] = summarize(np.concatenate([rel_l2(prior_all[d], grid[d]) for d in range(len(depths))]))
-        result["grid_vs_training_psfs"] = grid_eval
-        speeds = result["speed_psfs_per_s"]
-        speeds["cvae prior mean (cpu)"] = _model_speed(model, torch.device("cpu"))
-        if torch.cuda.is_available():
-            speeds["cvae prior mean (cuda)"] = _model_speed(model, torch.device("cuda"))
-        model.to(device)
-        std = model.prior_std(x, y, z, allow_extrapolation=True).cpu().numpy()
-        corr_err, _ = rel_l2_corrected(preds["cvae prior mean"], ho["psf_a"], ho["psf_b"])
-        result["uncertainty"] = {"spearman_prior_std_vs_error": spearman(std, per_point["cvae prior mean"]),
-                                 "spearman_prior_std_vs_corrected_error": spearman(std, corr_err)}
+        _model_metrics(result, arrays, model, info.grid_size)
+    result["headline"] = headline(result)
+    return result, arrays
 
-    # --- figures ---------------------------------------------------------------------------
-    images = []
-    log_scale = cfg.log_scale
-    for d in range(len(depths)):
-        panels = {"ground truth": grid[d]}
-        if model is not None:
-            torch.manual_seed(cfg.seed + d)
-            cond = model.conditions(coords[:, 0], coords[:, 1], np.full(n * n, depths[d]))
-            panels["posterior recon"] = recon_all[d]
-            panels["prior mean"] = prior_all[d]
-            panels["prior sample"] = model.net.sample_from_prior(cond).cpu().numpy()
-            shown = prior_all[d]
-        else:
-            shown = eigen(coords[:, 0], coords[:, 1], np.full(n * n, depths[d]))
-            panels["eigen-psf"] = shown
-        peak = grid[d].max(axis=(-3, -2, -1), keepdims=True)
-        panels["|error|"] = np.abs(shown - grid[d]) / peak
-        name = f"grid_depth{d}_{depths[d]:g}m.png"
-        plots.grid_panels(out / name, panels, n, depths[d], log_scale)
-        images.append((name, f"Grid at {depths[d]:g} m: ground truth and the model's reconstructions; |error| is of the "
-                       + ("prior mean" if model is not None else "eigen-PSF") + ", relative to each PSF's peak."))
-    plots.error_maps(out / "error_maps.png", ho["coords"], per_point, coords)
-    images.append(("error_maps.png", "Relative L2 error (raw) of each method at each held-out point."))
-    pick = np.linspace(0, len(z) - 1, min(cfg.side_by_side, len(z))).astype(int)
-    sbs = {"reference": ref[pick]}
-    if model is not None:
-        sbs["cvae"] = preds["cvae prior mean"][pick]
-    sbs["bilinear"] = preds["bilinear"][pick]
-    labels = [f"({x[i]:+.2f}, {y[i]:+.2f}) {z[i]:.2f} m" for i in pick]
-    plots.side_by_side(out / "side_by_side.png", sbs, labels, log_scale)
-    images.append(("side_by_side.png", "Held-out points: the ray-traced reference, the CVAE's prior mean and bilinear interpolation."))
-    if model is not None:
-        m = 64
-        lin = np.linspace(-1, 1, m)
-        gx, gy = np.meshgrid(lin, lin[::-1])
-        mid = float(depths[len(depths) // 2])
-        std_map = model.prior_std(gx.ravel(), gy.ravel(), np.full(m * m, mid)).cpu().numpy().reshape(m, m)
-        plots.std_map(out / "prior_std.png", std_map, mid, coords)
-        images.append(("prior_std.png", "The prior's standard deviation over the field: the model's own uncertainty."))
 
-    (out / "metrics.json").write_text(json.dumps(_json_safe(result), indent=2, allow_nan=False))
-    table = format_table(result)
-    (out / "report.html").write_text(report_html(result, table, out, images))
-    log.info("wrote %s", out / "report.html")
-    result["table"] = table
-    return result
+def _predictions(model, grid, depths, n, eigen, x, y, depth_m, seed: int) -> dict[str, np.ndarray]:
+    """method -> its PSFs [M, 3, k, k] at the held-out points (x, y, depth_m [m])."""
+    preds: dict[str, np.ndarray] = {}
+    if model is not None:
+        torch.manual_seed(seed)
+        preds["cvae prior mean"] = model.psf(x, y, depth_m, mode="mean", allow_extrapolation=True).cpu().numpy()
+        preds["cvae prior sample"] = model.psf(x, y, depth_m, mode="sample", allow_extrapolation=True).cpu().numpy()
+    preds["nearest"] = baselines.nearest(grid, depths, n, x, y, depth_m)
+    preds["bicubic"] = baselines.bicubic(grid, depths, n, x, y, depth_m)
+    preds["bilinear"] = baselines.bilinear(grid, depths, n, x, y, depth_m)
+    preds[f"eigen-psf ({eigen.components})"] = eigen(x, y, depth_m)
+    return preds
+
+
+def _raytrace(path: str, grid: np.ndarray, depths: np.ndarray) -> dict:
+    """Ray tracing at the training spp, from the re-traced grid subset: two independent traces
+    of the same point differ by sqrt(2) times the error of one of them. "pooled" sums the
+    squared norms over points before the ratio, as the held-out pooled figure does."""
+    with h5py.File(path, "r", locking=False) as f:
+        noise_idx, noise = f["noise/index"][:], f["noise/psf"][:]
+    if not len(noise_idx):
+        return {}
+    pair = [(noise[d], grid[d, noise_idx]) for d in range(len(depths))]
+    one = np.stack([rel_l2(a, b) for a, b in pair]) / np.sqrt(2)  # [D, S]
+
+    def pooled(pairs):
+        num = sum(((a.astype(np.float64) - b) ** 2).sum() for a, b in pairs)
+        den = sum((b.astype(np.float64) ** 2).sum() for _, b in pairs)
+        return float(np.sqrt(num / den / 2))
+
+    out = {"all": {**summarize(one.ravel()), "pooled": pooled(pair)}}
+    out.update({f"at {d:g} m": {**summarize(one[i]), "pooled": pooled(pair[i : i + 1])} for i, d in enumerate(depths)})
+    return out
+
+
+def _model_metrics(result: dict, arrays: EvalArrays, model: PSFModel, n: int) -> None:
+    """The CVAE on its own grid, its speed and whether its uncertainty points at its errors."""
+    grid, coords, depths = arrays.grid, arrays.coords, arrays.depths
+    both = [model.net.predict_grid(grid[d], model.conditions(coords[:, 0], coords[:, 1], np.full(n * n, depths[d])))
+            for d in range(len(depths))]
+    arrays.recon, arrays.prior = np.stack([b[0] for b in both]), np.stack([b[1] for b in both])  # [D, P, 3, k, k]
+    result["grid_vs_training_psfs"] = {
+        "posterior reconstruction": summarize(np.concatenate([rel_l2(r, g) for r, g in zip(arrays.recon, grid)])),
+        "prior mean": summarize(np.concatenate([rel_l2(p, g) for p, g in zip(arrays.prior, grid)])),
+    }
+    device = next(model.net.parameters()).device
+    speeds = result["speed_psfs_per_s"]
+    speeds["cvae prior mean (cpu)"] = _model_speed(model, torch.device("cpu"))
+    if torch.cuda.is_available():
+        speeds["cvae prior mean (cuda)"] = _model_speed(model, torch.device("cuda"))
+    model.to(device)
+    ho = arrays.heldout
+    std = model.prior_std(ho["coords"][:, 0], ho["coords"][:, 1], ho["depth"], allow_extrapolation=True).cpu().numpy()
+    raw = rel_l2(arrays.preds["cvae prior mean"], ho["ref"])
+    corrected = arrays.corrected["cvae prior mean"]
+    result["uncertainty"] = {"spearman_prior_std_vs_error": spearman(std, raw),
+                             "spearman_prior_std_vs_corrected_error": spearman(std, corrected)}
+
+
+def headline(result: dict) -> dict:
+    """The page's first table: every method's pooled noise-corrected held-out error (all points),
+    best first, and the sentence comparing the model with the best interpolation and with tracing."""
+    pooled = {name: m["all"]["corrected"]["pooled"] for name, m in result["heldout"].items()}
+    ranked = sorted(pooled, key=pooled.get)
+    interp = [name for name in ranked if name.startswith(INTERPOLATION)]
+    rt = result.get("raytrace_at_training_spp", {}).get("all", {}).get("pooled")
+    out = {"pooled": {name: pooled[name] for name in ranked}, "best": ranked[0], "best_interpolation": interp[0],
+           "raytrace": rt}
+    cvae = pooled.get("cvae prior mean")
+    if cvae is None:
+        out["sentence"] = f"Best interpolation: {interp[0]} {100 * pooled[interp[0]]:.1f}%" + (
+            f", {pooled[interp[0]] / rt:.1f}× the error of tracing the point at the training spp." if rt else ".")
+        return out
+    b = pooled[interp[0]]
+    change = (f"{100 * (b - cvae) / b:.0f}% lower than" if cvae <= b else f"{100 * (cvae - b) / b:.0f}% higher than")
+    out["sentence"] = (f"CVAE {100 * cvae:.1f}% — {change} the best interpolation ({interp[0]}, {100 * b:.1f}%)"
+                       + (f", {cvae / rt:.1f}× the error of tracing the point at the training spp ({100 * rt:.1f}%)."
+                          if rt else "."))
+    return out
+
+
+def optics(info: GridInfo) -> dict:
+    """The physical context of the file: lens, wavelengths, sensor, kernel pitch, truncation."""
+    a = info.attrs
+    lens = json.loads(a["lens_json"])
+    size = json.loads(a["sensor_size_mm"]) if "sensor_size_mm" in a else lens.get("sensor_size")
+    res = lens.get("sensor_res")
+    ks = int(info.config["ks"])
+    with h5py.File(info.path, "r", locking=False) as f:
+        wvln = [float(w) for w in f["wvln"][:]]
+        worst = f["grid/border"][:].max(axis=-1)  # [D, P]
+    pixel_um = 1000.0 * size[0] / res[0] if size and res else None
+    return {
+        "lens_path": a["lens_path"],
+        "lens_description": str(lens.get("info", "")),
+        "lens_sha256": a["lens_sha256"],
+        "focal_length_mm": a.get("foclen_mm"),
+        "wavelengths_um_rgb": wvln,
+        "sensor_size_mm": size,
+        "sensor_resolution_px": res,
+        "sensor_pixel_um": pixel_um,
+        "traced_kernel_px": ks,
+        "kernel_px": info.ks_small,
+        "kernel_pitch_um": None if pixel_um is None else pixel_um * ks / info.ks_small,
+        "truncation": {"limit": TRUNCATION_LIMIT, "truncated": int((worst > TRUNCATION_LIMIT).sum()),
+                       "total": int(worst.size), "worst": float(worst.max())},
+    }
 
 
 def _json_safe(value):
@@ -259,38 +333,3 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def report_html(result: dict, table: str, out: Path, images: list[tuple[str, str]]) -> str:
-    """One self-contained page: the table, the per-depth figures and every image, embedded."""
-    rows = []
-    for name, m in result["heldout"].items():
-        for g, s in m.items():
-            c, r = s["corrected"], s["raw"]
-            rows.append(f"<tr><td>{html.escape(name)}</td><td>{html.escape(g)}</td><td>{c['n']}</td>"
-                        f"<td>{100 * c['pooled']:.2f}</td><td>{100 * c['mean']:.2f}</td><td>{100 * c['median']:.2f}</td>"
-                        f"<td>{100 * c['p95']:.2f}</td><td>{100 * r['mean']:.2f}</td></tr>")
-    figs = []
-    for name, caption in images:
-        data = base64.b64encode((out / name).read_bytes()).decode()
-        figs.append(f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{data}">'
-                    f"<figcaption>{html.escape(caption)} <code>{html.escape(name)}</code></figcaption></figure>")
-    ck = result["checkpoint"]
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>psf-cvae evaluation</title>
-<style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}}
-table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}
-td:first-child,td:nth-child(2){{text-align:left}}img{{max-width:100%}}pre{{background:#f6f6f6;padding:1em}}</style>
-</head><body>
-<h1>psf-cvae evaluation</h1>
-<p>Data <code>{html.escape(result['data']['path'])}</code> (run {result['data']['run_id']}, {result['data']['grid_size']}×{result['data']['grid_size']} grid,
-depths {', '.join(f'{d:g}' for d in result['data']['depths_m'])} m, spp {result['data']['spp']});
-checkpoint {html.escape(ck['path']) + ' at step ' + str(ck['step']) if ck else '— (baselines only)'}; {result['created_at']}.</p>
-<h2>Summary</h2><pre>{html.escape(table)}</pre>
-<h2>Held-out errors (relative L2, %)</h2>
-<p>"pooled" is the noise-corrected estimate to quote; per-point corrected values are clipped at 0 and noisy; "raw" compares
-with the noisy reference directly. See <code>docs/metrics.md</code>.</p>
-<table><tr><th>method</th><th>points</th><th>n</th><th>pooled (corr.)</th><th>mean (corr.)</th><th>median (corr.)</th><th>p95 (corr.)</th><th>mean (raw)</th></tr>
-{''.join(rows)}</table>
-<h2>Figures</h2>
-{''.join(figs)}
-</body></html>
-"""

@@ -1,16 +1,36 @@
-"""The PNG figures of ``psf eval`` (matplotlib, Agg backend: no display needed)."""
+"""The PNG figures of ``psf eval``.
+
+Each function returns a ``matplotlib.figure.Figure`` on an Agg canvas and ``save`` writes
+it: no pyplot state and no backend switch, so importing psfcvae leaves a notebook's
+matplotlib as it was. matplotlib is imported inside the functions that draw.
+
+Field coordinates throughout: (x, y) in [-1, 1], ±1 at the sensor's edges, x to the right,
+y up (row 0 of a grid mosaic is y = +1), as in docs/dataset.md.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from .images import display_scale, mosaic
 
-from .images import display_scale, mosaic  # noqa: E402
+LOG_DECADES = 3  # --log-scale shows values from 10^-3 of the peak to the peak
+ERROR_PERCENTILE = 99  # |error| colour scales end at this percentile of the values shown
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save(fig, path: Path, dpi: int = 110) -> None:
+    fig.savefig(path, dpi=dpi)
 
 
 def _rgb(img: np.ndarray) -> np.ndarray:
@@ -18,88 +38,154 @@ def _rgb(img: np.ndarray) -> np.ndarray:
     return np.clip(np.moveaxis(img, 0, -1), 0, 1)
 
 
-def grid_panels(path: Path, panels: dict[str, np.ndarray], n: int, depth_m: float, log: bool) -> None:
-    """One row of N x N mosaics (ground truth, reconstructions, ..., absolute error).
+def value_norm(log: bool, vmax: float = 1.0):
+    """Colour normalisation of a quantity that starts at 0: linear from 0, or LOG_DECADES decades
+    below vmax, whose colourbar ticks then read the real values (10^-3 ... 1)."""
+    from matplotlib.colors import LogNorm, Normalize
+
+    vmax = float(vmax) if vmax > 0 else 1.0
+    return LogNorm(vmax * 10.0**-LOG_DECADES, vmax, clip=True) if log else Normalize(0.0, vmax)
+
+
+def error_scale(values: np.ndarray) -> float:
+    """The top of an |error| colour scale: the ERROR_PERCENTILE-th percentile (so a few
+    outliers do not turn the rest black), never 0."""
+    top = float(np.percentile(values, ERROR_PERCENTILE)) if np.size(values) else 0.0
+    return top if top > 0 else 1.0
+
+
+def psf_colourbar(fig, ax, log: bool) -> None:
+    """A grey colourbar for PSF mosaics: the RGB tiles show each PSF over its own peak."""
+    from matplotlib.cm import ScalarMappable
+
+    sm = ScalarMappable(norm=value_norm(log), cmap="gray")
+    fig.colorbar(sm, ax=ax, fraction=0.046, pad=0.02).set_label("PSF value / its peak (per tile)", fontsize=8)
+
+
+def _field_axes(ax, xlabel: bool = True, ylabel: bool = True) -> None:
+    ax.set_xlabel("field x" if xlabel else "", fontsize=8)
+    ax.set_ylabel("field y" if ylabel else "", fontsize=8)
+    ax.tick_params(labelsize=7)
+
+
+def mosaic_extent(n: int, k: int, gap: int = 1) -> tuple[float, float, float, float]:
+    """imshow extent of an n x n mosaic of k-px tiles so that tile centres sit at their field (x, y)."""
+    e = 1.0 + (k / 2) * (2.0 / (n - 1)) / (k + gap)
+    return (-e, e, -e, e)
+
+
+def grid_panels(panels: dict[str, np.ndarray], n: int, depth_m: float, log: bool):
+    """One row of N x N mosaics of one grid depth (ground truth, the model, ..., |error|).
 
     panels: name -> [n*n, 3, k, k]; the key "|error|" holds |prediction - truth| already
-    divided by each truth PSF's peak, shown on the same scale as the PSFs.
+    divided by each truth PSF's peak ([n*n, 3, k, k]); it is shown as the worst channel,
+    on its own scale (ERROR_PERCENTILE-th percentile, stated on its colourbar).
     """
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.9), squeeze=False)
-    scale_note = "log, 3 decades" if log else "linear"
-    im = None
-    for ax, (name, psf) in zip(axes[0], panels.items()):
+    fig = _figure(3.3 * len(panels) + 1.2, 3.7)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    k = next(iter(panels.values())).shape[-1]
+    extent = mosaic_extent(n, k)
+    for j, (ax, (name, psf)) in enumerate(zip(axes, panels.items())):
         if name == "|error|":
             err = psf.max(axis=1)  # [P, k, k]: worst channel
-            if log:
-                err = np.clip(1 + np.log10(np.clip(err, 1e-3, None)) / 3, 0, 1)
-            k = err.shape[-1]
-            tiles = err.reshape(n, n, k, k).transpose(0, 2, 1, 3).reshape(n * k, n * k)
-            im = ax.imshow(tiles, cmap="magma", vmin=0, vmax=1)
+            tiles = np.pad(err.reshape(n, n, k, k), ((0, 0), (0, 0), (0, 1), (0, 1)), constant_values=np.nan)
+            tiles = tiles.transpose(0, 2, 1, 3).reshape(n * (k + 1), n * (k + 1))[:-1, :-1]
+            top = error_scale(err)
+            im = ax.imshow(tiles, cmap="magma", norm=value_norm(log, top), extent=extent, interpolation="nearest")
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).set_label(
+                f"|error| / PSF peak (scale ends at its {ERROR_PERCENTILE}th pct.)", fontsize=8)
         else:
-            ax.imshow(_rgb(mosaic(psf, n, log=log)))
+            ax.imshow(_rgb(mosaic(psf, n, log=log)), extent=extent, interpolation="nearest")
         ax.set_title(name, fontsize=10)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    if im is not None:
-        cb = fig.colorbar(im, ax=axes[0, -1], fraction=0.046, pad=0.04)
-        cb.set_label("|error| / PSF peak" + (" (log)" if log else ""), fontsize=8)
-    fig.suptitle(f"depth {depth_m:g} m: {n}x{n} grid, RGB, each PSF scaled to its own peak ({scale_note})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        _field_axes(ax, ylabel=j == 0)
+    psf_colourbar(fig, axes[-2] if "|error|" in panels and len(axes) > 1 else axes[-1], log)
+    fig.suptitle(f"depth {depth_m:g} m: the {n}x{n} training grid, RGB, each PSF scaled to its own peak "
+                 f"({'log, %d decades' % LOG_DECADES if log else 'linear'})", fontsize=10)
+    return fig
 
 
-def error_maps(path: Path, xy: np.ndarray, errors: dict[str, np.ndarray], grid_xy: np.ndarray) -> None:
-    """Per method, held-out points over the field coloured by relative L2 error."""
-    names = list(errors)
-    cols = min(3, len(names))
-    rows = int(np.ceil(len(names) / cols))
-    vmax = float(np.percentile(np.concatenate(list(errors.values())), 95))
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.8 * rows), squeeze=False)
-    for ax in axes.ravel()[len(names):]:
-        ax.axis("off")
-    for ax, name in zip(axes.ravel(), names):
-        ax.scatter(grid_xy[:, 0], grid_xy[:, 1], s=4, c="0.75", marker="+", linewidths=0.5)
-        sc = ax.scatter(xy[:, 0], xy[:, 1], c=errors[name], cmap="viridis", vmin=0, vmax=vmax, s=22)
-        ax.set_title(f"{name}: mean {errors[name].mean():.3f}", fontsize=9)
-        ax.set_xlim(-1.05, 1.05)
-        ax.set_ylim(-1.05, 1.05)
-        ax.set_aspect("equal")
-        fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.04).set_label("relative L2", fontsize=8)
-    fig.suptitle("held-out points (grey +: grid); error against the held-out reference", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def error_maps(xy: np.ndarray, errors: dict[str, np.ndarray], groups: dict[str, np.ndarray],
+               pooled: dict[tuple[str, str], float], grid_xy: np.ndarray):
+    """Held-out points over the field coloured by each method's error, one row per depth group.
 
-
-def side_by_side(path: Path, psfs: dict[str, np.ndarray], labels: list[str], log: bool) -> None:
-    """Rows: a few held-out points; columns: methods. psfs: name -> [R, 3, k, k]."""
-    names = list(psfs)
-    rows = len(labels)
-    fig, axes = plt.subplots(rows, len(names), figsize=(2.1 * len(names), 2.1 * rows), squeeze=False)
-    for j, name in enumerate(names):
-        shown = display_scale(psfs[name], log)
-        for i in range(rows):
+    xy: [M, 2] field points; errors: method -> [M] per-point noise-corrected relative L2 [%];
+    groups: row label -> [M] bool mask; pooled: (method, row label) -> pooled error [%] (titles).
+    """
+    names, rows = list(errors), [g for g, m in groups.items() if m.any()]
+    top = error_scale(np.concatenate(list(errors.values())))
+    fig = _figure(3.0 * len(names) + 0.8, 2.8 * len(rows) + 0.6)
+    axes = fig.subplots(len(rows), len(names), squeeze=False)
+    sc = None
+    for i, g in enumerate(rows):
+        mask = groups[g]
+        for j, name in enumerate(names):
             ax = axes[i, j]
-            ax.imshow(_rgb(shown[i]), interpolation="nearest")
+            ax.scatter(grid_xy[:, 0], grid_xy[:, 1], s=4, c="0.75", marker="+", linewidths=0.5)
+            sc = ax.scatter(xy[mask, 0], xy[mask, 1], c=errors[name][mask], cmap="viridis", vmin=0, vmax=top, s=22)
+            ax.set_title(f"{name}, {g}: {pooled[(name, g)]:.1f}%", fontsize=8)
+            ax.set_xlim(-1.05, 1.05)
+            ax.set_ylim(-1.05, 1.05)
+            ax.set_aspect("equal")
+            _field_axes(ax, xlabel=i == len(rows) - 1, ylabel=j == 0)
+    fig.colorbar(sc, ax=axes, fraction=0.02, pad=0.01).set_label(
+        f"per-point noise-corrected relative L2 [%] (scale ends at the {ERROR_PERCENTILE}th pct.)", fontsize=8)
+    fig.suptitle("held-out points (grey +: grid points); titles: the pooled error of that method and depth",
+                 fontsize=10)
+    return fig
+
+
+def heldout_panels(psfs: dict[str, np.ndarray], notes: dict[str, list[str]], labels: list[str],
+                   maps: dict[str, np.ndarray], log: bool):
+    """Held-out points, one per row: PSF columns (reference, model, best baseline) then map columns.
+
+    psfs: name -> [R, 3, k, k]; notes: name -> R tile captions (e.g. each tile's error);
+    maps: name -> [R, k, k] non-negative maps relative to the reference's peak (|error|, the
+    prior samples' per-pixel std), each column on its own scale from 0.
+    """
+    R = len(labels)
+    cols = list(psfs) + list(maps)
+    fig = _figure(2.0 * len(cols) + 1.6, 2.0 * R + 0.6)
+    axes = fig.subplots(R, len(cols), squeeze=False)
+    for j, name in enumerate(cols):
+        if name in psfs:
+            shown, im = display_scale(psfs[name], log), None
+        else:
+            top = error_scale(maps[name])
+        for i in range(R):
+            ax = axes[i, j]
+            if name in psfs:
+                ax.imshow(_rgb(shown[i]), interpolation="nearest")
+            else:
+                im = ax.imshow(maps[name][i], cmap="magma", norm=value_norm(log, top), interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
+            if name in notes:
+                ax.set_xlabel(notes[name][i], fontsize=7, labelpad=1)
             if i == 0:
                 ax.set_title(name, fontsize=9)
             if j == 0:
                 ax.set_ylabel(labels[i], fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        if im is not None:
+            fig.colorbar(im, ax=axes[:, j], fraction=0.08, pad=0.02, shrink=0.6).set_label(
+                f"/ reference peak ({ERROR_PERCENTILE}th pct.)", fontsize=7)
+    psf_colourbar(fig, axes[:, len(psfs) - 1], log)
+    return fig
 
 
-def std_map(path: Path, std: np.ndarray, depth_m: float, grid_xy: np.ndarray) -> None:
-    """The prior's standard deviation over the field at one depth: std [M, M] (row 0 = y +1)."""
-    fig, ax = plt.subplots(figsize=(4.8, 4.2))
-    im = ax.imshow(std, extent=(-1, 1, -1, 1), cmap="cividis")
-    ax.scatter(grid_xy[:, 0], grid_xy[:, 1], s=4, c="w", marker="+", linewidths=0.5)
-    fig.colorbar(im, ax=ax).set_label("prior std (RMS over z)", fontsize=8)
-    ax.set_title(f"prior_std at {depth_m:g} m (white +: grid points)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def std_maps(std: list[np.ndarray], depths: list[float], grid_xy: np.ndarray):
+    """The model's own uncertainty over the field at each depth, on one scale from 0.
+
+    std: per depth [m, m] (row 0 = y +1) of PSFModel.prior_std; depths [m].
+    """
+    fig = _figure(3.2 * len(std) + 1.0, 3.4)
+    axes = fig.subplots(1, len(std), squeeze=False)[0]
+    top = max(float(s.max()) for s in std)
+    im = None
+    for j, (ax, s, d) in enumerate(zip(axes, std, depths)):
+        im = ax.imshow(s, extent=(-1, 1, -1, 1), cmap="cividis", vmin=0, vmax=top)
+        ax.scatter(grid_xy[:, 0], grid_xy[:, 1], s=4, c="w", marker="+", linewidths=0.5, clip_on=False)
+        ax.set_title(f"{d:g} m", fontsize=9)
+        _field_axes(ax, ylabel=j == 0)
+    fig.colorbar(im, ax=axes, fraction=0.046, pad=0.02).set_label("prior spread (RMS σ of p(z|c))", fontsize=8)
+    fig.suptitle("how unsure the model is of its own PSF, over the field (white +: grid points)", fontsize=10)
+    return fig

@@ -31,7 +31,7 @@ from psfgen.lens import resolve_device
 from psfgen.provenance import now, versions
 from psfgen.store import GridInfo, open_info, require_complete
 
-from . import checkpoint, interrupt
+from . import checkpoint, interrupt, tblog
 from .config import TrainConfig
 from .data import Conditions, check_grid_content, GridBatches, make_loader, read_grid_depth, read_grid_meta, read_heldout
 from .images import mosaic
@@ -127,7 +127,8 @@ def validate(model: CVAE, conds: Conditions, info: GridInfo, heldout: dict | Non
         sums["prior"] += float(((prior - gt) ** 2).mean())
         if d == image_depth:
             n = info.grid_size
-            images = {"val_psf_gt": mosaic(gt, n), "val_psf_recon": mosaic(recon, n), "val_psf_prior": mosaic(prior, n)}
+            images = {"val_psf_gt": mosaic(gt, n), "val_psf_recon": mosaic(recon, n), "val_psf_prior": mosaic(prior, n),
+                      "val_psf_compare": tblog.grid_comparison(gt, recon, prior, n)}
     D = len(info.depths)
     metrics = {"val_mse": sums["recon"] / D, "val_prior_mse": sums["prior"] / D}
     if heldout is not None and len(heldout["ref"]):
@@ -136,6 +137,7 @@ def validate(model: CVAE, conds: Conditions, info: GridInfo, heldout: dict | Non
         ref = heldout["ref"]
         metrics["val_heldout_mse"] = float(((pred - ref) ** 2).mean())
         metrics["val_heldout_rel_l2"] = float(rel_l2(pred, ref).mean())
+        images["val_heldout_compare"] = tblog.heldout_comparison(ref, pred)
     model.train()
     return metrics, images
 
@@ -276,6 +278,8 @@ def _train(cfg: TrainConfig, resume: bool, info: GridInfo, args: ModelArgs, run_
     if resume and main_rank:
         _wait_for_a_later_second(run_dir / "tb")
     writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=step + 1 if resume else None) if main_rank else None
+    if main_rank:
+        tblog.start(writer)
     fingerprint = checkpoint.data_fingerprint(info)
 
     def save(path: Path, metrics: dict) -> None:
@@ -384,7 +388,7 @@ def _train(cfg: TrainConfig, resume: bool, info: GridInfo, args: ModelArgs, run_
     if main_rank:
         log.info("%d steps in %.1f s (%.1f steps/s); logs: %s", step - step0, elapsed, rate, run_dir / "tb")
         hparams = {k: v for k, v in configio.to_dict(cfg).items() if isinstance(v, (int, float, str, bool))}
-        writer.add_hparams(hparams, {f"hparam/{k}": v for k, v in metrics.items()}, run_name="hparams", global_step=step)
+        tblog.write_hparams(writer, hparams, metrics)
         writer.close()
     if world > 1:
         dist.barrier()

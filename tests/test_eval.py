@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
 
 import h5py
 import numpy as np
@@ -13,7 +17,7 @@ import torch
 from click.testing import CliRunner
 
 from cli import main
-from helpers import assert_one_line_error, tiny_config
+from helpers import ROOT, assert_one_line_error, tiny_config
 from psfcvae import load_model
 from psfcvae import baselines as B
 from psfcvae.metrics import rel_l2, rel_l2_corrected, spearman
@@ -199,7 +203,7 @@ def test_eval_cli_writes_report(tiny_run, tiny_grid, tmp_path):
     assert "cvae prior mean (cpu)" in metrics["speed_psfs_per_s"]
     assert -1 <= metrics["uncertainty"]["spearman_prior_std_vs_error"] <= 1
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert {"error_maps.png", "side_by_side.png", "prior_std.png", "grid_depth0_0.5m.png", "grid_depth1_2m.png"} <= set(pngs)
+    assert {"error_maps.png", "heldout.png", "prior_std.png", "grid_depth0_0.5m.png", "grid_depth1_2m.png"} <= set(pngs)
     page = (out / "report.html").read_text()
     embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
     assert len(embedded) == len(pngs)
@@ -208,6 +212,146 @@ def test_eval_cli_writes_report(tiny_run, tiny_grid, tmp_path):
     assert sorted(base64.b64decode(e) for e in embedded) == sorted((out / p).read_bytes() for p in pngs)
     for p in pngs:
         assert p in page
+
+
+class _Page(HTMLParser):
+    """The report's text by element id, its table rows, bold cells and image titles."""
+
+    def __init__(self):
+        super().__init__()
+        self.ids, self.rows, self.bold, self.imgs, self._open, self._in_b = {}, [], [], [], [], False
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        for entry in self._open:  # [id, tag, nesting of that tag inside it]
+            entry[2] += entry[1] == tag
+        if "id" in a:
+            self.ids[a["id"]] = ""
+            self._open.append([a["id"], tag, 0])
+        if tag == "tr":
+            self.rows.append([])
+        if tag == "td":
+            self.rows[-1].append("")
+        self._in_b = self._in_b or tag == "b"
+        if tag == "img":
+            self.imgs.append(a["alt"])
+
+    def handle_endtag(self, tag):
+        self._in_b = self._in_b and tag != "b"
+        for entry in self._open:
+            entry[2] -= entry[1] == tag
+        self._open = [e for e in self._open if e[2] >= 0]
+
+    def handle_data(self, data):
+        for key, _, _ in self._open:
+            self.ids[key] += data
+        if self.rows and self.rows[-1]:
+            self.rows[-1][-1] += data
+        if self._in_b:
+            self.bold.append(data)
+
+
+def test_report_opens_with_the_headline_and_shows_held_out_points(tiny_run, tiny_grid, tmp_path):
+    out = tmp_path / "eval"
+    args = ["eval", "--checkpoint", str(tiny_run / "latest.pt"), "--data", str(tiny_grid), "--out", str(out)]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    page = _Page()
+    page.feed((out / "report.html").read_text())
+    pooled = {n: 100 * m["all"]["corrected"]["pooled"] for n, m in metrics["heldout"].items()}
+    best_interp = min((n for n in pooled if not n.startswith("cvae")), key=pooled.get)
+    # Ray tracing at the training spp, recomputed from the file: two traces differ by sqrt(2) x one's error.
+    with h5py.File(tiny_grid) as f:
+        idx, again, grid = f["noise/index"][:], f["noise/psf"][:].astype(float), f["grid/psf"][:].astype(float)
+        worst = f["grid/border"][:].max(axis=-1)
+    trace = 100 * np.sqrt(((again - grid[:, idx]) ** 2).sum() / (grid[:, idx] ** 2).sum() / 2)
+    cvae, b = pooled["cvae prior mean"], pooled[best_interp]
+    change = f"{100 * abs(b - cvae) / b:.0f}% {'lower' if cvae <= b else 'higher'} than"
+    assert page.ids["headline"] == (
+        f"CVAE {cvae:.1f}% — {change} the best interpolation ({best_interp}, {b:.1f}%), "
+        f"{cvae / trace:.1f}× the error of tracing the point at the training spp ({trace:.1f}%).")
+    table = {row[0]: row[1] for row in page.rows if len(row) == 2 and row[1].endswith("%")}
+    for name, value in pooled.items():
+        assert table[name] == f"{value:.1f}%"
+    best = min(pooled, key=pooled.get)
+    assert page.bold[:2] == [best, f"{pooled[best]:.1f}%"]  # the best method, in bold, first
+    assert "The model where it was not trained" in page.imgs and "Where each method errs, per depth" in page.imgs
+    assert ("truncation" in page.ids) == bool((worst > 0.01).sum())
+    if (worst > 0.01).any():
+        assert f"{int((worst > 0.01).sum())} of {worst.size} grid PSFs" in page.ids["truncation"]
+    assert "sha256" in page.ids["context"] and metrics["data"]["lens_sha256"] in page.ids["context"]
+    with h5py.File(tiny_grid) as f:
+        nm = [f"{1000 * w:.0f} nm" for w in f["wvln"][:]]
+    assert all(w in page.ids["context"] for w in nm)
+    # 64 traced px of 2.52 um (5.041671 mm / 2000 px), downsampled to 15: 10.76 um per kernel pixel.
+    assert "10.76 µm per kernel pixel" in page.ids["context"]
+    for term in ("posterior recon", "prior mean", "eigen-PSF (K)", "noise-corrected, pooled", "field coordinates"):
+        assert term in page.ids["definitions"]
+    # The report function alone, with an extra figure (e.g. a resolution chart): embedded like the others.
+    from psfcvae.report import write_report
+
+    png = (out / "heldout.png").read_bytes()
+    (tmp_path / "alone").mkdir()
+    write_report(metrics, tmp_path / "alone", [], [("Resolution chart", png, "a chart")])
+    alone = (tmp_path / "alone" / "report.html").read_text()
+    assert base64.b64encode(png).decode() in alone and "Resolution chart" in alone
+
+
+def test_log_scale_colourbars_read_real_values_and_error_scales_are_stated():
+    from psfcvae import plots
+
+    rng = np.random.default_rng(0)
+    psf = rng.random((4, 3, 5, 5)).astype(np.float32) + 1e-4
+    err = np.zeros_like(psf)
+    err[:, 0] = rng.random((4, 5, 5)) * 0.2
+    err[0, 0, 0, 0] = 5.0  # one outlier: the scale ends at the 99th percentile, not at it
+    fig = plots.grid_panels({"ground truth": psf, "prior mean": psf, "|error|": err}, 2, 1.0, log=True)
+    fig.canvas.draw()
+    bars = {ax.get_ylabel(): ax for ax in fig.axes if ax.get_ylabel().startswith(("PSF value", "|error|"))}
+    psf_bar = bars["PSF value / its peak (per tile)"]
+    assert psf_bar.get_yscale() == "log"
+    ticks = [t for t in psf_bar.get_yticks() if 1e-3 * 0.999 <= t <= 1.001]
+    np.testing.assert_allclose(ticks, [1e-3, 1e-2, 1e-1, 1.0])
+    labels = [t.get_text() for t in psf_bar.get_yticklabels() if t.get_text()]
+    assert any("10^{-3}" in t for t in labels) and any("10^{0}" in t for t in labels), labels
+    top = np.percentile(err.max(axis=1), 99)
+    error_bar = next(ax for name, ax in bars.items() if name.startswith("|error|"))
+    np.testing.assert_allclose(error_bar.get_ylim(), (top * 1e-3, top), rtol=1e-6)
+    assert top < 1.0  # the outlier (5.0) does not set the scale
+    linear = plots.grid_panels({"ground truth": psf, "|error|": err}, 2, 1.0, log=False)
+    linear.canvas.draw()
+    lin_bar = next(ax for ax in linear.axes if ax.get_ylabel().startswith("|error|"))
+    assert lin_bar.get_yscale() == "linear" and lin_bar.get_ylim()[0] == 0
+    std = plots.std_maps([np.full((4, 4), 0.06), np.full((4, 4), 0.07)], [1.0, 2.0], np.zeros((1, 2)))
+    std.canvas.draw()
+    std_bar = next(ax for ax in std.axes if ax.get_ylabel().startswith("prior spread"))
+    np.testing.assert_allclose(std_bar.get_ylim(), (0.0, 0.07))  # from 0, not from the smallest value
+
+
+def test_import_psfcvae_keeps_the_callers_matplotlib_backend():
+    code = ("import matplotlib; matplotlib.use('svg'); import sys, psfcvae, psfcvae.evaluate, psfcvae.plots, "
+            "psfcvae.report, psfcvae.eval_figures, numpy as np; "
+            "psfcvae.plots.save(psfcvae.plots.std_maps([np.ones((2, 2))], [1.0], np.zeros((1, 2))), '/dev/null'); "
+            "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend(); "
+            "assert 'matplotlib.pyplot' not in sys.modules")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+
+
+def test_headline_compares_with_the_best_interpolation_and_tracing():
+    from psfcvae.evaluate import headline
+
+    m = lambda v: {"all": {"corrected": {"pooled": v}}}  # noqa: E731
+    result = {"heldout": {"cvae prior mean": m(0.15), "cvae prior sample": m(0.2), "nearest": m(0.4), "bicubic": m(0.3),
+                          "bilinear": m(0.32)}, "raytrace_at_training_spp": {"all": {"pooled": 0.05}}}
+    h = headline(result)
+    assert h["best"] == "cvae prior mean" and h["best_interpolation"] == "bicubic"
+    assert list(h["pooled"]) == ["cvae prior mean", "cvae prior sample", "bicubic", "bilinear", "nearest"]
+    assert h["sentence"] == ("CVAE 15.0% — 50% lower than the best interpolation (bicubic, 30.0%), "
+                             "3.0× the error of tracing the point at the training spp (5.0%).")
+    result["heldout"]["cvae prior mean"] = m(0.36)
+    assert "20% higher than the best interpolation" in headline(result)["sentence"]
 
 
 def test_eval_baselines_only_and_bad_input(tiny_run, tiny_grid, tmp_path):

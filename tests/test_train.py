@@ -128,12 +128,42 @@ def test_loss_falls_and_event_file_holds_every_tag(tiny_grid, tmp_path):
         assert tag in tags["images"], tag
         img = ea.Images(tag)[-1]
         assert img.width == img.height == 4 * 16 - 1  # 4 x 4 kernels of 15 px, 1 px gaps
-    assert any((run_dir / "tb" / "hparams").iterdir())
+    _check_dashboard(run_dir)
     for name in ("latest.pt", "best.pt", "config.yaml"):
         assert (run_dir / name).exists()
     ckpt = torch.load(run_dir / "latest.pt", weights_only=True)
     assert ckpt["step"] == 80 and ckpt["config"]["latent_dim"] == 8 and "torch" in ckpt["versions"]
     assert ckpt["data_fingerprint"]["run_id"] == open_info(tiny_grid).run_id
+
+
+def _check_dashboard(run_dir):
+    """The custom-scalars layout names exactly the scalars logged; the comparison images are
+    readable; the hyper-parameters live in the run itself; README documents every tag."""
+    from tensorboard.plugins.custom_scalar import layout_pb2
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    from psfcvae import tblog
+
+    ea = EventAccumulator(str(run_dir / "tb"), size_guidance={"tensors": 0})
+    ea.Reload()
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(ea.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    charted = {t for cat in layout.category for chart in cat.chart for t in chart.multiline.tag}
+    assert [c.title for c in layout.category] == ["losses", "validation", "optimisation"]
+    assert charted == set(ea.Tags()["scalars"]), charted ^ set(ea.Tags()["scalars"])
+    # gt | recon | prior: three 63-px mosaics upsampled to >= 256 px (x5 = 315), two 4-px gaps.
+    img = ea.Images("val_psf_compare")[-1]
+    assert (img.width, img.height) == (3 * 315 + 2 * 4, 315)
+    ho = ea.Images("val_heldout_compare")[-1]  # 8 held-out points: 2 rows of 8 kernels, x5
+    assert (ho.width, ho.height) == (5 * (8 * 16 - 1), 5 * (2 * 15 + 1))
+    assert not (run_dir / "tb" / "hparams").exists()  # no second run of one-point charts
+    start = plugin_data_pb2.HParamsPluginData()
+    start.ParseFromString(ea.PluginTagToContent("hparams")["_hparams_/session_start_info"])
+    assert start.session_start_info.hparams["latent_dim"].number_value == 8
+    readme = (ROOT / "README.md").read_text()
+    for tag in [*ea.Tags()["scalars"], *ea.Tags()["images"]]:
+        assert f"`{tag}`" in readme, tag
+    assert set(tblog.LOSSES + tblog.VALIDATION_MSE + tblog.VALIDATION_REL + tblog.OPTIMISATION) == charted
 
 
 def test_resume_after_kill_equals_uninterrupted_run(tiny_grid, tmp_path):

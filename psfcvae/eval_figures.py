@@ -1,0 +1,112 @@
+"""The figures of ``psf eval``: PNGs in the output directory, drawn from compute_metrics' arrays.
+
+``make_figures`` returns (file name, title, caption) per figure, in the report's order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import plots
+
+SPREAD_SAMPLES = 16  # prior samples per held-out point for the per-pixel spread
+
+
+def make_figures(result: dict, arrays, out: Path, model=None, log: bool = False, rows: int = 6,
+                 seed: int = 0) -> list[tuple[str, str, str]]:
+    """Write the PNGs into ``out``; arrays: evaluate.EvalArrays; model: PSFModel or None."""
+    figures = [heldout_figure(result, arrays, out, model, log, rows, seed)]
+    figures.append(error_map_figure(result, arrays, out))
+    figures += grid_figures(arrays, out, model is not None, log)
+    if model is not None:
+        figures.append(std_figure(arrays, out, model))
+    return figures
+
+
+def _peak_relative(diff: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """[R, 3, k, k] -> [R, k, k]: the worst channel of |diff|, over each reference's peak."""
+    peak = ref.max(axis=(-3, -2, -1), keepdims=True)
+    return (np.abs(diff) / np.where(peak > 0, peak, 1.0)).max(axis=1)
+
+
+def heldout_figure(result, arrays, out: Path, model, log: bool, rows: int, seed: int) -> tuple[str, str, str]:
+    """Rows: held-out points from the model's best to its worst; reference | model | best interpolation
+    | |model error| | spread of the model's prior samples."""
+    ho, preds, corr = arrays.heldout, arrays.preds, arrays.corrected
+    best = result["headline"]["best_interpolation"]
+    main = "cvae prior mean" if model is not None else best
+    order = np.argsort(corr[main])
+    pick = order[np.linspace(0, len(order) - 1, min(rows, len(order))).astype(int)]
+    ref = ho["ref"][pick]
+    psfs = {"reference (traced)": ref, main: preds[main][pick]}
+    if best != main:
+        psfs[best] = preds[best][pick]
+    notes = {name: [f"error {100 * corr[name][i]:.1f}%" for i in pick] for name in psfs if name in corr}
+    maps = {f"|{main} - reference|": _peak_relative(preds[main][pick] - ref, ref)}
+    if model is not None:
+        xy, d = ho["coords"][pick], ho["depth"][pick]
+        torch.manual_seed(seed)
+        draws = model.psf(xy[:, 0], xy[:, 1], d, mode="sample", n_samples=SPREAD_SAMPLES,
+                          allow_extrapolation=True).cpu().numpy()  # [R, S, 3, k, k]
+        maps[f"spread of {SPREAD_SAMPLES} prior samples"] = _peak_relative(draws.std(axis=1), ref)
+    labels = [f"({x:+.2f}, {y:+.2f})\n{depth:.2f} m" for (x, y), depth in zip(ho["coords"][pick], ho["depth"][pick])]
+    plots.save(plots.heldout_panels(psfs, notes, labels, maps, log), out / "heldout.png")
+    caption = (f"Points the model never saw, from its best to its worst ({len(pick)} of {len(corr[main])}). "
+               "Each tile's error is its noise-corrected relative L2; the map columns are per pixel, over the "
+               "reference's peak, worst colour channel, each column on its own scale from 0"
+               + ("; the spread is the per-pixel standard deviation of PSFs drawn from the prior at that point."
+                  if model is not None else "."))
+    return "heldout.png", "The model where it was not trained", caption
+
+
+def error_map_figure(result, arrays, out: Path) -> tuple[str, str, str]:
+    """Per method and depth, held-out points coloured by their error."""
+    ho = arrays.heldout
+    names = [n for n in result["heldout"] if n != "cvae prior sample"]
+    groups = {f"at {d:g} m": ho["at_grid_depth"] & np.isclose(ho["depth"], d) for d in arrays.depths}
+    groups["between grid depths"] = ~ho["at_grid_depth"]
+    pooled = {(n, g): 100 * result["heldout"][n][g]["corrected"]["pooled"]
+              for n in names for g in groups if g in result["heldout"][n]}
+    errors = {n: 100 * arrays.corrected[n] for n in names}
+    plots.save(plots.error_maps(ho["coords"], errors, groups, pooled, arrays.coords), out / "error_maps.png")
+    return ("error_maps.png", "Where each method errs, per depth",
+            "Held-out points over the field, one row per grid depth and one for the points between grid depths, "
+            "coloured by the per-point noise-corrected error; each title gives the pooled error of that row.")
+
+
+def grid_figures(arrays, out: Path, has_model: bool, log: bool) -> list[tuple[str, str, str]]:
+    """Per grid depth: ground truth, the model's posterior reconstruction and prior mean, |error|."""
+    figures = []
+    n = int(round(np.sqrt(len(arrays.coords))))
+    for d, depth in enumerate(arrays.depths):
+        truth = arrays.grid[d]
+        if has_model:
+            panels = {"ground truth": truth, "posterior recon": arrays.recon[d], "prior mean": arrays.prior[d]}
+            shown = arrays.prior[d]
+        else:
+            shown = arrays.eigen(arrays.coords[:, 0], arrays.coords[:, 1], np.full(n * n, depth))
+            panels = {"ground truth": truth, f"eigen-psf ({arrays.eigen.components})": shown}
+        peak = truth.max(axis=(-3, -2, -1), keepdims=True)
+        panels["|error|"] = np.abs(shown - truth) / peak
+        name = f"grid_depth{d}_{depth:g}m.png"
+        plots.save(plots.grid_panels(panels, n, float(depth), log), out / name)
+        figures.append((name, f"The training grid at {depth:g} m",
+                        "The PSFs the model trained on (ground truth), its reconstruction of them through the encoder "
+                        "(posterior recon), the PSF it gives from position alone (prior mean), and the |error| of "
+                        + ("the prior mean" if has_model else "the eigen-PSF") + " over each PSF's peak."))
+    return figures
+
+
+def std_figure(arrays, out: Path, model, m: int = 64) -> tuple[str, str, str]:
+    """The prior's spread over the field at every grid depth."""
+    lin = np.linspace(-1, 1, m)
+    gx, gy = np.meshgrid(lin, lin[::-1])
+    std = [model.prior_std(gx.ravel(), gy.ravel(), np.full(m * m, float(d))).cpu().numpy().reshape(m, m)
+           for d in arrays.depths]
+    plots.save(plots.std_maps(std, [float(d) for d in arrays.depths], arrays.coords), out / "prior_std.png")
+    return ("prior_std.png", "How unsure the model is, over the field",
+            "The model's own uncertainty at each grid depth: the RMS standard deviation of its prior p(z|c) over the "
+            "latent dimensions, on one scale from 0. Where it is high the model's PSFs vary more from draw to draw.")
