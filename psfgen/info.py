@@ -81,7 +81,6 @@ def summary(path) -> str:
     with h5py.File(path, "r", locking=False) as f:
         done = f["blocks/done"][:].astype(bool)
         table = f["blocks/table"][:]
-        secs = f["blocks/seconds"][:]
         border = f["grid/border"][:]
         grid_blocks = done & (table[:, 0] == 0)
         traced = np.zeros(border.shape[:2], dtype=bool)  # [D, P]: PSFs whose block is done

@@ -190,6 +190,7 @@ def test_eval_cli_writes_report(tiny_run, tiny_grid, tmp_path):
     r = CliRunner().invoke(main, ["eval", "--checkpoint", str(tiny_run / "latest.pt"), "--data", str(tiny_grid), "--out", str(out)])
     assert r.exit_code == 0, r.output
     assert "bilinear" in r.stdout and "cvae prior mean" in r.stdout and "report.html" in r.stdout
+    assert max(map(len, r.stdout.splitlines())) <= 100, r.stdout  # a terminal's width, with the table's columns
     metrics = json.loads((out / "metrics.json").read_text())
     with h5py.File(tiny_grid) as f:
         at = f["heldout/at_grid_depth"][:]
