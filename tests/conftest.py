@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from helpers import small_config, tiny_config  # noqa: E402
+from helpers import VIGNETTED_LENS, small_config, tiny_config  # noqa: E402
 from psfcvae import train  # noqa: E402
 from psfgen import generate  # noqa: E402
 
@@ -21,6 +21,15 @@ def tiny_grid(tmp_path_factory) -> Path:
     logging.getLogger("psfgen").setLevel(logging.WARNING)
     out = tmp_path_factory.mktemp("grid") / "tiny.h5"
     return generate(tiny_config(out))
+
+
+@pytest.fixture(scope="session")
+def vignetted_grid(tmp_path_factory) -> Path:
+    """A tiny grid (4x4, two depths) of the LA1131 singlet: the four corners dark, the edges
+    partly vignetted. Read-only for tests."""
+    logging.getLogger("psfgen").setLevel(logging.WARNING)
+    out = tmp_path_factory.mktemp("vignetted") / "vignetted.h5"
+    return generate(tiny_config(out, lens=VIGNETTED_LENS))
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,110 @@
+"""Lenses that do not light the whole sensor: illumination measured, stored and reported (issue 13)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from helpers import VIGNETTED_LENS, assert_one_line_error, run_cli, tiny_args
+
+from psfgen.grid import grid_coords
+from psfgen.illumination import axis_fraction, min_rays, trace_counted
+from psfgen.lens import build_lens, read_lens_file
+from psfgen.store import open_info
+
+
+@pytest.fixture(scope="module")
+def singlet():
+    return build_lens(read_lens_file(VIGNETTED_LENS), torch.device("cpu"))
+
+
+def test_the_dark_set_is_where_bare_deeplens_traces_no_ray(vignetted_grid, singlet):
+    with h5py.File(vignetted_grid, "r") as f:
+        illum, valid, psf = f["grid/illumination"][:], f["grid/valid"][:].astype(bool), f["grid/psf"][:]
+        depths = f["depths"][:]
+    for d, depth in enumerate(depths):
+        pts = torch.as_tensor(np.concatenate([grid_coords(4), np.full((16, 1), -1000.0 * depth)], 1), dtype=torch.float32)
+        torch.manual_seed(4242)  # another seed than the file's blocks: an independent trace
+        bare = singlet.psf_rgb(points=pts, ks=64, spp=2000).sum(dim=(-2, -1)).numpy()  # [16, 3]
+        np.testing.assert_array_equal(valid[d], bare > 0)
+    dark = ~valid.all(axis=-1)  # [D, P]
+    edges = np.zeros(16, bool)
+    edges[[0, 4, 8, 12, 3, 7, 11, 15]] = True  # the columns x = ±1
+    np.testing.assert_array_equal(dark, np.broadcast_to(edges, dark.shape))
+    # Stored as dark, never as a normalised PSF of zeros: a channel sums to 1 exactly where it is valid.
+    np.testing.assert_allclose(psf.sum(axis=(-2, -1)), valid.astype(np.float32), atol=1e-5)
+    # The corners get no light at all; at (±1, ±1/3) about a fifth arrives, but DeepLens finds no chief
+    # ray there, centres its window on the pinhole image and the light lands outside it: no PSF either.
+    assert (illum[:, [0, 3, 12, 15]] == 0).all()
+    side = illum[:, [4, 7, 8, 11]]
+    assert (side > 0.1).all() and (side < 0.4).all(), side
+
+
+def test_illumination_is_one_on_axis_and_falls_monotonically_along_a_radius(vignetted_grid, singlet):
+    with h5py.File(vignetted_grid, "r") as f:
+        np.testing.assert_allclose(f["axis/fraction"][:], 1.0, atol=1e-6)  # a front stop is the entrance pupil
+        centre = f["grid/illumination"][:, [5, 6, 9, 10]]  # (±1/3, ±1/3)
+    np.testing.assert_allclose(centre, 1.0, atol=0.01)
+    torch.manual_seed(0)
+    r = np.linspace(0.0, 1.5, 16)
+    axis, _ = axis_fraction(singlet, np.array([1.0]), 4000, 64)
+    _, rays, _ = trace_counted(singlet, np.stack([r * 0.8, r * 0.6], axis=1), np.ones(16), 4000, 64)
+    illum = rays.numpy() / 4000 / axis
+    np.testing.assert_allclose(illum[0], 1.0, atol=1e-6)
+    assert (np.diff(illum, axis=0) <= 0.03).all(), illum  # non-increasing within the Monte Carlo noise (~1%)
+    assert illum[-1].max() == 0 and ((illum > 0.2) & (illum < 0.95)).any(), illum
+
+
+def test_counted_psfs_are_deeplens_psf_rgb_bit_for_bit(singlet):
+    xy, depth = np.array([[0.0, 0.0], [0.5, -0.5], [1.0, 1.0]]), np.array([0.5, 2.0, 1.0])
+    torch.manual_seed(11)
+    ref = singlet.psf_rgb(points=torch.as_tensor(np.concatenate([xy, -1000 * depth[:, None]], 1), dtype=torch.float32),
+                          ks=64, spp=3000)
+    torch.manual_seed(11)
+    psf, rays, window = trace_counted(singlet, xy, depth, 3000, 64)
+    assert torch.equal(psf, ref)
+    assert rays[2].max() == 0 and (window <= rays + 1e-3).all() and rays[0].min() == 3000
+
+
+def test_info_reports_the_lit_field(vignetted_grid):
+    result = run_cli(["info", str(vignetted_grid)])
+    assert result.exit_code == 0, result.output
+    lit = [line for line in result.output.splitlines() if line.startswith("lit field")]
+    assert len(lit) == 2 and all("8 of 16 grid points dark" in line for line in lit), lit
+    # (±1/3, ±1), 13.42 mm from the axis, lit; (±1, ±1/3), 18.44 mm, dark: the circle lies between.
+    assert "image circle radius 0.75-1.02 (13.42-18.44 mm)" in lit[0], lit[0]
+    assert "nan" not in result.output
+
+
+def test_min_rays_is_stated_in_rays():
+    assert min_rays(2000) == 100 and min_rays(10**5) == 1000
+
+
+def test_a_lens_that_lights_nothing_is_one_line_and_leaves_no_file(tmp_path):
+    lens = json.loads(Path(VIGNETTED_LENS).read_text())
+    lens["surfaces"][2]["d_next"] = 19.7
+    lens["surfaces"].append({"type": "Aperture", "r": 0.01, "d": 60.0, "mat2": "air", "d_next": 26.8})  # a pinhole
+    path = tmp_path / "dark.json"
+    path.write_text(json.dumps(lens))
+    result = run_cli(tiny_args(tmp_path / "g.h5", lens=path))
+    assert_one_line_error(result, "no ray of channel", "from the axis at 0.5 m", "vignettes completely", "apertures")
+    assert not (tmp_path / "g.h5").exists()
+
+
+def test_a_schema_1_file_is_read_as_all_lit(vignetted_grid, tiny_grid, tmp_path):
+    old = tmp_path / "old.h5"
+    shutil.copy(tiny_grid, old)
+    with h5py.File(old, "r+") as f:
+        f.attrs["schema_version"] = 1
+        for name in ("axis/fraction", "grid/illumination", "grid/valid", "noise/illumination", "noise/valid",
+                     "heldout/illumination_a", "heldout/illumination_b", "heldout/valid_a", "heldout/valid_b"):
+            del f[name]
+    info = open_info(old)
+    assert info.schema == 1 and not info.has_illumination and open_info(vignetted_grid).has_illumination
+    result = run_cli(["info", str(old)])
+    assert result.exit_code == 0 and "lit field   not measured (schema 1 file)" in result.output, result.output
