@@ -30,7 +30,7 @@ from psfgen.store import open_info, require_complete
 
 from . import baselines, checkpoint, plots
 from .api import load_model
-from .data import check_grid_content, read_heldout
+from .data import check_grid_content, lit_only, read_heldout, read_lit
 from .metrics import rel_l2, rel_l2_corrected, spearman, summarize
 
 log = logging.getLogger(__name__)
@@ -55,13 +55,13 @@ def _model_speed(model, device, n: int = 4096, repeats: int = 3) -> float:
     x, y = rng.uniform(-1, 1, n), rng.uniform(-1, 1, n)
     lo, hi = model.depth_range
     d = np.full(n, np.sqrt(lo * hi))
-    model.psf(x[:16], y[:16], d[:16])  # warm-up
+    model.psf(x[:16], y[:16], d[:16], allow_dark=True)  # warm-up; random points may fall outside the lit field
     best = np.inf
     for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        model.psf(x, y, d)
+        model.psf(x, y, d, allow_dark=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
@@ -91,7 +91,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         grid = f["grid/psf"][:]  # [D, P, 3, k, k]
         coords = f["grid/coords"][:]
         noise_idx, noise = f["noise/index"][:], f["noise/psf"][:]
-    ho = read_heldout(info.path)
+    ho_all = read_heldout(info.path)
+    ho = split_heldout(ho_all, info.path)  # the PSF metrics: lit points only
     depths, n = info.depths, info.grid_size
     ref = ho["ref"]
     x, y, z = ho["coords"][:, 0], ho["coords"][:, 1], ho["depth"]
@@ -101,8 +102,11 @@ def evaluate(cfg: EvalConfig) -> dict:
     preds: dict[str, np.ndarray] = {}
     if model is not None:
         torch.manual_seed(cfg.seed)
-        preds["cvae prior mean"] = model.psf(x, y, z, mode="mean", allow_extrapolation=True).cpu().numpy()
-        preds["cvae prior sample"] = model.psf(x, y, z, mode="sample", allow_extrapolation=True).cpu().numpy()
+        # allow_dark: a lit point the model calls dark gets zeros, which the metrics count as a 100% error.
+        preds["cvae prior mean"] = model.psf(x, y, z, mode="mean", allow_extrapolation=True,
+                                             allow_dark=True)[0].cpu().numpy()
+        preds["cvae prior sample"] = model.psf(x, y, z, mode="sample", allow_extrapolation=True,
+                                               allow_dark=True)[0].cpu().numpy()
     preds["nearest"] = baselines.nearest(grid, depths, n, x, y, z)
     preds["bicubic"] = baselines.bicubic(grid, depths, n, x, y, z)
     preds["bilinear"] = baselines.bilinear(grid, depths, n, x, y, z)
@@ -129,9 +133,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     raytrace = {}
     if len(noise_idx):
         pair_err = np.stack([rel_l2(noise[d], grid[d, noise_idx]) for d in range(len(depths))])  # [D, S]
-        one = pair_err / np.sqrt(2)
-        raytrace = {"all": summarize(one.ravel())}
-        raytrace.update({f"at {d:g} m": summarize(one[i]) for i, d in enumerate(depths)})
+        one = pair_err / np.sqrt(2)  # NaN at dark grid points: no PSF
+        raytrace = {"all": summarize(one[np.isfinite(one)])}
+        raytrace.update({f"at {d:g} m": summarize(one[i][np.isfinite(one[i])]) for i, d in enumerate(depths)})
     ref_noise = np.sqrt(((ho["psf_a"] - ho["psf_b"]) ** 2).reshape(len(z), -1).sum(1)) / 2 / np.sqrt((ref**2).reshape(len(z), -1).sum(1))
 
     result = {
@@ -148,7 +152,10 @@ def evaluate(cfg: EvalConfig) -> dict:
         "reference_noise": summarize(ref_noise),
         "eigen_explained_variance": eigen.explained,
         "speed_psfs_per_s": {"raytrace (file provenance, device " + info.attrs["device"] + f", spp {info.spp})": grid_speed(info.path)[0]},
+        "heldout_dark": int((~ho_all["lit"]).sum()),
     }
+    if model is not None and model.net.illumination is not None:
+        result["illumination"] = illumination_error(model, ho_all)
 
     # --- the CVAE on the grid itself; speed; uncertainty -----------------------------------
     if model is not None:
@@ -156,8 +163,9 @@ def evaluate(cfg: EvalConfig) -> dict:
         both = [model.net.predict_grid(grid[d], model.conditions(coords[:, 0], coords[:, 1], np.full(n * n, depths[d])))
                 for d in range(len(depths))]
         recon_all, prior_all = np.stack([b[0] for b in both]), np.stack([b[1] for b in both])  # [D, P, 3, k, k]
-        grid_eval["posterior reconstruction"] = summarize(np.concatenate([rel_l2(recon_all[d], grid[d]) for d in range(len(depths))]))
-        grid_eval["prior mean"] = summarize(np.concatenate([rel_l2(prior_all[d], grid[d]) for d in range(len(depths))]))
+        lit = read_lit(info.path)["valid"].all(axis=-1)  # [D, P]: dark grid points have no PSF to compare with
+        for key, pred in (("posterior reconstruction", recon_all), ("prior mean", prior_all)):
+            grid_eval[key] = summarize(np.concatenate([rel_l2(pred[d], grid[d])[lit[d]] for d in range(len(depths))]))
         result["grid_vs_training_psfs"] = grid_eval
         speeds = result["speed_psfs_per_s"]
         speeds["cvae prior mean (cpu)"] = _model_speed(model, torch.device("cpu"))
@@ -184,13 +192,13 @@ def evaluate(cfg: EvalConfig) -> dict:
         else:
             shown = eigen(coords[:, 0], coords[:, 1], np.full(n * n, depths[d]))
             panels["eigen-psf"] = shown
-        peak = grid[d].max(axis=(-3, -2, -1), keepdims=True)
+        peak = np.maximum(grid[d].max(axis=(-3, -2, -1), keepdims=True), 1e-12)  # 0 at a dark point
         panels["|error|"] = np.abs(shown - grid[d]) / peak
         name = f"grid_depth{d}_{depths[d]:g}m.png"
         plots.grid_panels(out / name, panels, n, depths[d], log_scale)
         images.append((name, f"Grid at {depths[d]:g} m: ground truth and the model's reconstructions; |error| is of the "
                        + ("prior mean" if model is not None else "eigen-PSF") + ", relative to each PSF's peak."))
-    plots.error_maps(out / "error_maps.png", ho["coords"], per_point, coords)
+    plots.error_maps(out / "error_maps.png", ho["coords"], per_point, coords, circle=lit_circle(info))
     images.append(("error_maps.png", "Relative L2 error (raw) of each method at each held-out point."))
     pick = np.linspace(0, len(z) - 1, min(cfg.side_by_side, len(z))).astype(int)
     sbs = {"reference": ref[pick]}
@@ -215,6 +223,41 @@ def evaluate(cfg: EvalConfig) -> dict:
     log.info("wrote %s", out / "report.html")
     result["table"] = table
     return result
+
+
+def split_heldout(heldout: dict, path: str) -> dict:
+    """The lit held-out points (dark ones have no PSF to measure against), logging how many were left out."""
+    lit, n_dark = lit_only(heldout)
+    if n_dark:
+        log.info("%d of %d held-out points are dark (outside the lit field): left out of the PSF metrics",
+                 n_dark, len(heldout["lit"]))
+    if len(lit["depth"]) == 0:
+        raise InputError(f"every held-out point of {path} is dark (outside the lens's lit field): nothing to measure")
+    return lit
+
+
+def illumination_error(model, heldout: dict) -> dict:
+    """The model's relative illumination against the traced one (mean of the two halves) on every held-out
+    point: absolute error on the lit points, and how often the model's lit/dark decision agrees."""
+    (x, y), z = heldout["coords"].T, heldout["depth"]
+    pred = model.illumination(x, y, z, allow_extrapolation=True).cpu().numpy()  # [M, 3]
+    lit = heldout["lit"]
+    err = np.abs(pred - heldout["illumination"])[lit].ravel()
+    return {"n": int(len(lit)), "n_lit": int(lit.sum()), "abs_error": summarize(err),
+            "lit_agreement": float(((pred.sum(axis=1) > 0) == lit).mean())}
+
+
+def lit_circle(info) -> tuple[float, tuple[float, float]] | None:
+    """(image-circle radius [mm], sensor (width, height) [mm]) at the middle depth, None when all is lit."""
+    from psfgen.litfield import image_circle, radii
+    from psfgen.symmetry import sensor_size_mm
+
+    size = sensor_size_mm(info.attrs)
+    with h5py.File(info.path, "r", locking=False) as f:
+        coords = f["grid/coords"][:]
+    lit = read_lit(info.path)["valid"].all(axis=-1)[len(info.depths) // 2]
+    bounds = image_circle(radii(coords, size)[0], lit)
+    return None if bounds is None or size is None else (0.5 * (bounds[0] + bounds[1]), size)
 
 
 def _json_safe(value):
@@ -246,6 +289,13 @@ def format_table(result: dict) -> str:
         lines.append(f"{'ray tracing, spp ' + str(result['data']['spp']):24s}{100 * rt['all']['mean']:29.2f}"
                      "   (grid points, from the re-traced subset)")
     lines.append(f"reference's own noise: {100 * result['reference_noise']['mean']:.2f}% (mean)")
+    if result.get("heldout_dark"):
+        lines.append(f"dark held-out points left out (outside the lit field): {result['heldout_dark']}")
+    if "illumination" in result:
+        il = result["illumination"]
+        mean = il["abs_error"].get("mean", float("nan"))
+        lines.append(f"illumination (model vs traced, relative to the axis): mean |error| {mean:.3f} over "
+                     f"{il['n_lit']} lit points; lit/dark agreement {100 * il['lit_agreement']:.0f}% of {il['n']}")
     for k, v in result["speed_psfs_per_s"].items():
         lines.append(f"speed: {k}: {v:,.1f} PSFs/s")
     if "uncertainty" in result:

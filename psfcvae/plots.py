@@ -49,8 +49,18 @@ def grid_panels(path: Path, panels: dict[str, np.ndarray], n: int, depth_m: floa
     plt.close(fig)
 
 
-def error_maps(path: Path, xy: np.ndarray, errors: dict[str, np.ndarray], grid_xy: np.ndarray) -> None:
-    """Per method, held-out points over the field coloured by relative L2 error."""
+def image_circle(ax, radius_mm: float, sensor_mm: tuple[float, float]) -> None:
+    """Outline the lit field on a field plot in normalised (x, y): the image circle of radius [mm] on a
+    sensor of (width, height) [mm] is an ellipse there (x and y are scaled by the half-width and half-height)."""
+    t = np.linspace(0, 2 * np.pi, 181)
+    w, h = sensor_mm
+    ax.plot(radius_mm * np.cos(t) / (w / 2), radius_mm * np.sin(t) / (h / 2), "--", c="tab:red", lw=0.8)
+
+
+def error_maps(path: Path, xy: np.ndarray, errors: dict[str, np.ndarray], grid_xy: np.ndarray, circle=None) -> None:
+    """Per method, held-out points over the field coloured by relative L2 error.
+
+    circle: (radius [mm], sensor (width, height) [mm]) of the image circle to outline, or None."""
     names = list(errors)
     cols = min(3, len(names))
     rows = int(np.ceil(len(names) / cols))
@@ -61,6 +71,8 @@ def error_maps(path: Path, xy: np.ndarray, errors: dict[str, np.ndarray], grid_x
     for ax, name in zip(axes.ravel(), names):
         ax.scatter(grid_xy[:, 0], grid_xy[:, 1], s=4, c="0.75", marker="+", linewidths=0.5)
         sc = ax.scatter(xy[:, 0], xy[:, 1], c=errors[name], cmap="viridis", vmin=0, vmax=vmax, s=22)
+        if circle is not None:
+            image_circle(ax, *circle)
         ax.set_title(f"{name}: mean {errors[name].mean():.3f}", fontsize=9)
         ax.set_xlim(-1.05, 1.05)
         ax.set_ylim(-1.05, 1.05)

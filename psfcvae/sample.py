@@ -38,11 +38,7 @@ def sample_psfs(checkpoint, out, points, grid_m, depth_m, mode, allow_extrapolat
         lin = np.linspace(-1, 1, grid_m) if grid_m > 1 else np.zeros(1)
         gx, gy = np.meshgrid(lin, lin[::-1])
         points = np.stack([gx.ravel(), gy.ravel()], axis=1)
-    psf = np.concatenate([
-        model.psf(points[i : i + CHUNK, 0], points[i : i + CHUNK, 1], depth_m, mode=mode,
-                  allow_extrapolation=allow_extrapolation).cpu().numpy()
-        for i in range(0, len(points), CHUNK)
-    ])
+    psf, illum = _psfs_and_illumination(model, points, depth_m, mode, allow_extrapolation, dark_ok=grid_m is not None)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.suffix == ".npy":
@@ -55,6 +51,8 @@ def sample_psfs(checkpoint, out, points, grid_m, depth_m, mode, allow_extrapolat
                 f.attrs["mode"] = mode
                 f.attrs["checkpoint"] = str(checkpoint)
                 f.attrs["model"] = json.dumps({k: model.info[k] for k in ("step", "data_fingerprint")})
+                if illum is not None:  # [B, 3], relative to the axis at the same depth; 0 where dark
+                    f["illumination"] = illum
         else:
             from PIL import Image
 
@@ -69,3 +67,19 @@ def sample_psfs(checkpoint, out, points, grid_m, depth_m, mode, allow_extrapolat
     except OSError as exc:
         raise InputError(f"cannot write {out}: {exc.strerror or exc}") from None
     return out
+
+
+def _psfs_and_illumination(model, points, depth_m, mode, allow_extrapolation, dark_ok: bool):
+    """(psf [B, 3, k, k] numpy, illumination [B, 3] numpy or None without the head), in chunks.
+
+    dark_ok: a dense map covers the whole sensor, dark corners included: zeros there. Points
+    asked for one by one (--coords) must be lit.
+    """
+    psf, illum = [], []
+    for i in range(0, len(points), CHUNK):
+        x, y = points[i : i + CHUNK, 0], points[i : i + CHUNK, 1]
+        out = model.psf(x, y, depth_m, mode=mode, allow_extrapolation=allow_extrapolation, allow_dark=dark_ok)
+        psf.append((out[0] if dark_ok else out).cpu().numpy())
+        if model.net.illumination is not None:
+            illum.append(model.illumination(x, y, depth_m, allow_extrapolation).cpu().numpy())
+    return np.concatenate(psf), (np.concatenate(illum) if illum else None)

@@ -108,3 +108,90 @@ def test_a_schema_1_file_is_read_as_all_lit(vignetted_grid, tiny_grid, tmp_path)
     assert info.schema == 1 and not info.has_illumination and open_info(vignetted_grid).has_illumination
     result = run_cli(["info", str(old)])
     assert result.exit_code == 0 and "lit field   not measured (schema 1 file)" in result.output, result.output
+
+
+def test_training_on_a_partly_dark_file_leaves_dark_points_out_and_writes_best(vignetted_run, caplog):
+    from helpers import scalars
+
+    ckpt = torch.load(vignetted_run / "best.pt", weights_only=True)
+    assert ckpt["model_args"]["illumination"] and ckpt["model"]["illumination.any_dark"]
+    heldout = scalars(vignetted_run, "val_heldout_rel_l2")
+    assert len(heldout) == 3 and all(np.isfinite(v) and 0 < v < 2 for _, v in heldout), heldout
+    illum = [v for _, v in scalars(vignetted_run, "loss_illumination")]
+    assert illum[-1] < illum[0], illum  # the head learns
+
+
+def test_the_dark_point_count_is_logged_once(vignetted_grid, tmp_path, caplog):
+    import logging
+
+    from helpers import small_config
+
+    from psfcvae import train
+
+    with caplog.at_level(logging.INFO, logger="psfcvae"):
+        train(small_config(vignetted_grid, tmp_path / "r", max_steps=2, val_every=2, checkpoint_every=2))
+    lines = [r.getMessage() for r in caplog.records if "dark points left out" in r.getMessage()]
+    # 8 of 16 points dark at each of 2 depths; held-out: the file's own count of points not valid in both halves.
+    with h5py.File(vignetted_grid) as f:
+        dark_ho = int((~(f["heldout/valid_a"][:] & f["heldout/valid_b"][:]).all(axis=1)).sum())
+    # Pairs: the field pairs touching a dark point at each of the 2 depths, plus each dark point's pair across depths.
+    from psfgen.grid import neighbour_pairs
+
+    pairs = neighbour_pairs(4)
+    dark = np.zeros(16, bool)
+    dark[[0, 4, 8, 12, 3, 7, 11, 15]] = True
+    field = int((dark[pairs[:, 0]] | dark[pairs[:, 1]]).sum())
+    assert lines == [(f"dark points left out: 16 of 32 grid PSFs (their {2 * field + 8} neighbour pairs too) from the "
+                     f"PSF losses, {dark_ho} of 8 held-out points from validation")], lines
+
+
+def test_the_api_refuses_a_dark_point_unless_asked_and_gives_illumination(vignetted_run):
+    from psfcvae import load_model
+    from psfgen.errors import InputError
+
+    model = load_model(vignetted_run / "best.pt")
+    with pytest.raises(InputError, match=r"1 of 2 points lie outside the lens's lit field.*allow_dark=True"):
+        model.psf([0.0, 1.0], [0.0, 1.0], 0.5)
+    psf, lit = model.psf([0.0, 1.0], [0.0, 1.0], 0.5, allow_dark=True)
+    assert lit.tolist() == [True, False] and psf.shape == (2, 3, 15, 15)
+    assert psf[1].abs().max() == 0
+    np.testing.assert_allclose(psf[0].sum(dim=(-2, -1)).numpy(), 1.0, atol=1e-4)
+    illum = model.illumination([0.0, 1.0, 0.2], [0.0, 1.0, -0.2], 0.5)
+    assert illum.shape == (3, 3) and illum.dtype == torch.float32
+    assert (illum[1] == 0).all() and (illum[[0, 2]] > 0.8).all() and (illum[[0, 2]] < 1.25).all(), illum
+    assert model.psf(0.0, 0.0, 0.5).shape == (1, 3, 15, 15)  # unchanged without allow_dark: a tensor
+
+
+def test_eval_leaves_dark_points_out_and_reports_illumination(vignetted_run, vignetted_grid, tmp_path):
+    out = tmp_path / "eval"
+    result = run_cli(["eval", "--checkpoint", str(vignetted_run / "best.pt"), "--data", str(vignetted_grid),
+                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    with h5py.File(vignetted_grid) as f:
+        lit = (f["heldout/valid_a"][:] & f["heldout/valid_b"][:]).all(axis=1)
+    assert 0 < metrics["heldout_dark"] == int((~lit).sum()) < 8
+    assert metrics["heldout"]["bilinear"]["all"]["raw"]["n"] == int(lit.sum())
+    assert np.isfinite(metrics["heldout"]["cvae prior mean"]["all"]["raw"]["mean"])
+    il = metrics["illumination"]
+    assert il["n"] == 8 and il["n_lit"] == int(lit.sum()) and il["abs_error"]["mean"] < 0.3
+    assert f"dark held-out points left out (outside the lit field): {int((~lit).sum())}" in result.output
+    assert "illumination (model vs traced, relative to the axis): mean |error|" in result.output
+
+
+def test_an_old_checkpoint_loads_and_its_illumination_is_refused(tiny_run, tmp_path):
+    from psfcvae import load_model
+    from psfcvae.checkpoint import save
+    from psfgen.errors import InputError
+
+    ckpt = torch.load(tiny_run / "latest.pt", weights_only=True)
+    ckpt["model"] = {k: v for k, v in ckpt["model"].items() if not k.startswith("illumination.")}
+    for key in ("illumination", "illumination_weight"):
+        ckpt["model_args"].pop(key)  # as written before the illumination head existed
+    save(tmp_path / "old.pt", {k: v for k, v in ckpt.items() if k not in ("format", "schema_version")})
+    model = load_model(tmp_path / "old.pt")
+    assert model.psf(0.1, 0.1, 1.0).shape == (1, 3, 15, 15)
+    _, lit = model.psf([0.1, 1.0], [0.1, 1.0], 1.0, allow_dark=True)
+    assert lit.all()
+    with pytest.raises(InputError, match="predates illumination"):
+        model.illumination(0.1, 0.1, 1.0)
