@@ -78,8 +78,13 @@ def _psfs_and_illumination(model, points, depth_m, mode, allow_extrapolation, da
     psf, illum = [], []
     for i in range(0, len(points), CHUNK):
         x, y = points[i : i + CHUNK, 0], points[i : i + CHUNK, 1]
-        out = model.psf(x, y, depth_m, mode=mode, allow_extrapolation=allow_extrapolation, allow_dark=dark_ok)
-        psf.append((out[0] if dark_ok else out).cpu().numpy())
+        out, lit = model.psf(x, y, depth_m, mode=mode, allow_extrapolation=allow_extrapolation, allow_dark=True)
+        if not dark_ok and not bool(lit.all()):
+            j = int((~lit).nonzero()[0, 0])
+            raise InputError(f"{int((~lit).sum())} of the --coords points lie outside the lens's lit field, e.g. "
+                             f"({x[j]:g}, {y[j]:g}) at --depth {depth_m}: no light reaches the sensor there, so there "
+                             "is no PSF; leave them out (a --grid map shows them as zeros)")
+        psf.append(out.cpu().numpy())
         if model.net.illumination is not None:
             illum.append(model.illumination(x, y, depth_m, allow_extrapolation).cpu().numpy())
     return np.concatenate(psf), (np.concatenate(illum) if illum else None)

@@ -195,3 +195,19 @@ def test_an_old_checkpoint_loads_and_its_illumination_is_refused(tiny_run, tmp_p
     assert lit.all()
     with pytest.raises(InputError, match="predates illumination"):
         model.illumination(0.1, 0.1, 1.0)
+
+
+def test_sample_writes_illumination_and_refuses_a_dark_point(vignetted_run, tmp_path):
+    ckpt = str(vignetted_run / "best.pt")
+    result = run_cli(["sample", "--checkpoint", ckpt, "--grid", "5", "--depth", "0.5", "--out", str(tmp_path / "m.h5")])
+    assert result.exit_code == 0, result.output
+    with h5py.File(tmp_path / "m.h5") as f:
+        psf, illum = f["psf"][:], f["illumination"][:]
+    assert psf.shape == (25, 3, 15, 15) and illum.shape == (25, 3)
+    dark = (illum == 0).all(axis=1)
+    assert dark[[0, 4, 20, 24]].all() and not dark[12]  # corners dark, the centre lit
+    np.testing.assert_array_equal(psf.sum(axis=(1, 2, 3)) == 0, dark)  # zeros exactly where dark
+    bad = run_cli(["sample", "--checkpoint", ckpt, "--coords", "1,1", "--depth", "0.5", "--out", str(tmp_path / "p.npy")])
+    assert_one_line_error(bad, "1 of the --coords points lie outside the lens's lit field, e.g. (1, 1) at --depth 0.5",
+                          "--grid map")
+    assert not (tmp_path / "p.npy").exists()
