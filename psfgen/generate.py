@@ -174,6 +174,9 @@ def _check_output(cfg: GenerateConfig, out: Path, run_id: str) -> bool:
             f"{out} holds another run (different parameters or lens); choose another --out "
             "or pass --overwrite to replace it"
         )
+    if info.schema != store.SCHEMA_VERSION:
+        raise InputError(f"{out} was written by an older psf generate (schema {info.schema}, no illumination); "
+                         "pass --overwrite to trace it again, or choose another --out")
     return True
 
 

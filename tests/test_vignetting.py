@@ -108,6 +108,16 @@ def test_a_schema_1_file_is_read_as_all_lit(vignetted_grid, tiny_grid, tmp_path)
     assert info.schema == 1 and not info.has_illumination and open_info(vignetted_grid).has_illumination
     result = run_cli(["info", str(old)])
     assert result.exit_code == 0 and "lit field   not measured (schema 1 file)" in result.output, result.output
+    # Resuming it would need the axis reference it lacks: refused, the file untouched.
+    before = old.read_bytes()
+    assert_one_line_error(run_cli(tiny_args(old)), "older psf generate (schema 1", "--overwrite")
+    assert old.read_bytes() == before
+    # Training on it works, without an illumination head (nothing measured to learn from).
+    from helpers import small_config
+    from psfcvae import train
+
+    run = train(small_config(old, tmp_path / "r", max_steps=2, val_every=2, checkpoint_every=2))
+    assert not torch.load(run / "latest.pt", weights_only=True)["model_args"]["illumination"]
 
 
 def test_training_on_a_partly_dark_file_leaves_dark_points_out_and_writes_best(vignetted_run, caplog):
