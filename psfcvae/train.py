@@ -155,6 +155,21 @@ def validate(model: CVAE, conds: Conditions, info: GridInfo, heldout: dict | Non
     return metrics, images
 
 
+def _lit_data(info: GridInfo, model: CVAE, device, main_rank: bool) -> tuple[Conditions, dict | None]:
+    """The grid's conditions and the held-out set, both without dark points (one log line says how many)."""
+    meta = read_grid_meta(info.path)
+    lit = read_lit(info.path)["valid"].all(axis=-1)  # [D, P]
+    conds = Conditions(meta["coords"], meta["depths"], meta["neighbors"], model.args.cond_dim == 3, device, lit)
+    heldout, dark_heldout = lit_only(read_heldout(info.path)) if info.n_heldout else (None, 0)
+    if model.illumination is not None:
+        model.illumination.any_dark.fill_(bool((~lit).any()))
+    if main_rank and not lit.all():
+        log.info("dark points left out: %d of %d grid PSFs (their %d neighbour pairs too) from the PSF losses, "
+                 "%d of %d held-out points from validation", (~lit).sum(), lit.size,
+                 conds.dark_pairs(meta["neighbors"]), dark_heldout, info.n_heldout)
+    return conds, heldout
+
+
 def _lit_terms(batch: dict, model: CVAE, device) -> dict:
     """forward()'s lit weights (None when the whole batch is lit: the spec's losses exactly) and the
     illumination head's targets."""
@@ -290,18 +305,7 @@ def _train(cfg: TrainConfig, resume: bool, info: GridInfo, args: ModelArgs, run_
     if main_rank:
         configio.save_yaml(cfg, run_dir / "config.yaml")
 
-    meta = read_grid_meta(info.path)
-    lit = read_lit(info.path)["valid"].all(axis=-1)  # [D, P]
-    conds = Conditions(meta["coords"], meta["depths"], meta["neighbors"], args.cond_dim == 3, device, lit)
-    heldout = read_heldout(info.path) if info.n_heldout else None
-    if heldout is not None:
-        heldout, dark_heldout = lit_only(heldout)
-    if model.illumination is not None:
-        model.illumination.any_dark.fill_(bool((~lit).any()))
-    if main_rank and not lit.all():
-        log.info("dark points left out: %d of %d grid PSFs (their %d neighbour pairs too) from the PSF losses, "
-                 "%d of %d held-out points from validation", (~lit).sum(), lit.size,
-                 conds.dark_pairs(meta["neighbors"]), dark_heldout if heldout is not None else 0, info.n_heldout)
+    conds, heldout = _lit_data(info, model, device, main_rank)
     grid_bytes = len(info.depths) * info.grid_size**2 * 3 * info.ks_small**2 * 4
     in_memory = {"auto": grid_bytes < IN_MEMORY_AUTO_LIMIT, "true": True, "false": False}[cfg.in_memory]
     dataset = GridBatches(info, cfg.batch_size, cfg.read_run, cfg.seed, in_memory, rank=rank, world=world)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -10,9 +11,19 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from helpers import VIGNETTED_LENS, assert_one_line_error, run_cli, tiny_args
+from helpers import (
+    VIGNETTED_LENS,
+    assert_one_line_error,
+    run_cli,
+    scalars,
+    small_config,
+    tiny_args,
+)
 
-from psfgen.grid import grid_coords
+from psfcvae import load_model, train
+from psfcvae.checkpoint import save
+from psfgen.errors import InputError
+from psfgen.grid import grid_coords, neighbour_pairs
 from psfgen.illumination import axis_fraction, min_rays, trace_counted
 from psfgen.lens import build_lens, read_lens_file
 from psfgen.store import open_info
@@ -113,16 +124,11 @@ def test_a_schema_1_file_is_read_as_all_lit(vignetted_grid, tiny_grid, tmp_path)
     assert_one_line_error(run_cli(tiny_args(old)), "older psf generate (schema 1", "--overwrite")
     assert old.read_bytes() == before
     # Training on it works, without an illumination head (nothing measured to learn from).
-    from helpers import small_config
-    from psfcvae import train
-
     run = train(small_config(old, tmp_path / "r", max_steps=2, val_every=2, checkpoint_every=2))
     assert not torch.load(run / "latest.pt", weights_only=True)["model_args"]["illumination"]
 
 
 def test_training_on_a_partly_dark_file_leaves_dark_points_out_and_writes_best(vignetted_run, caplog):
-    from helpers import scalars
-
     ckpt = torch.load(vignetted_run / "best.pt", weights_only=True)
     assert ckpt["model_args"]["illumination"] and ckpt["model"]["illumination.any_dark"]
     heldout = scalars(vignetted_run, "val_heldout_rel_l2")
@@ -132,11 +138,6 @@ def test_training_on_a_partly_dark_file_leaves_dark_points_out_and_writes_best(v
 
 
 def test_the_dark_point_count_is_logged_once(vignetted_grid, tmp_path, caplog):
-    import logging
-
-    from helpers import small_config
-
-    from psfcvae import train
 
     with caplog.at_level(logging.INFO, logger="psfcvae"):
         train(small_config(vignetted_grid, tmp_path / "r", max_steps=2, val_every=2, checkpoint_every=2))
@@ -145,8 +146,6 @@ def test_the_dark_point_count_is_logged_once(vignetted_grid, tmp_path, caplog):
     with h5py.File(vignetted_grid) as f:
         dark_ho = int((~(f["heldout/valid_a"][:] & f["heldout/valid_b"][:]).all(axis=1)).sum())
     # Pairs: the field pairs touching a dark point at each of the 2 depths, plus each dark point's pair across depths.
-    from psfgen.grid import neighbour_pairs
-
     pairs = neighbour_pairs(4)
     dark = np.zeros(16, bool)
     dark[[0, 4, 8, 12, 3, 7, 11, 15]] = True
@@ -156,9 +155,6 @@ def test_the_dark_point_count_is_logged_once(vignetted_grid, tmp_path, caplog):
 
 
 def test_the_api_refuses_a_dark_point_unless_asked_and_gives_illumination(vignetted_run):
-    from psfcvae import load_model
-    from psfgen.errors import InputError
-
     model = load_model(vignetted_run / "best.pt")
     with pytest.raises(InputError, match=r"1 of 2 points lie outside the lens's lit field.*allow_dark=True"):
         model.psf([0.0, 1.0], [0.0, 1.0], 0.5)
@@ -190,10 +186,6 @@ def test_eval_leaves_dark_points_out_and_reports_illumination(vignetted_run, vig
 
 
 def test_an_old_checkpoint_loads_and_its_illumination_is_refused(tiny_run, tmp_path):
-    from psfcvae import load_model
-    from psfcvae.checkpoint import save
-    from psfgen.errors import InputError
-
     ckpt = torch.load(tiny_run / "latest.pt", weights_only=True)
     ckpt["model"] = {k: v for k, v in ckpt["model"].items() if not k.startswith("illumination.")}
     for key in ("illumination", "illumination_weight"):
