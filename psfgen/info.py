@@ -71,6 +71,8 @@ def summary(path) -> str:
         traced = np.zeros(border.shape[:2], dtype=bool)  # [D, P]: PSFs whose block is done
         for _, d, lo, hi in table[grid_blocks]:
             traced[d, lo:hi] = True
+        if "grid/valid" in f:  # dark points have no PSF to be truncated
+            traced &= f["grid/valid"][:].all(axis=-1).astype(bool)
         speed = grid_speed(path)
         if speed is not None:
             lines.append(f"speed       {speed[0]:.2f} grid PSFs/s at spp {info.spp}")
@@ -78,7 +80,7 @@ def summary(path) -> str:
             worst = border.max(axis=-1)[traced]
             lines.append(
                 f"truncation  energy on the {cfg['ks']}-px window border: mean {100 * worst.mean():.2f}%, "
-                f"max {100 * worst.max():.2f}%, {int((worst > 0.01).sum())} of {worst.size} PSFs above 1%"
+                f"max {100 * worst.max():.2f}%, {int((worst > 0.01).sum())} of {worst.size} lit PSFs above 1%"
             )
         if info.n_heldout and done.all():
             ref = rel_l2(f["heldout/psf_a"][:], f["heldout/psf_b"][:])  # NaN at dark points
