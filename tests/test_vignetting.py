@@ -213,3 +213,17 @@ def test_sample_writes_illumination_and_refuses_a_dark_point(vignetted_run, tmp_
     assert_one_line_error(bad, "1 of the --coords points lie outside the lens's lit field, e.g. (1, 1) at --depth 0.5",
                           "--grid map")
     assert not (tmp_path / "p.npy").exists()
+
+
+def test_the_symmetry_check_compares_only_points_lit_at_both_ends():
+    from psfgen.symmetry import grid_symmetry_errors
+
+    rng = np.random.default_rng(0)
+    psf = rng.random((1, 9, 3, 5, 5)).astype(np.float32)
+    psf = psf + psf[:, :, :, :, ::-1]  # every kernel mirror-symmetric in x
+    g = psf.reshape(1, 3, 3, 3, 5, 5)
+    g[:, :, 2] = g[:, :, 0]  # column 2 mirrors column 0: the field is symmetric under x -> -x
+    psf = g.reshape(1, 9, 3, 5, 5)
+    psf[0, 0, 1] = 0  # one channel of the top-left point dark (e.g. fewer rays than the threshold); its mirror lit
+    errors = grid_symmetry_errors(psf, 3, square=False)
+    assert errors["mirror x"] == 0.0  # the half-dark pair is left out, not counted as 100% (or inf)
