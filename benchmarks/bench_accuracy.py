@@ -7,7 +7,7 @@ ray tracing at the training spp; the model's PSFs/s over ray tracing's. Files go
 --work (default runs/bench_accuracy/LENS); an existing grid file there is reused, so a
 second run only retrains and evaluates.
 
-    python benchmarks/bench_accuracy.py [--lens acl12708u|cooke] [--configs default,cartesian,spec]
+    python benchmarks/bench_accuracy.py [--lens acl12708u|cooke|la1131] [--configs default,cartesian,spec]
                                         [--work DIR] [--max-steps N] [--set key=value ...]
 
 Configurations: default (psf train's defaults), cartesian (the defaults conditioned on
@@ -37,6 +37,8 @@ LENSES = {
     "acl12708u": dict(lens=str(ROOT / "data/lenses/acl12708u.json"), grid_size=16, depths=(0.5, 1.0, 5.0)),
     "cooke": dict(lens=str(ROOT / "data/lenses/cooke_triplet_f5.json"), grid_size=12, depth_min=3.0, depth_max=20.0,
                   num_depths=5, focus_m=5.0),
+    # A singlet with a front stop whose sensor corners are dark (vignetting): the errors are on its lit points.
+    "la1131": dict(lens=str(ROOT / "data/lenses/la1131_f50.json"), grid_size=16, depths=(0.5, 1.0, 5.0)),
 }
 CONFIGS = {
     "default": (None, []),
@@ -108,6 +110,11 @@ def main() -> None:
         for k, v in speeds.items():
             if k.startswith("cvae"):
                 print(f"{name}: model / ray tracing speed ({k}): {v / trace:,.0f}x ({v:,.0f} vs {trace:.2f} PSFs/s)")
+        if r.get("heldout_dark") or "illumination" in r:
+            il = r.get("illumination", {})
+            print(f"{name}: {r.get('heldout_dark', 0)} dark held-out points left out; illumination mean |error| "
+                  f"{il.get('abs_error', {}).get('mean', float('nan')):.3f}, lit/dark agreement "
+                  f"{100 * il.get('lit_agreement', float('nan')):.0f}%")
     print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
 
 

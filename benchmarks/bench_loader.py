@@ -49,11 +49,13 @@ def build_big_file(tmp: Path, n: int, depths: tuple) -> Path:
     big = tmp / "big.h5"
     arrays = {"depths": np.array(depths), "wvln": np.array([0.656, 0.587, 0.486]), "grid/coords": grid_coords(n),
               "grid/neighbors": neighbour_pairs(n), "noise/index": np.zeros(0, np.int64),
-              "heldout/coords": np.zeros((0, 2)), "heldout/depth": np.zeros(0), "heldout/at_grid_depth": np.zeros(0, bool)}
+              "heldout/coords": np.zeros((0, 2)), "heldout/depth": np.zeros(0), "heldout/at_grid_depth": np.zeros(0, bool),
+              "axis/fraction": np.ones((len(depths), 3))}
     store.create(big, attrs=attrs, arrays=arrays, sizes=dict(D=len(depths), P=n * n, S=0, M=0, k=15), blocks=blocks)
     for i, b in enumerate(blocks):
         psf = traced[np.arange(b.start, b.stop) % len(traced)]
-        store.write_block(big, i, b, psf, np.zeros((len(psf), 3), np.float32), 0.0)
+        lit = np.ones((len(psf), 3), np.float32)
+        store.write_block(big, i, b, psf, np.zeros((len(psf), 3), np.float32), 0.0, lit, lit.astype(np.uint8))
     return big
 
 

@@ -3,6 +3,8 @@
     import psfcvae
     model = psfcvae.load_model("runs/v1/best.pt")           # device="auto": CUDA when present; .to(...) to move
     psf = model.psf([0.5, -0.3], [0.5, 0.8], depth_m=1.0)    # [2, 3, 15, 15], each channel sums to 1
+    rel = model.illumination([0.5, -0.3], [0.5, 0.8], 1.0)    # [2, 3]: 1 on axis, 0 where dark
+    psf, lit = model.psf(x, y, 1.0, allow_dark=True)         # zeros and lit False outside the lit field
 """
 
 from __future__ import annotations
@@ -84,26 +86,56 @@ class PSFModel:
         return self.net.condition(np.stack([x, y], axis=1), d)
 
     @torch.no_grad()
-    def psf(self, x, y, depth_m=None, mode: str = "mean", n_samples: int = 1, allow_extrapolation: bool = False) -> torch.Tensor:
+    def psf(self, x, y, depth_m=None, mode: str = "mean", n_samples: int = 1, allow_extrapolation: bool = False,
+            allow_dark: bool = False):
         """PSFs [B, 3, 15, 15] (non-negative, each channel sums to 1).
 
         mode "mean" decodes z = μ_p(c): a deterministic interpolation. mode "sample" draws
         z ~ p(z|c); with n_samples > 1 it returns [B, n_samples, 3, 15, 15].
+        A point outside the lit field (no PSF: the lens does not light it) is an InputError;
+        with allow_dark=True the result is (psf, lit [B] bool), psf zero where lit is False.
+        Checkpoints without the illumination head count every point as lit.
         """
         if mode not in ("mean", "sample"):
             raise InputError(f"mode must be 'mean' or 'sample', got {mode!r}")
         if n_samples < 1:
             raise InputError(f"n_samples must be at least 1, got {n_samples}")
         cond = self.conditions(x, y, depth_m, allow_extrapolation)
+        lit = self._lit(cond)
+        if not allow_dark and not bool(lit.all()):
+            raise InputError(f"{int((~lit).sum())} of {len(lit)} points lie outside the lens's lit field (dark: no "
+                             "light reaches the sensor there, so there is no PSF); pass allow_dark=True for zeros and a "
+                             "lit mask, or see model.illumination(x, y, depth_m)")
         if mode == "mean":
             out = self.net.sample_from_prior(cond, mean=True)
         else:
             draws = torch.stack([self.net.sample_from_prior(cond) for _ in range(n_samples)], dim=1)
             out = draws[:, 0] if n_samples == 1 else draws
-        if not torch.isfinite(out).all():  # far outside the trained range the encoding can overflow
+        if not torch.isfinite(out[lit]).all():  # far outside the trained range the encoding can overflow
             raise InputError("the model gives no finite PSF at these coordinates or depths (too far outside the "
                              "trained range to extrapolate); bring them closer to the field and the trained depths")
-        return out
+        if not allow_dark:
+            return out
+        return out * lit.view(-1, *[1] * (out.dim() - 1)), lit
+
+    def _lit(self, cond: torch.Tensor) -> torch.Tensor:
+        """lit [B] bool at conditions cond [B, C]: the illumination head's decision, all True without one."""
+        if self.net.illumination is None:
+            return torch.ones(len(cond), dtype=torch.bool, device=cond.device)
+        return self.net.illumination.predict(cond)[1]
+
+    @torch.no_grad()
+    def illumination(self, x, y, depth_m=None, allow_extrapolation: bool = False) -> torch.Tensor:
+        """Relative illumination [B, 3] float32 on the model's device: per channel, the light reaching the
+        sensor from (x, y) at depth_m [m] over that on the axis at the same depth; 0 outside the lit field.
+
+        Mechanical vignetting as DeepLens traces it (rays lost on apertures and rims), not the cos⁴ law.
+        """
+        if self.net.illumination is None:
+            raise InputError(f"checkpoint {self.info.get('path', '')} has no illumination: it predates illumination "
+                             "or its grid file did not measure it (schema 1); retrain with this 'psf train' on a file "
+                             "from this 'psf generate'")
+        return self.net.illumination.predict(self.conditions(x, y, depth_m, allow_extrapolation))[0].float()
 
     @torch.no_grad()
     def sample_from_prior(self, coords) -> torch.Tensor:

@@ -48,6 +48,7 @@ class TrainConfig:
     kl_weight: float = 1e-4
     smooth_weight: float = 1e-3
     prior_recon_weight: float = 1e4  # not in the spec (0 there): MSE of decode(μ_p(c), c), the path `psf sample` uses
+    illumination_weight: float = 1.0  # the illumination head's loss (an addition to the spec): 0 leaves the head out
     max_steps: int = 5000  # spec: 20000; the held-out error is flat past ~3000 steps (README)
     # Schedule and bookkeeping
     log_every: int = 50  # steps between scalar logs
@@ -74,7 +75,8 @@ class TrainConfig:
             raise InputError.for_key("pe_scale", f"must be positive, got {self.pe_scale}")
         if not 0 < self.learning_rate < math.inf:
             raise InputError.for_key("learning_rate", f"must be a positive, finite number, got {self.learning_rate}")
-        for key in ("recon_weight", "kl_weight", "smooth_weight", "prior_recon_weight", "scale_weight"):
+        for key in ("recon_weight", "kl_weight", "smooth_weight", "prior_recon_weight", "scale_weight",
+                    "illumination_weight"):
             if not 0 <= getattr(self, key) < math.inf:
                 raise InputError.for_key(key, f"must be a finite number, 0 or more, got {getattr(self, key)}")
         choices = {"lr_schedule": ("constant", "cosine"), "output": ("softplus", "softmax"),

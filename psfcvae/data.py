@@ -43,8 +43,12 @@ class Conditions:
     at the adjacent depths when conditioning on depth.
     """
 
-    def __init__(self, coords: np.ndarray, depths: np.ndarray, neighbors: np.ndarray, use_depth: bool, device):
+    def __init__(self, coords: np.ndarray, depths: np.ndarray, neighbors: np.ndarray, use_depth: bool, device,
+                 lit: np.ndarray | None = None):
         D, P = len(depths), len(coords)
+        # lit [D, P]: points with a PSF. Pairs touching a dark point are left out of the smoothness term.
+        self.lit_np = np.ones((D, P), bool) if lit is None else np.asarray(lit, bool)
+        self.lit = torch.as_tensor(self.lit_np, device=device)
         xy = np.broadcast_to(coords[None], (D, P, 2))
         parts = [xy]
         if use_depth:
@@ -66,24 +70,37 @@ class Conditions:
         return self.table[depth, point]
 
     def pairs(self, point: torch.Tensor, depth: torch.Tensor):
-        """Neighbour pairs of a batch: (src [Q] index into the batch, neighbour cond [Q, C])."""
+        """Neighbour pairs of a batch: (src [Q] index into the batch, neighbour cond [Q, C]); both ends lit."""
         nbr = self.adj[point]  # [B, 8]
-        src, slot = torch.nonzero(nbr >= 0, as_tuple=True)
+        here = self.lit[depth, point]  # [B]
+        both_lit = here[:, None] & self.lit[depth[:, None], nbr.clamp_min(0)]
+        src, slot = torch.nonzero((nbr >= 0) & both_lit, as_tuple=True)
         srcs = [src]
         conds = [self.table[depth[src], nbr[src, slot]]]
         if self.use_depth:
             for step in (-1, 1):
                 other = depth + step
-                ok = torch.nonzero((other >= 0) & (other < self.D), as_tuple=True)[0]
+                inside = (other >= 0) & (other < self.D)
+                ok = torch.nonzero(inside & here & self.lit[other.clamp(0, self.D - 1), point], as_tuple=True)[0]
                 srcs.append(ok)
                 conds.append(self.table[other[ok], point[ok]])
         return torch.cat(srcs), torch.cat(conds)
+
+    def dark_pairs(self, neighbors: np.ndarray) -> int:
+        """Undirected neighbour pairs (in the field and across depths) left out because one end is dark."""
+        lit = self.lit_np
+        n = int((~(lit[:, neighbors[:, 0]] & lit[:, neighbors[:, 1]])).sum())
+        if self.use_depth:
+            n += int((~(lit[1:] & lit[:-1])).sum())
+        return n
 
 
 class GridBatches(Dataset):
     """Map-style dataset whose item ``g`` is the whole training batch number ``g``.
 
-    Returns dict(psf [B, 3, k, k] float32, point [B] int64, depth [B] int64). Under DDP,
+    Returns dict(psf [B, 3, k, k] float32, point [B] int64, depth [B] int64, lit [B] bool,
+    illum [B, 3] float32, valid [B, 3] bool): dark points stay in the batch (the illumination
+    head learns from them; the PSF terms weigh them 0). Under DDP,
     rank r of W keeps PSFs r, r+W, ... of global batch g: together the ranks see exactly
     the batch a single process would, which is how a DistributedSampler with its epoch
     set is realised here (the permutation is a function of the epoch).
@@ -108,6 +125,9 @@ class GridBatches(Dataset):
         self._epoch = None
         self._order = None
         self.memory = None
+        field = read_lit(self.path)  # small: [D, P, 3] each
+        self.illum = field["illumination"].reshape(n, 3)
+        self.valid = field["valid"].reshape(n, 3)
         if in_memory:
             with h5py.File(self.path, "r") as f:
                 self.memory = f["grid/psf"][:].reshape(n, 3, self.k, self.k)  # [D*P, 3, k, k]
@@ -150,6 +170,9 @@ class GridBatches(Dataset):
             "psf": torch.from_numpy(np.ascontiguousarray(psf)),
             "point": torch.from_numpy(point),
             "depth": torch.from_numpy(depth),
+            "lit": torch.from_numpy(self.valid[flat].all(axis=1)),
+            "illum": torch.from_numpy(self.illum[flat]),
+            "valid": torch.from_numpy(self.valid[flat]),
         }
 
     def __getstate__(self):
@@ -175,8 +198,10 @@ def make_loader(dataset: GridBatches, start: int, num_workers: int, pin_memory: 
 
 def check_grid_content(path: str) -> None:
     """Refuse grid PSFs a model must not learn from (or be measured against), naming the first
-    bad one: NaN or inf, negative values, or a channel with no energy; the held-out and noise
-    PSFs must be finite and non-negative. The grid one depth at a time."""
+    bad one: NaN or inf, negative values, or a valid channel with no energy (dark channels,
+    valid 0, are zeros by design); the held-out and noise PSFs must be finite and
+    non-negative. The grid one depth at a time."""
+    valid = read_lit(path)["valid"]  # [D, P, 3]
     with h5py.File(path, "r") as f, np.errstate(all="ignore"):  # garbage values must not print warnings first
         for name in ("heldout/psf_a", "heldout/psf_b", "noise/psf"):
             values = f[name][:]
@@ -186,7 +211,8 @@ def check_grid_content(path: str) -> None:
         for d in range(dset.shape[0]):
             psf = dset[d]  # [P, 3, k, k]
             for bad, what in ((~np.isfinite(psf), "NaN or inf values"), (psf < 0, "negative values"),
-                              ((psf.sum(axis=(-2, -1)) <= 0)[..., None, None], "a channel with no energy")):
+                              (((psf.sum(axis=(-2, -1)) <= 0) & valid[d])[..., None, None],
+                               "a channel with no energy")):
                 hit = np.argwhere(bad.reshape(bad.shape[0], 3, -1).any(axis=-1))
                 if len(hit):
                     p, c = hit[0]
@@ -203,11 +229,34 @@ def read_grid_depth(path: str, depth: int) -> np.ndarray:
 
 
 def read_heldout(path: str) -> dict:
-    """coords [M, 2], depth [M] m, at_grid_depth [M], psf_a/psf_b [M, 3, k, k], ref = their mean."""
+    """coords [M, 2], depth [M] m, at_grid_depth [M], psf_a/psf_b [M, 3, k, k], ref = their mean;
+    illumination [M, 3] (mean of the halves) and lit [M] (both halves valid in every channel)."""
     with h5py.File(path, "r") as f:
         out = {k: f[f"heldout/{k}"][:] for k in ("coords", "depth", "at_grid_depth", "psf_a", "psf_b")}
+        if "heldout/valid_a" in f:
+            out["illumination"] = 0.5 * (f["heldout/illumination_a"][:] + f["heldout/illumination_b"][:])
+            out["lit"] = (f["heldout/valid_a"][:] & f["heldout/valid_b"][:]).all(axis=1).astype(bool)
+        else:  # schema 1: generation refused dark points, illumination unmeasured
+            out["illumination"] = np.ones((len(out["depth"]), 3), np.float32)
+            out["lit"] = np.ones(len(out["depth"]), bool)
     out["ref"] = 0.5 * (out["psf_a"] + out["psf_b"])
     return out
+
+
+def lit_only(heldout: dict) -> tuple[dict, int]:
+    """(the held-out set without its dark points, how many were dark): every [M, ...] entry filtered."""
+    lit = heldout["lit"]
+    return {k: v[lit] for k, v in heldout.items()}, int((~lit).sum())
+
+
+def read_lit(path: str) -> dict:
+    """The grid's illumination [D, P, 3] float32 and valid [D, P, 3] bool. Schema 1 files (no
+    illumination; their generation refused dark points): every channel valid, illumination 1."""
+    with h5py.File(path, "r") as f:
+        if "grid/valid" in f:
+            return {"illumination": f["grid/illumination"][:], "valid": f["grid/valid"][:].astype(bool)}
+        shape = f["grid/psf"].shape[:3]
+    return {"illumination": np.ones(shape, np.float32), "valid": np.ones(shape, bool)}
 
 
 def read_grid_meta(path: str) -> dict:

@@ -49,8 +49,9 @@ def heldout_figure(result, arrays, out: Path, model, log: bool, rows: int, seed:
     if model is not None:
         xy, d = ho["coords"][pick], ho["depth"][pick]
         torch.manual_seed(seed)
-        draws = model.psf(xy[:, 0], xy[:, 1], d, mode="sample", n_samples=SPREAD_SAMPLES,
-                          allow_extrapolation=True).cpu().numpy()  # [R, S, 3, k, k]
+        draws, _ = model.psf(xy[:, 0], xy[:, 1], d, mode="sample", n_samples=SPREAD_SAMPLES,
+                             allow_extrapolation=True, allow_dark=True)  # [R, S, 3, k, k]
+        draws = draws.cpu().numpy()
         maps[f"spread of {SPREAD_SAMPLES} prior samples"] = _peak_relative(draws.std(axis=1), ref)
     labels = [f"({x:+.2f}, {y:+.2f})\n{depth:.2f} m" for (x, y), depth in zip(ho["coords"][pick], ho["depth"][pick])]
     plots.save(plots.heldout_panels(psfs, notes, labels, maps, log), out / "heldout.png")
@@ -71,10 +72,13 @@ def error_map_figure(result, arrays, out: Path) -> tuple[str, str, str]:
     pooled = {(n, g): 100 * result["heldout"][n][g]["corrected"]["pooled"]
               for n in names for g in groups if g in result["heldout"][n]}
     errors = {n: 100 * arrays.corrected[n] for n in names}
-    plots.save(plots.error_maps(ho["coords"], errors, groups, pooled, arrays.coords), out / "error_maps.png")
+    fig = plots.error_maps(ho["coords"], errors, groups, pooled, arrays.coords, circle=arrays.circle)
+    plots.save(fig, out / "error_maps.png")
     return ("error_maps.png", "Where each method errs, per depth",
             "Held-out points over the field, one row per grid depth and one for the points between grid depths, "
-            "coloured by the per-point noise-corrected error; each title gives the pooled error of that row.")
+            "coloured by the per-point noise-corrected error; each title gives the pooled error of that row."
+            + (" The dashed ellipse is the image circle: outside it the lens lights no PSF (dark points are left out)."
+               if arrays.circle is not None else ""))
 
 
 def grid_figures(arrays, out: Path, has_model: bool, log: bool) -> list[tuple[str, str, str]]:
@@ -89,7 +93,7 @@ def grid_figures(arrays, out: Path, has_model: bool, log: bool) -> list[tuple[st
         else:
             shown = arrays.eigen(arrays.coords[:, 0], arrays.coords[:, 1], np.full(n * n, depth))
             panels = {"ground truth": truth, f"eigen-psf ({arrays.eigen.components})": shown}
-        peak = truth.max(axis=(-3, -2, -1), keepdims=True)
+        peak = np.maximum(truth.max(axis=(-3, -2, -1), keepdims=True), 1e-12)  # 0 at a dark point
         panels["|error|"] = np.abs(shown - truth) / peak
         name = f"grid_depth{d}_{depth:g}m.png"
         plots.save(plots.grid_panels(panels, n, float(depth), log), out / name)

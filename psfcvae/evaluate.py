@@ -33,7 +33,7 @@ from psfgen.store import GridInfo, open_info, require_complete
 
 from . import baselines, checkpoint
 from .api import PSFModel, load_model
-from .data import check_grid_content, read_heldout
+from .data import check_grid_content, lit_only, read_heldout, read_lit
 from .metrics import rel_l2, rel_l2_corrected, spearman, summarize
 
 log = logging.getLogger(__name__)
@@ -66,13 +66,13 @@ def _model_speed(model, device, n: int = 4096, repeats: int = 3) -> float:
     x, y = rng.uniform(-1, 1, n), rng.uniform(-1, 1, n)
     lo, hi = model.depth_range
     d = np.full(n, np.sqrt(lo * hi))
-    model.psf(x[:16], y[:16], d[:16])  # warm-up
+    model.psf(x[:16], y[:16], d[:16], allow_dark=True)  # warm-up; random points may fall outside the lit field
     best = np.inf
     for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        model.psf(x, y, d)
+        model.psf(x, y, d, allow_dark=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
@@ -87,7 +87,8 @@ class EvalArrays:
     dict (coords [M, 2], depth [M] m, at_grid_depth [M], psf_a, psf_b, ref [M, 3, k, k]);
     preds: method -> [M, 3, k, k]; corrected: method -> [M] per-point noise-corrected error;
     recon, prior: the model's posterior reconstruction and prior mean of the grid [D, P, 3, k, k];
-    eigen: the eigen-PSF baseline fitted to the grid.
+    eigen: the eigen-PSF baseline fitted to the grid; circle: (image-circle radius [mm], sensor
+    (width, height) [mm]) where part of the field is dark, else None.
     """
 
     grid: np.ndarray
@@ -99,6 +100,7 @@ class EvalArrays:
     recon: np.ndarray | None = None
     prior: np.ndarray | None = None
     eigen: baselines.EigenPSF | None = None
+    circle: tuple | None = None
 
 
 def evaluate(cfg: EvalConfig, extra_figures: list | None = None) -> dict:
@@ -141,7 +143,10 @@ def compute_metrics(cfg: EvalConfig, info: GridInfo, model: PSFModel | None) -> 
     """
     with h5py.File(info.path, "r", locking=False) as f:
         grid, coords = f["grid/psf"][:], f["grid/coords"][:]  # [D, P, 3, k, k], [P, 2]
-    arrays = EvalArrays(grid=grid, coords=coords, depths=info.depths, heldout=read_heldout(info.path))
+    ho_all = read_heldout(info.path)
+    # The PSF metrics use lit points only: a dark point has no PSF to measure against.
+    arrays = EvalArrays(grid=grid, coords=coords, depths=info.depths, heldout=split_heldout(ho_all, info.path),
+                        circle=lit_circle(info))
     ho, depths = arrays.heldout, info.depths
     x, y, depth_m = ho["coords"][:, 0], ho["coords"][:, 1], ho["depth"]
     eigen = baselines.EigenPSF(arrays.grid, depths, info.grid_size, cfg.eigen_components)
@@ -181,7 +186,10 @@ def compute_metrics(cfg: EvalConfig, info: GridInfo, model: PSFModel | None) -> 
         "eigen_explained_variance": eigen.explained,
         "speed_psfs_per_s": {"raytrace (file provenance, device " + info.attrs["device"] + f", spp {info.spp})":
                              grid_speed(info.path)[0]},
+        "heldout_dark": int((~ho_all["lit"]).sum()),
     }
+    if model is not None and model.net.illumination is not None:
+        result["illumination"] = illumination_error(model, ho_all)
     if model is not None:
         _model_metrics(result, arrays, model, info.grid_size)
     result["headline"] = headline(result)
@@ -193,8 +201,10 @@ def _predictions(model, grid, depths, n, eigen, x, y, depth_m, seed: int) -> dic
     preds: dict[str, np.ndarray] = {}
     if model is not None:
         torch.manual_seed(seed)
-        preds["cvae prior mean"] = model.psf(x, y, depth_m, mode="mean", allow_extrapolation=True).cpu().numpy()
-        preds["cvae prior sample"] = model.psf(x, y, depth_m, mode="sample", allow_extrapolation=True).cpu().numpy()
+        # allow_dark: a lit point the model calls dark gets zeros, which the metrics count as a 100% error.
+        for name, mode in (("cvae prior mean", "mean"), ("cvae prior sample", "sample")):
+            psf, _ = model.psf(x, y, depth_m, mode=mode, allow_extrapolation=True, allow_dark=True)
+            preds[name] = psf.cpu().numpy()
     preds["nearest"] = baselines.nearest(grid, depths, n, x, y, depth_m)
     preds["bicubic"] = baselines.bicubic(grid, depths, n, x, y, depth_m)
     preds["bilinear"] = baselines.bilinear(grid, depths, n, x, y, depth_m)
@@ -210,15 +220,16 @@ def _raytrace(path: str, grid: np.ndarray, depths: np.ndarray) -> dict:
         noise_idx, noise = f["noise/index"][:], f["noise/psf"][:]
     if not len(noise_idx):
         return {}
-    pair = [(noise[d], grid[d, noise_idx]) for d in range(len(depths))]
-    one = np.stack([rel_l2(a, b) for a, b in pair]) / np.sqrt(2)  # [D, S]
+    lit = read_lit(path)["valid"].all(axis=-1)[:, noise_idx]  # [D, S]: a dark grid point has no PSF
+    pair = [(noise[d][lit[d]], grid[d, noise_idx][lit[d]]) for d in range(len(depths))]
+    one = [rel_l2(a, b) / np.sqrt(2) for a, b in pair]  # per depth [S_lit]
 
     def pooled(pairs):
         num = sum(((a.astype(np.float64) - b) ** 2).sum() for a, b in pairs)
         den = sum((b.astype(np.float64) ** 2).sum() for _, b in pairs)
         return float(np.sqrt(num / den / 2))
 
-    out = {"all": {**summarize(one.ravel()), "pooled": pooled(pair)}}
+    out = {"all": {**summarize(np.concatenate(one)), "pooled": pooled(pair)}}
     out.update({f"at {d:g} m": {**summarize(one[i]), "pooled": pooled(pair[i : i + 1])} for i, d in enumerate(depths)})
     return out
 
@@ -229,9 +240,10 @@ def _model_metrics(result: dict, arrays: EvalArrays, model: PSFModel, n: int) ->
     both = [model.net.predict_grid(grid[d], model.conditions(coords[:, 0], coords[:, 1], np.full(n * n, depths[d])))
             for d in range(len(depths))]
     arrays.recon, arrays.prior = np.stack([b[0] for b in both]), np.stack([b[1] for b in both])  # [D, P, 3, k, k]
+    lit = read_lit(result["data"]["path"])["valid"].all(axis=-1)  # [D, P]: dark points have no PSF
     result["grid_vs_training_psfs"] = {
-        "posterior reconstruction": summarize(np.concatenate([rel_l2(r, g) for r, g in zip(arrays.recon, grid)])),
-        "prior mean": summarize(np.concatenate([rel_l2(p, g) for p, g in zip(arrays.prior, grid)])),
+        key: summarize(np.concatenate([rel_l2(p, g)[ok] for p, g, ok in zip(pred, grid, lit)]))
+        for key, pred in (("posterior reconstruction", arrays.recon), ("prior mean", arrays.prior))
     }
     device = next(model.net.parameters()).device
     speeds = result["speed_psfs_per_s"]
@@ -297,6 +309,41 @@ def optics(info: GridInfo) -> dict:
     }
 
 
+def split_heldout(heldout: dict, path: str) -> dict:
+    """The lit held-out points (dark ones have no PSF to measure against), logging how many were left out."""
+    lit, n_dark = lit_only(heldout)
+    if n_dark:
+        log.info("%d of %d held-out points are dark (outside the lit field): left out of the PSF metrics",
+                 n_dark, len(heldout["lit"]))
+    if len(lit["depth"]) == 0:
+        raise InputError(f"every held-out point of {path} is dark (outside the lens's lit field): nothing to measure")
+    return lit
+
+
+def illumination_error(model, heldout: dict) -> dict:
+    """The model's relative illumination against the traced one (mean of the two halves) on every held-out
+    point: absolute error on the lit points, and how often the model's lit/dark decision agrees."""
+    (x, y), depth_m = heldout["coords"].T, heldout["depth"]
+    pred = model.illumination(x, y, depth_m, allow_extrapolation=True).cpu().numpy()  # [M, 3]
+    lit = heldout["lit"]
+    err = np.abs(pred - heldout["illumination"])[lit].ravel()
+    return {"n": int(len(lit)), "n_lit": int(lit.sum()), "abs_error": summarize(err),
+            "lit_agreement": float(((pred.sum(axis=1) > 0) == lit).mean())}
+
+
+def lit_circle(info) -> tuple[float, tuple[float, float]] | None:
+    """(image-circle radius [mm], sensor (width, height) [mm]) at the middle depth, None when all is lit."""
+    from psfgen.litfield import image_circle, radii
+    from psfgen.symmetry import sensor_size_mm
+
+    size = sensor_size_mm(info.attrs)
+    with h5py.File(info.path, "r", locking=False) as f:
+        coords = f["grid/coords"][:]
+    lit = read_lit(info.path)["valid"].all(axis=-1)[len(info.depths) // 2]
+    bounds = image_circle(radii(coords, size)[0], lit)
+    return None if bounds is None or size is None else (0.5 * (bounds[0] + bounds[1]), size)
+
+
 def _json_safe(value):
     """NaN and inf become null: JSON has no token for them (a Spearman of too few points is NaN)."""
     if isinstance(value, dict):
@@ -328,6 +375,13 @@ def format_table(result: dict) -> str:
         lines.append(f"{'tracing, spp ' + str(result['data']['spp']):24s}{100 * figure:14.2f}"
                      "  (grid points, re-traced subset)")
     lines.append(f"reference's own noise: {100 * result['reference_noise']['mean']:.2f}% (mean)")
+    if result.get("heldout_dark"):
+        lines.append(f"dark held-out points left out (outside the lit field): {result['heldout_dark']}")
+    if "illumination" in result:
+        il = result["illumination"]
+        mean = il["abs_error"].get("mean", float("nan"))
+        lines.append(f"illumination, model vs traced: mean |error| {mean:.3f} over {il['n_lit']} lit points;")
+        lines.append(f"  lit/dark agreement {100 * il['lit_agreement']:.0f}% of {il['n']} points")
     for k, v in result["speed_psfs_per_s"].items():
         lines.append(f"speed: {k}: {v:,.1f} PSFs/s")
     if "uncertainty" in result:

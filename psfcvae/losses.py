@@ -5,8 +5,18 @@ from __future__ import annotations
 import torch
 
 
-def recon_loss(psf_hat: torch.Tensor, psf: torch.Tensor, relative: bool = False) -> torch.Tensor:
+def weighted_mean(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Mean of values [B] with weights [B] (0 or 1: dark points weigh 0); 0 when every weight is 0."""
+    if weight is None:
+        return values.mean()
+    return (values * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def recon_loss(psf_hat: torch.Tensor, psf: torch.Tensor, relative: bool = False,
+               weight: torch.Tensor | None = None) -> torch.Tensor:
     """MSE(K̂, K) over all pixels and channels: psf, psf_hat [B, 3, k, k] -> scalar.
+
+    weight [B]: each PSF's weight (0 leaves a dark point out); None: all count, the spec's MSE.
 
     relative: each PSF's squared error over its own squared norm, ||K̂ - K||² / ||K||² (the
     square of the evaluation metric), averaged over the batch and divided by the number of
@@ -14,18 +24,21 @@ def recon_loss(psf_hat: torch.Tensor, psf: torch.Tensor, relative: bool = False)
     weigh alike; with plain MSE a sharp PSF (large ||K||) dominates the batch.
     """
     if not relative:
-        return torch.mean((psf_hat - psf) ** 2)
+        if weight is None:
+            return torch.mean((psf_hat - psf) ** 2)
+        return weighted_mean(((psf_hat - psf) ** 2).flatten(1).mean(1), weight)
     err = ((psf_hat - psf) ** 2).flatten(1).sum(1) / (psf**2).flatten(1).sum(1).clamp_min(1e-12)
-    return err.mean() / psf[0].numel()
+    return weighted_mean(err, weight) / psf[0].numel()
 
 
-def kl_loss(mu_q, logvar_q, mu_p, logvar_p) -> torch.Tensor:
+def kl_loss(mu_q, logvar_q, mu_p, logvar_p, weight: torch.Tensor | None = None) -> torch.Tensor:
     """KL(q(z|K,c) || p(z|c)) for diagonal Gaussians, summed over z, averaged over the batch.
 
-    -0.5 * sum[1 + log σ²_q - log σ²_p - (σ²_q + (μ_q - μ_p)²) / σ²_p]; all inputs [B, Z].
+    -0.5 * sum[1 + log σ²_q - log σ²_p - (σ²_q + (μ_q - μ_p)²) / σ²_p]; all inputs [B, Z];
+    weight [B] as in recon_loss.
     """
     kl = -0.5 * (1 + logvar_q - logvar_p - (logvar_q.exp() + (mu_q - mu_p) ** 2) / logvar_p.exp())
-    return kl.sum(dim=1).mean()
+    return weighted_mean(kl.sum(dim=1), weight)
 
 
 def smooth_loss(mu_p: torch.Tensor, pair_src: torch.Tensor, mu_p_nbr: torch.Tensor) -> torch.Tensor:

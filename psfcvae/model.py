@@ -11,7 +11,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from .frame import canonical_side, max_radius, polar, rotate_sample
-from .losses import kl_loss, recon_loss, smooth_loss
+from .illumination import IlluminationHead, illumination_loss
+from .losses import kl_loss, recon_loss, smooth_loss, weighted_mean
 
 LOGVAR_BOUND = 10.0  # log σ² is kept in (-10, 10): σ between 0.007 and 150, never 0 or inf
 NORM_EPS = 1e-8  # added to each channel's sum before normalising
@@ -46,6 +47,10 @@ class ModelArgs:
     relative_loss: bool = False  # reconstruction terms on ||K̂ - K||² / ||K||² instead of the MSE
     decoder_rank: int | None = None  # canonical: the decoder's output layer factored through this many dimensions
     field_scale: tuple[float, float] = (1.0, 1.0)  # sensor half-width, half-height over the longer one
+    # The illumination head (psfcvae/illumination.py), an addition to the spec's networks; False in
+    # checkpoints written before it existed, and for grid files without measured illumination.
+    illumination: bool = False
+    illumination_weight: float = 0.0
 
 
 @dataclass
@@ -61,6 +66,7 @@ class ModelOutput:
     psf_hat: torch.Tensor  # [B, 3, k, k]
     mu_q: torch.Tensor  # [B, Z]
     mu_p: torch.Tensor  # [B, Z]
+    illum: torch.Tensor | None = None  # the illumination head's loss (None without the head or its targets)
 
 
 class PositionalEncoding(nn.Module):
@@ -134,6 +140,7 @@ class CVAE(nn.Module):
         # A canonical kernel is mirror-symmetric in y: the decoder draws its upper half (and the axis row).
         out_dim = 3 * ((self.out_side + 1) // 2) * self.out_side if self.canonical else k_dim
         self.decoder = mlp(Z + pe_dim, args.hidden_dim, args.num_layers, out_dim, args.decoder_rank if self.canonical else None)
+        self.illumination = IlluminationHead(args.cond_dim) if args.illumination else None
 
     def _frame(self, cond: torch.Tensor):
         """Model-space cond [B, C] = (x, y[, d]) -> (what the networks see [B, C'], angle θ [B] or None).
@@ -207,31 +214,41 @@ class CVAE(nn.Module):
         return torch.cat([top, top.flip(-2)[:, :, S % 2 :]], dim=-2)  # rows run along -y: the flip mirrors y -> -y
 
     # --- training -----------------------------------------------------------------------
-    def forward(self, psf, cond, pair_src=None, pair_cond=None) -> ModelOutput:
-        """psf [B, 3, k, k], cond [B, C]; pair_src [Q] (batch index), pair_cond [Q, C] (neighbour)."""
+    def forward(self, psf, cond, pair_src=None, pair_cond=None, lit=None, illum=None, valid=None) -> ModelOutput:
+        """psf [B, 3, k, k], cond [B, C]; pair_src [Q] (batch index), pair_cond [Q, C] (neighbour).
+
+        lit [B] float (1 lit, 0 dark) weighs the PSF terms, None: all lit; illum, valid [B, 3]:
+        the illumination head's targets (every point of the batch, dark ones too).
+        """
         mu_q, logvar_q = self.encode(psf, cond)
         z = mu_q + torch.randn_like(mu_q) * (0.5 * logvar_q).exp()  # reparameterisation
         psf_hat, log_sum = self._decode(z, cond)
         mu_p, logvar_p = self.prior_params(cond)
         rel = self.args.relative_loss
-        recon = recon_loss(psf_hat, psf, rel)
-        kl = kl_loss(mu_q, logvar_q, mu_p, logvar_p)
+        recon = recon_loss(psf_hat, psf, rel, lit)
+        kl = kl_loss(mu_q, logvar_q, mu_p, logvar_p, lit)
         if pair_src is not None and pair_src.numel() > 0:
             mu_nbr, _ = self.prior_params(pair_cond)
             smooth = smooth_loss(mu_p, pair_src, mu_nbr)
         else:
             smooth = psf.new_zeros(())
         a = self.args
-        scale = (log_sum**2).mean()
+        scale = weighted_mean((log_sum**2).mean(dim=1), lit) if lit is not None else (log_sum**2).mean()
         if a.prior_recon_weight > 0:
             prior_hat, prior_log_sum = self._decode(mu_p, cond)
-            recon_prior = recon_loss(prior_hat, psf, rel)
-            scale = 0.5 * (scale + (prior_log_sum**2).mean())
+            recon_prior = recon_loss(prior_hat, psf, rel, lit)
+            prior_scale = (weighted_mean((prior_log_sum**2).mean(dim=1), lit) if lit is not None
+                           else (prior_log_sum**2).mean())
+            scale = 0.5 * (scale + prior_scale)
         else:
             recon_prior = psf.new_zeros(())
         loss = (a.recon_weight * recon + a.kl_weight * kl + a.smooth_weight * smooth + a.prior_recon_weight * recon_prior
                 + a.scale_weight * scale)
-        return ModelOutput(loss, recon, kl, smooth, recon_prior, scale, psf_hat, mu_q, mu_p)
+        illum_term = None
+        if self.illumination is not None and illum is not None:
+            illum_term = illumination_loss(self.illumination, cond, illum, valid)
+            loss = loss + a.illumination_weight * illum_term
+        return ModelOutput(loss, recon, kl, smooth, recon_prior, scale, psf_hat, mu_q, mu_p, illum_term)
 
     # --- inference ----------------------------------------------------------------------
     @torch.no_grad()

@@ -104,12 +104,21 @@ def grid_panels(panels: dict[str, np.ndarray], n: int, depth_m: float, log: bool
     return fig
 
 
+def image_circle(ax, radius_mm: float, sensor_mm: tuple[float, float]) -> None:
+    """Outline the lit field on a field plot in normalised (x, y): the image circle of radius [mm] on a
+    sensor of (width, height) [mm] is an ellipse there (x and y are scaled by the half-width and half-height)."""
+    t = np.linspace(0, 2 * np.pi, 181)
+    w, h = sensor_mm
+    ax.plot(radius_mm * np.cos(t) / (w / 2), radius_mm * np.sin(t) / (h / 2), "--", c="tab:red", lw=0.8)
+
+
 def error_maps(xy: np.ndarray, errors: dict[str, np.ndarray], groups: dict[str, np.ndarray],
-               pooled: dict[tuple[str, str], float], grid_xy: np.ndarray):
+               pooled: dict[tuple[str, str], float], grid_xy: np.ndarray, circle=None):
     """Held-out points over the field coloured by each method's error, one row per depth group.
 
     xy: [M, 2] field points; errors: method -> [M] per-point noise-corrected relative L2 [%];
-    groups: row label -> [M] bool mask; pooled: (method, row label) -> pooled error [%] (titles).
+    groups: row label -> [M] bool mask; pooled: (method, row label) -> pooled error [%] (titles);
+    circle: (image-circle radius [mm], sensor (width, height) [mm]) to outline, or None.
     """
     names, rows = list(errors), [g for g, m in groups.items() if m.any()]
     top = error_scale(np.concatenate(list(errors.values())))
@@ -122,6 +131,8 @@ def error_maps(xy: np.ndarray, errors: dict[str, np.ndarray], groups: dict[str, 
             ax = axes[i, j]
             ax.scatter(grid_xy[:, 0], grid_xy[:, 1], s=4, c="0.75", marker="+", linewidths=0.5)
             sc = ax.scatter(xy[mask, 0], xy[mask, 1], c=errors[name][mask], cmap="viridis", vmin=0, vmax=top, s=22)
+            if circle is not None:
+                image_circle(ax, *circle)
             ax.set_title(f"{name}, {g}: {pooled[(name, g)]:.1f}%", fontsize=8)
             ax.set_xlim(-1.05, 1.05)
             ax.set_ylim(-1.05, 1.05)

@@ -42,18 +42,14 @@ def sample_psfs(checkpoint, out, points, grid_m, depth_m, mode, allow_extrapolat
         gx, gy = np.meshgrid(lin, lin[::-1])
         points = np.stack([gx.ravel(), gy.ravel()], axis=1)
     used_depth = float(depth_m) if depth_m is not None else model.depth_range[0]  # the depth the model was given
-    psf = np.concatenate([
-        model.psf(points[i : i + CHUNK, 0], points[i : i + CHUNK, 1], depth_m, mode=mode,
-                  allow_extrapolation=allow_extrapolation).cpu().numpy()
-        for i in range(0, len(points), CHUNK)
-    ])
+    psf, illum = _psfs_and_illumination(model, points, depth_m, mode, allow_extrapolation, dark_ok=grid_m is not None)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.suffix == ".npy":
             np.save(out, psf)
         elif out.suffix == ".npz":
-            np.savez(out, psf=psf, coords=points, depth_m=used_depth, mode=mode,
-                     checkpoint=str(checkpoint))
+            extra = {} if illum is None else {"illumination": illum}  # [B, 3], relative to the axis; 0 where dark
+            np.savez(out, psf=psf, coords=points, depth_m=used_depth, mode=mode, checkpoint=str(checkpoint), **extra)
         elif out.suffix == ".h5":
             with h5py.File(out, "w") as f:
                 f["psf"] = psf
@@ -62,6 +58,8 @@ def sample_psfs(checkpoint, out, points, grid_m, depth_m, mode, allow_extrapolat
                 f.attrs["mode"] = mode
                 f.attrs["checkpoint"] = str(checkpoint)
                 f.attrs["model"] = json.dumps({k: model.info[k] for k in ("step", "data_fingerprint")})
+                if illum is not None:  # [B, 3], relative to the axis at the same depth; 0 where dark
+                    f["illumination"] = illum
         else:
             from PIL import Image
 
@@ -108,3 +106,24 @@ def _captioned(tiles, lines: list[str]):
     for i, line in enumerate(lines):
         draw.text((4, tiles.height + 3 + i * line_h), line, fill=(0, 0, 0), font=font)
     return canvas
+
+
+def _psfs_and_illumination(model, points, depth_m, mode, allow_extrapolation, dark_ok: bool):
+    """(psf [B, 3, k, k] numpy, illumination [B, 3] numpy or None without the head), in chunks.
+
+    dark_ok: a dense map covers the whole sensor, dark corners included: zeros there. Points
+    asked for one by one (--coords) must be lit.
+    """
+    psf, illum = [], []
+    for i in range(0, len(points), CHUNK):
+        x, y = points[i : i + CHUNK, 0], points[i : i + CHUNK, 1]
+        out, lit = model.psf(x, y, depth_m, mode=mode, allow_extrapolation=allow_extrapolation, allow_dark=True)
+        if not dark_ok and not bool(lit.all()):
+            j = int((~lit).nonzero()[0, 0])
+            raise InputError(f"{int((~lit).sum())} of the --coords points lie outside the lens's lit field, e.g. "
+                             f"({x[j]:g}, {y[j]:g}) at --depth {depth_m}: no light reaches the sensor there, so there "
+                             "is no PSF; leave them out (a --grid map shows them as zeros)")
+        psf.append(out.cpu().numpy())
+        if model.net.illumination is not None:
+            illum.append(model.illumination(x, y, depth_m, allow_extrapolation).cpu().numpy())
+    return np.concatenate(psf), (np.concatenate(illum) if illum else None)

@@ -33,10 +33,12 @@ def layout() -> dict:
             "KL(q || p) (unweighted)": ["Multiline", ["loss_kl"]],
             "smoothness of the prior mean (unweighted)": ["Multiline", ["loss_smooth"]],
             "decoder scale penalty (unweighted)": ["Multiline", ["loss_scale"]],
+            "illumination head: log-illumination and lit/dark terms (unweighted)": ["Multiline", ["loss_illumination"]],
         },
         "validation": {
             "MSE on the grid (posterior recon, prior mean) and the held-out set": ["Multiline", VALIDATION_MSE],
             "held-out relative L2 of the prior mean": ["Multiline", VALIDATION_REL],
+            "held-out relative illumination, mean |model - traced|": ["Multiline", ["val_heldout_illumination_abs"]],
         },
         "optimisation": {
             "learning rate": ["Multiline", ["learning_rate"]],

@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -32,7 +33,8 @@ from psfgen.store import GridInfo, open_info, require_complete
 
 from . import checkpoint, interrupt, tblog
 from .config import TrainConfig
-from .data import Conditions, check_grid_content, GridBatches, make_loader, read_grid_depth, read_grid_meta, read_heldout
+from .data import (Conditions, check_grid_content, GridBatches, lit_only, make_loader, read_grid_depth, read_grid_meta,
+                   read_heldout, read_lit)
 from .images import mosaic
 from .metrics import rel_l2
 from .model import CVAE, ModelArgs
@@ -86,7 +88,16 @@ def model_args_for(cfg: TrainConfig, info: GridInfo) -> ModelArgs:
         supersample=cfg.supersample if frame == "canonical" else ModelArgs.supersample,
         decoder_rank=cfg.decoder_rank if frame == "canonical" else None,
         field_scale=scale,
+        **illumination_args(cfg, info),
     )
+
+
+def illumination_args(cfg: TrainConfig, info: GridInfo) -> dict:
+    """The illumination head's ModelArgs: on when the file measured illumination and its weight is above 0."""
+    on = info.has_illumination and cfg.illumination_weight > 0
+    if not info.has_illumination and cfg.illumination_weight > 0:
+        log.info("no illumination head: %s (schema %d) has no measured illumination", info.path, info.schema)
+    return {"illumination": on, "illumination_weight": cfg.illumination_weight if on else 0.0}
 
 
 def resolve_frame(choice: str, info: GridInfo) -> tuple[str, tuple[float, float]]:
@@ -122,8 +133,9 @@ def validate(model: CVAE, conds: Conditions, info: GridInfo, heldout: dict | Non
     for d in range(len(info.depths)):
         gt = read_grid_depth(info.path, d)  # [P, 3, k, k]
         recon, prior = model.predict_grid(gt, conds(torch.arange(P, device=device), torch.full((P,), d, device=device)))
-        sums["recon"] += float(((recon - gt) ** 2).mean())
-        sums["prior"] += float(((prior - gt) ** 2).mean())
+        lit = conds.lit_np[d]  # dark points have no PSF to compare with
+        sums["recon"] += float(((recon - gt)[lit] ** 2).mean()) if lit.any() else 0.0
+        sums["prior"] += float(((prior - gt)[lit] ** 2).mean()) if lit.any() else 0.0
         if d == image_depth:
             n = info.grid_size
             images = {"val_psf_gt": mosaic(gt, n), "val_psf_recon": mosaic(recon, n), "val_psf_prior": mosaic(prior, n),
@@ -137,8 +149,36 @@ def validate(model: CVAE, conds: Conditions, info: GridInfo, heldout: dict | Non
         metrics["val_heldout_mse"] = float(((pred - ref) ** 2).mean())
         metrics["val_heldout_rel_l2"] = float(rel_l2(pred, ref).mean())
         images["val_heldout_compare"] = tblog.heldout_comparison(ref, pred)
+        if model.illumination is not None:  # relative illumination, model against traced, on the lit held-out points
+            illum, _ = model.illumination.predict(cond)
+            err = np.abs(illum.cpu().numpy() - heldout["illumination"])
+            metrics["val_heldout_illumination_abs"] = float(err.mean())
     model.train()
     return metrics, images
+
+
+def _lit_data(info: GridInfo, model: CVAE, device, main_rank: bool) -> tuple[Conditions, dict | None]:
+    """The grid's conditions and the held-out set, both without dark points (one log line says how many)."""
+    meta = read_grid_meta(info.path)
+    lit = read_lit(info.path)["valid"].all(axis=-1)  # [D, P]
+    conds = Conditions(meta["coords"], meta["depths"], meta["neighbors"], model.args.cond_dim == 3, device, lit)
+    heldout, dark_heldout = lit_only(read_heldout(info.path)) if info.n_heldout else (None, 0)
+    if model.illumination is not None:
+        model.illumination.any_dark.fill_(bool((~lit).any()))
+    if main_rank and not lit.all():
+        log.info("dark points left out: %d of %d grid PSFs (their %d neighbour pairs too) from the PSF losses, "
+                 "%d of %d held-out points from validation", (~lit).sum(), lit.size,
+                 conds.dark_pairs(meta["neighbors"]), dark_heldout, info.n_heldout)
+    return conds, heldout
+
+
+def _lit_terms(batch: dict, model: CVAE, device) -> dict:
+    """forward()'s lit weights (None when the whole batch is lit: the spec's losses exactly) and the
+    illumination head's targets."""
+    terms = {"lit": None if bool(batch["lit"].all()) else batch["lit"].to(device).float()}
+    if model.illumination is not None:
+        terms.update(illum=batch["illum"].to(device), valid=batch["valid"].to(device))
+    return terms
 
 
 def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
@@ -189,7 +229,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 
 # Keys added after a run may have started, with the value that reproduces the older code.
 OLDER_BEHAVIOUR = {"condition_frame": "cartesian", "scale_weight": 0.0, "output": "softplus", "supersample": 3,
-                   "decoder_rank": None, "relative_loss": False, "warmup_steps": 0}
+                   "decoder_rank": None, "relative_loss": False, "warmup_steps": 0, "illumination_weight": 0.0}
 
 
 def _with_the_runs_own_new_keys(cfg: TrainConfig, ckpt: dict) -> TrainConfig:
@@ -267,9 +307,7 @@ def _train(cfg: TrainConfig, resume: bool, info: GridInfo, args: ModelArgs, run_
     if main_rank:
         configio.save_yaml(cfg, run_dir / "config.yaml")
 
-    meta = read_grid_meta(info.path)
-    conds = Conditions(meta["coords"], meta["depths"], meta["neighbors"], args.cond_dim == 3, device)
-    heldout = read_heldout(info.path) if info.n_heldout else None
+    conds, heldout = _lit_data(info, model, device, main_rank)
     grid_bytes = len(info.depths) * info.grid_size**2 * 3 * info.ks_small**2 * 4
     in_memory = {"auto": grid_bytes < IN_MEMORY_AUTO_LIMIT, "true": True, "false": False}[cfg.in_memory]
     dataset = GridBatches(info, cfg.batch_size, cfg.read_run, cfg.seed, in_memory, rank=rank, world=world)
@@ -310,6 +348,8 @@ def _train(cfg: TrainConfig, resume: bool, info: GridInfo, args: ModelArgs, run_
     metrics: dict = {}
     window = {"loss_all": 0.0, "loss_recon": 0.0, "loss_kl": 0.0, "loss_smooth": 0.0, "loss_recon_prior": 0.0, "loss_scale": 0.0,
               "grad_norm": 0.0}
+    if model.illumination is not None:
+        window["loss_illumination"] = 0.0
     n_window = 0
     if ckpt is not None and "loss_window" in ckpt and world == 1:  # under DDP each rank summed its own share
         window, n_window = dict(ckpt["loss_window"]["sums"]), ckpt["loss_window"]["n"]
@@ -327,8 +367,8 @@ def _train(cfg: TrainConfig, resume: bool, info: GridInfo, args: ModelArgs, run_
             raise interrupt.Interrupted(step, latest, signum)
         psf = batch["psf"].to(device, non_blocking=True)  # [B, 3, k, k]
         point, depth = batch["point"].to(device), batch["depth"].to(device)  # [B]
-        pair_src, pair_cond = conds.pairs(point, depth)  # [Q], [Q, C]
-        out = net(psf, conds(point, depth), pair_src, pair_cond)
+        pair_src, pair_cond = conds.pairs(point, depth)  # [Q], [Q, C]: both ends lit
+        out = net(psf, conds(point, depth), pair_src, pair_cond, **_lit_terms(batch, model, device))
         finite = torch.isfinite(out.loss.detach())
         if world > 1:  # every rank must stop together, or the others wait forever
             flag = finite.float().to(device)
@@ -349,8 +389,9 @@ def _train(cfg: TrainConfig, resume: bool, info: GridInfo, args: ModelArgs, run_
 
         for key, value in (("loss_all", out.loss), ("loss_recon", out.recon), ("loss_kl", out.kl),
                            ("loss_smooth", out.smooth), ("loss_recon_prior", out.recon_prior), ("loss_scale", out.scale),
-                           ("grad_norm", grad_norm)):
-            window[key] += float(value.detach())
+                           ("grad_norm", grad_norm), ("loss_illumination", out.illum)):
+            if key in window:
+                window[key] += float(value.detach())
         n_window += 1
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             if world > 1:  # log the mean over ranks: the loss of the whole global batch

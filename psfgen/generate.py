@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import locking, store, tempfiles
+from . import illumination, locking, store, tempfiles
 from .config import GenerateConfig
 from .configio import to_json
 from .errors import DamagedFile, InputError
@@ -138,7 +138,7 @@ def check_memory(cfg: GenerateConfig, device: torch.device) -> None:
 def _check_disk(out: Path, sizes: dict, share: float) -> None:
     """Refuse a new file whose PSFs would not fit on the disk (they are written block by block)."""
     D, P, S, M, k = (sizes[x] for x in ("D", "P", "S", "M", "k"))
-    need = share * 4 * (3 * k * k + 3) * (D * P + D * S + 2 * M)
+    need = share * (4 * (3 * k * k + 6) + 3) * (D * P + D * S + 2 * M)  # psf, border, illumination, valid
     free = shutil.disk_usage(out.parent).free
     if need > free:
         raise InputError(f"{out} will need about {need / 2**30:.2f} GiB and {out.parent} has {free / 2**30:.2f} GiB "
@@ -174,6 +174,9 @@ def _check_output(cfg: GenerateConfig, out: Path, run_id: str) -> bool:
             f"{out} holds another run (different parameters or lens); choose another --out "
             "or pass --overwrite to replace it"
         )
+    if info.schema != store.SCHEMA_VERSION:
+        raise InputError(f"{out} was written by an older psf generate (schema {info.schema}, no illumination); "
+                         "pass --overwrite to trace it again, or choose another --out")
     return True
 
 
@@ -213,6 +216,7 @@ def _trace_all(cfg, out: Path, run_id: str, params: dict, lens_file, shard, devi
 
     if resume:
         with h5py.File(out, "r") as f:
+            axis = f["axis/fraction"][:]  # [D, 3], traced when the file was created
             done = f["blocks/done"][:].astype(bool)
             if done[mine].all() and "finished_at" in f.attrs:
                 log.info("%s is already complete; nothing to trace", out)
@@ -221,6 +225,7 @@ def _trace_all(cfg, out: Path, run_id: str, params: dict, lens_file, shard, devi
                 log.warning("resuming a run traced on %s on %s: PSFs stay statistically equal, not bitwise", f.attrs.get("device"), device)
         log.info("resuming %s: %d/%d blocks already traced", out, done[mine].sum(), mine.sum())
     else:
+        axis = _trace_axis(lens, depths, cfg)  # before the file exists: a lens that lights nothing leaves none
         attrs = {
             "format": store.FORMAT,
             "schema_version": store.SCHEMA_VERSION,
@@ -237,6 +242,8 @@ def _trace_all(cfg, out: Path, run_id: str, params: dict, lens_file, shard, devi
             "foclen_mm": float(lens.foclen),
             "sensor_size_mm": json.dumps([float(v) for v in lens.sensor_size]),
             "started_at": now(),
+            "valid_min_rays": illumination.min_rays(cfg.spp),
+            "valid_min_rays_heldout": illumination.min_rays(cfg.heldout_half_spp()),
         }
         if shard is not None:
             attrs.update(shard_index=shard[0], shard_count=shard[1])
@@ -249,6 +256,7 @@ def _trace_all(cfg, out: Path, run_id: str, params: dict, lens_file, shard, devi
             "heldout/coords": ho_coords.reshape(-1, 2),
             "heldout/depth": ho_depth,
             "heldout/at_grid_depth": ho_at,
+            "axis/fraction": axis,
         }
         sizes = dict(D=len(depths), P=N * N, S=cfg.noise_points, M=cfg.heldout, k=cfg.ks_small)
         _check_disk(out, sizes, 1.0 if shard is None else 1.0 / shard[1])
@@ -270,7 +278,7 @@ def _trace_all(cfg, out: Path, run_id: str, params: dict, lens_file, shard, devi
                 xy, depth_m = _block_points(block, depths, coords, noise_idx, ho_coords, ho_depth)
                 spp = cfg.spp if block.kind in ("grid", "noise") else cfg.heldout_half_spp()
                 torch.manual_seed(block_seed(cfg.seed, block))
-                _trace_block(lens, out, i, block, xy, depth_m, spp, cfg)
+                _trace_block(lens, out, i, block, xy, depth_m, spp, cfg, illumination.axis_at(depths, axis, depth_m))
                 traced += 1
                 log.debug("block %d/%d done (%s, depth %d, points %d:%d)", i + 1, len(blocks), block.kind, block.depth,
                           block.start, block.stop)
@@ -283,48 +291,85 @@ def _trace_all(cfg, out: Path, run_id: str, params: dict, lens_file, shard, devi
     with h5py.File(out, "r") as f:
         trace_seconds = float(f["blocks/seconds"][:].sum())
         border = f["grid/border"][:]
+        lit = f["grid/valid"][:].all(axis=-1)  # [D, P]
     store.set_attrs(out, finished_at=now(), wall_time_s=time.time() - t_start, trace_seconds=trace_seconds)
-    _warn_truncation(border, cfg)
+    _warn_truncation(border[lit], cfg)
+    if shard is None:
+        _report_dark(lit, depths, out)
     log.info("wrote %s", out)
     return out
 
 
 def _trace_block(lens, out: Path, index: int, block: Block, xy: np.ndarray, depth_m: np.ndarray, spp: int,
-                 cfg: GenerateConfig) -> None:
-    """Trace one block (xy [B, 2], depth_m [B] m), check it, downsample it and write it with its done mark."""
+                 cfg: GenerateConfig, axis: np.ndarray) -> None:
+    """Trace one block (xy [B, 2], depth_m [B] m; axis [B, 3]: the on-axis ray fraction at those depths),
+    measure its illumination, downsample it and write it with its done mark."""
     t0 = time.perf_counter()
     where = f"{block.kind} points {block.start}-{block.stop - 1} at {_depths_text(depth_m)}"
     try:
-        psf = trace_points(lens, xy, depth_m, spp, cfg.ks)  # [B, 3, ks, ks]
+        psf, rays, window = illumination.trace_counted(lens, xy, depth_m, spp, cfg.ks)  # [B, 3, ks, ks], [B, 3] x 2
     except (RuntimeError, ValueError, AssertionError, MemoryError) as exc:  # DeepLens's and torch's
         raise InputError(f"tracing {where} failed: {str(exc).splitlines()[0][:200] or type(exc).__name__}; "
                          "finished blocks are kept: fix the cause and run the same command again") from None
-    small = downsample(psf, cfg.ks_small).cpu().numpy()  # [B, 3, k, k]
-    _refuse_dark(small, xy, depth_m, where)
-    border = border_fraction(psf).cpu().numpy()  # [B, 3]
+    illum, valid = illumination.relative(rays.cpu().numpy(), window.cpu().numpy(), spp, axis)
+    # A channel with too few rays is stored as dark (zeros, valid 0), never as a PSF of noise.
+    small = downsample(psf, cfg.ks_small).cpu().numpy() * valid[..., None, None]  # [B, 3, k, k]
+    border = border_fraction(psf).cpu().numpy() * valid  # [B, 3]; a dark channel has no energy to truncate
+    if not np.isfinite(small).all():
+        raise InputError(f"tracing {where} gave non-finite PSFs; check the lens file and --depths")
     try:
-        store.write_block(out, index, block, small, border, time.perf_counter() - t0)
+        store.write_block(out, index, block, small, border, time.perf_counter() - t0, illum, valid.astype(np.uint8))
     except OSError as exc:
         raise InputError(f"cannot write {out} ({exc.strerror or exc}, e.g. a full disk); the blocks "
                          "finished before are kept: free space and run the same command again") from None
 
 
+def _trace_axis(lens, depths: np.ndarray, cfg: GenerateConfig) -> np.ndarray:
+    """The on-axis valid-ray fraction per depth [D, 3], the reference of the relative illumination.
+
+    Traced at the larger of the two spps, with its own seed. A depth whose axis gets
+    (almost) no light means nothing is lit there: an input error, before any file is written.
+    """
+    spp = max(cfg.spp, cfg.heldout_half_spp())
+    torch.manual_seed(int(np.random.SeedSequence([cfg.seed, 0x41584953]).generate_state(1)[0]))  # "AXIS"
+    try:
+        axis, window = illumination.axis_fraction(lens, depths, spp, cfg.ks)
+    except (RuntimeError, ValueError, AssertionError, MemoryError) as exc:
+        raise InputError(f"tracing the on-axis point at {_depths_text(depths)} failed: "
+                         f"{str(exc).splitlines()[0][:200] or type(exc).__name__}; check the lens file and --depths") from None
+    dark = np.argwhere(~(np.rint(window * spp) >= illumination.min_rays(spp)))  # NaN counts as dark
+    if len(dark):
+        d, c = dark[0]
+        n = int(np.nan_to_num(np.rint(window[d, c] * spp)))
+        raise InputError(
+            f"{'no ray' if n == 0 else f'only {n} rays'} of channel {'RGB'[c]} reached the sensor window from the axis "
+            f"at {depths[d]:g} m (of {spp} launched, {illumination.min_rays(spp)} needed; {len(dark)} dark axis "
+            "channels): nothing is lit, "
+            "the lens vignettes completely or the depth is outside its range; check the lens file's apertures and --depths"
+        )
+    return axis
+
+
+def _report_dark(lit: np.ndarray, depths: np.ndarray, out: Path) -> None:
+    """One line on the lit field (lit [D, P] bool); an input error when (almost) nothing is lit."""
+    P = lit.shape[1]
+    if lit.all():
+        return
+    per = ", ".join(f"{d:g} m: {int(P - n)}" for d, n in zip(depths, lit.sum(axis=1)))
+    log.warning("dark grid points (outside the lit field, stored as dark, left out of training) of %d per depth: %s; "
+                "'psf info %s' shows the image circle", P, per, out)
+    few = int(lit.sum(axis=1).min())
+    if few < 4:
+        raise InputError(
+            f"only {few} of {P} grid points receive light at {depths[int(lit.sum(axis=1).argmin())]:g} m: the lens's "
+            f"image circle is much smaller than the sensor; {out} is kept, but use a smaller sensor_size in the lens "
+            "file (or a lens that covers it)"
+        )
+
+
 def _depths_text(depth_m: np.ndarray) -> str:
     lo, hi = float(np.min(depth_m)), float(np.max(depth_m))
     return f"{lo:g} m" if lo == hi else f"{lo:g}-{hi:g} m"
-
-
-def _refuse_dark(psf: np.ndarray, xy: np.ndarray, depth_m: np.ndarray, where: str) -> None:
-    """A channel that received no ray is no PSF (DeepLens returns zeros): refuse it by name."""
-    energy = psf.sum(axis=(-2, -1))
-    dark = np.argwhere(~(energy > 0))  # [n, 2] (point in block, channel); NaN counts as dark
-    if len(dark):
-        p, c = dark[0]
-        raise InputError(
-            f"no ray of channel {'RGB'[c]} reached the sensor window from ({xy[p][0]:+.3f}, {xy[p][1]:+.3f}) at "
-            f"{depth_m[p]:g} m ({len(dark)} dark channel PSFs among {where}): the lens vignettes that field point "
-            "completely or the depth is outside its range; check the lens file's apertures and --depths"
-        )
 
 
 def _warn_truncation(border: np.ndarray, cfg: GenerateConfig) -> None:

@@ -11,10 +11,11 @@ from .store import open_info
 
 
 def rel_l2(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """||a - b|| / ||b|| over the last three axes, in float64: [..., 3, k, k] -> [...]."""
+    """||a - b|| / ||b|| over the last three axes, in float64: [..., 3, k, k] -> [...]; NaN where b is 0 (dark)."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     diff = np.sqrt(((a - b) ** 2).sum(axis=(-3, -2, -1)))
-    return diff / np.sqrt((b**2).sum(axis=(-3, -2, -1)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return diff / np.sqrt((b**2).sum(axis=(-3, -2, -1)))
 
 
 def grid_speed(path) -> tuple[float, int] | None:
@@ -38,7 +39,7 @@ def noise_floor(path) -> np.ndarray | None:
         ok = (grid.sum(axis=(-3, -2, -1)) > 0) & (again.sum(axis=(-3, -2, -1)) > 0)
     with np.errstate(invalid="ignore", divide="ignore"):  # untraced blocks are all zeros
         err = rel_l2(again, grid)
-    return np.array([err[d][ok[d]].mean() if ok[d].any() else np.nan for d in range(len(err))])
+    return np.array([np.nanmean(err[d][ok[d]]) if ok[d].any() else np.nan for d in range(len(err))])
 
 
 def _devices(attrs) -> str:
@@ -86,6 +87,8 @@ def summary(path) -> str:
         traced = np.zeros(border.shape[:2], dtype=bool)  # [D, P]: PSFs whose block is done
         for _, d, lo, hi in table[grid_blocks]:
             traced[d, lo:hi] = True
+        if "grid/valid" in f:  # dark points have no PSF to be truncated
+            traced &= f["grid/valid"][:].all(axis=-1).astype(bool)
         speed = grid_speed(path)
         if speed is not None:
             lines.append(f"speed       {speed[0]:.2f} grid PSFs/s at spp {info.spp}")
@@ -93,16 +96,21 @@ def summary(path) -> str:
             worst = border.max(axis=-1)[traced]
             lines.append(
                 f"truncation  energy on the {cfg['ks']}-px window border: mean {100 * worst.mean():.2f}%, "
-                f"max {100 * worst.max():.2f}%, {int((worst > 0.01).sum())} of {worst.size} PSFs above 1%"
+                f"max {100 * worst.max():.2f}%, {int((worst > 0.01).sum())} of {worst.size} lit PSFs above 1%"
             )
         if info.n_heldout and done.all():
-            ref = rel_l2(f["heldout/psf_a"][:], f["heldout/psf_b"][:])
-            lines.append(f"reference   held-out halves differ by {100 * ref.mean():.2f}% (relative L2, mean)")
+            ref = rel_l2(f["heldout/psf_a"][:], f["heldout/psf_b"][:])  # NaN at dark points
+            lit = np.isfinite(ref)
+            lines.append(f"reference   held-out halves differ by {100 * ref[lit].mean():.2f}% (relative L2, mean"
+                         + (f" of {int(lit.sum())} lit points)" if not lit.all() else ")"))
     nf = noise_floor(path)
     if nf is not None:
         per = ", ".join(f"{d:.4g} m: " + ("not measured yet" if np.isnan(v) else f"{100 * v:.2f}%")
                         for d, v in zip(info.depths, nf))
         lines.append(f"noise floor two traces at spp {info.spp} differ by (relative L2) {per}")
+    from .litfield import summary_lines
+
+    lines += summary_lines(info)
     if info.complete and info.shard is None:
         from .symmetry import check_file
 

@@ -25,7 +25,11 @@ log = logging.getLogger(__name__)
 
 # Datasets fixed when the run starts, identical in every shard.
 FIXED = ("depths", "wvln", "grid/coords", "grid/neighbors", "noise/index", "heldout/coords", "heldout/depth",
-         "heldout/at_grid_depth", "blocks/table")
+         "heldout/at_grid_depth", "blocks/table", "axis/fraction")
+# Datasets written block by block: each block is copied from the shard that traced it.
+PER_BLOCK = ("grid/psf", "grid/border", "grid/illumination", "grid/valid", "noise/psf", "noise/border",
+             "noise/illumination", "noise/valid", "heldout/psf_a", "heldout/psf_b", "heldout/border_a",
+             "heldout/border_b", "heldout/illumination_a", "heldout/illumination_b", "heldout/valid_a", "heldout/valid_b")
 
 
 def _check_shards(paths: list[str]) -> list[store.GridInfo]:
@@ -39,6 +43,9 @@ def _check_shards(paths: list[str]) -> list[store.GridInfo]:
             raise InputError(f"shard {p}: {exc}") from None
         if info.shard is None:
             raise InputError(f"{p} is not a shard file (written without --shard); merge only shard files")
+        if info.schema != store.SCHEMA_VERSION:
+            raise InputError(f"shard {p} has schema version {info.schema} (no illumination); merge shards of "
+                             f"schema {store.SCHEMA_VERSION}: trace them again with this 'psf generate'")
         infos.append(info)
     first = infos[0]
     for info in infos[1:]:
@@ -83,9 +90,7 @@ def merge(paths: list[str], out: str | Path, overwrite: bool = False, virtual: b
     with h5py.File(infos[0].path, "r") as f:
         attrs = dict(f.attrs)
         fixed = {name: f[name][:] for name in FIXED}
-        shapes = {name: (f[name].shape, f[name].dtype) for name in
-                  ("grid/psf", "grid/border", "noise/psf", "noise/border", "heldout/psf_a", "heldout/psf_b",
-                   "heldout/border_a", "heldout/border_b")}
+        shapes = {name: (f[name].shape, f[name].dtype) for name in PER_BLOCK}
     starts = [i.attrs["started_at"] for i in infos]
     ends = [i.attrs.get("finished_at", "") for i in infos]
     for key in ("shard_index", "shard_count", "finished_at", "wall_time_s", "trace_seconds"):
@@ -110,9 +115,9 @@ def merge(paths: list[str], out: str | Path, overwrite: bool = False, virtual: b
             try:
                 for i, block in enumerate(blocks):
                     src = handles[i % n]  # block i was traced by shard i % n
-                    psf, border = store.read_block(src, block)
+                    psf, border, illumination, valid = store.read_block(src, block)
                     seconds = float(src["blocks/seconds"][i])
-                    store.write_block(tmp, i, block, psf, border, seconds)
+                    store.write_block(tmp, i, block, psf, border, seconds, illumination, valid)
                     trace_seconds += seconds
             finally:
                 for h in handles:
@@ -152,7 +157,7 @@ def _write_virtual(tmp, attrs, fixed, shapes, blocks, infos, out_dir: Path) -> N
                 src = h5py.VirtualSource(rel[i % n], name, shape=shape)
                 if kind in ("grid", "noise") and block.kind == kind:
                     sl = (block.depth, slice(block.start, block.stop))
-                elif kind == "heldout" and block.kind == f"heldout_{name[-1]}":
+                elif kind == "heldout" and block.kind == f"heldout_{name[-1]}":  # psf_a, valid_b, ...: the half
                     sl = slice(block.start, block.stop)
                 else:
                     continue

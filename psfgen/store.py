@@ -1,6 +1,6 @@
 """The HDF5 grid file: layout, creation, block writes and the checked reader.
 
-Layout (schema 1; see docs/dataset.md):
+Layout (schema 2; see docs/dataset.md; schema 1, without illumination, is still read):
 
     /depths             [D] float64, object depths [m], ascending
     /wvln               [3] float64, wavelengths [µm], order R, G, B
@@ -8,11 +8,14 @@ Layout (schema 1; see docs/dataset.md):
     /grid/neighbors     [E, 2] int32, undirected pairs, E = 2N(N-1) + 2(N-1)^2
     /grid/psf           [D, P, 3, k, k] float32, each channel sums to 1
     /grid/border        [D, P, 3] float32, energy fraction on the ks-window border
+    /grid/illumination  [D, P, 3] float32, valid rays / launched, over the same on axis (1 on axis, 0 dark)
+    /grid/valid         [D, P, 3] uint8, 1 where enough rays arrived for a PSF (else the PSF channel is 0)
+    /axis/fraction      [D, 3] float64, valid-ray fraction of the on-axis point at each depth
     /noise/index        [S] int64, grid points traced a second time
     /noise/psf          [D, S, 3, k, k], /noise/border [D, S, 3]
     /heldout/coords     [M, 2], /heldout/depth [M] [m], /heldout/at_grid_depth [M] bool
     /heldout/psf_a, psf_b    [M, 3, k, k], two independent traces at heldout_spp/2 each
-    /heldout/border_a, border_b  [M, 3]
+    /heldout/border_a, border_b  [M, 3]; /heldout/illumination_a|b, valid_a|b [M, 3]; noise/... likewise
     /blocks/table       [B, 4] int64 (kind, depth index or -1, start, stop)
     /blocks/done        [B] uint8, 1 once the block's PSFs are written
     /blocks/seconds     [B] float64, tracing time of each block [s]
@@ -37,7 +40,8 @@ from . import tempfiles
 from .errors import DamagedFile, InputError
 
 FORMAT = "psf-cvae.grid"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READS = (1, 2)  # schema 1 files have no illumination: every point lit, illumination unmeasured (docs/dataset.md)
 KINDS = ("grid", "noise", "heldout_a", "heldout_b")
 
 
@@ -90,9 +94,14 @@ def create(path: Path, *, attrs: dict, arrays: dict, sizes: dict, blocks: list[B
             _early(f, "grid/border", (D, P, 3), np.float32)
             _early(f, "noise/psf", (D, S, 3, k, k), np.float32)
             _early(f, "noise/border", (D, S, 3), np.float32)
+            for kind, shape in (("grid", (D, P, 3)), ("noise", (D, S, 3))):
+                _early(f, f"{kind}/illumination", shape, np.float32)
+                _early(f, f"{kind}/valid", shape, np.uint8)
             for half in "ab":
                 _early(f, f"heldout/psf_{half}", (M, 3, k, k), np.float32)
                 _early(f, f"heldout/border_{half}", (M, 3), np.float32)
+                _early(f, f"heldout/illumination_{half}", (M, 3), np.float32)
+                _early(f, f"heldout/valid_{half}", (M, 3), np.uint8)
             f.create_dataset("blocks/table", data=np.array([b.row() for b in blocks], dtype=np.int64).reshape(-1, 4))
             _early(f, "blocks/done", (len(blocks),), np.uint8, zero_fill=True)
             _early(f, "blocks/seconds", (len(blocks),), np.float64, zero_fill=True)
@@ -102,31 +111,38 @@ def create(path: Path, *, attrs: dict, arrays: dict, sizes: dict, blocks: list[B
         raise
 
 
-def write_block(path: Path, index: int, block: Block, psf: np.ndarray, border: np.ndarray, seconds: float) -> None:
-    """Store one traced block: psf [B, 3, k, k], border [B, 3]; then mark it done."""
+def _names(kind: str) -> tuple[str, ...]:
+    """The datasets a block of ``kind`` writes: psf, border, illumination, valid."""
+    if kind in ("grid", "noise"):
+        return tuple(f"{kind}/{x}" for x in ("psf", "border", "illumination", "valid"))
+    half = kind[-1]
+    return tuple(f"heldout/{x}_{half}" for x in ("psf", "border", "illumination", "valid"))
+
+
+def _where(block: Block):
+    if block.kind in ("grid", "noise"):
+        return (block.depth, slice(block.start, block.stop))
+    return slice(block.start, block.stop)
+
+
+def write_block(path: Path, index: int, block: Block, psf: np.ndarray, border: np.ndarray, seconds: float,
+                illumination: np.ndarray, valid: np.ndarray) -> None:
+    """Store one traced block: psf [B, 3, k, k], border, illumination, valid [B, 3]; then mark it done."""
     # No file lock: a reader (psf info, a user's h5py) must not make the run fail, and a
     # block write changes raw data only, never the metadata a reader depends on.
     with h5py.File(path, "r+", locking=False) as f:
-        if block.kind in ("grid", "noise"):
-            f[f"{block.kind}/psf"][block.depth, block.start : block.stop] = psf
-            f[f"{block.kind}/border"][block.depth, block.start : block.stop] = border
-        else:
-            half = block.kind[-1]
-            f[f"heldout/psf_{half}"][block.start : block.stop] = psf
-            f[f"heldout/border_{half}"][block.start : block.stop] = border
+        sl = _where(block)
+        for name, value in zip(_names(block.kind), (psf, border, illumination, valid)):
+            f[name][sl] = value
         f["blocks/seconds"][index] = seconds
         f.flush()  # the data before the mark, so a mark never points at missing data
         f["blocks/done"][index] = 1
 
 
-def read_block(f: h5py.File, block: Block) -> tuple[np.ndarray, np.ndarray]:
-    """The stored (psf [B, 3, k, k], border [B, 3]) of one block."""
-    if block.kind in ("grid", "noise"):
-        sl = (block.depth, slice(block.start, block.stop))
-        return f[f"{block.kind}/psf"][sl], f[f"{block.kind}/border"][sl]
-    half = block.kind[-1]
-    sl = slice(block.start, block.stop)
-    return f[f"heldout/psf_{half}"][sl], f[f"heldout/border_{half}"][sl]
+def read_block(f: h5py.File, block: Block) -> tuple[np.ndarray, ...]:
+    """The stored (psf [B, 3, k, k], border, illumination, valid [B, 3]) of one block."""
+    sl = _where(block)
+    return tuple(f[name][sl] for name in _names(block.kind))
 
 
 def set_attrs(path: Path, **attrs) -> None:
@@ -153,6 +169,12 @@ class GridInfo:
     config: dict
     attrs: dict
     shard: tuple[int, int] | None = None  # (K, N) for a shard file: it owns blocks i with i % N == K
+    schema: int = SCHEMA_VERSION
+
+    @property
+    def has_illumination(self) -> bool:
+        """Schema 2 and later: illumination and valid masks measured at generation."""
+        return self.schema >= 2
 
     @property
     def complete(self) -> bool:
@@ -175,9 +197,9 @@ def open_info(path: str | Path) -> GridInfo:
         if fmt != FORMAT:
             raise InputError(f"{path} is not a psf-cvae grid file (format {fmt!r}); give a file written by 'psf generate'")
         version = int(f.attrs.get("schema_version", -1))
-        if version != SCHEMA_VERSION:
+        if version not in READS:
             raise InputError(
-                f"{path} has schema version {version}, this psf-cvae reads {SCHEMA_VERSION}; "
+                f"{path} has schema version {version}, this psf-cvae reads {', '.join(map(str, READS))}; "
                 "regenerate it with this version of 'psf generate'"
             )
         attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
@@ -189,7 +211,7 @@ def open_info(path: str | Path) -> GridInfo:
                     f"{path} maps shard files that are missing ({', '.join(missing)}); put them back beside it "
                     "or merge again without --virtual"
                 )
-        params = _checked_structure(f, attrs, path)
+        params = _checked_structure(f, attrs, path, version)
         done = f["blocks/done"][:]
         shard = None
         if "shard_count" in attrs:
@@ -210,6 +232,7 @@ def open_info(path: str | Path) -> GridInfo:
             config=json.loads(attrs["config"]),
             attrs=attrs,
             shard=shard,
+            schema=version,
         )
 
 
@@ -218,7 +241,11 @@ REQUIRED = ("depths", "wvln", "grid/coords", "grid/neighbors", "grid/psf", "grid
             "blocks/table", "blocks/done", "blocks/seconds")
 
 
-def _checked_structure(f: h5py.File, attrs: dict, path: Path) -> dict:
+ILLUMINATION = ("axis/fraction", "grid/illumination", "grid/valid", "noise/illumination", "noise/valid",
+                "heldout/illumination_a", "heldout/illumination_b", "heldout/valid_a", "heldout/valid_b")
+
+
+def _checked_structure(f: h5py.File, attrs: dict, path: Path, version: int = SCHEMA_VERSION) -> dict:
     """The file's run parameters, after checking every dataset and index a reader relies on.
 
     One place, so that a damaged or hand-edited file is one clear line, not a traceback
@@ -227,7 +254,7 @@ def _checked_structure(f: h5py.File, attrs: dict, path: Path) -> dict:
     def damaged(what: str) -> DamagedFile:
         return DamagedFile(f"{path} is damaged: {what}; regenerate it with 'psf generate' (or restore the file)")
 
-    missing = [name for name in REQUIRED if name not in f]
+    missing = [name for name in REQUIRED + (ILLUMINATION if version >= 2 else ()) if name not in f]
     if missing:
         raise damaged(f"dataset {missing[0]} is missing")
     for key in ("run_params", "config", "run_id", "lens_json", "lens_sha256", "versions"):
@@ -263,6 +290,12 @@ def _checked_structure(f: h5py.File, attrs: dict, path: Path) -> dict:
     for name, shape in (("heldout/psf_a", (M, 3, k, k)), ("heldout/psf_b", (M, 3, k, k)), ("heldout/depth", (M,))):
         if f[name].shape != shape:
             raise damaged(f"{name} has shape {f[name].shape}, expected {shape}")
+    if version >= 2:
+        for name, shape in (("axis/fraction", (D, 3)), ("grid/illumination", (D, P, 3)), ("grid/valid", (D, P, 3)),
+                            ("heldout/illumination_a", (M, 3)), ("heldout/illumination_b", (M, 3)),
+                            ("heldout/valid_a", (M, 3)), ("heldout/valid_b", (M, 3))):
+            if f[name].shape != shape:
+                raise damaged(f"{name} has shape {f[name].shape}, expected {shape}")
     if f["blocks/done"].shape[0] != f["blocks/table"].shape[0]:
         raise damaged("blocks/done and blocks/table differ in length")
     return params

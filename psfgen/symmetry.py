@@ -101,7 +101,11 @@ def grid_symmetry_errors(psf, n: int, square: bool) -> dict:
         g = np.asarray(psf[d]).reshape(n, n, *psf.shape[2:])  # [row, col, 3, k, k]
         for name, ((r2, c2), turn) in maps.items():
             moved = (r2 != r) | (c2 != c)
-            errors[name].append(rel_l2(turn(g[r[moved], c[moved]]), g[r2[moved], c2[moved]]))
+            a, b = turn(g[r[moved], c[moved]]), g[r2[moved], c2[moved]]
+            # Only pairs with a PSF in every channel at both ends: a dark point (stored as zeros) has none,
+            # and which points near the image circle's edge pass the ray threshold is Monte Carlo noise.
+            both = (a.sum(axis=(-2, -1)) > 0).all(axis=-1) & (b.sum(axis=(-2, -1)) > 0).all(axis=-1)
+            errors[name].append(rel_l2(a[both], b[both]))
     return {name: float(np.concatenate(e).mean()) for name, e in errors.items()}
 
 
@@ -116,5 +120,7 @@ def check_file(path) -> SymmetryCheck:
         errors = grid_symmetry_errors(psf, n, square=abs(sx - sy) < 1e-9)
         pairs = [rel_l2(f["noise/psf"][d], psf[d][idx]) for d in range(psf.shape[0])] if len(idx) else []
     ok, reason = lens_symmetry(attrs["lens_json"])
-    noise = float(np.concatenate(pairs).mean()) if pairs else None
+    pairs = np.concatenate(pairs) if pairs else np.zeros(0)
+    pairs = pairs[np.isfinite(pairs)]  # a dark point (zeros) in either trace has no PSF to compare
+    noise = float(pairs.mean()) if len(pairs) else None
     return SymmetryCheck(ok, reason, errors, noise)

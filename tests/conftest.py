@@ -11,9 +11,11 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from helpers import small_config, tiny_config  # noqa: E402
-from psfcvae import train  # noqa: E402
-from psfgen import generate  # noqa: E402
+from helpers import VIGNETTED_LENS, small_config, tiny_config
+
+from psfcvae import train
+from psfgen import generate
+
 
 @pytest.fixture(scope="session")
 def tiny_grid(tmp_path_factory) -> Path:
@@ -21,6 +23,22 @@ def tiny_grid(tmp_path_factory) -> Path:
     logging.getLogger("psfgen").setLevel(logging.WARNING)
     out = tmp_path_factory.mktemp("grid") / "tiny.h5"
     return generate(tiny_config(out))
+
+
+@pytest.fixture(scope="session")
+def vignetted_grid(tmp_path_factory) -> Path:
+    """A tiny grid (4x4, two depths) of the LA1131 singlet: the four corners dark, the edges
+    partly vignetted. Read-only for tests."""
+    logging.getLogger("psfgen").setLevel(logging.WARNING)
+    out = tmp_path_factory.mktemp("vignetted") / "vignetted.h5"
+    return generate(tiny_config(out, lens=VIGNETTED_LENS))
+
+
+@pytest.fixture(scope="session")
+def vignetted_run(vignetted_grid, tmp_path_factory) -> Path:
+    """A small model trained on the partly dark grid: its run directory."""
+    return train(small_config(vignetted_grid, tmp_path_factory.mktemp("vrun") / "v", max_steps=150, val_every=50,
+                              checkpoint_every=50))
 
 
 @pytest.fixture(scope="session")

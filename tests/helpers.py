@@ -30,6 +30,9 @@ TINY = dict(
 )
 
 
+VIGNETTED_LENS = str(ROOT / "data" / "lenses" / "la1131_f50.json")  # a singlet whose sensor corners are dark
+
+
 def tiny_config(out, **changes) -> GenerateConfig:
     return configio.build(GenerateConfig, {**TINY, "out": str(out), **changes})
 

@@ -141,7 +141,8 @@ def test_resume_after_kill_9_equals_uninterrupted_run(tmp_path):
         assert f["blocks/done"][:].all()
         for kind, d, lo, hi in table[done & (table[:, 0] == 0)]:  # finished blocks untouched
             np.testing.assert_array_equal(f["grid/psf"][d, lo:hi], first_done[d, lo:hi])
-        for name in ("grid/psf", "grid/border", "noise/psf", "heldout/psf_a", "heldout/psf_b"):
+        for name in ("grid/psf", "grid/border", "noise/psf", "heldout/psf_a", "heldout/psf_b", "grid/illumination",
+                     "grid/valid", "heldout/illumination_b", "axis/fraction"):
             np.testing.assert_array_equal(f[name][:], g[name][:])
 
 
@@ -156,7 +157,8 @@ def test_a_reader_holding_the_file_does_not_stop_the_writer(tiny_grid, tmp_path)
                               env={k: v for k, v in os.environ.items() if k != "HDF5_USE_FILE_LOCKING"})
     try:
         assert reader.stdout.readline().strip() == "open"  # HDF5's default shared lock is held now
-        write_block(out, 0, Block("grid", 0, 0, 4), np.full((4, 3, 15, 15), 0.5, np.float32), np.zeros((4, 3), np.float32), 1.0)
+        write_block(out, 0, Block("grid", 0, 0, 4), np.full((4, 3, 15, 15), 0.5, np.float32), np.zeros((4, 3), np.float32), 1.0,
+                    np.ones((4, 3), np.float32), np.ones((4, 3), np.uint8))
         assert run_cli(["info", str(out)]).exit_code == 0
     finally:
         reader.kill()
@@ -206,8 +208,8 @@ def test_a_second_writer_is_refused_naming_the_first_and_kill_9_frees_the_lock(t
         ({"spp": 10**12, "heldout_spp": 4 * 10**12}, ("one block of spp 1000000000000", "GiB", "lower --spp")),
         ({"ks": 100_000}, ("100000-px kernel", "GiB")),
         ({"grid_size": 100_000, "noise_points": 4}, ("grid_size 100000 needs about", "smaller --grid-size")),
-        ({"depths": (1e30,)}, ("tracing grid points 0-3 at 1e+30 m failed",)),
-        ({"depths": (1e-9,)}, ("no ray of channel", "at 1e-09 m", "vignettes", "--depths")),
+        ({"depths": (1e30,)}, ("tracing the on-axis point at 1e+30 m failed",)),
+        ({"depths": (1e-9,)}, ("of channel R reached the sensor window from the axis at 1e-09 m", "vignettes", "--depths")),
     ],
 )
 def test_what_cannot_be_traced_is_refused_in_one_line_leaving_no_file(tmp_path, change, needles):

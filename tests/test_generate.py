@@ -24,7 +24,7 @@ def test_file_layout_and_invariants(tiny_grid):
     N, D, k = 4, 2, 15
     with h5py.File(tiny_grid, "r") as f:
         a = f.attrs
-        assert a["format"] == "psf-cvae.grid" and a["schema_version"] == 1
+        assert a["format"] == "psf-cvae.grid" and a["schema_version"] == 2
         assert set(json.loads(a["versions"])) >= {"psf-cvae", "deeplens-core", "torch", "h5py"}
         lens_bytes = open(DEFAULT_LENS, "rb").read()
         assert a["lens_sha256"] == hashlib.sha256(lens_bytes).hexdigest()
@@ -44,6 +44,9 @@ def test_file_layout_and_invariants(tiny_grid):
         assert f["grid/neighbors"].shape == (2 * N * (N - 1) + 2 * (N - 1) ** 2, 2)
         assert f["grid/border"].shape == (D, N * N, 3)
         assert f["blocks/done"][:].all()
+        # The default lens lights its whole field: every channel valid, none darker than 90% of the axis.
+        assert f["grid/valid"][:].all() and f["heldout/valid_a"][:].all()
+        assert f["grid/illumination"].shape == (D, N * N, 3) and (f["grid/illumination"][:] > 0.9).all()
         # The noise re-trace is an independent trace of the same points: close, not equal.
         idx = f["noise/index"][:]
         again, first = f["noise/psf"][:], psf[:, idx]

@@ -20,7 +20,9 @@ from psfcvae import load_model, train
 from psfgen import generate
 from psfgen.merge import merge
 
-COMPARED = ("grid/psf", "grid/border", "noise/psf", "heldout/psf_a", "heldout/psf_b", "heldout/border_b", "blocks/done")
+COMPARED = ("grid/psf", "grid/border", "noise/psf", "heldout/psf_a", "heldout/psf_b", "heldout/border_b", "blocks/done",
+            "grid/illumination", "grid/valid", "noise/illumination", "noise/valid", "heldout/illumination_a",
+            "heldout/illumination_b", "heldout/valid_a", "heldout/valid_b", "axis/fraction")
 def torchrun() -> list[str]:
     """torchrun with 2 processes on a free local port."""
     with socket.socket() as sock:

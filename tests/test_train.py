@@ -418,7 +418,7 @@ def test_cvae_v1_yaml_is_the_spec():
     from psfcvae.train import model_args_for
 
     class OneDepth:  # the file facts model_args_for reads: one depth, 15 px kernels
-        grid_size, ks_small, depths, path = 4, 15, np.array([1.0]), "x.h5"
+        grid_size, ks_small, depths, path, has_illumination = 4, 15, np.array([1.0]), "x.h5", True
 
     args = model_args_for(configio.build(TrainConfig, {**configio.to_dict(cfg), "condition_on_depth": "false"}), OneDepth)
     model = CVAE(args)

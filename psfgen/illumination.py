@@ -1,0 +1,100 @@
+"""Relative illumination from DeepLens's own ray validity, and the lit/dark decision.
+
+DeepLens's ``psf_geometric`` traces ``spp`` rays per point into the entrance pupil, keeps
+those still valid at the sensor (not blocked by an aperture or a lens rim, not totally
+reflected), bins the ones inside the ``ks`` window and divides by their number.
+``trace_counted`` repeats those steps and keeps two counts per channel: the valid rays
+(how much of the point's light reaches the sensor) and the valid rays inside the window
+(what the PSF is made of). Its PSFs are bit for bit those of ``lens.psf_rgb`` with the
+same random state (tested).
+
+The relative illumination of a point and channel is (valid rays / launched rays) over the
+same fraction for the on-axis point at the same depth: the mechanical vignetting (rays
+lost on apertures and rims), not the cos⁴ fall-off of the pupil's solid angle (rays are
+launched into the pupil whatever its apparent size). Rays outside the window are not
+vignetting but truncation, measured apart (``grid/border``); they count as light here.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from .lens import deeplens_notes
+
+log = logging.getLogger(__name__)
+
+# A channel PSF is valid (enough light for a meaningful PSF) with at least this many rays,
+# and at least 1% of those launched. Why: a 15x15 PSF binned from n rays has a Monte Carlo
+# error of roughly sqrt(pixels hit / n); at 100 rays that is already ~100% for a PSF spread
+# over ~100 pixels, and a point getting under 1% of the axis's light contributes under 1%
+# of the image there, so its shape hardly matters to a rendering (which scales it by the
+# illumination).
+MIN_RAYS = 100
+MIN_FRACTION = 0.01
+
+
+def min_rays(spp: int) -> int:
+    """Valid rays a channel PSF needs at ``spp`` launched rays: max(100, ceil(spp / 100))."""
+    return max(MIN_RAYS, int(np.ceil(MIN_FRACTION * spp)))
+
+
+def trace_counted(lens, xy: np.ndarray, depth_m: np.ndarray, spp: int, ks: int):
+    """Ray-trace RGB PSFs as DeepLens ``psf_rgb`` does, keeping the valid-ray counts.
+
+    xy: [B, 2] normalised field coordinates; depth_m: [B] object depths [m].
+    Returns (psf [B, 3, ks, ks] float32, each channel sums to 1, or 0 with no ray in the window;
+    valid [B, 3] float64: rays valid at the sensor, of ``spp`` launched;
+    window [B, 3] float64: those of them inside the ks window).
+    """
+    from deeplens.config import EPSILON, SPP_CALC
+    from deeplens.imgsim import forward_integral
+    from deeplens.utils import diff_float
+
+    points = np.concatenate([xy, -1000.0 * depth_m[:, None]], axis=1)  # DeepLens z [mm], negative
+    points = torch.as_tensor(points, dtype=lens.dtype, device=lens.device)
+    sensor_w, sensor_h = lens.sensor_size
+    scale = lens.calc_scale(points[:, 2])
+    obj = torch.stack([points[:, 0] * scale * sensor_w / 2, points[:, 1] * scale * sensor_h / 2, points[:, 2]], dim=-1)
+    psfs, valid, window = [], [], []
+    with torch.no_grad(), deeplens_notes(log, logging.WARNING):
+        for wvln in lens.wvln_rgb:  # DeepLens GeoLens.psf_geometric, step for step
+            ray = lens.sample_from_points(points=obj, num_rays=spp, wvln=wvln)
+            ray.is_coherent = False
+            ray = lens.trace2sensor(ray)
+            reuse = ray if wvln == lens.primary_wvln and spp >= SPP_CALC else None
+            centre = lens.psf_center(obj, method="chief_ray", ray=reuse)
+            psf = forward_integral(ray.flip_xy(), ps=lens.pixel_size, ks=ks, pointc=centre)  # [B, ks, ks], rays
+            total = torch.sum(psf, dim=(-2, -1), keepdim=True)
+            psfs.append(diff_float(psf / (total + EPSILON)))
+            valid.append(ray.is_valid.sum(dim=-1).double())
+            window.append(total[:, 0, 0].double())  # bilinear binning splits each ray over 4 pixels: a count
+    return torch.stack(psfs, dim=-3), torch.stack(valid, dim=-1), torch.stack(window, dim=-1)
+
+
+def axis_fraction(lens, depths: np.ndarray, spp: int, ks: int) -> tuple[np.ndarray, np.ndarray]:
+    """(valid-ray fraction, fraction inside the ks window) of the on-axis point at each depth [m]: [D, 3] x 2."""
+    rays, window = [], []
+    for depth in np.asarray(depths, dtype=np.float64):  # one point at a time: memory as one held-out point's
+        _, r, w = trace_counted(lens, np.zeros((1, 2)), np.array([depth]), spp, ks)
+        rays.append(r[0].cpu().numpy())
+        window.append(w[0].cpu().numpy())
+    return np.stack(rays) / spp, np.stack(window) / spp
+
+
+def axis_at(depths: np.ndarray, axis: np.ndarray, depth_m: np.ndarray) -> np.ndarray:
+    """The on-axis fraction at depths ``depth_m`` [B]: linear in 1/depth between grid depths,
+    held constant beyond them (held-out points between grid depths): [B, 3]."""
+    inv, order = 1.0 / np.asarray(depths), np.argsort(1.0 / np.asarray(depths))
+    q = 1.0 / np.asarray(depth_m, dtype=np.float64)
+    return np.stack([np.interp(q, inv[order], axis[order, c]) for c in range(3)], axis=-1)
+
+
+def relative(rays: np.ndarray, window: np.ndarray, spp: int, axis: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(illumination [B, 3] float32, valid [B, 3] bool) from the counts ``rays`` and ``window`` [B, 3] of
+    ``trace_counted`` and the on-axis fraction ``axis`` [B, 3]: valid when the window holds min_rays(spp)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        illum = np.where(axis > 0, (rays / spp) / axis, 0.0)
+    return illum.astype(np.float32), np.rint(window) >= min_rays(spp)

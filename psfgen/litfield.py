@@ -1,0 +1,73 @@
+"""The lit field of a grid file: dark points, the image circle they imply, the illumination fall-off.
+
+Radii are physical distances from the axis on the sensor, r = ρ / (half of the longer
+sensor side), so r = 1 at the middle of the longer edge (and at x = ±1 on a square
+sensor). The image circle radius is halfway between the farthest lit grid point and the
+nearest dark one; fall-off values are the illumination (mean of R, G, B) linearly
+interpolated in r over the grid points, averaged at equal radii.
+"""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+
+from .store import GridInfo
+from .symmetry import sensor_size_mm
+
+FALLOFF_RADII = (0.5, 0.8, 1.0)
+
+
+def radii(coords: np.ndarray, size_mm: tuple[float, float] | None) -> tuple[np.ndarray, float]:
+    """(ρ [P] in mm from the axis, half of the longer side [mm]) of normalised coords [P, 2]; unit sensor if unknown."""
+    w, h = size_mm if size_mm is not None else (2.0, 2.0)
+    return np.hypot(coords[:, 0] * w / 2, coords[:, 1] * h / 2), max(w, h) / 2
+
+
+def image_circle(rho: np.ndarray, lit: np.ndarray) -> tuple[float, float] | None:
+    """(lower, upper) bounds of the image circle's radius from lit [P] at radii rho [P]; None if all lit."""
+    if lit.all():
+        return None
+    inside = float(rho[lit].max()) if lit.any() else 0.0
+    outside = float(rho[~lit & (rho > inside)].min()) if (~lit & (rho > inside)).any() else inside
+    dark_inside = (~lit & (rho < inside)).any()  # not a circle: vignetting that is not round
+    return (float(rho[~lit].min()) if dark_inside else inside), outside
+
+
+def falloff(r: np.ndarray, illum: np.ndarray, at=FALLOFF_RADII) -> np.ndarray:
+    """Illumination [P] at radii r [P], averaged at equal radii and interpolated at ``at``: [len(at)]."""
+    key = np.round(r, 9)
+    uniq = np.unique(key)
+    mean = np.array([illum[key == u].mean() for u in uniq])
+    return np.interp(at, uniq, mean, right=np.nan)
+
+
+def summary_lines(info: GridInfo) -> list[str]:
+    """The 'lit field' lines of ``psf info``."""
+    if not info.has_illumination:
+        return [(f"lit field   not measured (schema {info.schema} file): every point counts as lit; "
+                 "trace it again with this 'psf generate' to measure vignetting")]
+    with h5py.File(info.path, "r", locking=False) as f:
+        coords = f["grid/coords"][:]
+        valid = f["grid/valid"][:].astype(bool)  # [D, P, 3]
+        illum = f["grid/illumination"][:]
+        done = f["blocks/done"][:].astype(bool)
+        table = f["blocks/table"][:]
+    traced = np.zeros(valid.shape[:2], dtype=bool)
+    for _, d, lo, hi in table[done & (table[:, 0] == 0)]:
+        traced[d, lo:hi] = True
+    rho, half = radii(coords, sensor_size_mm(info.attrs))
+    lines = []
+    for d, depth in enumerate(info.depths):
+        if not traced[d].all():
+            lines.append(f"lit field   {depth:g} m: not fully traced yet")
+            continue
+        lit = valid[d].all(axis=-1)
+        curve = falloff(rho / half, illum[d].mean(axis=-1))
+        text = "/".join("-" if not np.isfinite(v) else f"{v:.2f}" for v in curve)
+        circle = image_circle(rho, lit)
+        where = "all lit" if circle is None else (
+            f"image circle radius {circle[0] / half:.2f}-{circle[1] / half:.2f} ({circle[0]:.2f}-{circle[1]:.2f} mm)")
+        lines.append(f"lit field   {depth:g} m: {int((~lit).sum())} of {len(lit)} grid points dark, {where}; "
+                     f"illumination at r = {'/'.join(f'{v:g}' for v in FALLOFF_RADII)}: {text}")
+    return lines
