@@ -16,6 +16,7 @@ LOSSES = ["loss_all", "loss_recon", "loss_kl", "loss_smooth", "loss_recon_prior"
 VALIDATION_MSE = ["val_mse", "val_prior_mse", "val_heldout_mse"]
 VALIDATION_REL = ["val_heldout_rel_l2"]
 OPTIMISATION = ["learning_rate", "grad_norm"]
+ILLUMINATION = ["loss_illumination", "val_heldout_illumination_abs"]  # models with the illumination head
 
 # Comparison images are upsampled (nearest) until the narrower one is at least this wide:
 # a 15-px kernel in a 4x4 mosaic is 63 px, too small to read at TensorBoard's native size.
@@ -33,12 +34,12 @@ def layout() -> dict:
             "KL(q || p) (unweighted)": ["Multiline", ["loss_kl"]],
             "smoothness of the prior mean (unweighted)": ["Multiline", ["loss_smooth"]],
             "decoder scale penalty (unweighted)": ["Multiline", ["loss_scale"]],
-            "illumination head: log-illumination and lit/dark terms (unweighted)": ["Multiline", ["loss_illumination"]],
+            "illumination head: log-illumination and lit/dark terms (unweighted)": ["Multiline", ILLUMINATION[:1]],
         },
         "validation": {
             "MSE on the grid (posterior recon, prior mean) and the held-out set": ["Multiline", VALIDATION_MSE],
             "held-out relative L2 of the prior mean": ["Multiline", VALIDATION_REL],
-            "held-out relative illumination, mean |model - traced|": ["Multiline", ["val_heldout_illumination_abs"]],
+            "held-out relative illumination, mean |model - traced|": ["Multiline", ILLUMINATION[1:]],
         },
         "optimisation": {
             "learning rate": ["Multiline", ["learning_rate"]],

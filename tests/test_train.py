@@ -163,7 +163,7 @@ def _check_dashboard(run_dir):
     readme = (ROOT / "README.md").read_text()
     for tag in [*ea.Tags()["scalars"], *ea.Tags()["images"]]:
         assert f"`{tag}`" in readme, tag
-    assert set(tblog.LOSSES + tblog.VALIDATION_MSE + tblog.VALIDATION_REL + tblog.OPTIMISATION) == charted
+    assert set(tblog.LOSSES + tblog.VALIDATION_MSE + tblog.VALIDATION_REL + tblog.OPTIMISATION + tblog.ILLUMINATION) == charted
 
 
 def test_resume_after_kill_equals_uninterrupted_run(tiny_grid, tmp_path):

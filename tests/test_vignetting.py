@@ -182,7 +182,7 @@ def test_eval_leaves_dark_points_out_and_reports_illumination(vignetted_run, vig
     il = metrics["illumination"]
     assert il["n"] == 8 and il["n_lit"] == int(lit.sum()) and il["abs_error"]["mean"] < 0.3
     assert f"dark held-out points left out (outside the lit field): {int((~lit).sum())}" in result.output
-    assert "illumination (model vs traced, relative to the axis): mean |error|" in result.output
+    assert "illumination, model vs traced: mean |error|" in result.output
 
 
 def test_an_old_checkpoint_loads_and_its_illumination_is_refused(tiny_run, tmp_path):
