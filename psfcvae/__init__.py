@@ -4,9 +4,10 @@ from .api import PSFModel, load_model
 from .config import TrainConfig
 from .evaluate import EvalConfig, evaluate
 from .model import CVAE, ModelArgs, ModelOutput
+from .render import render
 
 __all__ = ["TrainConfig", "CVAE", "ModelArgs", "ModelOutput", "TrainingError", "train", "PSFModel", "load_model",
-           "EvalConfig", "evaluate"]
+           "EvalConfig", "evaluate", "render"]
 
 
 def __getattr__(name):

@@ -31,7 +31,7 @@ from psfgen.lens import resolve_device
 from psfgen.provenance import now, versions
 from psfgen.store import GridInfo, open_info, require_complete
 
-from . import checkpoint
+from . import checkpoint, optics
 from .config import TrainConfig
 from .data import Conditions, check_grid_content, GridBatches, make_loader, read_grid_depth, read_grid_meta, read_heldout
 from .images import mosaic
@@ -294,6 +294,7 @@ def _train(cfg: TrainConfig, resume: bool, info: GridInfo, args: ModelArgs, run_
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": asdict(args),
             "step": step, "best_val": best, "val": metrics, "config": configio.to_dict(cfg),
             "data_fingerprint": fingerprint, "versions": versions(), "saved_at": now(), "rng": rng,
+            "optics": optics.grid_optics(info),  # kernel pitch and sensor: what `psf render` needs
         })
 
     (log.info if main_rank else log.debug)(  # once, not once per rank
