@@ -238,6 +238,14 @@ def test_cli_16_bit_round_trip_and_8_bit(model, tiny_run, tmp_path):
     out8, bits = read_image(tmp_path / "o8.png")
     assert bits == 8 and out8.shape == (3, 16, 16)
     assert not torch.equal(out8, read_image(src8)[0])  # blurred (in linear light, sRGB in and out)
+    # A 16-bit depth PNG holds millimetres: 1000 everywhere is --depth 1.
+    import cv2
+
+    cv2.imwrite(str(tmp_path / "d.png"), np.full((16, 16), 1000, np.uint16))
+    r = run_cli(["render", "--checkpoint", ckpt, "--image", str(src8), "--depth-map", str(tmp_path / "d.png"),
+                 "--out", str(tmp_path / "od.png"), "--field", ",".join(map(str, FIELD))])
+    assert r.exit_code == 0, r.output
+    assert torch.equal(read_image(tmp_path / "od.png")[0], out8)
 
 
 def test_cli_bad_depth_maps_and_old_checkpoints(tiny_run, tiny_grid, tmp_path):
@@ -262,6 +270,11 @@ def test_cli_bad_depth_maps_and_old_checkpoints(tiny_run, tiny_grid, tmp_path):
     assert_one_line_error(r, "50 m", "--allow-extrapolation")
     r = run_cli(["render", "--checkpoint", ckpt, "--image", str(src), "--depth", "1", "--out", str(out)])
     assert_one_line_error(r, "exists", "--overwrite")
+    for opt, value in (("--psf-every", "0"), ("--field", "0.5,0.2,-1,1"), ("--depth", "-1")):
+        r = run_cli(["render", "--checkpoint", ckpt, "--image", str(src), "--depth", "1", opt, value,
+                     "--out", str(out), "--overwrite"])
+        assert_one_line_error(r, opt, value)
+        assert sha(out) == before
     # A checkpoint from before the stored kernel pitch: --data supplies it, and only the right file does.
     old = torch.load(tiny_run / "latest.pt", weights_only=False)
     del old["optics"]
