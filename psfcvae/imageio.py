@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from psfgen import tempfiles
 from psfgen.errors import InputError
 
 DEPTH_PNG_SCALE_M = 1e-3  # a 16-bit depth PNG holds millimetres (the Kinect / NYU / TUM convention)
@@ -61,16 +62,21 @@ def write_image(path: str | Path, image: torch.Tensor, bits: int = 8) -> Path:
     dtype = np.uint8 if bits == 8 else np.uint16
     arr = image.detach().cpu().clamp(0.0, 1.0).numpy().transpose(1, 2, 0)[:, :, ::-1]  # RGB -> BGR
     arr = np.rint(arr * (2**bits - 1)).astype(dtype)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(arr))
+    if not ok:
+        raise InputError(f"cannot encode {path} as PNG")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        if not cv2.imwrite(str(tmp), np.ascontiguousarray(arr)):
-            raise InputError(f"cannot write {path}")
-        os.replace(tmp, path)
+        tempfiles.remove_stale(path)
+        tmp = tempfiles.temp_path(path)  # whole or not at all: written beside, renamed onto the target
+        try:
+            tmp.write_bytes(encoded.tobytes())
+            os.replace(tmp, path)
+        except BaseException:
+            tempfiles.discard(tmp)
+            raise
     except OSError as exc:
         raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
