@@ -21,12 +21,12 @@ def resolution_chart(h: int, w: int, seed: int = 0) -> torch.Tensor:
         v = -(xx - cx) * np.sin(0.087) + (yy - cy) * np.cos(0.087)
         img[(np.abs(u) < 0.09) & (np.abs(v) < 0.09)] = 0.9
     # Bars: a period of 2..8 pixels, horizontal along the top middle, vertical along the left middle.
-    for n, period in enumerate((8, 6, 4, 3, 2)):
-        r0, c0 = int(0.05 * h), int((0.34 + 0.065 * n) * w)
-        cols = np.arange(c0, min(w, c0 + max(3 * period, int(0.05 * w))))
+    for n, period in enumerate((8, 6, 4, 3, 2)):  # groups 0.075 of the image apart, 0.045 wide (>= 2 periods)
+        r0, c0 = int(0.05 * h), int((0.32 + 0.075 * n) * w)
+        cols = np.arange(c0, min(w, c0 + max(2 * period, int(0.045 * w))))
         img[r0 : r0 + int(0.12 * h), cols[(cols // period) % 2 == 0]] = 1.0
-        r0, c0 = int((0.34 + 0.065 * n) * h), int(0.05 * w)
-        rows = np.arange(r0, min(h, r0 + max(3 * period, int(0.05 * h))))
+        r0, c0 = int((0.32 + 0.075 * n) * h), int(0.05 * w)
+        rows = np.arange(r0, min(h, r0 + max(2 * period, int(0.045 * h))))
         img[rows[(rows // period) % 2 == 0], c0 : c0 + int(0.12 * w)] = 1.0
     # Single bright pixels on a lattice over the centre: the PSF itself, seen in the image.
     step = max(6, min(h, w) // 12)
@@ -39,7 +39,7 @@ def resolution_chart(h: int, w: int, seed: int = 0) -> torch.Tensor:
             img[r : r + 2, c : c + n] = 0.02
             c += n + int(rng.integers(1, 3))
     rgb = np.repeat(img[None], 3, axis=0)
-    for ch, (cy, cx) in enumerate(((0.5, 0.85), (0.6, 0.85), (0.7, 0.85))):  # red, green, blue patches
+    for ch, (cy, cx) in enumerate(((0.42, 0.73), (0.50, 0.73), (0.58, 0.73))):  # red, green, blue patches
         sl = (slice(int(cy * h), int((cy + 0.06) * h)), slice(int(cx * w), int((cx + 0.08) * w)))
         rgb[:, sl[0], sl[1]] = 0.05
         rgb[ch, sl[0], sl[1]] = 0.8
