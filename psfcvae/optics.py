@@ -18,15 +18,23 @@ from psfgen.store import GridInfo, open_info
 VERSION = 1
 
 
-def grid_optics(info: GridInfo) -> dict:
-    """{version, sensor_size_mm [w, h], sensor_res [w, h], ks, ks_small, kernel_pitch_mm} of a grid file."""
-    params = json.loads(info.attrs["run_params"])
-    size = [float(v) for v in json.loads(info.attrs["sensor_size_mm"])]
-    lens = json.loads(info.attrs["lens_json"])
-    res = [int(v) for v in lens.get("sensor_res", ())]
-    if len(size) != 2 or len(res) != 2 or min(size) <= 0 or min(res) <= 0:
-        raise InputError(f"{info.path} does not record the sensor's size and resolution; regenerate it")
-    ks, ks_small = int(params["ks"]), int(params["ks_small"])
+def grid_optics(info: GridInfo, strict: bool = True) -> dict | None:
+    """{version, sensor_size_mm [w, h], sensor_res [w, h], ks, ks_small, kernel_pitch_mm} of a grid file.
+
+    A file that does not record them is an InputError, or None with strict=False (training
+    never fails for want of what only ``psf render`` needs).
+    """
+    try:
+        params = json.loads(info.attrs["run_params"])
+        size = [float(v) for v in json.loads(info.attrs["sensor_size_mm"])]
+        res = [int(v) for v in json.loads(info.attrs["lens_json"]).get("sensor_res", ())]
+        ks, ks_small = int(params["ks"]), int(params["ks_small"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        size, res, ks, ks_small = [], [], 0, 0
+    if len(size) != 2 or len(res) != 2 or min(size + res) <= 0 or min(ks, ks_small) <= 0:
+        if strict:
+            raise InputError(f"{info.path} does not record the sensor's size and resolution; regenerate it")
+        return None
     return {"version": VERSION, "sensor_size_mm": size, "sensor_res": res, "ks": ks, "ks_small": ks_small,
             "kernel_pitch_mm": ks * (size[0] / res[0]) / ks_small}
 

@@ -294,7 +294,7 @@ def _train(cfg: TrainConfig, resume: bool, info: GridInfo, args: ModelArgs, run_
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": asdict(args),
             "step": step, "best_val": best, "val": metrics, "config": configio.to_dict(cfg),
             "data_fingerprint": fingerprint, "versions": versions(), "saved_at": now(), "rng": rng,
-            "optics": optics.grid_optics(info),  # kernel pitch and sensor: what `psf render` needs
+            "optics": optics.grid_optics(info, strict=False),  # kernel pitch and sensor: what `psf render` needs
         })
 
     (log.info if main_rank else log.debug)(  # once, not once per rank
