@@ -167,17 +167,20 @@ class _KernelSource:
         (ra, rb, wr), (ca, cb, wc) = _brackets(self.nodes_r, r0, r1), _brackets(self.nodes_c, c0, c1)
         nr = self.nodes_r[ra.min() : rb.max() + 1]
         nc = self.nodes_c[ca.min() : cb.max() + 1]
-        levels = np.array([1.0 / self.d0]) if self.depth is None else self.levels
+        if self.depth is None:
+            levels = np.array([1.0 / self.d0])
+            la = lb = np.zeros((r1 - r0, c1 - c0), dtype=int)
+            wl = np.zeros((r1 - r0, c1 - c0))
+        else:  # only the levels this tile's depths fall between: a plane needs one or two
+            la, lb, wl = _level_brackets(self.levels, 1.0 / self.depth[r0:r1, c0:c1].numpy())
+            lb = np.where(wl > 0, lb, la)
+            first = la.min()
+            levels, la, lb = self.levels[first : lb.max() + 1], la - first, lb - first
         gi, gj, gl = np.meshgrid(nr, nc, np.arange(len(levels)), indexing="ij")
         node = self._eval(self.x[gj.ravel()], self.y[gi.ravel()], 1.0 / levels[gl.ravel()])
         node = node.reshape(len(nr), len(nc), len(levels), *node.shape[1:])
         base_r, base_c = ra.min(), ca.min()
         ra, rb, ca, cb = ra - base_r, rb - base_r, ca - base_c, cb - base_c
-        if self.depth is None:
-            la = lb = np.zeros((r1 - r0, c1 - c0), dtype=int)
-            wl = np.zeros((r1 - r0, c1 - c0))
-        else:
-            la, lb, wl = _level_brackets(self.levels, 1.0 / self.depth[r0:r1, c0:c1].numpy())
         ri, ci = ra[:, None], ca[None, :]
         rj, cj = rb[:, None], cb[None, :]
         out = 0
