@@ -318,5 +318,31 @@ def sample(checkpoint, coords, grid_m, depth, mode, out, allow_extrapolation, de
     click.echo(str(path))
 
 
+@main.command()
+@click.option("--checkpoint", type=str, required=True, help="Checkpoint written by 'psf train'.")
+@click.option("--image", type=str, required=True, help="Sharp input image: PNG, 8 or 16 bits, covering the sensor.")
+@click.option("--depth", type=float, help="Object depth [m] of the whole image.")
+@click.option("--depth-map", type=str, help="Instead of --depth: depth per pixel, .npy [H, W] in metres or a 16-bit PNG in millimetres.")
+@click.option("--out", type=str, required=True, help="Output PNG (the input's bit depth).")
+@click.option("--psf-every", type=int, default=1, show_default=True, help="Evaluate the model every S pixels and interpolate the kernels between (faster, see docs/render.md).")
+@click.option("--field", type=str, help="The part of the sensor the image covers: 'x0,x1,y0,y1' in [-1, 1] [default: -1,1,-1,1].")
+@click.option("--linear", is_flag=True, help="The PNG holds linear values (default: sRGB-encoded; blurred in linear light either way).")
+@click.option("--data", type=str, help="The grid file the model was trained on (only for checkpoints that do not store their kernel pitch).")
+@click.option("--allow-extrapolation", is_flag=True, help="Accept depths outside the trained range.")
+@click.option("--device", type=str, default="auto", show_default=True, help="auto, cpu, cuda or cuda:K.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+@user_errors
+def render(checkpoint, image, depth, depth_map, out, psf_every, field, linear, data, allow_extrapolation, device,
+           overwrite):
+    """Blur an image through the lens, every pixel with its own PSF from the model."""
+    from psfcvae.renderfile import render_file
+
+    path = render_file(checkpoint, image, out, depth, depth_map, srgb=not linear, psf_every=psf_every, field=field,
+                       data=data,
+                       device=device, allow_extrapolation=allow_extrapolation, overwrite=overwrite,
+                       progress=logging.getLogger().level <= logging.INFO)
+    click.echo(str(path))
+
+
 if __name__ == "__main__":
     main()

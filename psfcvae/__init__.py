@@ -11,7 +11,7 @@ import types
 # public name -> the submodule that defines it
 _PUBLIC = {"TrainConfig": ".config", "CVAE": ".model", "ModelArgs": ".model", "ModelOutput": ".model",
            "TrainingError": ".train", "train": ".train", "PSFModel": ".api", "load_model": ".api",
-           "EvalConfig": ".evaluate", "evaluate": ".evaluate"}
+           "EvalConfig": ".evaluate", "evaluate": ".evaluate", "render": ".render"}
 
 __all__ = list(_PUBLIC)
 

@@ -174,5 +174,6 @@ def load_model(path: str | Path, device="auto") -> PSFModel:
         raise InputError(f"checkpoint {path} has no valid training depths; it was not written by 'psf train' or was edited")
     info = {k: ckpt[k] for k in ("step", "config", "data_fingerprint", "versions")}
     info["path"] = str(path)
+    info["optics"] = ckpt.get("optics")  # kernel pitch for psf render (psfcvae/optics.py); None before it
     model = PSFModel(net.eval(), info)
     return model.to(device if isinstance(device, torch.device) else resolve_device(device or "auto"))

@@ -20,7 +20,8 @@ LOG_DECADES = 3  # --log-scale shows values from 10^-3 of the peak to the peak
 ERROR_PERCENTILE = 99  # |error| colour scales end at this percentile of the values shown
 
 
-def _figure(width: float, height: float):
+def figure(width: float, height: float):
+    """A matplotlib Figure on its own Agg canvas: no pyplot state, the caller's backend untouched."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -81,7 +82,7 @@ def grid_panels(panels: dict[str, np.ndarray], n: int, depth_m: float, log: bool
     divided by each truth PSF's peak ([n*n, 3, k, k]); it is shown as the worst channel,
     on its own scale (ERROR_PERCENTILE-th percentile, stated on its colourbar).
     """
-    fig = _figure(3.3 * len(panels) + 1.2, 3.7)
+    fig = figure(3.3 * len(panels) + 1.2, 3.7)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     k = next(iter(panels.values())).shape[-1]
     extent = mosaic_extent(n, k)
@@ -122,7 +123,7 @@ def error_maps(xy: np.ndarray, errors: dict[str, np.ndarray], groups: dict[str, 
     """
     names, rows = list(errors), [g for g, m in groups.items() if m.any()]
     top = error_scale(np.concatenate(list(errors.values())))
-    fig = _figure(3.0 * len(names) + 0.8, 2.8 * len(rows) + 0.6)
+    fig = figure(3.0 * len(names) + 0.8, 2.8 * len(rows) + 0.6)
     axes = fig.subplots(len(rows), len(names), squeeze=False)
     sc = None
     for i, g in enumerate(rows):
@@ -155,7 +156,7 @@ def heldout_panels(psfs: dict[str, np.ndarray], notes: dict[str, list[str]], lab
     """
     R = len(labels)
     cols = list(psfs) + list(maps)
-    fig = _figure(2.0 * len(cols) + 1.6, 2.0 * R + 0.6)
+    fig = figure(2.0 * len(cols) + 1.6, 2.0 * R + 0.6)
     axes = fig.subplots(R, len(cols), squeeze=False)
     for j, name in enumerate(cols):
         if name in psfs:
@@ -188,7 +189,7 @@ def std_maps(std: list[np.ndarray], depths: list[float], grid_xy: np.ndarray):
 
     std: per depth [m, m] (row 0 = y +1) of PSFModel.prior_std; depths [m].
     """
-    fig = _figure(3.2 * len(std) + 1.0, 3.4)
+    fig = figure(3.2 * len(std) + 1.0, 3.4)
     axes = fig.subplots(1, len(std), squeeze=False)[0]
     top = max(float(s.max()) for s in std)
     im = None

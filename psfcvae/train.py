@@ -31,7 +31,7 @@ from psfgen.lens import resolve_device
 from psfgen.provenance import now, versions
 from psfgen.store import GridInfo, open_info, require_complete
 
-from . import checkpoint, interrupt, tblog
+from . import checkpoint, interrupt, optics, tblog
 from .config import TrainConfig
 from .data import (Conditions, check_grid_content, GridBatches, lit_only, make_loader, read_grid_depth, read_grid_meta,
                    read_heldout, read_lit)
@@ -336,6 +336,7 @@ def _train(cfg: TrainConfig, resume: bool, info: GridInfo, args: ModelArgs, run_
             "step": step, "best_val": best, "val": metrics, "config": configio.to_dict(cfg),
             "data_fingerprint": fingerprint, "versions": versions(), "saved_at": now(), "rng": rng,
             "loss_window": {"sums": dict(window), "n": n_window},  # a resume between two logs logs the same means
+            "optics": optics.grid_optics(info, strict=False),  # kernel pitch and sensor: what `psf render` needs
         })
 
     (log.info if main_rank else log.debug)(  # once, not once per rank

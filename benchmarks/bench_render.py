@@ -1,0 +1,200 @@
+"""psf render against ray tracing: one scene rendered three ways, PSNR/SSIM against a dense traced reference.
+
+    python benchmarks/bench_render.py [--work runs/bench_render] [--size 192] [--depth 1.0] [--ref-grid 48]
+                                      [--ref-spp 10000] [--memory 512,1024]
+
+Needs a grid file and a trained model: by default the `make demo` settings (configs/demo.yaml,
+configs/demo_train.yaml) in --work (grid.h5, cvae/latest.pt), made first when missing. For the
+resolution chart and a natural image (scikit-image's astronaut), both covering the sensor:
+
+  model      psfcvae.render, every pixel its own PSF (and with --psf-every 4)
+  patch-file DeepLens's conv_psf_map with the grid file's N x N traced PSFs (the rays the model learnt from)
+  patch-dl   DeepLens's conv_psf_map with its own psf_map_rgb (an N x N point_source_grid traced at the file's spp)
+  reference  DeepLens's conv_psf_map on a dense --ref-grid map traced at each patch's centre at --ref-spp,
+             the 64-px traced kernels resampled straight to the image pitch (no 15 x 15 step)
+
+Times: model = PSF evaluation + gather; patch-* = tracing the N x N map + convolution. --memory
+renders larger images in subprocesses and prints their peak resident memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from psfcvae import load_model, render  # noqa: E402
+from psfcvae.chart import resolution_chart, rgbd_scene  # noqa: E402
+from psfcvae.imageio import linear_to_srgb, srgb_to_linear, write_image  # noqa: E402
+from psfcvae.quality import psnr, ssim  # noqa: E402
+from psfcvae.renderfig import grid_psf_map, patchwise_render  # noqa: E402
+from psfgen.generate import trace_points  # noqa: E402
+from psfgen.lens import build_lens, read_lens_file  # noqa: E402
+from psfgen.store import open_info  # noqa: E402
+
+log = logging.getLogger("bench_render")
+
+
+def prepare(work: Path) -> tuple[Path, Path]:
+    """grid.h5 and cvae/latest.pt in work, with the demo's settings; made by the CLI when missing."""
+    grid, ckpt = work / "grid.h5", work / "cvae" / "latest.pt"
+    psf = [sys.executable, "-c", "from cli import main; main()"]
+    if not grid.exists():
+        subprocess.run(psf + ["generate", "--config", "configs/demo.yaml", "--out", str(grid)], cwd=ROOT, check=True)
+    if not ckpt.exists():
+        subprocess.run(psf + ["train", "--data", str(grid), "--config", "configs/demo_train.yaml", "--run-dir",
+                              str(work / "cvae")], cwd=ROOT, check=True)
+    return grid, ckpt
+
+
+def natural_image(size: int) -> torch.Tensor:
+    """scikit-image's astronaut (a DeepLens dependency ships it), area-resized, in linear light: [3, size, size]."""
+    import cv2
+    from skimage import data
+
+    img = cv2.resize(data.astronaut(), (size, size), interpolation=cv2.INTER_AREA)
+    return srgb_to_linear(torch.from_numpy(img.astype(np.float32).transpose(2, 0, 1) / 255.0))
+
+
+def traced_map(lens, xy: np.ndarray, depth_m: float, spp: int) -> torch.Tensor:
+    """64-px traced RGB PSFs [n, 3, 64, 64] at the field points xy [n, 2], in blocks of 64 points."""
+    return torch.cat([trace_points(lens, xy[i : i + 64], np.full(len(xy[i : i + 64]), depth_m), spp, 64)
+                      for i in range(0, len(xy), 64)]).cpu()
+
+
+def centres(g: int) -> np.ndarray:
+    """Patch centres of a g x g map over the field, row-major, row 0 at the top: [g*g, 2]."""
+    c = -1 + (2 * np.arange(g) + 1) / g
+    gx, gy = np.meshgrid(c, c[::-1])
+    return np.stack([gx.ravel(), gy.ravel()], axis=1)
+
+
+def memory_probe(ckpt: Path, size: int, every: int) -> dict:
+    """Render a size x size chart in a fresh process: its resident memory after loading and at its peak [MiB]
+    (VmHWM, which starts afresh at exec, unlike ru_maxrss that inherits this process's peak) and the time [s]."""
+    code = (
+        f"import sys, time, torch; sys.path.insert(0, {str(ROOT)!r})\n"
+        "from psfcvae import load_model, render; from psfcvae.chart import resolution_chart\n"
+        "def hwm(): return next(int(v.split()[1]) for v in open('/proc/self/status') if v.startswith('VmHWM'))\n"
+        f"m = load_model({str(ckpt)!r}); img = resolution_chart({size}, {size}); base = hwm()\n"
+        f"t = time.perf_counter(); render(m, img, 1.0, psf_every={every})\n"
+        "print(base / 1024, hwm() / 1024, time.perf_counter() - t)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    return {"size": size, "psf_every": every, "rss_before_mib": float(out[0]), "peak_rss_mib": float(out[1]),
+            "seconds": float(out[2])}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", default=str(ROOT / "runs" / "bench_render"))
+    ap.add_argument("--size", type=int, default=192)
+    ap.add_argument("--depth", type=float, default=1.0, help="a depth of the grid file [m]")
+    ap.add_argument("--ref-grid", type=int, default=48)
+    ap.add_argument("--ref-spp", type=int, default=10000)
+    ap.add_argument("--memory", default="512,1024", help="image sizes for the memory probe ('' to skip; 2048: ~17 min)")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    torch.manual_seed(0)
+    work = Path(args.work)
+    grid, ckpt = prepare(work)
+    info = open_info(grid)
+    model = load_model(ckpt)
+    optics = model.info["optics"]
+    lens = build_lens(read_lens_file(info.attrs["lens_path"]), torch.device("cpu"))
+    n, size, d = info.grid_size, args.size, args.depth
+    pitch64, sensor = optics["sensor_size_mm"][0] / optics["sensor_res"][0], optics["sensor_size_mm"]
+
+    t = time.perf_counter()
+    file_map = grid_psf_map(grid, d)  # [n, n, 3, 15, 15]
+    t_file = (time.perf_counter() - t) + _trace_seconds(lens, n, d, info.spp)
+    t = time.perf_counter()
+    dl_map = lens.psf_map_rgb(grid=(n, n), ks=64, depth=-1000.0 * d, spp=info.spp).cpu()  # [n, n, 3, 64, 64]
+    t_dl_trace = time.perf_counter() - t
+    t = time.perf_counter()
+    ref_map = traced_map(lens, centres(args.ref_grid), d, args.ref_spp).reshape(args.ref_grid, args.ref_grid, 3, 64, 64)
+    t_ref_trace = time.perf_counter() - t
+
+    rows, results = [], {}
+    for name, image in (("chart", resolution_chart(size, size)), ("astronaut", natural_image(size))):
+        out = {}
+        t = time.perf_counter()
+        ref = patchwise_render(image, ref_map, pitch64, sensor)
+        out["reference"] = (ref, t_ref_trace + time.perf_counter() - t)
+        for every in (1, 4):
+            t = time.perf_counter()
+            out[f"model (psf every {every})"] = (render(model, image, d, psf_every=every), time.perf_counter() - t)
+        t = time.perf_counter()
+        out[f"patch-file ({n}x{n})"] = (patchwise_render(image, file_map, optics["kernel_pitch_mm"], sensor),
+                                       t_file + time.perf_counter() - t)
+        t = time.perf_counter()
+        out[f"patch-dl ({n}x{n})"] = (patchwise_render(image, dl_map, pitch64, sensor),
+                                     t_dl_trace + time.perf_counter() - t)
+        out["no blur"] = (image, 0.0)
+        for method, (img, secs) in out.items():
+            row = {"image": name, "method": method, "psnr_db": psnr(img, ref), "ssim": ssim(img, ref), "seconds": secs}
+            rows.append(row)
+            write_image(work / f"{name}_{method.split(' ')[0]}{'4' if 'every 4' in method else ''}.png",
+                        linear_to_srgb(img), 8)
+        results[name] = out
+    print(f"depth {d:g} m, {size}x{size} px covering the sensor, reference {args.ref_grid}x{args.ref_grid} traced "
+          f"PSFs at spp {args.ref_spp}; grid file {n}x{n} at spp {info.spp}; model step {model.info['step']}")
+    print(f"{'image':10s} {'method':24s} {'PSNR dB':>8s} {'SSIM':>7s} {'time s':>8s}")
+    for r in rows:
+        print(f"{r['image']:10s} {r['method']:24s} {r['psnr_db']:8.2f} {r['ssim']:7.4f} {r['seconds']:8.2f}")
+    for name, out in results.items():  # what --psf-every costs, against the model's own per-pixel rendering
+        a, b = out["model (psf every 4)"][0], out["model (psf every 1)"][0]
+        print(f"{name}: --psf-every 4 against per pixel: PSNR {psnr(a, b):.1f} dB, SSIM {ssim(a, b):.5f}, "
+              f"max |diff| {float((a - b).abs().max()):.2e}")
+
+    depth_rows = rgbd(model, work, size)
+    memory = [memory_probe(ckpt, int(s), 16) for s in args.memory.split(",") if s.strip()]
+    for m in memory:
+        above = m["peak_rss_mib"] - m["rss_before_mib"]
+        print(f"memory: {m['size']}x{m['size']} at --psf-every {m['psf_every']}: peak RSS {m['peak_rss_mib']:.0f} MiB, "
+              f"{above:.0f} MiB above the {m['rss_before_mib']:.0f} MiB after loading; {m['seconds']:.1f} s")
+    (work / "bench_render.json").write_text(json.dumps({"rows": rows, "depth": depth_rows, "memory": memory,
+                                                         "args": vars(args)}, indent=1))
+
+
+def _trace_seconds(lens, n: int, d: float, spp: int) -> float:
+    """Seconds to trace the file's n x n map at one depth, as psf generate does (64 px, downsampled)."""
+    lin = np.linspace(-1, 1, n)
+    gx, gy = np.meshgrid(lin, lin[::-1])
+    t = time.perf_counter()
+    traced_map(lens, np.stack([gx.ravel(), gy.ravel()], axis=1), d, spp)
+    return time.perf_counter() - t
+
+
+def rgbd(model, work: Path, size: int) -> dict:
+    """The RGB-D scene (two planes and a slanted one) over the model's depth range; per-pixel and interpolated."""
+    lo, hi = model.depth_range
+    image, depth = rgbd_scene(size, size, lo, hi)
+    t = time.perf_counter()
+    exact = render(model, image, depth)
+    t_exact = time.perf_counter() - t
+    t = time.perf_counter()
+    approx = render(model, image, depth, psf_every=4, depth_levels=16)
+    t_approx = time.perf_counter() - t
+    write_image(work / "rgbd_input.png", linear_to_srgb(image), 8)
+    write_image(work / "rgbd_model.png", linear_to_srgb(exact), 8)
+    res = {"near_m": lo, "far_m": hi, "seconds_per_pixel_psf": t_exact, "seconds_every4": t_approx,
+           "psnr_every4_vs_exact_db": psnr(approx, exact), "ssim_every4_vs_exact": ssim(approx, exact)}
+    print(f"RGB-D scene {lo:g}-{hi:g} m: per pixel {t_exact:.1f} s; --psf-every 4 with 16 depth levels "
+          f"{t_approx:.1f} s, PSNR {res['psnr_every4_vs_exact_db']:.1f} dB / SSIM {res['ssim_every4_vs_exact']:.4f} "
+          "against per pixel")
+    return res
+
+
+if __name__ == "__main__":
+    main()

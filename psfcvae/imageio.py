@@ -1,0 +1,122 @@
+"""Images and depth maps for ``psf render``: PNG in and out at 8 or 16 bits, sRGB <-> linear.
+
+Images are float32 tensors [3, H, W] in [0, 1]. OpenCV (a DeepLens dependency) does the
+PNG coding because it keeps 16-bit RGB (Pillow reduces it to 8 bits). The blur happens in
+linear light: an sRGB file is decoded with the IEC 61966-2-1 curve before and encoded after.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from psfgen import tempfiles
+from psfgen.errors import InputError
+
+DEPTH_PNG_SCALE_M = 1e-3  # a 16-bit depth PNG holds millimetres (the Kinect / NYU / TUM convention)
+
+
+def srgb_to_linear(v: torch.Tensor) -> torch.Tensor:
+    return torch.where(v <= 0.04045, v / 12.92, ((v + 0.055) / 1.055) ** 2.4)
+
+
+def linear_to_srgb(v: torch.Tensor) -> torch.Tensor:
+    v = v.clamp(0.0, 1.0)
+    return torch.where(v <= 0.0031308, v * 12.92, 1.055 * v ** (1 / 2.4) - 0.055)
+
+
+def read_image(path: str | Path, option: str = "--image") -> tuple[torch.Tensor, int]:
+    """(image [3, H, W] float32 in [0, 1] as stored, bit depth 8 or 16). Grey becomes RGB, alpha is dropped."""
+    import cv2
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{option} {path} does not exist")
+    if path.suffix.lower() != ".png":
+        raise InputError(f"{option} {path}: only PNG images are read (8 or 16 bits per channel)")
+    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise InputError(f"{option} {path} is not a readable PNG image")
+    if img.dtype not in (np.uint8, np.uint16):
+        raise InputError(f"{option} {path} has {img.dtype} pixels; give an 8- or 16-bit PNG")
+    bits = 8 if img.dtype == np.uint8 else 16
+    if img.ndim == 2:
+        img = np.repeat(img[:, :, None], 3, axis=2)
+    elif img.shape[2] == 4:
+        img = img[:, :, :3]
+    img = img[:, :, ::-1]  # OpenCV's BGR -> RGB
+    arr = np.ascontiguousarray(img.transpose(2, 0, 1)).astype(np.float32) / (2**bits - 1)
+    return torch.from_numpy(arr), bits
+
+
+def write_image(path: str | Path, image: torch.Tensor, bits: int = 8) -> Path:
+    """Write image [3, H, W] (values in [0, 1], clipped) as an RGB PNG of ``bits`` 8 or 16; atomic."""
+    import cv2
+
+    path = Path(path)
+    if bits not in (8, 16):
+        raise InputError(f"bit depth must be 8 or 16, got {bits}")
+    dtype = np.uint8 if bits == 8 else np.uint16
+    arr = image.detach().cpu().clamp(0.0, 1.0).numpy().transpose(1, 2, 0)[:, :, ::-1]  # RGB -> BGR
+    arr = np.rint(arr * (2**bits - 1)).astype(dtype)
+    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(arr))
+    if not ok:
+        raise InputError(f"cannot encode {path} as PNG")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tempfiles.remove_stale(path)
+        tmp = tempfiles.temp_path(path)  # whole or not at all: written beside, renamed onto the target
+        try:
+            tmp.write_bytes(encoded.tobytes())
+            os.replace(tmp, path)
+        except BaseException:
+            tempfiles.discard(tmp)
+            raise
+    except OSError as exc:
+        raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return path
+
+
+def read_depth_map(path: str | Path, shape: tuple[int, int], option: str = "--depth-map") -> torch.Tensor:
+    """Depth [H, W] in metres from .npy (metres, float) or a 16-bit PNG (millimetres, DEPTH_PNG_SCALE_M).
+
+    Checks: the image's shape, finite, every value > 0, in the user's words.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{option} {path} does not exist")
+    if path.suffix.lower() == ".npy":
+        try:
+            depth = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{option} {path} is not a readable .npy array ({exc})") from None
+        if depth.dtype.kind not in "fiu":
+            raise InputError(f"{option} {path} holds {depth.dtype} values; give depths in metres as numbers")
+        depth = depth.astype(np.float64)
+    elif path.suffix.lower() == ".png":
+        import cv2
+
+        raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if raw is None or raw.ndim != 2 or raw.dtype != np.uint16:
+            raise InputError(f"{option} {path} must be a single-channel 16-bit PNG of millimetres")
+        depth = raw.astype(np.float64) * DEPTH_PNG_SCALE_M
+    else:
+        raise InputError(f"{option} {path}: give a .npy array of metres or a 16-bit PNG of millimetres")
+    return checked_depth(depth, shape, f"{option} {path}")
+
+
+def checked_depth(depth, shape: tuple[int, int], what: str = "depth") -> torch.Tensor:
+    """depth [H, W] (metres) as float64, or one line naming what is wrong."""
+    depth = np.asarray(depth, dtype=np.float64)
+    if depth.shape != tuple(shape):
+        raise InputError(f"{what} has shape {depth.shape}, the image is {tuple(shape)} (height, width)")
+    if not np.isfinite(depth).all():
+        n = int((~np.isfinite(depth)).sum())
+        raise InputError(f"{what} holds {n} NaN or infinite value(s); every pixel needs a depth in metres")
+    if (depth <= 0).any():
+        raise InputError(f"{what} holds {int((depth <= 0).sum())} value(s) <= 0 (min {depth.min():g}); "
+                         "depths are positive metres")
+    return torch.from_numpy(depth)
