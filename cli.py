@@ -17,11 +17,11 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from psfgen.errors import InputError
+from psfgen.shared.errors import InputError
 
 
 def _versions_line() -> str:
-    from psfgen.provenance import package_version
+    from psfgen.shared.provenance import package_version
 
     return (
         f"psf-cvae {package_version('psf-cvae')}, deeplens-core {package_version('deeplens-core')}, "
@@ -82,7 +82,7 @@ def user_errors(fn):
         except InputError as exc:
             raise BadInput(exc.render(_spellings(click.get_current_context()))) from None
         except RuntimeError as exc:
-            from psfcvae.train import TrainingError
+            from psfcvae.training import TrainingError
 
             if isinstance(exc, TrainingError):
                 raise click.ClickException(str(exc)) from None  # exit 1: not a usage error
@@ -173,7 +173,8 @@ def generate(config_path, sets, overwrite, **options):
 
     Ctrl-C (or a crash) keeps every finished block: the same command again resumes.
     """
-    from psfgen import GenerateConfig, configio
+    from psfgen import GenerateConfig
+    from psfgen.shared import configio
 
     if overwrite:
         options["overwrite"] = True
@@ -230,7 +231,7 @@ def train(config_path, sets, resume, **options):
     that resumes the run (exit code 130).
     """
     from psfcvae.config import TrainConfig
-    from psfgen import configio
+    from psfgen.shared import configio
 
     cfg = configio.load(TrainConfig, config_path, options, sets)
     from psfcvae import train as run
@@ -266,7 +267,7 @@ def train(config_path, sets, resume, **options):
 @user_errors
 def evaluate_cmd(baselines_only, **options):
     """Measure the model against ray-traced truth and interpolation baselines; write a report."""
-    from psfgen import configio
+    from psfgen.shared import configio
 
     if baselines_only == (options["checkpoint"] is not None):
         raise click.UsageError("give either --checkpoint or --baselines-only")

@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 from psfcvae import EvalConfig, TrainConfig, evaluate, train
-from psfgen import GenerateConfig, configio, generate
+from psfgen import GenerateConfig, generate
+from psfgen.shared import configio
 
 ROOT = Path(__file__).resolve().parent.parent
 # About the same ray budget for both lenses (spp 1e5; 768 and 720 grid PSFs); 96 held-out

@@ -23,10 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from psfgen import GenerateConfig, configio, generate  # noqa: E402
-from psfgen.generate import plan_blocks  # noqa: E402
+from psfgen import GenerateConfig, generate  # noqa: E402
+from psfgen.generation import plan_blocks  # noqa: E402
 from psfgen.grid import grid_coords  # noqa: E402
 from psfgen.lens import build_lens, read_lens_file, resolve_device  # noqa: E402
+from psfgen.shared import configio  # noqa: E402
 
 
 class PeakRSS:

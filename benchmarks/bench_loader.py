@@ -29,11 +29,12 @@ import logging  # noqa: E402
 
 from psfcvae import CVAE, TrainConfig  # noqa: E402
 from psfcvae.data import Conditions, GridBatches, make_loader, read_grid_meta  # noqa: E402
-from psfcvae.train import model_args_for  # noqa: E402
-from psfgen import GenerateConfig, configio, generate, open_info, store  # noqa: E402
-from psfgen.generate import plan_blocks  # noqa: E402
+from psfcvae.training import model_args_for  # noqa: E402
+from psfgen import GenerateConfig, generate, open_info, store  # noqa: E402
+from psfgen.generation import plan_blocks  # noqa: E402
 from psfgen.grid import grid_coords, neighbour_pairs  # noqa: E402
-from psfgen.lens import resolve_device  # noqa: E402
+from psfgen.shared import configio  # noqa: E402
+from psfgen.shared.devices import resolve_device  # noqa: E402
 
 
 def build_big_file(tmp: Path, n: int, depths: tuple) -> Path:

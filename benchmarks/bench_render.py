@@ -38,7 +38,7 @@ from psfcvae.chart import resolution_chart, rgbd_scene  # noqa: E402
 from psfcvae.imageio import linear_to_srgb, srgb_to_linear, write_image  # noqa: E402
 from psfcvae.quality import psnr, ssim  # noqa: E402
 from psfcvae.renderfig import grid_psf_map, patchwise_render  # noqa: E402
-from psfgen.generate import trace_points  # noqa: E402
+from psfgen.generation import trace_points  # noqa: E402
 from psfgen.lens import build_lens, read_lens_file  # noqa: E402
 from psfgen.store import open_info  # noqa: E402
 

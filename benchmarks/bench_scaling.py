@@ -61,7 +61,7 @@ def main() -> None:
         data = tmp / f"g{procs[0]}" / "grid.h5"
         trn = {}
         for n in procs:
-            cmd = torchrun(n) + ["-m", "psfcvae.train", "--data", str(data), "--run-dir", str(tmp / f"r{n}"),
+            cmd = torchrun(n) + ["--no-python", str(Path(sys.executable).parent / "psf"), "train", "--data", str(data), "--run-dir", str(tmp / f"r{n}"),
                                  "--max-steps", str(args.steps), "--device", args.device,
                                  "--set", f"val_every={args.steps}", "--set", f"checkpoint_every={args.steps}"]
             trn[n] = args.steps * 64 / run(cmd)

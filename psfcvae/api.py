@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from psfgen.errors import InputError
-from psfgen.lens import resolve_device
+from psfgen.shared.devices import resolve_device
+from psfgen.shared.errors import InputError
 
 from . import checkpoint
 from .model import CVAE, ModelArgs

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from psfgen import tempfiles
-from psfgen.errors import InputError
+from psfgen.shared import tempfiles
+from psfgen.shared.errors import InputError
 from psfgen.store import GridInfo
 
 FORMAT = "psf-cvae.checkpoint"

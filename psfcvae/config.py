@@ -5,9 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from psfgen.configio import check_at_least, check_device, check_grid_size
-from psfgen.errors import InputError
-
+from psfgen.shared.configio import check_at_least, check_device, check_grid_size
+from psfgen.shared.errors import InputError
 
 MAX_FREQUENCIES = 24  # band 2^23 pi: beyond it sin(2^l pi c) is noise at float32 precision
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from psfgen.errors import InputError
+from psfgen.shared.errors import InputError
 from psfgen.store import GridInfo
 
 log = logging.getLogger(__name__)

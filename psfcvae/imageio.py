@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from psfgen import tempfiles
-from psfgen.errors import InputError
+from psfgen.shared import tempfiles
+from psfgen.shared.errors import InputError
 
 DEPTH_PNG_SCALE_M = 1e-3  # a 16-bit depth PNG holds millimetres (the Kinect / NYU / TUM convention)
 

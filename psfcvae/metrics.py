@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from psfgen.info import rel_l2  # noqa: F401  (||pred - ref|| / ||ref|| per PSF: one definition for both stages)
+from psfgen.shared.metrics import rel_l2  # noqa: F401  (||pred - ref|| / ||ref|| per PSF: one definition for both stages)
 
 
 def _sq(x: np.ndarray) -> np.ndarray:

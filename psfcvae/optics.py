@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from psfgen.errors import InputError
+from psfgen.shared.errors import InputError
 from psfgen.store import GridInfo, open_info
 
 VERSION = 1

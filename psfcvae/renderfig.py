@@ -10,13 +10,13 @@ import h5py
 import numpy as np
 import torch
 
-from psfgen.errors import InputError
+from psfgen.shared.errors import InputError
 
 from .chart import resolution_chart
 from .imageio import linear_to_srgb
 from .optics import model_optics
 from .quality import psnr, ssim
-from .render import render, resample_matrix
+from .rendering import render, resample_matrix
 
 log = logging.getLogger(__name__)
 

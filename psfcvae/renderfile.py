@@ -6,8 +6,8 @@ import logging
 import time
 from pathlib import Path
 
-from psfgen.errors import InputError
-from psfgen.lens import resolve_device
+from psfgen.shared.devices import resolve_device
+from psfgen.shared.errors import InputError
 
 from .api import load_model
 from .imageio import (
@@ -17,7 +17,7 @@ from .imageio import (
     srgb_to_linear,
     write_image,
 )
-from .render import render
+from .rendering import render
 
 log = logging.getLogger(__name__)
 

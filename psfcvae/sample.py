@@ -9,11 +9,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from psfgen.errors import InputError
-from psfgen.lens import resolve_device
+from psfgen.shared.devices import resolve_device
+from psfgen.shared.errors import InputError
 
 from .api import load_model
-
 
 CHUNK = 4096  # PSFs evaluated at once: bounds the decoder's transient memory
 

@@ -5,11 +5,9 @@ The public names are imported on first use, so that ``import psfgen`` (and with 
 """
 
 import importlib
-import sys
-import types
 
 # public name -> the submodule that defines it
-_PUBLIC = {"GenerateConfig": ".config", "InputError": ".errors", "generate": ".generate", "GridInfo": ".store",
+_PUBLIC = {"GenerateConfig": ".config", "InputError": ".shared.errors", "generate": ".generation", "GridInfo": ".store",
            "open_info": ".store", "require_complete": ".store"}
 
 __all__ = list(_PUBLIC)
@@ -21,16 +19,3 @@ def __getattr__(name):
     value = getattr(importlib.import_module(_PUBLIC[name], __name__), name)
     globals()[name] = value
     return value
-
-
-class _Package(types.ModuleType):
-    """Importing a submodule binds it as an attribute of its package; ``psfgen.generate``
-    must stay the function whatever was imported first, so that binding is skipped."""
-
-    def __setattr__(self, name, value):
-        if name in _PUBLIC and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

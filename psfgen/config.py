@@ -9,9 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .configio import check_at_least, check_device, check_grid_size
-from .errors import InputError
-
+from .shared.configio import check_at_least, check_device, check_grid_size
+from .shared.errors import InputError
 
 
 def shipped_lens_dir() -> Path:
@@ -116,7 +115,7 @@ class GenerateConfig:
 
     def run_params(self) -> dict:
         """The parameters that decide the content of the file (not where or on what it runs)."""
-        from .configio import to_dict
+        from .shared.configio import to_dict
 
         d = to_dict(self)
         for k in ("out", "device", "overwrite", "lens", "shard"):

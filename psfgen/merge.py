@@ -17,9 +17,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from . import store, tempfiles
-from .errors import InputError
-from .provenance import now
+from . import store
+from .shared import tempfiles
+from .shared.errors import InputError
+from .shared.provenance import now
 
 log = logging.getLogger(__name__)
 

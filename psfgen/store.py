@@ -36,8 +36,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from . import tempfiles
-from .errors import DamagedFile, InputError
+from .shared import tempfiles
+from .shared.errors import DamagedFile, InputError
 
 FORMAT = "psf-cvae.grid"
 SCHEMA_VERSION = 2

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 
-from .info import rel_l2
+from .shared.metrics import rel_l2
 
 # DeepLens surface types whose profile is a function of the radius alone.
 ROUND_TYPES = {"Aperture", "Stop", "Spheric", "Aspheric", "Plane", "ThinLens"}

@@ -13,7 +13,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from cli import main
 from psfcvae import TrainConfig
-from psfgen import GenerateConfig, configio
+from psfgen import GenerateConfig
+from psfgen.shared import configio
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -25,8 +25,9 @@ from helpers import (
 from PIL import Image
 
 from psfcvae import load_model
-from psfgen import GenerateConfig, configio
-from psfgen.errors import InputError
+from psfgen import GenerateConfig
+from psfgen.shared import configio
+from psfgen.shared.errors import InputError
 
 CLI = [sys.executable, "-c", "import sys; from cli import main; main()"]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

@@ -14,9 +14,9 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import ROOT, TINY, assert_one_line_error, run_cli, sha, tiny_args, tiny_config
 
 from cli import main
-from helpers import ROOT, TINY, assert_one_line_error, run_cli, sha, tiny_args, tiny_config
 from psfgen import generate
 from psfgen.config import DEFAULT_LENS
 
@@ -169,7 +169,7 @@ def test_a_reader_holding_the_file_does_not_stop_the_writer(tiny_grid, tmp_path)
 
 def _hold_lock(target, what):
     """A separate process holding the run lock of ``target`` until killed."""
-    code = (f"import time, pathlib; from psfgen import locking\n"
+    code = (f"import time, pathlib; from psfgen.shared import locking\n"
             f"with locking.exclusive(pathlib.Path({str(target)!r}), {what!r}):\n"
             f"    print('held', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)

@@ -15,14 +15,15 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import ROOT, assert_one_line_error, tiny_config
 
 from cli import main
-from helpers import ROOT, assert_one_line_error, tiny_config
-from psfcvae import load_model
 from psfcvae import baselines as B
-from psfcvae.metrics import rel_l2, rel_l2_corrected, spearman
+from psfcvae import load_model
+from psfcvae.metrics import rel_l2_corrected, spearman
 from psfgen import generate, open_info
-from psfgen.errors import InputError
+from psfgen.shared.errors import InputError
+from psfgen.shared.metrics import rel_l2
 
 
 def grid_of(path):
@@ -348,7 +349,7 @@ def test_log_scale_colourbars_read_real_values_and_error_scales_are_stated():
 
 
 def test_import_psfcvae_keeps_the_callers_matplotlib_backend():
-    code = ("import matplotlib; matplotlib.use('svg'); import sys, psfcvae, psfcvae.evaluate, psfcvae.plots, "
+    code = ("import matplotlib; matplotlib.use('svg'); import sys, psfcvae, psfcvae.evaluation, psfcvae.plots, "
             "psfcvae.report, psfcvae.eval_figures, numpy as np; "
             "psfcvae.plots.save(psfcvae.plots.std_maps([np.ones((2, 2))], [1.0], np.zeros((1, 2))), '/dev/null'); "
             "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend(); "
@@ -358,7 +359,7 @@ def test_import_psfcvae_keeps_the_callers_matplotlib_backend():
 
 
 def test_headline_compares_with_the_best_interpolation_and_tracing():
-    from psfcvae.evaluate import headline
+    from psfcvae.evaluation import headline
 
     m = lambda v: {"all": {"corrected": {"pooled": v}}}  # noqa: E731
     result = {"heldout": {"cvae prior mean": m(0.15), "cvae prior sample": m(0.2), "nearest": m(0.4), "bicubic": m(0.3),
@@ -392,6 +393,7 @@ def test_eval_baselines_only_and_bad_input(tiny_run, tiny_grid, tmp_path):
 
 def test_xy_only_model_on_a_multi_depth_file(tiny_grid, tmp_path):
     from conftest import small_config
+
     from psfcvae import train
 
     run_dir = train(small_config(tiny_grid, tmp_path / "xy", max_steps=5, condition_on_depth="false"))
@@ -427,7 +429,7 @@ def test_edited_checkpoints_are_refused_in_one_line(tiny_run, tmp_path):
 
 
 def test_metrics_json_has_no_nan_tokens(tmp_path):
-    from psfcvae.evaluate import _json_safe
+    from psfcvae.evaluation import _json_safe
 
     text = json.dumps(_json_safe({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": np.float64("nan")}}), allow_nan=False)
     assert json.loads(text) == {"a": None, "b": [1.0, None], "c": {"d": None}}

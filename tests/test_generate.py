@@ -9,15 +9,16 @@ from itertools import combinations
 import h5py
 import numpy as np
 import torch
-
 from helpers import tiny_config
+
 from psfgen import generate, open_info
 from psfgen.config import DEFAULT_LENS
-from psfgen.generate import block_seed, plan_blocks, trace_points
+from psfgen.generation import block_seed, plan_blocks, trace_points
 from psfgen.grid import grid_coords, neighbour_pairs
-from psfgen.info import rel_l2, summary
+from psfgen.info import summary
 from psfgen.lens import build_lens, read_lens_file
 from psfgen.resample import area_matrix, border_fraction, downsample
+from psfgen.shared.metrics import rel_l2
 
 
 def test_file_layout_and_invariants(tiny_grid):
@@ -160,7 +161,7 @@ def test_run_params_ignore_where_it_runs(tmp_path):
 
 
 def test_deeplens_notes_during_tracing_go_to_the_log(capsys, caplog):
-    from psfgen.generate import trace_points
+    from psfgen.generation import trace_points
 
     class Talkative:  # stands in for the lens only to check where its prints go
         device = "cpu"
@@ -169,7 +170,7 @@ def test_deeplens_notes_during_tracing_go_to_the_log(capsys, caplog):
             print("Point source is too close, pinhole model may be inaccurate")
             return torch.zeros(len(points), 3, ks, ks)
 
-    with caplog.at_level("WARNING", logger="psfgen.generate"):
+    with caplog.at_level("WARNING", logger="psfgen.generation"):
         out = trace_points(Talkative(), np.zeros((2, 2)), np.ones(2), 10, 4)
     assert out.shape == (2, 3, 4, 4) and capsys.readouterr().out == ""
     assert "deeplens: Point source is too close" in caplog.text

@@ -9,7 +9,6 @@ import sys
 
 import h5py
 import pytest
-
 from helpers import ROOT
 
 

@@ -15,7 +15,7 @@ from psfcvae.chart import resolution_chart, rgbd_scene
 from psfcvae.imageio import read_image, write_image
 from psfcvae.optics import model_optics
 from psfcvae.quality import psnr, ssim
-from psfcvae.render import pixel_coords, render, render_with, resample_matrix
+from psfcvae.rendering import pixel_coords, render, render_with, resample_matrix
 from psfgen.resample import area_matrix
 
 # A window of the field 0.16 wide: with 24 pixels across it, the kernel spans about 9 pixels
@@ -125,7 +125,7 @@ def test_orientation_is_deeplens_conv_psf(tiny_grid):
     from deeplens.imgsim.psf import conv_psf
 
     from psfcvae.optics import grid_optics
-    from psfgen.generate import trace_points
+    from psfgen.generation import trace_points
     from psfgen.lens import build_lens, read_lens_file
     from psfgen.resample import downsample
     from psfgen.store import open_info

@@ -13,9 +13,9 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import ROOT, SMALL, assert_one_line_error, scalars, small_config, tiny_args, tiny_config
 
 from cli import main
-from helpers import ROOT, SMALL, assert_one_line_error, scalars, small_config, tiny_args, tiny_config
 from psfcvae import load_model, train
 from psfgen import generate
 from psfgen.merge import merge
@@ -23,6 +23,9 @@ from psfgen.merge import merge
 COMPARED = ("grid/psf", "grid/border", "noise/psf", "heldout/psf_a", "heldout/psf_b", "heldout/border_b", "blocks/done",
             "grid/illumination", "grid/valid", "noise/illumination", "noise/valid", "heldout/illumination_a",
             "heldout/illumination_b", "heldout/valid_a", "heldout/valid_b", "axis/fraction")
+PSF = str(Path(sys.executable).parent / "psf")  # the installed command, as docs/scaling.md runs it
+
+
 def torchrun() -> list[str]:
     """torchrun with 2 processes on a free local port."""
     with socket.socket() as sock:
@@ -99,7 +102,7 @@ def test_ddp_two_processes_gloo(tiny_grid, tmp_path):
     sets = [x for k, v in {**SMALL, "max_steps": steps, "log_every": steps}.items() for x in ("--set", f"{k}={v}")]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     ddp = tmp_path / "ddp"
-    r = subprocess.run(torchrun() + ["-m", "psfcvae.train", "--data", str(tiny_grid), "--run-dir", str(ddp)] + sets,
+    r = subprocess.run(torchrun() + ["--no-python", PSF, "train", "--data", str(tiny_grid), "--run-dir", str(ddp)] + sets,
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("TensorBoard logs") == 1  # rank 0 alone reports and writes

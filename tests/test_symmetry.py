@@ -10,13 +10,13 @@ import h5py
 import numpy as np
 import pytest
 import torch
-
 from helpers import ROOT, small_config
+
 from psfcvae import CVAE, ModelArgs, load_model
 from psfcvae.frame import canonical_side, polar, rotate_sample
-from psfcvae.train import model_args_for
+from psfcvae.training import model_args_for
 from psfgen import open_info
-from psfgen.generate import trace_points
+from psfgen.generation import trace_points
 from psfgen.lens import build_lens, read_lens_file
 from psfgen.resample import downsample
 from psfgen.symmetry import check_file, field_scale, lens_symmetry

@@ -13,16 +13,18 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import ROOT, SMALL, assert_one_line_error, scalars, small_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import distributions as dist
 
 from cli import main
-from helpers import ROOT, SMALL, assert_one_line_error, scalars, small_config
 from psfcvae import CVAE, ModelArgs, TrainConfig, load_model, train
 from psfcvae.data import Conditions, GridBatches, make_loader, read_grid_meta
 from psfcvae.losses import kl_loss, smooth_loss
-from psfgen import configio, open_info
-from psfgen.errors import InputError
+from psfgen import open_info
+from psfgen.shared import configio
+from psfgen.shared.errors import InputError
+
 
 def test_spec_network_input_sizes():
     """With (x, y) only and the spec's defaults: 715 / 40 / 168 inputs, 4 x 512 hidden layers."""
@@ -234,7 +236,7 @@ def test_bad_grid_data_is_named_and_a_non_finite_loss_stops_naming_the_step(tiny
         assert not (tmp_path / "r").exists()
         shutil.copy(tiny_grid, bad)
     from psfcvae import model as model_module
-    from psfcvae.train import TrainingError
+    from psfcvae.training import TrainingError
 
     monkeypatch.setattr(model_module, "recon_loss", lambda *a, **k: torch.tensor(float("nan")))
     with pytest.raises(TrainingError, match="loss became non-finite at step 1"):
@@ -258,7 +260,7 @@ def test_damaged_grid_files_are_one_line(tiny_grid, tmp_path):
 def test_non_finite_weights_are_never_saved_or_loaded(tiny_grid, tiny_run, tmp_path, monkeypatch):
     # A step can leave non-finite weights behind a finite loss (an overflowing update):
     # inject one into the optimiser's step and check that no checkpoint takes it.
-    from psfcvae.train import TrainingError
+    from psfcvae.training import TrainingError
 
     step = torch.optim.Adam.step
 
@@ -312,6 +314,7 @@ def test_bad_input(tiny_grid, tmp_path):
     assert_one_line_error(run(_train_args(tiny_grid, tmp_path / "r")), "already holds a run", "--resume")
     other = tmp_path / "other.h5"
     from conftest import tiny_config
+
     from psfgen import generate
 
     generate(tiny_config(other, seed=99, heldout=0, noise_points=0))
@@ -415,7 +418,7 @@ def test_cvae_v1_yaml_is_the_spec():
                 pe_scale=1.0, depth_frequencies=None, prior_recon_weight=0.0, lr_schedule="constant",
                 condition_frame="cartesian", output="softplus", relative_loss=False, warmup_steps=0)
     assert {k: getattr(cfg, k) for k in spec} == spec
-    from psfcvae.train import model_args_for
+    from psfcvae.training import model_args_for
 
     class OneDepth:  # the file facts model_args_for reads: one depth, 15 px kernels
         grid_size, ks_small, depths, path, has_illumination = 4, 15, np.array([1.0]), "x.h5", True
@@ -436,7 +439,7 @@ def test_resume_refuses_another_data_order_and_batch_must_fit_runs(tiny_grid, tm
 
 
 def test_device_for_a_process_of_several():
-    from psfgen.lens import resolve_device
+    from psfgen.shared.devices import resolve_device
 
     assert resolve_device("cpu", 1).type == "cpu"
     with pytest.raises(InputError, match="one GPU"):
@@ -446,7 +449,7 @@ def test_device_for_a_process_of_several():
 
 
 def test_a_run_from_before_the_canonical_frame_resumes_as_it_started(tiny_grid, tmp_path):
-    from psfcvae.train import OLDER_BEHAVIOUR
+    from psfcvae.training import OLDER_BEHAVIOUR
 
     run_dir = tmp_path / "old"
     train(small_config(tiny_grid, run_dir, max_steps=10, **OLDER_BEHAVIOUR))

@@ -22,10 +22,10 @@ from helpers import (
 
 from psfcvae import load_model, train
 from psfcvae.checkpoint import save
-from psfgen.errors import InputError
 from psfgen.grid import grid_coords, neighbour_pairs
 from psfgen.illumination import axis_fraction, min_rays, trace_counted
 from psfgen.lens import build_lens, read_lens_file
+from psfgen.shared.errors import InputError
 from psfgen.store import open_info
 
 

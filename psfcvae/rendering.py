@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from psfgen.errors import InputError
+from psfgen.shared.errors import InputError
 
 from .imageio import checked_depth
 from .optics import model_optics

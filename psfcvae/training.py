@@ -13,7 +13,6 @@ import dataclasses
 import logging
 import math
 import os
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -25,18 +24,28 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from psfgen import configio, locking, symmetry
-from psfgen.errors import InputError
-from psfgen.lens import resolve_device
-from psfgen.provenance import now, versions
+from psfgen import symmetry
+from psfgen.shared import configio, locking
+from psfgen.shared.devices import resolve_device
+from psfgen.shared.errors import InputError
+from psfgen.shared.metrics import rel_l2
+from psfgen.shared.provenance import now, versions
 from psfgen.store import GridInfo, open_info, require_complete
 
 from . import checkpoint, interrupt, optics, tblog
 from .config import TrainConfig
-from .data import (Conditions, check_grid_content, GridBatches, lit_only, make_loader, read_grid_depth, read_grid_meta,
-                   read_heldout, read_lit)
+from .data import (
+    Conditions,
+    GridBatches,
+    check_grid_content,
+    lit_only,
+    make_loader,
+    read_grid_depth,
+    read_grid_meta,
+    read_heldout,
+    read_lit,
+)
 from .images import mosaic
-from .metrics import rel_l2
 from .model import CVAE, ModelArgs
 
 log = logging.getLogger(__name__)
@@ -435,9 +444,3 @@ def _train(cfg: TrainConfig, resume: bool, info: GridInfo, args: ModelArgs, run_
         dist.barrier()
         dist.destroy_process_group()
     return run_dir
-
-
-if __name__ == "__main__":  # torchrun --nproc-per-node=K -m psfcvae.train --data grid.h5 ...
-    from cli import main
-
-    main(["train", *sys.argv[1:]])

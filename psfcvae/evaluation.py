@@ -24,17 +24,18 @@ import h5py
 import numpy as np
 import torch
 
-from psfgen.configio import check_at_least, check_device
-from psfgen.errors import InputError
 from psfgen.info import grid_speed
-from psfgen.lens import resolve_device
-from psfgen.provenance import now, versions
+from psfgen.shared.configio import check_at_least, check_device
+from psfgen.shared.devices import resolve_device
+from psfgen.shared.errors import InputError
+from psfgen.shared.metrics import rel_l2
+from psfgen.shared.provenance import now, versions
 from psfgen.store import GridInfo, open_info, require_complete
 
 from . import baselines, checkpoint
 from .api import PSFModel, load_model
 from .data import check_grid_content, lit_only, read_heldout, read_lit
-from .metrics import rel_l2, rel_l2_corrected, spearman, summarize
+from .metrics import rel_l2_corrected, spearman, summarize
 
 log = logging.getLogger(__name__)
 

@@ -21,14 +21,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import illumination, locking, store, tempfiles
+from . import illumination, store
 from .config import GenerateConfig
-from .configio import to_json
-from .errors import DamagedFile, InputError
 from .grid import grid_coords, heldout_points, neighbour_pairs, noise_indices
-from .lens import build_lens, deeplens_notes, read_lens_file, resolve_device
-from .provenance import now, versions
+from .lens import build_lens, deeplens_notes, read_lens_file
 from .resample import METHOD, border_fraction, downsample
+from .shared import locking, tempfiles
+from .shared.configio import to_json
+from .shared.devices import resolve_device
+from .shared.errors import DamagedFile, InputError
+from .shared.provenance import now, versions
 from .store import Block
 
 log = logging.getLogger(__name__)
