@@ -6,7 +6,7 @@ reflected), bins the ones inside the ``ks`` window and divides by their number.
 ``trace_counted`` repeats those steps and keeps two counts per channel: the valid rays
 (how much of the point's light reaches the sensor) and the valid rays inside the window
 (what the PSF is made of). Its PSFs are bit for bit those of ``lens.psf_rgb`` with the
-same random state (tested).
+same random state (tested), except at points whose chief ray is blocked (below).
 
 The relative illumination of a point and channel is (valid rays / launched rays) over the
 same fraction for the on-axis point at the same depth: the mechanical vignetting (rays
@@ -66,8 +66,20 @@ def trace_counted(lens, xy: np.ndarray, depth_m: np.ndarray, spp: int, ks: int):
             ray = lens.trace2sensor(ray)
             reuse = ray if wvln == lens.primary_wvln and spp >= SPP_CALC else None
             centre = lens.psf_center(obj, method="chief_ray", ray=reuse)
-            psf = forward_integral(ray.flip_xy(), ps=lens.pixel_size, ks=ks, pointc=centre)  # [B, ks, ks], rays
+            flipped = ray.flip_xy()
+            psf = forward_integral(flipped, ps=lens.pixel_size, ks=ks, pointc=centre)  # [B, ks, ks], rays
             total = torch.sum(psf, dim=(-2, -1), keepdim=True)
+            lost = (total[:, 0, 0] < min_rays(spp)) & (ray.is_valid.sum(dim=-1) >= min_rays(spp))
+            if lost.any():
+                # The chief ray is blocked (a stop vignettes it): DeepLens then centres the window
+                # on the pinhole image, and the light that does arrive lands outside it. Those
+                # points are centred on their valid rays' centroid instead (DeepLens's own choice
+                # when no centre is given), so a lit point is never stored as dark.
+                v = flipped.is_valid.unsqueeze(-1)
+                centroid = (flipped.o[..., :2] * v).sum(-2) / v.sum(-2).clamp_min(1)
+                centre = torch.where(lost[:, None], centroid.to(centre.dtype), centre)
+                psf = forward_integral(flipped, ps=lens.pixel_size, ks=ks, pointc=centre)
+                total = torch.sum(psf, dim=(-2, -1), keepdim=True)
             psfs.append(diff_float(psf / (total + EPSILON)))
             valid.append(ray.is_valid.sum(dim=-1).double())
             window.append(total[:, 0, 0].double())  # bilinear binning splits each ray over 4 pixels: a count

@@ -220,7 +220,7 @@ def test_a_vignetting_lens_renders_its_own_illumination(vignetted_run):
     lum = vig.illumination(xx.ravel(), yy.ravel(), 1.0)  # [h*w, 3]
     _, lit = vig.psf(xx.ravel(), yy.ravel(), 1.0, allow_dark=True)
     expect = (lum * lit[:, None]).T.reshape(3, h, w)
-    assert not bool(lit.all()) and bool(lit.any())  # both dark and lit pixels in the picture
+    assert float(expect.min()) < 0.5 * float(expect.max())  # the edges visibly darker than the centre
     torch.testing.assert_close(out, expect, atol=1e-5, rtol=1e-5)
 
 
