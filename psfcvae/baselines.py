@@ -39,11 +39,18 @@ def _depth_weights(depths: np.ndarray, depth_m: np.ndarray):
 
 
 def nearest(grid_psf, depths, n, x, y, depth_m):
-    """The grid PSF nearest in the field, at the grid depth nearest in 1/depth."""
+    """The lit grid PSF nearest in the field, at the grid depth nearest in 1/depth.
+
+    A dark grid point (a channel with no light: stored as zeros) is never the answer: a lit
+    query takes its nearest lit neighbour instead, as a user of the grid would.
+    """
     row, col = _lattice(n, x, y)
-    idx = np.rint(row).astype(int) * n + np.rint(col).astype(int)
     inv = 1.0 / depths
     d = np.abs(inv[None, :] - 1.0 / depth_m[:, None]).argmin(axis=1)
+    lit = grid_psf.sum(axis=(-2, -1)).min(axis=-1) > 0  # [D, P]
+    pr, pc = np.divmod(np.arange(n * n), n)  # each grid point's lattice row and column
+    dist = (pr[None, :] - row[:, None]) ** 2 + (pc[None, :] - col[:, None]) ** 2  # [M, P]
+    idx = np.where(lit[d], dist, np.inf).argmin(axis=1)
     return _normalise(grid_psf[d, idx])
 
 

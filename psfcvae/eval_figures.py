@@ -5,12 +5,17 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from psfgen.shared.errors import InputError
+
 from . import plots
+
+logger = logging.getLogger(__name__)
 
 SPREAD_SAMPLES = 16  # prior samples per held-out point for the per-pixel spread
 
@@ -23,7 +28,10 @@ def make_figures(result: dict, arrays, out: Path, model=None, log: bool = False,
     figures += grid_figures(arrays, out, model is not None, log)
     if model is not None:
         figures.append(std_figure(arrays, out, model))
-        figures.append(render_figure(result, arrays, out, model))
+        try:
+            figures.append(render_figure(result, arrays, out, model))
+        except InputError as exc:  # an old file without the sensor's geometry: the report goes on without it
+            logger.warning("no rendered-chart figure: %s", exc)
     return figures
 
 

@@ -27,7 +27,9 @@ def grid_optics(info: GridInfo, strict: bool = True) -> dict | None:
     try:
         params = json.loads(info.attrs["run_params"])
         size = [float(v) for v in json.loads(info.attrs["sensor_size_mm"])]
-        res = [int(v) for v in json.loads(info.attrs["lens_json"]).get("sensor_res", ())]
+        # The resolution DeepLens used (files from this version on); older files: the lens file's.
+        stored = info.attrs.get("sensor_res") or json.dumps(json.loads(info.attrs["lens_json"]).get("sensor_res", []))
+        res = [int(v) for v in json.loads(stored)]
         ks, ks_small = int(params["ks"]), int(params["ks_small"])
     except (KeyError, TypeError, ValueError, AttributeError):
         size, res, ks, ks_small = [], [], 0, 0
@@ -48,8 +50,9 @@ def model_optics(model, data: str | Path | None = None) -> dict:
                              f"this psf-cvae reads {VERSION}; retrain with this version")
         return optics
     if data is None:
-        raise InputError(f"checkpoint {model.info.get('path')} predates stored kernel geometry; give --data with "
-                         "the grid file it was trained on (the kernel pitch is read from there)")
+        raise InputError(f"checkpoint {model.info.get('path')} holds no kernel geometry (trained before psf render, "
+                         "or on a file that does not record the sensor); give --data with the grid file it was "
+                         "trained on (the kernel pitch is read from there)")
     info = open_info(data)
     if info.run_id != model.info["data_fingerprint"]["run_id"]:
         raise InputError(f"{data} is not the grid file this checkpoint was trained on (run id "

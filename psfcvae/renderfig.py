@@ -36,13 +36,17 @@ def patchwise_render(image: torch.Tensor, psf_map: torch.Tensor, pitch_mm: float
 
 
 def grid_psf_map(data: str | Path, depth_m: float) -> torch.Tensor:
-    """The grid file's traced PSFs at the grid depth depth_m: [N, N, 3, k, k], row 0 at y = +1."""
+    """The grid file's traced PSFs at the grid depth depth_m: [N, N, 3, k, k], row 0 at y = +1,
+    each channel summing to its relative illumination (0 where dark), as the model's kernels do."""
     with h5py.File(data, "r") as f:
         depths = f["depths"][:]
         hit = np.flatnonzero(np.isclose(depths, depth_m, rtol=1e-6))
         if hit.size == 0:
             raise InputError(f"{depth_m:g} m is not a depth of {data} ({', '.join(f'{d:g}' for d in depths)} m)")
         psf = f["grid/psf"][int(hit[0])]
+        if "grid/illumination" in f:  # files of schema 2 on: vignetting measured
+            light = f["grid/illumination"][int(hit[0])] * f["grid/valid"][int(hit[0])]  # [P, 3]
+            psf = psf * light[:, :, None, None].astype(psf.dtype)
     n = math.isqrt(psf.shape[0])
     return torch.from_numpy(psf.reshape(n, n, *psf.shape[1:]))
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import illumination, store
+from . import illumination, litfield, store
 from .config import GenerateConfig
 from .grid import grid_coords, heldout_points, neighbour_pairs, noise_indices
 from .lens import build_lens, deeplens_notes, read_lens_file
@@ -243,6 +243,7 @@ def _trace_all(cfg, out: Path, run_id: str, params: dict, lens_file, shard, devi
             "downsample_method": METHOD,
             "foclen_mm": float(lens.foclen),
             "sensor_size_mm": json.dumps([float(v) for v in lens.sensor_size]),
+            "sensor_res": json.dumps([int(v) for v in lens.sensor_res]),  # DeepLens's, default included
             "started_at": now(),
             "valid_min_rays": illumination.min_rays(cfg.spp),
             "valid_min_rays_heldout": illumination.min_rays(cfg.heldout_half_spp()),
@@ -297,7 +298,7 @@ def _trace_all(cfg, out: Path, run_id: str, params: dict, lens_file, shard, devi
     store.set_attrs(out, finished_at=now(), wall_time_s=time.time() - t_start, trace_seconds=trace_seconds)
     _warn_truncation(border[lit], cfg)
     if shard is None:
-        _report_dark(lit, depths, out)
+        litfield.report_dark(lit, depths, out)
     log.info("wrote %s", out)
     return out
 
@@ -350,23 +351,6 @@ def _trace_axis(lens, depths: np.ndarray, cfg: GenerateConfig) -> np.ndarray:
             "the lens vignettes completely or the depth is outside its range; check the lens file's apertures and --depths"
         )
     return axis
-
-
-def _report_dark(lit: np.ndarray, depths: np.ndarray, out: Path) -> None:
-    """One line on the lit field (lit [D, P] bool); an input error when (almost) nothing is lit."""
-    P = lit.shape[1]
-    if lit.all():
-        return
-    per = ", ".join(f"{d:g} m: {int(P - n)}" for d, n in zip(depths, lit.sum(axis=1)))
-    log.warning("dark grid points (outside the lit field, stored as dark, left out of training) of %d per depth: %s; "
-                "'psf info %s' shows the image circle", P, per, out)
-    few = int(lit.sum(axis=1).min())
-    if few < 4:
-        raise InputError(
-            f"only {few} of {P} grid points receive light at {depths[int(lit.sum(axis=1).argmin())]:g} m: the lens's "
-            f"image circle is much smaller than the sensor; {out} is kept, but use a smaller sensor_size in the lens "
-            "file (or a lens that covers it)"
-        )
 
 
 def _depths_text(depth_m: np.ndarray) -> str:

@@ -9,11 +9,17 @@ interpolated in r over the grid points, averaged at equal radii.
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import h5py
 import numpy as np
 
+from .shared.errors import InputError
 from .store import GridInfo
 from .symmetry import sensor_size_mm
+
+log = logging.getLogger(__name__)
 
 FALLOFF_RADII = (0.5, 0.8, 1.0)
 
@@ -71,3 +77,20 @@ def summary_lines(info: GridInfo) -> list[str]:
         lines.append(f"lit field   {depth:g} m: {int((~lit).sum())} of {len(lit)} grid points dark, {where}; "
                      f"illumination at r = {'/'.join(f'{v:g}' for v in FALLOFF_RADII)}: {text}")
     return lines
+
+
+def report_dark(lit: np.ndarray, depths: np.ndarray, out: Path) -> None:
+    """One line on the lit field (lit [D, P] bool); an input error when (almost) nothing is lit."""
+    P = lit.shape[1]
+    if lit.all():
+        return
+    per = ", ".join(f"{d:g} m: {int(P - n)}" for d, n in zip(depths, lit.sum(axis=1)))
+    log.warning("dark grid points (outside the lit field, stored as dark, left out of training) of %d per depth: %s; "
+                "'psf info %s' shows the image circle", P, per, out)
+    few = int(lit.sum(axis=1).min())
+    if few < 4:
+        raise InputError(
+            f"only {few} of {P} grid points receive light at {depths[int(lit.sum(axis=1).argmin())]:g} m: the lens's "
+            f"image circle is much smaller than the sensor; {out} is kept, but use a smaller sensor_size in the lens "
+            "file (or a lens that covers it)"
+        )

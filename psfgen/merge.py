@@ -17,7 +17,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from . import store
+from . import litfield, store
 from .shared import tempfiles
 from .shared.errors import InputError
 from .shared.provenance import now
@@ -132,6 +132,9 @@ def merge(paths: list[str], out: str | Path, overwrite: bool = False, virtual: b
         tempfiles.discard(tmp)
         raise
     log.info("merged %d shards into %s%s", n, out, " (virtual datasets)" if virtual else "")
+    with h5py.File(out, "r") as f:
+        if "grid/valid" in f:  # the lit field of the whole grid, as an unsharded run reports it
+            litfield.report_dark(f["grid/valid"][:].all(axis=-1), f["depths"][:], out)
     return out
 
 

@@ -487,3 +487,13 @@ def test_second_round_of_bad_inputs(tiny_run, tiny_grid, tmp_path):
     assert_one_line_error(run("train", "--data", str(tiny_grid), "--run-dir", str(tmp_path / "r"), "--set",
                               "num_frequencies=130"), "'num_frequencies' must be between 0 and 24")
     assert not (tmp_path / "r").exists()
+
+
+def test_nearest_never_answers_with_a_dark_grid_point():
+    rng = np.random.default_rng(2)
+    grid = rng.random((1, 9, 3, 5, 5)).astype(np.float32)  # 3x3 grid, one depth
+    grid[0, 4] = 0.0  # the centre (0, 0) is dark
+    out = B.nearest(grid, np.array([1.0]), 3, np.array([0.1, 0.9]), np.array([0.05, 0.9]), np.array([1.0, 1.0]))
+    # (0.1, 0.05) is nearest the dark centre; of the lit points, (1, 0) (index 5) is nearest; (0.9, 0.9) -> (1, 1).
+    np.testing.assert_allclose(out[0], grid[0, 5] / grid[0, 5].sum(axis=(-2, -1), keepdims=True), rtol=1e-6)
+    np.testing.assert_allclose(out[1], grid[0, 2] / grid[0, 2].sum(axis=(-2, -1), keepdims=True), rtol=1e-6)

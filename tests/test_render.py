@@ -316,3 +316,27 @@ def test_chart_figure(model, tiny_grid, tmp_path):
     res = chart_figure(model, tmp_path / "chart.png", 2.0, data=tiny_grid, size=32, psf_every=4)
     assert (tmp_path / "chart.png").stat().st_size > 1000
     assert 10 < res["psnr_db"] < 80 and 0 < res["ssim"] <= 1
+
+
+def test_a_lens_file_without_sensor_res_still_gives_the_kernel_pitch(tmp_path):
+    """DeepLens falls back to its default resolution when the lens file has none; the file records it."""
+    import json
+
+    from helpers import tiny_config
+
+    from psfcvae.optics import grid_optics
+    from psfgen import generate
+    from psfgen.config import DEFAULT_LENS
+    from psfgen.lens import build_lens, read_lens_file
+    from psfgen.store import open_info
+
+    data = json.loads(open(DEFAULT_LENS).read())
+    data.pop("sensor_res")
+    lens_path = tmp_path / "nores.json"
+    lens_path.write_text(json.dumps(data))
+    out = generate(tiny_config(tmp_path / "g.h5", lens=str(lens_path), grid_size=2, depths=(1.0,), heldout=2,
+                               noise_points=0))
+    deeplens = build_lens(read_lens_file(lens_path), torch.device("cpu"))
+    optics = grid_optics(open_info(out))
+    assert optics["sensor_res"] == [int(v) for v in deeplens.sensor_res]
+    assert optics["kernel_pitch_mm"] == pytest.approx(64 * float(deeplens.pixel_size) / 15, rel=1e-5)

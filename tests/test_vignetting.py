@@ -236,3 +236,18 @@ def test_the_symmetry_check_compares_only_points_lit_at_both_ends():
     psf[0, 0, 1] = 0  # one channel of the top-left point dark (e.g. fewer rays than the threshold); its mirror lit
     errors = grid_symmetry_errors(psf, 3, square=False)
     assert errors["mirror x"] == 0.0  # the half-dark pair is left out, not counted as 100% (or inf)
+
+
+def test_merging_shards_reports_the_dark_field_as_one_run_does(tmp_path, caplog):
+    from helpers import tiny_config
+    from psfgen import generate
+    from psfgen.generation import shard_path
+    from psfgen.merge import merge
+
+    cfg = dict(lens=VIGNETTED_LENS, depths=(1.0,), heldout=2, noise_points=0)
+    for k in range(2):
+        generate(tiny_config(tmp_path / "s.h5", shard=f"{k}/2", **cfg))
+    with caplog.at_level(logging.WARNING, logger="psfgen"):
+        merge([shard_path(tmp_path / "s.h5", k, 2) for k in range(2)], tmp_path / "m.h5")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dark grid points")]
+    assert len(lines) == 1 and "1 m: 4" in lines[0], lines  # the four corners of the 4x4 grid
