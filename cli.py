@@ -54,10 +54,13 @@ def _spellings(ctx: click.Context) -> dict[str, str]:
     return {**typed, **API_OPTIONS.get(ctx.command.name, {})}
 
 
-def _same_command(ctx: click.Context, *extra: str) -> str:
-    """The command line the user typed (options as given, in the command's order), plus ``extra``."""
+def _same_command(ctx: click.Context, *extra: str, omit: tuple[str, ...] = ()) -> str:
+    """The command line the user typed (options as given, in the command's order, but those named
+    in ``omit``), plus ``extra``."""
     words = ["psf", ctx.command.name or ""]
     for p in ctx.command.params:
+        if p.name in omit:
+            continue
         value = ctx.params.get(p.name)
         if ctx.get_parameter_source(p.name) != ParameterSource.COMMANDLINE or value is None or value is False or value == ():
             continue
@@ -185,8 +188,12 @@ def generate(config_path, sets, overwrite, **options):
     try:
         path = run(cfg)
     except KeyboardInterrupt:
-        click.echo(f"\nInterrupted; the finished blocks are kept in {cfg.out}. Resume with:\n  "
-                   f"{_same_command(click.get_current_context())}", err=True)
+        from psfgen.generation import resolve_shard, shard_path
+
+        where = cfg.out if cfg.shard is None else shard_path(Path(cfg.out), *resolve_shard(cfg.shard))
+        # --overwrite would start the file again: the command that resumes leaves it out.
+        click.echo(f"\nInterrupted; the finished blocks are kept in {where}. Resume with:\n  "
+                   f"{_same_command(click.get_current_context(), omit=('overwrite',))}", err=True)
         sys.exit(INTERRUPTED)
     click.echo(str(path))
 
@@ -246,6 +253,11 @@ def train(config_path, sets, resume, **options):
             click.echo(f"\nInterrupted at step {stop.step}; saved {stop.checkpoint}. Resume with:\n  {again}"
                        + ("\n  (under torchrun: the same torchrun command with --resume)"
                           if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""), err=True)
+        sys.exit(INTERRUPTED)
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, the last checkpoint written stays
+        latest = Path(cfg.run_dir) / "latest.pt"
+        kept = f"{latest} (written earlier) is kept" if latest.exists() else "no checkpoint was written yet"
+        click.echo(f"\nStopped at once by a second interrupt; {kept}.", err=True)
         sys.exit(INTERRUPTED)
     if main_rank:
         best = run_dir / "best.pt"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import signal
 
 import h5py
 import numpy as np
@@ -181,6 +182,13 @@ class GridBatches(Dataset):
         return state
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """In a DataLoader worker: Ctrl-C and SIGTERM are the main process's to handle (save, then stop).
+    A scheduler signals the whole process group; a worker dying on it would crash the step."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(dataset: GridBatches, start: int, num_workers: int, pin_memory: bool = False) -> DataLoader:
     """Batches start, start+1, ... forever, in order, whatever num_workers."""
     return DataLoader(
@@ -190,6 +198,7 @@ def make_loader(dataset: GridBatches, start: int, num_workers: int, pin_memory: 
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
+        worker_init_fn=_ignore_stop_signals,
         # Its own generator: creating the iterator would otherwise draw from the global RNG,
         # which training saves and restores for --resume.
         generator=torch.Generator().manual_seed(0),

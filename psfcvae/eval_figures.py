@@ -120,14 +120,18 @@ def grid_figures(arrays, out: Path, has_model: bool, log: bool) -> list[tuple[st
         else:
             shown = arrays.eigen(arrays.coords[:, 0], arrays.coords[:, 1], np.full(n * n, depth))
             panels = {"ground truth": truth, f"eigen-psf ({arrays.eigen.components})": shown}
-        peak = np.maximum(truth.max(axis=(-3, -2, -1), keepdims=True), 1e-12)  # 0 at a dark point
-        panels["|error|"] = np.abs(shown - truth) / peak
+        # A dark grid point has no PSF: it shows as black in every panel and has no error (not 1/0).
+        lit = truth.sum(axis=(-2, -1)).min(axis=-1) > 0  # [P]
+        panels = {k: v * lit[:, None, None, None] for k, v in panels.items()}
+        peak = np.where(lit, truth.max(axis=(-3, -2, -1)), 1.0)[:, None, None, None]
+        panels["|error|"] = np.abs(shown - truth) / peak * lit[:, None, None, None]
         name = f"grid_depth{d}_{depth:g}m.png"
         plots.save(plots.grid_panels(panels, n, float(depth), log), out / name)
         figures.append((name, f"The training grid at {depth:g} m",
                         "The PSFs the model trained on (ground truth), its reconstruction of them through the encoder "
                         "(posterior recon), the PSF it gives from position alone (prior mean), and the |error| of "
-                        + ("the prior mean" if has_model else "the eigen-PSF") + " over each PSF's peak."))
+                        + ("the prior mean" if has_model else "the eigen-PSF") + " over each PSF's peak"
+                        + ("; black tiles are dark grid points (no light: no PSF)." if not lit.all() else ".")))
     return figures
 
 

@@ -35,7 +35,7 @@ from psfgen.store import GridInfo, open_info, require_complete
 from . import baselines, checkpoint
 from .api import PSFModel, load_model
 from .data import check_grid_content, lit_only, read_heldout, read_lit
-from .metrics import rel_l2_corrected, spearman, summarize
+from .metrics import measured_points, rel_l2_corrected, spearman, summarize
 
 log = logging.getLogger(__name__)
 
@@ -363,7 +363,7 @@ def format_table(result: dict) -> str:
     head = f"{'method':24s}" + "".join(f"{labels[g]:>14s}" for g in groups) + f"{'all, raw':>12s}"
     lines = [
         "Held-out relative L2 error, %: noise-corrected pooled (docs/metrics.md), and the raw mean",
-        f"{result['data']['n_heldout']} points, reference at spp {result['data']['heldout_spp']}",
+        f"{measured_points(result)}, reference at spp {result['data']['heldout_spp']}",
         head,
         "-" * len(head),
     ]

@@ -60,3 +60,9 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
         return float("nan")
     rx, ry = ranks(np.asarray(x)), ranks(np.asarray(y))
     return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def measured_points(result: dict) -> str:
+    """How many held-out points the PSF metrics stand on: "12 points", or "8 lit of 12 points"."""
+    n, dark = result["data"]["n_heldout"], result.get("heldout_dark", 0)
+    return f"{n - dark} lit of {n} points" if dark else f"{n} points"

@@ -11,6 +11,8 @@ import io
 import re
 from pathlib import Path
 
+from .metrics import measured_points
+
 DEFINITIONS = [
     ("error", "relative L2: ‖P − R‖ / ‖R‖ over the three colour channels and all pixels of the kernel, in %."),
     ("noise-corrected, pooled", "the reference R is itself ray-traced, as the mean of two independent traces A and B; "
@@ -98,7 +100,7 @@ def _headline(result: dict) -> str:
     noise = result["reference_noise"].get("mean")
     return (f'<p class="headline" id="headline">{html.escape(h["sentence"])}</p>'
             f"<table id=\"headline-table\"><tr><th>method</th><th>held-out error</th></tr>{''.join(rows)}</table>"
-            f"<p>Error: relative L2 at {result['data']['n_heldout']} held-out points the model never saw, with the "
+            f"<p>Error: relative L2 at {measured_points(result)} held out (never seen by the model), with the "
             f"reference's own ray-tracing noise removed (noise-corrected, pooled; every error on this page is this "
             f"figure). The raw comparison reads higher because the reference itself is noisy "
             f"({_pct(noise)} on average, traced at spp {result['data']['heldout_spp']}).</p>")
@@ -153,7 +155,7 @@ def _context(result: dict) -> str:
         ("kernel", f"{o['kernel_px']} × {o['kernel_px']} px RGB, {pitch}"),
         ("training grid", f"{d['grid_size']} × {d['grid_size']} field points at "
          f"{', '.join(f'{v:g}' for v in d['depths_m'])} m, spp {d['spp']} (rays per point and colour)"),
-        ("held-out reference", f"{d['n_heldout']} points at spp {d['heldout_spp']}, in two independent halves"),
+        ("held-out reference", f"{measured_points(result)} at spp {d['heldout_spp']}, in two independent halves"),
         ("data run", f"<code>{d['run_id']}</code>"),
         ("software", html.escape(", ".join(f"{k} {v}" for k, v in result["versions"].items()))),
     ]

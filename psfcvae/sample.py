@@ -53,7 +53,7 @@ def sample_psfs(checkpoint, out, points, grid_m, depth_m, mode, allow_extrapolat
             with h5py.File(out, "w") as f:
                 f["psf"] = psf
                 f["coords"] = points
-                f.attrs["depth_m"] = np.nan if depth_m is None else depth_m
+                f.attrs["depth_m"] = used_depth  # [m]: the depth the model was given
                 f.attrs["mode"] = mode
                 f.attrs["checkpoint"] = str(checkpoint)
                 f.attrs["model"] = json.dumps({k: model.info[k] for k in ("step", "data_fingerprint")})

@@ -273,6 +273,7 @@ def test_train_names_its_checkpoints_and_the_eval_command(tiny_grid, tmp_path):
 def test_ctrl_c_in_generate_prints_the_resume_command(tmp_path):
     out = tmp_path / "g.h5"
     args = tiny_args(out, spp=4000, block_rays=4000, heldout=0, noise_points=0)  # one point per block: 32 blocks
+    args.append("--overwrite")  # as a user who restarts a run would; the resume command must not repeat it
     proc = subprocess.Popen(CLI + args, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not out.exists() and time.time() < deadline:
@@ -284,11 +285,14 @@ def test_ctrl_c_in_generate_prints_the_resume_command(tmp_path):
         pytest.skip("the grid finished before the signal")
     assert proc.returncode == 130, err
     again = err.strip().splitlines()[-1].strip()
-    assert again.startswith("psf generate ") and f"--out {out}" in again, err
+    assert again.startswith("psf generate ") and f"--out {out}" in again and "--overwrite" not in again, err
+    with h5py.File(out) as f:
+        done, seconds = f["blocks/done"][:].astype(bool), f["blocks/seconds"][:]
     result = run_cli(shlex.split(again)[1:])  # the same command finishes the file
     assert result.exit_code == 0, result.output
     with h5py.File(out) as f:
         assert f["blocks/done"][:].all()
+        np.testing.assert_array_equal(f["blocks/seconds"][:][done], seconds[done])  # kept, not traced again
 
 
 def test_psf_info_names_the_devices_of_a_merged_file():
@@ -306,3 +310,21 @@ def test_input_error_keeps_its_placeholders_across_processes():
     assert str(exc) == "depth_m {x} 3 m is out; {y}"  # unknown placeholders stay as written
     assert exc.render({"depth_m": "--depth"}) == "--depth {x} 3 m is out; {y}"
     assert InputError("a {literal} brace").render({"literal": "no"}) == "a {literal} brace"  # plain messages are text
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_with_workers_saves_and_exits_130(tiny_grid, tmp_path):
+    """A scheduler (SLURM, systemd) signals every process of the job, DataLoader workers included."""
+    run_dir = tmp_path / "run"
+    keys = {**SMALL, "max_steps": 100000, "checkpoint_every": 100000, "num_workers": 2}
+    sets = [x for k, v in keys.items() for x in ("--set", f"{k}={v}")]
+    proc = subprocess.Popen(CLI + ["train", "--data", str(tiny_grid), "--run-dir", str(run_dir)] + sets, cwd=ROOT,
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not list((run_dir / "tb").glob("events.*")) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.5)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and torch.load(run_dir / "latest.pt", weights_only=True)["step"] > 0

@@ -192,6 +192,7 @@ def test_eval_leaves_dark_points_out_and_reports_illumination(vignetted_run, vig
     assert il["n"] == 16 and il["n_lit"] == int(lit.sum()) and il["abs_error"]["mean"] < 0.3
     assert f"dark held-out points left out (outside the lit field): {int((~lit).sum())}" in result.output
     assert "illumination, model vs traced: mean |error|" in result.output
+    assert f"{int(lit.sum())} lit of 16 points, reference at spp" in result.output  # what the metrics stand on
 
 
 def test_an_old_checkpoint_loads_and_its_illumination_is_refused(tiny_run, tmp_path):
@@ -240,6 +241,7 @@ def test_the_symmetry_check_compares_only_points_lit_at_both_ends():
 
 def test_merging_shards_reports_the_dark_field_as_one_run_does(tmp_path, caplog):
     from helpers import tiny_config
+
     from psfgen import generate
     from psfgen.generation import shard_path
     from psfgen.merge import merge
