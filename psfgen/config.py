@@ -59,6 +59,9 @@ class GenerateConfig:
         if self.noise_points is None and isinstance(self.grid_size, int):
             object.__setattr__(self, "noise_points", default_noise_points(self.grid_size))
 
+    # Option spellings whose config key differs (--kernel-size sets ks), for unknown-key hints.
+    KEY_ALIASES = {"kernel_size": "ks", "kernel_size_small": "ks_small"}
+
     def validate(self) -> None:
         check_grid_size(self)
         if self.depths is not None:
