@@ -262,9 +262,46 @@ def _run_lock(run_dir: Path):
     return locking.exclusive(run_dir, "psf train")
 
 
-def _train(cfg: TrainConfig, resume: bool, info: GridInfo, args: ModelArgs, run_dir: Path, ckpt: dict | None) -> Path:
-    """train() once the run directory is locked; ckpt: the run's latest checkpoint when resuming."""
-    latest, best_path = run_dir / "latest.pt", run_dir / "best.pt"
+class LossWindow:
+    """The training losses summed since the last log: their means are what TensorBoard shows.
+
+    Saved in every checkpoint, so a resume between two logs logs the same means.
+    """
+
+    KEYS = ("loss_all", "loss_recon", "loss_kl", "loss_smooth", "loss_recon_prior", "loss_scale", "grad_norm")
+
+    def __init__(self, illumination: bool, state: dict | None = None):
+        self.sums = dict.fromkeys(self.KEYS + (("loss_illumination",) if illumination else ()), 0.0)
+        self.n = 0
+        if state is not None:
+            self.sums, self.n = dict(state["sums"]), state["n"]
+
+    def add(self, out, grad_norm) -> None:
+        values = {"loss_all": out.loss, "loss_recon": out.recon, "loss_kl": out.kl, "loss_smooth": out.smooth,
+                  "loss_recon_prior": out.recon_prior, "loss_scale": out.scale, "grad_norm": grad_norm,
+                  "loss_illumination": out.illum}
+        for key in self.sums:
+            self.sums[key] += float(values[key].detach())
+        self.n += 1
+
+    def means(self, world: int, device) -> dict:
+        """The window's means, over all ranks under DDP (the loss of the whole global batch); then empty."""
+        sums = self.sums
+        if world > 1:
+            total = torch.tensor(list(sums.values()), dtype=torch.float64, device=device)
+            dist.all_reduce(total)
+            sums = dict(zip(sums, (total / world).tolist()))
+        means = {k: v / self.n for k, v in sums.items()}
+        self.sums, self.n = dict.fromkeys(self.sums, 0.0), 0
+        return means
+
+    def state(self) -> dict:
+        return {"sums": dict(self.sums), "n": self.n}
+
+
+def _prepare_run_dir(run_dir: Path, resume: bool) -> None:
+    """The run directory exists and holds a run exactly when resuming; an input error otherwise."""
+    latest = run_dir / "latest.pt"
     if latest.exists() and not resume:
         raise InputError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
     if resume and not latest.exists():
@@ -273,49 +310,101 @@ def _train(cfg: TrainConfig, resume: bool, info: GridInfo, args: ModelArgs, run_
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"cannot create run directory {run_dir}: {exc.strerror}") from None
+
+
+def _restore(ckpt: dict, cfg: TrainConfig, info: GridInfo, args: ModelArgs, model, optimizer, device,
+             run_dir: Path) -> tuple[int, float]:
+    """Load a run's latest checkpoint into model and optimizer after checking it fits: (step, best)."""
+    latest = run_dir / "latest.pt"
+    checkpoint.check_same_data(ckpt, info, f"checkpoint {latest}")
+    if asdict(ModelArgs(**ckpt["model_args"])) != asdict(args):  # older checkpoints lack newer keys
+        raise InputError(f"checkpoint {latest} has another network than this config; resume with the run's own "
+                         f"config ({run_dir}/config.yaml)")
+    before = ckpt["config"]
+    order = [k for k in ("seed", "batch_size", "read_run") if before.get(k) != getattr(cfg, k)]
+    if order:
+        raise InputError(
+            f"--resume with another {', '.join(order)} than the run would change its data order; "
+            f"resume with the values in {run_dir}/config.yaml"
+        )
+    schedule = [k for k in ("learning_rate", "lr_schedule", "max_steps") if before.get(k) != getattr(cfg, k)]
+    if schedule and not (schedule == ["max_steps"] and cfg.lr_schedule == "constant"):
+        log.warning("resuming with another %s: the learning rate from here on is not the original run's",
+                    ", ".join(schedule))
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if device.type == "cuda" and "cuda" in ckpt["rng"]:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+    log.info("resuming %s at step %d", run_dir, ckpt["step"])
+    return ckpt["step"], ckpt["best_val"]
+
+
+def _save(path: Path, run: dict, step: int, best: float, metrics: dict, window: LossWindow) -> None:
+    """Write a checkpoint of the run (``run``: model, optimizer, args, cfg, info, fingerprint, device,
+    writer, latest) at ``step``: weights, optimiser, random state, config, data fingerprint, loss window."""
+    model, cfg, device, latest = run["model"], run["cfg"], run["device"], run["latest"]
+    # A finite loss can still step to non-finite weights; checked here, where they would be kept,
+    # not every step (one device sync per tensor); the next step's loss check catches them too.
+    if not torch.stack([p.isfinite().all() for p in model.parameters()]).all():
+        raise TrainingError(
+            f"the weights became non-finite by step {step} (learning rate {cfg.lr_at(step - 1):.3g}); the last good "
+            f"checkpoint {latest if latest.exists() else '(none yet)'} is kept; lower learning_rate"
+        )
+    run["writer"].flush()  # the curves up to this step reach the disk with the checkpoint (kill -9 safe)
+    rng = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    checkpoint.save(path, {
+        "model": model.state_dict(), "optimizer": run["optimizer"].state_dict(), "model_args": asdict(run["args"]),
+        "step": step, "best_val": best, "val": metrics, "config": configio.to_dict(cfg),
+        "data_fingerprint": run["fingerprint"], "versions": versions(), "saved_at": now(), "rng": rng,
+        "loss_window": window.state(),  # a resume between two logs logs the same means
+        "optics": optics.grid_optics(run["info"], strict=False),  # kernel pitch and sensor: what `psf render` needs
+    })
+
+
+def _step_is_finite(out, world: int, device, step: int, latest: Path) -> None:
+    """A non-finite loss stops training (every rank together, or the others would wait forever)."""
+    finite = torch.isfinite(out.loss.detach())
+    if world > 1:
+        flag = finite.float().to(device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        finite = flag > 0
+    if not finite:
+        raise TrainingError(
+            f"loss became non-finite at step {step + 1} (recon {out.recon.item():.3g}, kl {out.kl.item():.3g}); "
+            f"the last good checkpoint {latest if latest.exists() else '(none yet)'} is kept; lower learning_rate "
+            "or kl_weight"
+        )
+
+
+def _train(cfg: TrainConfig, resume: bool, info: GridInfo, args: ModelArgs, run_dir: Path, ckpt: dict | None) -> Path:
+    """train() once the run directory is locked; ckpt: the run's latest checkpoint when resuming."""
+    # --- set up: run directory, processes, model, optimiser, maybe the run to resume -----------
+    latest, best_path = run_dir / "latest.pt", run_dir / "best.pt"
+    _prepare_run_dir(run_dir, resume)
     rank, world, device = setup_distributed(cfg.device)
     main_rank = rank == 0
     if world > cfg.batch_size:
         raise InputError(f"{world} processes share a batch of {cfg.batch_size}: raise batch_size to at least {world}")
-
     torch.manual_seed(cfg.seed)
     model = CVAE(args).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
-    step, best = 0, math.inf
-    if resume:
-        checkpoint.check_same_data(ckpt, info, f"checkpoint {latest}")
-        if asdict(ModelArgs(**ckpt["model_args"])) != asdict(args):  # older checkpoints lack newer keys
-            raise InputError(f"checkpoint {latest} has another network than this config; resume with the run's own config ({run_dir}/config.yaml)")
-        before = ckpt["config"]
-        order = [k for k in ("seed", "batch_size", "read_run") if before.get(k) != getattr(cfg, k)]
-        if order:
-            raise InputError(
-                f"--resume with another {', '.join(order)} than the run would change its data order; "
-                f"resume with the values in {run_dir}/config.yaml"
-            )
-        schedule = [k for k in ("learning_rate", "lr_schedule", "max_steps") if before.get(k) != getattr(cfg, k)]
-        if schedule and not (schedule == ["max_steps"] and cfg.lr_schedule == "constant"):
-            log.warning("resuming with another %s: the learning rate from here on is not the original run's", ", ".join(schedule))
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, best = ckpt["step"], ckpt["best_val"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-        log.info("resuming %s at step %d", run_dir, step)
-        if step >= cfg.max_steps:
-            log.info("%s is already at max_steps (%d); raise --max-steps to train on", run_dir, cfg.max_steps)
-            if world > 1:
-                dist.destroy_process_group()
-            return run_dir
+    step, best = _restore(ckpt, cfg, info, args, model, optimizer, device, run_dir) if resume else (0, math.inf)
+    if step >= cfg.max_steps:
+        log.info("%s is already at max_steps (%d); raise --max-steps to train on", run_dir, cfg.max_steps)
+        if world > 1:
+            dist.destroy_process_group()
+        return run_dir
     if world > 1:  # the same weights everywhere (DDP broadcasts them), other noise on each rank
         torch.manual_seed(cfg.seed + 7919 * rank + step)
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    else:
-        net = model
+    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else model
     if main_rank:
         configio.save_yaml(cfg, run_dir / "config.yaml")
 
+    # --- the data, the logs ---------------------------------------------------------------
     conds, heldout = _lit_data(info, model, device, main_rank)
     grid_bytes = len(info.depths) * info.grid_size**2 * 3 * info.ks_small**2 * 4
     in_memory = {"auto": grid_bytes < IN_MEMORY_AUTO_LIMIT, "true": True, "false": False}[cfg.in_memory]
@@ -326,69 +415,41 @@ def _train(cfg: TrainConfig, resume: bool, info: GridInfo, args: ModelArgs, run_
     writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=step + 1 if resume else None) if main_rank else None
     if main_rank:
         tblog.start(writer)
-    fingerprint = checkpoint.data_fingerprint(info)
-
-    def save(path: Path, metrics: dict) -> None:
-        # A finite loss can still step to non-finite weights; checked here, where they would be kept,
-        # not every step (one device sync per tensor); the next step's loss check catches them too.
-        if not torch.stack([p.isfinite().all() for p in model.parameters()]).all():
-            raise TrainingError(
-                f"the weights became non-finite by step {step} (learning rate {cfg.lr_at(step - 1):.3g}); the last good "
-                f"checkpoint {latest if latest.exists() else '(none yet)'} is kept; lower learning_rate"
-            )
-        writer.flush()  # the curves up to this step reach the disk with the checkpoint (kill -9 safe)
-        rng = {"torch": torch.get_rng_state()}
-        if device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(device)
-        checkpoint.save(path, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": asdict(args),
-            "step": step, "best_val": best, "val": metrics, "config": configio.to_dict(cfg),
-            "data_fingerprint": fingerprint, "versions": versions(), "saved_at": now(), "rng": rng,
-            "loss_window": {"sums": dict(window), "n": n_window},  # a resume between two logs logs the same means
-            "optics": optics.grid_optics(info, strict=False),  # kernel pitch and sensor: what `psf render` needs
-        })
-
+    run = dict(model=model, optimizer=optimizer, args=args, cfg=cfg, info=info, device=device, writer=writer,
+               latest=latest, fingerprint=checkpoint.data_fingerprint(info))
     (log.info if main_rank else log.debug)(  # once, not once per rank
         "training on %s%s: %d depths x %d points, cond %s, %s, %d parameters, run dir %s",
-        device, f" ({world} processes)" if world > 1 else "", len(info.depths), info.grid_size**2, "(x, y, d)" if args.cond_dim == 3 else "(x, y)",
-        "in memory" if in_memory else "streamed from disk", sum(p.numel() for p in model.parameters()), run_dir,
+        device, f" ({world} processes)" if world > 1 else "", len(info.depths), info.grid_size**2,
+        "(x, y, d)" if args.cond_dim == 3 else "(x, y)", "in memory" if in_memory else "streamed from disk",
+        sum(p.numel() for p in model.parameters()), run_dir,
     )
 
     # --- the loop ----------------------------------------------------------------------
     metrics: dict = {}
-    window = {"loss_all": 0.0, "loss_recon": 0.0, "loss_kl": 0.0, "loss_smooth": 0.0, "loss_recon_prior": 0.0, "loss_scale": 0.0,
-              "grad_norm": 0.0}
-    if model.illumination is not None:
-        window["loss_illumination"] = 0.0
-    n_window = 0
-    if ckpt is not None and "loss_window" in ckpt and world == 1:  # under DDP each rank summed its own share
-        window, n_window = dict(ckpt["loss_window"]["sums"]), ckpt["loss_window"]["n"]
+    # Under DDP each rank summed its own share of a saved window: a resumed DDP run starts a new one.
+    window = LossWindow(model.illumination is not None, ckpt.get("loss_window") if ckpt and world == 1 else None)
     t0, step0 = time.perf_counter(), step
     quiet = not log.isEnabledFor(logging.INFO) or not main_rank
-    bar = tqdm(total=cfg.max_steps, initial=step, unit="step", desc="training", disable=True if quiet else None, dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, initial=step, unit="step", desc="training", disable=True if quiet else None,
+               dynamic_ncols=True)
     model.train()
     for batch in loader:
         if step >= cfg.max_steps:
             break
         if signum := interrupt.requested(world, device):  # Ctrl-C or SIGTERM: save where the last step left off
             if main_rank:
-                save(latest, metrics)
+                _save(latest, run, step, best, metrics, window)
             bar.close()
             raise interrupt.Interrupted(step, latest, signum)
+
+        # forward: the batch, its neighbour pairs (both ends lit), the loss
         psf = batch["psf"].to(device, non_blocking=True)  # [B, 3, k, k]
         point, depth = batch["point"].to(device), batch["depth"].to(device)  # [B]
-        pair_src, pair_cond = conds.pairs(point, depth)  # [Q], [Q, C]: both ends lit
+        pair_src, pair_cond = conds.pairs(point, depth)  # [Q], [Q, C]
         out = net(psf, conds(point, depth), pair_src, pair_cond, **_lit_terms(batch, model, device))
-        finite = torch.isfinite(out.loss.detach())
-        if world > 1:  # every rank must stop together, or the others wait forever
-            flag = finite.float().to(device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            finite = flag > 0
-        if not finite:
-            raise TrainingError(
-                f"loss became non-finite at step {step + 1} (recon {out.recon.item():.3g}, kl {out.kl.item():.3g}); "
-                f"the last good checkpoint {latest if latest.exists() else '(none yet)'} is kept; lower learning_rate or kl_weight"
-            )
+        _step_is_finite(out, world, device, step, latest)
+
+        # determine and set the learning rate, then step
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr_at(step)
         optimizer.zero_grad(set_to_none=True)
@@ -397,50 +458,45 @@ def _train(cfg: TrainConfig, resume: bool, info: GridInfo, args: ModelArgs, run_
         optimizer.step()
         step += 1
 
-        for key, value in (("loss_all", out.loss), ("loss_recon", out.recon), ("loss_kl", out.kl),
-                           ("loss_smooth", out.smooth), ("loss_recon_prior", out.recon_prior), ("loss_scale", out.scale),
-                           ("grad_norm", grad_norm), ("loss_illumination", out.illum)):
-            if key in window:
-                window[key] += float(value.detach())
-        n_window += 1
+        # log the loss window's means
+        window.add(out, grad_norm)
         if step % cfg.log_every == 0 or step == cfg.max_steps:
-            if world > 1:  # log the mean over ranks: the loss of the whole global batch
-                sums = torch.tensor(list(window.values()), dtype=torch.float64, device=device)
-                dist.all_reduce(sums)
-                window = dict(zip(window, (sums / world).tolist()))
+            means = window.means(world, device)
             if main_rank:
-                for key in window:
-                    writer.add_scalar(key, window[key] / n_window, step)
+                for key, value in means.items():
+                    writer.add_scalar(key, value, step)
                 writer.add_scalar("learning_rate", optimizer.param_groups[0]["lr"], step)
-                bar.set_postfix(loss=f"{window['loss_all'] / n_window:.3g}", refresh=False)
-            window = dict.fromkeys(window, 0.0)
-            n_window = 0
+                bar.set_postfix(loss=f"{means['loss_all']:.3g}", refresh=False)
 
+        # evaluate on the grid and the held-out set, and write checkpoints
         if main_rank and (step % cfg.val_every == 0 or step == cfg.max_steps):
             metrics, images = validate(model, conds, info, heldout, device, image_depth=len(info.depths) // 2)
             for key, value in metrics.items():
                 writer.add_scalar(key, value, step)
             for key, img in images.items():
                 writer.add_image(key, img, step)
-            score = metrics.get("val_heldout_rel_l2", metrics["val_prior_mse"])
             log.info("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            score = metrics.get("val_heldout_rel_l2", metrics["val_prior_mse"])
             if score < best:
                 best = score
-                save(best_path, metrics)
-
+                _save(best_path, run, step, best, metrics, window)
         if main_rank and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps):
-            save(latest, metrics)
+            _save(latest, run, step, best, metrics, window)
         bar.update(1)
     bar.close()
+    _finish(run, cfg, metrics, step - step0, time.perf_counter() - t0, world, main_rank, run_dir)
+    return run_dir
 
-    elapsed = time.perf_counter() - t0
-    rate = (step - step0) / elapsed if elapsed > 0 else float("nan")
+
+def _finish(run: dict, cfg: TrainConfig, metrics: dict, steps: int, elapsed: float, world: int, main_rank: bool,
+            run_dir: Path) -> None:
+    """The run's speed in the log, its hyper-parameters with their final metrics, the process group closed."""
     if main_rank:
-        log.info("%d steps in %.1f s (%.1f steps/s); logs: %s", step - step0, elapsed, rate, run_dir / "tb")
+        rate = steps / elapsed if elapsed > 0 else float("nan")
+        log.info("%d steps in %.1f s (%.1f steps/s); logs: %s", steps, elapsed, rate, run_dir / "tb")
         hparams = {k: v for k, v in configio.to_dict(cfg).items() if isinstance(v, (int, float, str, bool))}
-        tblog.write_hparams(writer, hparams, metrics)
-        writer.close()
+        tblog.write_hparams(run["writer"], hparams, metrics)
+        run["writer"].close()
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return run_dir
