@@ -228,28 +228,6 @@ def _trace_all(cfg, out: Path, run_id: str, params: dict, lens_file, shard, devi
         log.info("resuming %s: %d/%d blocks already traced", out, done[mine].sum(), mine.sum())
     else:
         axis = _trace_axis(lens, depths, cfg)  # before the file exists: a lens that lights nothing leaves none
-        attrs = {
-            "format": store.FORMAT,
-            "schema_version": store.SCHEMA_VERSION,
-            "versions": json.dumps(versions()),
-            "lens_path": lens_file.path,
-            "lens_json": lens_file.text,
-            "lens_sha256": lens_file.sha256,
-            "config": to_json(cfg),
-            "run_params": json.dumps(params, sort_keys=True),
-            "run_id": run_id,
-            "seed": cfg.seed,
-            "device": str(device),
-            "downsample_method": METHOD,
-            "foclen_mm": float(lens.foclen),
-            "sensor_size_mm": json.dumps([float(v) for v in lens.sensor_size]),
-            "sensor_res": json.dumps([int(v) for v in lens.sensor_res]),  # DeepLens's, default included
-            "started_at": now(),
-            "valid_min_rays": illumination.min_rays(cfg.spp),
-            "valid_min_rays_heldout": illumination.min_rays(cfg.heldout_half_spp()),
-        }
-        if shard is not None:
-            attrs.update(shard_index=shard[0], shard_count=shard[1])
         arrays = {
             "depths": depths,
             "wvln": np.asarray(lens.wvln_rgb, dtype=np.float64),
@@ -261,12 +239,7 @@ def _trace_all(cfg, out: Path, run_id: str, params: dict, lens_file, shard, devi
             "heldout/at_grid_depth": ho_at,
             "axis/fraction": axis,
         }
-        sizes = dict(D=len(depths), P=N * N, S=cfg.noise_points, M=cfg.heldout, k=cfg.ks_small)
-        _check_disk(out, sizes, 1.0 if shard is None else 1.0 / shard[1])
-        try:
-            store.create(out, attrs=attrs, arrays=arrays, sizes=sizes, blocks=blocks)
-        except OSError as exc:
-            raise InputError(f"cannot write {out}: {exc.strerror or exc}; choose a writable --out") from None
+        _create(out, _header(cfg, lens_file, lens, run_id, params, device, shard), arrays, blocks, shard)
         done = np.zeros(len(blocks), dtype=bool)
         log.info("tracing %d blocks into %s on %s", mine.sum(), out, device)
 
@@ -301,6 +274,45 @@ def _trace_all(cfg, out: Path, run_id: str, params: dict, lens_file, shard, devi
         litfield.report_dark(lit, depths, out)
     log.info("wrote %s", out)
     return out
+
+
+def _header(cfg: GenerateConfig, lens_file, lens, run_id: str, params: dict, device, shard) -> dict:
+    """The new file's attributes: format, versions, the lens (path, text, hash), config and provenance."""
+    attrs = {
+        "format": store.FORMAT,
+        "schema_version": store.SCHEMA_VERSION,
+        "versions": json.dumps(versions()),
+        "lens_path": lens_file.path,
+        "lens_json": lens_file.text,
+        "lens_sha256": lens_file.sha256,
+        "config": to_json(cfg),
+        "run_params": json.dumps(params, sort_keys=True),
+        "run_id": run_id,
+        "seed": cfg.seed,
+        "device": str(device),
+        "downsample_method": METHOD,
+        "foclen_mm": float(lens.foclen),
+        "sensor_size_mm": json.dumps([float(v) for v in lens.sensor_size]),
+        "sensor_res": json.dumps([int(v) for v in lens.sensor_res]),  # DeepLens's, default included
+        "started_at": now(),
+        "valid_min_rays": illumination.min_rays(cfg.spp),
+        "valid_min_rays_heldout": illumination.min_rays(cfg.heldout_half_spp()),
+    }
+    if shard is not None:
+        attrs.update(shard_index=shard[0], shard_count=shard[1])
+    return attrs
+
+
+def _create(out: Path, attrs: dict, arrays: dict, blocks: list, shard) -> None:
+    """Create the file with every dataset at full size (after checking the disk has room for it)."""
+    cfg = json.loads(attrs["config"])
+    N, D = cfg["grid_size"], len(arrays["depths"])
+    sizes = dict(D=D, P=N * N, S=cfg["noise_points"], M=cfg["heldout"], k=cfg["ks_small"])
+    _check_disk(out, sizes, 1.0 if shard is None else 1.0 / shard[1])
+    try:
+        store.create(out, attrs=attrs, arrays=arrays, sizes=sizes, blocks=blocks)
+    except OSError as exc:
+        raise InputError(f"cannot write {out}: {exc.strerror or exc}; choose a writable --out") from None
 
 
 def _trace_block(lens, out: Path, index: int, block: Block, xy: np.ndarray, depth_m: np.ndarray, spp: int,
