@@ -406,10 +406,7 @@ def _train(cfg: TrainConfig, resume: bool, info: GridInfo, args: ModelArgs, run_
 
     # --- the data, the logs ---------------------------------------------------------------
     conds, heldout = _lit_data(info, model, device, main_rank)
-    grid_bytes = len(info.depths) * info.grid_size**2 * 3 * info.ks_small**2 * 4
-    in_memory = {"auto": grid_bytes < IN_MEMORY_AUTO_LIMIT, "true": True, "false": False}[cfg.in_memory]
-    dataset = GridBatches(info, cfg.batch_size, cfg.read_run, cfg.seed, in_memory, rank=rank, world=world)
-    loader = make_loader(dataset, start=step, num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+    loader = _loader(cfg, info, model, device, rank, world, step, run_dir)
     if resume and main_rank:
         _wait_for_a_later_second(run_dir / "tb")
     writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=step + 1 if resume else None) if main_rank else None
@@ -417,12 +414,6 @@ def _train(cfg: TrainConfig, resume: bool, info: GridInfo, args: ModelArgs, run_
         tblog.start(writer)
     run = dict(model=model, optimizer=optimizer, args=args, cfg=cfg, info=info, device=device, writer=writer,
                latest=latest, fingerprint=checkpoint.data_fingerprint(info))
-    (log.info if main_rank else log.debug)(  # once, not once per rank
-        "training on %s%s: %d depths x %d points, cond %s, %s, %d parameters, run dir %s",
-        device, f" ({world} processes)" if world > 1 else "", len(info.depths), info.grid_size**2,
-        "(x, y, d)" if args.cond_dim == 3 else "(x, y)", "in memory" if in_memory else "streamed from disk",
-        sum(p.numel() for p in model.parameters()), run_dir,
-    )
 
     # --- the loop ----------------------------------------------------------------------
     metrics: dict = {}
@@ -470,12 +461,7 @@ def _train(cfg: TrainConfig, resume: bool, info: GridInfo, args: ModelArgs, run_
 
         # evaluate on the grid and the held-out set, and write checkpoints
         if main_rank and (step % cfg.val_every == 0 or step == cfg.max_steps):
-            metrics, images = validate(model, conds, info, heldout, device, image_depth=len(info.depths) // 2)
-            for key, value in metrics.items():
-                writer.add_scalar(key, value, step)
-            for key, img in images.items():
-                writer.add_image(key, img, step)
-            log.info("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            metrics = _validate_and_log(model, conds, info, heldout, device, writer, step)
             score = metrics.get("val_heldout_rel_l2", metrics["val_prior_mse"])
             if score < best:
                 best = score
@@ -486,6 +472,31 @@ def _train(cfg: TrainConfig, resume: bool, info: GridInfo, args: ModelArgs, run_
     bar.close()
     _finish(run, cfg, metrics, step - step0, time.perf_counter() - t0, world, main_rank, run_dir)
     return run_dir
+
+
+def _loader(cfg: TrainConfig, info: GridInfo, model: CVAE, device, rank: int, world: int, step: int, run_dir: Path):
+    """Batches from ``step`` on (this rank's share), the grid in RAM or streamed; one log line says which."""
+    grid_bytes = len(info.depths) * info.grid_size**2 * 3 * info.ks_small**2 * 4
+    in_memory = {"auto": grid_bytes < IN_MEMORY_AUTO_LIMIT, "true": True, "false": False}[cfg.in_memory]
+    dataset = GridBatches(info, cfg.batch_size, cfg.read_run, cfg.seed, in_memory, rank=rank, world=world)
+    (log.info if rank == 0 else log.debug)(  # once, not once per rank
+        "training on %s%s: %d depths x %d points, cond %s, %s, %d parameters, run dir %s",
+        device, f" ({world} processes)" if world > 1 else "", len(info.depths), info.grid_size**2,
+        "(x, y, d)" if model.args.cond_dim == 3 else "(x, y)", "in memory" if in_memory else "streamed from disk",
+        sum(p.numel() for p in model.parameters()), run_dir,
+    )
+    return make_loader(dataset, start=step, num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+
+
+def _validate_and_log(model: CVAE, conds, info: GridInfo, heldout, device, writer, step: int) -> dict:
+    """validate(), its scalars and images in TensorBoard and one log line: the metrics."""
+    metrics, images = validate(model, conds, info, heldout, device, image_depth=len(info.depths) // 2)
+    for key, value in metrics.items():
+        writer.add_scalar(key, value, step)
+    for key, img in images.items():
+        writer.add_image(key, img, step)
+    log.info("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    return metrics
 
 
 def _finish(run: dict, cfg: TrainConfig, metrics: dict, steps: int, elapsed: float, world: int, main_rank: bool,
