@@ -12,7 +12,6 @@ tracing) and the peak resident memory of each phase.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import threading
 import time
@@ -21,13 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from psfgen import GenerateConfig, generate  # noqa: E402
-from psfgen.generation import plan_blocks  # noqa: E402
-from psfgen.grid import grid_coords  # noqa: E402
-from psfgen.lens import build_lens, read_lens_file, resolve_device  # noqa: E402
-from psfgen.shared import configio  # noqa: E402
+from psfgen import GenerateConfig, generate
+from psfgen.generation import plan_blocks
+from psfgen.grid import grid_coords
+from psfgen.lens import build_lens, read_lens_file, resolve_device
+from psfgen.shared import configio
 
 
 class PeakRSS:

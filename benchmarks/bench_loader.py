@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -23,18 +23,14 @@ import h5py
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import logging  # noqa: E402
-
-from psfcvae import CVAE, TrainConfig  # noqa: E402
-from psfcvae.data import Conditions, GridBatches, make_loader, read_grid_meta  # noqa: E402
-from psfcvae.training import model_args_for  # noqa: E402
-from psfgen import GenerateConfig, generate, open_info, store  # noqa: E402
-from psfgen.generation import plan_blocks  # noqa: E402
-from psfgen.grid import grid_coords, neighbour_pairs  # noqa: E402
-from psfgen.shared import configio  # noqa: E402
-from psfgen.shared.devices import resolve_device  # noqa: E402
+from psfcvae import CVAE, TrainConfig
+from psfcvae.data import Conditions, GridBatches, make_loader, read_grid_meta
+from psfcvae.training import model_args_for
+from psfgen import GenerateConfig, generate, open_info, store
+from psfgen.generation import plan_blocks
+from psfgen.grid import grid_coords, neighbour_pairs
+from psfgen.shared import configio
+from psfgen.shared.devices import resolve_device
 
 
 def build_big_file(tmp: Path, n: int, depths: tuple) -> Path:

@@ -31,16 +31,15 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from psfcvae import load_model, render  # noqa: E402
-from psfcvae.chart import resolution_chart, rgbd_scene  # noqa: E402
-from psfcvae.imageio import linear_to_srgb, srgb_to_linear, write_image  # noqa: E402
-from psfcvae.quality import psnr, ssim  # noqa: E402
-from psfcvae.renderfig import grid_psf_map, patchwise_render  # noqa: E402
-from psfgen.generation import trace_points  # noqa: E402
-from psfgen.lens import build_lens, read_lens_file  # noqa: E402
-from psfgen.store import open_info  # noqa: E402
+from psfcvae import load_model, render
+from psfcvae.chart import resolution_chart, rgbd_scene
+from psfcvae.imageio import linear_to_srgb, srgb_to_linear, write_image
+from psfcvae.quality import psnr, ssim
+from psfcvae.renderfig import grid_psf_map, patchwise_render
+from psfgen.generation import trace_points
+from psfgen.lens import build_lens, read_lens_file
+from psfgen.store import open_info
 
 log = logging.getLogger("bench_render")
 
@@ -83,7 +82,7 @@ def memory_probe(ckpt: Path, size: int, every: int) -> dict:
     """Render a size x size chart in a fresh process: its resident memory after loading and at its peak [MiB]
     (VmHWM, which starts afresh at exec, unlike ru_maxrss that inherits this process's peak) and the time [s]."""
     code = (
-        f"import sys, time, torch; sys.path.insert(0, {str(ROOT)!r})\n"
+        "import time, torch\n"
         "from psfcvae import load_model, render; from psfcvae.chart import resolution_chart\n"
         "def hwm(): return next(int(v.split()[1]) for v in open('/proc/self/status') if v.startswith('VmHWM'))\n"
         f"m = load_model({str(ckpt)!r}); img = resolution_chart({size}, {size}); base = hwm()\n"

@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
 from helpers import VIGNETTED_LENS, small_config, tiny_config
 
 from psfcvae import train
