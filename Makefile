@@ -7,7 +7,7 @@ PSF   := $(VENV)/bin/psf
 STAMP := $(VENV)/.installed
 DEMO  := runs/demo
 
-.PHONY: venv demo test bench clean-demo
+.PHONY: venv demo test test-fast lint format bench clean-demo
 
 venv: $(STAMP)
 
@@ -30,6 +30,17 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+test-fast: $(STAMP)  # the edit-test loop: without the subprocess and multi-process tests
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_generate.py

@@ -49,8 +49,13 @@ INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C (128 + SIG
 def _spellings(ctx: click.Context) -> dict[str, str]:
     """Config key -> the option that set it, for the options the user typed on this command line."""
     from_set = {item.split("=", 1)[0].strip() for item in ctx.params.get("sets") or ()}  # --set wins over an option
-    typed = {p.name: p.opts[-1] for p in ctx.command.params if isinstance(p, click.Option) and p.name not in from_set
-             and ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE}
+    typed = {
+        p.name: p.opts[-1]
+        for p in ctx.command.params
+        if isinstance(p, click.Option)
+        and p.name not in from_set
+        and ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE
+    }
     return {**typed, **API_OPTIONS.get(ctx.command.name, {})}
 
 
@@ -62,7 +67,12 @@ def _same_command(ctx: click.Context, *extra: str, omit: tuple[str, ...] = ()) -
         if p.name in omit:
             continue
         value = ctx.params.get(p.name)
-        if ctx.get_parameter_source(p.name) != ParameterSource.COMMANDLINE or value is None or value is False or value == ():
+        if (
+            ctx.get_parameter_source(p.name) != ParameterSource.COMMANDLINE
+            or value is None
+            or value is False
+            or value == ()
+        ):
             continue
         if isinstance(p, click.Argument):
             words += list(value) if isinstance(value, tuple) else [str(value)]
@@ -117,13 +127,24 @@ class OneLineGroup(click.Group):
 
 
 def set_option(example: str):
-    return click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-                        help=f"Override one config key (repeatable), e.g. --set {example}.")
+    return click.option(
+        "--set",
+        "sets",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help=f"Override one config key (repeatable), e.g. --set {example}.",
+    )
 
 
 @click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
-              help="Print the psf-cvae, deeplens-core and torch versions and exit.")
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="Print the psf-cvae, deeplens-core and torch versions and exit.",
+)
 @click.option("-v", "--verbose", count=True, help="More log output (-v: debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors; no progress bars.")
 def main(verbose: int, quiet: bool) -> None:
@@ -143,32 +164,60 @@ def _logs_above_bars():
 
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    console = [h for h in logging.getLogger().handlers
-               if type(h) is logging.StreamHandler and h.stream in (sys.stdout, sys.stderr)]
+    console = [
+        h
+        for h in logging.getLogger().handlers
+        if type(h) is logging.StreamHandler and h.stream in (sys.stdout, sys.stderr)
+    ]
     return logging_redirect_tqdm() if console else contextlib.nullcontext()
 
 
 @main.command()
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config (e.g. configs/generate.yaml); options below override it.")
-@click.option("--lens", type=str, help="DeepLens lens JSON file, or the name of a lens shipped in data/lenses [default: acl12708u].")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="YAML config (e.g. configs/generate.yaml); options below override it.",
+)
+@click.option(
+    "--lens",
+    type=str,
+    help="DeepLens lens JSON file, or the name of a lens shipped in data/lenses [default: acl12708u].",
+)
 @click.option("--out", type=str, help="Output HDF5 file [default: grid.h5].")
 @click.option("--grid-size", type=int, help="N: trace an N x N field grid [default: 20].")
 @click.option("--depths", type=str, help="Object depths in metres, comma separated, e.g. 0.4,1,2,5,20.")
-@click.option("--depth-min", type=float, help="Nearest depth [m] of a range spaced uniformly in 1/depth [default: 0.4].")
+@click.option(
+    "--depth-min", type=float, help="Nearest depth [m] of a range spaced uniformly in 1/depth [default: 0.4]."
+)
 @click.option("--depth-max", type=float, help="Farthest depth [m] of the range [default: 20].")
 @click.option("--num-depths", type=int, help="Number of depths in the range [default: 5].")
 @click.option("--focus-m", type=float, help="Refocus the lens to this object distance [m] before tracing.")
 @click.option("--spp", type=int, help="Rays per point and wavelength for the grid [default: 100000].")
 @click.option("--kernel-size", "ks", type=int, help="Traced kernel size ks [px] [default: 64].")
-@click.option("--kernel-size-small", "ks_small", type=int, help="Stored kernel size [px] after area downsampling [default: 15].")
+@click.option(
+    "--kernel-size-small", "ks_small", type=int, help="Stored kernel size [px] after area downsampling [default: 15]."
+)
 @click.option("--heldout", type=int, help="Number of off-grid evaluation points [default: 256].")
-@click.option("--heldout-spp", type=int, help="Rays of the held-out reference, split into two halves [default: 4 x spp].")
-@click.option("--noise-points", type=int, help="Grid points traced twice per depth to measure the noise floor [default: 32, or all points of a grid smaller than 6 x 6].")
+@click.option(
+    "--heldout-spp", type=int, help="Rays of the held-out reference, split into two halves [default: 4 x spp]."
+)
+@click.option(
+    "--noise-points",
+    type=int,
+    help="Grid points traced twice per depth to measure the noise floor [default: 32, or all points of a grid "
+    "smaller than 6 x 6].",
+)
 @click.option("--block-rays", type=int, help="Rays per traced block; bounds memory [default: 4000000].")
 @click.option("--seed", type=int, help="Random seed [default: 0].")
 @click.option("--device", type=str, help="auto, cpu, cuda or cuda:K [default: auto].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file that holds another run.")
-@click.option("--shard", type=str, help="Trace only shard K of N (0-based, e.g. 0/4) into its own file; 'auto' takes K/N from torchrun or a SLURM array.")
+@click.option(
+    "--shard",
+    type=str,
+    help="Trace only shard K of N (0-based, e.g. 0/4) into its own file; 'auto' takes K/N from torchrun or a "
+    "SLURM array.",
+)
 @set_option("spp=2000")
 @user_errors
 def generate(config_path, sets, overwrite, **options):
@@ -185,6 +234,7 @@ def generate(config_path, sets, overwrite, **options):
     from psfgen import (
         generate as run,  # torch and DeepLens: after the config is known to be good
     )
+
     try:
         path = run(cfg)
     except KeyboardInterrupt:
@@ -192,8 +242,11 @@ def generate(config_path, sets, overwrite, **options):
 
         where = cfg.out if cfg.shard is None else shard_path(Path(cfg.out), *resolve_shard(cfg.shard))
         # --overwrite would start the file again: the command that resumes leaves it out.
-        click.echo(f"\nInterrupted; the finished blocks are kept in {where}. Resume with:\n  "
-                   f"{_same_command(click.get_current_context(), omit=('overwrite',))}", err=True)
+        click.echo(
+            f"\nInterrupted; the finished blocks are kept in {where}. Resume with:\n  "
+            f"{_same_command(click.get_current_context(), omit=('overwrite',))}",
+            err=True,
+        )
         sys.exit(INTERRUPTED)
     click.echo(str(path))
 
@@ -201,7 +254,11 @@ def generate(config_path, sets, overwrite, **options):
 @main.command()
 @click.argument("shards", nargs=-1, required=True)
 @click.option("--out", type=str, required=True, help="The merged grid file.")
-@click.option("--virtual", is_flag=True, help="Map the shards with HDF5 virtual datasets instead of copying (keep the shards beside it).")
+@click.option(
+    "--virtual",
+    is_flag=True,
+    help="Map the shards with HDF5 virtual datasets instead of copying (keep the shards beside it).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 @user_errors
 def merge(shards, out, virtual, overwrite):
@@ -222,9 +279,20 @@ def info(path):
 
 
 @main.command()
-@click.option("--data", type=str, help="Grid HDF5 file written by 'psf generate' [required, unless the --config file sets data].")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config (e.g. configs/cvae_v1.yaml); options below override it.")
-@click.option("--run-dir", type=str, help="Directory for TensorBoard logs, checkpoints and the resolved config [default: runs/cvae].")
+@click.option(
+    "--data", type=str, help="Grid HDF5 file written by 'psf generate' [required, unless the --config file sets data]."
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="YAML config (e.g. configs/cvae_v1.yaml); options below override it.",
+)
+@click.option(
+    "--run-dir",
+    type=str,
+    help="Directory for TensorBoard logs, checkpoints and the resolved config [default: runs/cvae].",
+)
 @click.option("--resume", is_flag=True, help="Continue the run in --run-dir from its latest checkpoint.")
 @click.option("--max-steps", type=int, help="Stop after this many optimiser steps [default: 5000].")
 @click.option("--device", type=str, help="auto, cpu, cuda or cuda:K [default: auto].")
@@ -250,9 +318,15 @@ def train(config_path, sets, resume, **options):
     except Interrupted as stop:
         if main_rank:
             again = _same_command(click.get_current_context(), "--resume")
-            click.echo(f"\nInterrupted at step {stop.step}; saved {stop.checkpoint}. Resume with:\n  {again}"
-                       + ("\n  (under torchrun: the same torchrun command with --resume)"
-                          if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""), err=True)
+            click.echo(
+                f"\nInterrupted at step {stop.step}; saved {stop.checkpoint}. Resume with:\n  {again}"
+                + (
+                    "\n  (under torchrun: the same torchrun command with --resume)"
+                    if int(os.environ.get("WORLD_SIZE", "1")) > 1
+                    else ""
+                ),
+                err=True,
+            )
         sys.exit(INTERRUPTED)
     except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, the last checkpoint written stays
         latest = Path(cfg.run_dir) / "latest.pt"
@@ -261,16 +335,22 @@ def train(config_path, sets, resume, **options):
         sys.exit(INTERRUPTED)
     if main_rank:
         best = run_dir / "best.pt"
-        click.echo(f"checkpoints: {run_dir / 'latest.pt'}" + (f", {best} (best held-out error)" if best.exists() else ""))
+        click.echo(
+            f"checkpoints: {run_dir / 'latest.pt'}" + (f", {best} (best held-out error)" if best.exists() else "")
+        )
         click.echo(f"TensorBoard logs: {run_dir / 'tb'}  (tensorboard --logdir {run_dir / 'tb'})")
         ckpt = best if best.exists() else run_dir / "latest.pt"
-        click.echo("next: " + shlex.join(["psf", "eval", "--checkpoint", str(ckpt), "--data", cfg.data,
-                                          "--out", str(run_dir / "eval")]))
+        click.echo(
+            "next: "
+            + shlex.join(["psf", "eval", "--checkpoint", str(ckpt), "--data", cfg.data, "--out", str(run_dir / "eval")])
+        )
 
 
 @main.command(name="eval")
 @click.option("--checkpoint", type=str, help="Checkpoint written by 'psf train' (latest.pt or best.pt).")
-@click.option("--data", type=str, required=True, help="Grid HDF5 file with a held-out set (the one the model trained on).")
+@click.option(
+    "--data", type=str, required=True, help="Grid HDF5 file with a held-out set (the one the model trained on)."
+)
 @click.option("--out", type=str, required=True, help="Output directory for metrics.json, the PNGs and report.html.")
 @click.option("--baselines-only", is_flag=True, help="Evaluate the interpolation baselines without a checkpoint.")
 @click.option("--eigen-components", type=int, help="Components K of the eigen-PSF baseline [default: 32].")
@@ -306,8 +386,21 @@ def _parse_coords(text: str) -> list[tuple[float, float]]:
 @click.option("--coords", type=str, help="Field points 'x,y;x,y;...' in [-1, 1].")
 @click.option("--grid", "grid_m", type=int, help="Instead of --coords: a dense M x M map over the field.")
 @click.option("--depth", type=float, help="Object depth [m] (needed when the model knows several depths).")
-@click.option("--mode", type=click.Choice(["mean", "sample"]), default="mean", show_default=True, help="Prior mean (deterministic) or a prior sample.")
-@click.option("--out", type=str, required=True, help="Output: .npz or .h5 (PSFs [B, 3, k, k] with coords [B, 2] and depth_m), .npy (PSFs alone, in --coords order; a --grid map row-major from the top-left, x = -1, y = +1) or .png (captioned mosaic for --grid, a row otherwise).")
+@click.option(
+    "--mode",
+    type=click.Choice(["mean", "sample"]),
+    default="mean",
+    show_default=True,
+    help="Prior mean (deterministic) or a prior sample.",
+)
+@click.option(
+    "--out",
+    type=str,
+    required=True,
+    help="Output: .npz or .h5 (PSFs [B, 3, k, k] with coords [B, 2] and depth_m), .npy (PSFs alone, in --coords "
+    "order; a --grid map row-major from the top-left, x = -1, y = +1) or .png (captioned mosaic for --grid, "
+    "a row otherwise).",
+)
 @click.option("--allow-extrapolation", is_flag=True, help="Accept coordinates or depths outside the trained range.")
 @click.option("--device", type=str, default="auto", show_default=True, help="auto, cpu, cuda or cuda:K.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
@@ -335,25 +428,57 @@ def sample(checkpoint, coords, grid_m, depth, mode, out, allow_extrapolation, de
 @click.option("--checkpoint", type=str, required=True, help="Checkpoint written by 'psf train'.")
 @click.option("--image", type=str, required=True, help="Sharp input image: PNG, 8 or 16 bits, covering the sensor.")
 @click.option("--depth", type=float, help="Object depth [m] of the whole image.")
-@click.option("--depth-map", type=str, help="Instead of --depth: depth per pixel, .npy [H, W] in metres or a 16-bit PNG in millimetres.")
+@click.option(
+    "--depth-map",
+    type=str,
+    help="Instead of --depth: depth per pixel, .npy [H, W] in metres or a 16-bit PNG in millimetres.",
+)
 @click.option("--out", type=str, required=True, help="Output PNG (the input's bit depth).")
-@click.option("--psf-every", type=int, default=1, show_default=True, help="Evaluate the model every S pixels and interpolate the kernels between (faster, see docs/render.md).")
-@click.option("--field", type=str, help="The part of the sensor the image covers: 'x0,x1,y0,y1' in [-1, 1] [default: -1,1,-1,1].")
-@click.option("--linear", is_flag=True, help="The PNG holds linear values (default: sRGB-encoded; blurred in linear light either way).")
-@click.option("--data", type=str, help="The grid file the model was trained on (only for checkpoints that do not store their kernel pitch).")
+@click.option(
+    "--psf-every",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Evaluate the model every S pixels and interpolate the kernels between (faster, see docs/render.md).",
+)
+@click.option(
+    "--field", type=str, help="The part of the sensor the image covers: 'x0,x1,y0,y1' in [-1, 1] [default: -1,1,-1,1]."
+)
+@click.option(
+    "--linear",
+    is_flag=True,
+    help="The PNG holds linear values (default: sRGB-encoded; blurred in linear light either way).",
+)
+@click.option(
+    "--data",
+    type=str,
+    help="The grid file the model was trained on (only for checkpoints that do not store their kernel pitch).",
+)
 @click.option("--allow-extrapolation", is_flag=True, help="Accept depths outside the trained range.")
 @click.option("--device", type=str, default="auto", show_default=True, help="auto, cpu, cuda or cuda:K.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 @user_errors
-def render(checkpoint, image, depth, depth_map, out, psf_every, field, linear, data, allow_extrapolation, device,
-           overwrite):
+def render(
+    checkpoint, image, depth, depth_map, out, psf_every, field, linear, data, allow_extrapolation, device, overwrite
+):
     """Blur an image through the lens, every pixel with its own PSF from the model."""
     from psfcvae.renderfile import render_file
 
-    path = render_file(checkpoint, image, out, depth, depth_map, srgb=not linear, psf_every=psf_every, field=field,
-                       data=data,
-                       device=device, allow_extrapolation=allow_extrapolation, overwrite=overwrite,
-                       progress=logging.getLogger().level <= logging.INFO)
+    path = render_file(
+        checkpoint,
+        image,
+        out,
+        depth,
+        depth_map,
+        srgb=not linear,
+        psf_every=psf_every,
+        field=field,
+        data=data,
+        device=device,
+        allow_extrapolation=allow_extrapolation,
+        overwrite=overwrite,
+        progress=logging.getLogger().level <= logging.INFO,
+    )
     click.echo(str(path))
 
 

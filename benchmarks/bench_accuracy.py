@@ -36,8 +36,14 @@ ROOT = Path(__file__).resolve().parent.parent
 BUDGET = dict(spp=100_000, heldout=96, heldout_spp=400_000, noise_points=16, seed=0)
 LENSES = {
     "acl12708u": dict(lens=str(ROOT / "data/lenses/acl12708u.json"), grid_size=16, depths=(0.5, 1.0, 5.0)),
-    "cooke": dict(lens=str(ROOT / "data/lenses/cooke_triplet_f5.json"), grid_size=12, depth_min=3.0, depth_max=20.0,
-                  num_depths=5, focus_m=5.0),
+    "cooke": dict(
+        lens=str(ROOT / "data/lenses/cooke_triplet_f5.json"),
+        grid_size=12,
+        depth_min=3.0,
+        depth_max=20.0,
+        num_depths=5,
+        focus_m=5.0,
+    ),
     # A singlet with a front stop whose sensor corners are dark (vignetting): the errors are on its lit points.
     "la1131": dict(lens=str(ROOT / "data/lenses/la1131_f50.json"), grid_size=16, depths=(0.5, 1.0, 5.0)),
 }
@@ -51,13 +57,19 @@ CONFIGS = {
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lens", default="acl12708u", choices=sorted(LENSES))
-    ap.add_argument("--configs", default="default", help=f"comma separated, of {', '.join(CONFIGS)}; empty: generate only")
+    ap.add_argument(
+        "--configs", default="default", help=f"comma separated, of {', '.join(CONFIGS)}; empty: generate only"
+    )
     ap.add_argument("--work", default=None)
     ap.add_argument("--max-steps", type=int, default=None, help="override every configuration's schedule")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="train config override key=value")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--grid-size", type=int, default=None,
-                    help="another grid at the same rays per depth (spp scaled by the grid's points)")
+    ap.add_argument(
+        "--grid-size",
+        type=int,
+        default=None,
+        help="another grid at the same rays per depth (spp scaled by the grid's points)",
+    )
     ap.add_argument("--smoke", action="store_true", help="a 4x4 grid at spp 2000: checks this script, measures nothing")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -96,14 +108,22 @@ def main() -> None:
         t = time.time()
         train(cfg)
         times[f"train {name}"] = time.time() - t
-        results[name] = evaluate(EvalConfig(data=str(data), out=str(work / f"eval_{name}"),
-                                            checkpoint=str(run_dir / "latest.pt"), device=args.device))
+        results[name] = evaluate(
+            EvalConfig(
+                data=str(data),
+                out=str(work / f"eval_{name}"),
+                checkpoint=str(run_dir / "latest.pt"),
+                device=args.device,
+            )
+        )
         results[name]["max_steps"] = cfg.max_steps
 
     depths = ", ".join(f"{d:g}" for d in configio.build(GenerateConfig, grid_cfg).depth_values())
-    print(f"lens {args.lens}: grid {grid_cfg['grid_size']}x{grid_cfg['grid_size']}, depths {depths} m, "
-          f"spp {grid_cfg['spp']}, {grid_cfg['heldout']} held-out points at spp {grid_cfg['heldout_spp']}"
-          + (f"; train overrides {args.sets}" if args.sets else ""))
+    print(
+        f"lens {args.lens}: grid {grid_cfg['grid_size']}x{grid_cfg['grid_size']}, depths {depths} m, "
+        f"spp {grid_cfg['spp']}, {grid_cfg['heldout']} held-out points at spp {grid_cfg['heldout_spp']}"
+        + (f"; train overrides {args.sets}" if args.sets else "")
+    )
     print(summary_table(results))
     for name, r in results.items():
         speeds = r["speed_psfs_per_s"]
@@ -113,9 +133,11 @@ def main() -> None:
                 print(f"{name}: model / ray tracing speed ({k}): {v / trace:,.0f}x ({v:,.0f} vs {trace:.2f} PSFs/s)")
         if r.get("heldout_dark") or "illumination" in r:
             il = r.get("illumination", {})
-            print(f"{name}: {r.get('heldout_dark', 0)} dark held-out points left out; illumination mean |error| "
-                  f"{il.get('abs_error', {}).get('mean', float('nan')):.3f}, lit/dark agreement "
-                  f"{100 * il.get('lit_agreement', float('nan')):.0f}%")
+            print(
+                f"{name}: {r.get('heldout_dark', 0)} dark held-out points left out; illumination mean |error| "
+                f"{il.get('abs_error', {}).get('mean', float('nan')):.3f}, lit/dark agreement "
+                f"{100 * il.get('lit_agreement', float('nan')):.0f}%"
+            )
     print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
 
 
@@ -137,8 +159,10 @@ def summary_table(results: dict) -> str:
             lines.append(row(method, m))
     rt = first.get("raytrace_at_training_spp", {})
     if rt:
-        lines.append(f"| ray tracing at spp {first['data']['spp']} (mean over {rt['all']['n']} re-traced grid points, "
-                     f"not pooled) | {100 * rt['all']['mean']:.1f}% | | |")
+        lines.append(
+            f"| ray tracing at spp {first['data']['spp']} (mean over {rt['all']['n']} re-traced grid points, "
+            f"not pooled) | {100 * rt['all']['mean']:.1f}% | | |"
+        )
     return "\n".join(lines)
 
 

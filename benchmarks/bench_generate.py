@@ -62,10 +62,19 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
 
-    cfg = configio.build(GenerateConfig, dict(
-        grid_size=args.grid_size, depths=(args.depth,), spp=args.spp, heldout=0, noise_points=0,
-        block_rays=args.block_rays, device=args.device, overwrite=True,
-    ))
+    cfg = configio.build(
+        GenerateConfig,
+        dict(
+            grid_size=args.grid_size,
+            depths=(args.depth,),
+            spp=args.spp,
+            heldout=0,
+            noise_points=0,
+            block_rays=args.block_rays,
+            device=args.device,
+            overwrite=True,
+        ),
+    )
     device = resolve_device(cfg.device)
     lens = build_lens(read_lens_file(cfg.lens), device)
     blocks = plan_blocks(cfg, 1, 0)
@@ -78,7 +87,9 @@ def main() -> None:
             xy = coords[b.start : b.stop]
             pts = np.concatenate([xy, np.full((len(xy), 1), -1000.0 * args.depth)], axis=1)
             with torch.no_grad():
-                lens.psf_rgb(points=torch.as_tensor(pts, dtype=torch.float32, device=device), ks=cfg.ks, spp=cfg.spp).cpu()
+                lens.psf_rgb(
+                    points=torch.as_tensor(pts, dtype=torch.float32, device=device), ks=cfg.ks, spp=cfg.spp
+                ).cpu()
         sync()
 
     results = {"bare psf_rgb": [], "psfgen": []}
@@ -94,8 +105,10 @@ def main() -> None:
                     sync()
                     results[name].append(time.perf_counter() - t0)
                 peaks[name] = max(peaks[name], mem.peak)
-    print(f"device {device}, {n} points in {len(blocks)} blocks, spp {cfg.spp}, ks {cfg.ks}, "
-          f"{torch.get_num_threads()} threads, {args.repeats} repeats (best counts)")
+    print(
+        f"device {device}, {n} points in {len(blocks)} blocks, spp {cfg.spp}, ks {cfg.ks}, "
+        f"{torch.get_num_threads()} threads, {args.repeats} repeats (best counts)"
+    )
     rate = {k: n / min(v) for k, v in results.items()}
     for name in results:
         extra = ""

@@ -34,20 +34,35 @@ from psfgen.shared.devices import resolve_device
 
 
 def build_big_file(tmp: Path, n: int, depths: tuple) -> Path:
-    small = generate(configio.build(GenerateConfig, dict(
-        out=str(tmp / "small.h5"), grid_size=8, depths=(1.0,), spp=2000, heldout=0, noise_points=0, device="cpu")))
+    small = generate(
+        configio.build(
+            GenerateConfig,
+            dict(
+                out=str(tmp / "small.h5"), grid_size=8, depths=(1.0,), spp=2000, heldout=0, noise_points=0, device="cpu"
+            ),
+        )
+    )
     with h5py.File(small, "r") as f:
         attrs = dict(f.attrs)
         traced = f["grid/psf"][0]  # [64, 3, 15, 15]
-    cfg = configio.build(GenerateConfig, dict(grid_size=n, depths=depths, spp=2000, heldout=0, noise_points=0, block_rays=2000 * 2000))
+    cfg = configio.build(
+        GenerateConfig, dict(grid_size=n, depths=depths, spp=2000, heldout=0, noise_points=0, block_rays=2000 * 2000)
+    )
     params = cfg.run_params()
     attrs.update(run_params=json.dumps(params, sort_keys=True), run_id="bench-loader", config=configio.to_json(cfg))
     blocks = plan_blocks(cfg, len(depths), 0)
     big = tmp / "big.h5"
-    arrays = {"depths": np.array(depths), "wvln": np.array([0.656, 0.587, 0.486]), "grid/coords": grid_coords(n),
-              "grid/neighbors": neighbour_pairs(n), "noise/index": np.zeros(0, np.int64),
-              "heldout/coords": np.zeros((0, 2)), "heldout/depth": np.zeros(0), "heldout/at_grid_depth": np.zeros(0, bool),
-              "axis/fraction": np.ones((len(depths), 3))}
+    arrays = {
+        "depths": np.array(depths),
+        "wvln": np.array([0.656, 0.587, 0.486]),
+        "grid/coords": grid_coords(n),
+        "grid/neighbors": neighbour_pairs(n),
+        "noise/index": np.zeros(0, np.int64),
+        "heldout/coords": np.zeros((0, 2)),
+        "heldout/depth": np.zeros(0),
+        "heldout/at_grid_depth": np.zeros(0, bool),
+        "axis/fraction": np.ones((len(depths), 3)),
+    }
     store.create(big, attrs=attrs, arrays=arrays, sizes=dict(D=len(depths), P=n * n, S=0, M=0, k=15), blocks=blocks)
     for i, b in enumerate(blocks):
         psf = traced[np.arange(b.start, b.stop) % len(traced)]
@@ -77,7 +92,9 @@ def main() -> None:
         info = open_info(big)
         cfg = configio.build(TrainConfig, {"data": str(big)})  # the spec's defaults, batch 64
         n_psf = len(info.depths) * info.grid_size**2
-        print(f"file: {n_psf} PSFs, {big.stat().st_size / 2**20:.0f} MiB; batch {cfg.batch_size}, read_run {cfg.read_run}")
+        print(
+            f"file: {n_psf} PSFs, {big.stat().st_size / 2**20:.0f} MiB; batch {cfg.batch_size}, read_run {cfg.read_run}"
+        )
         rates = {}
         for workers in (0, 2):
             ds = GridBatches(info, cfg.batch_size, cfg.read_run, seed=0, in_memory=False)
@@ -104,7 +121,10 @@ def main() -> None:
             opt.step()
         sync()
         step_rate = args.steps * cfg.batch_size / (time.perf_counter() - t0)
-        print(f"{'training step (' + str(device) + ')':28s} {step_rate:10.0f} samples/s  ({step_rate / cfg.batch_size:.1f} steps/s)")
+        print(
+            f"{'training step (' + str(device) + ')':28s} {step_rate:10.0f} samples/s  "
+            f"({step_rate / cfg.batch_size:.1f} steps/s)"
+        )
         for name, rate in rates.items():
             print(f"{name:28s} {rate:10.0f} samples/s  = {rate / step_rate:6.1f}x the step  (target >= 10x)")
 

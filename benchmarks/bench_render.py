@@ -30,8 +30,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-
 from psfcvae import load_model, render
 from psfcvae.chart import resolution_chart, rgbd_scene
 from psfcvae.imageio import linear_to_srgb, srgb_to_linear, write_image
@@ -41,6 +39,7 @@ from psfgen.generation import trace_points
 from psfgen.lens import build_lens, read_lens_file
 from psfgen.store import open_info
 
+ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger("bench_render")
 
 
@@ -51,8 +50,12 @@ def prepare(work: Path) -> tuple[Path, Path]:
     if not grid.exists():
         subprocess.run(psf + ["generate", "--config", "configs/demo.yaml", "--out", str(grid)], cwd=ROOT, check=True)
     if not ckpt.exists():
-        subprocess.run(psf + ["train", "--data", str(grid), "--config", "configs/demo_train.yaml", "--run-dir",
-                              str(work / "cvae")], cwd=ROOT, check=True)
+        subprocess.run(
+            psf
+            + ["train", "--data", str(grid), "--config", "configs/demo_train.yaml", "--run-dir", str(work / "cvae")],
+            cwd=ROOT,
+            check=True,
+        )
     return grid, ckpt
 
 
@@ -67,8 +70,12 @@ def natural_image(size: int) -> torch.Tensor:
 
 def traced_map(lens, xy: np.ndarray, depth_m: float, spp: int) -> torch.Tensor:
     """64-px traced RGB PSFs [n, 3, 64, 64] at the field points xy [n, 2], in blocks of 64 points."""
-    return torch.cat([trace_points(lens, xy[i : i + 64], np.full(len(xy[i : i + 64]), depth_m), spp, 64)
-                      for i in range(0, len(xy), 64)]).cpu()
+    return torch.cat(
+        [
+            trace_points(lens, xy[i : i + 64], np.full(len(xy[i : i + 64]), depth_m), spp, 64)
+            for i in range(0, len(xy), 64)
+        ]
+    ).cpu()
 
 
 def centres(g: int) -> np.ndarray:
@@ -90,8 +97,13 @@ def memory_probe(ckpt: Path, size: int, every: int) -> dict:
         "print(base / 1024, hwm() / 1024, time.perf_counter() - t)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    return {"size": size, "psf_every": every, "rss_before_mib": float(out[0]), "peak_rss_mib": float(out[1]),
-            "seconds": float(out[2])}
+    return {
+        "size": size,
+        "psf_every": every,
+        "rss_before_mib": float(out[0]),
+        "peak_rss_mib": float(out[1]),
+        "seconds": float(out[2]),
+    }
 
 
 def main() -> None:
@@ -134,36 +146,48 @@ def main() -> None:
             t = time.perf_counter()
             out[f"model (psf every {every})"] = (render(model, image, d, psf_every=every), time.perf_counter() - t)
         t = time.perf_counter()
-        out[f"patch-file ({n}x{n})"] = (patchwise_render(image, file_map, optics["kernel_pitch_mm"], sensor),
-                                       t_file + time.perf_counter() - t)
+        out[f"patch-file ({n}x{n})"] = (
+            patchwise_render(image, file_map, optics["kernel_pitch_mm"], sensor),
+            t_file + time.perf_counter() - t,
+        )
         t = time.perf_counter()
-        out[f"patch-dl ({n}x{n})"] = (patchwise_render(image, dl_map, pitch64, sensor),
-                                     t_dl_trace + time.perf_counter() - t)
+        out[f"patch-dl ({n}x{n})"] = (
+            patchwise_render(image, dl_map, pitch64, sensor),
+            t_dl_trace + time.perf_counter() - t,
+        )
         out["no blur"] = (image, 0.0)
         for method, (img, secs) in out.items():
             row = {"image": name, "method": method, "psnr_db": psnr(img, ref), "ssim": ssim(img, ref), "seconds": secs}
             rows.append(row)
-            write_image(work / f"{name}_{method.split(' ')[0]}{'4' if 'every 4' in method else ''}.png",
-                        linear_to_srgb(img), 8)
+            write_image(
+                work / f"{name}_{method.split(' ')[0]}{'4' if 'every 4' in method else ''}.png", linear_to_srgb(img), 8
+            )
         results[name] = out
-    print(f"depth {d:g} m, {size}x{size} px covering the sensor, reference {args.ref_grid}x{args.ref_grid} traced "
-          f"PSFs at spp {args.ref_spp}; grid file {n}x{n} at spp {info.spp}; model step {model.info['step']}")
+    print(
+        f"depth {d:g} m, {size}x{size} px covering the sensor, reference {args.ref_grid}x{args.ref_grid} traced "
+        f"PSFs at spp {args.ref_spp}; grid file {n}x{n} at spp {info.spp}; model step {model.info['step']}"
+    )
     print(f"{'image':10s} {'method':24s} {'PSNR dB':>8s} {'SSIM':>7s} {'time s':>8s}")
     for r in rows:
         print(f"{r['image']:10s} {r['method']:24s} {r['psnr_db']:8.2f} {r['ssim']:7.4f} {r['seconds']:8.2f}")
     for name, out in results.items():  # what --psf-every costs, against the model's own per-pixel rendering
         a, b = out["model (psf every 4)"][0], out["model (psf every 1)"][0]
-        print(f"{name}: --psf-every 4 against per pixel: PSNR {psnr(a, b):.1f} dB, SSIM {ssim(a, b):.5f}, "
-              f"max |diff| {float((a - b).abs().max()):.2e}")
+        print(
+            f"{name}: --psf-every 4 against per pixel: PSNR {psnr(a, b):.1f} dB, SSIM {ssim(a, b):.5f}, "
+            f"max |diff| {float((a - b).abs().max()):.2e}"
+        )
 
     depth_rows = rgbd(model, work, size)
     memory = [memory_probe(ckpt, int(s), 16) for s in args.memory.split(",") if s.strip()]
     for m in memory:
         above = m["peak_rss_mib"] - m["rss_before_mib"]
-        print(f"memory: {m['size']}x{m['size']} at --psf-every {m['psf_every']}: peak RSS {m['peak_rss_mib']:.0f} MiB, "
-              f"{above:.0f} MiB above the {m['rss_before_mib']:.0f} MiB after loading; {m['seconds']:.1f} s")
-    (work / "bench_render.json").write_text(json.dumps({"rows": rows, "depth": depth_rows, "memory": memory,
-                                                         "args": vars(args)}, indent=1))
+        print(
+            f"memory: {m['size']}x{m['size']} at --psf-every {m['psf_every']}: peak RSS {m['peak_rss_mib']:.0f} MiB, "
+            f"{above:.0f} MiB above the {m['rss_before_mib']:.0f} MiB after loading; {m['seconds']:.1f} s"
+        )
+    (work / "bench_render.json").write_text(
+        json.dumps({"rows": rows, "depth": depth_rows, "memory": memory, "args": vars(args)}, indent=1)
+    )
 
 
 def _trace_seconds(lens, n: int, d: float, spp: int) -> float:
@@ -187,11 +211,19 @@ def rgbd(model, work: Path, size: int) -> dict:
     t_approx = time.perf_counter() - t
     write_image(work / "rgbd_input.png", linear_to_srgb(image), 8)
     write_image(work / "rgbd_model.png", linear_to_srgb(exact), 8)
-    res = {"near_m": lo, "far_m": hi, "seconds_per_pixel_psf": t_exact, "seconds_every4": t_approx,
-           "psnr_every4_vs_exact_db": psnr(approx, exact), "ssim_every4_vs_exact": ssim(approx, exact)}
-    print(f"RGB-D scene {lo:g}-{hi:g} m: per pixel {t_exact:.1f} s; --psf-every 4 with 16 depth levels "
-          f"{t_approx:.1f} s, PSNR {res['psnr_every4_vs_exact_db']:.1f} dB / SSIM {res['ssim_every4_vs_exact']:.4f} "
-          "against per pixel")
+    res = {
+        "near_m": lo,
+        "far_m": hi,
+        "seconds_per_pixel_psf": t_exact,
+        "seconds_every4": t_approx,
+        "psnr_every4_vs_exact_db": psnr(approx, exact),
+        "ssim_every4_vs_exact": ssim(approx, exact),
+    }
+    print(
+        f"RGB-D scene {lo:g}-{hi:g} m: per pixel {t_exact:.1f} s; --psf-every 4 with 16 depth levels "
+        f"{t_approx:.1f} s, PSNR {res['psnr_every4_vs_exact_db']:.1f} dB / SSIM {res['ssim_every4_vs_exact']:.4f} "
+        "against per pixel"
+    )
     return res
 
 

@@ -25,7 +25,14 @@ def torchrun(n: int) -> list[str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}", "--master-addr=127.0.0.1", f"--master-port={port}"]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={n}",
+        "--master-addr=127.0.0.1",
+        f"--master-port={port}",
+    ]
 
 
 def run(cmd: list[str]) -> float:
@@ -51,9 +58,30 @@ def main() -> None:
         gen = {}
         for n in procs:
             out = tmp / f"g{n}" / "grid.h5"
-            base = ["-m", "cli", "-q", "generate", "--grid-size", str(args.grid_size), "--depths", "0.5,2",
-                    "--spp", str(args.spp), "--heldout", "0", "--noise-points", "0", "--set", "block_rays=200000",
-                    "--device", args.device, "--out", str(out), "--shard", "auto"]
+            base = [
+                "-m",
+                "cli",
+                "-q",
+                "generate",
+                "--grid-size",
+                str(args.grid_size),
+                "--depths",
+                "0.5,2",
+                "--spp",
+                str(args.spp),
+                "--heldout",
+                "0",
+                "--noise-points",
+                "0",
+                "--set",
+                "block_rays=200000",
+                "--device",
+                args.device,
+                "--out",
+                str(out),
+                "--shard",
+                "auto",
+            ]
             seconds = run(torchrun(n) + base)
             shards = sorted(str(p) for p in out.parent.glob("grid.shard*.h5"))
             seconds += run([sys.executable, "-m", "cli", "-q", "merge", *shards, "--out", str(out)])
@@ -61,14 +89,33 @@ def main() -> None:
         data = tmp / f"g{procs[0]}" / "grid.h5"
         trn = {}
         for n in procs:
-            cmd = torchrun(n) + ["--no-python", str(Path(sys.executable).parent / "psf"), "train", "--data", str(data), "--run-dir", str(tmp / f"r{n}"),
-                                 "--max-steps", str(args.steps), "--device", args.device,
-                                 "--set", f"val_every={args.steps}", "--set", f"checkpoint_every={args.steps}"]
+            cmd = torchrun(n) + [
+                "--no-python",
+                str(Path(sys.executable).parent / "psf"),
+                "train",
+                "--data",
+                str(data),
+                "--run-dir",
+                str(tmp / f"r{n}"),
+                "--max-steps",
+                str(args.steps),
+                "--device",
+                args.device,
+                "--set",
+                f"val_every={args.steps}",
+                "--set",
+                f"checkpoint_every={args.steps}",
+            ]
             trn[n] = args.steps * 64 / run(cmd)
-    print(f"generation: {n_psf} PSFs ({args.grid_size}x{args.grid_size} x 2 depths, spp {args.spp}), shards + merge, wall clock incl. start-up")
+    print(
+        f"generation: {n_psf} PSFs ({args.grid_size}x{args.grid_size} x 2 depths, spp {args.spp}), shards + "
+        f"merge, wall clock incl. start-up"
+    )
     for n in procs:
         print(f"  {n} process(es): {gen[n]:8.2f} PSFs/s   x{gen[n] / gen[procs[0]]:.2f}")
-    print(f"training: default network, global batch 64, {args.steps} steps, wall clock incl. start-up and one validation")
+    print(
+        f"training: default network, global batch 64, {args.steps} steps, wall clock incl. start-up and one validation"
+    )
     for n in procs:
         print(f"  {n} process(es): {trn[n]:8.0f} samples/s  x{trn[n] / trn[procs[0]]:.2f}")
 

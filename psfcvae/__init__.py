@@ -7,9 +7,19 @@ matplotlib until a name that needs them is asked for (``psf --help`` stays fast)
 import importlib
 
 # public name -> the submodule that defines it
-_PUBLIC = {"TrainConfig": ".config", "CVAE": ".model", "ModelArgs": ".model", "ModelOutput": ".model",
-           "TrainingError": ".training", "train": ".training", "PSFModel": ".api", "load_model": ".api",
-           "EvalConfig": ".evaluation", "evaluate": ".evaluation", "render": ".rendering"}
+_PUBLIC = {
+    "TrainConfig": ".config",
+    "CVAE": ".model",
+    "ModelArgs": ".model",
+    "ModelOutput": ".model",
+    "TrainingError": ".training",
+    "train": ".training",
+    "PSFModel": ".api",
+    "load_model": ".api",
+    "EvalConfig": ".evaluation",
+    "evaluate": ".evaluation",
+    "render": ".rendering",
+}
 
 __all__ = list(_PUBLIC)
 

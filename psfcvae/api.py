@@ -1,10 +1,10 @@
 """PSFs at arbitrary coordinates from a trained checkpoint; no dataset needed.
 
-    import psfcvae
-    model = psfcvae.load_model("runs/v1/best.pt")           # device="auto": CUDA when present; .to(...) to move
-    psf = model.psf([0.5, -0.3], [0.5, 0.8], depth_m=1.0)    # [2, 3, 15, 15], each channel sums to 1
-    rel = model.illumination([0.5, -0.3], [0.5, 0.8], 1.0)    # [2, 3]: 1 on axis, 0 where dark
-    psf, lit = model.psf(x, y, 1.0, allow_dark=True)         # zeros and lit False outside the lit field
+import psfcvae
+model = psfcvae.load_model("runs/v1/best.pt")           # device="auto": CUDA when present; .to(...) to move
+psf = model.psf([0.5, -0.3], [0.5, 0.8], depth_m=1.0)    # [2, 3, 15, 15], each channel sums to 1
+rel = model.illumination([0.5, -0.3], [0.5, 0.8], 1.0)    # [2, 3]: 1 on axis, 0 where dark
+psf, lit = model.psf(x, y, 1.0, allow_dark=True)         # zeros and lit False outside the lit field
 """
 
 from __future__ import annotations
@@ -42,12 +42,12 @@ class PSFModel:
         self.depths = np.asarray(info["data_fingerprint"]["depths"])  # [D] training depths [m]
         self.device = next(net.parameters()).device
 
-    def to(self, device) -> "PSFModel":
+    def to(self, device) -> PSFModel:
         self.net.to(device)
         self.device = torch.device(device)
         return self
 
-    def eval(self) -> "PSFModel":
+    def eval(self) -> PSFModel:
         self.net.eval()
         return self
 
@@ -59,13 +59,17 @@ class PSFModel:
         """cond [B, C] for field points x, y (scalars or [B]) and depth_m [m] (scalar or [B])."""
         x, y = _numbers("x", x), _numbers("y", y)
         if x.shape != y.shape or x.ndim != 1 or x.size == 0:
-            raise InputError(f"x and y must be scalars or non-empty 1-D arrays of one length, got shapes {x.shape} and {y.shape}")
+            raise InputError(
+                f"x and y must be scalars or non-empty 1-D arrays of one length, got shapes {x.shape} and {y.shape}"
+            )
         if not (np.isfinite(x).all() and np.isfinite(y).all()):
             raise InputError("{coords} must be finite numbers (got NaN or inf)", _API_NAMES)
         if not allow_extrapolation and (np.abs(x).max() > 1 or np.abs(y).max() > 1):
             far = float(np.abs(np.concatenate([x, y])).max())
-            raise InputError(f"{{coords}} must lie in [-1, 1] (the sensor), got {far:g}; pass {{allow_extrapolation}} "
-                             "to go beyond", _API_NAMES)
+            raise InputError(
+                f"{{coords}} must lie in [-1, 1] (the sensor), got {far:g}; pass {{allow_extrapolation}} to go beyond",
+                _API_NAMES,
+            )
         lo, hi = self.depth_range
         if depth_m is None:
             if self.net.args.cond_dim == 3 and lo != hi:
@@ -81,13 +85,24 @@ class PSFModel:
         # An (x, y) model does not use the depth, but a depth it never saw is still an extrapolation.
         if not allow_extrapolation and ((d < lo * (1 - 1e-9)).any() or (d > hi * (1 + 1e-9)).any()):
             out = d[(d < lo * (1 - 1e-9)) | (d > hi * (1 + 1e-9))][0]
-            raise InputError(f"{{depth_m}} {out:g} m is outside the trained range {lo:g}-{hi:g} m; pass "
-                             "{allow_extrapolation} to go beyond", _API_NAMES)
+            raise InputError(
+                f"{{depth_m}} {out:g} m is outside the trained range {lo:g}-{hi:g} m; pass "
+                "{allow_extrapolation} to go beyond",
+                _API_NAMES,
+            )
         return self.net.condition(np.stack([x, y], axis=1), d)
 
     @torch.no_grad()
-    def psf(self, x, y, depth_m=None, mode: str = "mean", n_samples: int = 1, allow_extrapolation: bool = False,
-            allow_dark: bool = False):
+    def psf(
+        self,
+        x,
+        y,
+        depth_m=None,
+        mode: str = "mean",
+        n_samples: int = 1,
+        allow_extrapolation: bool = False,
+        allow_dark: bool = False,
+    ):
         """PSFs [B, 3, 15, 15] (non-negative, each channel sums to 1).
 
         mode "mean" decodes z = μ_p(c): a deterministic interpolation. mode "sample" draws
@@ -103,17 +118,21 @@ class PSFModel:
         cond = self.conditions(x, y, depth_m, allow_extrapolation)
         lit = self._lit(cond)
         if not allow_dark and not bool(lit.all()):
-            raise InputError(f"{int((~lit).sum())} of {len(lit)} points lie outside the lens's lit field (dark: no "
-                             "light reaches the sensor there, so there is no PSF); pass allow_dark=True for zeros and a "
-                             "lit mask, or see model.illumination(x, y, depth_m)")
+            raise InputError(
+                f"{int((~lit).sum())} of {len(lit)} points lie outside the lens's lit field (dark: no "
+                "light reaches the sensor there, so there is no PSF); pass allow_dark=True for zeros and a "
+                "lit mask, or see model.illumination(x, y, depth_m)"
+            )
         if mode == "mean":
             out = self.net.sample_from_prior(cond, mean=True)
         else:
             draws = torch.stack([self.net.sample_from_prior(cond) for _ in range(n_samples)], dim=1)
             out = draws[:, 0] if n_samples == 1 else draws
         if not torch.isfinite(out[lit]).all():  # far outside the trained range the encoding can overflow
-            raise InputError("the model gives no finite PSF at these coordinates or depths (too far outside the "
-                             "trained range to extrapolate); bring them closer to the field and the trained depths")
+            raise InputError(
+                "the model gives no finite PSF at these coordinates or depths (too far outside the "
+                "trained range to extrapolate); bring them closer to the field and the trained depths"
+            )
         if not allow_dark:
             return out
         return out * lit.view(-1, *[1] * (out.dim() - 1)), lit
@@ -132,9 +151,11 @@ class PSFModel:
         Mechanical vignetting as DeepLens traces it (rays lost on apertures and rims), not the cos⁴ law.
         """
         if self.net.illumination is None:
-            raise InputError(f"checkpoint {self.info.get('path', '')} has no illumination: it predates illumination "
-                             "or its grid file did not measure it (schema 1); retrain with this 'psf train' on a file "
-                             "from this 'psf generate'")
+            raise InputError(
+                f"checkpoint {self.info.get('path', '')} has no illumination: it predates illumination "
+                "or its grid file did not measure it (schema 1); retrain with this 'psf train' on a file "
+                "from this 'psf generate'"
+            )
         return self.net.illumination.predict(self.conditions(x, y, depth_m, allow_extrapolation))[0].float()
 
     @torch.no_grad()
@@ -168,10 +189,14 @@ def load_model(path: str | Path, device="auto") -> PSFModel:
         net = CVAE(ModelArgs(**ckpt["model_args"]))
         net.load_state_dict(ckpt["model"])
     except (TypeError, KeyError, RuntimeError):
-        raise InputError(f"checkpoint {path} does not match this version's network; retrain with this version") from None
+        raise InputError(
+            f"checkpoint {path} does not match this version's network; retrain with this version"
+        ) from None
     depths = ckpt["data_fingerprint"].get("depths") if isinstance(ckpt["data_fingerprint"], dict) else None
     if not _positive_numbers(depths):
-        raise InputError(f"checkpoint {path} has no valid training depths; it was not written by 'psf train' or was edited")
+        raise InputError(
+            f"checkpoint {path} has no valid training depths; it was not written by 'psf train' or was edited"
+        )
     info = {k: ckpt[k] for k in ("step", "config", "data_fingerprint", "versions")}
     info["path"] = str(path)
     info["optics"] = ckpt.get("optics")  # kernel pitch for psf render (psfcvae/optics.py); None before it

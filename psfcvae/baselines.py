@@ -30,7 +30,11 @@ def _depth_weights(depths: np.ndarray, depth_m: np.ndarray):
     q = np.clip(1.0 / depth_m, inv.min(), inv.max())
     order = np.argsort(inv)  # ascending inverse depth
     inv_sorted = inv[order]
-    hi = np.clip(np.searchsorted(inv_sorted, q, side="right"), 1, len(inv) - 1) if len(inv) > 1 else np.zeros(len(q), int)
+    hi = (
+        np.clip(np.searchsorted(inv_sorted, q, side="right"), 1, len(inv) - 1)
+        if len(inv) > 1
+        else np.zeros(len(q), int)
+    )
     if len(inv) == 1:
         return np.zeros(len(q), int), np.zeros(len(q), int), np.zeros(len(q))
     lo = hi - 1
@@ -61,8 +65,12 @@ def _bilinear_field(values: np.ndarray, n: int, row: np.ndarray, col: np.ndarray
     fr, fc = row - r0, col - c0
     expand = (slice(None),) + (None,) * (values.ndim - 1)
     v = lambda r, c: values[r * n + c]
-    return ((1 - fr) * (1 - fc))[expand] * v(r0, c0) + ((1 - fr) * fc)[expand] * v(r0, c0 + 1) + \
-        (fr * (1 - fc))[expand] * v(r0 + 1, c0) + (fr * fc)[expand] * v(r0 + 1, c0 + 1)
+    return (
+        ((1 - fr) * (1 - fc))[expand] * v(r0, c0)
+        + ((1 - fr) * fc)[expand] * v(r0, c0 + 1)
+        + (fr * (1 - fc))[expand] * v(r0 + 1, c0)
+        + (fr * fc)[expand] * v(r0 + 1, c0 + 1)
+    )
 
 
 def _in_depth(field_interp, grid_values, depths, depth_m):
@@ -102,7 +110,9 @@ def bicubic(grid_psf, depths, n, x, y, depth_m):
 def _cubic_weights(f: np.ndarray) -> np.ndarray:
     """Catmull-Rom (Keys, a = -0.5) weights of the 4 taps around each fraction f: [M] -> [M, 4]."""
     f2, f3 = f * f, f * f * f
-    return np.stack([-0.5 * f3 + f2 - 0.5 * f, 1.5 * f3 - 2.5 * f2 + 1, -1.5 * f3 + 2 * f2 + 0.5 * f, 0.5 * f3 - 0.5 * f2], 1)
+    return np.stack(
+        [-0.5 * f3 + f2 - 0.5 * f, 1.5 * f3 - 2.5 * f2 + 1, -1.5 * f3 + 2 * f2 + 0.5 * f, 0.5 * f3 - 0.5 * f2], 1
+    )
 
 
 def _bicubic_field(values: np.ndarray, n: int, row: np.ndarray, col: np.ndarray) -> np.ndarray:

@@ -54,7 +54,9 @@ def load(path: str | Path, map_location="cpu") -> dict:
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception:  # torch raises many types for a file that is not a checkpoint
-        raise InputError(f"{path} is not a readable psf-cvae checkpoint; give a .pt file written by 'psf train'") from None
+        raise InputError(
+            f"{path} is not a readable psf-cvae checkpoint; give a .pt file written by 'psf train'"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise InputError(f"{path} is not a psf-cvae checkpoint; give a .pt file written by 'psf train'")
     if ckpt.get("schema_version") != SCHEMA_VERSION:

@@ -22,9 +22,13 @@ class TrainConfig:
     grid_size: int | None = None  # N; None: take it from the file, else it must match
     kernel_size_small: int = 15  # PSF side [px]; must match the file
     condition_on_depth: str = "auto"  # auto | true | false; auto: true when the file has >1 depth
-    condition_frame: str = "auto"  # auto | canonical | cartesian; auto: canonical when the lens is rotationally symmetric
+    condition_frame: str = (
+        "auto"  # auto | canonical | cartesian; auto: canonical when the lens is rotationally symmetric
+    )
     supersample: int = 3  # canonical frame: the decoder's kernel is this many times finer than kernel_size_small
-    decoder_rank: int | None = None  # canonical frame: factor the decoder's output layer through this many dimensions (speed)
+    decoder_rank: int | None = (
+        None  # canonical frame: factor the decoder's output layer through this many dimensions (speed)
+    )
     in_memory: str = "auto"  # hold the grid in RAM: auto (files under 2 GiB) | true | false
     read_run: int = 8  # contiguous PSFs per read; a batch gathers batch_size/read_run runs
     num_workers: int = 0  # DataLoader worker processes
@@ -57,30 +61,58 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:K
 
     def validate(self) -> None:
-        check_at_least(self, 1, "kernel_size_small", "read_run", "supersample", "latent_dim", "hidden_dim", "num_layers",
-                       "batch_size", "max_steps", "log_every", "val_every", "checkpoint_every", "decoder_rank")
+        check_at_least(
+            self,
+            1,
+            "kernel_size_small",
+            "read_run",
+            "supersample",
+            "latent_dim",
+            "hidden_dim",
+            "num_layers",
+            "batch_size",
+            "max_steps",
+            "log_every",
+            "val_every",
+            "checkpoint_every",
+            "decoder_rank",
+        )
         if self.batch_size % self.read_run:
-            raise InputError.for_keys(f"{{batch_size}} ({self.batch_size}) must be a multiple of {{read_run}} "
-                                      f"({self.read_run})", "batch_size", "read_run")
+            raise InputError.for_keys(
+                f"{{batch_size}} ({self.batch_size}) must be a multiple of {{read_run}} ({self.read_run})",
+                "batch_size",
+                "read_run",
+            )
         check_at_least(self, 0, "seed", "warmup_steps", "num_workers", "depth_frequencies")
         if self.grid_size is not None:
             check_grid_size(self)
         if not 0 <= self.num_frequencies <= MAX_FREQUENCIES:
             raise InputError.for_key(
-                "num_frequencies", f"must be between 0 and {MAX_FREQUENCIES}, got {self.num_frequencies} "
-                "(finer bands oscillate faster than float32 resolves a coordinate)"
+                "num_frequencies",
+                f"must be between 0 and {MAX_FREQUENCIES}, got {self.num_frequencies} "
+                "(finer bands oscillate faster than float32 resolves a coordinate)",
             )
         if not self.pe_scale > 0:
             raise InputError.for_key("pe_scale", f"must be positive, got {self.pe_scale}")
         if not 0 < self.learning_rate < math.inf:
             raise InputError.for_key("learning_rate", f"must be a positive, finite number, got {self.learning_rate}")
-        for key in ("recon_weight", "kl_weight", "smooth_weight", "prior_recon_weight", "scale_weight",
-                    "illumination_weight"):
+        for key in (
+            "recon_weight",
+            "kl_weight",
+            "smooth_weight",
+            "prior_recon_weight",
+            "scale_weight",
+            "illumination_weight",
+        ):
             if not 0 <= getattr(self, key) < math.inf:
                 raise InputError.for_key(key, f"must be a finite number, 0 or more, got {getattr(self, key)}")
-        choices = {"lr_schedule": ("constant", "cosine"), "output": ("softplus", "softmax"),
-                   "condition_frame": ("auto", "canonical", "cartesian"), "condition_on_depth": ("auto", "true", "false"),
-                   "in_memory": ("auto", "true", "false")}
+        choices = {
+            "lr_schedule": ("constant", "cosine"),
+            "output": ("softplus", "softmax"),
+            "condition_frame": ("auto", "canonical", "cartesian"),
+            "condition_on_depth": ("auto", "true", "false"),
+            "in_memory": ("auto", "true", "false"),
+        }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 words = ", ".join(allowed[:-1]) + " or " + allowed[-1]

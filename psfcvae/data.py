@@ -44,8 +44,15 @@ class Conditions:
     at the adjacent depths when conditioning on depth.
     """
 
-    def __init__(self, coords: np.ndarray, depths: np.ndarray, neighbors: np.ndarray, use_depth: bool, device,
-                 lit: np.ndarray | None = None):
+    def __init__(
+        self,
+        coords: np.ndarray,
+        depths: np.ndarray,
+        neighbors: np.ndarray,
+        use_depth: bool,
+        device,
+        lit: np.ndarray | None = None,
+    ):
         D, P = len(depths), len(coords)
         # lit [D, P]: points with a PSF. Pairs touching a dark point are left out of the smoothness term.
         self.lit_np = np.ones((D, P), bool) if lit is None else np.asarray(lit, bool)
@@ -107,7 +114,9 @@ class GridBatches(Dataset):
     set is realised here (the permutation is a function of the epoch).
     """
 
-    def __init__(self, info: GridInfo, batch_size: int, read_run: int, seed: int, in_memory: bool, rank: int = 0, world: int = 1):
+    def __init__(
+        self, info: GridInfo, batch_size: int, read_run: int, seed: int, in_memory: bool, rank: int = 0, world: int = 1
+    ):
         self.path = info.path
         self.D = len(info.depths)
         self.P = info.grid_size**2
@@ -219,9 +228,11 @@ def check_grid_content(path: str) -> None:
         dset, depths = f["grid/psf"], f["depths"][:]
         for d in range(dset.shape[0]):
             psf = dset[d]  # [P, 3, k, k]
-            for bad, what in ((~np.isfinite(psf), "NaN or inf values"), (psf < 0, "negative values"),
-                              (((psf.sum(axis=(-2, -1)) <= 0) & valid[d])[..., None, None],
-                               "a channel with no energy")):
+            for bad, what in (
+                (~np.isfinite(psf), "NaN or inf values"),
+                (psf < 0, "negative values"),
+                (((psf.sum(axis=(-2, -1)) <= 0) & valid[d])[..., None, None], "a channel with no energy"),
+            ):
                 hit = np.argwhere(bad.reshape(bad.shape[0], 3, -1).any(axis=-1))
                 if len(hit):
                     p, c = hit[0]

@@ -20,8 +20,9 @@ logger = logging.getLogger(__name__)
 SPREAD_SAMPLES = 16  # prior samples per held-out point for the per-pixel spread
 
 
-def make_figures(result: dict, arrays, out: Path, model=None, log: bool = False, rows: int = 6,
-                 seed: int = 0) -> list[tuple[str, str, str]]:
+def make_figures(
+    result: dict, arrays, out: Path, model=None, log: bool = False, rows: int = 6, seed: int = 0
+) -> list[tuple[str, str, str]]:
     """Write the PNGs into ``out``; arrays: evaluate.EvalArrays; model: PSFModel or None."""
     figures = [heldout_figure(result, arrays, out, model, log, rows, seed)]
     figures.append(error_map_figure(result, arrays, out))
@@ -43,14 +44,20 @@ def render_figure(result, arrays, out: Path, model) -> tuple[str, str, str]:
     depth = float(arrays.depths[len(arrays.depths) // 2])
     n = int(round(np.sqrt(len(arrays.coords))))
     scores = chart_figure(model, out / "render_chart.png", depth, data=result["data"]["path"])
-    result["render_chart"] = {"depth_m": depth, "psnr_db_vs_patchwise": scores["psnr_db"],
-                              "ssim_vs_patchwise": scores["ssim"]}
-    return ("render_chart.png", "The lens on an image",
-            f"A procedural resolution chart at {depth:g} m covering the sensor, blurred by the model with every pixel's "
-            f"own PSF and relative illumination (psf render, kernels evaluated every 4 pixels), beside DeepLens's "
-            f"patch-wise rendering with the file's {n}x{n} traced PSFs (one PSF per patch) and their difference; "
-            f"PSNR {scores['psnr_db']:.1f} dB, SSIM {scores['ssim']:.3f} between the two. docs/render.md compares both "
-            "with a densely traced reference.")
+    result["render_chart"] = {
+        "depth_m": depth,
+        "psnr_db_vs_patchwise": scores["psnr_db"],
+        "ssim_vs_patchwise": scores["ssim"],
+    }
+    return (
+        "render_chart.png",
+        "The lens on an image",
+        f"A procedural resolution chart at {depth:g} m covering the sensor, blurred by the model with every pixel's "
+        f"own PSF and relative illumination (psf render, kernels evaluated every 4 pixels), beside DeepLens's "
+        f"patch-wise rendering with the file's {n}x{n} traced PSFs (one PSF per patch) and their difference; "
+        f"PSNR {scores['psnr_db']:.1f} dB, SSIM {scores['ssim']:.3f} between the two. docs/render.md compares both "
+        "with a densely traced reference.",
+    )
 
 
 def _peak_relative(diff: np.ndarray, ref: np.ndarray) -> np.ndarray:
@@ -76,17 +83,23 @@ def heldout_figure(result, arrays, out: Path, model, log: bool, rows: int, seed:
     if model is not None:
         xy, d = ho["coords"][pick], ho["depth"][pick]
         torch.manual_seed(seed)
-        draws, _ = model.psf(xy[:, 0], xy[:, 1], d, mode="sample", n_samples=SPREAD_SAMPLES,
-                             allow_extrapolation=True, allow_dark=True)  # [R, S, 3, k, k]
+        draws, _ = model.psf(
+            xy[:, 0], xy[:, 1], d, mode="sample", n_samples=SPREAD_SAMPLES, allow_extrapolation=True, allow_dark=True
+        )  # [R, S, 3, k, k]
         draws = draws.cpu().numpy()
         maps[f"spread of {SPREAD_SAMPLES} prior samples"] = _peak_relative(draws.std(axis=1), ref)
     labels = [f"({x:+.2f}, {y:+.2f})\n{depth:.2f} m" for (x, y), depth in zip(ho["coords"][pick], ho["depth"][pick])]
     plots.save(plots.heldout_panels(psfs, notes, labels, maps, log), out / "heldout.png")
-    caption = (f"Points the model never saw, from its best to its worst ({len(pick)} of {len(corr[main])}). "
-               "Each tile's error is its noise-corrected relative L2; the map columns are per pixel, over the "
-               "reference's peak, worst colour channel, each column on its own scale from 0"
-               + ("; the spread is the per-pixel standard deviation of PSFs drawn from the prior at that point."
-                  if model is not None else "."))
+    caption = (
+        f"Points the model never saw, from its best to its worst ({len(pick)} of {len(corr[main])}). "
+        "Each tile's error is its noise-corrected relative L2; the map columns are per pixel, over the "
+        "reference's peak, worst colour channel, each column on its own scale from 0"
+        + (
+            "; the spread is the per-pixel standard deviation of PSFs drawn from the prior at that point."
+            if model is not None
+            else "."
+        )
+    )
     return "heldout.png", "The model where it was not trained", caption
 
 
@@ -96,16 +109,26 @@ def error_map_figure(result, arrays, out: Path) -> tuple[str, str, str]:
     names = [n for n in result["heldout"] if n != "cvae prior sample"]
     groups = {f"at {d:g} m": ho["at_grid_depth"] & np.isclose(ho["depth"], d) for d in arrays.depths}
     groups["between grid depths"] = ~ho["at_grid_depth"]
-    pooled = {(n, g): 100 * result["heldout"][n][g]["corrected"]["pooled"]
-              for n in names for g in groups if g in result["heldout"][n]}
+    pooled = {
+        (n, g): 100 * result["heldout"][n][g]["corrected"]["pooled"]
+        for n in names
+        for g in groups
+        if g in result["heldout"][n]
+    }
     errors = {n: 100 * arrays.corrected[n] for n in names}
     fig = plots.error_maps(ho["coords"], errors, groups, pooled, arrays.coords, circle=arrays.circle)
     plots.save(fig, out / "error_maps.png")
-    return ("error_maps.png", "Where each method errs, per depth",
-            "Held-out points over the field, one row per grid depth and one for the points between grid depths, "
-            "coloured by the per-point noise-corrected error; each title gives the pooled error of that row."
-            + (" The dashed ellipse is the image circle: outside it the lens lights no PSF (dark points are left out)."
-               if arrays.circle is not None else ""))
+    return (
+        "error_maps.png",
+        "Where each method errs, per depth",
+        "Held-out points over the field, one row per grid depth and one for the points between grid depths, "
+        "coloured by the per-point noise-corrected error; each title gives the pooled error of that row."
+        + (
+            " The dashed ellipse is the image circle: outside it the lens lights no PSF (dark points are left out)."
+            if arrays.circle is not None
+            else ""
+        ),
+    )
 
 
 def grid_figures(arrays, out: Path, has_model: bool, log: bool) -> list[tuple[str, str, str]]:
@@ -127,11 +150,17 @@ def grid_figures(arrays, out: Path, has_model: bool, log: bool) -> list[tuple[st
         panels["|error|"] = np.abs(shown - truth) / peak * lit[:, None, None, None]
         name = f"grid_depth{d}_{depth:g}m.png"
         plots.save(plots.grid_panels(panels, n, float(depth), log), out / name)
-        figures.append((name, f"The training grid at {depth:g} m",
-                        "The PSFs the model trained on (ground truth), its reconstruction of them through the encoder "
-                        "(posterior recon), the PSF it gives from position alone (prior mean), and the |error| of "
-                        + ("the prior mean" if has_model else "the eigen-PSF") + " over each PSF's peak"
-                        + ("; black tiles are dark grid points (no light: no PSF)." if not lit.all() else ".")))
+        figures.append(
+            (
+                name,
+                f"The training grid at {depth:g} m",
+                "The PSFs the model trained on (ground truth), its reconstruction of them through the encoder "
+                "(posterior recon), the PSF it gives from position alone (prior mean), and the |error| of "
+                + ("the prior mean" if has_model else "the eigen-PSF")
+                + " over each PSF's peak"
+                + ("; black tiles are dark grid points (no light: no PSF)." if not lit.all() else "."),
+            )
+        )
     return figures
 
 
@@ -139,9 +168,14 @@ def std_figure(arrays, out: Path, model, m: int = 64) -> tuple[str, str, str]:
     """The prior's spread over the field at every grid depth."""
     lin = np.linspace(-1, 1, m)
     gx, gy = np.meshgrid(lin, lin[::-1])
-    std = [model.prior_std(gx.ravel(), gy.ravel(), np.full(m * m, float(d))).cpu().numpy().reshape(m, m)
-           for d in arrays.depths]
+    std = [
+        model.prior_std(gx.ravel(), gy.ravel(), np.full(m * m, float(d))).cpu().numpy().reshape(m, m)
+        for d in arrays.depths
+    ]
     plots.save(plots.std_maps(std, [float(d) for d in arrays.depths], arrays.coords), out / "prior_std.png")
-    return ("prior_std.png", "How unsure the model is, over the field",
-            "The model's own uncertainty at each grid depth: the RMS standard deviation of its prior p(z|c) over the "
-            "latent dimensions, on one scale from 0. Where it is high the model's PSFs vary more from draw to draw.")
+    return (
+        "prior_std.png",
+        "How unsure the model is, over the field",
+        "The model's own uncertainty at each grid depth: the RMS standard deviation of its prior p(z|c) over the "
+        "latent dimensions, on one scale from 0. Where it is high the model's PSFs vary more from draw to draw.",
+    )

@@ -146,16 +146,20 @@ def compute_metrics(cfg: EvalConfig, info: GridInfo, model: PSFModel | None) -> 
         grid, coords = f["grid/psf"][:], f["grid/coords"][:]  # [D, P, 3, k, k], [P, 2]
     ho_all = read_heldout(info.path)
     # The PSF metrics use lit points only: a dark point has no PSF to measure against.
-    arrays = EvalArrays(grid=grid, coords=coords, depths=info.depths, heldout=split_heldout(ho_all, info.path),
-                        circle=lit_circle(info))
+    arrays = EvalArrays(
+        grid=grid, coords=coords, depths=info.depths, heldout=split_heldout(ho_all, info.path), circle=lit_circle(info)
+    )
     ho, depths = arrays.heldout, info.depths
     x, y, depth_m = ho["coords"][:, 0], ho["coords"][:, 1], ho["depth"]
     eigen = baselines.EigenPSF(arrays.grid, depths, info.grid_size, cfg.eigen_components)
     arrays.eigen = eigen
     arrays.preds = _predictions(model, arrays.grid, depths, info.grid_size, eigen, x, y, depth_m, cfg.seed)
 
-    groups = {"all": np.ones(len(depth_m), bool), "at grid depths": ho["at_grid_depth"],
-              "between grid depths": ~ho["at_grid_depth"]}
+    groups = {
+        "all": np.ones(len(depth_m), bool),
+        "at grid depths": ho["at_grid_depth"],
+        "between grid depths": ~ho["at_grid_depth"],
+    }
     for d in depths:
         groups[f"at {d:g} m"] = ho["at_grid_depth"] & np.isclose(depth_m, d)
     methods = {}
@@ -166,27 +170,46 @@ def compute_metrics(cfg: EvalConfig, info: GridInfo, model: PSFModel | None) -> 
         for g, mask in groups.items():
             if mask.any():
                 _, pooled = rel_l2_corrected(pred[mask], ho["psf_a"][mask], ho["psf_b"][mask])
-                methods[name][g] = {"raw": summarize(raw[mask]),
-                                    "corrected": {**summarize(arrays.corrected[name][mask]), "pooled": pooled}}
+                methods[name][g] = {
+                    "raw": summarize(raw[mask]),
+                    "corrected": {**summarize(arrays.corrected[name][mask]), "pooled": pooled},
+                }
     ref = ho["ref"]
-    ref_noise = np.sqrt(((ho["psf_a"] - ho["psf_b"]) ** 2).reshape(len(ref), -1).sum(1)) / 2 / np.sqrt(
-        (ref**2).reshape(len(ref), -1).sum(1))
+    ref_noise = (
+        np.sqrt(((ho["psf_a"] - ho["psf_b"]) ** 2).reshape(len(ref), -1).sum(1))
+        / 2
+        / np.sqrt((ref**2).reshape(len(ref), -1).sum(1))
+    )
     result = {
         "created_at": now(),
         "versions": versions(),
-        "data": {"path": info.path, "run_id": info.run_id, "lens_sha256": info.attrs["lens_sha256"],
-                 "grid_size": info.grid_size, "depths_m": [float(d) for d in depths], "spp": info.spp,
-                 "heldout_spp": info.heldout_spp, "n_heldout": info.n_heldout},
+        "data": {
+            "path": info.path,
+            "run_id": info.run_id,
+            "lens_sha256": info.attrs["lens_sha256"],
+            "grid_size": info.grid_size,
+            "depths_m": [float(d) for d in depths],
+            "spp": info.spp,
+            "heldout_spp": info.heldout_spp,
+            "n_heldout": info.n_heldout,
+        },
         "optics": optics(info),
-        "checkpoint": None if model is None else {"path": cfg.checkpoint, "step": model.info["step"],
-                                                  "data_fingerprint": model.info["data_fingerprint"],
-                                                  "config": model.info["config"], "frame": model.net.args.frame},
+        "checkpoint": None
+        if model is None
+        else {
+            "path": cfg.checkpoint,
+            "step": model.info["step"],
+            "data_fingerprint": model.info["data_fingerprint"],
+            "config": model.info["config"],
+            "frame": model.net.args.frame,
+        },
         "heldout": methods,
         "raytrace_at_training_spp": _raytrace(info.path, arrays.grid, depths),
         "reference_noise": summarize(ref_noise),
         "eigen_explained_variance": eigen.explained,
-        "speed_psfs_per_s": {"raytrace (file provenance, device " + info.attrs["device"] + f", spp {info.spp})":
-                             grid_speed(info.path)[0]},
+        "speed_psfs_per_s": {
+            "raytrace (file provenance, device " + info.attrs["device"] + f", spp {info.spp})": grid_speed(info.path)[0]
+        },
         "heldout_dark": int((~ho_all["lit"]).sum()),
     }
     if model is not None and model.net.illumination is not None:
@@ -238,8 +261,10 @@ def _raytrace(path: str, grid: np.ndarray, depths: np.ndarray) -> dict:
 def _model_metrics(result: dict, arrays: EvalArrays, model: PSFModel, n: int) -> None:
     """The CVAE on its own grid, its speed and whether its uncertainty points at its errors."""
     grid, coords, depths = arrays.grid, arrays.coords, arrays.depths
-    both = [model.net.predict_grid(grid[d], model.conditions(coords[:, 0], coords[:, 1], np.full(n * n, depths[d])))
-            for d in range(len(depths))]
+    both = [
+        model.net.predict_grid(grid[d], model.conditions(coords[:, 0], coords[:, 1], np.full(n * n, depths[d])))
+        for d in range(len(depths))
+    ]
     arrays.recon, arrays.prior = np.stack([b[0] for b in both]), np.stack([b[1] for b in both])  # [D, P, 3, k, k]
     lit = read_lit(result["data"]["path"])["valid"].all(axis=-1)  # [D, P]: dark points have no PSF
     result["grid_vs_training_psfs"] = {
@@ -256,8 +281,10 @@ def _model_metrics(result: dict, arrays: EvalArrays, model: PSFModel, n: int) ->
     std = model.prior_std(ho["coords"][:, 0], ho["coords"][:, 1], ho["depth"], allow_extrapolation=True).cpu().numpy()
     raw = rel_l2(arrays.preds["cvae prior mean"], ho["ref"])
     corrected = arrays.corrected["cvae prior mean"]
-    result["uncertainty"] = {"spearman_prior_std_vs_error": spearman(std, raw),
-                             "spearman_prior_std_vs_corrected_error": spearman(std, corrected)}
+    result["uncertainty"] = {
+        "spearman_prior_std_vs_error": spearman(std, raw),
+        "spearman_prior_std_vs_corrected_error": spearman(std, corrected),
+    }
 
 
 def headline(result: dict) -> dict:
@@ -267,18 +294,23 @@ def headline(result: dict) -> dict:
     ranked = sorted(pooled, key=pooled.get)
     interp = [name for name in ranked if name.startswith(INTERPOLATION)]
     rt = result.get("raytrace_at_training_spp", {}).get("all", {}).get("pooled")
-    out = {"pooled": {name: pooled[name] for name in ranked}, "best": ranked[0], "best_interpolation": interp[0],
-           "raytrace": rt}
+    out = {
+        "pooled": {name: pooled[name] for name in ranked},
+        "best": ranked[0],
+        "best_interpolation": interp[0],
+        "raytrace": rt,
+    }
     cvae = pooled.get("cvae prior mean")
     if cvae is None:
         out["sentence"] = f"Best interpolation: {interp[0]} {100 * pooled[interp[0]]:.1f}%" + (
-            f", {pooled[interp[0]] / rt:.1f}× the error of tracing the point at the training spp." if rt else ".")
+            f", {pooled[interp[0]] / rt:.1f}× the error of tracing the point at the training spp." if rt else "."
+        )
         return out
     b = pooled[interp[0]]
-    change = (f"{100 * (b - cvae) / b:.0f}% lower than" if cvae <= b else f"{100 * (cvae - b) / b:.0f}% higher than")
-    out["sentence"] = (f"CVAE {100 * cvae:.1f}% — {change} the best interpolation ({interp[0]}, {100 * b:.1f}%)"
-                       + (f", {cvae / rt:.1f}× the error of tracing the point at the training spp ({100 * rt:.1f}%)."
-                          if rt else "."))
+    change = f"{100 * (b - cvae) / b:.0f}% lower than" if cvae <= b else f"{100 * (cvae - b) / b:.0f}% higher than"
+    out["sentence"] = f"CVAE {100 * cvae:.1f}% — {change} the best interpolation ({interp[0]}, {100 * b:.1f}%)" + (
+        f", {cvae / rt:.1f}× the error of tracing the point at the training spp ({100 * rt:.1f}%)." if rt else "."
+    )
     return out
 
 
@@ -305,8 +337,12 @@ def optics(info: GridInfo) -> dict:
         "traced_kernel_px": ks,
         "kernel_px": info.ks_small,
         "kernel_pitch_um": None if pixel_um is None else pixel_um * ks / info.ks_small,
-        "truncation": {"limit": TRUNCATION_LIMIT, "truncated": int((worst > TRUNCATION_LIMIT).sum()),
-                       "total": int(worst.size), "worst": float(worst.max())},
+        "truncation": {
+            "limit": TRUNCATION_LIMIT,
+            "truncated": int((worst > TRUNCATION_LIMIT).sum()),
+            "total": int(worst.size),
+            "worst": float(worst.max()),
+        },
     }
 
 
@@ -314,8 +350,11 @@ def split_heldout(heldout: dict, path: str) -> dict:
     """The lit held-out points (dark ones have no PSF to measure against), logging how many were left out."""
     lit, n_dark = lit_only(heldout)
     if n_dark:
-        log.info("%d of %d held-out points are dark (outside the lit field): left out of the PSF metrics",
-                 n_dark, len(heldout["lit"]))
+        log.info(
+            "%d of %d held-out points are dark (outside the lit field): left out of the PSF metrics",
+            n_dark,
+            len(heldout["lit"]),
+        )
     if len(lit["depth"]) == 0:
         raise InputError(f"every held-out point of {path} is dark (outside the lens's lit field): nothing to measure")
     return lit
@@ -328,8 +367,12 @@ def illumination_error(model, heldout: dict) -> dict:
     pred = model.illumination(x, y, depth_m, allow_extrapolation=True).cpu().numpy()  # [M, 3]
     lit = heldout["lit"]
     err = np.abs(pred - heldout["illumination"])[lit].ravel()
-    return {"n": int(len(lit)), "n_lit": int(lit.sum()), "abs_error": summarize(err),
-            "lit_agreement": float(((pred.sum(axis=1) > 0) == lit).mean())}
+    return {
+        "n": int(len(lit)),
+        "n_lit": int(lit.sum()),
+        "abs_error": summarize(err),
+        "lit_agreement": float(((pred.sum(axis=1) > 0) == lit).mean()),
+    }
 
 
 def lit_circle(info) -> tuple[float, tuple[float, float]] | None:
@@ -373,8 +416,9 @@ def format_table(result: dict) -> str:
     rt = result.get("raytrace_at_training_spp", {})
     if rt:
         figure = rt["all"].get("pooled", rt["all"]["mean"])
-        lines.append(f"{'tracing, spp ' + str(result['data']['spp']):24s}{100 * figure:14.2f}"
-                     "  (grid points, re-traced subset)")
+        lines.append(
+            f"{'tracing, spp ' + str(result['data']['spp']):24s}{100 * figure:14.2f}  (grid points, re-traced subset)"
+        )
     lines.append(f"reference's own noise: {100 * result['reference_noise']['mean']:.2f}% (mean)")
     if result.get("heldout_dark"):
         lines.append(f"dark held-out points left out (outside the lit field): {result['heldout_dark']}")
@@ -389,5 +433,3 @@ def format_table(result: dict) -> str:
         rho = result["uncertainty"]["spearman_prior_std_vs_error"]
         lines.append(f"rank correlation of prior_std with the prior-mean error: {rho:+.2f}")
     return "\n".join(lines)
-
-

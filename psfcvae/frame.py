@@ -47,7 +47,9 @@ def canonical_side(ks: int) -> int:
     return ks + 2 * int(math.ceil(ks * (math.sqrt(2.0) - 1.0) / 2.0))
 
 
-def rotate_sample(img: torch.Tensor, theta: torch.Tensor, out_px: int, q: int, out_extent: float | None = None) -> torch.Tensor:
+def rotate_sample(
+    img: torch.Tensor, theta: torch.Tensor, out_px: int, q: int, out_extent: float | None = None
+) -> torch.Tensor:
     """Rotate ``img`` by θ and integrate it over an ``out_px`` x ``out_px`` kernel.
 
     img: [B, C, H, W], H = W, an image spanning [-m/2, m/2]^2 in output-pixel units, with m
@@ -69,4 +71,3 @@ def rotate_sample(img: torch.Tensor, theta: torch.Tensor, out_px: int, q: int, o
     grid = torch.stack([qx, -qy], dim=-1) / (m / 2.0)  # grid_sample: x along columns, y down the rows
     out = F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return F.avg_pool2d(out, q) if q > 1 else out
-

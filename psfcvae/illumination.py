@@ -51,7 +51,9 @@ class IlluminationHead(nn.Module):
         return log_illum.exp() * lit[:, None], lit
 
 
-def illumination_loss(head: IlluminationHead, cond: torch.Tensor, illum: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def illumination_loss(
+    head: IlluminationHead, cond: torch.Tensor, illum: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
     """BCE of the lit logit + MSE of the log illumination on valid channels.
 
     cond [B, C]; illum [B, 3] relative illumination; valid [B, 3] bool (enough rays for a PSF).

@@ -117,6 +117,7 @@ def checked_depth(depth, shape: tuple[int, int], what: str = "depth") -> torch.T
         n = int((~np.isfinite(depth)).sum())
         raise InputError(f"{what} holds {n} NaN or infinite value(s); every pixel needs a depth in metres")
     if (depth <= 0).any():
-        raise InputError(f"{what} holds {int((depth <= 0).sum())} value(s) <= 0 (min {depth.min():g}); "
-                         "depths are positive metres")
+        raise InputError(
+            f"{what} holds {int((depth <= 0).sum())} value(s) <= 0 (min {depth.min():g}); depths are positive metres"
+        )
     return torch.from_numpy(depth)

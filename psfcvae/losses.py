@@ -12,8 +12,9 @@ def weighted_mean(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Te
     return (values * weight).sum() / weight.sum().clamp_min(1.0)
 
 
-def recon_loss(psf_hat: torch.Tensor, psf: torch.Tensor, relative: bool = False,
-               weight: torch.Tensor | None = None) -> torch.Tensor:
+def recon_loss(
+    psf_hat: torch.Tensor, psf: torch.Tensor, relative: bool = False, weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """MSE(K̂, K) over all pixels and channels: psf, psf_hat [B, 3, k, k] -> scalar.
 
     weight [B]: each PSF's weight (0 leaves a dark point out); None: all count, the spec's MSE.

@@ -41,11 +41,17 @@ def summarize(err: np.ndarray) -> dict:
     """mean, median, 95th percentile and count of per-point errors."""
     if len(err) == 0:
         return {"n": 0}
-    return {"n": int(len(err)), "mean": float(err.mean()), "median": float(np.median(err)), "p95": float(np.percentile(err, 95))}
+    return {
+        "n": int(len(err)),
+        "mean": float(err.mean()),
+        "median": float(np.median(err)),
+        "p95": float(np.percentile(err, 95)),
+    }
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
     """Rank correlation of x and y (average ranks for ties)."""
+
     def ranks(v):
         order = np.argsort(v, kind="mergesort")
         r = np.empty(len(v))

@@ -77,8 +77,14 @@ class PositionalEncoding(nn.Module):
     s = 0.5 keeps them apart.
     """
 
-    def __init__(self, num_frequencies: int, scale: float = 1.0, cond_dim: int = 2, depth_frequencies: int | None = None,
-                 has_depth: bool | None = None):
+    def __init__(
+        self,
+        num_frequencies: int,
+        scale: float = 1.0,
+        cond_dim: int = 2,
+        depth_frequencies: int | None = None,
+        has_depth: bool | None = None,
+    ):
         super().__init__()
         freqs = (2.0 ** torch.arange(num_frequencies)) * math.pi * scale  # [L]
         freqs = freqs[:, None].repeat(1, cond_dim)  # [L, C]
@@ -128,8 +134,9 @@ class CVAE(nn.Module):
             raise ValueError(f"frame must be cartesian or canonical, got {args.frame!r}")
         self.canonical = args.frame == "canonical"
         enc_dim = args.cond_dim - 1 if self.canonical else args.cond_dim  # (x, y) -> r
-        self.pe = PositionalEncoding(args.num_frequencies, args.pe_scale, enc_dim, args.depth_frequencies,
-                                     has_depth=args.cond_dim == 3)
+        self.pe = PositionalEncoding(
+            args.num_frequencies, args.pe_scale, enc_dim, args.depth_frequencies, has_depth=args.cond_dim == 3
+        )
         pe_dim = self.pe.out_dim(enc_dim)
         k_dim = 3 * args.ks * args.ks
         # The canonical kernel covers the k x k window at any rotation, `supersample` times finer.
@@ -139,7 +146,9 @@ class CVAE(nn.Module):
         self.prior = mlp(pe_dim, args.hidden_dim, args.num_layers, 2 * Z)  # -> μ_p, log σ²_p
         # A canonical kernel is mirror-symmetric in y: the decoder draws its upper half (and the axis row).
         out_dim = 3 * ((self.out_side + 1) // 2) * self.out_side if self.canonical else k_dim
-        self.decoder = mlp(Z + pe_dim, args.hidden_dim, args.num_layers, out_dim, args.decoder_rank if self.canonical else None)
+        self.decoder = mlp(
+            Z + pe_dim, args.hidden_dim, args.num_layers, out_dim, args.decoder_rank if self.canonical else None
+        )
         self.illumination = IlluminationHead(args.cond_dim) if args.illumination else None
 
     def _frame(self, cond: torch.Tensor):
@@ -187,7 +196,9 @@ class CVAE(nn.Module):
         out = self._draw(z, enc)
         log_sum = torch.log(out.sum(dim=(-2, -1)) + NORM_EPS)
         if theta is not None:
-            out = rotate_sample(out, theta, self.args.ks, q=self.args.supersample, out_extent=canonical_side(self.args.ks))
+            out = rotate_sample(
+                out, theta, self.args.ks, q=self.args.supersample, out_extent=canonical_side(self.args.ks)
+            )
         return out / (out.sum(dim=(-2, -1), keepdim=True) + NORM_EPS), log_sum
 
     def canonical_kernel(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -237,13 +248,19 @@ class CVAE(nn.Module):
         if a.prior_recon_weight > 0:
             prior_hat, prior_log_sum = self._decode(mu_p, cond)
             recon_prior = recon_loss(prior_hat, psf, rel, lit)
-            prior_scale = (weighted_mean((prior_log_sum**2).mean(dim=1), lit) if lit is not None
-                           else (prior_log_sum**2).mean())
+            prior_scale = (
+                weighted_mean((prior_log_sum**2).mean(dim=1), lit) if lit is not None else (prior_log_sum**2).mean()
+            )
             scale = 0.5 * (scale + prior_scale)
         else:
             recon_prior = psf.new_zeros(())
-        loss = (a.recon_weight * recon + a.kl_weight * kl + a.smooth_weight * smooth + a.prior_recon_weight * recon_prior
-                + a.scale_weight * scale)
+        loss = (
+            a.recon_weight * recon
+            + a.kl_weight * kl
+            + a.smooth_weight * smooth
+            + a.prior_recon_weight * recon_prior
+            + a.scale_weight * scale
+        )
         illum_term = None
         if self.illumination is not None and illum is not None:
             illum_term = illumination_loss(self.illumination, cond, illum, valid)
@@ -284,7 +301,9 @@ class CVAE(nn.Module):
         xy = torch.as_tensor(np.asarray(xy), dtype=torch.float32, device=device)
         if self.args.cond_dim == 2:
             return xy
-        d = self.depth_code(torch.tensor(np.asarray(depth_m, dtype=np.float64), device=device)).float()  # a copy: depth_m may be a read-only view
+        d = self.depth_code(
+            torch.tensor(np.asarray(depth_m, dtype=np.float64), device=device)
+        ).float()  # a copy: depth_m may be a read-only view
         return torch.cat([xy, d[:, None]], dim=1)
 
     def depth_code(self, depth_m: torch.Tensor) -> torch.Tensor:

@@ -37,8 +37,14 @@ def grid_optics(info: GridInfo, strict: bool = True) -> dict | None:
         if strict:
             raise InputError(f"{info.path} does not record the sensor's size and resolution; regenerate it")
         return None
-    return {"version": VERSION, "sensor_size_mm": size, "sensor_res": res, "ks": ks, "ks_small": ks_small,
-            "kernel_pitch_mm": ks * (size[0] / res[0]) / ks_small}
+    return {
+        "version": VERSION,
+        "sensor_size_mm": size,
+        "sensor_res": res,
+        "ks": ks,
+        "ks_small": ks_small,
+        "kernel_pitch_mm": ks * (size[0] / res[0]) / ks_small,
+    }
 
 
 def model_optics(model, data: str | Path | None = None) -> dict:
@@ -46,15 +52,21 @@ def model_optics(model, data: str | Path | None = None) -> dict:
     optics = model.info.get("optics")
     if optics is not None:
         if optics.get("version") != VERSION:
-            raise InputError(f"checkpoint {model.info.get('path')} has optics version {optics.get('version')}, "
-                             f"this psf-cvae reads {VERSION}; retrain with this version")
+            raise InputError(
+                f"checkpoint {model.info.get('path')} has optics version {optics.get('version')}, "
+                f"this psf-cvae reads {VERSION}; retrain with this version"
+            )
         return optics
     if data is None:
-        raise InputError(f"checkpoint {model.info.get('path')} holds no kernel geometry (trained before psf render, "
-                         "or on a file that does not record the sensor); give --data with the grid file it was "
-                         "trained on (the kernel pitch is read from there)")
+        raise InputError(
+            f"checkpoint {model.info.get('path')} holds no kernel geometry (trained before psf render, "
+            "or on a file that does not record the sensor); give --data with the grid file it was "
+            "trained on (the kernel pitch is read from there)"
+        )
     info = open_info(data)
     if info.run_id != model.info["data_fingerprint"]["run_id"]:
-        raise InputError(f"{data} is not the grid file this checkpoint was trained on (run id "
-                         f"{info.run_id}, the checkpoint's {model.info['data_fingerprint']['run_id']})")
+        raise InputError(
+            f"{data} is not the grid file this checkpoint was trained on (run id "
+            f"{info.run_id}, the checkpoint's {model.info['data_fingerprint']['run_id']})"
+        )
     return grid_optics(info)

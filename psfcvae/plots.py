@@ -94,14 +94,18 @@ def grid_panels(panels: dict[str, np.ndarray], n: int, depth_m: float, log: bool
             top = error_scale(err)
             im = ax.imshow(tiles, cmap="magma", norm=value_norm(log, top), extent=extent, interpolation="nearest")
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).set_label(
-                f"|error| / PSF peak (scale ends at its {ERROR_PERCENTILE}th pct.)", fontsize=8)
+                f"|error| / PSF peak (scale ends at its {ERROR_PERCENTILE}th pct.)", fontsize=8
+            )
         else:
             ax.imshow(_rgb(mosaic(psf, n, log=log)), extent=extent, interpolation="nearest")
         ax.set_title(name, fontsize=10)
         _field_axes(ax, ylabel=j == 0)
     psf_colourbar(fig, axes[-2] if "|error|" in panels and len(axes) > 1 else axes[-1], log)
-    fig.suptitle(f"depth {depth_m:g} m: the {n}x{n} training grid, RGB, each PSF scaled to its own peak "
-                 f"({'log, %d decades' % LOG_DECADES if log else 'linear'})", fontsize=10)
+    fig.suptitle(
+        f"depth {depth_m:g} m: the {n}x{n} training grid, RGB, each PSF scaled to its own peak "
+        f"({'log, %d decades' % LOG_DECADES if log else 'linear'})",
+        fontsize=10,
+    )
     return fig
 
 
@@ -113,8 +117,14 @@ def image_circle(ax, radius_mm: float, sensor_mm: tuple[float, float]) -> None:
     ax.plot(radius_mm * np.cos(t) / (w / 2), radius_mm * np.sin(t) / (h / 2), "--", c="tab:red", lw=0.8)
 
 
-def error_maps(xy: np.ndarray, errors: dict[str, np.ndarray], groups: dict[str, np.ndarray],
-               pooled: dict[tuple[str, str], float], grid_xy: np.ndarray, circle=None):
+def error_maps(
+    xy: np.ndarray,
+    errors: dict[str, np.ndarray],
+    groups: dict[str, np.ndarray],
+    pooled: dict[tuple[str, str], float],
+    grid_xy: np.ndarray,
+    circle=None,
+):
     """Held-out points over the field coloured by each method's error, one row per depth group.
 
     xy: [M, 2] field points; errors: method -> [M] per-point noise-corrected relative L2 [%];
@@ -140,14 +150,17 @@ def error_maps(xy: np.ndarray, errors: dict[str, np.ndarray], groups: dict[str, 
             ax.set_aspect("equal")
             _field_axes(ax, xlabel=i == len(rows) - 1, ylabel=j == 0)
     fig.colorbar(sc, ax=axes, fraction=0.02, pad=0.01).set_label(
-        f"per-point noise-corrected relative L2 [%] (scale ends at the {ERROR_PERCENTILE}th pct.)", fontsize=8)
-    fig.suptitle("held-out points (grey +: grid points); titles: the pooled error of that method and depth",
-                 fontsize=10)
+        f"per-point noise-corrected relative L2 [%] (scale ends at the {ERROR_PERCENTILE}th pct.)", fontsize=8
+    )
+    fig.suptitle(
+        "held-out points (grey +: grid points); titles: the pooled error of that method and depth", fontsize=10
+    )
     return fig
 
 
-def heldout_panels(psfs: dict[str, np.ndarray], notes: dict[str, list[str]], labels: list[str],
-                   maps: dict[str, np.ndarray], log: bool):
+def heldout_panels(
+    psfs: dict[str, np.ndarray], notes: dict[str, list[str]], labels: list[str], maps: dict[str, np.ndarray], log: bool
+):
     """Held-out points, one per row: PSF columns (reference, model, best baseline) then map columns.
 
     psfs: name -> [R, 3, k, k]; notes: name -> R tile captions (e.g. each tile's error);
@@ -179,7 +192,8 @@ def heldout_panels(psfs: dict[str, np.ndarray], notes: dict[str, list[str]], lab
                 ax.set_ylabel(labels[i], fontsize=7)
         if im is not None:
             fig.colorbar(im, ax=axes[:, j], fraction=0.08, pad=0.02, shrink=0.6).set_label(
-                f"/ reference peak ({ERROR_PERCENTILE}th pct.)", fontsize=7)
+                f"/ reference peak ({ERROR_PERCENTILE}th pct.)", fontsize=7
+            )
     psf_colourbar(fig, axes[:, len(psfs) - 1], log)
     return fig
 

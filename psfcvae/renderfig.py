@@ -51,8 +51,9 @@ def grid_psf_map(data: str | Path, depth_m: float) -> torch.Tensor:
     return torch.from_numpy(psf.reshape(n, n, *psf.shape[1:]))
 
 
-def chart_figure(model, out_png: str | Path, depth_m: float, data: str | Path | None = None, size: int = 128,
-                 psf_every: int = 4) -> dict:
+def chart_figure(
+    model, out_png: str | Path, depth_m: float, data: str | Path | None = None, size: int = 128, psf_every: int = 4
+) -> dict:
     """PNG: the resolution chart, rendered by the model per pixel, beside DeepLens's patch-wise
     rendering with the grid file's traced PSFs (when ``data`` is given and depth_m is one of its
     depths) and their difference. Returns {"png", "psnr_db", "ssim"} (model against patch-wise; None without it)."""
@@ -69,8 +70,10 @@ def chart_figure(model, out_png: str | Path, depth_m: float, data: str | Path | 
     if data is not None:
         grid = grid_psf_map(data, depth_m)
         patch = patchwise_render(chart, grid, optics["kernel_pitch_mm"], optics["sensor_size_mm"])
-        panels += [(f"patch-wise, {grid.shape[0]}x{grid.shape[1]} traced PSFs", patch),
-                   ("|model - patch-wise| x 4", (blurred - patch).abs() * 4)]
+        panels += [
+            (f"patch-wise, {grid.shape[0]}x{grid.shape[1]} traced PSFs", patch),
+            ("|model - patch-wise| x 4", (blurred - patch).abs() * 4),
+        ]
         scores = {"psnr_db": psnr(blurred, patch), "ssim": ssim(blurred, patch)}
     fig = plots.figure(3.2 * len(panels), 3.4)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]

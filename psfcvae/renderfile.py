@@ -22,9 +22,22 @@ from .rendering import render
 log = logging.getLogger(__name__)
 
 
-def render_file(checkpoint, image, out, depth_m=None, depth_map=None, *, srgb: bool = True, psf_every: int = 1,
-                field: str | None = None, data=None, device: str = "auto", allow_extrapolation: bool = False,
-                overwrite: bool = False, progress: bool = True) -> Path:
+def render_file(
+    checkpoint,
+    image,
+    out,
+    depth_m=None,
+    depth_map=None,
+    *,
+    srgb: bool = True,
+    psf_every: int = 1,
+    field: str | None = None,
+    data=None,
+    device: str = "auto",
+    allow_extrapolation: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
     """Read ``image`` (PNG, 8/16 bit), blur it at depth_m [m] or per pixel at depth_map (.npy metres,
     16-bit PNG millimetres), write ``out`` at the input's bit depth. srgb: the PNG is sRGB-encoded
     (decoded to linear light before the blur, encoded after); False: its values are linear already.
@@ -48,11 +61,21 @@ def render_file(checkpoint, image, out, depth_m=None, depth_map=None, *, srgb: b
     linear = srgb_to_linear(img) if srgb else img
     t0 = time.perf_counter()
     try:
-        blurred = render(model, linear, depth, psf_every=psf_every, field=window, data=data,
-                         allow_extrapolation=allow_extrapolation, progress=progress)
+        blurred = render(
+            model,
+            linear,
+            depth,
+            psf_every=psf_every,
+            field=window,
+            data=data,
+            allow_extrapolation=allow_extrapolation,
+            progress=progress,
+        )
     except InputError as exc:  # the library's words, in this command's options
-        words = {"(allow extrapolation to go beyond)": "(--allow-extrapolation to go beyond)",
-                 "psf_every": "--psf-every"}
+        words = {
+            "(allow extrapolation to go beyond)": "(--allow-extrapolation to go beyond)",
+            "psf_every": "--psf-every",
+        }
         message = str(exc)
         for api, option in words.items():
             message = message.replace(api, option)

@@ -67,17 +67,28 @@ def model_kernels(model, allow_extrapolation: bool = False):
     def kernel_fn(x, y, d):
         psf, _ = model.psf(x, y, d, allow_extrapolation=allow_extrapolation, allow_dark=True)
         if has_illumination:
-            lum = torch.as_tensor(model.illumination(x, y, d, allow_extrapolation), dtype=psf.dtype,
-                                  device=psf.device)  # [N, 3]
+            lum = torch.as_tensor(
+                model.illumination(x, y, d, allow_extrapolation), dtype=psf.dtype, device=psf.device
+            )  # [N, 3]
             psf = psf * lum[:, :, None, None]
         return psf
 
     return kernel_fn
 
 
-def render(model, image: torch.Tensor, depth, *, psf_every: int = 1, field=(-1.0, 1.0, -1.0, 1.0), data=None,
-           depth_levels: int = 16, allow_extrapolation: bool = False, progress: bool = False,
-           tile_bytes: int = TILE_BYTES) -> torch.Tensor:
+def render(
+    model,
+    image: torch.Tensor,
+    depth,
+    *,
+    psf_every: int = 1,
+    field=(-1.0, 1.0, -1.0, 1.0),
+    data=None,
+    depth_levels: int = 16,
+    allow_extrapolation: bool = False,
+    progress: bool = False,
+    tile_bytes: int = TILE_BYTES,
+) -> torch.Tensor:
     """The image seen through the lens: [3, H, W], same units as ``image``.
 
     image: [3, H, W] linear light (not sRGB-encoded). depth: object depth [m], a number or
@@ -89,14 +100,31 @@ def render(model, image: torch.Tensor, depth, *, psf_every: int = 1, field=(-1.0
     optics = model_optics(model, data)
     h, w = _checked_image(image)
     depth_t = _checked_depth(model, depth, (h, w), allow_extrapolation)
-    return render_with(model_kernels(model, allow_extrapolation), image.to(model.device), depth_t, optics,
-                       psf_every=psf_every, field=field, depth_levels=depth_levels, progress=progress,
-                       tile_bytes=tile_bytes)
+    return render_with(
+        model_kernels(model, allow_extrapolation),
+        image.to(model.device),
+        depth_t,
+        optics,
+        psf_every=psf_every,
+        field=field,
+        depth_levels=depth_levels,
+        progress=progress,
+        tile_bytes=tile_bytes,
+    )
 
 
-def render_with(kernel_fn, image: torch.Tensor, depth, optics: dict, *, psf_every: int = 1,
-                field=(-1.0, 1.0, -1.0, 1.0), depth_levels: int = 16, progress: bool = False,
-                tile_bytes: int = TILE_BYTES) -> torch.Tensor:
+def render_with(
+    kernel_fn,
+    image: torch.Tensor,
+    depth,
+    optics: dict,
+    *,
+    psf_every: int = 1,
+    field=(-1.0, 1.0, -1.0, 1.0),
+    depth_levels: int = 16,
+    progress: bool = False,
+    tile_bytes: int = TILE_BYTES,
+) -> torch.Tensor:
     """:func:`render` with any kernel source: kernel_fn(x, y, depth_m) -> [N, 3, k, k] at optics' pitch.
 
     depth: a float [m] or a float64 tensor [H, W] [m], already checked.
@@ -119,8 +147,16 @@ def render_with(kernel_fn, image: torch.Tensor, depth, optics: dict, *, psf_ever
     per_pixel = 4 * (3 * my * mx * 3 + 3 * k * k * 10)  # bytes: kernels, patches, product; interpolation terms
     t = max(8, int(math.sqrt(tile_bytes / per_pixel)) // psf_every * psf_every or psf_every)
     tiles = [(r, c) for r in range(0, h, t) for c in range(0, w, t)]
-    log.info("render %dx%d: kernels %dx%d image px, tiles of %d px, %d tiles, PSF every %d px", w, h, mx, my, t,
-             len(tiles), psf_every)
+    log.info(
+        "render %dx%d: kernels %dx%d image px, tiles of %d px, %d tiles, PSF every %d px",
+        w,
+        h,
+        mx,
+        my,
+        t,
+        len(tiles),
+        psf_every,
+    )
     out = torch.empty_like(image)
     for r0, c0 in tqdm(tiles, desc="render", unit="tile", disable=not progress, leave=False):
         r1, c1 = min(r0 + t, h), min(c0 + t, w)
@@ -148,8 +184,10 @@ class _KernelSource:
             self.levels = np.linspace(float(inv.min()), float(inv.max()), max(2, levels))  # [L] 1/m
 
     def _eval(self, x, y, d) -> torch.Tensor:
-        parts = [self.fn(x[i : i + PSF_CHUNK], y[i : i + PSF_CHUNK], d[i : i + PSF_CHUNK])
-                 for i in range(0, len(x), PSF_CHUNK)]
+        parts = [
+            self.fn(x[i : i + PSF_CHUNK], y[i : i + PSF_CHUNK], d[i : i + PSF_CHUNK])
+            for i in range(0, len(x), PSF_CHUNK)
+        ]
         return torch.cat(parts).to(self.device, torch.float32)
 
     def kernels(self, r0, r1, c0, c1) -> torch.Tensor:
@@ -243,6 +281,8 @@ def _checked_depth(model, depth, shape, allow_extrapolation: bool):
     lo, hi = model.depth_range
     if not allow_extrapolation and (lo_d < lo * (1 - 1e-9) or hi_d > hi * (1 + 1e-9)):
         what = f"{lo_d:g} m" if lo_d == hi_d else f"{lo_d:g}-{hi_d:g} m"
-        raise InputError(f"depth {what} is outside the depths the model was trained on, {lo:g}-{hi:g} m "
-                         "(allow extrapolation to go beyond)")
+        raise InputError(
+            f"depth {what} is outside the depths the model was trained on, {lo:g}-{hi:g} m "
+            "(allow extrapolation to go beyond)"
+        )
     return d

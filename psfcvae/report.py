@@ -15,26 +15,54 @@ from .metrics import measured_points
 
 DEFINITIONS = [
     ("error", "relative L2: ‖P − R‖ / ‖R‖ over the three colour channels and all pixels of the kernel, in %."),
-    ("noise-corrected, pooled", "the reference R is itself ray-traced, as the mean of two independent traces A and B; "
-     "its Monte Carlo noise, estimated from ‖A − B‖²/4, is subtracted from ‖P − R‖² and ‖R‖², summed over the points "
-     "of a group before the ratio is taken. This is the one figure quoted on this page; it is lower than the raw "
-     "comparison because the raw one also counts the reference's own noise (psf-cvae repository, docs/metrics.md)."),
-    ("prior mean", "the CVAE's PSF from position and depth alone: the decoder at the mean of its learned prior "
-     "p(z | x, y, depth). This is what the model gives a user."),
-    ("posterior recon", "the CVAE's reconstruction of a training PSF through its encoder: it sees the PSF itself, "
-     "so it shows what the decoder can draw, not what the model predicts."),
-    ("prior samples, spread", "PSFs decoded from random draws z ~ p(z | x, y, depth); their per-pixel standard "
-     "deviation shows where the model is unsure."),
-    ("nearest, bilinear, bicubic", "the grid PSF nearest the point; bilinear or bicubic (Catmull-Rom) interpolation of "
-     "the grid PSFs over the field, then linear in 1/depth between the two nearest grid depths."),
-    ("eigen-PSF (K)", "the grid PSFs' K leading principal components; their coefficients interpolated bicubically "
-     "over the field and linearly in 1/depth."),
-    ("ray tracing at the training spp", "the error of tracing a point directly with the grid's rays per point: two "
-     "independent traces of the same grid points differ by √2 times it."),
-    ("field coordinates", "(x, y) in [−1, 1]: ±1 are the sensor's edges, x to the right, y up; (0, 0) is the optical "
-     "axis. Mosaics put y = +1 at the top."),
-    ("held-out points", "positions off the training grid (at least 0.1 grid step from every grid point), half at grid "
-     "depths and half between them, traced with more rays than the grid; no method saw them."),
+    (
+        "noise-corrected, pooled",
+        "the reference R is itself ray-traced, as the mean of two independent traces A and B; "
+        "its Monte Carlo noise, estimated from ‖A − B‖²/4, is subtracted from ‖P − R‖² and ‖R‖², summed over "
+        "the points "
+        "of a group before the ratio is taken. This is the one figure quoted on this page; it is lower than the raw "
+        "comparison because the raw one also counts the reference's own noise (psf-cvae repository, docs/metrics.md).",
+    ),
+    (
+        "prior mean",
+        "the CVAE's PSF from position and depth alone: the decoder at the mean of its learned prior "
+        "p(z | x, y, depth). This is what the model gives a user.",
+    ),
+    (
+        "posterior recon",
+        "the CVAE's reconstruction of a training PSF through its encoder: it sees the PSF itself, "
+        "so it shows what the decoder can draw, not what the model predicts.",
+    ),
+    (
+        "prior samples, spread",
+        "PSFs decoded from random draws z ~ p(z | x, y, depth); their per-pixel standard "
+        "deviation shows where the model is unsure.",
+    ),
+    (
+        "nearest, bilinear, bicubic",
+        "the grid PSF nearest the point; bilinear or bicubic (Catmull-Rom) interpolation of "
+        "the grid PSFs over the field, then linear in 1/depth between the two nearest grid depths.",
+    ),
+    (
+        "eigen-PSF (K)",
+        "the grid PSFs' K leading principal components; their coefficients interpolated bicubically "
+        "over the field and linearly in 1/depth.",
+    ),
+    (
+        "ray tracing at the training spp",
+        "the error of tracing a point directly with the grid's rays per point: two "
+        "independent traces of the same grid points differ by √2 times it.",
+    ),
+    (
+        "field coordinates",
+        "(x, y) in [−1, 1]: ±1 are the sensor's edges, x to the right, y up; (0, 0) is the optical "
+        "axis. Mosaics put y = +1 at the top.",
+    ),
+    (
+        "held-out points",
+        "positions off the training grid (at least 0.1 grid step from every grid point), half at grid "
+        "depths and half between them, traced with more rays than the grid; no method saw them.",
+    ),
 ]
 
 STYLE = """body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222;line-height:1.4}
@@ -57,10 +85,20 @@ def write_report(result: dict, out: Path, figures: list[tuple[str, str, str]], e
         path = out / f"extra{i}_{re.sub(r'[^a-z0-9]+', '_', title.lower()).strip('_')[:40]}.png"
         path.write_bytes(_png_bytes(png))
         shown.append((path, title, caption))
-    body = [_header(result), _headline(result), _truncation(result), _breakdown(result), _context(result),
-            "<h2>Figures</h2>", *(_figure(p, t, c) for p, t, c in shown), _definitions()]
-    page = ("<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>psf-cvae evaluation</title>"
-            f"<style>{STYLE}</style></head><body>\n" + "\n".join(b for b in body if b) + "\n</body></html>\n")
+    body = [
+        _header(result),
+        _headline(result),
+        _truncation(result),
+        _breakdown(result),
+        _context(result),
+        "<h2>Figures</h2>",
+        *(_figure(p, t, c) for p, t, c in shown),
+        _definitions(),
+    ]
+    page = (
+        '<!doctype html>\n<html><head><meta charset="utf-8"><title>psf-cvae evaluation</title>'
+        f"<style>{STYLE}</style></head><body>\n" + "\n".join(b for b in body if b) + "\n</body></html>\n"
+    )
     path = out / "report.html"
     path.write_text(page, encoding="utf-8")
     return path
@@ -82,10 +120,15 @@ def _pct(v) -> str:
 
 def _header(result: dict) -> str:
     o, d, ck = result["optics"], result["data"], result["checkpoint"]
-    model = (f"checkpoint <code>{html.escape(ck['path'])}</code> at step {ck['step']}" if ck
-             else "no model (interpolation baselines only)")
-    return (f"<h1>How accurate is the learned PSF of {html.escape(Path(o['lens_path']).stem)}?</h1>"
-            f"<p>{model}; data <code>{html.escape(d['path'])}</code>; {html.escape(result['created_at'])}.</p>")
+    model = (
+        f"checkpoint <code>{html.escape(ck['path'])}</code> at step {ck['step']}"
+        if ck
+        else "no model (interpolation baselines only)"
+    )
+    return (
+        f"<h1>How accurate is the learned PSF of {html.escape(Path(o['lens_path']).stem)}?</h1>"
+        f"<p>{model}; data <code>{html.escape(d['path'])}</code>; {html.escape(result['created_at'])}.</p>"
+    )
 
 
 def _headline(result: dict) -> str:
@@ -95,57 +138,81 @@ def _headline(result: dict) -> str:
         a, b = ("<b>", "</b>") if name == h["best"] else ("", "")
         rows.append(f"<tr><td>{a}{html.escape(name)}{b}</td><td>{a}{_pct(v)}{b}</td></tr>")
     if h["raytrace"] is not None:
-        rows.append(f"<tr><td>ray tracing the point, spp {result['data']['spp']} (grid points)</td>"
-                    f"<td>{_pct(h['raytrace'])}</td></tr>")
+        rows.append(
+            f"<tr><td>ray tracing the point, spp {result['data']['spp']} (grid points)</td>"
+            f"<td>{_pct(h['raytrace'])}</td></tr>"
+        )
     noise = result["reference_noise"].get("mean")
-    return (f'<p class="headline" id="headline">{html.escape(h["sentence"])}</p>'
-            f"<table id=\"headline-table\"><tr><th>method</th><th>held-out error</th></tr>{''.join(rows)}</table>"
-            f"<p>Error: relative L2 at {measured_points(result)} held out (never seen by the model), with the "
-            f"reference's own ray-tracing noise removed (noise-corrected, pooled; every error on this page is this "
-            f"figure). The raw comparison reads higher because the reference itself is noisy "
-            f"({_pct(noise)} on average, traced at spp {result['data']['heldout_spp']}).</p>")
+    return (
+        f'<p class="headline" id="headline">{html.escape(h["sentence"])}</p>'
+        f'<table id="headline-table"><tr><th>method</th><th>held-out error</th></tr>{"".join(rows)}</table>'
+        f"<p>Error: relative L2 at {measured_points(result)} held out (never seen by the model), with the "
+        f"reference's own ray-tracing noise removed (noise-corrected, pooled; every error on this page is this "
+        f"figure). The raw comparison reads higher because the reference itself is noisy "
+        f"({_pct(noise)} on average, traced at spp {result['data']['heldout_spp']}).</p>"
+    )
 
 
 def _truncation(result: dict) -> str:
     t, o = result["optics"]["truncation"], result["optics"]
     if not t["truncated"]:
         return ""
-    return (f'<p class="warn" id="truncation">Truncated PSFs: {t["truncated"]} of {t["total"]} grid PSFs have more '
-            f"than {100 * t['limit']:.0f}% of their energy on the border of the {o['traced_kernel_px']}-px traced "
-            f"window (worst {100 * t['worst']:.1f}%). Rays beyond the window are lost, so these PSFs (often the field "
-            "corners or strong defocus) are clipped, for every method and the reference alike. Trace with a larger "
-            "kernel (<code>psf generate --kernel-size</code>) to avoid it.</p>")
+    return (
+        f'<p class="warn" id="truncation">Truncated PSFs: {t["truncated"]} of {t["total"]} grid PSFs have more '
+        f"than {100 * t['limit']:.0f}% of their energy on the border of the {o['traced_kernel_px']}-px traced "
+        f"window (worst {100 * t['worst']:.1f}%). Rays beyond the window are lost, so these PSFs (often the field "
+        "corners or strong defocus) are clipped, for every method and the reference alike. Trace with a larger "
+        "kernel (<code>psf generate --kernel-size</code>) to avoid it.</p>"
+    )
 
 
 def _breakdown(result: dict) -> str:
     groups = list(next(iter(result["heldout"].values())))
     head = "".join(f"<th>{html.escape(g)}</th>" for g in groups)
-    rows = "".join(f"<tr><td>{html.escape(n)}</td>"
-                   + "".join(f"<td>{_pct(m[g]['corrected']['pooled']) if g in m else '—'}</td>" for g in groups)
-                   + "</tr>" for n, m in result["heldout"].items())
+    rows = "".join(
+        f"<tr><td>{html.escape(n)}</td>"
+        + "".join(f"<td>{_pct(m[g]['corrected']['pooled']) if g in m else '—'}</td>" for g in groups)
+        + "</tr>"
+        for n, m in result["heldout"].items()
+    )
     rt = result.get("raytrace_at_training_spp", {})
-    rows += ("<tr><td>ray tracing (grid points)</td>" + "".join(
-        f"<td>{_pct(rt[g]['pooled']) if g in rt else '—'}</td>" for g in groups) + "</tr>") if rt else ""
+    rows += (
+        (
+            "<tr><td>ray tracing (grid points)</td>"
+            + "".join(f"<td>{_pct(rt[g]['pooled']) if g in rt else '—'}</td>" for g in groups)
+            + "</tr>"
+        )
+        if rt
+        else ""
+    )
     stats = "".join(
         f"<tr><td>{html.escape(n)}</td><td>{html.escape(g)}</td><td>{s['raw']['n']}</td>"
         f"<td>{_pct(s['corrected']['pooled'])}</td><td>{_pct(s['corrected']['median'])}</td>"
         f"<td>{_pct(s['corrected']['p95'])}</td><td>{_pct(s['raw']['mean'])}</td></tr>"
-        for n, m in result["heldout"].items() for g, s in m.items())
-    return (f"<details id=\"per-depth\"><summary>Per depth</summary><table><tr><th>method</th>{head}</tr>{rows}"
-            "</table></details><details><summary>Per-point statistics and the raw figures</summary>"
-            "<p>Per-point corrected values are clipped at 0 and noisy (one point's own noise is one draw): the pooled "
-            "figure is the one to quote. Raw: against the noisy reference, uncorrected.</p><table><tr><th>method</th>"
-            "<th>points</th><th>n</th><th>pooled</th><th>median (corr.)</th><th>p95 (corr.)</th><th>mean (raw)</th>"
-            f"</tr>{stats}</table></details>")
+        for n, m in result["heldout"].items()
+        for g, s in m.items()
+    )
+    return (
+        f'<details id="per-depth"><summary>Per depth</summary><table><tr><th>method</th>{head}</tr>{rows}'
+        "</table></details><details><summary>Per-point statistics and the raw figures</summary>"
+        "<p>Per-point corrected values are clipped at 0 and noisy (one point's own noise is one draw): the pooled "
+        "figure is the one to quote. Raw: against the noisy reference, uncorrected.</p><table><tr><th>method</th>"
+        "<th>points</th><th>n</th><th>pooled</th><th>median (corr.)</th><th>p95 (corr.)</th><th>mean (raw)</th>"
+        f"</tr>{stats}</table></details>"
+    )
 
 
 def _context(result: dict) -> str:
     o, d = result["optics"], result["data"]
     wl = ", ".join(f"{c} {1000 * w:.0f} nm" for c, w in zip("RGB", o["wavelengths_um_rgb"]))
     size = o["sensor_size_mm"]
-    pitch = (f"{o['kernel_pitch_um']:.2f} µm per kernel pixel ({o['traced_kernel_px']} traced sensor pixels of "
-             f"{o['sensor_pixel_um']:.2f} µm, area-downsampled to {o['kernel_px']}; the kernel spans "
-             f"{o['kernel_pitch_um'] * o['kernel_px']:.0f} µm)" if o["kernel_pitch_um"] else "unknown")
+    pitch = (
+        f"{o['kernel_pitch_um']:.2f} µm per kernel pixel ({o['traced_kernel_px']} traced sensor pixels of "
+        f"{o['sensor_pixel_um']:.2f} µm, area-downsampled to {o['kernel_px']}; the kernel spans "
+        f"{o['kernel_pitch_um'] * o['kernel_px']:.0f} µm)"
+        if o["kernel_pitch_um"]
+        else "unknown"
+    )
     items = [
         ("lens", f"{html.escape(o['lens_path'])} — {html.escape(o['lens_description'])}"),
         ("lens file sha256", f"<code>{o['lens_sha256']}</code>"),
@@ -153,23 +220,28 @@ def _context(result: dict) -> str:
         ("wavelengths", wl),
         ("sensor", f"{size[0]:g} × {size[1]:g} mm" if size else "—"),
         ("kernel", f"{o['kernel_px']} × {o['kernel_px']} px RGB, {pitch}"),
-        ("training grid", f"{d['grid_size']} × {d['grid_size']} field points at "
-         f"{', '.join(f'{v:g}' for v in d['depths_m'])} m, spp {d['spp']} (rays per point and colour)"),
+        (
+            "training grid",
+            f"{d['grid_size']} × {d['grid_size']} field points at "
+            f"{', '.join(f'{v:g}' for v in d['depths_m'])} m, spp {d['spp']} (rays per point and colour)",
+        ),
         ("held-out reference", f"{measured_points(result)} at spp {d['heldout_spp']}, in two independent halves"),
         ("data run", f"<code>{d['run_id']}</code>"),
         ("software", html.escape(", ".join(f"{k} {v}" for k, v in result["versions"].items()))),
     ]
-    rows = "".join(f"<tr><td>{k}</td><td style=\"text-align:left\">{v}</td></tr>" for k, v in items)
-    return f"<h2>What was measured</h2><table id=\"context\">{rows}</table>"
+    rows = "".join(f'<tr><td>{k}</td><td style="text-align:left">{v}</td></tr>' for k, v in items)
+    return f'<h2>What was measured</h2><table id="context">{rows}</table>'
 
 
 def _figure(path: Path, title: str, caption: str) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
-    return (f"<h3>{html.escape(title)}</h3><figure><img alt=\"{html.escape(title)}\" "
-            f"src=\"data:image/png;base64,{data}\"><figcaption>{html.escape(caption)} "
-            f"<code>{html.escape(path.name)}</code></figcaption></figure>")
+    return (
+        f'<h3>{html.escape(title)}</h3><figure><img alt="{html.escape(title)}" '
+        f'src="data:image/png;base64,{data}"><figcaption>{html.escape(caption)} '
+        f"<code>{html.escape(path.name)}</code></figcaption></figure>"
+    )
 
 
 def _definitions() -> str:
     items = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in DEFINITIONS)
-    return f"<h2>Definitions</h2><dl id=\"definitions\">{items}</dl>"
+    return f'<h2>Definitions</h2><dl id="definitions">{items}</dl>'

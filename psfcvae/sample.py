@@ -17,8 +17,9 @@ from .api import load_model
 CHUNK = 4096  # PSFs evaluated at once: bounds the decoder's transient memory
 
 
-def sample_psfs(checkpoint, out, points, grid_m, depth_m, mode, allow_extrapolation=False, device="auto",
-                overwrite: bool = False) -> Path:
+def sample_psfs(
+    checkpoint, out, points, grid_m, depth_m, mode, allow_extrapolation=False, device="auto", overwrite: bool = False
+) -> Path:
     """Write PSFs [B, 3, k, k] (or [M*M, ...] for a map, row-major, row 0 at y = +1), each channel summing to 1.
 
     .npz: psf, coords [B, 2] (x, y in [-1, 1]), depth_m [m] (the model's only depth when none is given), mode,
@@ -35,8 +36,10 @@ def sample_psfs(checkpoint, out, points, grid_m, depth_m, mode, allow_extrapolat
         k = model.net.args.ks
         need, ram = grid_m**2 * 3 * k * k * 4 * 2, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         if need > ram / 2:
-            raise InputError(f"--grid {grid_m} makes {grid_m**2} PSFs, about {need / 2**30:.1f} GiB with their copies; "
-                             f"this machine has {ram / 2**30:.1f} GiB: choose a smaller --grid")
+            raise InputError(
+                f"--grid {grid_m} makes {grid_m**2} PSFs, about {need / 2**30:.1f} GiB with their copies; "
+                f"this machine has {ram / 2**30:.1f} GiB: choose a smaller --grid"
+            )
         lin = np.linspace(-1, 1, grid_m) if grid_m > 1 else np.zeros(1)
         gx, gy = np.meshgrid(lin, lin[::-1])
         points = np.stack([gx.ravel(), gy.ravel()], axis=1)
@@ -69,7 +72,8 @@ def sample_psfs(checkpoint, out, points, grid_m, depth_m, mode, allow_extrapolat
             else:  # one row of kernels
                 img = np.concatenate([mosaic(p[None], 1) for p in psf], axis=2)
             tiles = Image.fromarray((np.moveaxis(img, 0, -1) * 255).astype(np.uint8)).resize(
-                (img.shape[2] * 8, img.shape[1] * 8), Image.NEAREST)
+                (img.shape[2] * 8, img.shape[1] * 8), Image.NEAREST
+            )
             _captioned(tiles, _caption(points, grid_m, used_depth, mode, model.net.args.ks)).save(out)
     except OSError as exc:
         raise InputError(f"cannot write {out}: {exc.strerror or exc}") from None
@@ -119,9 +123,11 @@ def _psfs_and_illumination(model, points, depth_m, mode, allow_extrapolation, da
         out, lit = model.psf(x, y, depth_m, mode=mode, allow_extrapolation=allow_extrapolation, allow_dark=True)
         if not dark_ok and not bool(lit.all()):
             j = int((~lit).nonzero()[0, 0])
-            raise InputError(f"{int((~lit).sum())} of the --coords points lie outside the lens's lit field, e.g. "
-                             f"({x[j]:g}, {y[j]:g}) at --depth {depth_m}: no light reaches the sensor there, so there "
-                             "is no PSF; leave them out (a --grid map shows them as zeros)")
+            raise InputError(
+                f"{int((~lit).sum())} of the --coords points lie outside the lens's lit field, e.g. "
+                f"({x[j]:g}, {y[j]:g}) at --depth {depth_m}: no light reaches the sensor there, so there "
+                "is no PSF; leave them out (a --grid map shows them as zeros)"
+            )
         psf.append(out.cpu().numpy())
         if model.net.illumination is not None:
             illum.append(model.illumination(x, y, depth_m, allow_extrapolation).cpu().numpy())

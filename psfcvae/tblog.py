@@ -29,8 +29,10 @@ def layout() -> dict:
         "losses": {
             # One chart per term: they differ by orders of magnitude (MSE ~1e-4, KL ~1-100).
             "total loss (weighted sum)": ["Multiline", ["loss_all"]],
-            "reconstruction MSE: posterior and prior-mean paths (unweighted)": ["Multiline",
-                                                                                ["loss_recon", "loss_recon_prior"]],
+            "reconstruction MSE: posterior and prior-mean paths (unweighted)": [
+                "Multiline",
+                ["loss_recon", "loss_recon_prior"],
+            ],
             "KL(q || p) (unweighted)": ["Multiline", ["loss_kl"]],
             "smoothness of the prior mean (unweighted)": ["Multiline", ["loss_smooth"]],
             "decoder scale penalty (unweighted)": ["Multiline", ["loss_scale"]],

@@ -60,7 +60,9 @@ class TrainingError(RuntimeError):
 def model_args_for(cfg: TrainConfig, info: GridInfo) -> ModelArgs:
     """The network for this config on this file; checks the file fits the config."""
     if cfg.grid_size is not None and cfg.grid_size != info.grid_size:
-        raise InputError(f"config grid_size is {cfg.grid_size} but {info.path} has a {info.grid_size}x{info.grid_size} grid")
+        raise InputError(
+            f"config grid_size is {cfg.grid_size} but {info.path} has a {info.grid_size}x{info.grid_size} grid"
+        )
     if cfg.kernel_size_small != info.ks_small:
         raise InputError(
             f"config kernel_size_small is {cfg.kernel_size_small} but {info.path} holds "
@@ -121,11 +123,16 @@ def resolve_frame(choice: str, info: GridInfo) -> tuple[str, tuple[float, float]
     check = symmetry.check_file(info.path)
     if choice == "canonical":
         if not check.holds:
-            log.warning("condition_frame canonical on a lens that does not look rotationally symmetric (%s)", check.describe())
+            log.warning(
+                "condition_frame canonical on a lens that does not look rotationally symmetric (%s)", check.describe()
+            )
         return "canonical", scale
     frame = "canonical" if check.holds else "cartesian"
-    log.info("condition frame %s: %s", frame, check.describe()
-             if check.holds else f"not rotationally symmetric, conditioning on (x, y): {check.describe()}")
+    log.info(
+        "condition frame %s: %s",
+        frame,
+        check.describe() if check.holds else f"not rotationally symmetric, conditioning on (x, y): {check.describe()}",
+    )
     return frame, scale
 
 
@@ -147,8 +154,12 @@ def validate(model: CVAE, conds: Conditions, info: GridInfo, heldout: dict | Non
         sums["prior"] += float(((prior - gt)[lit] ** 2).mean()) if lit.any() else 0.0
         if d == image_depth:
             n = info.grid_size
-            images = {"val_psf_gt": mosaic(gt, n), "val_psf_recon": mosaic(recon, n), "val_psf_prior": mosaic(prior, n),
-                      "val_psf_compare": tblog.grid_comparison(gt, recon, prior, n)}
+            images = {
+                "val_psf_gt": mosaic(gt, n),
+                "val_psf_recon": mosaic(recon, n),
+                "val_psf_prior": mosaic(prior, n),
+                "val_psf_compare": tblog.grid_comparison(gt, recon, prior, n),
+            }
     D = len(info.depths)
     metrics = {"val_mse": sums["recon"] / D, "val_prior_mse": sums["prior"] / D}
     if heldout is not None and len(heldout["ref"]):
@@ -175,9 +186,15 @@ def _lit_data(info: GridInfo, model: CVAE, device, main_rank: bool) -> tuple[Con
     if model.illumination is not None:
         model.illumination.any_dark.fill_(bool((~lit).any()))
     if main_rank and not lit.all():
-        log.info("dark points left out: %d of %d grid PSFs (their %d neighbour pairs too) from the PSF losses, "
-                 "%d of %d held-out points from validation", (~lit).sum(), lit.size,
-                 conds.dark_pairs(meta["neighbors"]), dark_heldout, info.n_heldout)
+        log.info(
+            "dark points left out: %d of %d grid PSFs (their %d neighbour pairs too) from the PSF losses, "
+            "%d of %d held-out points from validation",
+            (~lit).sum(),
+            lit.size,
+            conds.dark_pairs(meta["neighbors"]),
+            dark_heldout,
+            info.n_heldout,
+        )
     return conds, heldout
 
 
@@ -209,7 +226,9 @@ def _wait_for_a_later_second(log_dir: Path) -> None:
     """TensorBoard reads event files in name order, and names start with the creation
     second: a resumed run's file must sort after the interrupted run's, or the purge of the
     steps logged after the checkpoint would come before them and miss them."""
-    stamps = [int(p.name.split(".")[3]) for p in log_dir.glob("events.out.tfevents.*") if p.name.split(".")[3].isdigit()]
+    stamps = [
+        int(p.name.split(".")[3]) for p in log_dir.glob("events.out.tfevents.*") if p.name.split(".")[3].isdigit()
+    ]
     while stamps and time.time() < max(stamps) + 1:
         time.sleep(0.05)
 
@@ -237,8 +256,16 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 
 
 # Keys added after a run may have started, with the value that reproduces the older code.
-OLDER_BEHAVIOUR = {"condition_frame": "cartesian", "scale_weight": 0.0, "output": "softplus", "supersample": 3,
-                   "decoder_rank": None, "relative_loss": False, "warmup_steps": 0, "illumination_weight": 0.0}
+OLDER_BEHAVIOUR = {
+    "condition_frame": "cartesian",
+    "scale_weight": 0.0,
+    "output": "softplus",
+    "supersample": 3,
+    "decoder_rank": None,
+    "relative_loss": False,
+    "warmup_steps": 0,
+    "illumination_weight": 0.0,
+}
 
 
 def _with_the_runs_own_new_keys(cfg: TrainConfig, ckpt: dict) -> TrainConfig:
@@ -277,9 +304,16 @@ class LossWindow:
             self.sums, self.n = dict(state["sums"]), state["n"]
 
     def add(self, out, grad_norm) -> None:
-        values = {"loss_all": out.loss, "loss_recon": out.recon, "loss_kl": out.kl, "loss_smooth": out.smooth,
-                  "loss_recon_prior": out.recon_prior, "loss_scale": out.scale, "grad_norm": grad_norm,
-                  "loss_illumination": out.illum}
+        values = {
+            "loss_all": out.loss,
+            "loss_recon": out.recon,
+            "loss_kl": out.kl,
+            "loss_smooth": out.smooth,
+            "loss_recon_prior": out.recon_prior,
+            "loss_scale": out.scale,
+            "grad_norm": grad_norm,
+            "loss_illumination": out.illum,
+        }
         for key in self.sums:
             self.sums[key] += float(values[key].detach())
         self.n += 1
@@ -312,14 +346,17 @@ def _prepare_run_dir(run_dir: Path, resume: bool) -> None:
         raise InputError(f"cannot create run directory {run_dir}: {exc.strerror}") from None
 
 
-def _restore(ckpt: dict, cfg: TrainConfig, info: GridInfo, args: ModelArgs, model, optimizer, device,
-             run_dir: Path) -> tuple[int, float]:
+def _restore(
+    ckpt: dict, cfg: TrainConfig, info: GridInfo, args: ModelArgs, model, optimizer, device, run_dir: Path
+) -> tuple[int, float]:
     """Load a run's latest checkpoint into model and optimizer after checking it fits: (step, best)."""
     latest = run_dir / "latest.pt"
     checkpoint.check_same_data(ckpt, info, f"checkpoint {latest}")
     if asdict(ModelArgs(**ckpt["model_args"])) != asdict(args):  # older checkpoints lack newer keys
-        raise InputError(f"checkpoint {latest} has another network than this config; resume with the run's own "
-                         f"config ({run_dir}/config.yaml)")
+        raise InputError(
+            f"checkpoint {latest} has another network than this config; resume with the run's own "
+            f"config ({run_dir}/config.yaml)"
+        )
     before = ckpt["config"]
     order = [k for k in ("seed", "batch_size", "read_run") if before.get(k) != getattr(cfg, k)]
     if order:
@@ -329,8 +366,9 @@ def _restore(ckpt: dict, cfg: TrainConfig, info: GridInfo, args: ModelArgs, mode
         )
     schedule = [k for k in ("learning_rate", "lr_schedule", "max_steps") if before.get(k) != getattr(cfg, k)]
     if schedule and not (schedule == ["max_steps"] and cfg.lr_schedule == "constant"):
-        log.warning("resuming with another %s: the learning rate from here on is not the original run's",
-                    ", ".join(schedule))
+        log.warning(
+            "resuming with another %s: the learning rate from here on is not the original run's", ", ".join(schedule)
+        )
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     torch.set_rng_state(ckpt["rng"]["torch"])
@@ -355,13 +393,24 @@ def _save(path: Path, run: dict, step: int, best: float, metrics: dict, window: 
     rng = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(device)
-    checkpoint.save(path, {
-        "model": model.state_dict(), "optimizer": run["optimizer"].state_dict(), "model_args": asdict(run["args"]),
-        "step": step, "best_val": best, "val": metrics, "config": configio.to_dict(cfg),
-        "data_fingerprint": run["fingerprint"], "versions": versions(), "saved_at": now(), "rng": rng,
-        "loss_window": window.state(),  # a resume between two logs logs the same means
-        "optics": optics.grid_optics(run["info"], strict=False),  # kernel pitch and sensor: what `psf render` needs
-    })
+    checkpoint.save(
+        path,
+        {
+            "model": model.state_dict(),
+            "optimizer": run["optimizer"].state_dict(),
+            "model_args": asdict(run["args"]),
+            "step": step,
+            "best_val": best,
+            "val": metrics,
+            "config": configio.to_dict(cfg),
+            "data_fingerprint": run["fingerprint"],
+            "versions": versions(),
+            "saved_at": now(),
+            "rng": rng,
+            "loss_window": window.state(),  # a resume between two logs logs the same means
+            "optics": optics.grid_optics(run["info"], strict=False),  # kernel pitch and sensor: what `psf render` needs
+        },
+    )
 
 
 def _step_is_finite(out, world: int, device, step: int, latest: Path) -> None:
@@ -399,8 +448,11 @@ def _train(cfg: TrainConfig, resume: bool, info: GridInfo, args: ModelArgs, run_
         return run_dir
     if world > 1:  # the same weights everywhere (DDP broadcasts them), other noise on each rank
         torch.manual_seed(cfg.seed + 7919 * rank + step)
-    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else model
+    net = (
+        DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if world > 1
+        else model
+    )
     if main_rank:
         configio.save_yaml(cfg, run_dir / "config.yaml")
 
@@ -412,8 +464,17 @@ def _train(cfg: TrainConfig, resume: bool, info: GridInfo, args: ModelArgs, run_
     writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=step + 1 if resume else None) if main_rank else None
     if main_rank:
         tblog.start(writer)
-    run = dict(model=model, optimizer=optimizer, args=args, cfg=cfg, info=info, device=device, writer=writer,
-               latest=latest, fingerprint=checkpoint.data_fingerprint(info))
+    run = dict(
+        model=model,
+        optimizer=optimizer,
+        args=args,
+        cfg=cfg,
+        info=info,
+        device=device,
+        writer=writer,
+        latest=latest,
+        fingerprint=checkpoint.data_fingerprint(info),
+    )
 
     # --- the loop ----------------------------------------------------------------------
     metrics: dict = {}
@@ -421,8 +482,14 @@ def _train(cfg: TrainConfig, resume: bool, info: GridInfo, args: ModelArgs, run_
     window = LossWindow(model.illumination is not None, ckpt.get("loss_window") if ckpt and world == 1 else None)
     t0, step0 = time.perf_counter(), step
     quiet = not log.isEnabledFor(logging.INFO) or not main_rank
-    bar = tqdm(total=cfg.max_steps, initial=step, unit="step", desc="training", disable=True if quiet else None,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.max_steps,
+        initial=step,
+        unit="step",
+        desc="training",
+        disable=True if quiet else None,
+        dynamic_ncols=True,
+    )
     model.train()
     for batch in loader:
         if step >= cfg.max_steps:
@@ -481,9 +548,14 @@ def _loader(cfg: TrainConfig, info: GridInfo, model: CVAE, device, rank: int, wo
     dataset = GridBatches(info, cfg.batch_size, cfg.read_run, cfg.seed, in_memory, rank=rank, world=world)
     (log.info if rank == 0 else log.debug)(  # once, not once per rank
         "training on %s%s: %d depths x %d points, cond %s, %s, %d parameters, run dir %s",
-        device, f" ({world} processes)" if world > 1 else "", len(info.depths), info.grid_size**2,
-        "(x, y, d)" if model.args.cond_dim == 3 else "(x, y)", "in memory" if in_memory else "streamed from disk",
-        sum(p.numel() for p in model.parameters()), run_dir,
+        device,
+        f" ({world} processes)" if world > 1 else "",
+        len(info.depths),
+        info.grid_size**2,
+        "(x, y, d)" if model.args.cond_dim == 3 else "(x, y)",
+        "in memory" if in_memory else "streamed from disk",
+        sum(p.numel() for p in model.parameters()),
+        run_dir,
     )
     return make_loader(dataset, start=step, num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
 
@@ -499,8 +571,9 @@ def _validate_and_log(model: CVAE, conds, info: GridInfo, heldout, device, write
     return metrics
 
 
-def _finish(run: dict, cfg: TrainConfig, metrics: dict, steps: int, elapsed: float, world: int, main_rank: bool,
-            run_dir: Path) -> None:
+def _finish(
+    run: dict, cfg: TrainConfig, metrics: dict, steps: int, elapsed: float, world: int, main_rank: bool, run_dir: Path
+) -> None:
     """The run's speed in the log, its hyper-parameters with their final metrics, the process group closed."""
     if main_rank:
         rate = steps / elapsed if elapsed > 0 else float("nan")

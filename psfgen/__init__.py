@@ -7,8 +7,14 @@ The public names are imported on first use, so that ``import psfgen`` (and with 
 import importlib
 
 # public name -> the submodule that defines it
-_PUBLIC = {"GenerateConfig": ".config", "InputError": ".shared.errors", "generate": ".generation", "GridInfo": ".store",
-           "open_info": ".store", "require_complete": ".store"}
+_PUBLIC = {
+    "GenerateConfig": ".config",
+    "InputError": ".shared.errors",
+    "generate": ".generation",
+    "GridInfo": ".store",
+    "open_info": ".store",
+    "require_complete": ".store",
+}
 
 __all__ = list(_PUBLIC)
 

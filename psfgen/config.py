@@ -47,7 +47,9 @@ class GenerateConfig:
     ks_small: int = 15  # stored kernel size [px] after area downsampling
     heldout: int = 256  # off-grid evaluation points (half at grid depths, half between)
     heldout_spp: int | None = None  # rays of the held-out reference, split in two halves; None: 4*spp
-    noise_points: int | None = None  # grid points traced a second time per depth (noise floor); None: default_noise_points
+    noise_points: int | None = (
+        None  # grid points traced a second time per depth (noise floor); None: default_noise_points
+    )
     block_rays: int = 4_000_000  # rays per traced block (bounds memory); points/block = block_rays // spp
     seed: int = 0  # every block is seeded from (seed, block)
     device: str = "auto"  # auto | cpu | cuda | cuda:K
@@ -76,31 +78,44 @@ class GenerateConfig:
             if not self.depth_min > 0:
                 raise InputError.for_key("depth_min", f"must be positive (metres), got {self.depth_min}")
             if not self.depth_max >= self.depth_min:
-                raise InputError.for_keys(f"{{depth_max}} ({self.depth_max}) must be at least {{depth_min}} "
-                                          f"({self.depth_min})", "depth_max", "depth_min")
+                raise InputError.for_keys(
+                    f"{{depth_max}} ({self.depth_max}) must be at least {{depth_min}} ({self.depth_min})",
+                    "depth_max",
+                    "depth_min",
+                )
             check_at_least(self, 1, "num_depths")
             if self.num_depths > 1 and self.depth_max == self.depth_min:
-                raise InputError.for_keys("{depth_max} equals {depth_min}: set {num_depths} to 1 or widen the range",
-                                          "depth_max", "depth_min", "num_depths")
+                raise InputError.for_keys(
+                    "{depth_max} equals {depth_min}: set {num_depths} to 1 or widen the range",
+                    "depth_max",
+                    "depth_min",
+                    "num_depths",
+                )
         if self.focus_m is not None and not self.focus_m > 0:
             raise InputError.for_key("focus_m", f"must be positive (metres), got {self.focus_m}")
         check_at_least(self, 1, "spp", "block_rays")
         check_at_least(self, 2, "ks")
         if self.ks_small < 1 or self.ks_small > self.ks:
-            raise InputError.for_keys(f"{{ks_small}} ({self.ks_small}) must be between 1 and {{ks}} ({self.ks})",
-                                      "ks_small", "ks")
+            raise InputError.for_keys(
+                f"{{ks_small}} ({self.ks_small}) must be between 1 and {{ks}} ({self.ks})", "ks_small", "ks"
+            )
         check_at_least(self, 0, "heldout", "seed")
         if self.heldout_spp is not None and self.heldout_spp < 2:
-            raise InputError.for_key("heldout_spp", f"must be at least 2 (it is split in two halves), got {self.heldout_spp}")
+            raise InputError.for_key(
+                "heldout_spp", f"must be at least 2 (it is split in two halves), got {self.heldout_spp}"
+            )
         if not 0 <= self.noise_points <= self.grid_size**2:
             raise InputError.for_key(
-                "noise_points", f"must be between 0 and {self.grid_size**2} (the points of a "
-                f"{self.grid_size}x{self.grid_size} grid), got {self.noise_points}"
+                "noise_points",
+                f"must be between 0 and {self.grid_size**2} (the points of a "
+                f"{self.grid_size}x{self.grid_size} grid), got {self.noise_points}",
             )
         if self.shard is not None and self.shard != "auto":
             m = re.fullmatch(r"(\d+)/(\d+)", self.shard)
             if not m or not int(m.group(1)) < int(m.group(2)):
-                raise InputError.for_key("shard", f"must be K/N with 0 <= K < N (e.g. 0/4), or auto; got {self.shard!r}")
+                raise InputError.for_key(
+                    "shard", f"must be K/N with 0 <= K < N (e.g. 0/4), or auto; got {self.shard!r}"
+                )
         check_device(self)
 
     # Derived values. Kept as methods, not fields, so they cannot disagree with the fields.

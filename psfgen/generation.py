@@ -108,15 +108,19 @@ def shard_path(out: Path, k: int, n: int) -> Path:
     return out.with_name(f"{out.stem}.shard{k:04d}-of-{n:04d}{out.suffix}")
 
 
-BYTES_PER_RAY = 400  # traced ray state on the device: 1.9 GiB peak at 4e6 rays (README), less the process's own ~0.5 GiB
+BYTES_PER_RAY = (
+    400  # traced ray state on the device: 1.9 GiB peak at 4e6 rays (README), less the process's own ~0.5 GiB
+)
 BYTES_PER_GRID_POINT = 200  # coordinates, neighbour table and their intermediates in RAM
 
 
 def memory_needed(cfg: GenerateConfig) -> tuple[int, int]:
     """(bytes of one traced block on the tracing device, bytes of the grid's tables in RAM)."""
     # As plan_blocks cuts them: block_rays // spp points per block (at least one), for both spps.
-    block = max(max(1, cfg.block_rays // spp) * (spp * BYTES_PER_RAY + 3 * cfg.ks * cfg.ks * 4 * 4)  # kernels: float32 copies
-                for spp in (cfg.spp, cfg.heldout_half_spp()))
+    block = max(
+        max(1, cfg.block_rays // spp) * (spp * BYTES_PER_RAY + 3 * cfg.ks * cfg.ks * 4 * 4)  # kernels: float32 copies
+        for spp in (cfg.spp, cfg.heldout_half_spp())
+    )
     return block, cfg.grid_size**2 * BYTES_PER_GRID_POINT
 
 
@@ -127,8 +131,10 @@ def check_memory(cfg: GenerateConfig, device: torch.device) -> None:
     memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else ram
     gib = 2.0**30
     if tables > ram:
-        raise InputError(f"grid_size {cfg.grid_size} needs about {tables / gib:.1f} GiB of memory for its tables, "
-                         f"this machine has {ram / gib:.1f} GiB; choose a smaller --grid-size")
+        raise InputError(
+            f"grid_size {cfg.grid_size} needs about {tables / gib:.1f} GiB of memory for its tables, "
+            f"this machine has {ram / gib:.1f} GiB; choose a smaller --grid-size"
+        )
     if block > memory:
         raise InputError(
             f"one block of spp {cfg.spp} (held-out {cfg.heldout_half_spp()} per half) with a {cfg.ks}-px kernel needs "
@@ -143,8 +149,10 @@ def _check_disk(out: Path, sizes: dict, share: float) -> None:
     need = share * (4 * (3 * k * k + 6) + 3) * (D * P + D * S + 2 * M)  # psf, border, illumination, valid
     free = shutil.disk_usage(out.parent).free
     if need > free:
-        raise InputError(f"{out} will need about {need / 2**30:.2f} GiB and {out.parent} has {free / 2**30:.2f} GiB "
-                         "free; free space or choose another --out")
+        raise InputError(
+            f"{out} will need about {need / 2**30:.2f} GiB and {out.parent} has {free / 2**30:.2f} GiB "
+            "free; free space or choose another --out"
+        )
 
 
 def _make_parent(out: Path) -> None:
@@ -153,7 +161,9 @@ def _make_parent(out: Path) -> None:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise InputError(f"cannot create the output directory {out.parent}: {exc.strerror}; choose another --out") from None
+        raise InputError(
+            f"cannot create the output directory {out.parent}: {exc.strerror}; choose another --out"
+        ) from None
 
 
 def _check_output(cfg: GenerateConfig, out: Path, run_id: str) -> bool:
@@ -177,8 +187,10 @@ def _check_output(cfg: GenerateConfig, out: Path, run_id: str) -> bool:
             "or pass --overwrite to replace it"
         )
     if info.schema != store.SCHEMA_VERSION:
-        raise InputError(f"{out} was written by an older psf generate (schema {info.schema}, no illumination); "
-                         "pass --overwrite to trace it again, or choose another --out")
+        raise InputError(
+            f"{out} was written by an older psf generate (schema {info.schema}, no illumination); "
+            "pass --overwrite to trace it again, or choose another --out"
+        )
     return True
 
 
@@ -224,7 +236,11 @@ def _trace_all(cfg, out: Path, run_id: str, params: dict, lens_file, shard, devi
                 log.info("%s is already complete; nothing to trace", out)
                 return out
             if f.attrs.get("device") != str(device):
-                log.warning("resuming a run traced on %s on %s: PSFs stay statistically equal, not bitwise", f.attrs.get("device"), device)
+                log.warning(
+                    "resuming a run traced on %s on %s: PSFs stay statistically equal, not bitwise",
+                    f.attrs.get("device"),
+                    device,
+                )
         log.info("resuming %s: %d/%d blocks already traced", out, done[mine].sum(), mine.sum())
     else:
         axis = _trace_axis(lens, depths, cfg)  # before the file exists: a lens that lights nothing leaves none
@@ -256,8 +272,15 @@ def _trace_all(cfg, out: Path, run_id: str, params: dict, lens_file, shard, devi
                 torch.manual_seed(block_seed(cfg.seed, block))
                 _trace_block(lens, out, i, block, xy, depth_m, spp, cfg, illumination.axis_at(depths, axis, depth_m))
                 traced += 1
-                log.debug("block %d/%d done (%s, depth %d, points %d:%d)", i + 1, len(blocks), block.kind, block.depth,
-                          block.start, block.stop)
+                log.debug(
+                    "block %d/%d done (%s, depth %d, points %d:%d)",
+                    i + 1,
+                    len(blocks),
+                    block.kind,
+                    block.depth,
+                    block.start,
+                    block.stop,
+                )
                 bar.update(block.stop - block.start)
     except InputError:
         if not resume and traced == 0:  # a file this run created holds nothing yet: leave no trace of it
@@ -315,8 +338,17 @@ def _create(out: Path, attrs: dict, arrays: dict, blocks: list, shard) -> None:
         raise InputError(f"cannot write {out}: {exc.strerror or exc}; choose a writable --out") from None
 
 
-def _trace_block(lens, out: Path, index: int, block: Block, xy: np.ndarray, depth_m: np.ndarray, spp: int,
-                 cfg: GenerateConfig, axis: np.ndarray) -> None:
+def _trace_block(
+    lens,
+    out: Path,
+    index: int,
+    block: Block,
+    xy: np.ndarray,
+    depth_m: np.ndarray,
+    spp: int,
+    cfg: GenerateConfig,
+    axis: np.ndarray,
+) -> None:
     """Trace one block (xy [B, 2], depth_m [B] m; axis [B, 3]: the on-axis ray fraction at those depths),
     measure its illumination, downsample it and write it with its done mark."""
     t0 = time.perf_counter()
@@ -324,8 +356,10 @@ def _trace_block(lens, out: Path, index: int, block: Block, xy: np.ndarray, dept
     try:
         psf, rays, window = illumination.trace_counted(lens, xy, depth_m, spp, cfg.ks)  # [B, 3, ks, ks], [B, 3] x 2
     except (RuntimeError, ValueError, AssertionError, MemoryError) as exc:  # DeepLens's and torch's
-        raise InputError(f"tracing {where} failed: {str(exc).splitlines()[0][:200] or type(exc).__name__}; "
-                         "finished blocks are kept: fix the cause and run the same command again") from None
+        raise InputError(
+            f"tracing {where} failed: {str(exc).splitlines()[0][:200] or type(exc).__name__}; "
+            "finished blocks are kept: fix the cause and run the same command again"
+        ) from None
     illum, valid = illumination.relative(rays.cpu().numpy(), window.cpu().numpy(), spp, axis)
     # A channel with too few rays is stored as dark (zeros, valid 0), never as a PSF of noise.
     small = downsample(psf, cfg.ks_small).cpu().numpy() * valid[..., None, None]  # [B, 3, k, k]
@@ -335,8 +369,10 @@ def _trace_block(lens, out: Path, index: int, block: Block, xy: np.ndarray, dept
     try:
         store.write_block(out, index, block, small, border, time.perf_counter() - t0, illum, valid.astype(np.uint8))
     except OSError as exc:
-        raise InputError(f"cannot write {out} ({exc.strerror or exc}, e.g. a full disk); the blocks "
-                         "finished before are kept: free space and run the same command again") from None
+        raise InputError(
+            f"cannot write {out} ({exc.strerror or exc}, e.g. a full disk); the blocks "
+            "finished before are kept: free space and run the same command again"
+        ) from None
 
 
 def _trace_axis(lens, depths: np.ndarray, cfg: GenerateConfig) -> np.ndarray:
@@ -350,8 +386,10 @@ def _trace_axis(lens, depths: np.ndarray, cfg: GenerateConfig) -> np.ndarray:
     try:
         axis, window = illumination.axis_fraction(lens, depths, spp, cfg.ks)
     except (RuntimeError, ValueError, AssertionError, MemoryError) as exc:
-        raise InputError(f"tracing the on-axis point at {_depths_text(depths)} failed: "
-                         f"{str(exc).splitlines()[0][:200] or type(exc).__name__}; check the lens file and --depths") from None
+        raise InputError(
+            f"tracing the on-axis point at {_depths_text(depths)} failed: "
+            f"{str(exc).splitlines()[0][:200] or type(exc).__name__}; check the lens file and --depths"
+        ) from None
     dark = np.argwhere(~(np.rint(window * spp) >= illumination.min_rays(spp)))  # NaN counts as dark
     if len(dark):
         d, c = dark[0]
@@ -360,7 +398,8 @@ def _trace_axis(lens, depths: np.ndarray, cfg: GenerateConfig) -> np.ndarray:
             f"{'no ray' if n == 0 else f'only {n} rays'} of channel {'RGB'[c]} reached the sensor window from the axis "
             f"at {depths[d]:g} m (of {spp} launched, {illumination.min_rays(spp)} needed; {len(dark)} dark axis "
             "channels): nothing is lit, "
-            "the lens vignettes completely or the depth is outside its range; check the lens file's apertures and --depths"
+            "the lens vignettes completely or the depth is outside its range; check the lens file's apertures "
+            "and --depths"
         )
     return axis
 
@@ -378,5 +417,9 @@ def _warn_truncation(border: np.ndarray, cfg: GenerateConfig) -> None:
             "%d grid PSFs have more than %.0f%% of their energy on the border of the %d-px window "
             "(worst %.1f%%): DeepLens drops rays outside it, so they are truncated. Use a larger "
             "--kernel-size (e.g. %d) or coarser sensor pixels (a smaller sensor_res in the lens file).",
-            n_bad, 100 * TRUNCATION_WARN, cfg.ks, 100 * worst, int(cfg.ks * 1.5),
+            n_bad,
+            100 * TRUNCATION_WARN,
+            cfg.ks,
+            100 * worst,
+            int(cfg.ks * 1.5),
         )

@@ -57,21 +57,32 @@ def summary(path) -> str:
     cfg = info.config
     lines = [
         f"file        {info.path}  (format {a['format']} v{a['schema_version']}, run {info.run_id})",
-        f"lens        {a['lens_path']}  sha256 {a['lens_sha256'][:16]}…  foclen {a.get('foclen_mm', float('nan')):.3f} mm",
+        f"lens        {a['lens_path']}  sha256 {a['lens_sha256'][:16]}…  "
+        f"foclen {a.get('foclen_mm', float('nan')):.3f} mm",
         f"grid        {info.grid_size} x {info.grid_size} points, kernel {cfg['ks']} px -> {info.ks_small} px",
-        f"depths [m]  {', '.join(f'{d:.4g}' for d in info.depths)}" + (f"  (focus {cfg['focus_m']} m)" if cfg.get("focus_m") else ""),
+        f"depths [m]  {', '.join(f'{d:.4g}' for d in info.depths)}"
+        + (f"  (focus {cfg['focus_m']} m)" if cfg.get("focus_m") else ""),
         f"spp         {info.spp} (grid), {info.heldout_spp} (held-out reference, two halves)",
         f"held-out    {info.n_heldout} points;  noise re-traces: {info.n_noise} grid points per depth"
         + _default_note(cfg.get("noise_points"), info.grid_size),
-        f"blocks      {info.blocks_done}/{info.blocks_total} traced" + ("" if info.complete else "  (unfinished: run the same 'psf generate' again to resume)"),
+        f"blocks      {info.blocks_done}/{info.blocks_total} traced"
+        + ("" if info.complete else "  (unfinished: run the same 'psf generate' again to resume)"),
         f"device      {_devices(a)}, seed {a['seed']}, started {a['started_at']}"
         + (f", finished {a['finished_at']}" if "finished_at" in a else "")
         + (f" ({a['trace_seconds']:.1f} s tracing)" if "trace_seconds" in a else ""),
     ]
     if info.shard is not None:
-        lines.insert(1, f"shard       {info.shard[0]}/{info.shard[1]}: this file holds every {info.shard[1]}-th block; merge with 'psf merge'")
+        lines.insert(
+            1,
+            f"shard       {info.shard[0]}/{info.shard[1]}: this file holds every {info.shard[1]}-th block; "
+            f"merge with 'psf merge'",
+        )
     elif "merged_from" in a:
-        lines.insert(1, f"merged      from {len(json.loads(a['merged_from']))} shards" + (" (virtual datasets)" if a.get("virtual") else ""))
+        lines.insert(
+            1,
+            f"merged      from {len(json.loads(a['merged_from']))} shards"
+            + (" (virtual datasets)" if a.get("virtual") else ""),
+        )
     with h5py.File(path, "r", locking=False) as f:
         done = f["blocks/done"][:].astype(bool)
         table = f["blocks/table"][:]
@@ -94,12 +105,15 @@ def summary(path) -> str:
         if info.n_heldout and done.all():
             ref = rel_l2(f["heldout/psf_a"][:], f["heldout/psf_b"][:])  # NaN at dark points
             lit = np.isfinite(ref)
-            lines.append(f"reference   held-out halves differ by {100 * ref[lit].mean():.2f}% (relative L2, mean"
-                         + (f" of {int(lit.sum())} lit points)" if not lit.all() else ")"))
+            lines.append(
+                f"reference   held-out halves differ by {100 * ref[lit].mean():.2f}% (relative L2, mean"
+                + (f" of {int(lit.sum())} lit points)" if not lit.all() else ")")
+            )
     nf = noise_floor(path)
     if nf is not None:
-        per = ", ".join(f"{d:.4g} m: " + ("not measured yet" if np.isnan(v) else f"{100 * v:.2f}%")
-                        for d, v in zip(info.depths, nf))
+        per = ", ".join(
+            f"{d:.4g} m: " + ("not measured yet" if np.isnan(v) else f"{100 * v:.2f}%") for d, v in zip(info.depths, nf)
+        )
         lines.append(f"noise floor two traces at spp {info.spp} differ by (relative L2) {per}")
     from .litfield import summary_lines
 

@@ -36,8 +36,10 @@ def read_lens_file(path: str | Path) -> LensFile:
             path = named  # a bare name such as "cooke_triplet_f5" picks a lens that ships with psf-cvae
         else:
             names = ", ".join(sorted(p.stem for p in shipped.glob("*.json")))
-            raise InputError(f"lens file {path} does not exist; pass --lens with a DeepLens JSON file "
-                             f"or the name of a shipped lens ({names})")
+            raise InputError(
+                f"lens file {path} does not exist; pass --lens with a DeepLens JSON file "
+                f"or the name of a shipped lens ({names})"
+            )
     try:
         raw = path.read_bytes()
     except OSError as exc:

@@ -51,8 +51,12 @@ def falloff(r: np.ndarray, illum: np.ndarray, at=FALLOFF_RADII) -> np.ndarray:
 def summary_lines(info: GridInfo) -> list[str]:
     """The 'lit field' lines of ``psf info``."""
     if not info.has_illumination:
-        return [(f"lit field   not measured (schema {info.schema} file): every point counts as lit; "
-                 "trace it again with this 'psf generate' to measure vignetting")]
+        return [
+            (
+                f"lit field   not measured (schema {info.schema} file): every point counts as lit; "
+                "trace it again with this 'psf generate' to measure vignetting"
+            )
+        ]
     with h5py.File(info.path, "r", locking=False) as f:
         coords = f["grid/coords"][:]
         valid = f["grid/valid"][:].astype(bool)  # [D, P, 3]
@@ -72,10 +76,18 @@ def summary_lines(info: GridInfo) -> list[str]:
         curve = falloff(rho / half, illum[d].mean(axis=-1))
         text = "/".join("-" if not np.isfinite(v) else f"{v:.2f}" for v in curve)
         circle = image_circle(rho, lit)
-        where = "all lit" if circle is None else (
-            f"image circle radius {circle[0] / half:.2f}-{circle[1] / half:.2f} ({circle[0]:.2f}-{circle[1]:.2f} mm)")
-        lines.append(f"lit field   {depth:g} m: {int((~lit).sum())} of {len(lit)} grid points dark, {where}; "
-                     f"illumination at r = {'/'.join(f'{v:g}' for v in FALLOFF_RADII)}: {text}")
+        where = (
+            "all lit"
+            if circle is None
+            else (
+                f"image circle radius {circle[0] / half:.2f}-{circle[1] / half:.2f} "
+                f"({circle[0]:.2f}-{circle[1]:.2f} mm)"
+            )
+        )
+        lines.append(
+            f"lit field   {depth:g} m: {int((~lit).sum())} of {len(lit)} grid points dark, {where}; "
+            f"illumination at r = {'/'.join(f'{v:g}' for v in FALLOFF_RADII)}: {text}"
+        )
     return lines
 
 
@@ -85,8 +97,13 @@ def report_dark(lit: np.ndarray, depths: np.ndarray, out: Path) -> None:
     if lit.all():
         return
     per = ", ".join(f"{d:g} m: {int(P - n)}" for d, n in zip(depths, lit.sum(axis=1)))
-    log.warning("dark grid points (outside the lit field, stored as dark, left out of training) of %d per depth: %s; "
-                "'psf info %s' shows the image circle", P, per, out)
+    log.warning(
+        "dark grid points (outside the lit field, stored as dark, left out of training) of %d per depth: %s; "
+        "'psf info %s' shows the image circle",
+        P,
+        per,
+        out,
+    )
     few = int(lit.sum(axis=1).min())
     if few < 4:
         raise InputError(

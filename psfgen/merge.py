@@ -25,12 +25,37 @@ from .shared.provenance import now
 log = logging.getLogger(__name__)
 
 # Datasets fixed when the run starts, identical in every shard.
-FIXED = ("depths", "wvln", "grid/coords", "grid/neighbors", "noise/index", "heldout/coords", "heldout/depth",
-         "heldout/at_grid_depth", "blocks/table", "axis/fraction")
+FIXED = (
+    "depths",
+    "wvln",
+    "grid/coords",
+    "grid/neighbors",
+    "noise/index",
+    "heldout/coords",
+    "heldout/depth",
+    "heldout/at_grid_depth",
+    "blocks/table",
+    "axis/fraction",
+)
 # Datasets written block by block: each block is copied from the shard that traced it.
-PER_BLOCK = ("grid/psf", "grid/border", "grid/illumination", "grid/valid", "noise/psf", "noise/border",
-             "noise/illumination", "noise/valid", "heldout/psf_a", "heldout/psf_b", "heldout/border_a",
-             "heldout/border_b", "heldout/illumination_a", "heldout/illumination_b", "heldout/valid_a", "heldout/valid_b")
+PER_BLOCK = (
+    "grid/psf",
+    "grid/border",
+    "grid/illumination",
+    "grid/valid",
+    "noise/psf",
+    "noise/border",
+    "noise/illumination",
+    "noise/valid",
+    "heldout/psf_a",
+    "heldout/psf_b",
+    "heldout/border_a",
+    "heldout/border_b",
+    "heldout/illumination_a",
+    "heldout/illumination_b",
+    "heldout/valid_a",
+    "heldout/valid_b",
+)
 
 
 def _check_shards(paths: list[str]) -> list[store.GridInfo]:
@@ -45,15 +70,23 @@ def _check_shards(paths: list[str]) -> list[store.GridInfo]:
         if info.shard is None:
             raise InputError(f"{p} is not a shard file (written without --shard); merge only shard files")
         if info.schema != store.SCHEMA_VERSION:
-            raise InputError(f"shard {p} has schema version {info.schema} (no illumination); merge shards of "
-                             f"schema {store.SCHEMA_VERSION}: trace them again with this 'psf generate'")
+            raise InputError(
+                f"shard {p} has schema version {info.schema} (no illumination); merge shards of "
+                f"schema {store.SCHEMA_VERSION}: trace them again with this 'psf generate'"
+            )
         infos.append(info)
     first = infos[0]
     for info in infos[1:]:
         if info.run_id != first.run_id:
-            raise InputError(f"{info.path} belongs to another run than {first.path} (different parameters, lens or seed); leave it out")
+            raise InputError(
+                f"{info.path} belongs to another run than {first.path} (different parameters, lens or seed); "
+                f"leave it out"
+            )
         if info.shard[1] != first.shard[1]:
-            raise InputError(f"{info.path} is a shard of {info.shard[1]}, {first.path} of {first.shard[1]}; merge shards of one split")
+            raise InputError(
+                f"{info.path} is a shard of {info.shard[1]}, {first.path} of {first.shard[1]}; merge shards of "
+                f"one split"
+            )
     n = first.shard[1]
     owner: dict[int, str] = {}
     for info in infos:
@@ -67,7 +100,8 @@ def _check_shards(paths: list[str]) -> list[store.GridInfo]:
     for info in infos:
         if not info.complete:
             raise InputError(
-                f"shard {info.shard[0]}/{n} ({info.path}) is unfinished ({info.blocks_done}/{info.blocks_total} blocks); "
+                f"shard {info.shard[0]}/{n} ({info.path}) is unfinished ({info.blocks_done}/{info.blocks_total} "
+                f"blocks); "
                 f"resume it with the same 'psf generate --shard {info.shard[0]}/{n}' command"
             )
     return sorted(infos, key=lambda i: i.shard[0])
@@ -96,8 +130,13 @@ def merge(paths: list[str], out: str | Path, overwrite: bool = False, virtual: b
     ends = [i.attrs.get("finished_at", "") for i in infos]
     for key in ("shard_index", "shard_count", "finished_at", "wall_time_s", "trace_seconds"):
         attrs.pop(key, None)
-    attrs.update(started_at=min(starts), finished_at=max(ends), merged_from=json.dumps([i.path for i in infos]),
-                 merged_at=now(), devices=json.dumps(sorted({i.attrs["device"] for i in infos})))
+    attrs.update(
+        started_at=min(starts),
+        finished_at=max(ends),
+        merged_from=json.dumps([i.path for i in infos]),
+        merged_at=now(),
+        devices=json.dumps(sorted({i.attrs["device"] for i in infos})),
+    )
     blocks = [store.Block.from_row(r) for r in fixed["blocks/table"]]
 
     # Built beside the output under a private name, renamed onto it only when complete.
@@ -108,7 +147,9 @@ def merge(paths: list[str], out: str | Path, overwrite: bool = False, virtual: b
             _write_virtual(tmp, attrs, fixed, shapes, blocks, infos, out.parent)
         else:
             D, P = shapes["grid/psf"][0][:2]
-            sizes = dict(D=D, P=P, S=shapes["noise/psf"][0][1], M=shapes["heldout/psf_a"][0][0], k=shapes["grid/psf"][0][-1])
+            sizes = dict(
+                D=D, P=P, S=shapes["noise/psf"][0][1], M=shapes["heldout/psf_a"][0][0], k=shapes["grid/psf"][0][-1]
+            )
             arrays = {k: v for k, v in fixed.items() if k != "blocks/table"}
             store.create(tmp, attrs=attrs, arrays=arrays, sizes=sizes, blocks=blocks)
             trace_seconds = 0.0

@@ -56,7 +56,7 @@ class Block:
         return [KINDS.index(self.kind), self.depth, self.start, self.stop]
 
     @staticmethod
-    def from_row(row) -> "Block":
+    def from_row(row) -> Block:
         return Block(KINDS[int(row[0])], int(row[1]), int(row[2]), int(row[3]))
 
 
@@ -125,8 +125,16 @@ def _where(block: Block):
     return slice(block.start, block.stop)
 
 
-def write_block(path: Path, index: int, block: Block, psf: np.ndarray, border: np.ndarray, seconds: float,
-                illumination: np.ndarray, valid: np.ndarray) -> None:
+def write_block(
+    path: Path,
+    index: int,
+    block: Block,
+    psf: np.ndarray,
+    border: np.ndarray,
+    seconds: float,
+    illumination: np.ndarray,
+    valid: np.ndarray,
+) -> None:
     """Store one traced block: psf [B, 3, k, k], border, illumination, valid [B, 3]; then mark it done."""
     # No file lock: a reader (psf info, a user's h5py) must not make the run fail, and a
     # block write changes raw data only, never the metadata a reader depends on.
@@ -195,7 +203,9 @@ def open_info(path: str | Path) -> GridInfo:
     with f:
         fmt = f.attrs.get("format")
         if fmt != FORMAT:
-            raise InputError(f"{path} is not a psf-cvae grid file (format {fmt!r}); give a file written by 'psf generate'")
+            raise InputError(
+                f"{path} is not a psf-cvae grid file (format {fmt!r}); give a file written by 'psf generate'"
+            )
         version = int(f.attrs.get("schema_version", -1))
         if version not in READS:
             raise InputError(
@@ -204,8 +214,9 @@ def open_info(path: str | Path) -> GridInfo:
             )
         attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
         if attrs.get("virtual"):  # a `psf merge --virtual` file reads zeros where a shard is gone
-            missing = sorted({vs.file_name for vs in f["grid/psf"].virtual_sources()
-                              if not (path.parent / vs.file_name).exists()})
+            missing = sorted(
+                {vs.file_name for vs in f["grid/psf"].virtual_sources() if not (path.parent / vs.file_name).exists()}
+            )
             if missing:
                 raise InputError(
                     f"{path} maps shard files that are missing ({', '.join(missing)}); put them back beside it "
@@ -236,13 +247,37 @@ def open_info(path: str | Path) -> GridInfo:
         )
 
 
-REQUIRED = ("depths", "wvln", "grid/coords", "grid/neighbors", "grid/psf", "grid/border", "noise/index", "noise/psf",
-            "heldout/coords", "heldout/depth", "heldout/at_grid_depth", "heldout/psf_a", "heldout/psf_b",
-            "blocks/table", "blocks/done", "blocks/seconds")
+REQUIRED = (
+    "depths",
+    "wvln",
+    "grid/coords",
+    "grid/neighbors",
+    "grid/psf",
+    "grid/border",
+    "noise/index",
+    "noise/psf",
+    "heldout/coords",
+    "heldout/depth",
+    "heldout/at_grid_depth",
+    "heldout/psf_a",
+    "heldout/psf_b",
+    "blocks/table",
+    "blocks/done",
+    "blocks/seconds",
+)
 
 
-ILLUMINATION = ("axis/fraction", "grid/illumination", "grid/valid", "noise/illumination", "noise/valid",
-                "heldout/illumination_a", "heldout/illumination_b", "heldout/valid_a", "heldout/valid_b")
+ILLUMINATION = (
+    "axis/fraction",
+    "grid/illumination",
+    "grid/valid",
+    "noise/illumination",
+    "noise/valid",
+    "heldout/illumination_a",
+    "heldout/illumination_b",
+    "heldout/valid_a",
+    "heldout/valid_b",
+)
 
 
 def _checked_structure(f: h5py.File, attrs: dict, path: Path, version: int = SCHEMA_VERSION) -> dict:
@@ -251,6 +286,7 @@ def _checked_structure(f: h5py.File, attrs: dict, path: Path, version: int = SCH
     One place, so that a damaged or hand-edited file is one clear line, not a traceback
     deep inside training or evaluation.
     """
+
     def damaged(what: str) -> DamagedFile:
         return DamagedFile(f"{path} is damaged: {what}; regenerate it with 'psf generate' (or restore the file)")
 
@@ -291,9 +327,15 @@ def _checked_structure(f: h5py.File, attrs: dict, path: Path, version: int = SCH
         if f[name].shape != shape:
             raise damaged(f"{name} has shape {f[name].shape}, expected {shape}")
     if version >= 2:
-        for name, shape in (("axis/fraction", (D, 3)), ("grid/illumination", (D, P, 3)), ("grid/valid", (D, P, 3)),
-                            ("heldout/illumination_a", (M, 3)), ("heldout/illumination_b", (M, 3)),
-                            ("heldout/valid_a", (M, 3)), ("heldout/valid_b", (M, 3))):
+        for name, shape in (
+            ("axis/fraction", (D, 3)),
+            ("grid/illumination", (D, P, 3)),
+            ("grid/valid", (D, P, 3)),
+            ("heldout/illumination_a", (M, 3)),
+            ("heldout/illumination_b", (M, 3)),
+            ("heldout/valid_a", (M, 3)),
+            ("heldout/valid_b", (M, 3)),
+        ):
             if f[name].shape != shape:
                 raise damaged(f"{name} has shape {f[name].shape}, expected {shape}")
     if f["blocks/done"].shape[0] != f["blocks/table"].shape[0]:

@@ -32,8 +32,11 @@ def vignetted_grid(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def vignetted_run(vignetted_grid, tmp_path_factory) -> Path:
     """A small model trained on the partly dark grid: its run directory."""
-    return train(small_config(vignetted_grid, tmp_path_factory.mktemp("vrun") / "v", max_steps=150, val_every=50,
-                              checkpoint_every=50))
+    return train(
+        small_config(
+            vignetted_grid, tmp_path_factory.mktemp("vrun") / "v", max_steps=150, val_every=50, checkpoint_every=50
+        )
+    )
 
 
 @pytest.fixture(scope="session")

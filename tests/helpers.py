@@ -39,8 +39,21 @@ def tiny_config(out, **changes) -> GenerateConfig:
 
 
 # A small network for CPU tests; recon_weight lifts the tiny pixel MSE above the KL term.
-SMALL = dict(recon_weight=1000.0, latent_dim=8, hidden_dim=64, num_layers=2, num_frequencies=4, batch_size=16,
-             learning_rate=1e-3, log_every=5, val_every=10, checkpoint_every=10, max_steps=40, device="cpu", seed=3)
+SMALL = dict(
+    recon_weight=1000.0,
+    latent_dim=8,
+    hidden_dim=64,
+    num_layers=2,
+    num_frequencies=4,
+    batch_size=16,
+    learning_rate=1e-3,
+    log_every=5,
+    val_every=10,
+    checkpoint_every=10,
+    max_steps=40,
+    device="cpu",
+    seed=3,
+)
 
 
 def small_config(data, run_dir, **changes) -> TrainConfig:
@@ -53,11 +66,27 @@ def tiny_args(out, **changes):
     for key, value in opts.items():
         if key == "depths":
             value = ",".join(map(str, value))
-        args += ["--set", f"{key}={value}"] if key in ("block_rays",) else [
-            {"grid_size": "--grid-size", "depths": "--depths", "spp": "--spp", "heldout": "--heldout",
-             "heldout_spp": "--heldout-spp", "noise_points": "--noise-points", "seed": "--seed",
-             "device": "--device", "ks": "--kernel-size", "ks_small": "--kernel-size-small",
-             "lens": "--lens", "depth_min": "--depth-min"}[key], str(value)]
+        args += (
+            ["--set", f"{key}={value}"]
+            if key in ("block_rays",)
+            else [
+                {
+                    "grid_size": "--grid-size",
+                    "depths": "--depths",
+                    "spp": "--spp",
+                    "heldout": "--heldout",
+                    "heldout_spp": "--heldout-spp",
+                    "noise_points": "--noise-points",
+                    "seed": "--seed",
+                    "device": "--device",
+                    "ks": "--kernel-size",
+                    "ks_small": "--kernel-size-small",
+                    "lens": "--lens",
+                    "depth_min": "--depth-min",
+                }[key],
+                str(value),
+            ]
+        )
     return args
 
 

@@ -237,10 +237,16 @@ def test_ctrl_c_in_train_saves_and_the_printed_command_resumes_the_same_run(tiny
     # Both runs in a subprocess with one thread: CPU kernels sum in another order with more threads.
     straight = tmp_path / "straight"
     sets_end = [x if x != "max_steps=100000" else f"max_steps={end}" for x in sets]
-    subprocess.run(CLI + ["train", "--data", str(tiny_grid), "--run-dir", str(straight)] + sets_end, cwd=ROOT, env=ENV,
-                   check=True, capture_output=True)
-    result = subprocess.run(CLI + shlex.split(resume)[1:] + ["--set", f"max_steps={end}"], cwd=ROOT, env=ENV,
-                            capture_output=True, text=True)
+    subprocess.run(
+        CLI + ["train", "--data", str(tiny_grid), "--run-dir", str(straight)] + sets_end,
+        cwd=ROOT,
+        env=ENV,
+        check=True,
+        capture_output=True,
+    )
+    result = subprocess.run(
+        CLI + shlex.split(resume)[1:] + ["--set", f"max_steps={end}"], cwd=ROOT, env=ENV, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     a = torch.load(straight / "latest.pt", weights_only=True)
     b = torch.load(run_dir / "latest.pt", weights_only=True)
@@ -321,8 +327,15 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_exits_130(tiny_grid
     run_dir = tmp_path / "run"
     keys = {**SMALL, "max_steps": 100000, "checkpoint_every": 100000, "num_workers": 2}
     sets = [x for k, v in keys.items() for x in ("--set", f"{k}={v}")]
-    proc = subprocess.Popen(CLI + ["train", "--data", str(tiny_grid), "--run-dir", str(run_dir)] + sets, cwd=ROOT,
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        CLI + ["train", "--data", str(tiny_grid), "--run-dir", str(run_dir)] + sets,
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.time() + 120
     while not list((run_dir / "tb").glob("events.*")) and time.time() < deadline:
         time.sleep(0.05)

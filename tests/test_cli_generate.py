@@ -141,8 +141,17 @@ def test_resume_after_kill_9_equals_uninterrupted_run(tmp_path):
         assert f["blocks/done"][:].all()
         for kind, d, lo, hi in table[done & (table[:, 0] == 0)]:  # finished blocks untouched
             np.testing.assert_array_equal(f["grid/psf"][d, lo:hi], first_done[d, lo:hi])
-        for name in ("grid/psf", "grid/border", "noise/psf", "heldout/psf_a", "heldout/psf_b", "grid/illumination",
-                     "grid/valid", "heldout/illumination_b", "axis/fraction"):
+        for name in (
+            "grid/psf",
+            "grid/border",
+            "noise/psf",
+            "heldout/psf_a",
+            "heldout/psf_b",
+            "grid/illumination",
+            "grid/valid",
+            "heldout/illumination_b",
+            "axis/fraction",
+        ):
             np.testing.assert_array_equal(f[name][:], g[name][:])
 
 
@@ -153,12 +162,24 @@ def test_a_reader_holding_the_file_does_not_stop_the_writer(tiny_grid, tmp_path)
     out = tmp_path / "g.h5"
     shutil.copy(tiny_grid, out)
     hold = "import h5py, sys, time; f = h5py.File(sys.argv[1], 'r'); print('open', flush=True); time.sleep(60)"
-    reader = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, text=True,
-                              env={k: v for k, v in os.environ.items() if k != "HDF5_USE_FILE_LOCKING"})
+    reader = subprocess.Popen(
+        [sys.executable, "-c", hold, str(out)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "HDF5_USE_FILE_LOCKING"},
+    )
     try:
         assert reader.stdout.readline().strip() == "open"  # HDF5's default shared lock is held now
-        write_block(out, 0, Block("grid", 0, 0, 4), np.full((4, 3, 15, 15), 0.5, np.float32), np.zeros((4, 3), np.float32), 1.0,
-                    np.ones((4, 3), np.float32), np.ones((4, 3), np.uint8))
+        write_block(
+            out,
+            0,
+            Block("grid", 0, 0, 4),
+            np.full((4, 3, 15, 15), 0.5, np.float32),
+            np.zeros((4, 3), np.float32),
+            1.0,
+            np.ones((4, 3), np.float32),
+            np.ones((4, 3), np.uint8),
+        )
         assert run_cli(["info", str(out)]).exit_code == 0
     finally:
         reader.kill()
@@ -169,9 +190,11 @@ def test_a_reader_holding_the_file_does_not_stop_the_writer(tiny_grid, tmp_path)
 
 def _hold_lock(target, what):
     """A separate process holding the run lock of ``target`` until killed."""
-    code = (f"import time, pathlib; from psfgen.shared import locking\n"
-            f"with locking.exclusive(pathlib.Path({str(target)!r}), {what!r}):\n"
-            f"    print('held', flush=True); time.sleep(60)")
+    code = (
+        f"import time, pathlib; from psfgen.shared import locking\n"
+        f"with locking.exclusive(pathlib.Path({str(target)!r}), {what!r}):\n"
+        f"    print('held', flush=True); time.sleep(60)"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
     return proc
@@ -181,9 +204,14 @@ def test_a_second_writer_is_refused_naming_the_first_and_kill_9_frees_the_lock(t
     out = tmp_path / "g.h5"
     holder = _hold_lock(out, "psf generate")
     try:
-        args = ["generate", "--out", str(out)] + [x for k, v in TINY.items() if k != "depths"
-                                                  for x in (f"--{k.replace('_', '-')}", str(v))] + ["--depths", "0.5,2"]
-        assert_one_line_error(CliRunner().invoke(main, args), f"{out} is being written by psf generate (pid {holder.pid})")
+        args = (
+            ["generate", "--out", str(out)]
+            + [x for k, v in TINY.items() if k != "depths" for x in (f"--{k.replace('_', '-')}", str(v))]
+            + ["--depths", "0.5,2"]
+        )
+        assert_one_line_error(
+            CliRunner().invoke(main, args), f"{out} is being written by psf generate (pid {holder.pid})"
+        )
         assert not out.exists()
         run_dir = tmp_path / "run"
         train_holder = _hold_lock(run_dir, "psf train")
@@ -209,7 +237,10 @@ def test_a_second_writer_is_refused_naming_the_first_and_kill_9_frees_the_lock(t
         ({"ks": 100_000}, ("100000-px kernel", "GiB")),
         ({"grid_size": 100_000, "noise_points": 4}, ("grid_size 100000 needs about", "smaller --grid-size")),
         ({"depths": (1e30,)}, ("tracing the on-axis point at 1e+30 m failed",)),
-        ({"depths": (1e-9,)}, ("of channel R reached the sensor window from the axis at 1e-09 m", "vignettes", "--depths")),
+        (
+            {"depths": (1e-9,)},
+            ("of channel R reached the sensor window from the axis at 1e-09 m", "vignettes", "--depths"),
+        ),
     ],
 )
 def test_what_cannot_be_traced_is_refused_in_one_line_leaving_no_file(tmp_path, change, needles):

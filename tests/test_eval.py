@@ -149,8 +149,11 @@ def test_api_shapes_modes_ranges(tiny_run):
     with pytest.raises(InputError, match="mode"):
         model.psf(0.0, 0.0, 1.0, mode="median")
     assert model.psf(1.2, 0.0, 10.0, allow_extrapolation=True).shape == (1, 3, 15, 15)
-    for bad in (dict(x=[np.nan], y=[0.1], depth_m=1.0), dict(x=[0.1], y=[np.inf], depth_m=1.0),
-                dict(x=[0.1], y=[0.1], depth_m=np.nan)):
+    for bad in (
+        dict(x=[np.nan], y=[0.1], depth_m=1.0),
+        dict(x=[0.1], y=[np.inf], depth_m=1.0),
+        dict(x=[0.1], y=[0.1], depth_m=np.nan),
+    ):
         with pytest.raises(InputError, match="finite"):
             model.psf(**bad)
 
@@ -192,7 +195,9 @@ def test_sample_cli(tiny_run, tmp_path):
 # --- psf eval ---------------------------------------------------------------------------
 def test_eval_cli_writes_report(tiny_run, tiny_grid, tmp_path):
     out = tmp_path / "eval"
-    r = CliRunner().invoke(main, ["eval", "--checkpoint", str(tiny_run / "latest.pt"), "--data", str(tiny_grid), "--out", str(out)])
+    r = CliRunner().invoke(
+        main, ["eval", "--checkpoint", str(tiny_run / "latest.pt"), "--data", str(tiny_grid), "--out", str(out)]
+    )
     assert r.exit_code == 0, r.output
     assert "bilinear" in r.stdout and "cvae prior mean" in r.stdout and "report.html" in r.stdout
     assert max(map(len, r.stdout.splitlines())) <= 100, r.stdout  # a terminal's width, with the table's columns
@@ -289,7 +294,8 @@ def test_report_opens_with_the_headline_and_shows_held_out_points(tiny_run, tiny
     change = f"{100 * abs(b - cvae) / b:.0f}% {'lower' if cvae <= b else 'higher'} than"
     assert page.ids["headline"] == (
         f"CVAE {cvae:.1f}% — {change} the best interpolation ({best_interp}, {b:.1f}%), "
-        f"{cvae / trace:.1f}× the error of tracing the point at the training spp ({trace:.1f}%).")
+        f"{cvae / trace:.1f}× the error of tracing the point at the training spp ({trace:.1f}%)."
+    )
     table = {row[0]: row[1] for row in page.rows if len(row) == 2 and row[1].endswith("%")}
     for name, value in pooled.items():
         assert table[name] == f"{value:.1f}%"
@@ -349,11 +355,13 @@ def test_log_scale_colourbars_read_real_values_and_error_scales_are_stated():
 
 
 def test_import_psfcvae_keeps_the_callers_matplotlib_backend():
-    code = ("import matplotlib; matplotlib.use('svg'); import sys, psfcvae, psfcvae.evaluation, psfcvae.plots, "
-            "psfcvae.report, psfcvae.eval_figures, numpy as np; "
-            "psfcvae.plots.save(psfcvae.plots.std_maps([np.ones((2, 2))], [1.0], np.zeros((1, 2))), '/dev/null'); "
-            "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend(); "
-            "assert 'matplotlib.pyplot' not in sys.modules")
+    code = (
+        "import matplotlib; matplotlib.use('svg'); import sys, psfcvae, psfcvae.evaluation, psfcvae.plots, "
+        "psfcvae.report, psfcvae.eval_figures, numpy as np; "
+        "psfcvae.plots.save(psfcvae.plots.std_maps([np.ones((2, 2))], [1.0], np.zeros((1, 2))), '/dev/null'); "
+        "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend(); "
+        "assert 'matplotlib.pyplot' not in sys.modules"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
 
@@ -362,13 +370,23 @@ def test_headline_compares_with_the_best_interpolation_and_tracing():
     from psfcvae.evaluation import headline
 
     m = lambda v: {"all": {"corrected": {"pooled": v}}}  # noqa: E731
-    result = {"heldout": {"cvae prior mean": m(0.15), "cvae prior sample": m(0.2), "nearest": m(0.4), "bicubic": m(0.3),
-                          "bilinear": m(0.32)}, "raytrace_at_training_spp": {"all": {"pooled": 0.05}}}
+    result = {
+        "heldout": {
+            "cvae prior mean": m(0.15),
+            "cvae prior sample": m(0.2),
+            "nearest": m(0.4),
+            "bicubic": m(0.3),
+            "bilinear": m(0.32),
+        },
+        "raytrace_at_training_spp": {"all": {"pooled": 0.05}},
+    }
     h = headline(result)
     assert h["best"] == "cvae prior mean" and h["best_interpolation"] == "bicubic"
     assert list(h["pooled"]) == ["cvae prior mean", "cvae prior sample", "bicubic", "bilinear", "nearest"]
-    assert h["sentence"] == ("CVAE 15.0% — 50% lower than the best interpolation (bicubic, 30.0%), "
-                             "3.0× the error of tracing the point at the training spp (5.0%).")
+    assert h["sentence"] == (
+        "CVAE 15.0% — 50% lower than the best interpolation (bicubic, 30.0%), "
+        "3.0× the error of tracing the point at the training spp (5.0%)."
+    )
     result["heldout"]["cvae prior mean"] = m(0.36)
     assert "20% higher than the best interpolation" in headline(result)["sentence"]
 
@@ -379,15 +397,27 @@ def test_eval_baselines_only_and_bad_input(tiny_run, tiny_grid, tmp_path):
     assert r.exit_code == 0, r.output
     assert "cvae" not in json.loads((tmp_path / "b" / "metrics.json").read_text())["heldout"]
     ck = str(tiny_run / "latest.pt")
-    assert_one_line_error(run("--checkpoint", str(tmp_path / "none.pt"), "--data", str(tiny_grid), "--out", str(tmp_path / "e")), "does not exist")
+    assert_one_line_error(
+        run("--checkpoint", str(tmp_path / "none.pt"), "--data", str(tiny_grid), "--out", str(tmp_path / "e")),
+        "does not exist",
+    )
     junk = tmp_path / "junk.pt"
     junk.write_text("not a checkpoint")
-    assert_one_line_error(run("--checkpoint", str(junk), "--data", str(tiny_grid), "--out", str(tmp_path / "e")), "not a readable psf-cvae checkpoint")
+    assert_one_line_error(
+        run("--checkpoint", str(junk), "--data", str(tiny_grid), "--out", str(tmp_path / "e")),
+        "not a readable psf-cvae checkpoint",
+    )
     other = generate(tiny_config(tmp_path / "other.h5", seed=99, noise_points=0))
-    assert_one_line_error(run("--checkpoint", ck, "--data", str(other), "--out", str(tmp_path / "e")), "trained on another dataset")
+    assert_one_line_error(
+        run("--checkpoint", ck, "--data", str(other), "--out", str(tmp_path / "e")), "trained on another dataset"
+    )
     no_heldout = generate(tiny_config(tmp_path / "noheld.h5", heldout=0, noise_points=0))
-    assert_one_line_error(run("--baselines-only", "--data", str(no_heldout), "--out", str(tmp_path / "e")), "no held-out set")
-    assert_one_line_error(run("--data", str(tiny_grid), "--out", str(tmp_path / "e")), "--checkpoint or --baselines-only")
+    assert_one_line_error(
+        run("--baselines-only", "--data", str(no_heldout), "--out", str(tmp_path / "e")), "no held-out set"
+    )
+    assert_one_line_error(
+        run("--data", str(tiny_grid), "--out", str(tmp_path / "e")), "--checkpoint or --baselines-only"
+    )
     assert not (tmp_path / "e").exists()
 
 
@@ -402,25 +432,32 @@ def test_xy_only_model_on_a_multi_depth_file(tiny_grid, tmp_path):
     torch.testing.assert_close(model.psf(0.1, 0.2, 2.0), model.psf(0.1, 0.2, 0.5))  # depth is not an input
     with pytest.raises(InputError, match="trained range"):
         model.psf(0.1, 0.2, 7.0)
-    r = CliRunner().invoke(main, ["eval", "--checkpoint", str(run_dir / "latest.pt"), "--data", str(tiny_grid), "--out", str(tmp_path / "e")])
+    r = CliRunner().invoke(
+        main,
+        ["eval", "--checkpoint", str(run_dir / "latest.pt"), "--data", str(tiny_grid), "--out", str(tmp_path / "e")],
+    )
     assert r.exit_code == 0, r.output
 
 
 def test_api_names_the_bad_argument(tiny_run):
     model = load_model(tiny_run / "latest.pt")
-    for kwargs, needle in ((dict(x=[], y=[], depth_m=1.0), "non-empty"),
-                           (dict(x=[0.1, 0.2], y=[0.1, 0.2], depth_m=[1.0, 1.0, 1.0]), "depth_m must be one depth or one per point"),
-                           (dict(x="left", y=0.1, depth_m=1.0), "x must be a number"),
-                           (dict(x=0.1, y=0.1, depth_m="far"), "depth_m must be a number")):
+    for kwargs, needle in (
+        (dict(x=[], y=[], depth_m=1.0), "non-empty"),
+        (dict(x=[0.1, 0.2], y=[0.1, 0.2], depth_m=[1.0, 1.0, 1.0]), "depth_m must be one depth or one per point"),
+        (dict(x="left", y=0.1, depth_m=1.0), "x must be a number"),
+        (dict(x=0.1, y=0.1, depth_m="far"), "depth_m must be a number"),
+    ):
         with pytest.raises(InputError, match=needle):
             model.psf(**kwargs)
 
 
 def test_edited_checkpoints_are_refused_in_one_line(tiny_run, tmp_path):
     ckpt = torch.load(tiny_run / "latest.pt", weights_only=True)
-    for edit, needle in ((lambda c: c.pop("versions"), "lacks 'versions'"),
-                         (lambda c: c["data_fingerprint"].update(depths=[]), "no valid training depths"),
-                         (lambda c: c["data_fingerprint"].update(depths="far"), "no valid training depths")):
+    for edit, needle in (
+        (lambda c: c.pop("versions"), "lacks 'versions'"),
+        (lambda c: c["data_fingerprint"].update(depths=[]), "no valid training depths"),
+        (lambda c: c["data_fingerprint"].update(depths="far"), "no valid training depths"),
+    ):
         bad = {**ckpt, "data_fingerprint": dict(ckpt["data_fingerprint"])}
         edit(bad)
         torch.save(bad, tmp_path / "bad.pt")
@@ -431,7 +468,9 @@ def test_edited_checkpoints_are_refused_in_one_line(tiny_run, tmp_path):
 def test_metrics_json_has_no_nan_tokens(tmp_path):
     from psfcvae.evaluation import _json_safe
 
-    text = json.dumps(_json_safe({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": np.float64("nan")}}), allow_nan=False)
+    text = json.dumps(
+        _json_safe({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": np.float64("nan")}}), allow_nan=False
+    )
     assert json.loads(text) == {"a": None, "b": [1.0, None], "c": {"d": None}}
 
 
@@ -457,35 +496,55 @@ def test_second_round_of_bad_inputs(tiny_run, tiny_grid, tmp_path):
     run = lambda *a: CliRunner().invoke(main, list(a))  # noqa: E731
     out = str(tmp_path / "p.npy")
     # Far outside the field the encoding overflows: no NaN PSFs written.
-    assert_one_line_error(run("sample", "--checkpoint", ck, "--coords", "1e20,0", "--depth", "1", "--allow-extrapolation",
-                              "--out", out), "no finite PSF")
+    assert_one_line_error(
+        run("sample", "--checkpoint", ck, "--coords", "1e20,0", "--depth", "1", "--allow-extrapolation", "--out", out),
+        "no finite PSF",
+    )
     # The API's words become the command's options.
-    assert_one_line_error(run("sample", "--checkpoint", ck, "--coords", "1.5,0", "--depth", "1", "--out", out),
-                          "--allow-extrapolation")
+    assert_one_line_error(
+        run("sample", "--checkpoint", ck, "--coords", "1.5,0", "--depth", "1", "--out", out), "--allow-extrapolation"
+    )
     assert_one_line_error(run("sample", "--checkpoint", ck, "--coords", "0,0", "--out", out), "give --depth")
     # An existing file is never replaced without --overwrite (it may be the training grid).
     grid_copy = tmp_path / "grid.h5"
     shutil.copy(tiny_grid, grid_copy)
-    assert_one_line_error(run("sample", "--checkpoint", ck, "--coords", "0,0", "--depth", "1", "--out", str(grid_copy)),
-                          "exists", "--overwrite")
+    assert_one_line_error(
+        run("sample", "--checkpoint", ck, "--coords", "0,0", "--depth", "1", "--out", str(grid_copy)),
+        "exists",
+        "--overwrite",
+    )
     assert h5py.is_hdf5(grid_copy) and open_info(grid_copy).complete
-    assert run("sample", "--checkpoint", ck, "--coords", "0,0", "--depth", "1", "--out", str(grid_copy), "--overwrite").exit_code == 0
-    assert_one_line_error(run("sample", "--checkpoint", ck, "--grid", "5000", "--depth", "1", "--out", out),
-                          "--grid 5000 makes 25000000 PSFs", "smaller --grid")
-    assert_one_line_error(run("sample", "--checkpoint", str(tiny_run), "--coords", "0,0", "--depth", "1", "--out", out),
-                          "is a directory", "latest.pt")
+    assert (
+        run(
+            "sample", "--checkpoint", ck, "--coords", "0,0", "--depth", "1", "--out", str(grid_copy), "--overwrite"
+        ).exit_code
+        == 0
+    )
+    assert_one_line_error(
+        run("sample", "--checkpoint", ck, "--grid", "5000", "--depth", "1", "--out", out),
+        "--grid 5000 makes 25000000 PSFs",
+        "smaller --grid",
+    )
+    assert_one_line_error(
+        run("sample", "--checkpoint", str(tiny_run), "--coords", "0,0", "--depth", "1", "--out", out),
+        "is a directory",
+        "latest.pt",
+    )
     # Corrupted PSF values: eval says so in one line, as train does.
     bad = tmp_path / "bad.h5"
     shutil.copy(tiny_grid, bad)
     with h5py.File(bad, "r+") as f:
         f["heldout/psf_a"][2] = np.nan
-    assert_one_line_error(run("eval", "--baselines-only", "--data", str(bad), "--out", str(tmp_path / "ev")),
-                          "heldout/psf_a holds NaN")
+    assert_one_line_error(
+        run("eval", "--baselines-only", "--data", str(bad), "--out", str(tmp_path / "ev")), "heldout/psf_a holds NaN"
+    )
     # A config file that is not text; a band count that overflows float32.
     (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe\x00binary")
     assert_one_line_error(run("train", "--data", str(tiny_grid), "--config", str(tmp_path / "bin.yaml")), "not UTF-8")
-    assert_one_line_error(run("train", "--data", str(tiny_grid), "--run-dir", str(tmp_path / "r"), "--set",
-                              "num_frequencies=130"), "'num_frequencies' must be between 0 and 24")
+    assert_one_line_error(
+        run("train", "--data", str(tiny_grid), "--run-dir", str(tmp_path / "r"), "--set", "num_frequencies=130"),
+        "'num_frequencies' must be between 0 and 24",
+    )
     assert not (tmp_path / "r").exists()
 
 

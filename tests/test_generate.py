@@ -38,7 +38,9 @@ def test_file_layout_and_invariants(tiny_grid):
         assert (psf >= 0).all()
         np.testing.assert_allclose(psf.sum(axis=(-2, -1)), 1.0, atol=1e-5)
         np.testing.assert_array_equal(f["grid/coords"][:], grid_coords(N))
-        np.testing.assert_allclose(f["grid/coords"][N + 2], [1 / 3, 1 / 3], rtol=1e-12)  # row 1, col 2: y falls down the rows
+        np.testing.assert_allclose(
+            f["grid/coords"][N + 2], [1 / 3, 1 / 3], rtol=1e-12
+        )  # row 1, col 2: y falls down the rows
         np.testing.assert_array_equal(f["depths"][:], [0.5, 2.0])
         assert f["depths"].attrs["units"] == "m"
         np.testing.assert_allclose(f["wvln"][:], [0.656, 0.587, 0.486])

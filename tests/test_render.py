@@ -234,9 +234,17 @@ def test_ssim_and_psnr_known_values():
     m1, m2 = 0.3, 0.6  # two flat images: SSIM = (2 m1 m2 + C1) / (m1^2 + m2^2 + C1), the structure term is 1
     c1 = 0.01**2
     assert ssim(torch.full((1, 16, 16), m1), torch.full((1, 16, 16), m2)) == pytest.approx(
-        (2 * m1 * m2 + c1) / (m1**2 + m2**2 + c1), rel=1e-9)
-    theirs = structural_similarity(a.numpy(), b.numpy(), data_range=1.0, channel_axis=0, gaussian_weights=True,
-                                   sigma=1.5, use_sample_covariance=False)
+        (2 * m1 * m2 + c1) / (m1**2 + m2**2 + c1), rel=1e-9
+    )
+    theirs = structural_similarity(
+        a.numpy(),
+        b.numpy(),
+        data_range=1.0,
+        channel_axis=0,
+        gaussian_weights=True,
+        sigma=1.5,
+        use_sample_covariance=False,
+    )
     assert ssim(a, b) == pytest.approx(theirs, abs=1e-9)
     assert psnr(a, b) == pytest.approx(10 * math.log10(1 / float(((a - b) ** 2).mean())))
 
@@ -249,15 +257,43 @@ def test_cli_16_bit_round_trip_and_8_bit(model, tiny_run, tmp_path):
     back, bits = read_image(src16)
     assert bits == 16 and torch.allclose(back, image, atol=0.5 / 65535)
     ckpt = str(tiny_run / "latest.pt")
-    r = run_cli(["render", "--checkpoint", ckpt, "--image", str(src16), "--depth", "1", "--out",
-                 str(tmp_path / "o16.png"), "--linear", "--psf-every", "2", "--field", ",".join(map(str, FIELD))])
+    r = run_cli(
+        [
+            "render",
+            "--checkpoint",
+            ckpt,
+            "--image",
+            str(src16),
+            "--depth",
+            "1",
+            "--out",
+            str(tmp_path / "o16.png"),
+            "--linear",
+            "--psf-every",
+            "2",
+            "--field",
+            ",".join(map(str, FIELD)),
+        ]
+    )
     assert r.exit_code == 0, r.output
     out, bits = read_image(tmp_path / "o16.png")
     expect = render(model, back, 1.0, psf_every=2, field=FIELD).clamp(0, 1)
     assert bits == 16 and torch.allclose(out, expect, atol=0.51 / 65535)
-    r = run_cli(["render", "--checkpoint", ckpt, "--image", str(src8), "--depth", "1",
-                 "--out", str(tmp_path / "o8.png"),
-                 "--field", ",".join(map(str, FIELD))])
+    r = run_cli(
+        [
+            "render",
+            "--checkpoint",
+            ckpt,
+            "--image",
+            str(src8),
+            "--depth",
+            "1",
+            "--out",
+            str(tmp_path / "o8.png"),
+            "--field",
+            ",".join(map(str, FIELD)),
+        ]
+    )
     assert r.exit_code == 0, r.output
     out8, bits = read_image(tmp_path / "o8.png")
     assert bits == 8 and out8.shape == (3, 16, 16)
@@ -266,8 +302,21 @@ def test_cli_16_bit_round_trip_and_8_bit(model, tiny_run, tmp_path):
     import cv2
 
     cv2.imwrite(str(tmp_path / "d.png"), np.full((16, 16), 1000, np.uint16))
-    r = run_cli(["render", "--checkpoint", ckpt, "--image", str(src8), "--depth-map", str(tmp_path / "d.png"),
-                 "--out", str(tmp_path / "od.png"), "--field", ",".join(map(str, FIELD))])
+    r = run_cli(
+        [
+            "render",
+            "--checkpoint",
+            ckpt,
+            "--image",
+            str(src8),
+            "--depth-map",
+            str(tmp_path / "d.png"),
+            "--out",
+            str(tmp_path / "od.png"),
+            "--field",
+            ",".join(map(str, FIELD)),
+        ]
+    )
     assert r.exit_code == 0, r.output
     assert torch.equal(read_image(tmp_path / "od.png")[0], out8)
 
@@ -280,23 +329,52 @@ def test_cli_bad_depth_maps_and_old_checkpoints(tiny_run, tiny_grid, tmp_path):
     before = sha(out)
     ckpt = str(tiny_run / "latest.pt")
     good = np.full((12, 10), 1.0)
-    cases = {"nan.npy": (np.where(np.eye(12, 10) > 0, np.nan, good), "NaN"),
-             "zero.npy": (good * np.r_[0.0, np.ones(11)][:, None], "<= 0"),
-             "size.npy": (np.ones((10, 12)), "(10, 12)")}
+    cases = {
+        "nan.npy": (np.where(np.eye(12, 10) > 0, np.nan, good), "NaN"),
+        "zero.npy": (good * np.r_[0.0, np.ones(11)][:, None], "<= 0"),
+        "size.npy": (np.ones((10, 12)), "(10, 12)"),
+    }
     for name, (arr, needle) in cases.items():
         np.save(tmp_path / name, arr)
-        r = run_cli(["render", "--checkpoint", ckpt, "--image", str(src), "--depth-map", str(tmp_path / name),
-                     "--out", str(out), "--overwrite"])
+        r = run_cli(
+            [
+                "render",
+                "--checkpoint",
+                ckpt,
+                "--image",
+                str(src),
+                "--depth-map",
+                str(tmp_path / name),
+                "--out",
+                str(out),
+                "--overwrite",
+            ]
+        )
         assert_one_line_error(r, "--depth-map", needle)
         assert sha(out) == before  # nothing written, the old file kept
-    r = run_cli(["render", "--checkpoint", ckpt, "--image", str(src), "--depth", "50",
-                 "--out", str(tmp_path / "n.png")])
+    r = run_cli(
+        ["render", "--checkpoint", ckpt, "--image", str(src), "--depth", "50", "--out", str(tmp_path / "n.png")]
+    )
     assert_one_line_error(r, "50 m", "--allow-extrapolation")
     r = run_cli(["render", "--checkpoint", ckpt, "--image", str(src), "--depth", "1", "--out", str(out)])
     assert_one_line_error(r, "exists", "--overwrite")
     for opt, value in (("--psf-every", "0"), ("--field", "0.5,0.2,-1,1"), ("--depth", "-1")):
-        r = run_cli(["render", "--checkpoint", ckpt, "--image", str(src), "--depth", "1", opt, value,
-                     "--out", str(out), "--overwrite"])
+        r = run_cli(
+            [
+                "render",
+                "--checkpoint",
+                ckpt,
+                "--image",
+                str(src),
+                "--depth",
+                "1",
+                opt,
+                value,
+                "--out",
+                str(out),
+                "--overwrite",
+            ]
+        )
         assert_one_line_error(r, opt, value)
         assert sha(out) == before
     # A checkpoint from before the stored kernel pitch: --data supplies it, and only the right file does.
@@ -334,8 +412,9 @@ def test_a_lens_file_without_sensor_res_still_gives_the_kernel_pitch(tmp_path):
     data.pop("sensor_res")
     lens_path = tmp_path / "nores.json"
     lens_path.write_text(json.dumps(data))
-    out = generate(tiny_config(tmp_path / "g.h5", lens=str(lens_path), grid_size=2, depths=(1.0,), heldout=2,
-                               noise_points=0))
+    out = generate(
+        tiny_config(tmp_path / "g.h5", lens=str(lens_path), grid_size=2, depths=(1.0,), heldout=2, noise_points=0)
+    )
     deeplens = build_lens(read_lens_file(lens_path), torch.device("cpu"))
     optics = grid_optics(open_info(out))
     assert optics["sensor_res"] == [int(v) for v in deeplens.sensor_res]

@@ -20,9 +20,24 @@ from psfcvae import load_model, train
 from psfgen import generate
 from psfgen.merge import merge
 
-COMPARED = ("grid/psf", "grid/border", "noise/psf", "heldout/psf_a", "heldout/psf_b", "heldout/border_b", "blocks/done",
-            "grid/illumination", "grid/valid", "noise/illumination", "noise/valid", "heldout/illumination_a",
-            "heldout/illumination_b", "heldout/valid_a", "heldout/valid_b", "axis/fraction")
+COMPARED = (
+    "grid/psf",
+    "grid/border",
+    "noise/psf",
+    "heldout/psf_a",
+    "heldout/psf_b",
+    "heldout/border_b",
+    "blocks/done",
+    "grid/illumination",
+    "grid/valid",
+    "noise/illumination",
+    "noise/valid",
+    "heldout/illumination_a",
+    "heldout/illumination_b",
+    "heldout/valid_a",
+    "heldout/valid_b",
+    "axis/fraction",
+)
 PSF = str(Path(sys.executable).parent / "psf")  # the installed command, as docs/scaling.md runs it
 
 
@@ -31,7 +46,14 @@ def torchrun() -> list[str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1", f"--master-port={port}"]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node=2",
+        "--master-addr=127.0.0.1",
+        f"--master-port={port}",
+    ]
 
 
 def assert_same_run(a, b):
@@ -54,7 +76,9 @@ def test_three_shards_merge_to_the_single_process_file(three_shards, tiny_grid, 
         assert done[1::3].all() and not done[0::3].any() and not done[2::3].any()
     merged = merge([str(p) for p in reversed(three_shards)], tmp_path / "merged.h5")
     assert_same_run(merged, tiny_grid)
-    virtual = CliRunner().invoke(main, ["merge", *map(str, three_shards), "--out", str(tmp_path / "virtual.h5"), "--virtual"])
+    virtual = CliRunner().invoke(
+        main, ["merge", *map(str, three_shards), "--out", str(tmp_path / "virtual.h5"), "--virtual"]
+    )
     assert virtual.exit_code == 0, virtual.output
     assert_same_run(tmp_path / "virtual.h5", tiny_grid)
     # The merged file is a grid file like any other: training accepts it.
@@ -87,13 +111,21 @@ def test_merge_refuses_missing_duplicate_foreign_and_unfinished(three_shards, tm
 def test_shard_auto_under_torchrun(tiny_grid, tmp_path):
     out = tmp_path / "g.h5"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    r = subprocess.run(torchrun() + ["-m", "cli", "-q"] + tiny_args(out) + ["--shard", "auto"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        torchrun() + ["-m", "cli", "-q"] + tiny_args(out) + ["--shard", "auto"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     shards = sorted(tmp_path.glob("g.shard*-of-0002.h5"))
     assert len(shards) == 2
     assert_same_run(merge([str(s) for s in shards], tmp_path / "merged.h5"), tiny_grid)
-    assert_one_line_error(CliRunner().invoke(main, tiny_args(tmp_path / "x.h5") + ["--shard", "auto"]), "--shard auto needs torchrun")
+    assert_one_line_error(
+        CliRunner().invoke(main, tiny_args(tmp_path / "x.h5") + ["--shard", "auto"]), "--shard auto needs torchrun"
+    )
     assert_one_line_error(CliRunner().invoke(main, tiny_args(tmp_path / "x.h5") + ["--shard", "3/3"]), "0 <= K < N")
 
 
@@ -102,8 +134,14 @@ def test_ddp_two_processes_gloo(tiny_grid, tmp_path):
     sets = [x for k, v in {**SMALL, "max_steps": steps, "log_every": steps}.items() for x in ("--set", f"{k}={v}")]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     ddp = tmp_path / "ddp"
-    r = subprocess.run(torchrun() + ["--no-python", PSF, "train", "--data", str(tiny_grid), "--run-dir", str(ddp)] + sets,
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        torchrun() + ["--no-python", PSF, "train", "--data", str(tiny_grid), "--run-dir", str(ddp)] + sets,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("TensorBoard logs") == 1  # rank 0 alone reports and writes
     assert sorted(p.name for p in ddp.iterdir()) == ["best.pt", "config.yaml", "latest.pt", "tb"]
@@ -114,7 +152,7 @@ def test_ddp_two_processes_gloo(tiny_grid, tmp_path):
     # Same global batches, gradients averaged over the two halves: the loss follows the
     # single-process run (only the reparameterisation noise differs).
     single = train(small_config(tiny_grid, tmp_path / "single", max_steps=steps, log_every=steps))
-    (s_step, s_loss), = scalars(single, "loss_all")
+    ((s_step, s_loss),) = scalars(single, "loss_all")
     d_loss = [v for s, v in scalars(ddp, "loss_all") if s == steps]
     assert s_step == steps and len(d_loss) == 1
     assert d_loss[0] == pytest.approx(s_loss, rel=0.1)

@@ -41,8 +41,16 @@ def test_positional_encoding_values():
     model = CVAE(ModelArgs(cond_dim=2, num_frequencies=2))
     c = torch.tensor([[0.25, -0.5]])
     pe = model.pe(c)[0]
-    expect = [np.sin(np.pi * 0.25), np.sin(np.pi * -0.5), np.cos(np.pi * 0.25), np.cos(np.pi * -0.5),
-              np.sin(2 * np.pi * 0.25), np.sin(2 * np.pi * -0.5), np.cos(2 * np.pi * 0.25), np.cos(2 * np.pi * -0.5)]
+    expect = [
+        np.sin(np.pi * 0.25),
+        np.sin(np.pi * -0.5),
+        np.cos(np.pi * 0.25),
+        np.cos(np.pi * -0.5),
+        np.sin(2 * np.pi * 0.25),
+        np.sin(2 * np.pi * -0.5),
+        np.cos(2 * np.pi * 0.25),
+        np.cos(2 * np.pi * -0.5),
+    ]
     np.testing.assert_allclose(pe.numpy(), expect, atol=1e-6)
 
 
@@ -111,7 +119,9 @@ def test_dataset_streams_every_psf_once_per_epoch_with_2_workers(tiny_grid):
         assert len({tuple(r) for r in seen.tolist()}) == 32
     for batch in batches:
         np.testing.assert_array_equal(batch["psf"].numpy(), grid[batch["depth"].numpy(), batch["point"].numpy()])
-    assert not torch.equal(batches[0]["point"], batches[n]["point"]) or not torch.equal(batches[0]["depth"], batches[n]["depth"])
+    assert not torch.equal(batches[0]["point"], batches[n]["point"]) or not torch.equal(
+        batches[0]["depth"], batches[n]["depth"]
+    )
     mem = GridBatches(info, batch_size=8, read_run=4, seed=1, in_memory=True)
     torch.testing.assert_close(mem[5]["psf"], single[5]["psf"])
 
@@ -123,8 +133,17 @@ def test_loss_falls_and_event_file_holds_every_tag(tiny_grid, tmp_path):
     ea = EventAccumulator(str(run_dir / "tb"))
     ea.Reload()
     tags = ea.Tags()
-    for tag in ("loss_all", "loss_recon", "loss_kl", "loss_smooth", "val_mse", "learning_rate", "grad_norm",
-                "val_prior_mse", "val_heldout_rel_l2"):
+    for tag in (
+        "loss_all",
+        "loss_recon",
+        "loss_kl",
+        "loss_smooth",
+        "val_mse",
+        "learning_rate",
+        "grad_norm",
+        "val_prior_mse",
+        "val_heldout_rel_l2",
+    ):
         assert tag in tags["scalars"], tag
     for tag in ("val_psf_gt", "val_psf_recon", "val_psf_prior"):
         assert tag in tags["images"], tag
@@ -165,14 +184,19 @@ def _check_dashboard(run_dir):
     readme = (ROOT / "README.md").read_text()
     for tag in [*ea.Tags()["scalars"], *ea.Tags()["images"]]:
         assert f"`{tag}`" in readme, tag
-    assert set(tblog.LOSSES + tblog.VALIDATION_MSE + tblog.VALIDATION_REL + tblog.OPTIMISATION + tblog.ILLUMINATION) == charted
+    assert (
+        set(tblog.LOSSES + tblog.VALIDATION_MSE + tblog.VALIDATION_REL + tblog.OPTIMISATION + tblog.ILLUMINATION)
+        == charted
+    )
 
 
 def test_resume_after_kill_equals_uninterrupted_run(tiny_grid, tmp_path):
     killed = tmp_path / "killed"
     args = ["train", "--data", str(tiny_grid), "--run-dir", str(killed)]
     # A constant learning rate: the killed run does not know where the other one stops.
-    sets = [x for k, v in {**SMALL, "max_steps": 100000, "lr_schedule": "constant"}.items() for x in ("--set", f"{k}={v}")]
+    sets = [
+        x for k, v in {**SMALL, "max_steps": 100000, "lr_schedule": "constant"}.items() for x in ("--set", f"{k}={v}")
+    ]
     proc = subprocess.Popen([sys.executable, "-m", "cli", "-q"] + args + sets, cwd=ROOT)
     deadline = time.time() + 120
     while not (killed / "latest.pt").exists() and time.time() < deadline:
@@ -245,10 +269,12 @@ def test_bad_grid_data_is_named_and_a_non_finite_loss_stops_naming_the_step(tiny
 
 def test_damaged_grid_files_are_one_line(tiny_grid, tmp_path):
     bad = tmp_path / "bad.h5"
-    for edit, needle in ((lambda f: f.__delitem__("grid/psf"), "dataset grid/psf is missing"),
-                         (lambda f: f.attrs.__setitem__("run_params", "{not json"), "run_params"),
-                         (lambda f: f["noise/index"].__setitem__(0, 99), "noise/index holds 99"),
-                         (lambda f: f["grid/neighbors"].__setitem__((0, 1), -5), "grid/neighbors holds -5")):
+    for edit, needle in (
+        (lambda f: f.__delitem__("grid/psf"), "dataset grid/psf is missing"),
+        (lambda f: f.attrs.__setitem__("run_params", "{not json"), "run_params"),
+        (lambda f: f["noise/index"].__setitem__(0, 99), "noise/index holds 99"),
+        (lambda f: f["grid/neighbors"].__setitem__((0, 1), -5), "grid/neighbors holds -5"),
+    ):
         shutil.copy(tiny_grid, bad)
         with h5py.File(bad, "r+") as f:
             edit(f)
@@ -275,8 +301,10 @@ def test_non_finite_weights_are_never_saved_or_loaded(tiny_grid, tiny_run, tmp_p
         train(small_config(tiny_grid, tmp_path / "r", max_steps=2, checkpoint_every=1))
     assert not (tmp_path / "r" / "latest.pt").exists()
     monkeypatch.undo()
-    assert_one_line_error(CliRunner().invoke(main, _train_args(tiny_grid, tmp_path / "r2", "--set", "learning_rate=inf")),
-                          "'learning_rate' must be a positive, finite number")
+    assert_one_line_error(
+        CliRunner().invoke(main, _train_args(tiny_grid, tmp_path / "r2", "--set", "learning_rate=inf")),
+        "'learning_rate' must be a positive, finite number",
+    )
     ckpt = torch.load(tiny_run / "latest.pt", weights_only=True)
     name = next(iter(ckpt["model"]))
     ckpt["model"][name].view(-1)[0] = float("nan")
@@ -305,9 +333,13 @@ def test_bad_input(tiny_grid, tmp_path):
     with h5py.File(unfinished, "r+") as f:
         f["blocks/done"][3] = 0
     assert_one_line_error(run(_train_args(unfinished, tmp_path / "r")), "unfinished", "run the same 'psf generate'")
-    assert_one_line_error(run(_train_args(tiny_grid, tmp_path / "r", "--set", "latnt_dim=3")), "unknown key 'latnt_dim'")
+    assert_one_line_error(
+        run(_train_args(tiny_grid, tmp_path / "r", "--set", "latnt_dim=3")), "unknown key 'latnt_dim'"
+    )
     assert_one_line_error(run(_train_args(tiny_grid, tmp_path / "r", "--set", "batch_size=0")), "'batch_size'")
-    assert_one_line_error(run(_train_args(tiny_grid, tmp_path / "r", "--set", "kernel_size_small=11")), "kernel_size_small")
+    assert_one_line_error(
+        run(_train_args(tiny_grid, tmp_path / "r", "--set", "kernel_size_small=11")), "kernel_size_small"
+    )
     assert not (tmp_path / "r").exists()
     # A finished run: refused without --resume; --resume on another dataset refused.
     assert run(_train_args(tiny_grid, tmp_path / "r", "--set", "max_steps=5")).exit_code == 0
@@ -334,8 +366,16 @@ def test_spec_encoding_aliases_field_edges_and_pe_scale_separates_them():
 
 def test_prior_recon_term_and_weights():
     torch.manual_seed(0)
-    args = ModelArgs(cond_dim=2, latent_dim=4, hidden_dim=16, num_layers=1, recon_weight=2.0, kl_weight=0.5,
-                     smooth_weight=0.0, prior_recon_weight=3.0)
+    args = ModelArgs(
+        cond_dim=2,
+        latent_dim=4,
+        hidden_dim=16,
+        num_layers=1,
+        recon_weight=2.0,
+        kl_weight=0.5,
+        smooth_weight=0.0,
+        prior_recon_weight=3.0,
+    )
     model = CVAE(args)
     psf = torch.rand(5, 3, 15, 15)
     psf = psf / psf.sum(dim=(-2, -1), keepdim=True)
@@ -349,8 +389,17 @@ def test_prior_recon_term_and_weights():
 
 def test_scale_term_pins_the_decoders_sum_that_normalisation_leaves_free():
     torch.manual_seed(0)
-    args = ModelArgs(cond_dim=2, latent_dim=4, hidden_dim=16, num_layers=1, recon_weight=1.0, kl_weight=0.0,
-                     smooth_weight=0.0, prior_recon_weight=0.0, scale_weight=2.0)
+    args = ModelArgs(
+        cond_dim=2,
+        latent_dim=4,
+        hidden_dim=16,
+        num_layers=1,
+        recon_weight=1.0,
+        kl_weight=0.0,
+        smooth_weight=0.0,
+        prior_recon_weight=0.0,
+        scale_weight=2.0,
+    )
     model = CVAE(args)
     psf = torch.rand(5, 3, 15, 15)
     psf = psf / psf.sum(dim=(-2, -1), keepdim=True)
@@ -374,7 +423,9 @@ def test_learning_rate_schedules():
     cos = configio.build(TrainConfig, {"learning_rate": 1e-3, "max_steps": 100, "lr_schedule": "cosine"})
     assert cos.lr_at(0) == pytest.approx(1e-3) and cos.lr_at(50) == pytest.approx(0.505e-3)
     assert cos.lr_at(100) == pytest.approx(1e-5)
-    warm = configio.build(TrainConfig, {"learning_rate": 1e-3, "max_steps": 100, "lr_schedule": "constant", "warmup_steps": 10})
+    warm = configio.build(
+        TrainConfig, {"learning_rate": 1e-3, "max_steps": 100, "lr_schedule": "constant", "warmup_steps": 10}
+    )
     assert warm.lr_at(0) == pytest.approx(1e-4) and warm.lr_at(4) == pytest.approx(5e-4) and warm.lr_at(9) == 1e-3
 
 
@@ -413,19 +464,40 @@ def test_depth_frequencies_limit_the_bands_that_vary_with_depth():
 
 def test_cvae_v1_yaml_is_the_spec():
     cfg = configio.load(TrainConfig, ROOT / "configs" / "cvae_v1.yaml")
-    spec = dict(kernel_size_small=15, latent_dim=128, hidden_dim=512, num_layers=4, num_frequencies=10, batch_size=64,
-                learning_rate=1e-4, recon_weight=1.0, kl_weight=1e-4, smooth_weight=1e-3, val_every=500,
-                pe_scale=1.0, depth_frequencies=None, prior_recon_weight=0.0, lr_schedule="constant",
-                condition_frame="cartesian", output="softplus", relative_loss=False, warmup_steps=0)
+    spec = dict(
+        kernel_size_small=15,
+        latent_dim=128,
+        hidden_dim=512,
+        num_layers=4,
+        num_frequencies=10,
+        batch_size=64,
+        learning_rate=1e-4,
+        recon_weight=1.0,
+        kl_weight=1e-4,
+        smooth_weight=1e-3,
+        val_every=500,
+        pe_scale=1.0,
+        depth_frequencies=None,
+        prior_recon_weight=0.0,
+        lr_schedule="constant",
+        condition_frame="cartesian",
+        output="softplus",
+        relative_loss=False,
+        warmup_steps=0,
+    )
     assert {k: getattr(cfg, k) for k in spec} == spec
     from psfcvae.training import model_args_for
 
     class OneDepth:  # the file facts model_args_for reads: one depth, 15 px kernels
         grid_size, ks_small, depths, path, has_illumination = 4, 15, np.array([1.0]), "x.h5", True
 
-    args = model_args_for(configio.build(TrainConfig, {**configio.to_dict(cfg), "condition_on_depth": "false"}), OneDepth)
+    args = model_args_for(
+        configio.build(TrainConfig, {**configio.to_dict(cfg), "condition_on_depth": "false"}), OneDepth
+    )
     model = CVAE(args)
-    assert model.encoder[0].in_features == 715 and model.prior[0].in_features == 40 and model.decoder[0].in_features == 168
+    assert (
+        model.encoder[0].in_features == 715 and model.prior[0].in_features == 40 and model.decoder[0].in_features == 168
+    )
 
 
 def test_resume_refuses_another_data_order_and_batch_must_fit_runs(tiny_grid, tmp_path):

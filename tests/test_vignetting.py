@@ -39,7 +39,9 @@ def test_the_dark_set_is_where_bare_deeplens_traces_no_ray(vignetted_grid, singl
         illum, valid, psf = f["grid/illumination"][:], f["grid/valid"][:].astype(bool), f["grid/psf"][:]
         depths = f["depths"][:]
     for d, depth in enumerate(depths):
-        pts = torch.as_tensor(np.concatenate([grid_coords(4), np.full((16, 1), -1000.0 * depth)], 1), dtype=torch.float32)
+        pts = torch.as_tensor(
+            np.concatenate([grid_coords(4), np.full((16, 1), -1000.0 * depth)], 1), dtype=torch.float32
+        )
         torch.manual_seed(4242)  # another seed than the file's blocks: an independent trace
         # A 512-px window (12 mm) catches every ray that reaches the sensor near the point, wherever
         # DeepLens centres it: a channel gets no PSF only where no ray arrives.
@@ -77,8 +79,9 @@ def test_illumination_is_one_on_axis_and_falls_monotonically_along_a_radius(vign
 def test_counted_psfs_are_deeplens_psf_rgb_bit_for_bit(singlet):
     xy, depth = np.array([[0.0, 0.0], [0.5, -0.5], [1.0, 1.0]]), np.array([0.5, 2.0, 1.0])
     torch.manual_seed(11)
-    ref = singlet.psf_rgb(points=torch.as_tensor(np.concatenate([xy, -1000 * depth[:, None]], 1), dtype=torch.float32),
-                          ks=64, spp=3000)
+    ref = singlet.psf_rgb(
+        points=torch.as_tensor(np.concatenate([xy, -1000 * depth[:, None]], 1), dtype=torch.float32), ks=64, spp=3000
+    )
     torch.manual_seed(11)
     psf, rays, window = trace_counted(singlet, xy, depth, 3000, 64)
     assert torch.equal(psf, ref)
@@ -115,8 +118,17 @@ def test_a_schema_1_file_is_read_as_all_lit(vignetted_grid, tiny_grid, tmp_path)
     shutil.copy(tiny_grid, old)
     with h5py.File(old, "r+") as f:
         f.attrs["schema_version"] = 1
-        for name in ("axis/fraction", "grid/illumination", "grid/valid", "noise/illumination", "noise/valid",
-                     "heldout/illumination_a", "heldout/illumination_b", "heldout/valid_a", "heldout/valid_b"):
+        for name in (
+            "axis/fraction",
+            "grid/illumination",
+            "grid/valid",
+            "noise/illumination",
+            "noise/valid",
+            "heldout/illumination_a",
+            "heldout/illumination_b",
+            "heldout/valid_a",
+            "heldout/valid_b",
+        ):
             del f[name]
     info = open_info(old)
     assert info.schema == 1 and not info.has_illumination and open_info(vignetted_grid).has_illumination
@@ -153,8 +165,12 @@ def test_the_dark_point_count_is_logged_once(vignetted_grid, tmp_path, caplog):
     dark = np.zeros(16, bool)
     dark[[0, 3, 12, 15]] = True  # the corners
     field = int((dark[pairs[:, 0]] | dark[pairs[:, 1]]).sum())
-    assert lines == [(f"dark points left out: 8 of 32 grid PSFs (their {2 * field + 4} neighbour pairs too) from the "
-                     f"PSF losses, {dark_ho} of 16 held-out points from validation")], lines
+    assert lines == [
+        (
+            f"dark points left out: 8 of 32 grid PSFs (their {2 * field + 4} neighbour pairs too) from the "
+            f"PSF losses, {dark_ho} of 16 held-out points from validation"
+        )
+    ], lines
 
 
 def test_the_api_refuses_a_dark_point_unless_asked_and_gives_illumination(vignetted_run, vignetted_grid):
@@ -179,8 +195,9 @@ def test_the_api_refuses_a_dark_point_unless_asked_and_gives_illumination(vignet
 
 def test_eval_leaves_dark_points_out_and_reports_illumination(vignetted_run, vignetted_grid, tmp_path):
     out = tmp_path / "eval"
-    result = run_cli(["eval", "--checkpoint", str(vignetted_run / "best.pt"), "--data", str(vignetted_grid),
-                      "--out", str(out)])
+    result = run_cli(
+        ["eval", "--checkpoint", str(vignetted_run / "best.pt"), "--data", str(vignetted_grid), "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
     with h5py.File(vignetted_grid) as f:
@@ -219,9 +236,12 @@ def test_sample_writes_illumination_and_refuses_a_dark_point(vignetted_run, tmp_
     dark = (illum == 0).all(axis=1)
     assert dark[[0, 4, 20, 24]].all() and not dark[12]  # corners dark, the centre lit
     np.testing.assert_array_equal(psf.sum(axis=(1, 2, 3)) == 0, dark)  # zeros exactly where dark
-    bad = run_cli(["sample", "--checkpoint", ckpt, "--coords", "1,1", "--depth", "0.5", "--out", str(tmp_path / "p.npy")])
-    assert_one_line_error(bad, "1 of the --coords points lie outside the lens's lit field, e.g. (1, 1) at --depth 0.5",
-                          "--grid map")
+    bad = run_cli(
+        ["sample", "--checkpoint", ckpt, "--coords", "1,1", "--depth", "0.5", "--out", str(tmp_path / "p.npy")]
+    )
+    assert_one_line_error(
+        bad, "1 of the --coords points lie outside the lens's lit field, e.g. (1, 1) at --depth 0.5", "--grid map"
+    )
     assert not (tmp_path / "p.npy").exists()
 
 

@@ -95,8 +95,9 @@ def build(cls: type[C], values: dict[str, Any], source: str = "config", set_keys
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(names), key=lambda k: (k not in set_keys, k))
     if unknown:
-        raise unknown_key(unknown[0], names, "--set" if unknown[0] in set_keys else source,
-                          getattr(cls, "KEY_ALIASES", None))
+        raise unknown_key(
+            unknown[0], names, "--set" if unknown[0] in set_keys else source, getattr(cls, "KEY_ALIASES", None)
+        )
     kwargs = {k: _coerce(k, v, hints[k]) for k, v in values.items()}
     cfg = cls(**kwargs)
     check = getattr(cfg, "validate", None)

@@ -19,15 +19,20 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
     if local_rank is not None and name in ("auto", "cuda") and torch.cuda.is_available():
         return torch.device(f"cuda:{local_rank % torch.cuda.device_count()}")
     if local_rank is not None and re.fullmatch(r"cuda:\d+", name):
-        raise InputError(f"device {name} with several processes would put them all on one GPU; use --device cuda or auto")
+        raise InputError(
+            f"device {name} with several processes would put them all on one GPU; use --device cuda or auto"
+        )
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise InputError(f"{{device}} {name} asked for, but CUDA is not available here; use {{device}} cpu or auto",
-                             {"device": "device"})
+            raise InputError(
+                f"{{device}} {name} asked for, but CUDA is not available here; use {{device}} cpu or auto",
+                {"device": "device"},
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise InputError(f"{{device}} {name} does not exist: {torch.cuda.device_count()} CUDA device(s)",
-                             {"device": "device"})
+            raise InputError(
+                f"{{device}} {name} does not exist: {torch.cuda.device_count()} CUDA device(s)", {"device": "device"}
+            )
     return dev

@@ -27,4 +27,4 @@ def versions() -> dict[str, str]:
 
 def now() -> str:
     """UTC time stamp, ISO 8601."""
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
