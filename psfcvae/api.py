@@ -103,10 +103,10 @@ class PSFModel:
         allow_extrapolation: bool = False,
         allow_dark: bool = False,
     ):
-        """PSFs [B, 3, 15, 15] (non-negative, each channel sums to 1).
+        """PSFs [B, 3, k, k] (k: the kernel_size_small the model was trained on, 15 by default; non-negative, each channel sums to 1).
 
         mode "mean" decodes z = μ_p(c): a deterministic interpolation. mode "sample" draws
-        z ~ p(z|c); with n_samples > 1 it returns [B, n_samples, 3, 15, 15].
+        z ~ p(z|c); with n_samples > 1 it returns [B, n_samples, 3, k, k].
         A point outside the lit field (no PSF: the lens does not light it) is an InputError;
         with allow_dark=True the result is (psf, lit [B] bool), psf zero where lit is False.
         Checkpoints without the illumination head count every point as lit.
@@ -160,7 +160,7 @@ class PSFModel:
 
     @torch.no_grad()
     def sample_from_prior(self, coords) -> torch.Tensor:
-        """As in the spec: coords [B, C] (x, y[, d]) already in model space -> [B, 3, 15, 15], z ~ p(z|c)."""
+        """As in the spec: coords [B, C] (x, y[, d]) already in model space -> [B, 3, k, k], z ~ p(z|c)."""
         return self.net.sample_from_prior(torch.as_tensor(coords, dtype=torch.float32, device=self.device))
 
     @torch.no_grad()
