@@ -103,7 +103,7 @@ class PSFModel:
         allow_extrapolation: bool = False,
         allow_dark: bool = False,
     ):
-        """PSFs [B, 3, k, k] (k: the kernel_size_small the model was trained on, 15 by default; non-negative, each channel sums to 1).
+        """PSFs [B, 3, k, k], k the model's kernel_size_small (15 by default); non-negative, each channel sums to 1.
 
         mode "mean" decodes z = μ_p(c): a deterministic interpolation. mode "sample" draws
         z ~ p(z|c); with n_samples > 1 it returns [B, n_samples, 3, k, k].
