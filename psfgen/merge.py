@@ -187,13 +187,7 @@ def _write_virtual(tmp, attrs, fixed, shapes, blocks, infos, out_dir: Path) -> N
     """
     n = len(infos)
     with h5py.File(tmp, "w") as f:
-        for key, value in attrs.items():
-            f.attrs[key] = value
-        f.attrs["virtual"] = True
-        for name, value in fixed.items():
-            f.create_dataset(name, data=value)
-        f["depths"].attrs["units"] = "m"
-        f["wvln"].attrs["units"] = "um"
+        store.write_header(f, {**attrs, "virtual": True}, fixed)
         rel = [os.path.relpath(i.path, out_dir) for i in infos]
         for name, (shape, dtype) in shapes.items():
             layout = h5py.VirtualLayout(shape=shape, dtype=dtype)

@@ -73,6 +73,17 @@ def _early(f: h5py.File, name: str, shape, dtype, zero_fill: bool = False) -> h5
     return f.create_dataset(name, shape=shape, dtype=dtype, dcpl=dcpl)
 
 
+def write_header(f: h5py.File, attrs: dict, arrays: dict) -> None:
+    """The file's attributes and its fixed datasets (depths [m], wvln [um], coords, ...): written
+    here alone, for a new file (create) and for a merged one (psf merge, copied or virtual)."""
+    for key, value in attrs.items():
+        f.attrs[key] = value
+    for name, value in arrays.items():
+        f.create_dataset(name, data=value)
+    f["depths"].attrs["units"] = "m"
+    f["wvln"].attrs["units"] = "um"
+
+
 def create(path: Path, *, attrs: dict, arrays: dict, sizes: dict, blocks: list[Block]) -> None:
     """Write the file's skeleton to a temporary file, then rename it onto ``path``.
 
@@ -84,12 +95,7 @@ def create(path: Path, *, attrs: dict, arrays: dict, sizes: dict, blocks: list[B
     tmp = tempfiles.temp_path(path)
     try:
         with h5py.File(tmp, "w") as f:
-            for key, value in attrs.items():
-                f.attrs[key] = value
-            for name, value in arrays.items():
-                f.create_dataset(name, data=value)
-            f["depths"].attrs["units"] = "m"
-            f["wvln"].attrs["units"] = "um"
+            write_header(f, attrs, arrays)
             _early(f, "grid/psf", (D, P, 3, k, k), np.float32)
             _early(f, "grid/border", (D, P, 3), np.float32)
             _early(f, "noise/psf", (D, S, 3, k, k), np.float32)
