@@ -113,7 +113,7 @@ def main() -> None:
                 sync()
                 t0 = time.perf_counter()
             psf = batch["psf"].to(device)
-            point, depth = batch["point"].to(device), batch["depth"].to(device)
+            point, depth = batch["point"].to(device), batch["depth_index"].to(device)
             src, pc = conds.pairs(point, depth)
             out = model(psf, conds(point, depth), src, pc)
             opt.zero_grad()

@@ -179,7 +179,7 @@ class GridBatches(Dataset):
         return {
             "psf": torch.from_numpy(np.ascontiguousarray(psf)),
             "point": torch.from_numpy(point),
-            "depth": torch.from_numpy(depth),
+            "depth_index": torch.from_numpy(depth),  # into the file's depths; held-out sets carry depth [m]
             "lit": torch.from_numpy(self.valid[flat].all(axis=1)),
             "illum": torch.from_numpy(self.illum[flat]),
             "valid": torch.from_numpy(self.valid[flat]),

@@ -502,9 +502,9 @@ def _train(cfg: TrainConfig, resume: bool, info: GridInfo, args: ModelArgs, run_
 
         # forward: the batch, its neighbour pairs (both ends lit), the loss
         psf = batch["psf"].to(device, non_blocking=True)  # [B, 3, k, k]
-        point, depth = batch["point"].to(device), batch["depth"].to(device)  # [B]
-        pair_src, pair_cond = conds.pairs(point, depth)  # [Q], [Q, C]
-        out = net(psf, conds(point, depth), pair_src, pair_cond, **_lit_terms(batch, model, device))
+        point, depth_index = batch["point"].to(device), batch["depth_index"].to(device)  # [B]
+        pair_src, pair_cond = conds.pairs(point, depth_index)  # [Q], [Q, C]
+        out = net(psf, conds(point, depth_index), pair_src, pair_cond, **_lit_terms(batch, model, device))
         _step_is_finite(out, world, device, step, latest)
 
         # determine and set the learning rate, then step

@@ -115,12 +115,12 @@ def test_dataset_streams_every_psf_once_per_epoch_with_2_workers(tiny_grid):
     for a, b in zip(batches, single):  # same order and content as in one process
         torch.testing.assert_close(a["psf"], b["psf"])
     for epoch in range(2):
-        seen = torch.cat([torch.stack([x["depth"], x["point"]], 1) for x in batches[epoch * n : (epoch + 1) * n]])
+        seen = torch.cat([torch.stack([x["depth_index"], x["point"]], 1) for x in batches[epoch * n : (epoch + 1) * n]])
         assert len({tuple(r) for r in seen.tolist()}) == 32
     for batch in batches:
-        np.testing.assert_array_equal(batch["psf"].numpy(), grid[batch["depth"].numpy(), batch["point"].numpy()])
+        np.testing.assert_array_equal(batch["psf"].numpy(), grid[batch["depth_index"].numpy(), batch["point"].numpy()])
     assert not torch.equal(batches[0]["point"], batches[n]["point"]) or not torch.equal(
-        batches[0]["depth"], batches[n]["depth"]
+        batches[0]["depth_index"], batches[n]["depth_index"]
     )
     mem = GridBatches(info, batch_size=8, read_run=4, seed=1, in_memory=True)
     torch.testing.assert_close(mem[5]["psf"], single[5]["psf"])
