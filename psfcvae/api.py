@@ -123,6 +123,26 @@ class PSFModel:
                 "light reaches the sensor there, so there is no PSF); pass allow_dark=True for zeros and a "
                 "lit mask, or see model.illumination(x, y, depth_m)"
             )
+        out = self._decode(cond, lit, mode, n_samples)
+        return (out, lit) if allow_dark else out
+
+    @torch.no_grad()
+    def psf_and_illumination(self, x, y, depth_m=None, mode: str = "mean", allow_extrapolation: bool = False):
+        """(psf [B, 3, k, k], zero where dark; illumination [B, 3], 0 where dark and all 1 for a checkpoint
+        without the illumination head; lit [B] bool) with one condition and one pass of the head: what a
+        rendering needs per pixel."""
+        if mode not in ("mean", "sample"):
+            raise InputError(f"mode must be 'mean' or 'sample', got {mode!r}")
+        cond = self.conditions(x, y, depth_m, allow_extrapolation)
+        if self.net.illumination is None:
+            lit = torch.ones(len(cond), dtype=torch.bool, device=cond.device)
+            light = torch.ones(len(cond), 3, device=cond.device)
+        else:
+            light, lit = self.net.illumination.predict(cond)
+        return self._decode(cond, lit, mode, 1), light.float(), lit
+
+    def _decode(self, cond: torch.Tensor, lit: torch.Tensor, mode: str, n_samples: int) -> torch.Tensor:
+        """PSFs at conditions cond [B, C]: [B, 3, k, k] (or [B, n_samples, 3, k, k]), zero where not lit."""
         if mode == "mean":
             out = self.net.sample_from_prior(cond, mean=True)
         else:
@@ -133,9 +153,7 @@ class PSFModel:
                 "the model gives no finite PSF at these coordinates or depths (too far outside the "
                 "trained range to extrapolate); bring them closer to the field and the trained depths"
             )
-        if not allow_dark:
-            return out
-        return out * lit.view(-1, *[1] * (out.dim() - 1)), lit
+        return out * lit.view(-1, *[1] * (out.dim() - 1))
 
     def _lit(self, cond: torch.Tensor) -> torch.Tensor:
         """lit [B] bool at conditions cond [B, C]: the illumination head's decision, all True without one."""

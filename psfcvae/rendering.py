@@ -62,16 +62,10 @@ def model_kernels(model, allow_extrapolation: bool = False):
     shows in the image. A checkpoint without the illumination head (trained before it
     existed) gives kernels that sum to 1 per channel everywhere.
     """
-    has_illumination = getattr(model.net, "illumination", None) is not None
 
     def kernel_fn(x, y, d):
-        psf, _ = model.psf(x, y, d, allow_extrapolation=allow_extrapolation, allow_dark=True)
-        if has_illumination:
-            lum = torch.as_tensor(
-                model.illumination(x, y, d, allow_extrapolation), dtype=psf.dtype, device=psf.device
-            )  # [N, 3]
-            psf = psf * lum[:, :, None, None]
-        return psf
+        psf, light, _ = model.psf_and_illumination(x, y, d, allow_extrapolation=allow_extrapolation)
+        return psf * light[:, :, None, None].to(psf.dtype)
 
     return kernel_fn
 

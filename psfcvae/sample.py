@@ -120,7 +120,7 @@ def _psfs_and_illumination(model, points, depth_m, mode, allow_extrapolation, da
     psf, illum = [], []
     for i in range(0, len(points), CHUNK):
         x, y = points[i : i + CHUNK, 0], points[i : i + CHUNK, 1]
-        out, lit = model.psf(x, y, depth_m, mode=mode, allow_extrapolation=allow_extrapolation, allow_dark=True)
+        out, light, lit = model.psf_and_illumination(x, y, depth_m, mode=mode, allow_extrapolation=allow_extrapolation)
         if not dark_ok and not bool(lit.all()):
             j = int((~lit).nonzero()[0, 0])
             raise InputError(
@@ -129,6 +129,5 @@ def _psfs_and_illumination(model, points, depth_m, mode, allow_extrapolation, da
                 "is no PSF; leave them out (a --grid map shows them as zeros)"
             )
         psf.append(out.cpu().numpy())
-        if model.net.illumination is not None:
-            illum.append(model.illumination(x, y, depth_m, allow_extrapolation).cpu().numpy())
-    return np.concatenate(psf), (np.concatenate(illum) if illum else None)
+        illum.append(light.cpu().numpy())
+    return np.concatenate(psf), (np.concatenate(illum) if model.net.illumination is not None else None)

@@ -193,10 +193,11 @@ def test_illumination_scales_each_pixel_and_dark_points_are_black(model):
             r2 = np.asarray(x) ** 2 + np.asarray(y) ** 2
             return torch.from_numpy(np.stack([1 - 0.3 * r2, 1 - 0.4 * r2, 1 - 0.5 * r2], axis=1)).float()
 
-        def psf(self, x, y, depth_m=None, allow_extrapolation=False, allow_dark=False):
+        def psf_and_illumination(self, x, y, depth_m=None, mode="mean", allow_extrapolation=False):
             psf = super().psf(x, y, depth_m, allow_extrapolation=allow_extrapolation)
             lit = torch.from_numpy(np.hypot(np.atleast_1d(x), np.atleast_1d(y)) < 1.2)
-            return (psf * lit[:, None, None, None], lit) if allow_dark else psf
+            light = self.illumination(x, y, depth_m) * lit[:, None]
+            return psf * lit[:, None, None, None], light, lit
 
     vig = Vignetted(model.net, model.info)
     h = w = 20
