@@ -30,7 +30,7 @@ from psfgen.shared.devices import resolve_device
 from psfgen.shared.errors import InputError
 from psfgen.shared.metrics import rel_l2
 from psfgen.shared.provenance import now, versions
-from psfgen.store import GridInfo, open_info, require_complete
+from psfgen.store import TRUNCATION_LIMIT, GridInfo, open_info, require_complete
 
 from . import baselines, checkpoint
 from .api import PSFModel, load_model
@@ -39,7 +39,6 @@ from .metrics import measured_points, rel_l2_corrected, spearman, summarize
 
 log = logging.getLogger(__name__)
 
-TRUNCATION_LIMIT = 0.01  # a PSF with more of its energy on the traced window's border is called truncated
 INTERPOLATION = ("nearest", "bilinear", "bicubic", "eigen-psf")  # name prefixes of the baselines
 
 
@@ -315,15 +314,16 @@ def headline(result: dict) -> dict:
 
 
 def optics(info: GridInfo) -> dict:
-    """The physical context of the file: lens, wavelengths, sensor, kernel pitch, truncation."""
+    """The physical context of the file: lens, wavelengths, sensor, kernel pitch, truncation of lit PSFs."""
+    from .optics import grid_optics  # the one reader of the sensor's geometry (psf render's too)
+
     a = info.attrs
     lens = json.loads(a["lens_json"])
-    size = json.loads(a["sensor_size_mm"]) if "sensor_size_mm" in a else lens.get("sensor_size")
-    res = lens.get("sensor_res")
-    ks = int(info.config["ks"])
+    geometry = grid_optics(info, strict=False) or {}
+    size, res, ks = geometry.get("sensor_size_mm"), geometry.get("sensor_res"), int(info.config["ks"])
     with h5py.File(info.path, "r", locking=False) as f:
         wvln = [float(w) for w in f["wvln"][:]]
-        worst = f["grid/border"][:].max(axis=-1)  # [D, P]
+        worst = f["grid/border"][:].max(axis=-1)  # [D, P]; 0 at a dark point
     pixel_um = 1000.0 * size[0] / res[0] if size and res else None
     return {
         "lens_path": a["lens_path"],
@@ -336,7 +336,7 @@ def optics(info: GridInfo) -> dict:
         "sensor_pixel_um": pixel_um,
         "traced_kernel_px": ks,
         "kernel_px": info.ks_small,
-        "kernel_pitch_um": None if pixel_um is None else pixel_um * ks / info.ks_small,
+        "kernel_pitch_um": 1000.0 * geometry["kernel_pitch_mm"] if geometry else None,
         "truncation": {
             "limit": TRUNCATION_LIMIT,
             "truncated": int((worst > TRUNCATION_LIMIT).sum()),

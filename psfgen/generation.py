@@ -35,8 +35,6 @@ from .store import Block
 
 log = logging.getLogger(__name__)
 
-TRUNCATION_WARN = 0.01  # warn when more than this fraction of a PSF's energy is on the window border
-
 
 def plan_blocks(cfg: GenerateConfig, n_depths: int, n_heldout: int) -> list[Block]:
     """All blocks of a run, in tracing order: grid, noise floor, held-out halves."""
@@ -411,14 +409,14 @@ def _depths_text(depth_m: np.ndarray) -> str:
 
 def _warn_truncation(border: np.ndarray, cfg: GenerateConfig) -> None:
     worst = float(border.max()) if border.size else 0.0
-    n_bad = int((border.max(axis=-1) > TRUNCATION_WARN).sum())
+    n_bad = int((border.max(axis=-1) > store.TRUNCATION_LIMIT).sum())
     if n_bad:
         log.warning(
             "%d grid PSFs have more than %.0f%% of their energy on the border of the %d-px window "
             "(worst %.1f%%): DeepLens drops rays outside it, so they are truncated. Use a larger "
             "--kernel-size (e.g. %d) or coarser sensor pixels (a smaller sensor_res in the lens file).",
             n_bad,
-            100 * TRUNCATION_WARN,
+            100 * store.TRUNCATION_LIMIT,
             cfg.ks,
             100 * worst,
             int(cfg.ks * 1.5),

@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 
 from .shared.metrics import rel_l2
-from .store import open_info
+from .store import TRUNCATION_LIMIT, open_info
 
 
 def grid_speed(path) -> tuple[float, int] | None:
@@ -100,7 +100,8 @@ def summary(path) -> str:
             worst = border.max(axis=-1)[traced]
             lines.append(
                 f"truncation  energy on the {cfg['ks']}-px window border: mean {100 * worst.mean():.2f}%, "
-                f"max {100 * worst.max():.2f}%, {int((worst > 0.01).sum())} of {worst.size} lit PSFs above 1%"
+                f"max {100 * worst.max():.2f}%, {int((worst > TRUNCATION_LIMIT).sum())} of {worst.size} lit PSFs above "
+                f"{100 * TRUNCATION_LIMIT:g}%"
             )
         if info.n_heldout and done.all():
             ref = rel_l2(f["heldout/psf_a"][:], f["heldout/psf_b"][:])  # NaN at dark points

@@ -40,6 +40,9 @@ from .shared import tempfiles
 from .shared.errors import DamagedFile, InputError
 
 FORMAT = "psf-cvae.grid"
+# A PSF with more than this fraction of a channel's energy on the traced window's border is truncated
+# (DeepLens drops the rays beyond it): generate warns, info and the eval report count them.
+TRUNCATION_LIMIT = 0.01
 SCHEMA_VERSION = 2
 READS = (1, 2)  # schema 1 files have no illumination: every point lit, illumination unmeasured (docs/dataset.md)
 KINDS = ("grid", "noise", "heldout_a", "heldout_b")
