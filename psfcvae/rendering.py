@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from psfgen.resample import overlap_matrix
 from psfgen.shared.errors import InputError
 
 from .imageio import checked_depth
@@ -44,9 +45,7 @@ def resample_matrix(k: int, pitch_in: float, pitch_out: float) -> np.ndarray:
     """
     r = pitch_out / pitch_in
     h = max(0, math.ceil(k / (2 * r) - 0.5))
-    lo = k / 2 + (np.arange(2 * h + 1) - h - 0.5) * r
-    j = np.arange(k)[None, :]
-    return np.clip(np.minimum(lo[:, None] + r, j + 1) - np.maximum(lo[:, None], j), 0.0, None)
+    return overlap_matrix(k / 2 + (np.arange(2 * h + 1) - h - 0.5) * r, r, k)
 
 
 def pixel_coords(h: int, w: int, field=(-1.0, 1.0, -1.0, 1.0)) -> tuple[np.ndarray, np.ndarray]:

@@ -15,13 +15,17 @@ import torch
 METHOD = "area: exact pixel-overlap weights, separable, then per-channel renormalisation"
 
 
+def overlap_matrix(lo: np.ndarray, width: float, k: int) -> np.ndarray:
+    """A: [m, k]; A[i, j] = length of [lo_i, lo_i + width) intersected with input pixel [j, j + 1):
+    the exact-area rule of every resampling here (psf generate's 64 -> 15, psf render's kernel pitch)."""
+    j = np.arange(k)[None, :]
+    return np.clip(np.minimum(lo[:, None] + width, j + 1) - np.maximum(lo[:, None], j), 0.0, None)
+
+
 def area_matrix(ks: int, ks_small: int) -> np.ndarray:
-    """A: [ks_small, ks]; A[i, j] = length of [i r, (i+1) r) intersected with [j, j+1)."""
+    """A: [ks_small, ks]; A[i, j] = length of [i r, (i+1) r) intersected with [j, j+1), r = ks / ks_small."""
     r = ks / ks_small
-    lo = np.arange(ks_small)[:, None] * r
-    hi = lo + r
-    j = np.arange(ks)[None, :]
-    return np.clip(np.minimum(hi, j + 1) - np.maximum(lo, j), 0.0, None)
+    return overlap_matrix(np.arange(ks_small) * r, r, ks)
 
 
 def downsample(psf: torch.Tensor, ks_small: int) -> torch.Tensor:
