@@ -50,8 +50,6 @@ def render_file(
         raise InputError(f"--out {out}: the output is a PNG; name it .png")
     if out.exists() and not overwrite:
         raise InputError(f"--out {out} exists; choose another --out or pass --overwrite to replace it")
-    if psf_every < 1:
-        raise InputError(f"--psf-every must be at least 1, got {psf_every}")
     window = parse_field(field)
     img, bits = read_image(image)
     depth = depth_m if depth_map is None else read_depth_map(depth_map, tuple(img.shape[1:]))
@@ -60,26 +58,16 @@ def render_file(
     model = load_model(checkpoint, resolve_device(device))
     linear = srgb_to_linear(img) if srgb else img
     t0 = time.perf_counter()
-    try:
-        blurred = render(
-            model,
-            linear,
-            depth,
-            psf_every=psf_every,
-            field=window,
-            data=data,
-            allow_extrapolation=allow_extrapolation,
-            progress=progress,
-        )
-    except InputError as exc:  # the library's words, in this command's options
-        words = {
-            "(allow extrapolation to go beyond)": "(--allow-extrapolation to go beyond)",
-            "psf_every": "--psf-every",
-        }
-        message = str(exc)
-        for api, option in words.items():
-            message = message.replace(api, option)
-        raise InputError(message) from None
+    blurred = render(
+        model,
+        linear,
+        depth,
+        psf_every=psf_every,
+        field=window,
+        data=data,
+        allow_extrapolation=allow_extrapolation,
+        progress=progress,
+    )
     log.info("rendered %dx%d in %.1f s", img.shape[2], img.shape[1], time.perf_counter() - t0)
     return write_image(out, linear_to_srgb(blurred) if srgb else blurred, bits)
 

@@ -125,7 +125,7 @@ def render_with(
     from tqdm import tqdm
 
     if psf_every < 1:
-        raise InputError(f"psf_every must be at least 1, got {psf_every}")
+        raise InputError(f"{{psf_every}} must be at least 1, got {psf_every}", {"psf_every": "psf_every"})
     x0, x1, y0, y1 = field
     if not (-1 <= x0 < x1 <= 1 and -1 <= y0 < y1 <= 1):
         raise InputError(f"field window {tuple(field)} must be x0 < x1, y0 < y1 within [-1, 1]")
@@ -276,6 +276,7 @@ def _checked_depth(model, depth, shape, allow_extrapolation: bool):
         what = f"{lo_d:g} m" if lo_d == hi_d else f"{lo_d:g}-{hi_d:g} m"
         raise InputError(
             f"depth {what} is outside the depths the model was trained on, {lo:g}-{hi:g} m "
-            "(allow extrapolation to go beyond)"
+            "({allow_extrapolation} to go beyond)",
+            {"allow_extrapolation": "allow_extrapolation=True"},
         )
     return d
