@@ -144,7 +144,7 @@ def grid_figures(arrays, out: Path, has_model: bool, log: bool) -> list[tuple[st
             shown = arrays.eigen(arrays.coords[:, 0], arrays.coords[:, 1], np.full(n * n, depth))
             panels = {"ground truth": truth, f"eigen-psf ({arrays.eigen.components})": shown}
         # A dark grid point has no PSF: it shows as black in every panel and has no error (not 1/0).
-        lit = truth.sum(axis=(-2, -1)).min(axis=-1) > 0  # [P]
+        lit = arrays.lit[d]  # [P]
         panels = {k: v * lit[:, None, None, None] for k, v in panels.items()}
         peak = np.where(lit, truth.max(axis=(-3, -2, -1)), 1.0)[:, None, None, None]
         panels["|error|"] = np.abs(shown - truth) / peak * lit[:, None, None, None]

@@ -87,8 +87,8 @@ class EvalArrays:
     dict (coords [M, 2], depth [M] m, at_grid_depth [M], psf_a, psf_b, ref [M, 3, k, k]);
     preds: method -> [M, 3, k, k]; corrected: method -> [M] per-point noise-corrected error;
     recon, prior: the model's posterior reconstruction and prior mean of the grid [D, P, 3, k, k];
-    eigen: the eigen-PSF baseline fitted to the grid; circle: (image-circle radius [mm], sensor
-    (width, height) [mm]) where part of the field is dark, else None.
+    eigen: the eigen-PSF baseline fitted to the grid; lit [D, P]: grid points that hold a PSF;
+    circle: (image-circle radius [mm], sensor (width, height) [mm]) where part of the field is dark, else None.
     """
 
     grid: np.ndarray
@@ -100,6 +100,7 @@ class EvalArrays:
     recon: np.ndarray | None = None
     prior: np.ndarray | None = None
     eigen: baselines.EigenPSF | None = None
+    lit: np.ndarray | None = None
     circle: tuple | None = None
 
 
@@ -146,8 +147,13 @@ def compute_metrics(cfg: EvalConfig, info: GridInfo, model: PSFModel | None) -> 
     ho_all = read_heldout(info.path)
     # The PSF metrics use lit points only: a dark point has no PSF to measure against.
     arrays = EvalArrays(
-        grid=grid, coords=coords, depths=info.depths, heldout=split_heldout(ho_all, info.path), circle=lit_circle(info)
+        grid=grid,
+        coords=coords,
+        depths=info.depths,
+        heldout=split_heldout(ho_all, info.path),
+        lit=read_lit(info.path)["valid"].all(axis=-1),  # [D, P]: a dark grid point has no PSF
     )
+    arrays.circle = lit_circle(info, coords, arrays.lit)
     ho, depths = arrays.heldout, info.depths
     x, y, depth_m = ho["coords"][:, 0], ho["coords"][:, 1], ho["depth"]
     eigen = baselines.EigenPSF(arrays.grid, depths, info.grid_size, cfg.eigen_components)
@@ -203,7 +209,7 @@ def compute_metrics(cfg: EvalConfig, info: GridInfo, model: PSFModel | None) -> 
             "frame": model.net.args.frame,
         },
         "heldout": methods,
-        "raytrace_at_training_spp": _raytrace(info.path, arrays.grid, depths),
+        "raytrace_at_training_spp": _raytrace(info.path, arrays.grid, depths, arrays.lit),
         "reference_noise": summarize(ref_noise),
         "eigen_explained_variance": eigen.explained,
         "speed_psfs_per_s": {
@@ -235,7 +241,7 @@ def _predictions(model, grid, depths, n, eigen, x, y, depth_m, seed: int) -> dic
     return preds
 
 
-def _raytrace(path: str, grid: np.ndarray, depths: np.ndarray) -> dict:
+def _raytrace(path: str, grid: np.ndarray, depths: np.ndarray, lit_grid: np.ndarray) -> dict:
     """Ray tracing at the training spp, from the re-traced grid subset: two independent traces
     of the same point differ by sqrt(2) times the error of one of them. "pooled" sums the
     squared norms over points before the ratio, as the held-out pooled figure does."""
@@ -243,7 +249,7 @@ def _raytrace(path: str, grid: np.ndarray, depths: np.ndarray) -> dict:
         noise_idx, noise = f["noise/index"][:], f["noise/psf"][:]
     if not len(noise_idx):
         return {}
-    lit = read_lit(path)["valid"].all(axis=-1)[:, noise_idx]  # [D, S]: a dark grid point has no PSF
+    lit = lit_grid[:, noise_idx]  # [D, S]
     pair = [(noise[d][lit[d]], grid[d, noise_idx][lit[d]]) for d in range(len(depths))]
     one = [rel_l2(a, b) / np.sqrt(2) for a, b in pair]  # per depth [S_lit]
 
@@ -265,7 +271,7 @@ def _model_metrics(result: dict, arrays: EvalArrays, model: PSFModel, n: int) ->
         for d in range(len(depths))
     ]
     arrays.recon, arrays.prior = np.stack([b[0] for b in both]), np.stack([b[1] for b in both])  # [D, P, 3, k, k]
-    lit = read_lit(result["data"]["path"])["valid"].all(axis=-1)  # [D, P]: dark points have no PSF
+    lit = arrays.lit  # [D, P]: dark points have no PSF
     result["grid_vs_training_psfs"] = {
         key: summarize(np.concatenate([rel_l2(p, g)[ok] for p, g, ok in zip(pred, grid, lit)]))
         for key, pred in (("posterior reconstruction", arrays.recon), ("prior mean", arrays.prior))
@@ -375,16 +381,15 @@ def illumination_error(model, heldout: dict) -> dict:
     }
 
 
-def lit_circle(info) -> tuple[float, tuple[float, float]] | None:
-    """(image-circle radius [mm], sensor (width, height) [mm]) at the middle depth, None when all is lit."""
+def lit_circle(info, coords: np.ndarray, lit: np.ndarray) -> tuple[float, tuple[float, float]] | None:
+    """(image-circle radius [mm], sensor (width, height) [mm]) at the middle depth, None when all is lit.
+
+    coords [P, 2]: the grid's field points; lit [D, P]: which of them hold a PSF."""
     from psfgen.litfield import image_circle, radii
     from psfgen.symmetry import sensor_size_mm
 
     size = sensor_size_mm(info.attrs)
-    with h5py.File(info.path, "r", locking=False) as f:
-        coords = f["grid/coords"][:]
-    lit = read_lit(info.path)["valid"].all(axis=-1)[len(info.depths) // 2]
-    bounds = image_circle(radii(coords, size)[0], lit)
+    bounds = image_circle(radii(coords, size)[0], lit[len(info.depths) // 2])
     return None if bounds is None or size is None else (0.5 * (bounds[0] + bounds[1]), size)
 
 
