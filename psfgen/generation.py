@@ -268,7 +268,14 @@ def _trace_all(cfg, out: Path, run_id: str, params: dict, lens_file, shard, devi
                 xy, depth_m = _block_points(block, depths, coords, noise_idx, ho_coords, ho_depth)
                 spp = cfg.spp if block.kind in ("grid", "noise") else cfg.heldout_half_spp()
                 torch.manual_seed(block_seed(cfg.seed, block))
-                _trace_block(lens, out, i, block, xy, depth_m, spp, cfg, illumination.axis_at(depths, axis, depth_m))
+                # The bar moves a third of the block per colour traced: DeepLens traces a block per call.
+                third = (block.stop - block.start) / 3
+
+                def tick(third=third):
+                    bar.update(third)
+
+                axis_here = illumination.axis_at(depths, axis, depth_m)
+                _trace_block(lens, out, i, block, xy, depth_m, spp, cfg, axis_here, tick)
                 traced += 1
                 log.debug(
                     "block %d/%d done (%s, depth %d, points %d:%d)",
@@ -279,7 +286,6 @@ def _trace_all(cfg, out: Path, run_id: str, params: dict, lens_file, shard, devi
                     block.start,
                     block.stop,
                 )
-                bar.update(block.stop - block.start)
     except InputError:
         if not resume and traced == 0:  # a file this run created holds nothing yet: leave no trace of it
             tempfiles.discard(out)
@@ -346,13 +352,16 @@ def _trace_block(
     spp: int,
     cfg: GenerateConfig,
     axis: np.ndarray,
+    tick=None,
 ) -> None:
     """Trace one block (xy [B, 2], depth_m [B] m; axis [B, 3]: the on-axis ray fraction at those depths),
     measure its illumination, downsample it and write it with its done mark."""
     t0 = time.perf_counter()
     where = f"{block.kind} points {block.start}-{block.stop - 1} at {_depths_text(depth_m)}"
     try:
-        psf, rays, window = illumination.trace_counted(lens, xy, depth_m, spp, cfg.ks)  # [B, 3, ks, ks], [B, 3] x 2
+        psf, rays, window = illumination.trace_counted(
+            lens, xy, depth_m, spp, cfg.ks, tick
+        )  # [B, 3, ks, ks], [B, 3] x 2
     except (RuntimeError, ValueError, AssertionError, MemoryError) as exc:  # DeepLens's and torch's
         raise InputError(
             f"tracing {where} failed: {str(exc).splitlines()[0][:200] or type(exc).__name__}; "

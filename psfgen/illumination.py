@@ -41,13 +41,14 @@ def min_rays(spp: int) -> int:
     return max(MIN_RAYS, int(np.ceil(MIN_FRACTION * spp)))
 
 
-def trace_counted(lens, xy: np.ndarray, depth_m: np.ndarray, spp: int, ks: int):
+def trace_counted(lens, xy: np.ndarray, depth_m: np.ndarray, spp: int, ks: int, on_channel=None):
     """Ray-trace RGB PSFs as DeepLens ``psf_rgb`` does, keeping the valid-ray counts.
 
     xy: [B, 2] normalised field coordinates; depth_m: [B] object depths [m].
     Returns (psf [B, 3, ks, ks] float32, each channel sums to 1, or 0 with no ray in the window;
     valid [B, 3] float64: rays valid at the sensor, of ``spp`` launched;
     window [B, 3] float64: those of them inside the ks window).
+    on_channel: called with no argument after each of the three colours (a progress bar's tick).
     """
     from deeplens.config import EPSILON, SPP_CALC
     from deeplens.imgsim import forward_integral
@@ -83,6 +84,8 @@ def trace_counted(lens, xy: np.ndarray, depth_m: np.ndarray, spp: int, ks: int):
             psfs.append(diff_float(psf / (total + EPSILON)))
             valid.append(ray.is_valid.sum(dim=-1).double())
             window.append(total[:, 0, 0].double())  # bilinear binning splits each ray over 4 pixels: a count
+            if on_channel is not None:
+                on_channel()
     return torch.stack(psfs, dim=-3), torch.stack(valid, dim=-1), torch.stack(window, dim=-1)
 
 
