@@ -446,35 +446,16 @@ def _train(cfg: TrainConfig, resume: bool, info: GridInfo, args: ModelArgs, run_
         if world > 1:
             dist.destroy_process_group()
         return run_dir
-    if world > 1:  # the same weights everywhere (DDP broadcasts them), other noise on each rank
-        torch.manual_seed(cfg.seed + 7919 * rank + step)
-    net = (
-        DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        if world > 1
-        else model
-    )
+    net = _wrap(model, cfg, rank, world, step, device)
     if main_rank:
         configio.save_yaml(cfg, run_dir / "config.yaml")
 
     # --- the data, the logs ---------------------------------------------------------------
     conds, heldout = _lit_data(info, model, device, main_rank)
     loader = _loader(cfg, info, model, device, rank, world, step, run_dir)
-    if resume and main_rank:
-        _wait_for_a_later_second(run_dir / "tb")
-    writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=step + 1 if resume else None) if main_rank else None
-    if main_rank:
-        tblog.start(writer)
-    run = dict(
-        model=model,
-        optimizer=optimizer,
-        args=args,
-        cfg=cfg,
-        info=info,
-        device=device,
-        writer=writer,
-        latest=latest,
-        fingerprint=checkpoint.data_fingerprint(info),
-    )
+    writer = _writer(run_dir, step, resume) if main_rank else None
+    run = dict(model=model, optimizer=optimizer, args=args, cfg=cfg, info=info, device=device, writer=writer,
+               latest=latest, fingerprint=checkpoint.data_fingerprint(info))  # fmt: skip
 
     # --- the loop ----------------------------------------------------------------------
     metrics: dict = {}
@@ -482,14 +463,8 @@ def _train(cfg: TrainConfig, resume: bool, info: GridInfo, args: ModelArgs, run_
     window = LossWindow(model.illumination is not None, ckpt.get("loss_window") if ckpt and world == 1 else None)
     t0, step0 = time.perf_counter(), step
     quiet = not log.isEnabledFor(logging.INFO) or not main_rank
-    bar = tqdm(
-        total=cfg.max_steps,
-        initial=step,
-        unit="step",
-        desc="training",
-        disable=True if quiet else None,
-        dynamic_ncols=True,
-    )
+    bar = tqdm(total=cfg.max_steps, initial=step, unit="step", desc="training", disable=True if quiet else None,
+               dynamic_ncols=True)  # fmt: skip
     model.train()
     for batch in loader:
         if step >= cfg.max_steps:
@@ -519,12 +494,9 @@ def _train(cfg: TrainConfig, resume: bool, info: GridInfo, args: ModelArgs, run_
         # log the loss window's means
         window.add(out, grad_norm)
         if step % cfg.log_every == 0 or step == cfg.max_steps:
-            means = window.means(world, device)
+            means = window.means(world, device)  # every rank takes part under DDP
             if main_rank:
-                for key, value in means.items():
-                    writer.add_scalar(key, value, step)
-                writer.add_scalar("learning_rate", optimizer.param_groups[0]["lr"], step)
-                bar.set_postfix(loss=f"{means['loss_all']:.3g}", refresh=False)
+                _log_means(writer, bar, means, optimizer.param_groups[0]["lr"], step)
 
         # evaluate on the grid and the held-out set, and write checkpoints
         if main_rank and (step % cfg.val_every == 0 or step == cfg.max_steps):
@@ -539,6 +511,31 @@ def _train(cfg: TrainConfig, resume: bool, info: GridInfo, args: ModelArgs, run_
     bar.close()
     _finish(run, cfg, metrics, step - step0, time.perf_counter() - t0, world, main_rank, run_dir)
     return run_dir
+
+
+def _log_means(writer, bar, means: dict, lr: float, step: int) -> None:
+    """The loss window's means and the learning rate in TensorBoard; the mean loss on the bar."""
+    for key, value in means.items():
+        writer.add_scalar(key, value, step)
+    writer.add_scalar("learning_rate", lr, step)
+    bar.set_postfix(loss=f"{means['loss_all']:.3g}", refresh=False)
+
+
+def _wrap(model: CVAE, cfg: TrainConfig, rank: int, world: int, step: int, device):
+    """The module the loop steps: the model, or under torchrun its DistributedDataParallel wrapper."""
+    if world == 1:
+        return model
+    torch.manual_seed(cfg.seed + 7919 * rank + step)  # the same weights everywhere (DDP broadcasts them), other noise
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _writer(run_dir: Path, step: int, resume: bool) -> SummaryWriter:
+    """The run's TensorBoard writer with its custom-scalars layout; a resumed run drops what came after ``step``."""
+    if resume:
+        _wait_for_a_later_second(run_dir / "tb")
+    writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=step + 1 if resume else None)
+    tblog.start(writer)
+    return writer
 
 
 def _loader(cfg: TrainConfig, info: GridInfo, model: CVAE, device, rank: int, world: int, step: int, run_dir: Path):
