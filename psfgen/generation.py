@@ -259,37 +259,7 @@ def _trace_all(cfg, out: Path, run_id: str, params: dict, lens_file, shard, devi
 
     todo = [i for i in range(len(blocks)) if mine[i] and not done[i]]
     total = sum(blocks[i].stop - blocks[i].start for i in todo)
-    quiet = not log.isEnabledFor(logging.INFO)
-    traced = 0
-    try:
-        with tqdm(total=total, unit="PSF", desc="tracing", disable=True if quiet else None, dynamic_ncols=True) as bar:
-            for i in todo:
-                block = blocks[i]
-                xy, depth_m = _block_points(block, depths, coords, noise_idx, ho_coords, ho_depth)
-                spp = cfg.spp if block.kind in ("grid", "noise") else cfg.heldout_half_spp()
-                torch.manual_seed(block_seed(cfg.seed, block))
-                # The bar moves a third of the block per colour traced: DeepLens traces a block per call.
-                third = (block.stop - block.start) / 3
-
-                def tick(third=third):
-                    bar.update(third)
-
-                axis_here = illumination.axis_at(depths, axis, depth_m)
-                _trace_block(lens, out, i, block, xy, depth_m, spp, cfg, axis_here, tick)
-                traced += 1
-                log.debug(
-                    "block %d/%d done (%s, depth %d, points %d:%d)",
-                    i + 1,
-                    len(blocks),
-                    block.kind,
-                    block.depth,
-                    block.start,
-                    block.stop,
-                )
-    except InputError:
-        if not resume and traced == 0:  # a file this run created holds nothing yet: leave no trace of it
-            tempfiles.discard(out)
-        raise
+    _trace_blocks(lens, out, cfg, blocks, todo, total, (depths, coords, noise_idx, ho_coords, ho_depth), axis, resume)
 
     with h5py.File(out, "r") as f:
         trace_seconds = float(f["blocks/seconds"][:].sum())
@@ -340,6 +310,36 @@ def _create(out: Path, attrs: dict, arrays: dict, blocks: list, shard) -> None:
         store.create(out, attrs=attrs, arrays=arrays, sizes=sizes, blocks=blocks)
     except OSError as exc:
         raise InputError(f"cannot write {out}: {exc.strerror or exc}; choose a writable --out") from None
+
+
+def _trace_blocks(lens, out: Path, cfg: GenerateConfig, blocks: list, todo: list[int], total: int, points: tuple,
+                  axis: np.ndarray, resume: bool) -> None:  # fmt: skip
+    """Trace the blocks ``todo`` into ``out`` in order, one seed each, behind a progress bar."""
+    depths, coords, noise_idx, ho_coords, ho_depth = points
+    quiet = not log.isEnabledFor(logging.INFO)
+    traced = 0
+    with tqdm(total=total, unit="PSF", desc="tracing", disable=True if quiet else None, dynamic_ncols=True) as bar:
+        for i in todo:
+            block = blocks[i]
+            xy, depth_m = _block_points(block, depths, coords, noise_idx, ho_coords, ho_depth)
+            spp = cfg.spp if block.kind in ("grid", "noise") else cfg.heldout_half_spp()
+            torch.manual_seed(block_seed(cfg.seed, block))
+            # The bar moves a third of the block per colour traced: DeepLens traces a block per call.
+            third = (block.stop - block.start) / 3
+
+            def tick(third=third):
+                bar.update(third)
+
+            try:
+                _trace_block(lens, out, i, block, xy, depth_m, spp, cfg, illumination.axis_at(depths, axis, depth_m),
+                             tick)  # fmt: skip
+            except InputError:
+                if not resume and traced == 0:  # a file this run created holds nothing yet: leave no trace of it
+                    tempfiles.discard(out)
+                raise
+            traced += 1
+            log.debug("block %d/%d done (%s, depth %d, points %d:%d)", i + 1, len(blocks), block.kind, block.depth,
+                      block.start, block.stop)  # fmt: skip
 
 
 def _trace_block(
