@@ -420,3 +420,17 @@ def test_a_lens_file_without_sensor_res_still_gives_the_kernel_pitch(tmp_path):
     optics = grid_optics(open_info(out))
     assert optics["sensor_res"] == [int(v) for v in deeplens.sensor_res]
     assert optics["kernel_pitch_mm"] == pytest.approx(64 * float(deeplens.pixel_size) / 15, rel=1e-5)
+
+
+def test_the_patchwise_map_carries_the_files_illumination(vignetted_grid):
+    """DeepLens's patch-wise rendering in the report is compared with the model's, which is lit by its
+    illumination: the file's kernels must carry theirs (dark corners black, dim edges dim)."""
+    import h5py
+
+    from psfcvae.renderfig import grid_psf_map
+
+    psf_map = grid_psf_map(vignetted_grid, 0.5)  # [4, 4, 3, k, k]
+    with h5py.File(vignetted_grid) as f:
+        light = f["grid/illumination"][0] * f["grid/valid"][0]  # [16, 3]
+    np.testing.assert_allclose(psf_map.sum(dim=(-2, -1)).reshape(16, 3).numpy(), light, rtol=1e-5, atol=1e-6)
+    assert light.min() == 0 and 0 < light[light > 0].min() < 0.5  # both dark and dim points are in the map
