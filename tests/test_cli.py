@@ -284,7 +284,10 @@ def test_ctrl_c_in_generate_prints_the_resume_command(tmp_path):
     # One point per block, 8x8 at 2 depths: 128 blocks, seconds of tracing even on an idle CPU.
     args = tiny_args(out, grid_size=8, spp=4000, block_rays=4000, heldout=0, noise_points=0)
     args.append("--overwrite")  # as a user who restarts a run would; the resume command must not repeat it
-    proc = subprocess.Popen(CLI + args, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT at its default: a shell running the tests in the background starts them with it ignored,
+    # and Python then keeps ignoring it (psf train sets its own handler; psf generate relies on Python's).
+    proc = subprocess.Popen(CLI + args, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.time() + 120
     while not out.exists() and time.time() < deadline:
         time.sleep(0.05)
