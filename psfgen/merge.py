@@ -38,24 +38,8 @@ FIXED = (
     "axis/fraction",
 )
 # Datasets written block by block: each block is copied from the shard that traced it.
-PER_BLOCK = (
-    "grid/psf",
-    "grid/border",
-    "grid/illumination",
-    "grid/valid",
-    "noise/psf",
-    "noise/border",
-    "noise/illumination",
-    "noise/valid",
-    "heldout/psf_a",
-    "heldout/psf_b",
-    "heldout/border_a",
-    "heldout/border_b",
-    "heldout/illumination_a",
-    "heldout/illumination_b",
-    "heldout/valid_a",
-    "heldout/valid_b",
-)
+# Every dataset a block writes, of every kind: what a merge copies or maps block by block.
+PER_BLOCK = tuple(name for kind in store.KINDS for name in store.block_datasets(kind))
 
 
 def _check_shards(paths: list[str]) -> list[store.GridInfo]:

@@ -120,7 +120,7 @@ def create(path: Path, *, attrs: dict, arrays: dict, sizes: dict, blocks: list[B
         raise
 
 
-def _names(kind: str) -> tuple[str, ...]:
+def block_datasets(kind: str) -> tuple[str, ...]:
     """The datasets a block of ``kind`` writes: psf, border, illumination, valid."""
     if kind in ("grid", "noise"):
         return tuple(f"{kind}/{x}" for x in ("psf", "border", "illumination", "valid"))
@@ -149,7 +149,7 @@ def write_block(
     # block write changes raw data only, never the metadata a reader depends on.
     with h5py.File(path, "r+", locking=False) as f:
         sl = _where(block)
-        for name, value in zip(_names(block.kind), (psf, border, illumination, valid)):
+        for name, value in zip(block_datasets(block.kind), (psf, border, illumination, valid)):
             f[name][sl] = value
         f["blocks/seconds"][index] = seconds
         f.flush()  # the data before the mark, so a mark never points at missing data
@@ -159,7 +159,7 @@ def write_block(
 def read_block(f: h5py.File, block: Block) -> tuple[np.ndarray, ...]:
     """The stored (psf [B, 3, k, k], border, illumination, valid [B, 3]) of one block."""
     sl = _where(block)
-    return tuple(f[name][sl] for name in _names(block.kind))
+    return tuple(f[name][sl] for name in block_datasets(block.kind))
 
 
 def set_attrs(path: Path, **attrs) -> None:
