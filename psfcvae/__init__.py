@@ -4,7 +4,7 @@ The public names are imported on first use: ``import psfcvae`` loads neither tor
 matplotlib until a name that needs them is asked for (``psf --help`` stays fast).
 """
 
-import importlib
+from psfgen.shared.lazy import lazy_exports
 
 # public name -> the submodule that defines it
 _PUBLIC = {
@@ -24,9 +24,4 @@ _PUBLIC = {
 __all__ = list(_PUBLIC)
 
 
-def __getattr__(name):
-    if name not in _PUBLIC:
-        raise AttributeError(f"module 'psfcvae' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_PUBLIC[name], __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _PUBLIC)

@@ -4,7 +4,7 @@ The public names are imported on first use, so that ``import psfgen`` (and with 
 ``psf`` command's ``--help`` and usage errors) does not load torch and DeepLens.
 """
 
-import importlib
+from .shared.lazy import lazy_exports
 
 # public name -> the submodule that defines it
 _PUBLIC = {
@@ -19,9 +19,4 @@ _PUBLIC = {
 __all__ = list(_PUBLIC)
 
 
-def __getattr__(name):
-    if name not in _PUBLIC:
-        raise AttributeError(f"module 'psfgen' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_PUBLIC[name], __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _PUBLIC)
