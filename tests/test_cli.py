@@ -208,23 +208,23 @@ def test_load_model_defaults_to_auto_and_an_absent_cuda_is_one_line(tiny_run, tm
     )
 
 
+def training_started(data, run_dir, sets: list[str], **popen) -> subprocess.Popen:
+    """`psf train` in a subprocess, returned once its TensorBoard file exists (it is stepping)."""
+    proc = subprocess.Popen(CLI + ["train", "--data", str(data), "--run-dir", str(run_dir)] + sets, cwd=ROOT,
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)  # fmt: skip
+    deadline = time.time() + 120
+    while not list((run_dir / "tb").glob("events.*")) and time.time() < deadline:
+        time.sleep(0.05)
+    return proc
+
+
 def test_ctrl_c_in_train_saves_and_the_printed_command_resumes_the_same_run(tiny_grid, tmp_path):
     run_dir = tmp_path / "stopped"
     # No periodic checkpoint: what resumes is the one Ctrl-C writes. A constant learning rate,
     # since the interrupted run does not know where the straight one stops.
     keys = {**SMALL, "max_steps": 100000, "lr_schedule": "constant", "checkpoint_every": 100000}
     sets = [x for k, v in keys.items() for x in ("--set", f"{k}={v}")]
-    proc = subprocess.Popen(
-        CLI + ["train", "--data", str(tiny_grid), "--run-dir", str(run_dir)] + sets,
-        cwd=ROOT,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.time() + 120
-    while not list((run_dir / "tb").glob("events.*")) and time.time() < deadline:
-        time.sleep(0.05)
+    proc = training_started(tiny_grid, run_dir, sets)
     time.sleep(1.0)  # some steps, then Ctrl-C
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
@@ -330,18 +330,7 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_exits_130(tiny_grid
     run_dir = tmp_path / "run"
     keys = {**SMALL, "max_steps": 100000, "checkpoint_every": 100000, "num_workers": 2}
     sets = [x for k, v in keys.items() for x in ("--set", f"{k}={v}")]
-    proc = subprocess.Popen(
-        CLI + ["train", "--data", str(tiny_grid), "--run-dir", str(run_dir)] + sets,
-        cwd=ROOT,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    deadline = time.time() + 120
-    while not list((run_dir / "tb").glob("events.*")) and time.time() < deadline:
-        time.sleep(0.05)
+    proc = training_started(tiny_grid, run_dir, sets, start_new_session=True)  # its own process group
     time.sleep(1.5)
     os.killpg(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
