@@ -5,8 +5,12 @@ those still valid at the sensor (not blocked by an aperture or a lens rim, not t
 reflected), bins the ones inside the ``ks`` window and divides by their number.
 ``trace_counted`` repeats those steps and keeps two counts per channel: the valid rays
 (how much of the point's light reaches the sensor) and the valid rays inside the window
-(what the PSF is made of). Its PSFs are bit for bit those of ``lens.psf_rgb`` with the
-same random state (tested), except at points whose chief ray is blocked (below).
+(what the PSF is made of). It traces the primary wavelength first, and that channel is bit for
+bit DeepLens's ``psf`` at that wavelength with the same random state (tested), except at
+points whose chief ray is blocked (below). The chief ray found in that bundle centres the
+other two channels as well: DeepLens's ``psf_rgb`` searches it afresh for each colour (at
+the primary wavelength too, so the three centres agree up to the search's sampling), which
+costs 2 x 8192 extra rays a point, a third of the work at spp 1e4 (benchmarks/bench_generate.py).
 
 The relative illumination of a point and channel is (valid rays / launched rays) over the
 same fraction for the on-axis point at the same depth: the mechanical vignetting (rays
@@ -50,43 +54,56 @@ def trace_counted(lens, xy: np.ndarray, depth_m: np.ndarray, spp: int, ks: int, 
     window [B, 3] float64: those of them inside the ks window).
     on_channel: called with no argument after each of the three colours (a progress bar's tick).
     """
-    from deeplens.config import EPSILON, SPP_CALC
-    from deeplens.imgsim import forward_integral
-    from deeplens.utils import diff_float
+    from deeplens.config import SPP_CALC
 
     points = np.concatenate([xy, -1000.0 * depth_m[:, None]], axis=1)  # DeepLens z [mm], negative
     points = torch.as_tensor(points, dtype=lens.dtype, device=lens.device)
     sensor_w, sensor_h = lens.sensor_size
     scale = lens.calc_scale(points[:, 2])
     obj = torch.stack([points[:, 0] * scale * sensor_w / 2, points[:, 1] * scale * sensor_h / 2, points[:, 2]], dim=-1)
-    psfs, valid, window = [], [], []
+    channels = list(lens.wvln_rgb)
+    # The primary wavelength first: its bundle gives the chief ray that centres all three channels.
+    order = sorted(range(3), key=lambda c: channels[c] != lens.primary_wvln)
+    centre, out = None, [None] * 3
     with torch.no_grad(), deeplens_notes(log, logging.WARNING):
-        for wvln in lens.wvln_rgb:  # DeepLens GeoLens.psf_geometric, step for step
-            ray = lens.sample_from_points(points=obj, num_rays=spp, wvln=wvln)
+        for c in order:  # DeepLens GeoLens.psf_geometric, step for step, but one chief-ray search per point
+            ray = lens.sample_from_points(points=obj, num_rays=spp, wvln=channels[c])
             ray.is_coherent = False
             ray = lens.trace2sensor(ray)
-            reuse = ray if wvln == lens.primary_wvln and spp >= SPP_CALC else None
-            centre = lens.psf_center(obj, method="chief_ray", ray=reuse)
-            flipped = ray.flip_xy()
-            psf = forward_integral(flipped, ps=lens.pixel_size, ks=ks, pointc=centre)  # [B, ks, ks], rays
-            total = torch.sum(psf, dim=(-2, -1), keepdim=True)
-            lost = (total[:, 0, 0] < min_rays(spp)) & (ray.is_valid.sum(dim=-1) >= min_rays(spp))
-            if lost.any():
-                # The chief ray is blocked (a stop vignettes it): DeepLens then centres the window
-                # on the pinhole image, and the light that does arrive lands outside it. Those
-                # points are centred on their valid rays' centroid instead (DeepLens's own choice
-                # when no centre is given), so a lit point is never stored as dark.
-                v = flipped.is_valid.unsqueeze(-1)
-                centroid = (flipped.o[..., :2] * v).sum(-2) / v.sum(-2).clamp_min(1)
-                centre = torch.where(lost[:, None], centroid.to(centre.dtype), centre)
-                psf = forward_integral(flipped, ps=lens.pixel_size, ks=ks, pointc=centre)
-                total = torch.sum(psf, dim=(-2, -1), keepdim=True)
-            psfs.append(diff_float(psf / (total + EPSILON)))
-            valid.append(ray.is_valid.sum(dim=-1).double())
-            window.append(total[:, 0, 0].double())  # bilinear binning splits each ray over 4 pixels: a count
+            if centre is None:
+                # DeepLens's psf_rgb searches it again for each colour; one search serves all three.
+                reuse = ray if channels[c] == lens.primary_wvln and spp >= SPP_CALC else None
+                centre = lens.psf_center(obj, method="chief_ray", ray=reuse)
+            out[c] = _binned(lens, ray, centre, spp, ks)
             if on_channel is not None:
                 on_channel()
+    psfs, valid, window = zip(*out)
     return torch.stack(psfs, dim=-3), torch.stack(valid, dim=-1), torch.stack(window, dim=-1)
+
+
+def _binned(lens, ray, centre: torch.Tensor, spp: int, ks: int):
+    """One colour's (psf [B, ks, ks] summing to 1 or 0, valid rays [B], rays in the window [B]) from its
+    bundle traced to the sensor and the chief-ray centres [B, 2] [mm]."""
+    from deeplens.config import EPSILON
+    from deeplens.imgsim import forward_integral
+    from deeplens.utils import diff_float
+
+    flipped = ray.flip_xy()
+    psf = forward_integral(flipped, ps=lens.pixel_size, ks=ks, pointc=centre)  # [B, ks, ks], rays
+    total = torch.sum(psf, dim=(-2, -1), keepdim=True)
+    lost = (total[:, 0, 0] < min_rays(spp)) & (ray.is_valid.sum(dim=-1) >= min_rays(spp))
+    if lost.any():
+        # The chief ray is blocked (a stop vignettes it): DeepLens then centres the window
+        # on the pinhole image, and the light that does arrive lands outside it. Those
+        # points are centred on their valid rays' centroid instead (DeepLens's own choice
+        # when no centre is given), so a lit point is never stored as dark.
+        v = flipped.is_valid.unsqueeze(-1)
+        centroid = (flipped.o[..., :2] * v).sum(-2) / v.sum(-2).clamp_min(1)
+        centre = torch.where(lost[:, None], centroid.to(centre.dtype), centre)
+        psf = forward_integral(flipped, ps=lens.pixel_size, ks=ks, pointc=centre)
+        total = torch.sum(psf, dim=(-2, -1), keepdim=True)
+    # bilinear binning splits each ray over 4 pixels: the window's sum is still a count
+    return diff_float(psf / (total + EPSILON)), ray.is_valid.sum(dim=-1).double(), total[:, 0, 0].double()
 
 
 def axis_fraction(lens, depths: np.ndarray, spp: int, ks: int) -> tuple[np.ndarray, np.ndarray]:

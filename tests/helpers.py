@@ -8,13 +8,17 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import numpy as np
+import torch
 from click.testing import CliRunner
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cli import main
 from psfcvae import TrainConfig
 from psfgen import GenerateConfig
+from psfgen.resample import downsample
 from psfgen.shared import configio
+from psfgen.shared.metrics import rel_l2
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -111,3 +115,29 @@ def scalars(run_dir, tag):
     ea = EventAccumulator(str(run_dir / "tb"))
     ea.Reload()
     return [(e.step, e.value) for e in ea.Scalars(tag)]
+
+
+def assert_deeplens_psfs(lens, points: torch.Tensor, spp: int, seed: int, got: np.ndarray) -> None:
+    """``got`` [B, 3, k, k], traced by psfgen from DeepLens ``points`` [B, 3] (normalised x, y; z [mm]) at ``spp``
+    rays with torch seed ``seed`` on a 64-px window, downsampled to k px (or not: k = 64), is DeepLens's own PSF:
+    the primary wavelength bit for bit (``psf_geometric`` with the same seed); red and blue, centred on that
+    channel's chief ray where DeepLens's ``psf_rgb`` searches it again, as close to ``psf_rgb`` as a second
+    ``psf_rgb`` draw is (mean relative L2 over the lit points within 30% of it)."""
+    k = got.shape[-1]
+
+    def small(psf):
+        return (psf if k == psf.shape[-1] else downsample(psf, k)).numpy()
+
+    green = list(lens.wvln_rgb).index(lens.primary_wvln)
+    torch.manual_seed(seed)
+    primary = small(lens.psf_geometric(points=points, ks=64, wvln=lens.primary_wvln, spp=spp))
+    np.testing.assert_allclose(got[:, green], primary, atol=1e-7)
+    draws = []
+    for s in (seed, seed + 1):
+        torch.manual_seed(s)
+        draws.append(small(lens.psf_rgb(points=points, ks=64, spp=spp)))
+    others = [c for c in range(3) if c != green]
+    lit = (draws[0].sum(axis=(-2, -1)) > 0).all(axis=-1)
+    ref, second, got = draws[0][lit][:, others], draws[1][lit][:, others], got[lit][:, others]
+    ours, noise = rel_l2(got, ref), rel_l2(second, ref)
+    assert ours.mean() < 1.3 * noise.mean(), (ours, noise)

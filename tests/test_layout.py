@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib.util
 
 import pytest
 from helpers import ROOT
@@ -42,3 +43,11 @@ def test_the_scan_sees_imports():  # the oracle itself: it would catch the impor
     assert "psfgen.shared.errors" in names and "torch" in names
     names = imported_modules(ROOT / "psfcvae" / "training.py")
     assert "psfgen.shared.configio" in names or "psfgen.shared" in names
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "benchmarks").glob("*.py")), ids=lambda p: p.name)
+def test_every_benchmark_imports(path):
+    """A module the benchmarks import from can move (bench_generate once lost resolve_device that way):
+    load each script as a module, which runs its imports but not its main()."""
+    spec = importlib.util.spec_from_file_location(f"bench_{path.stem}", path)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))

@@ -13,6 +13,7 @@ import pytest
 import torch
 from helpers import (
     VIGNETTED_LENS,
+    assert_deeplens_psfs,
     assert_one_line_error,
     run_cli,
     scalars,
@@ -77,16 +78,13 @@ def test_illumination_is_one_on_axis_and_falls_monotonically_along_a_radius(vign
     assert illum[-1].max() == 0 and ((illum > 0.2) & (illum < 0.95)).any(), illum
 
 
-def test_counted_psfs_are_deeplens_psf_rgb_bit_for_bit(singlet):
-    xy, depth = np.array([[0.0, 0.0], [0.5, -0.5], [1.0, 1.0]]), np.array([0.5, 2.0, 1.0])
-    torch.manual_seed(11)
-    ref = singlet.psf_rgb(
-        points=torch.as_tensor(np.concatenate([xy, -1000 * depth[:, None]], 1), dtype=torch.float32), ks=64, spp=3000
-    )
+def test_counted_psfs_are_deeplens_psfs(singlet):
+    xy, depth = np.array([[0.0, 0.0], [0.5, -0.5], [0.3, 0.6], [1.0, 1.0]]), np.array([0.5, 2.0, 1.0, 1.0])
     torch.manual_seed(11)
     psf, rays, window = trace_counted(singlet, xy, depth, 3000, 64)
-    assert torch.equal(psf, ref)
-    assert rays[2].max() == 0 and (window <= rays + 1e-3).all() and rays[0].min() == 3000
+    points = torch.as_tensor(np.concatenate([xy, -1000 * depth[:, None]], 1), dtype=torch.float32)
+    assert_deeplens_psfs(singlet, points, 3000, 11, psf.numpy())
+    assert rays[3].max() == 0 and (window <= rays + 1e-3).all() and rays[0].min() == 3000
 
 
 def test_info_reports_the_lit_field(vignetted_grid):
