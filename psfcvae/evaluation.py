@@ -160,25 +160,7 @@ def compute_metrics(cfg: EvalConfig, info: GridInfo, model: PSFModel | None) -> 
     arrays.eigen = eigen
     arrays.preds = _predictions(model, arrays.grid, depths, info.grid_size, eigen, x, y, depth_m, cfg.seed)
 
-    groups = {
-        "all": np.ones(len(depth_m), bool),
-        "at grid depths": ho["at_grid_depth"],
-        "between grid depths": ~ho["at_grid_depth"],
-    }
-    for d in depths:
-        groups[f"at {d:g} m"] = ho["at_grid_depth"] & np.isclose(depth_m, d)
-    methods = {}
-    for name, pred in arrays.preds.items():
-        raw = rel_l2(pred, ho["ref"])
-        arrays.corrected[name], _ = rel_l2_corrected(pred, ho["psf_a"], ho["psf_b"])
-        methods[name] = {}
-        for g, mask in groups.items():
-            if mask.any():
-                _, pooled = rel_l2_corrected(pred[mask], ho["psf_a"][mask], ho["psf_b"][mask])
-                methods[name][g] = {
-                    "raw": summarize(raw[mask]),
-                    "corrected": {**summarize(arrays.corrected[name][mask]), "pooled": pooled},
-                }
+    methods = _heldout_errors(arrays)
     ref = ho["ref"]
     ref_noise = (
         np.sqrt(((ho["psf_a"] - ho["psf_b"]) ** 2).reshape(len(ref), -1).sum(1))
@@ -223,6 +205,32 @@ def compute_metrics(cfg: EvalConfig, info: GridInfo, model: PSFModel | None) -> 
         _model_metrics(result, arrays, model, info.grid_size)
     result["headline"] = headline(result)
     return result, arrays
+
+
+def _heldout_errors(arrays: EvalArrays) -> dict:
+    """{method: {group: {"raw": stats, "corrected": stats + "pooled"}}} over the held-out groups (all, at and
+    between grid depths, at each grid depth); fills ``arrays.corrected`` [M] per method on the way."""
+    ho, depth_m = arrays.heldout, arrays.heldout["depth"]
+    groups = {
+        "all": np.ones(len(depth_m), bool),
+        "at grid depths": ho["at_grid_depth"],
+        "between grid depths": ~ho["at_grid_depth"],
+    }
+    for d in arrays.depths:
+        groups[f"at {d:g} m"] = ho["at_grid_depth"] & np.isclose(depth_m, d)
+    methods = {}
+    for name, pred in arrays.preds.items():
+        raw = rel_l2(pred, ho["ref"])
+        arrays.corrected[name], _ = rel_l2_corrected(pred, ho["psf_a"], ho["psf_b"])
+        methods[name] = {}
+        for g, mask in groups.items():
+            if mask.any():
+                _, pooled = rel_l2_corrected(pred[mask], ho["psf_a"][mask], ho["psf_b"][mask])
+                methods[name][g] = {
+                    "raw": summarize(raw[mask]),
+                    "corrected": {**summarize(arrays.corrected[name][mask]), "pooled": pooled},
+                }
+    return methods
 
 
 def _predictions(model, grid, depths, n, eigen, x, y, depth_m, seed: int) -> dict[str, np.ndarray]:

@@ -462,9 +462,7 @@ def _train(cfg: TrainConfig, resume: bool, info: GridInfo, args: ModelArgs, run_
     # Under DDP each rank summed its own share of a saved window: a resumed DDP run starts a new one.
     window = LossWindow(model.illumination is not None, ckpt.get("loss_window") if ckpt and world == 1 else None)
     t0, step0 = time.perf_counter(), step
-    quiet = not log.isEnabledFor(logging.INFO) or not main_rank
-    bar = tqdm(total=cfg.max_steps, initial=step, unit="step", desc="training", disable=True if quiet else None,
-               dynamic_ncols=True)  # fmt: skip
+    bar = _progress_bar(cfg.max_steps, step, main_rank)
     model.train()
     for batch in loader:
         if step >= cfg.max_steps:
@@ -511,6 +509,14 @@ def _train(cfg: TrainConfig, resume: bool, info: GridInfo, args: ModelArgs, run_
     bar.close()
     _finish(run, cfg, metrics, step - step0, time.perf_counter() - t0, world, main_rank, run_dir)
     return run_dir
+
+
+def _progress_bar(max_steps: int, step: int, main_rank: bool) -> tqdm:
+    """The steps bar, from ``step``: on the main process only, and only while INFO is logged (tqdm's own
+    check hides it where stderr is not a terminal)."""
+    quiet = not log.isEnabledFor(logging.INFO) or not main_rank
+    return tqdm(total=max_steps, initial=step, unit="step", desc="training", disable=True if quiet else None,
+                dynamic_ncols=True)  # fmt: skip
 
 
 def _log_means(writer, bar, means: dict, lr: float, step: int) -> None:
