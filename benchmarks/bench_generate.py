@@ -88,7 +88,7 @@ def main() -> None:
             pts = np.concatenate([xy, np.full((len(xy), 1), -1000.0 * args.depth)], axis=1)
             with torch.no_grad():
                 lens.psf_rgb(
-                    points=torch.as_tensor(pts, dtype=torch.float32, device=device), ks=cfg.ks, spp=cfg.spp
+                    points=torch.as_tensor(pts, dtype=torch.float32, device=device), ks=cfg.kernel_size, spp=cfg.spp
                 ).cpu()
         sync()
 
@@ -106,7 +106,7 @@ def main() -> None:
                     results[name].append(time.perf_counter() - t0)
                 peaks[name] = max(peaks[name], mem.peak)
     print(
-        f"device {device}, {n} points in {len(blocks)} blocks, spp {cfg.spp}, ks {cfg.ks}, "
+        f"device {device}, {n} points in {len(blocks)} blocks, spp {cfg.spp}, kernel_size {cfg.kernel_size}, "
         f"{torch.get_num_threads()} threads, {args.repeats} repeats (best counts)"
     )
     rate = {k: n / min(v) for k, v in results.items()}

@@ -24,7 +24,7 @@ def data_fingerprint(info: GridInfo) -> dict:
         "run_id": info.run_id,
         "lens_sha256": info.attrs["lens_sha256"],
         "grid_size": info.grid_size,
-        "ks_small": info.ks_small,
+        "ks_small": info.kernel_size_small,
         "depths": [float(d) for d in info.depths],
         "spp": info.spp,
     }

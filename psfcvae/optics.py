@@ -30,7 +30,7 @@ def grid_optics(info: GridInfo, strict: bool = True) -> dict | None:
         # The resolution DeepLens used (files from this version on); older files: the lens file's.
         stored = info.attrs.get("sensor_res") or json.dumps(json.loads(info.attrs["lens_json"]).get("sensor_res", []))
         res = [int(v) for v in json.loads(stored)]
-        ks, ks_small = int(params["ks"]), int(params["ks_small"])
+        ks, ks_small = int(params["kernel_size"]), int(params["kernel_size_small"])
     except (KeyError, TypeError, ValueError, AttributeError):
         size, res, ks, ks_small = [], [], 0, 0
     if len(size) != 2 or len(res) != 2 or min(size + res) <= 0 or min(ks, ks_small) <= 0:

@@ -6,8 +6,11 @@ Fixtures live in conftest.py; everything a test imports by name lives here.
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
 from pathlib import Path
 
+import h5py
 from click.testing import CliRunner
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -79,8 +82,8 @@ def tiny_args(out, **changes):
                     "noise_points": "--noise-points",
                     "seed": "--seed",
                     "device": "--device",
-                    "ks": "--kernel-size",
-                    "ks_small": "--kernel-size-small",
+                    "kernel_size": "--kernel-size",
+                    "kernel_size_small": "--kernel-size-small",
                     "lens": "--lens",
                     "depth_min": "--depth-min",
                 }[key],
@@ -111,3 +114,17 @@ def scalars(run_dir, tag):
     ea = EventAccumulator(str(run_dir / "tb"))
     ea.Reload()
     return [(e.step, e.value) for e in ea.Scalars(tag)]
+
+
+def as_schema_2(src, dst) -> Path:
+    """A copy of grid file ``src`` as psf generate wrote it before schema 3: the kernel sizes are
+    named ks and ks_small in its run_params and config attributes (nothing else changed)."""
+    shutil.copy(src, dst)
+    old = {"kernel_size": "ks", "kernel_size_small": "ks_small"}
+    with h5py.File(dst, "r+") as f:
+        f.attrs["schema_version"] = 2
+        for key in ("run_params", "config"):
+            params = {old.get(k, k): v for k, v in json.loads(f.attrs[key]).items()}
+            assert {"ks", "ks_small"} <= set(params), params  # src was a schema-3 file
+            f.attrs[key] = json.dumps(params, sort_keys=True)
+    return Path(dst)

@@ -75,7 +75,7 @@ def test_checkpoint_stores_kernel_pitch(model, tiny_grid):
 
     info = open_info(tiny_grid)
     o = model.info["optics"]
-    assert o["ks"] == 64 and o["ks_small"] == info.ks_small == 15
+    assert o["ks"] == 64 and o["ks_small"] == info.kernel_size_small == 15
     # The default lens: a 5.041671 mm sensor of 2000 pixels; 64 of them per 15 kernel pixels.
     assert o["kernel_pitch_mm"] == pytest.approx(64 * 5.041671 / 2000 / 15, rel=1e-9)
 
