@@ -76,7 +76,7 @@ def model_args_for(cfg: TrainConfig, info: GridInfo) -> ModelArgs:
             "encoding (their codes are -1 and +1); use pe_scale 0.5 or less, or condition_frame: cartesian"
         )
     return ModelArgs(
-        ks=info.kernel_size_small,
+        kernel_size_small=info.kernel_size_small,
         cond_dim=3 if use_depth else 2,
         latent_dim=cfg.latent_dim,
         hidden_dim=cfg.hidden_dim,
