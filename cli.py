@@ -197,9 +197,9 @@ def _logs_above_bars():
 @click.option("--num-depths", type=int, help="Number of depths in the range [default: 5].")
 @click.option("--focus-m", type=float, help="Refocus the lens to this object distance [m] before tracing.")
 @click.option("--spp", type=int, help="Rays per point and wavelength for the grid [default: 100000].")
-@click.option("--kernel-size", "ks", type=int, help="Traced kernel size ks [px] [default: 64].")
+@click.option("--kernel-size", type=int, help="Traced kernel side [px] (DeepLens's ks) [default: 64].")
 @click.option(
-    "--kernel-size-small", "ks_small", type=int, help="Stored kernel size [px] after area downsampling [default: 15]."
+    "--kernel-size-small", type=int, help="Stored kernel side [px] after exact-area downsampling [default: 15]."
 )
 @click.option("--heldout", type=int, help="Number of off-grid evaluation points [default: 256].")
 @click.option(

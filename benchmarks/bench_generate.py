@@ -103,8 +103,10 @@ def _compare(args, spp: int) -> None:
             xy = coords[b.start : b.stop]
             pts = np.concatenate([xy, np.full((len(xy), 1), -1000.0 * args.depth)], axis=1)
             with torch.no_grad():
-                psf = lens.psf_rgb(points=torch.as_tensor(pts, dtype=torch.float32, device=device), ks=cfg.ks, spp=spp)
-            psfs.append(downsample(psf, cfg.ks_small).cpu().numpy())
+                psf = lens.psf_rgb(
+                    points=torch.as_tensor(pts, dtype=torch.float32, device=device), ks=cfg.kernel_size, spp=spp
+                )
+            psfs.append(downsample(psf, cfg.kernel_size_small).cpu().numpy())
         sync()
         draws.append(np.concatenate(psfs))
 
@@ -124,7 +126,7 @@ def _compare(args, spp: int) -> None:
         with h5py.File(out, "r") as f:
             ours = f["grid/psf"][0]  # [n, 3, k, k]
     print(
-        f"device {device}, {n} points in {len(blocks)} blocks, spp {spp}, kernel {cfg.ks} px, "
+        f"device {device}, {n} points in {len(blocks)} blocks, spp {spp}, kernel_size {cfg.kernel_size} px, "
         f"{torch.get_num_threads()} threads, {args.repeats} repeats (best counts)"
     )
     rate = {k: n / min(v) for k, v in results.items()}
@@ -136,7 +138,8 @@ def _compare(args, spp: int) -> None:
     print(f"ratio psfgen / bare = {rate['psfgen'] / rate['bare psf_rgb']:.3f}  (target >= 1)")
     if len(draws) > 1:  # the same PSFs: psfgen differs from a bare draw as much as two bare draws differ
         print(
-            f"PSFs at {cfg.ks_small} px, mean relative L2: psfgen vs bare {rel_l2(ours, draws[0]).mean():.4f}, "
+            f"PSFs at {cfg.kernel_size_small} px, mean relative L2: "
+            f"psfgen vs bare {rel_l2(ours, draws[0]).mean():.4f}, "
             f"bare vs bare {rel_l2(draws[1], draws[0]).mean():.4f} (Monte Carlo noise)"
         )
 

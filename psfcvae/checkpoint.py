@@ -15,7 +15,14 @@ from psfgen.store import GridInfo
 FORMAT = "psf-cvae.checkpoint"
 # What every checkpoint written by psf train holds (optimizer and rng: what --resume needs).
 REQUIRED = ("model", "model_args", "optimizer", "step", "best_val", "config", "data_fingerprint", "versions", "rng")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READS = (1, 2)  # schema 1: the kernel sizes named ks / ks_small (_upgrade); 2 renamed them, nothing else
+# Schema 1's names -> schema 2's, per entry of the checkpoint that holds them.
+OLD_NAMES = {
+    "model_args": {"ks": "kernel_size_small"},
+    "data_fingerprint": {"ks_small": "kernel_size_small"},
+    "optics": {"ks": "kernel_size", "ks_small": "kernel_size_small"},
+}
 
 
 def data_fingerprint(info: GridInfo) -> dict:
@@ -24,7 +31,7 @@ def data_fingerprint(info: GridInfo) -> dict:
         "run_id": info.run_id,
         "lens_sha256": info.attrs["lens_sha256"],
         "grid_size": info.grid_size,
-        "ks_small": info.ks_small,
+        "kernel_size_small": info.kernel_size_small,
         "depths": [float(d) for d in info.depths],
         "spp": info.spp,
     }
@@ -59,27 +66,40 @@ def load(path: str | Path, map_location="cpu") -> dict:
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise InputError(f"{path} is not a psf-cvae checkpoint; give a .pt file written by 'psf train'")
-    if ckpt.get("schema_version") != SCHEMA_VERSION:
+    if ckpt.get("schema_version") not in READS:
         raise InputError(
             f"checkpoint {path} has schema version {ckpt.get('schema_version')}, this psf-cvae reads "
-            f"{SCHEMA_VERSION}; retrain with this version"
+            f"{', '.join(map(str, READS))}; retrain with this version"
         )
     missing = [k for k in REQUIRED if k not in ckpt]
     if missing:
         raise InputError(f"checkpoint {path} lacks '{missing[0]}'; it was not written by 'psf train' or was edited")
+    _upgrade(ckpt)
     bad = [name for name, t in ckpt["model"].items() if torch.is_tensor(t) and not torch.isfinite(t).all()]
     if bad:
         raise InputError(f"checkpoint {path} holds non-finite weights ({bad[0]}); use another checkpoint or retrain")
     return ckpt
 
 
+def _upgrade(ckpt: dict) -> None:
+    """Give a schema-1 checkpoint this version's names, in place: the one place that knows the old
+    ones, so that every reader (load_model, psf train --resume, eval, render) meets only the new."""
+    if ckpt["schema_version"] >= 2:
+        return
+    for entry, names in OLD_NAMES.items():
+        if isinstance(ckpt.get(entry), dict):
+            ckpt[entry] = {names.get(k, k): v for k, v in ckpt[entry].items()}
+    ckpt["schema_version"] = SCHEMA_VERSION
+
+
 def check_same_data(ckpt: dict, info: GridInfo, what: str) -> None:
     """Refuse a checkpoint (or its ``data_fingerprint``) trained on another dataset, naming what differs."""
     mine = ckpt["data_fingerprint"]
     theirs = data_fingerprint(info)
-    diff = [k for k in ("lens_sha256", "grid_size", "ks_small", "depths", "spp", "run_id") if mine.get(k) != theirs[k]]
+    keys = ("lens_sha256", "grid_size", "kernel_size_small", "depths", "spp", "run_id")
+    diff = [k for k in keys if mine.get(k) != theirs[k]]
     if diff:
-        names = {"lens_sha256": "lens", "run_id": "grid run", "ks_small": "kernel size"}
+        names = {"lens_sha256": "lens", "run_id": "grid run", "kernel_size_small": "kernel size"}
         raise InputError(
             f"{what} was trained on another dataset than {info.path} (different "
             f"{', '.join(names.get(d, d) for d in diff)}); use the matching data file or another checkpoint"

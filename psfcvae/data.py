@@ -120,7 +120,7 @@ class GridBatches(Dataset):
         self.path = info.path
         self.D = len(info.depths)
         self.P = info.grid_size**2
-        self.k = info.ks_small
+        self.k = info.kernel_size_small
         self.batch_size = batch_size
         self.runs_per_batch = batch_size // read_run  # the config checks that read_run divides batch_size
         self.read_run = read_run

@@ -334,7 +334,7 @@ def optics(info: GridInfo) -> dict:
     a = info.attrs
     lens = json.loads(a["lens_json"])
     geometry = grid_optics(info, strict=False) or {}
-    size, res, ks = geometry.get("sensor_size_mm"), geometry.get("sensor_res"), int(info.config["ks"])
+    size, res, traced = geometry.get("sensor_size_mm"), geometry.get("sensor_res"), int(info.config["kernel_size"])
     with h5py.File(info.path, "r", locking=False) as f:
         wvln = [float(w) for w in f["wvln"][:]]
         worst = f["grid/border"][:].max(axis=-1)  # [D, P]; 0 at a dark point
@@ -348,8 +348,8 @@ def optics(info: GridInfo) -> dict:
         "sensor_size_mm": size,
         "sensor_resolution_px": res,
         "sensor_pixel_um": pixel_um,
-        "traced_kernel_px": ks,
-        "kernel_px": info.ks_small,
+        "traced_kernel_px": traced,
+        "kernel_px": info.kernel_size_small,
         "kernel_pitch_um": 1000.0 * geometry["kernel_pitch_mm"] if geometry else None,
         "truncation": {
             "limit": TRUNCATION_LIMIT,

@@ -22,7 +22,7 @@ NORM_EPS = 1e-8  # added to each channel's sum before normalising
 class ModelArgs:
     """Everything needed to rebuild the network (stored in every checkpoint)."""
 
-    ks: int = 15  # PSF side [px]
+    kernel_size_small: int = 15  # PSF side [px]: the grid file's stored kernel side
     cond_dim: int = 2  # 2: c = (x, y); 3: c = (x, y, d) with d the inverse depth mapped to [-1, 1]
     latent_dim: int = 128
     hidden_dim: int = 512
@@ -38,8 +38,8 @@ class ModelArgs:
     prior_recon_weight: float = 0.0  # weight of MSE(decode(μ_p(c), c), K): trains the prior-mean path itself
     # The frame the networks see (psfcvae/frame.py). cartesian: the spec, c = (x, y[, d]).
     # canonical: a rotationally symmetric lens; the networks see (r[, d]), the decoder draws
-    # the PSF at (r, 0) on a kernel `supersample` times finer than ks, which is rotated by
-    # θ = atan2(y, x) into the field and integrated over the ks x ks pixels.
+    # the PSF at (r, 0) on a kernel `supersample` times finer than kernel_size_small, which is rotated
+    # by θ = atan2(y, x) into the field and integrated over the kernel_size_small² pixels.
     frame: str = "cartesian"
     supersample: int = 3  # canonical kernel pixels per stored pixel (per axis)
     output: str = "softplus"  # softplus (the spec) | softmax: exp of the decoder's output, normalised per channel
@@ -138,9 +138,10 @@ class CVAE(nn.Module):
             args.num_frequencies, args.pe_scale, enc_dim, args.depth_frequencies, has_depth=args.cond_dim == 3
         )
         pe_dim = self.pe.out_dim(enc_dim)
-        k_dim = 3 * args.ks * args.ks
+        k_dim = 3 * args.kernel_size_small**2
         # The canonical kernel covers the k x k window at any rotation, `supersample` times finer.
-        self.out_side = args.supersample * canonical_side(args.ks) if self.canonical else args.ks
+        k = args.kernel_size_small
+        self.out_side = args.supersample * canonical_side(k) if self.canonical else k
         Z = args.latent_dim
         self.encoder = mlp(k_dim + pe_dim, args.hidden_dim, args.num_layers, 2 * Z)  # -> μ_q, log σ²_q
         self.prior = mlp(pe_dim, args.hidden_dim, args.num_layers, 2 * Z)  # -> μ_p, log σ²_p
@@ -171,7 +172,7 @@ class CVAE(nn.Module):
         """
         enc, theta = self._frame(cond)
         if theta is not None:
-            psf = rotate_sample(psf, -theta, self.args.ks, q=1)
+            psf = rotate_sample(psf, -theta, self.args.kernel_size_small, q=1)
         mu, raw = self.encoder(torch.cat([psf.flatten(1), self.pe(enc)], dim=1)).chunk(2, dim=1)
         return mu, bounded_logvar(raw)
 
@@ -196,9 +197,8 @@ class CVAE(nn.Module):
         out = self._draw(z, enc)
         log_sum = torch.log(out.sum(dim=(-2, -1)) + NORM_EPS)
         if theta is not None:
-            out = rotate_sample(
-                out, theta, self.args.ks, q=self.args.supersample, out_extent=canonical_side(self.args.ks)
-            )
+            k = self.args.kernel_size_small
+            out = rotate_sample(out, theta, k, q=self.args.supersample, out_extent=canonical_side(k))
         return out / (out.sum(dim=(-2, -1), keepdim=True) + NORM_EPS), log_sum
 
     def canonical_kernel(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:

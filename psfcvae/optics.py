@@ -1,10 +1,12 @@
 """The physical scale of a model's kernels, from the grid file's provenance.
 
-A stored kernel is the DeepLens PSF traced on ``ks`` sensor pixels, area-downsampled to
-``ks_small`` pixels (psfgen/resample.py), so one kernel pixel is ``ks / ks_small`` sensor
-pixels wide: pitch [mm] = ks * (sensor width [mm] / sensor columns) / ks_small. ``psf
-train`` stores this dict in every checkpoint (key ``optics``); for a checkpoint written
-before that, :func:`model_optics` reads it from the grid file given as ``data``.
+A stored kernel is the DeepLens PSF traced on ``kernel_size`` sensor pixels, area-downsampled
+to ``kernel_size_small`` pixels (psfgen/resample.py), so one kernel pixel is
+``kernel_size / kernel_size_small`` sensor pixels wide: pitch [mm] = kernel_size * (sensor
+width [mm] / sensor columns) / kernel_size_small. ``psf train`` stores this dict in every
+checkpoint (key ``optics``; psfcvae/checkpoint.py reads older checkpoints' ``ks``/``ks_small``
+under these names); for a checkpoint written before that, :func:`model_optics` reads it from
+the grid file given as ``data``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ VERSION = 1
 
 
 def grid_optics(info: GridInfo, strict: bool = True) -> dict | None:
-    """{version, sensor_size_mm [w, h], sensor_res [w, h], ks, ks_small, kernel_pitch_mm} of a grid file.
+    """{version, sensor_size_mm [w, h], sensor_res [w, h], kernel_size, kernel_size_small [px], kernel_pitch_mm}
+    of a grid file.
 
     A file that does not record them is an InputError, or None with strict=False (training
     never fails for want of what only ``psf render`` needs).
@@ -30,10 +33,10 @@ def grid_optics(info: GridInfo, strict: bool = True) -> dict | None:
         # The resolution DeepLens used (files from this version on); older files: the lens file's.
         stored = info.attrs.get("sensor_res") or json.dumps(json.loads(info.attrs["lens_json"]).get("sensor_res", []))
         res = [int(v) for v in json.loads(stored)]
-        ks, ks_small = int(params["ks"]), int(params["ks_small"])
+        traced, stored = int(params["kernel_size"]), int(params["kernel_size_small"])
     except (KeyError, TypeError, ValueError, AttributeError):
-        size, res, ks, ks_small = [], [], 0, 0
-    if len(size) != 2 or len(res) != 2 or min(size + res) <= 0 or min(ks, ks_small) <= 0:
+        size, res, traced, stored = [], [], 0, 0
+    if len(size) != 2 or len(res) != 2 or min(size + res) <= 0 or min(traced, stored) <= 0:
         if strict:
             raise InputError(f"{info.path} does not record the sensor's size and resolution; regenerate it")
         return None
@@ -41,9 +44,9 @@ def grid_optics(info: GridInfo, strict: bool = True) -> dict | None:
         "version": VERSION,
         "sensor_size_mm": size,
         "sensor_res": res,
-        "ks": ks,
-        "ks_small": ks_small,
-        "kernel_pitch_mm": ks * (size[0] / res[0]) / ks_small,
+        "kernel_size": traced,
+        "kernel_size_small": stored,
+        "kernel_pitch_mm": traced * (size[0] / res[0]) / stored,
     }
 
 

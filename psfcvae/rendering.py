@@ -130,7 +130,7 @@ def render_with(
     if not (-1 <= x0 < x1 <= 1 and -1 <= y0 < y1 <= 1):
         raise InputError(f"field window {tuple(field)} must be x0 < x1, y0 < y1 within [-1, 1]")
     _, h, w = image.shape
-    k, pitch = optics["ks_small"], optics["kernel_pitch_mm"]
+    k, pitch = optics["kernel_size_small"], optics["kernel_pitch_mm"]
     sw, sh = optics["sensor_size_mm"]
     ax = torch.as_tensor(resample_matrix(k, pitch, sw * (x1 - x0) / 2 / w), dtype=torch.float32, device=image.device)
     ay = torch.as_tensor(resample_matrix(k, pitch, sh * (y1 - y0) / 2 / h), dtype=torch.float32, device=image.device)

@@ -33,7 +33,7 @@ def sample_psfs(
         raise InputError(f"{out} exists; choose another --out or pass --overwrite to replace it")
     model = load_model(checkpoint, resolve_device(device))
     if grid_m is not None:
-        k = model.net.args.ks
+        k = model.net.args.kernel_size_small
         need, ram = grid_m**2 * 3 * k * k * 4 * 2, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         if need > ram / 2:
             raise InputError(
@@ -74,7 +74,7 @@ def sample_psfs(
             tiles = Image.fromarray((np.moveaxis(img, 0, -1) * 255).astype(np.uint8)).resize(
                 (img.shape[2] * 8, img.shape[1] * 8), Image.NEAREST
             )
-            _captioned(tiles, _caption(points, grid_m, used_depth, mode, model.net.args.ks)).save(out)
+            _captioned(tiles, _caption(points, grid_m, used_depth, mode, model.net.args.kernel_size_small)).save(out)
     except OSError as exc:
         raise InputError(f"cannot write {out}: {exc.strerror or exc}") from None
     return out

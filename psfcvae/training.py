@@ -63,10 +63,10 @@ def model_args_for(cfg: TrainConfig, info: GridInfo) -> ModelArgs:
         raise InputError(
             f"config grid_size is {cfg.grid_size} but {info.path} has a {info.grid_size}x{info.grid_size} grid"
         )
-    if cfg.kernel_size_small != info.ks_small:
+    if cfg.kernel_size_small != info.kernel_size_small:
         raise InputError(
             f"config kernel_size_small is {cfg.kernel_size_small} but {info.path} holds "
-            f"{info.ks_small}x{info.ks_small} PSFs; set kernel_size_small: {info.ks_small}"
+            f"{info.kernel_size_small}x{info.kernel_size_small} PSFs; set kernel_size_small: {info.kernel_size_small}"
         )
     use_depth = {"auto": len(info.depths) > 1, "true": True, "false": False}[cfg.condition_on_depth]
     frame, scale = resolve_frame(cfg.condition_frame, info)
@@ -76,7 +76,7 @@ def model_args_for(cfg: TrainConfig, info: GridInfo) -> ModelArgs:
             "encoding (their codes are -1 and +1); use pe_scale 0.5 or less, or condition_frame: cartesian"
         )
     return ModelArgs(
-        ks=info.ks_small,
+        kernel_size_small=info.kernel_size_small,
         cond_dim=3 if use_depth else 2,
         latent_dim=cfg.latent_dim,
         hidden_dim=cfg.hidden_dim,
@@ -546,7 +546,7 @@ def _writer(run_dir: Path, step: int, resume: bool) -> SummaryWriter:
 
 def _loader(cfg: TrainConfig, info: GridInfo, model: CVAE, device, rank: int, world: int, step: int, run_dir: Path):
     """Batches from ``step`` on (this rank's share), the grid in RAM or streamed; one log line says which."""
-    grid_bytes = len(info.depths) * info.grid_size**2 * 3 * info.ks_small**2 * 4
+    grid_bytes = len(info.depths) * info.grid_size**2 * 3 * info.kernel_size_small**2 * 4
     in_memory = {"auto": grid_bytes < IN_MEMORY_AUTO_LIMIT, "true": True, "false": False}[cfg.in_memory]
     dataset = GridBatches(info, cfg.batch_size, cfg.read_run, cfg.seed, in_memory, rank=rank, world=world)
     (log.info if rank == 0 else log.debug)(  # once, not once per rank

@@ -43,8 +43,8 @@ class GenerateConfig:
     num_depths: int = 5  # depths spaced uniformly in 1/depth between min and max
     focus_m: float | None = None  # refocus the lens to this object distance [m] before tracing
     spp: int = 100_000  # rays per point source and wavelength for the grid
-    ks: int = 64  # traced kernel size [px] (DeepLens ks)
-    ks_small: int = 15  # stored kernel size [px] after area downsampling
+    kernel_size: int = 64  # traced kernel side [px] (DeepLens's ks)
+    kernel_size_small: int = 15  # stored kernel side [px] after exact-area downsampling
     heldout: int = 256  # off-grid evaluation points (half at grid depths, half between)
     heldout_spp: int | None = None  # rays of the held-out reference, split in two halves; None: 4*spp
     noise_points: int | None = (
@@ -61,8 +61,8 @@ class GenerateConfig:
         if self.noise_points is None and isinstance(self.grid_size, int):
             object.__setattr__(self, "noise_points", default_noise_points(self.grid_size))
 
-    # Option spellings whose config key differs (--kernel-size sets ks), for unknown-key hints.
-    KEY_ALIASES = {"kernel_size": "ks", "kernel_size_small": "ks_small"}
+    # The keys' old spellings (config files written before the rename), for unknown-key hints.
+    KEY_ALIASES = {"ks": "kernel_size", "ks_small": "kernel_size_small"}
 
     def validate(self) -> None:
         check_grid_size(self)
@@ -94,10 +94,13 @@ class GenerateConfig:
         if self.focus_m is not None and not self.focus_m > 0:
             raise InputError.for_key("focus_m", f"must be positive (metres), got {self.focus_m}")
         check_at_least(self, 1, "spp", "block_rays")
-        check_at_least(self, 2, "ks")
-        if self.ks_small < 1 or self.ks_small > self.ks:
+        check_at_least(self, 2, "kernel_size")
+        if self.kernel_size_small < 1 or self.kernel_size_small > self.kernel_size:
             raise InputError.for_keys(
-                f"{{ks_small}} ({self.ks_small}) must be between 1 and {{ks}} ({self.ks})", "ks_small", "ks"
+                f"{{kernel_size_small}} ({self.kernel_size_small}) must be between 1 and "
+                f"{{kernel_size}} ({self.kernel_size})",
+                "kernel_size_small",
+                "kernel_size",
             )
         check_at_least(self, 0, "heldout", "seed")
         if self.heldout_spp is not None and self.heldout_spp < 2:

@@ -57,17 +57,17 @@ def block_seed(seed: int, block: Block) -> int:
     return int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
-def trace_points(lens, xy: np.ndarray, depth_m: np.ndarray, spp: int, ks: int) -> torch.Tensor:
-    """Ray-trace RGB PSFs with DeepLens.
+def trace_points(lens, xy: np.ndarray, depth_m: np.ndarray, spp: int, kernel_size: int) -> torch.Tensor:
+    """Ray-trace RGB PSFs with DeepLens on a kernel_size x kernel_size window (DeepLens's ks).
 
     xy: [B, 2] normalised field coordinates; depth_m: [B] object depths [m].
-    Returns [B, 3, ks, ks] on the lens's device, each channel summing to 1 (DeepLens
-    normalises over the rays that land inside the window).
+    Returns [B, 3, kernel_size, kernel_size] on the lens's device, each channel summing to 1
+    (DeepLens normalises over the rays that land inside the window).
     """
     points = np.concatenate([xy, -1000.0 * depth_m[:, None]], axis=1)  # DeepLens z [mm], negative
     points = torch.as_tensor(points, dtype=torch.float32, device=lens.device)
     with torch.no_grad(), deeplens_notes(log, logging.WARNING):
-        return lens.psf_rgb(points=points, ks=ks, spp=spp)
+        return lens.psf_rgb(points=points, ks=kernel_size, spp=spp)
 
 
 def _block_points(block: Block, depths, coords, noise_idx, ho_coords, ho_depth):
@@ -116,7 +116,7 @@ def memory_needed(cfg: GenerateConfig) -> tuple[int, int]:
     """(bytes of one traced block on the tracing device, bytes of the grid's tables in RAM)."""
     # As plan_blocks cuts them: block_rays // spp points per block (at least one), for both spps.
     block = max(
-        max(1, cfg.block_rays // spp) * (spp * BYTES_PER_RAY + 3 * cfg.ks * cfg.ks * 4 * 4)  # kernels: float32 copies
+        max(1, cfg.block_rays // spp) * (spp * BYTES_PER_RAY + 3 * cfg.kernel_size**2 * 4 * 4)  # kernels: float32
         for spp in (cfg.spp, cfg.heldout_half_spp())
     )
     return block, cfg.grid_size**2 * BYTES_PER_GRID_POINT
@@ -135,9 +135,9 @@ def check_memory(cfg: GenerateConfig, device: torch.device) -> None:
         )
     if block > memory:
         raise InputError(
-            f"one block of spp {cfg.spp} (held-out {cfg.heldout_half_spp()} per half) with a {cfg.ks}-px kernel needs "
-            f"about {block / gib:.1f} GiB on {device}, which has {memory / gib:.1f} GiB; lower --spp, --heldout-spp, "
-            "--kernel-size or --block-rays"
+            f"one block of spp {cfg.spp} (held-out {cfg.heldout_half_spp()} per half) with a {cfg.kernel_size}-px "
+            f"kernel needs about {block / gib:.1f} GiB on {device}, which has {memory / gib:.1f} GiB; lower --spp, "
+            "--heldout-spp, --kernel-size or --block-rays"
         )
 
 
@@ -179,15 +179,18 @@ def _check_output(cfg: GenerateConfig, out: Path, run_id: str) -> bool:
             f"{out} exists and is not a psf-cvae grid file from this run; choose another --out "
             "or pass --overwrite to replace it"
         ) from None
+    # Before the run id: an older file's id hashes the parameters under their old names, so the same
+    # run would read as another one. Schema 1 lacks the axis reference a resume needs; schema 2's
+    # header names the kernel sizes ks/ks_small, which a resumed file would keep beside new blocks.
+    if info.schema != store.SCHEMA_VERSION:
+        raise InputError(
+            f"{out} was written by an older psf generate (schema {info.schema}, this one writes "
+            f"{store.SCHEMA_VERSION}); pass --overwrite to trace it again, or choose another --out"
+        )
     if info.run_id != run_id:
         raise InputError(
             f"{out} holds another run (different parameters or lens); choose another --out "
             "or pass --overwrite to replace it"
-        )
-    if info.schema != store.SCHEMA_VERSION:
-        raise InputError(
-            f"{out} was written by an older psf generate (schema {info.schema}, no illumination); "
-            "pass --overwrite to trace it again, or choose another --out"
         )
     return True
 
@@ -304,7 +307,7 @@ def _create(out: Path, attrs: dict, arrays: dict, blocks: list, shard) -> None:
     """Create the file with every dataset at full size (after checking the disk has room for it)."""
     cfg = json.loads(attrs["config"])
     N, D = cfg["grid_size"], len(arrays["depths"])
-    sizes = dict(D=D, P=N * N, S=cfg["noise_points"], M=cfg["heldout"], k=cfg["ks_small"])
+    sizes = dict(D=D, P=N * N, S=cfg["noise_points"], M=cfg["heldout"], k=cfg["kernel_size_small"])
     _check_disk(out, sizes, 1.0 if shard is None else 1.0 / shard[1])
     try:
         store.create(out, attrs=attrs, arrays=arrays, sizes=sizes, blocks=blocks)
@@ -360,8 +363,8 @@ def _trace_block(
     where = f"{block.kind} points {block.start}-{block.stop - 1} at {_depths_text(depth_m)}"
     try:
         psf, rays, window = illumination.trace_counted(
-            lens, xy, depth_m, spp, cfg.ks, tick
-        )  # [B, 3, ks, ks], [B, 3] x 2
+            lens, xy, depth_m, spp, cfg.kernel_size, tick
+        )  # [B, 3, kernel_size, kernel_size], [B, 3] x 2
     except (RuntimeError, ValueError, AssertionError, MemoryError) as exc:  # DeepLens's and torch's
         raise InputError(
             f"tracing {where} failed: {str(exc).splitlines()[0][:200] or type(exc).__name__}; "
@@ -369,7 +372,7 @@ def _trace_block(
         ) from None
     illum, valid = illumination.relative(rays.cpu().numpy(), window.cpu().numpy(), spp, axis)
     # A channel with too few rays is stored as dark (zeros, valid 0), never as a PSF of noise.
-    small = downsample(psf, cfg.ks_small).cpu().numpy() * valid[..., None, None]  # [B, 3, k, k]
+    small = downsample(psf, cfg.kernel_size_small).cpu().numpy() * valid[..., None, None]  # [B, 3, k, k]
     border = border_fraction(psf).cpu().numpy() * valid  # [B, 3]; a dark channel has no energy to truncate
     if not np.isfinite(small).all():
         raise InputError(f"tracing {where} gave non-finite PSFs; check the lens file and --depths")
@@ -391,7 +394,7 @@ def _trace_axis(lens, depths: np.ndarray, cfg: GenerateConfig) -> np.ndarray:
     spp = max(cfg.spp, cfg.heldout_half_spp())
     torch.manual_seed(int(np.random.SeedSequence([cfg.seed, 0x41584953]).generate_state(1)[0]))  # "AXIS"
     try:
-        axis, window = illumination.axis_fraction(lens, depths, spp, cfg.ks)
+        axis, window = illumination.axis_fraction(lens, depths, spp, cfg.kernel_size)
     except (RuntimeError, ValueError, AssertionError, MemoryError) as exc:
         raise InputError(
             f"tracing the on-axis point at {_depths_text(depths)} failed: "
@@ -426,7 +429,7 @@ def _warn_truncation(border: np.ndarray, cfg: GenerateConfig) -> None:
             "--kernel-size (e.g. %d) or coarser sensor pixels (a smaller sensor_res in the lens file).",
             n_bad,
             100 * store.TRUNCATION_LIMIT,
-            cfg.ks,
+            cfg.kernel_size,
             100 * worst,
-            int(cfg.ks * 1.5),
+            int(cfg.kernel_size * 1.5),
         )

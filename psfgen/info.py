@@ -59,7 +59,8 @@ def summary(path) -> str:
         f"file        {info.path}  (format {a['format']} v{a['schema_version']}, run {info.run_id})",
         f"lens        {a['lens_path']}  sha256 {a['lens_sha256'][:16]}…  "
         f"foclen {a.get('foclen_mm', float('nan')):.3f} mm",
-        f"grid        {info.grid_size} x {info.grid_size} points, kernel {cfg['ks']} px -> {info.ks_small} px",
+        f"grid        {info.grid_size} x {info.grid_size} points, kernel_size {cfg['kernel_size']} px traced -> "
+        f"kernel_size_small {info.kernel_size_small} px stored",
         f"depths [m]  {', '.join(f'{d:.4g}' for d in info.depths)}"
         + (f"  (focus {cfg['focus_m']} m)" if cfg.get("focus_m") else ""),
         f"spp         {info.spp} (grid), {info.heldout_spp} (held-out reference, two halves)",
@@ -99,7 +100,7 @@ def summary(path) -> str:
         if traced.any():
             worst = border.max(axis=-1)[traced]
             lines.append(
-                f"truncation  energy on the {cfg['ks']}-px window border: mean {100 * worst.mean():.2f}%, "
+                f"truncation  energy on the {cfg['kernel_size']}-px window border: mean {100 * worst.mean():.2f}%, "
                 f"max {100 * worst.max():.2f}%, {int((worst > TRUNCATION_LIMIT).sum())} of {worst.size} lit PSFs above "
                 f"{100 * TRUNCATION_LIMIT:g}%"
             )

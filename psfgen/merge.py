@@ -55,7 +55,7 @@ def _check_shards(paths: list[str]) -> list[store.GridInfo]:
             raise InputError(f"{p} is not a shard file (written without --shard); merge only shard files")
         if info.schema != store.SCHEMA_VERSION:
             raise InputError(
-                f"shard {p} has schema version {info.schema} (no illumination); merge shards of "
+                f"shard {p} has schema version {info.schema} (an older psf generate); merge shards of "
                 f"schema {store.SCHEMA_VERSION}: trace them again with this 'psf generate'"
             )
         infos.append(info)

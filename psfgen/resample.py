@@ -1,4 +1,4 @@
-"""Energy-preserving area downsampling of PSF kernels (ks -> ks_small).
+"""Energy-preserving area downsampling of PSF kernels: kernel_size -> kernel_size_small px (ks, ks_small here).
 
 64/15 is not an integer ratio, so strided subsampling or pooling would drop or
 double-count pixels. Each output pixel instead sums the input pixels it covers, weighted
@@ -28,11 +28,10 @@ def area_matrix(ks: int, ks_small: int) -> np.ndarray:
     return overlap_matrix(np.arange(ks_small) * r, r, ks)
 
 
-def downsample(psf: torch.Tensor, ks_small: int) -> torch.Tensor:
-    """psf: [..., ks, ks] -> [..., ks_small, ks_small], each kernel renormalised to sum 1."""
-    ks = psf.shape[-1]
-    a = torch.as_tensor(area_matrix(ks, ks_small), dtype=torch.float64, device=psf.device)
-    out = a @ psf.to(torch.float64) @ a.T  # [..., ks_small, ks_small]
+def downsample(psf: torch.Tensor, kernel_size_small: int) -> torch.Tensor:
+    """psf: [..., ks, ks] -> [..., kernel_size_small, kernel_size_small], each kernel renormalised to sum 1."""
+    a = torch.as_tensor(area_matrix(psf.shape[-1], kernel_size_small), dtype=torch.float64, device=psf.device)
+    out = a @ psf.to(torch.float64) @ a.T  # [..., kernel_size_small, kernel_size_small]
     total = out.sum(dim=(-2, -1), keepdim=True)
     out = out / torch.where(total > 0, total, torch.ones_like(total))
     return out.to(torch.float32)

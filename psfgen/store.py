@@ -1,13 +1,13 @@
 """The HDF5 grid file: layout, creation, block writes and the checked reader.
 
-Layout (schema 2; see docs/dataset.md; schema 1, without illumination, is still read):
+Layout (schema 3; see docs/dataset.md; schemas 1 and 2 are still read, see _upgrade_params):
 
     /depths             [D] float64, object depths [m], ascending
     /wvln               [3] float64, wavelengths [µm], order R, G, B
     /grid/coords        [P, 2] float64, (x, y) in [-1, 1], P = N*N, flat index = row*N + col
     /grid/neighbors     [E, 2] int32, undirected pairs, E = 2N(N-1) + 2(N-1)^2
     /grid/psf           [D, P, 3, k, k] float32, each channel sums to 1
-    /grid/border        [D, P, 3] float32, energy fraction on the ks-window border
+    /grid/border        [D, P, 3] float32, energy fraction on the border of the traced kernel_size window
     /grid/illumination  [D, P, 3] float32, valid rays / launched, over the same on axis (1 on axis, 0 dark)
     /grid/valid         [D, P, 3] uint8, 1 where enough rays arrived for a PSF (else the PSF channel is 0)
     /axis/fraction      [D, 3] float64, valid-ray fraction of the on-axis point at each depth
@@ -43,8 +43,12 @@ FORMAT = "psf-cvae.grid"
 # A PSF with more than this fraction of a channel's energy on the traced window's border is truncated
 # (DeepLens drops the rays beyond it): generate warns, info and the eval report count them.
 TRUNCATION_LIMIT = 0.01
-SCHEMA_VERSION = 2
-READS = (1, 2)  # schema 1 files have no illumination: every point lit, illumination unmeasured (docs/dataset.md)
+SCHEMA_VERSION = 3
+# Schema 1 files have no illumination: every point lit, illumination unmeasured (docs/dataset.md).
+# Schemas 1 and 2 name the kernel sizes ks and ks_small in run_params and config (_upgrade_params).
+READS = (1, 2, 3)
+# The parameter names of schemas 1 and 2 -> this version's (3 renamed them, nothing else).
+OLD_NAMES = {"ks": "kernel_size", "ks_small": "kernel_size_small"}
 KINDS = ("grid", "noise", "heldout_a", "heldout_b")
 
 
@@ -175,7 +179,7 @@ class GridInfo:
     path: str
     run_id: str
     grid_size: int
-    ks_small: int
+    kernel_size_small: int  # stored kernel side [px]
     depths: np.ndarray  # [D] metres
     spp: int
     heldout_spp: int
@@ -183,8 +187,8 @@ class GridInfo:
     n_noise: int
     blocks_done: int
     blocks_total: int
-    config: dict
-    attrs: dict
+    config: dict  # the GenerateConfig that wrote the file, in this version's key names
+    attrs: dict  # the file's attributes; run_params and config as JSON in this version's key names
     shard: tuple[int, int] | None = None  # (K, N) for a shard file: it owns blocks i with i % N == K
     schema: int = SCHEMA_VERSION
 
@@ -231,7 +235,9 @@ def open_info(path: str | Path) -> GridInfo:
                     f"{path} maps shard files that are missing ({', '.join(missing)}); put them back beside it "
                     "or merge again without --virtual"
                 )
-        params = _checked_structure(f, attrs, path, version)
+        params = _checked_structure(f, attrs, path, version)  # this version's names from here on
+        attrs["run_params"] = json.dumps(params, sort_keys=True)
+        attrs["config"] = json.dumps(_upgrade_params(json.loads(attrs["config"]), version), sort_keys=True)
         done = f["blocks/done"][:]
         shard = None
         if "shard_count" in attrs:
@@ -241,7 +247,7 @@ def open_info(path: str | Path) -> GridInfo:
             path=str(path),
             run_id=attrs["run_id"],
             grid_size=int(params["grid_size"]),
-            ks_small=int(params["ks_small"]),
+            kernel_size_small=int(params["kernel_size_small"]),
             depths=f["depths"][:],
             spp=int(params["spp"]),
             heldout_spp=int(params["heldout_spp"]),
@@ -289,6 +295,17 @@ ILLUMINATION = (
 )
 
 
+def _upgrade_params(params: dict, version: int) -> dict:
+    """A file's run_params or config (a JSON object) with this version's key names.
+
+    The one place that knows the old names: every reader of a file goes through open_info,
+    which applies this, so no other code meets ``ks`` or ``ks_small``.
+    """
+    if version >= 3:
+        return params
+    return {OLD_NAMES.get(key, key): value for key, value in params.items()}
+
+
 def _checked_structure(f: h5py.File, attrs: dict, path: Path, version: int = SCHEMA_VERSION) -> dict:
     """The file's run parameters, after checking every dataset and index a reader relies on.
 
@@ -306,11 +323,11 @@ def _checked_structure(f: h5py.File, attrs: dict, path: Path, version: int = SCH
         if key not in attrs:
             raise damaged(f"attribute {key} is missing")
     try:
-        params = json.loads(attrs["run_params"])
-        json.loads(attrs["config"])
-        n, k = int(params["grid_size"]), int(params["ks_small"])
+        params = _upgrade_params(json.loads(attrs["run_params"]), version)
+        _upgrade_params(json.loads(attrs["config"]), version)
+        n, k = int(params["grid_size"]), int(params["kernel_size_small"])
         int(params["spp"]), int(params["heldout_spp"])
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, AttributeError):
         raise damaged("its run_params or config attribute is not the JSON psf generate writes") from None
     depths = f["depths"][:]
     P = n * n

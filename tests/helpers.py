@@ -6,8 +6,11 @@ Fixtures live in conftest.py; everything a test imports by name lives here.
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 from click.testing import CliRunner
@@ -83,8 +86,8 @@ def tiny_args(out, **changes):
                     "noise_points": "--noise-points",
                     "seed": "--seed",
                     "device": "--device",
-                    "ks": "--kernel-size",
-                    "ks_small": "--kernel-size-small",
+                    "kernel_size": "--kernel-size",
+                    "kernel_size_small": "--kernel-size-small",
                     "lens": "--lens",
                     "depth_min": "--depth-min",
                 }[key],
@@ -141,3 +144,17 @@ def assert_deeplens_psfs(lens, points: torch.Tensor, spp: int, seed: int, got: n
     ref, second, got = draws[0][lit][:, others], draws[1][lit][:, others], got[lit][:, others]
     ours, noise = rel_l2(got, ref), rel_l2(second, ref)
     assert ours.mean() < 1.3 * noise.mean(), (ours, noise)
+
+
+def as_schema_2(src, dst) -> Path:
+    """A copy of grid file ``src`` as psf generate wrote it before schema 3: the kernel sizes are
+    named ks and ks_small in its run_params and config attributes (nothing else changed)."""
+    shutil.copy(src, dst)
+    old = {"kernel_size": "ks", "kernel_size_small": "ks_small"}
+    with h5py.File(dst, "r+") as f:
+        f.attrs["schema_version"] = 2
+        for key in ("run_params", "config"):
+            params = {old.get(k, k): v for k, v in json.loads(f.attrs[key]).items()}
+            assert {"ks", "ks_small"} <= set(params), params  # src was a schema-3 file
+            f.attrs[key] = json.dumps(params, sort_keys=True)
+    return Path(dst)

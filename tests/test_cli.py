@@ -132,9 +132,11 @@ def test_messages_name_the_option_typed_and_the_value(tmp_path):
     with pytest.raises(InputError, match=r"^config key 'noise_points' must be between 0 and 16"):
         configio.build(GenerateConfig, {"grid_size": 4, "noise_points": 17})
     assert "did you mean" not in str(pytest.raises(InputError, configio.build, GenerateConfig, {"zzzz": 1}).value)
-    # The option's spelling as a key: the key it stands for, not the nearest string (grid_size).
-    with pytest.raises(InputError, match=r"unknown key 'kernel_size' in config; the key is ks$"):
-        configio.build(GenerateConfig, {"kernel_size": 96})
+    # A key's old spelling (configs written before the rename): the key it became, not the nearest string.
+    with pytest.raises(InputError, match=r"unknown key 'ks' in config; the key is kernel_size$"):
+        configio.build(GenerateConfig, {"ks": 96})
+    with pytest.raises(InputError, match=r"unknown key 'ks_small' in config; the key is kernel_size_small$"):
+        configio.build(GenerateConfig, {"kernel_size": 96, "ks_small": 17})
 
 
 def test_sample_writes_coordinates_with_the_psfs_and_labels_the_png(tiny_run, tmp_path):

@@ -50,7 +50,10 @@ def bad_lenses(tmp_path):
         ({"depths": (0.0, 1.0)}, ("--depths must be positive", "got 0.0")),
         ({"depths": None, "depth_min": -1.0}, ("--depth-min must be positive", "got -1.0")),
         ({"spp": 0}, ("--spp must be at least 1, got 0",)),
-        ({"ks": 16, "ks_small": 17}, ("--kernel-size-small (17) must be between 1 and --kernel-size (16)",)),
+        (
+            {"kernel_size": 16, "kernel_size_small": 17},
+            ("--kernel-size-small (17) must be between 1 and --kernel-size (16)",),
+        ),
         ({"device": "gpu"}, ("--device must be", "gpu")),
     ],
 )
@@ -81,6 +84,10 @@ def test_config_errors(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("grid_size: 4\nkernel: 3\n")
     assert_one_line_error(run_cli(["generate", "--config", str(cfg)]), "unknown key 'kernel'", str(cfg))
+    cfg.write_text("grid_size: 4\nks: 64\n")  # the key's spelling before the rename
+    assert_one_line_error(
+        run_cli(["generate", "--config", str(cfg)]), f"unknown key 'ks' in {cfg}; the key is kernel_size"
+    )
     assert not (tmp_path / "g.h5").exists()
 
 
@@ -106,6 +113,8 @@ def test_existing_file_from_another_run_is_refused(tmp_path, tiny_grid):
 def test_info_cli(tiny_grid, tmp_path):
     result = run_cli(["info", str(tiny_grid)])
     assert result.exit_code == 0 and "14/14 traced" in result.output
+    assert "4 x 4 points, kernel_size 64 px traced -> kernel_size_small 15 px stored" in result.output
+    assert "energy on the 64-px window border" in result.output
     assert_one_line_error(run_cli(["info", str(tmp_path / "none.h5")]), "does not exist")
 
 
@@ -234,7 +243,7 @@ def test_a_second_writer_is_refused_naming_the_first_and_kill_9_frees_the_lock(t
     "change, needles",
     [
         ({"spp": 10**12, "heldout_spp": 4 * 10**12}, ("one block of spp 1000000000000", "GiB", "lower --spp")),
-        ({"ks": 100_000}, ("100000-px kernel", "GiB")),
+        ({"kernel_size": 100_000}, ("100000-px kernel", "GiB")),
         ({"grid_size": 100_000, "noise_points": 4}, ("grid_size 100000 needs about", "smaller --grid-size")),
         ({"depths": (1e30,)}, ("tracing the on-axis point at 1e+30 m failed",)),
         (

@@ -38,8 +38,8 @@ def naive_render(model, image, depth, field=FIELD):
     optics = model.info["optics"]
     _, h, w = image.shape
     sw, sh = optics["sensor_size_mm"]
-    ay = resample_matrix(optics["ks_small"], optics["kernel_pitch_mm"], sh * (field[3] - field[2]) / 2 / h)
-    ax = resample_matrix(optics["ks_small"], optics["kernel_pitch_mm"], sw * (field[1] - field[0]) / 2 / w)
+    ay = resample_matrix(optics["kernel_size_small"], optics["kernel_pitch_mm"], sh * (field[3] - field[2]) / 2 / h)
+    ax = resample_matrix(optics["kernel_size_small"], optics["kernel_pitch_mm"], sw * (field[1] - field[0]) / 2 / w)
     cy, cx = ay.shape[0] // 2, ax.shape[0] // 2
     assert cx >= 2 and cy >= 2  # a real blur, not a one-pixel kernel
     pad = np.pad(image.numpy(), ((0, 0), (cy, cy), (cx, cx)), mode="reflect")
@@ -75,7 +75,7 @@ def test_checkpoint_stores_kernel_pitch(model, tiny_grid):
 
     info = open_info(tiny_grid)
     o = model.info["optics"]
-    assert o["ks"] == 64 and o["ks_small"] == info.ks_small == 15
+    assert o["kernel_size"] == 64 and o["kernel_size_small"] == info.kernel_size_small == 15
     # The default lens: a 5.041671 mm sensor of 2000 pixels; 64 of them per 15 kernel pixels.
     assert o["kernel_pitch_mm"] == pytest.approx(64 * 5.041671 / 2000 / 15, rel=1e-9)
 

@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import ROOT, SMALL, assert_one_line_error, scalars, small_config, tiny_args, tiny_config
+from helpers import ROOT, SMALL, as_schema_2, assert_one_line_error, scalars, small_config, tiny_args, tiny_config
 
 from cli import main
 from psfcvae import load_model, train
@@ -102,6 +102,8 @@ def test_merge_refuses_missing_duplicate_foreign_and_unfinished(three_shards, tm
         f["blocks/done"][4] = 0
     assert_one_line_error(run(a, unfinished, c), "unfinished", "--shard 1/3")
     assert_one_line_error(run(a, tmp_path / "none.h5", c), "does not exist")
+    old = as_schema_2(b, tmp_path / "old.h5")  # a shard traced before the kernel sizes' rename
+    assert_one_line_error(run(a, old, c), f"shard {old} has schema version 2 (an older psf generate)", "schema 3")
     assert not (tmp_path / "m.h5").exists()
     # A shard is not a dataset for training.
     r = CliRunner().invoke(main, ["train", "--data", str(a), "--run-dir", str(tmp_path / "r")])

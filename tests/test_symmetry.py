@@ -153,9 +153,8 @@ def test_canonical_model_is_equivariant_and_loads_through_the_api(tiny_run):
 
 
 def test_canonical_decoder_draws_a_fine_mirror_symmetric_kernel():
-    net = CVAE(
-        ModelArgs(ks=15, cond_dim=3, latent_dim=4, hidden_dim=16, num_layers=1, frame="canonical", supersample=2)
-    )
+    args = dict(cond_dim=3, latent_dim=4, hidden_dim=16, num_layers=1, frame="canonical", supersample=2)
+    net = CVAE(ModelArgs(kernel_size_small=15, **args))
     z = torch.randn(2, 4)
     cond = torch.tensor([[0.4, 0.0, 0.0], [0.0, -0.4, 0.5]])
     fine = net.canonical_kernel(z, cond)

@@ -489,7 +489,7 @@ def test_cvae_v1_yaml_is_the_spec():
     from psfcvae.training import model_args_for
 
     class OneDepth:  # the file facts model_args_for reads: one depth, 15 px kernels
-        grid_size, ks_small, depths, path, has_illumination = 4, 15, np.array([1.0]), "x.h5", True
+        grid_size, kernel_size_small, depths, path, has_illumination = 4, 15, np.array([1.0]), "x.h5", True
 
     args = model_args_for(
         configio.build(TrainConfig, {**configio.to_dict(cfg), "condition_on_depth": "false"}), OneDepth

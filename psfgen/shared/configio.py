@@ -77,8 +77,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
 
 
 def unknown_key(key: str, names: list[str], source: str, aliases: dict[str, str] | None = None) -> InputError:
-    """The error for a key ``cls`` does not have: the key its option's spelling stands for (``aliases``,
-    e.g. kernel_size -> ks), else the closest valid key, or all of them when none is close."""
+    """The error for a key ``cls`` does not have: the key an old spelling stands for (``aliases``,
+    e.g. ks -> kernel_size), else the closest valid key, or all of them when none is close."""
     if aliases and key.replace("-", "_") in aliases:
         return InputError(f"unknown key '{key}' in {source}; the key is {aliases[key.replace('-', '_')]}")
     close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
