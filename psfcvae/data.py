@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from psfgen.shared.errors import InputError
-from psfgen.store import GridInfo
+from psfgen.store import GridInfo, read_lit
 
 log = logging.getLogger(__name__)
 
@@ -267,16 +267,6 @@ def lit_only(heldout: dict) -> tuple[dict, int]:
     """(the held-out set without its dark points, how many were dark): every [M, ...] entry filtered."""
     lit = heldout["lit"]
     return {k: v[lit] for k, v in heldout.items()}, int((~lit).sum())
-
-
-def read_lit(path: str) -> dict:
-    """The grid's illumination [D, P, 3] float32 and valid [D, P, 3] bool. Schema 1 files (no
-    illumination; their generation refused dark points): every channel valid, illumination 1."""
-    with h5py.File(path, "r") as f:
-        if "grid/valid" in f:
-            return {"illumination": f["grid/illumination"][:], "valid": f["grid/valid"][:].astype(bool)}
-        shape = f["grid/psf"].shape[:3]
-    return {"illumination": np.ones(shape, np.float32), "valid": np.ones(shape, bool)}
 
 
 def read_grid_meta(path: str) -> dict:

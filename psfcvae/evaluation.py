@@ -30,11 +30,11 @@ from psfgen.shared.devices import resolve_device
 from psfgen.shared.errors import InputError
 from psfgen.shared.metrics import rel_l2
 from psfgen.shared.provenance import now, versions
-from psfgen.store import TRUNCATION_LIMIT, GridInfo, open_info, require_complete
+from psfgen.store import TRUNCATION_LIMIT, GridInfo, open_info, read_lit, require_complete
 
 from . import baselines, checkpoint
 from .api import PSFModel, load_model
-from .data import check_grid_content, lit_only, read_heldout, read_lit
+from .data import check_grid_content, lit_only, read_heldout
 from .metrics import measured_points, rel_l2_corrected, spearman, summarize
 
 log = logging.getLogger(__name__)

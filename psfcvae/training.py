@@ -30,7 +30,7 @@ from psfgen.shared.devices import resolve_device
 from psfgen.shared.errors import InputError
 from psfgen.shared.metrics import rel_l2
 from psfgen.shared.provenance import now, versions
-from psfgen.store import GridInfo, open_info, require_complete
+from psfgen.store import GridInfo, open_info, read_lit, require_complete
 
 from . import checkpoint, interrupt, optics, tblog
 from .config import TrainConfig
@@ -43,7 +43,6 @@ from .data import (
     read_grid_depth,
     read_grid_meta,
     read_heldout,
-    read_lit,
 )
 from .images import mosaic
 from .model import CVAE, ModelArgs

@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 
 from .shared.metrics import rel_l2
-from .store import TRUNCATION_LIMIT, open_info
+from .store import TRUNCATION_LIMIT, open_info, read_lit, traced_grid
 
 
 def grid_speed(path) -> tuple[float, int] | None:
@@ -85,15 +85,9 @@ def summary(path) -> str:
             + (" (virtual datasets)" if a.get("virtual") else ""),
         )
     with h5py.File(path, "r", locking=False) as f:
-        done = f["blocks/done"][:].astype(bool)
-        table = f["blocks/table"][:]
         border = f["grid/border"][:]
-        grid_blocks = done & (table[:, 0] == 0)
-        traced = np.zeros(border.shape[:2], dtype=bool)  # [D, P]: PSFs whose block is done
-        for _, d, lo, hi in table[grid_blocks]:
-            traced[d, lo:hi] = True
-        if "grid/valid" in f:  # dark points have no PSF to be truncated
-            traced &= f["grid/valid"][:].all(axis=-1).astype(bool)
+        # PSFs whose block is done, less the dark points: they have no PSF to be truncated
+        traced = traced_grid(path) & read_lit(path)["valid"].all(axis=-1)  # [D, P]
         speed = grid_speed(path)
         if speed is not None:
             lines.append(f"speed       {speed[0]:.2f} grid PSFs/s at spp {info.spp}")
@@ -104,7 +98,7 @@ def summary(path) -> str:
                 f"max {100 * worst.max():.2f}%, {int((worst > TRUNCATION_LIMIT).sum())} of {worst.size} lit PSFs above "
                 f"{100 * TRUNCATION_LIMIT:g}%"
             )
-        if info.n_heldout and done.all():
+        if info.n_heldout and f["blocks/done"][:].all():
             ref = rel_l2(f["heldout/psf_a"][:], f["heldout/psf_b"][:])  # NaN at dark points
             lit = np.isfinite(ref)
             lines.append(

@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 
 from .shared.errors import InputError
-from .store import GridInfo
+from .store import GridInfo, read_lit, traced_grid
 from .symmetry import sensor_size_mm
 
 log = logging.getLogger(__name__)
@@ -59,13 +59,8 @@ def summary_lines(info: GridInfo) -> list[str]:
         ]
     with h5py.File(info.path, "r", locking=False) as f:
         coords = f["grid/coords"][:]
-        valid = f["grid/valid"][:].astype(bool)  # [D, P, 3]
-        illum = f["grid/illumination"][:]
-        done = f["blocks/done"][:].astype(bool)
-        table = f["blocks/table"][:]
-    traced = np.zeros(valid.shape[:2], dtype=bool)
-    for _, d, lo, hi in table[done & (table[:, 0] == 0)]:
-        traced[d, lo:hi] = True
+    field, traced = read_lit(info.path), traced_grid(info.path)  # [D, P, 3] each; [D, P]
+    valid, illum = field["valid"], field["illumination"]
     rho, half = radii(coords, sensor_size_mm(info.attrs))
     lines = []
     for d, depth in enumerate(info.depths):

@@ -381,3 +381,23 @@ def require_complete(info: GridInfo) -> None:
             f"{info.path} is unfinished ({info.blocks_done}/{info.blocks_total} blocks traced); "
             "run the same 'psf generate' command again to resume it"
         )
+
+
+def read_lit(path) -> dict:
+    """The grid's illumination [D, P, 3] float32 and valid [D, P, 3] bool. Schema 1 files (no
+    illumination; their generation refused dark points): every channel valid, illumination 1."""
+    with h5py.File(path, "r", locking=False) as f:
+        if "grid/valid" in f:
+            return {"illumination": f["grid/illumination"][:], "valid": f["grid/valid"][:].astype(bool)}
+        shape = f["grid/psf"].shape[:3]
+    return {"illumination": np.ones(shape, np.float32), "valid": np.ones(shape, bool)}
+
+
+def traced_grid(path) -> np.ndarray:
+    """[D, P] bool: grid PSFs whose block is written (all of them in a complete file)."""
+    with h5py.File(path, "r", locking=False) as f:
+        done, table = f["blocks/done"][:].astype(bool), f["blocks/table"][:]
+        traced = np.zeros(f["grid/border"].shape[:2], dtype=bool)
+    for _, d, lo, hi in table[done & (table[:, 0] == KINDS.index("grid"))]:
+        traced[d, lo:hi] = True
+    return traced
