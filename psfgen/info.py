@@ -87,7 +87,7 @@ def summary(path) -> str:
     with h5py.File(path, "r", locking=False) as f:
         border = f["grid/border"][:]
         # PSFs whose block is done, less the dark points: they have no PSF to be truncated
-        traced = traced_grid(path) & read_lit(path)["valid"].all(axis=-1)  # [D, P]
+        traced = traced_grid(f) & read_lit(f)["valid"].all(axis=-1)  # [D, P]
         speed = grid_speed(path)
         if speed is not None:
             lines.append(f"speed       {speed[0]:.2f} grid PSFs/s at spp {info.spp}")

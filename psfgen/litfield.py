@@ -59,7 +59,7 @@ def summary_lines(info: GridInfo) -> list[str]:
         ]
     with h5py.File(info.path, "r", locking=False) as f:
         coords = f["grid/coords"][:]
-    field, traced = read_lit(info.path), traced_grid(info.path)  # [D, P, 3] each; [D, P]
+        field, traced = read_lit(f), traced_grid(f)  # [D, P, 3] each; [D, P]
     valid, illum = field["valid"], field["illumination"]
     rho, half = radii(coords, sensor_size_mm(info.attrs))
     lines = []

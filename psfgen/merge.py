@@ -158,8 +158,8 @@ def merge(paths: list[str], out: str | Path, overwrite: bool = False, virtual: b
         raise
     log.info("merged %d shards into %s%s", n, out, " (virtual datasets)" if virtual else "")
     with h5py.File(out, "r") as f:
-        depths = f["depths"][:]
-    litfield.report_dark(store.read_lit(out)["valid"].all(axis=-1), depths, out)  # as an unsharded run reports it
+        lit, depths = store.read_lit(f)["valid"].all(axis=-1), f["depths"][:]
+    litfield.report_dark(lit, depths, out)  # the lit field of the whole grid, as an unsharded run reports it
     return out
 
 

@@ -28,6 +28,7 @@ readable file whose done marks are true only for blocks fully written.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -383,21 +384,33 @@ def require_complete(info: GridInfo) -> None:
         )
 
 
-def read_lit(path) -> dict:
+def read_lit(src) -> dict:
     """The grid's illumination [D, P, 3] float32 and valid [D, P, 3] bool. Schema 1 files (no
-    illumination; their generation refused dark points): every channel valid, illumination 1."""
-    with h5py.File(path, "r", locking=False) as f:
+    illumination; their generation refused dark points): every channel valid, illumination 1.
+    src: a path, or a file the caller holds open (HDF5 refuses a second handle on a file with
+    other locking flags in one process)."""
+    with _opened(src) as f:
         if "grid/valid" in f:
             return {"illumination": f["grid/illumination"][:], "valid": f["grid/valid"][:].astype(bool)}
         shape = f["grid/psf"].shape[:3]
     return {"illumination": np.ones(shape, np.float32), "valid": np.ones(shape, bool)}
 
 
-def traced_grid(path) -> np.ndarray:
-    """[D, P] bool: grid PSFs whose block is written (all of them in a complete file)."""
-    with h5py.File(path, "r", locking=False) as f:
+def traced_grid(src) -> np.ndarray:
+    """[D, P] bool: grid PSFs whose block is written (all of them in a complete file). src: as read_lit's."""
+    with _opened(src) as f:
         done, table = f["blocks/done"][:].astype(bool), f["blocks/table"][:]
         traced = np.zeros(f["grid/border"].shape[:2], dtype=bool)
     for _, d, lo, hi in table[done & (table[:, 0] == KINDS.index("grid"))]:
         traced[d, lo:hi] = True
     return traced
+
+
+@contextlib.contextmanager
+def _opened(src):
+    """``src`` itself when it is an open file (left open), else the file at path ``src`` opened for reading."""
+    if isinstance(src, h5py.File):
+        yield src
+    else:
+        with h5py.File(src, "r") as f:
+            yield f
