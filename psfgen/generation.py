@@ -1,9 +1,10 @@
 """``psfgen.generate(config)``: ray-trace the PSF grid, held-out set and noise floor into HDF5.
 
 The work is cut into blocks (one depth x a range of points); each block is seeded from
-(seed, block) alone, traced with DeepLens ``psf_rgb``, area-downsampled and written with
-a completion mark. Running the same command again skips finished blocks, so a killed run
-resumes and ends identical, PSF for PSF, to an uninterrupted one.
+(seed, block) alone, traced as DeepLens ``psf_rgb`` does (illumination.trace_counted),
+area-downsampled and written with a completion mark. Running the same command again skips
+finished blocks, so a killed run resumes and ends identical, PSF for PSF, to an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -200,7 +201,8 @@ def generate(cfg: GenerateConfig) -> Path:
     t_start = time.time()
     lens_file = read_lens_file(cfg.lens)
     params = cfg.run_params()
-    identity = json.dumps({"params": params, "lens_sha256": lens_file.sha256}, sort_keys=True)
+    identity = {"params": params, "lens_sha256": lens_file.sha256, "tracer": illumination.TRACER_VERSION}
+    identity = json.dumps(identity, sort_keys=True)
     run_id = hashlib.sha256(identity.encode()).hexdigest()[:16]
     shard = resolve_shard(cfg.shard)
     out = Path(cfg.out) if shard is None else shard_path(Path(cfg.out), *shard)

@@ -8,9 +8,10 @@ reflected), bins the ones inside the ``ks`` window and divides by their number.
 (what the PSF is made of). It traces the primary wavelength first, and that channel is bit for
 bit DeepLens's ``psf`` at that wavelength with the same random state (tested), except at
 points whose chief ray is blocked (below). The chief ray found in that bundle centres the
-other two channels as well: DeepLens's ``psf_rgb`` searches it afresh for each colour (at
-the primary wavelength too, so the three centres agree up to the search's sampling), which
-costs 2 x 8192 extra rays a point, a third of the work at spp 1e4 (benchmarks/bench_generate.py).
+other two channels as well, where DeepLens's ``psf_rgb`` searches it again for red and for
+blue (at the primary wavelength, in a fresh bundle of 8192 rays each; the three centres
+agree up to the search's sampling): 2 x 8192 extra rays a point, more than the PSF's own
+3 x spp below spp ~5000 (benchmarks/bench_generate.py measures the time saved).
 
 The relative illumination of a point and channel is (valid rays / launched rays) over the
 same fraction for the on-axis point at the same depth: the mechanical vignetting (rays
@@ -38,6 +39,10 @@ log = logging.getLogger(__name__)
 # illumination).
 MIN_RAYS = 100
 MIN_FRACTION = 0.01
+# What trace_counted traces, as a version that enters a run's identity (run_id), so that a file is never
+# resumed by a tracer that would put other PSFs beside its own. 2: one chief-ray search per point
+# centres all three colours (1 searched it for each colour, as DeepLens's psf_rgb does).
+TRACER_VERSION = 2
 
 
 def min_rays(spp: int) -> int:
@@ -46,7 +51,7 @@ def min_rays(spp: int) -> int:
 
 
 def trace_counted(lens, xy: np.ndarray, depth_m: np.ndarray, spp: int, ks: int, on_channel=None):
-    """Ray-trace RGB PSFs as DeepLens ``psf_rgb`` does, keeping the valid-ray counts.
+    """Ray-trace RGB PSFs as DeepLens ``psf_geometric`` does for each colour, keeping the valid-ray counts.
 
     xy: [B, 2] normalised field coordinates; depth_m: [B] object depths [m].
     Returns (psf [B, 3, ks, ks] float32, each channel sums to 1, or 0 with no ray in the window;

@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from itertools import combinations
 
 import h5py
 import numpy as np
+import pytest
 import torch
 from helpers import assert_deeplens_psfs, tiny_config
 
-from psfgen import generate, open_info
+from psfgen import generate, illumination, open_info
 from psfgen.config import DEFAULT_LENS
 from psfgen.generation import block_seed, plan_blocks, trace_points
 from psfgen.grid import grid_coords, neighbour_pairs
 from psfgen.info import summary
 from psfgen.lens import build_lens, read_lens_file
 from psfgen.resample import area_matrix, border_fraction, downsample
+from psfgen.shared.errors import InputError
 from psfgen.shared.metrics import rel_l2
 
 
@@ -104,7 +107,7 @@ def test_border_fraction():
     np.testing.assert_allclose(border_fraction(psf).numpy(), 0.1, rtol=1e-6)
 
 
-def test_grid_psf_equals_deeplens_psf_rgb(tiny_grid):
+def test_grid_psfs_are_deeplens_psfs(tiny_grid):
     """Block 0 again, straight from DeepLens with the block's seed."""
     cfg = tiny_config(tiny_grid)
     block = plan_blocks(cfg, 2, cfg.heldout)[0]
@@ -174,3 +177,13 @@ def test_deeplens_notes_during_tracing_go_to_the_log(capsys, caplog):
         out = trace_points(Talkative(), np.zeros((2, 2)), np.ones(2), 10, 4)
     assert out.shape == (2, 3, 4, 4) and capsys.readouterr().out == ""
     assert "deeplens: Point source is too close" in caplog.text
+
+
+def test_another_tracer_does_not_resume_a_file(tmp_path, tiny_grid, monkeypatch):
+    """The tracer's version is part of the run's identity: PSFs traced another way are never mixed into a file."""
+    copy = tmp_path / "copy.h5"
+    shutil.copy(tiny_grid, copy)
+    assert generate(tiny_config(copy)) == copy  # the same tracer: complete, nothing to do
+    monkeypatch.setattr(illumination, "TRACER_VERSION", illumination.TRACER_VERSION + 1)
+    with pytest.raises(InputError, match="holds another run"):
+        generate(tiny_config(copy))
