@@ -59,11 +59,10 @@ def resolve(ray_budget: int | None, grid_size: int | None, spp: int | None) -> t
             f"{MIN_SPP} rays a point), got {ray_budget}",
         )
     if grid_size is not None and spp is not None:
-        raise InputError.for_keys(
-            "{ray_budget} sets grid_size x spp: give it with at most one of {grid_size} and {spp}",
-            "ray_budget",
-            "grid_size",
-            "spp",
+        keys = ("ray_budget", "grid_size", "spp")  # each named as the user set it: option, --set or config file
+        raise InputError(
+            "{ray_budget} sets the grid size x spp: give it with at most one of {grid_size} and {spp}",
+            {k: f"config key '{k}'" for k in keys},
         )
     if grid_size is not None:
         if grid_size < MIN_GRID_SIZE or ray_budget // grid_size**2 < MIN_SPP:
@@ -80,7 +79,7 @@ def resolve(ray_budget: int | None, grid_size: int | None, spp: int | None) -> t
         if n < MIN_GRID_SIZE:
             raise InputError.for_keys(
                 f"{{ray_budget}} {ray_budget} at {{spp}} {spp} is not enough for a {MIN_GRID_SIZE}x{MIN_GRID_SIZE} "
-                f"grid (it needs {MIN_GRID_SIZE**2 * spp} rays); lower the spp or raise the budget",
+                f"grid (it needs {MIN_GRID_SIZE**2 * spp} rays); lower {{spp}} or raise the budget",
                 "ray_budget",
                 "spp",
             )
