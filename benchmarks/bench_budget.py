@@ -163,27 +163,45 @@ def fit(results: list[str], method: str) -> str:
     return "\n".join(lines)
 
 
+def merged(results: list[str]) -> dict[tuple[str, str], list[dict]]:
+    """Rows by (lens folder, budget): files of one lens and budget (e.g. steps 0 and 2000) merged by N,
+    a measured value (not NaN) winning."""
+    panels: dict[tuple[str, str], dict[int, dict]] = {}
+    for path in results:
+        key = (Path(path).parent.name, Path(path).stem.split("_R")[1].split("_steps")[0])
+        rows = panels.setdefault(key, {})
+        steps = int(Path(path).stem.split("_steps")[1])  # the CVAE's training steps, for the legend
+        for r in json.loads(Path(path).read_text()):
+            old = rows.setdefault(r["n"], r)
+            if steps:
+                old["steps"] = steps
+            old["err"] = {k: v if np.isnan(old["err"].get(k, np.nan)) else old["err"][k] for k, v in r["err"].items()}
+    return {k: [rows[n] for n in sorted(rows)] for k, rows in panels.items()}
+
+
 def plot(results: list[str], out: str) -> None:
-    """Error against N, one panel per results file (results_STEPS.json in a --work folder)."""
+    """Error against N, one panel per lens and budget (results_R*_steps*.json in --work folders)."""
     from psfcvae.plots import figure, save
 
-    fig = figure(4.2 * len(results), 3.4)
-    for i, path in enumerate(results):
-        rows = json.loads(Path(path).read_text())
-        ax = fig.add_subplot(1, len(results), i + 1)
+    panels = merged(results)
+    fig = figure(4.2 * len(panels), 3.4)
+    for i, ((lens, budget), rows) in enumerate(panels.items()):
+        ax = fig.add_subplot(1, len(panels), i + 1)
         ns = [r["n"] for r in rows]
-        for k, style in zip((*METHODS, "tracing"), ("o-", "s-", "^--", "x:")):
-            e = [100 * r["err"][k] for r in rows]
-            if not all(np.isnan(e)):
-                ax.plot(ns, e, style, label=k if k != "tracing" else "tracing a point at that spp")
+        for j, (k, style) in enumerate(zip((*METHODS, "tracing"), ("o-", "s-", "^--", "x:"))):
+            e = np.array([100 * r["err"][k] for r in rows])
+            if not np.isnan(e).all():
+                ok = ~np.isnan(e)
+                steps = next((r["steps"] for r in rows if r.get("steps")), 0)
+                label = {"cvae prior mean": f"CVAE prior mean, {steps} steps", "tracing": "tracing a point at that spp"}
+                ax.plot(np.array(ns)[ok], e[ok], style, color=f"C{j}", label=label.get(k, k))
         ax.set_xscale("log", base=2)
         ax.set_xticks(ns, [f"{n}\n{r['spp'] / 1000:.3g}k" for n, r in zip(ns, rows)])
         ax.minorticks_off()
         ax.set_xlabel("grid N (N x N); spp below")
         ax.set_ylabel("held-out relative L2 [%]")
         ax.set_ylim(bottom=0)
-        budget = Path(path).stem.split("_R")[1].split("_steps")[0]
-        ax.set_title(f"{Path(path).parent.name}: {float(budget):.3g} rays per depth per colour", fontsize=9)
+        ax.set_title(f"{lens}: {float(budget):.3g} rays per depth per colour", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     save(fig, Path(out))
