@@ -197,6 +197,12 @@ def _logs_above_bars():
 @click.option("--num-depths", type=int, help="Number of depths in the range [default: 5].")
 @click.option("--focus-m", type=float, help="Refocus the lens to this object distance [m] before tracing.")
 @click.option("--spp", type=int, help="Rays per point and wavelength for the grid [default: 100000].")
+@click.option(
+    "--ray-budget",
+    type=float,
+    help="Rays per depth per colour for the grid (grid size² x spp): picks both as measured best "
+    "(docs/ray_budget.md), or with --grid-size or --spp the other.",
+)
 @click.option("--kernel-size", type=int, help="Traced kernel side [px] (DeepLens's ks) [default: 64].")
 @click.option(
     "--kernel-size-small", type=int, help="Stored kernel side [px] after exact-area downsampling [default: 15]."

@@ -36,13 +36,16 @@ def default_noise_points(grid_size: int) -> int:
 class GenerateConfig:
     lens: str = DEFAULT_LENS  # DeepLens lens JSON file, or the name of a shipped lens (data/lenses)
     out: str = "grid.h5"  # output HDF5 file
-    grid_size: int = 20  # N: the field grid is N x N points over [-1, 1]^2
+    grid_size: int | None = None  # N: the field grid is N x N points over [-1, 1]^2; None: 20, or from ray_budget
     depths: tuple[float, ...] | None = None  # explicit object depths [m]; overrides the range
     depth_min: float = 0.4  # nearest object depth [m] (when depths is not given)
     depth_max: float = 20.0  # farthest object depth [m]
     num_depths: int = 5  # depths spaced uniformly in 1/depth between min and max
     focus_m: float | None = None  # refocus the lens to this object distance [m] before tracing
-    spp: int = 100_000  # rays per point source and wavelength for the grid
+    spp: int | None = None  # rays per point source and wavelength for the grid; None: 100000, or from ray_budget
+    # Rays per depth per colour for the grid (grid_size^2 x spp); None: grid_size and spp as given. With one of
+    # them it fixes the other; alone, psfgen.budget.choose picks both (docs/ray_budget.md).
+    ray_budget: int | None = None
     kernel_size: int = 64  # traced kernel side [px] (DeepLens's ks)
     kernel_size_small: int = 15  # stored kernel side [px] after exact-area downsampling
     heldout: int = 256  # off-grid evaluation points (half at grid depths, half between)
@@ -57,6 +60,11 @@ class GenerateConfig:
     shard: str | None = None  # "K/N": trace only shard K (0-based) of N; "auto": from torchrun or a SLURM array
 
     def __post_init__(self) -> None:
+        from .budget import resolve  # grid_size and spp: as given, their defaults, or from ray_budget
+
+        grid_size, spp = resolve(self.ray_budget, self.grid_size, self.spp)
+        object.__setattr__(self, "grid_size", grid_size)
+        object.__setattr__(self, "spp", spp)
         # noise_points None: the default, which adapts to the grid (a 4x4 grid has 16 points, not 32).
         if self.noise_points is None and isinstance(self.grid_size, int):
             object.__setattr__(self, "noise_points", default_noise_points(self.grid_size))
@@ -139,7 +147,7 @@ class GenerateConfig:
         from .shared.configio import to_dict
 
         d = to_dict(self)
-        for k in ("out", "device", "overwrite", "lens", "shard"):
+        for k in ("out", "device", "overwrite", "lens", "shard", "ray_budget"):  # ray_budget: in grid_size x spp
             d.pop(k)
         d["depths"] = [float(x) for x in self.depth_values()]
         d["heldout_spp"] = 2 * self.heldout_half_spp()

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import illumination, litfield, store
+from . import budget, illumination, litfield, store
 from .config import GenerateConfig
 from .grid import grid_coords, heldout_points, neighbour_pairs, noise_indices
 from .lens import build_lens, deeplens_notes, read_lens_file
@@ -199,6 +199,8 @@ def _check_output(cfg: GenerateConfig, out: Path, run_id: str) -> bool:
 def generate(cfg: GenerateConfig) -> Path:
     """Trace everything ``cfg`` asks for into ``cfg.out`` and return its path."""
     t_start = time.time()
+    if cfg.ray_budget is not None:
+        log.info("%s", budget.explain(cfg.ray_budget, cfg.grid_size, cfg.spp))
     lens_file = read_lens_file(cfg.lens)
     params = cfg.run_params()
     identity = {"params": params, "lens_sha256": lens_file.sha256, "tracer": illumination.TRACER_VERSION}

@@ -64,6 +64,8 @@ def summary(path) -> str:
         f"depths [m]  {', '.join(f'{d:.4g}' for d in info.depths)}"
         + (f"  (focus {cfg['focus_m']} m)" if cfg.get("focus_m") else ""),
         f"spp         {info.spp} (grid), {info.heldout_spp} (held-out reference, two halves)",
+        f"budget      {info.grid_size**2 * info.spp:,} rays per depth per colour (grid size² x spp)"
+        + (f"; requested ray_budget {cfg['ray_budget']:,}" if cfg.get("ray_budget") is not None else ""),
         f"held-out    {info.n_heldout} points;  noise re-traces: {info.n_noise} grid points per depth"
         + _default_note(cfg.get("noise_points"), info.grid_size),
         f"blocks      {info.blocks_done}/{info.blocks_total} traced"

@@ -1,0 +1,106 @@
+"""The ray budget of ``psf generate``: how many grid points, and how many rays each, for R rays.
+
+R (``ray_budget``) counts rays per depth per colour: grid_size² × spp. Spread over more
+points at fewer rays each, the same rays trade interpolation error between grid points for
+Monte Carlo noise in every grid PSF. ``choose`` is the split measured best; ``resolve`` turns
+the config's three keys into the grid size and spp that are traced.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .shared.errors import InputError
+
+DEFAULT_GRID_SIZE = 20  # without ray_budget: the spec's 20 x 20 grid ...
+DEFAULT_SPP = 100_000  # ... at 10^5 rays per point and colour
+# Below ~1000 rays a point, tracing costs more per ray (each point's chief-ray search is fixed work:
+# benchmarks/bench_generate.py), a PSF is mostly noise (~18% at 1000 on the default lens) and a point needs 10% of
+# its rays valid to count as lit (illumination.MIN_RAYS = 100); a budget may not go lower.
+MIN_SPP = 1000
+MIN_GRID_SIZE = 2
+
+# The rule, from measured curves of held-out error against grid size at a fixed budget (docs/ray_budget.md;
+# benchmarks/bench_budget.py, one depth, 32 held-out points, bicubic and bilinear interpolation of the grid).
+# Fitting err^2 = A N^(-2p) + B N^2 / R (interpolation bias falling as N^-p, grid noise rising as N / sqrt(R))
+# puts the least error at N* ~ R^(1 / (2p + 2)):
+#   default lens (acl12708u, 1 m; 13 grids at 1.6e6 and 6.4e6 rays): p = 1.05, N* = 48 at 6.4e6, ~R^0.244;
+#   Cooke triplet (5 m; 7 grids at 6.4e6 rays, its field is smooth): p = 2.14, N* = 20 at 6.4e6, ~R^0.159.
+# The rule takes their geometric mean, 31 at 6.4e6 ~R^0.20, rounded to the grid measured there: 32 x 32 costs
+# each lens at most 1.16x its own optimum's bicubic error (13.0% vs 12.1%; 1.35% vs 1.17%), where either
+# lens's optimum costs the other 1.45x (24 x 24 on the default lens) or 1.66x (48 x 48 on the triplet).
+# The CVAE (psf train's defaults, 2000 steps, default lens) follows the same curve: 18.8% on 16 x 16, 8.0% on
+# 32 x 32, least 7.0% on 48 x 48, 7.8% on 64 x 64 at 6.4e6 rays; 13.3% on 20 x 20 and 6.4% on the rule's 46 x 46
+# at 4e7. On the triplet the rule's 32 x 32 costs the CVAE nothing (1.83% against 1.88% on 16 x 16).
+REF_BUDGET = 6_400_000
+REF_GRID = 32
+EXPONENT = 0.2
+
+
+def choose(ray_budget: int) -> tuple[int, int]:
+    """(grid_size, spp) for ``ray_budget`` rays per depth per colour: the measured rule,
+    REF_GRID at REF_BUDGET, scaled as R^EXPONENT, rounded, kept at spp >= MIN_SPP."""
+    n = round(REF_GRID * (ray_budget / REF_BUDGET) ** EXPONENT)
+    n = max(MIN_GRID_SIZE, min(n, math.isqrt(ray_budget // MIN_SPP)))
+    return n, ray_budget // n**2
+
+
+def resolve(ray_budget: int | None, grid_size: int | None, spp: int | None) -> tuple[int, int]:
+    """The traced (grid_size, spp) from the config's keys; None means not given.
+
+    Without a budget: each as given, else its default (20, 10^5). With one: grid_size and spp
+    from ``choose``; with grid_size, spp = R // N²; with spp, N = floor(sqrt(R / spp)). A budget
+    with both, or too small for a 2 x 2 grid at MIN_SPP rays, raises InputError.
+    """
+    if ray_budget is None:
+        return (DEFAULT_GRID_SIZE if grid_size is None else grid_size), (DEFAULT_SPP if spp is None else spp)
+    least = MIN_GRID_SIZE**2 * MIN_SPP
+    if ray_budget < least:
+        raise InputError.for_key(
+            "ray_budget",
+            f"must be at least {least} (rays per depth per colour: a {MIN_GRID_SIZE}x{MIN_GRID_SIZE} grid at "
+            f"{MIN_SPP} rays a point), got {ray_budget}",
+        )
+    if grid_size is not None and spp is not None:
+        keys = ("ray_budget", "grid_size", "spp")  # each named as the user set it: option, --set or config file
+        raise InputError(
+            "{ray_budget} sets the grid size x spp: give it with at most one of {grid_size} and {spp}",
+            {k: f"config key '{k}'" for k in keys},
+        )
+    if grid_size is not None:
+        if grid_size < MIN_GRID_SIZE or ray_budget // grid_size**2 < MIN_SPP:
+            raise InputError.for_keys(
+                f"{{ray_budget}} {ray_budget} over a {grid_size}x{grid_size} grid gives "
+                f"{ray_budget // max(grid_size, 1) ** 2} rays a point, fewer than {MIN_SPP}: lower {{grid_size}} "
+                f"(at most {math.isqrt(ray_budget // MIN_SPP)}) or raise the budget",
+                "ray_budget",
+                "grid_size",
+            )
+        return grid_size, ray_budget // grid_size**2
+    if spp is not None:
+        n = math.isqrt(ray_budget // spp) if spp > 0 else 0
+        if n < MIN_GRID_SIZE:
+            raise InputError.for_keys(
+                f"{{ray_budget}} {ray_budget} at {{spp}} {spp} is not enough for a {MIN_GRID_SIZE}x{MIN_GRID_SIZE} "
+                f"grid (it needs {MIN_GRID_SIZE**2 * spp} rays); lower {{spp}} or raise the budget",
+                "ray_budget",
+                "spp",
+            )
+        return n, spp
+    return choose(ray_budget)
+
+
+def explain(ray_budget: int, grid_size: int, spp: int) -> str:
+    """One line for the log: what a budget became, and why."""
+    used = grid_size**2 * spp
+    rule = choose(ray_budget)
+    why = (
+        f"the measured rule ({REF_GRID}x{REF_GRID} at {REF_BUDGET:.3g} rays, scaled as R^{EXPONENT}; "
+        "docs/ray_budget.md)"
+        if (grid_size, spp) == rule
+        else "the grid size or spp given with it"
+    )
+    return (
+        f"ray budget {ray_budget:,} rays per depth per colour: {grid_size}x{grid_size} grid at spp {spp:,} "
+        f"({used:,} rays traced) from {why}"
+    )

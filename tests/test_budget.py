@@ -1,0 +1,84 @@
+"""The ray budget: psfgen.budget's rule, GenerateConfig's ray_budget key, `psf generate --ray-budget`."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import pytest
+from helpers import assert_one_line_error, run_cli, tiny_args, tiny_config
+
+from psfgen import budget
+from psfgen.shared.errors import InputError
+
+
+def test_without_a_budget_grid_size_and_spp_are_as_given_or_the_spec_defaults():
+    assert budget.resolve(None, None, None) == (20, 100_000)
+    assert budget.resolve(None, 7, 1234) == (7, 1234)
+
+
+def test_the_rule_gives_the_measured_choice_and_scales_with_the_budget():
+    assert budget.choose(6_400_000) == (32, 6250)  # docs/ray_budget.md: 32 x 32 at 6.4e6 rays
+    # 4e7 rays (the spec's 20 x 20 at 1e5): 32 * 6.25^0.2 = 46.2 points a side; 1.6e6: 32 * 0.25^0.2 = 24.3.
+    assert budget.choose(40_000_000) == (46, 40_000_000 // 46**2)
+    assert budget.choose(1_600_000) == (24, 1_600_000 // 24**2)
+    # A small budget keeps spp >= MIN_SPP: 9000 rays give a 3x3 grid at 1000, not the rule's 8x8 at 140.
+    assert budget.choose(9000) == (3, 1000)
+
+
+def test_a_budget_with_one_of_grid_size_and_spp_fixes_the_other():
+    assert budget.resolve(6_400_000, 32, None) == (32, 6250)
+    assert budget.resolve(6_400_000, None, 25_000) == (16, 25_000)
+    assert budget.resolve(1_000_000, None, 30_000) == (5, 30_000)  # floor(sqrt(33.3)): never over the budget
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        ((3999, None, None), ("ray_budget", "at least 4000", "got 3999")),
+        ((6_400_000, 16, 25_000), ("ray_budget", "grid_size", "spp", "at most one")),
+        ((100_000, 12, None), ("12x12", "694 rays a point", "at most 10")),
+        ((100_000, None, 50_000), ("not enough for a 2x2 grid", "200000")),
+    ],
+)
+def test_bad_budgets_name_the_keys(args, needles):
+    with pytest.raises(InputError) as exc:
+        budget.resolve(*args)
+    for needle in needles:
+        assert needle in exc.value.render({}), exc.value.render({})
+
+
+def test_config_records_the_budget_and_the_traced_split(tmp_path):
+    cfg = tiny_config(tmp_path / "g.h5", spp=None, ray_budget=24_000)
+    assert (cfg.grid_size, cfg.spp, cfg.ray_budget) == (4, 1500, 24_000)
+    # The budget is not part of run_params: the same grid spelled as --grid-size/--spp is the same run.
+    assert cfg.run_params() == tiny_config(tmp_path / "g.h5", spp=1500).run_params()
+
+
+def without_spp(out):
+    """tiny_args without --spp (the budget sets it)."""
+    args = tiny_args(out)
+    i = args.index("--spp")
+    return args[:i] + args[i + 2 :]
+
+
+def test_cli_ray_budget_with_grid_size_writes_the_spp_it_implies(tmp_path):
+    out = tmp_path / "g.h5"
+    result = run_cli([*without_spp(out), "--ray-budget", "24000"])  # 4x4 grid: 24000 / 16 = 1500 rays a point
+    assert result.exit_code == 0, result.output
+    with h5py.File(out) as f:
+        config = json.loads(f.attrs["config"])
+        assert (config["grid_size"], config["spp"], config["ray_budget"]) == (4, 1500, 24_000)
+        assert json.loads(f.attrs["run_params"])["spp"] == 1500
+    info = run_cli(["info", str(out)])
+    assert "budget      24,000 rays per depth per colour" in info.output
+    assert "requested ray_budget 24,000" in info.output
+
+
+def test_cli_ray_budget_bad_input_is_one_line(tmp_path):
+    out = tmp_path / "g.h5"
+    both = run_cli([*tiny_args(out), "--ray-budget", "64000"])  # tiny_args gives --grid-size and --spp
+    assert_one_line_error(both, "--ray-budget", "--grid-size", "--spp", "at most one")
+    small = run_cli([*without_spp(out), "--ray-budget", "3000"])
+    assert_one_line_error(small, "--ray-budget must be at least 4000", "got 3000")
+    assert not out.exists()
