@@ -9,6 +9,7 @@ second run only retrains and evaluates.
 
     python benchmarks/bench_accuracy.py [--lens acl12708u|cooke|la1131] [--configs default,cartesian,spec]
                                         [--work DIR] [--max-steps N] [--set key=value ...]
+                                        [--grid-size N | --budget-rule]
 
 Configurations: default (psf train's defaults), cartesian (the defaults conditioned on
 (x, y[, d]) instead of the lens's symmetry), spec (configs/cvae_v1.yaml, verbatim), or a
@@ -24,7 +25,7 @@ import time
 from pathlib import Path
 
 from psfcvae import EvalConfig, TrainConfig, evaluate, train
-from psfgen import GenerateConfig, generate
+from psfgen import GenerateConfig, budget, generate
 from psfgen.shared import configio
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,6 +71,11 @@ def main() -> None:
         default=None,
         help="another grid at the same rays per depth (spp scaled by the grid's points)",
     )
+    ap.add_argument(
+        "--budget-rule",
+        action="store_true",
+        help="the grid psf generate --ray-budget picks for the same rays per depth (psfgen/budget.py)",
+    )
     ap.add_argument("--smoke", action="store_true", help="a 4x4 grid at spp 2000: checks this script, measures nothing")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -89,6 +95,9 @@ def main() -> None:
     if args.grid_size:
         rays = grid_cfg["grid_size"] ** 2 * grid_cfg["spp"]
         grid_cfg.update(grid_size=args.grid_size, spp=round(rays / args.grid_size**2))
+    if args.budget_rule:
+        grid_size, spp = budget.choose(grid_cfg["grid_size"] ** 2 * grid_cfg["spp"])
+        grid_cfg.update(grid_size=grid_size, spp=spp)
     if args.smoke:
         grid_cfg.update(grid_size=4, spp=2000, heldout=8, heldout_spp=4000, noise_points=4)
 
