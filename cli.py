@@ -188,7 +188,7 @@ def _logs_above_bars():
     help="DeepLens lens JSON file, or the name of a lens shipped in data/lenses [default: acl12708u].",
 )
 @click.option("--out", type=str, help="Output HDF5 file [default: grid.h5].")
-@click.option("--grid-size", type=int, help="N: trace an N x N field grid [default: 20].")
+@click.option("--grid-size", type=int, help="N: trace an N x N field grid [default: 46].")
 @click.option("--depths", type=str, help="Object depths in metres, comma separated, e.g. 0.4,1,2,5,20.")
 @click.option(
     "--depth-min", type=float, help="Nearest depth [m] of a range spaced uniformly in 1/depth [default: 0.4]."
@@ -196,7 +196,7 @@ def _logs_above_bars():
 @click.option("--depth-max", type=float, help="Farthest depth [m] of the range [default: 20].")
 @click.option("--num-depths", type=int, help="Number of depths in the range [default: 5].")
 @click.option("--focus-m", type=float, help="Refocus the lens to this object distance [m] before tracing.")
-@click.option("--spp", type=int, help="Rays per point and wavelength for the grid [default: 100000].")
+@click.option("--spp", type=int, help="Rays per point and wavelength for the grid [default: 18903].")
 @click.option(
     "--ray-budget",
     type=float,

@@ -12,8 +12,11 @@ import math
 
 from .shared.errors import InputError
 
-DEFAULT_GRID_SIZE = 20  # without ray_budget: the spec's 20 x 20 grid ...
-DEFAULT_SPP = 100_000  # ... at 10^5 rays per point and colour
+# The defaults of psf generate: the spec's budget (its 20 x 20 grid at 10^5 rays a point: 4e7 rays per depth and
+# colour) split by the rule below, 46 x 46 at spp 18 903. The same rays on the spec's grid gave the CVAE about
+# twice the held-out error on the default lens (docs/ray_budget.md; README, accuracy). Each default stands alone:
+# --grid-size alone keeps spp at DEFAULT_SPP (a budget is spread only when ray_budget is given).
+DEFAULT_RAY_BUDGET = 40_000_000
 # Below ~1000 rays a point, tracing costs more per ray (each point's chief-ray search is fixed work:
 # benchmarks/bench_generate.py), a PSF is mostly noise (~18% at 1000 on the default lens) and a point needs 10% of
 # its rays valid to count as lit (illumination.MIN_RAYS = 100); a budget may not go lower.
@@ -48,9 +51,10 @@ def choose(ray_budget: int) -> tuple[int, int]:
 def resolve(ray_budget: int | None, grid_size: int | None, spp: int | None) -> tuple[int, int]:
     """The traced (grid_size, spp) from the config's keys; None means not given.
 
-    Without a budget: each as given, else its default (20, 10^5). With one: grid_size and spp
-    from ``choose``; with grid_size, spp = R // N²; with spp, N = floor(sqrt(R / spp)). A budget
-    with both, or too small for a 2 x 2 grid at MIN_SPP rays, raises InputError.
+    Without a budget: each as given, else its default (46, 18 903: DEFAULT_RAY_BUDGET split by
+    the rule). With one: grid_size and spp from ``choose``; with grid_size, spp = R // N²; with
+    spp, N = floor(sqrt(R / spp)). A budget with both, or too small for a 2 x 2 grid at MIN_SPP
+    rays, raises InputError.
     """
     if ray_budget is None:
         return (DEFAULT_GRID_SIZE if grid_size is None else grid_size), (DEFAULT_SPP if spp is None else spp)
@@ -104,3 +108,6 @@ def explain(ray_budget: int, grid_size: int, spp: int) -> str:
         f"ray budget {ray_budget:,} rays per depth per colour: {grid_size}x{grid_size} grid at spp {spp:,} "
         f"({used:,} rays traced) from {why}"
     )
+
+
+DEFAULT_GRID_SIZE, DEFAULT_SPP = choose(DEFAULT_RAY_BUDGET)  # 46, 18 903

@@ -36,13 +36,13 @@ def default_noise_points(grid_size: int) -> int:
 class GenerateConfig:
     lens: str = DEFAULT_LENS  # DeepLens lens JSON file, or the name of a shipped lens (data/lenses)
     out: str = "grid.h5"  # output HDF5 file
-    grid_size: int | None = None  # N: the field grid is N x N points over [-1, 1]^2; None: 20, or from ray_budget
+    grid_size: int | None = None  # N: the field grid is N x N points over [-1, 1]^2; None: 46, or from ray_budget
     depths: tuple[float, ...] | None = None  # explicit object depths [m]; overrides the range
     depth_min: float = 0.4  # nearest object depth [m] (when depths is not given)
     depth_max: float = 20.0  # farthest object depth [m]
     num_depths: int = 5  # depths spaced uniformly in 1/depth between min and max
     focus_m: float | None = None  # refocus the lens to this object distance [m] before tracing
-    spp: int | None = None  # rays per point source and wavelength for the grid; None: 100000, or from ray_budget
+    spp: int | None = None  # rays per point source and wavelength for the grid; None: 18903, or from ray_budget
     # Rays per depth per colour for the grid (grid_size^2 x spp); None: grid_size and spp as given. With one of
     # them it fixes the other; alone, psfgen.budget.choose picks both (docs/ray_budget.md).
     ray_budget: int | None = None

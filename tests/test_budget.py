@@ -12,8 +12,10 @@ from psfgen import budget
 from psfgen.shared.errors import InputError
 
 
-def test_without_a_budget_grid_size_and_spp_are_as_given_or_the_spec_defaults():
-    assert budget.resolve(None, None, None) == (20, 100_000)
+def test_without_a_budget_grid_size_and_spp_are_as_given_or_the_rule_at_the_spec_budget():
+    # The spec's 20 x 20 at 1e5 is 4e7 rays per depth; the rule splits them 46 x 46 at 4e7 // 46^2 = 18903.
+    assert budget.resolve(None, None, None) == (46, 18_903)
+    assert budget.resolve(None, 7, None) == (7, 18_903) and budget.resolve(None, None, 2000) == (46, 2000)
     assert budget.resolve(None, 7, 1234) == (7, 1234)
 
 
