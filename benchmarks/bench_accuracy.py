@@ -55,7 +55,8 @@ CONFIGS = {
 }
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
+    """The command line: which lens, which configurations, where, and which grid."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lens", default="acl12708u", choices=sorted(LENSES))
     ap.add_argument(
@@ -77,6 +78,11 @@ def main() -> None:
         help="the grid psf generate --ray-budget picks for the same rays per depth (psfgen/budget.py)",
     )
     ap.add_argument("--smoke", action="store_true", help="a 4x4 grid at spp 2000: checks this script, measures nothing")
+    return ap
+
+
+def main() -> None:
+    ap = _parser()
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     configs = dict(CONFIGS)

@@ -106,7 +106,8 @@ def memory_probe(ckpt: Path, size: int, every: int) -> dict:
     }
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
+    """The command line: the work directory, the chart, the reference and the memory probe."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench_render"))
     ap.add_argument("--size", type=int, default=192)
@@ -114,7 +115,11 @@ def main() -> None:
     ap.add_argument("--ref-grid", type=int, default=48)
     ap.add_argument("--ref-spp", type=int, default=10000)
     ap.add_argument("--memory", default="512,1024", help="image sizes for the memory probe ('' to skip; 2048: ~17 min)")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = _parser().parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     torch.manual_seed(0)
     work = Path(args.work)
