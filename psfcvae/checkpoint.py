@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from psfgen.config import OLD_KERNEL_NAMES
 from psfgen.shared import tempfiles
 from psfgen.shared.errors import InputError
 from psfgen.store import GridInfo
@@ -20,8 +21,8 @@ READS = (1, 2)  # schema 1: the kernel sizes named ks / ks_small (_upgrade); 2 r
 # Schema 1's names -> schema 2's, per entry of the checkpoint that holds them.
 OLD_NAMES = {
     "model_args": {"ks": "kernel_size_small"},
-    "data_fingerprint": {"ks_small": "kernel_size_small"},
-    "optics": {"ks": "kernel_size", "ks_small": "kernel_size_small"},
+    "data_fingerprint": OLD_KERNEL_NAMES,  # holds ks_small only
+    "optics": OLD_KERNEL_NAMES,
 }
 
 

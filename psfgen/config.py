@@ -32,6 +32,11 @@ def default_noise_points(grid_size: int) -> int:
     return min(NOISE_POINTS, max(grid_size, 0) ** 2)
 
 
+# The kernel sizes' names before the rename (grid schema <= 2, checkpoint schema 1, old configs) -> today's:
+# the one table that config hints, the grid file's reader and the checkpoint's reader translate with.
+OLD_KERNEL_NAMES = {"ks": "kernel_size", "ks_small": "kernel_size_small"}
+
+
 @dataclass(frozen=True)
 class GenerateConfig:
     lens: str = DEFAULT_LENS  # DeepLens lens JSON file, or the name of a shipped lens (data/lenses)
@@ -70,7 +75,7 @@ class GenerateConfig:
             object.__setattr__(self, "noise_points", default_noise_points(self.grid_size))
 
     # The keys' old spellings (config files written before the rename), for unknown-key hints.
-    KEY_ALIASES = {"ks": "kernel_size", "ks_small": "kernel_size_small"}
+    KEY_ALIASES = OLD_KERNEL_NAMES
 
     def validate(self) -> None:
         check_grid_size(self)

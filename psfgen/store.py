@@ -37,6 +37,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .config import OLD_KERNEL_NAMES
 from .shared import tempfiles
 from .shared.errors import DamagedFile, InputError
 
@@ -49,7 +50,7 @@ SCHEMA_VERSION = 3
 # Schemas 1 and 2 name the kernel sizes ks and ks_small in run_params and config (_upgrade_params).
 READS = (1, 2, 3)
 # The parameter names of schemas 1 and 2 -> this version's (3 renamed them, nothing else).
-OLD_NAMES = {"ks": "kernel_size", "ks_small": "kernel_size_small"}
+OLD_NAMES = OLD_KERNEL_NAMES
 KINDS = ("grid", "noise", "heldout_a", "heldout_b")
 
 
