@@ -9,11 +9,18 @@ second run only retrains and evaluates.
 
     python benchmarks/bench_accuracy.py [--lens acl12708u|cooke|la1131] [--configs default,cartesian,spec]
                                         [--work DIR] [--max-steps N] [--set key=value ...]
-                                        [--grid-size N | --budget-rule]
+                                        [--grid-size N | --budget-rule] [--split-depths S]
 
 Configurations: default (psf train's defaults), cartesian (the defaults conditioned on
 (x, y[, d]) instead of the lens's symmetry), spec (configs/cvae_v1.yaml, verbatim), or a
 variant of the defaults named NAME:key=value:key=value (e.g. nf5:num_frequencies=5).
+--configs "" evaluates the interpolation baselines alone.
+
+--split-depths S spends the same rays in all on more depths: each interval between the
+lens's depths is split into S equal steps in 1/depth (3 depths become 2S + 1), the rays
+per depth shrink by the same factor, the grid follows (--budget-rule) or keeps its size,
+and the held-out points and their reference are those of the grid file without the split
+(traced first when missing), so the two are scored on the same points.
 """
 
 from __future__ import annotations
@@ -24,8 +31,11 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
+
 from psfcvae import EvalConfig, TrainConfig, evaluate, train
 from psfgen import GenerateConfig, budget, generate
+from psfgen.reference import with_reference
 from psfgen.shared import configio
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,6 +87,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the grid psf generate --ray-budget picks for the same rays per depth (psfgen/budget.py)",
     )
+    ap.add_argument(
+        "--split-depths",
+        type=int,
+        default=1,
+        help="split each depth interval into S steps in 1/depth, at the same rays in all (see above)",
+    )
     ap.add_argument("--smoke", action="store_true", help="a 4x4 grid at spp 2000: checks this script, measures nothing")
     return ap
 
@@ -109,14 +125,18 @@ def main() -> None:
 
     t0 = time.time()
     data = generate(configio.build(GenerateConfig, grid_cfg))
+    heldout = (grid_cfg["heldout"], grid_cfg["heldout_spp"])  # the reference, also for a split grid
+    tag = ""
+    if args.split_depths > 1:
+        grid_cfg, tag = split_depths(grid_cfg, args.split_depths, args.budget_rule), f"_split{args.split_depths}"
+        data = with_reference(generate(configio.build(GenerateConfig, grid_cfg)), data, work / f"eval{tag}.h5")
     times = {"generate": time.time() - t0}
-    if not names:
-        print(f"generated {data} in {times['generate']:.0f} s; no configuration to train")
-        return
     results = {}
+    if not names:
+        results["baselines"] = evaluate(EvalConfig(data=str(data), out=str(work / f"eval_baselines{tag}")))
     for name in names:
         path, sets = configs[name]
-        run_dir = work / f"run_{name}"
+        run_dir = work / f"run_{name}{tag}"
         shutil.rmtree(run_dir, ignore_errors=True)
         overrides = {"data": str(data), "run_dir": str(run_dir), "device": args.device, "max_steps": args.max_steps}
         cfg = configio.load(TrainConfig, path, overrides, [*sets, *args.sets])
@@ -126,7 +146,7 @@ def main() -> None:
         results[name] = evaluate(
             EvalConfig(
                 data=str(data),
-                out=str(work / f"eval_{name}"),
+                out=str(work / f"eval_{name}{tag}"),
                 checkpoint=str(run_dir / "latest.pt"),
                 device=args.device,
             )
@@ -136,7 +156,7 @@ def main() -> None:
     depths = ", ".join(f"{d:g}" for d in configio.build(GenerateConfig, grid_cfg).depth_values())
     print(
         f"lens {args.lens}: grid {grid_cfg['grid_size']}x{grid_cfg['grid_size']}, depths {depths} m, "
-        f"spp {grid_cfg['spp']}, {grid_cfg['heldout']} held-out points at spp {grid_cfg['heldout_spp']}"
+        f"spp {grid_cfg['spp']}, {heldout[0]} held-out points at spp {heldout[1]}"
         + (f"; train overrides {args.sets}" if args.sets else "")
     )
     print(summary_table(results))
@@ -156,6 +176,20 @@ def main() -> None:
     print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
 
 
+def split_depths(grid_cfg: dict, s: int, rule: bool) -> dict:
+    """The generate config with each depth interval split into s equal steps in 1/depth and the same
+    rays in all: rays per depth / (new depths / old depths); grid by the budget rule or kept; no held-out set
+    of its own (it gets the unsplit file's)."""
+    old = configio.build(GenerateConfig, grid_cfg).depth_values()  # [D] m, ascending
+    inv = 1 / old[::-1]  # ascending in 1/depth
+    new_inv = np.concatenate([np.linspace(a, b, s + 1)[:-1] for a, b in zip(inv[:-1], inv[1:])] + [inv[-1:]])
+    depths = tuple(float(d) for d in np.sort(1 / new_inv))
+    rays = round(grid_cfg["grid_size"] ** 2 * grid_cfg["spp"] * len(old) / len(depths))
+    n = budget.choose(rays)[0] if rule else grid_cfg["grid_size"]
+    out = str(Path(grid_cfg["out"]).with_name(f"grid_split{s}.h5"))
+    return {**grid_cfg, "depths": depths, "grid_size": n, "spp": round(rays / n**2), "heldout": 0, "out": out}
+
+
 def summary_table(results: dict) -> str:
     """Markdown rows: each configuration's prior mean, then the baselines of the first evaluation."""
     groups = ("all", "at grid depths", "between grid depths")
@@ -166,6 +200,8 @@ def summary_table(results: dict) -> str:
         return f"| {label} | " + " | ".join(cells) + " |"
 
     for name, r in results.items():
+        if r["checkpoint"] is None:
+            continue
         frame = r["checkpoint"]["frame"]
         lines.append(row(f"CVAE prior mean, {name} ({frame}, {r['max_steps']} steps)", r["heldout"]["cvae prior mean"]))
     first = next(iter(results.values()))

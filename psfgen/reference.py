@@ -17,20 +17,29 @@ import numpy as np
 
 
 def with_reference(grid: Path, ref: Path, out: Path) -> Path:
-    """A copy of the grid file whose held-out group is the reference's (same lens, depths, kernel)."""
+    """A copy of the grid file whose held-out group is the reference's: same lens, kernel and
+    wavelengths; the grid's depths include the reference's (a grid with more depths is scored on
+    the same points, and a held-out point counts as at a grid depth when it is at one of the grid's)."""
     if out.exists() and out.stat().st_mtime >= max(grid.stat().st_mtime, ref.stat().st_mtime):
         return out
     tmp = out.with_suffix(".tmp")
     shutil.copyfile(grid, tmp)
     with h5py.File(tmp, "r+") as f, h5py.File(ref, "r") as r:
-        # Everything but the grid's own sampling must agree: lens, depths, kernel sizes, focus, wavelengths.
-        own = {"grid_size", "spp", "heldout", "heldout_spp", "noise_points", "seed", "block_rays"}
+        # All but the grid's own sampling must agree (lens, kernel, focus, wavelengths); depths may be added.
+        own = {"grid_size", "spp", "heldout", "heldout_spp", "noise_points", "seed", "block_rays", "depths"}
         mine, theirs = ({k: v for k, v in json.loads(x.attrs["run_params"]).items() if k not in own} for x in (f, r))
         same_lens = f.attrs["lens_sha256"] == r.attrs["lens_sha256"] and np.array_equal(f["wvln"], r["wvln"])
-        if mine != theirs or not same_lens:
-            raise RuntimeError(f"{ref} and {grid} differ in lens, depths, kernel or wavelengths: no common reference")
+        depths = f["depths"][:]  # [D] m
+        has_depths = np.isclose(r["depths"][:][:, None], depths[None]).any(axis=1).all()
+        if mine != theirs or not same_lens or not has_depths:
+            raise RuntimeError(
+                f"{ref} and {grid} differ in lens, kernel or wavelengths, or the grid lacks one of the reference's "
+                "depths: no common reference"
+            )
         del f["heldout"]
         r.copy(r["heldout"], f, "heldout")
+        at = np.isclose(f["heldout/depth"][:][:, None], depths[None]).any(axis=1)  # [M]
+        f["heldout/at_grid_depth"][...] = at
         rp = json.loads(r.attrs["run_params"])
         for attr in ("config", "run_params"):
             d = json.loads(f.attrs[attr])
