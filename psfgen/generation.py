@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import budget, illumination, litfield, store
+from . import budget, illumination, litfield, spacing, store
 from .config import GenerateConfig
 from .grid import grid_coords, heldout_points, neighbour_pairs, noise_indices
 from .lens import build_lens, deeplens_notes, read_lens_file
@@ -276,6 +276,7 @@ def _trace_all(cfg, out: Path, run_id: str, params: dict, lens_file, shard, devi
     _warn_truncation(border[lit], cfg)
     if shard is None:
         litfield.report_dark(lit, depths, out)
+        log.info("sampling: %s", spacing.check_file(out).describe())
     log.info("wrote %s", out)
     return out
 

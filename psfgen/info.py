@@ -122,5 +122,8 @@ def summary(path) -> str:
         check = check_file(path)
         verdict = "rotationally symmetric" if check.holds else "not rotationally symmetric"
         lines.append(f"symmetry    {verdict}: {check.describe()}")
+        from .spacing import check_file as check_spacing
+
+        lines.append(f"sampling    {check_spacing(path).describe()}")
     lines.append(f"versions    {', '.join(f'{k} {v}' for k, v in json.loads(a['versions']).items())}")
     return "\n".join(lines)

@@ -1,0 +1,65 @@
+"""Where sampling limits interpolation (psfgen.spacing): an oracle by hand, and a traced file."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from psfgen.info import summary
+from psfgen.spacing import LIMITING_RATIO, Spacing, check_file, spacing_errors
+
+
+def _field(scale: np.ndarray, n: int = 4) -> np.ndarray:
+    """[D, n, n, 3, 5, 5]: one fixed pattern, times scale[d] at depth d, the same at every field point."""
+    pattern = np.arange(1, 3 * 25 + 1, dtype=np.float64).reshape(3, 5, 5)
+    return scale[:, None, None, None, None, None] * np.broadcast_to(pattern, (n, n, 3, 5, 5))
+
+
+def _errors(psf, depths, lit=None, noise2=0.0) -> Spacing:
+    lit = np.ones(psf.shape[:3], bool) if lit is None else lit
+    return spacing_errors(lambda d: psf[d], np.asarray(depths), lit, noise2)
+
+
+def test_linear_in_inverse_depth_and_field_is_exact():
+    u = np.array([1.0, 1.5, 3.0])  # 1/depth, unevenly spaced: the prediction weighs its neighbours
+    x = np.linspace(-1, 1, 5)
+    psf = _field(2 + u, n=5) * (3 + x[None, :, None, None, None, None]) * (4 - x[None, None, :, None, None, None])
+    s = _errors(psf, 1 / u)
+    assert s.depth == pytest.approx(0, abs=1e-12)
+    # (3 + x_row)(4 - x_col) is bilinear: linear along every row and every column, so exact too.
+    assert s.field == pytest.approx(0, abs=1e-12)
+
+
+def test_quadratic_in_inverse_depth_by_hand():
+    # scale 1 + u² at u = 1, 2, 3: the middle (5) is predicted as (2 + 10) / 2 = 6, off by 1/5 everywhere.
+    u = np.array([1.0, 2.0, 3.0])
+    psf = _field(1 + u**2)
+    s = _errors(psf, 1 / u)
+    assert s.depth == pytest.approx(0.2)
+    assert s.field == pytest.approx(0.0)
+    assert "depth limits" in s.describe()
+    # One trace's noise of 10%: the three PSFs bring 1.5 x 0.01 of it; what is left is the change.
+    assert _errors(psf, 1 / u, noise2=0.01).depth == pytest.approx(np.sqrt(0.04 - 0.015))
+    # A dark middle PSF (zeros, not lit) leaves nothing to measure across depth at that point...
+    lit = np.ones(psf.shape[:3], bool)
+    dark = psf.copy()
+    dark[1, 0, 0] = 0
+    lit[1, 0, 0] = False
+    assert _errors(dark, 1 / u, lit).depth == pytest.approx(0.2)  # ...and the rest are as before
+
+
+def test_field_limits_when_the_field_changes_fast():
+    x = np.linspace(0, 1, 4)
+    psf = _field(np.ones(3)) * (1 + 3 * x[None, None, :, None, None, None] ** 2)
+    s = _errors(psf, [1.0, 2.0, 3.0])
+    assert s.field > 0 and s.depth == pytest.approx(0.0)
+    assert "the field grid limits" in s.describe()
+    # Neither limits when the two are within LIMITING_RATIO of each other.
+    assert "limits" not in Spacing(field=0.1, depth=0.1 * LIMITING_RATIO * 0.9, noise=0.0).describe()
+    assert "n/a" in _errors(psf[:2], [1.0, 2.0]).describe()  # two depths: nothing across depth
+
+
+def test_a_traced_file(tiny_grid):
+    s = check_file(tiny_grid)  # 4 x 4 at 0.5 and 2 m: two depths, so no depth figure
+    assert np.isnan(s.depth) and 0 < s.field < 2 and 0 < s.noise < 1
+    assert "sampling    a grid PSF predicted from its neighbours" in summary(tiny_grid)
