@@ -76,13 +76,14 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-steps", type=int, default=None, help="override every configuration's schedule")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="train config override key=value")
     ap.add_argument("--device", default="auto")
-    ap.add_argument(
+    grid = ap.add_mutually_exclusive_group()
+    grid.add_argument(
         "--grid-size",
         type=int,
         default=None,
         help="another grid at the same rays per depth (spp scaled by the grid's points)",
     )
-    ap.add_argument(
+    grid.add_argument(
         "--budget-rule",
         action="store_true",
         help="the grid psf generate --ray-budget picks for the same rays per depth (psfgen/budget.py)",
