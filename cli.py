@@ -194,14 +194,19 @@ def _logs_above_bars():
     "--depth-min", type=float, help="Nearest depth [m] of a range spaced uniformly in 1/depth [default: 0.4]."
 )
 @click.option("--depth-max", type=float, help="Farthest depth [m] of the range [default: 20].")
-@click.option("--num-depths", type=int, help="Number of depths in the range [default: 5].")
+@click.option(
+    "--num-depths",
+    type=str,
+    help="Number of depths in the range, or auto: a short pilot trace picks 3, 5, 9, 17 or 33 from how fast "
+    "the lens's PSFs change with depth (docs/ray_budget.md) [default: 5].",
+)
 @click.option("--focus-m", type=float, help="Refocus the lens to this object distance [m] before tracing.")
 @click.option("--spp", type=int, help="Rays per point and wavelength for the grid [default: 18903].")
 @click.option(
     "--ray-budget",
     type=float,
-    help="Rays per depth per colour for the grid (grid size² x spp): picks both as measured best "
-    "(docs/ray_budget.md), or with --grid-size or --spp the other.",
+    help="Rays per colour for the grid over all depths (depths x grid size² x spp): picks both as measured "
+    "best for each depth's share (docs/ray_budget.md), or with --grid-size or --spp the other.",
 )
 @click.option("--kernel-size", type=int, help="Traced kernel side [px] (DeepLens's ks) [default: 64].")
 @click.option(

@@ -1,9 +1,11 @@
 """The ray budget of ``psf generate``: how many grid points, and how many rays each, for R rays.
 
-R (``ray_budget``) counts rays per depth per colour: grid_size² × spp. Spread over more
-points at fewer rays each, the same rays trade interpolation error between grid points for
-Monte Carlo noise in every grid PSF. ``choose`` is the split measured best; ``resolve`` turns
-the config's three keys into the grid size and spp that are traced.
+R (``ray_budget``) counts the grid's rays per colour over all its depths: depths × grid_size²
+× spp. Each depth gets R / depths. Spread over more points at fewer rays each, a depth's rays
+trade interpolation error between grid points for Monte Carlo noise in every grid PSF.
+``choose`` is the split measured best for one depth's rays; ``resolve`` turns the config's
+keys into the grid size and spp that are traced. How many depths is the config's choice
+(``num_depths: auto`` lets a pilot trace choose: psfgen/depthplan.py).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from .shared.errors import InputError
 # colour) split by the rule below, 46 x 46 at spp 18 903. The same rays on the spec's grid gave the CVAE about
 # twice the held-out error on the default lens (docs/ray_budget.md; README, accuracy). Each default stands alone:
 # --grid-size alone keeps spp at DEFAULT_SPP (a budget is spread only when ray_budget is given).
-DEFAULT_RAY_BUDGET = 40_000_000
+DEFAULT_RAY_BUDGET = 40_000_000  # per depth
+DEFAULT_NUM_DEPTHS = 5  # num_depths auto spends the rays of this many default depths over those it picks
 # Below ~1000 rays a point, tracing costs more per ray (each point's chief-ray search is fixed work:
 # benchmarks/bench_generate.py), a PSF is mostly noise (~18% at 1000 on the default lens) and a point needs 10% of
 # its rays valid to count as lit (illumination.MIN_RAYS = 100); a budget may not go lower.
@@ -41,29 +44,31 @@ EXPONENT = 0.2
 
 
 def choose(ray_budget: int) -> tuple[int, int]:
-    """(grid_size, spp) for ``ray_budget`` rays per depth per colour: the measured rule,
+    """(grid_size, spp) for ``ray_budget`` rays per colour at one depth: the measured rule,
     REF_GRID at REF_BUDGET, scaled as R^EXPONENT, rounded, kept at spp >= MIN_SPP."""
     n = round(REF_GRID * (ray_budget / REF_BUDGET) ** EXPONENT)
     n = max(MIN_GRID_SIZE, min(n, math.isqrt(ray_budget // MIN_SPP)))
     return n, ray_budget // n**2
 
 
-def resolve(ray_budget: int | None, grid_size: int | None, spp: int | None) -> tuple[int, int]:
-    """The traced (grid_size, spp) from the config's keys; None means not given.
+def resolve(ray_budget: int | None, grid_size: int | None, spp: int | None, num_depths: int = 1) -> tuple[int, int]:
+    """The traced (grid_size, spp) from the config's keys; None means not given. ray_budget counts
+    rays per colour over all ``num_depths`` depths; each depth gets ray_budget // num_depths.
 
     Without a budget: each as given, else its default (46, 18 903: DEFAULT_RAY_BUDGET split by
     the rule). With one: grid_size and spp from ``choose``; with grid_size, spp = R // N²; with
-    spp, N = floor(sqrt(R / spp)). A budget with both, or too small for a 2 x 2 grid at MIN_SPP
-    rays, raises InputError.
+    spp, N = floor(sqrt(R / spp)) (R a depth's rays). A budget with both, or too small for a
+    2 x 2 grid at MIN_SPP rays at every depth, raises InputError.
     """
     if ray_budget is None:
         return (DEFAULT_GRID_SIZE if grid_size is None else grid_size), (DEFAULT_SPP if spp is None else spp)
-    least = MIN_GRID_SIZE**2 * MIN_SPP
+    at = "" if num_depths == 1 else f" at each of {num_depths} depths"
+    least = MIN_GRID_SIZE**2 * MIN_SPP * num_depths
     if ray_budget < least:
         raise InputError.for_key(
             "ray_budget",
-            f"must be at least {least} (rays per depth per colour: a {MIN_GRID_SIZE}x{MIN_GRID_SIZE} grid at "
-            f"{MIN_SPP} rays a point), got {ray_budget}",
+            f"must be at least {least} (rays per colour: a {MIN_GRID_SIZE}x{MIN_GRID_SIZE} grid at "
+            f"{MIN_SPP} rays a point{at}), got {ray_budget}",
         )
     if grid_size is not None and spp is not None:
         keys = ("ray_budget", "grid_size", "spp")  # each named as the user set it: option, --set or config file
@@ -71,42 +76,43 @@ def resolve(ray_budget: int | None, grid_size: int | None, spp: int | None) -> t
             "{ray_budget} sets the grid size x spp: give it with at most one of {grid_size} and {spp}",
             {k: f"config key '{k}'" for k in keys},
         )
+    per_depth = ray_budget // num_depths
     if grid_size is not None:
-        if grid_size < MIN_GRID_SIZE or ray_budget // grid_size**2 < MIN_SPP:
+        if grid_size < MIN_GRID_SIZE or per_depth // grid_size**2 < MIN_SPP:
             raise InputError.for_keys(
-                f"{{ray_budget}} {ray_budget} over a {grid_size}x{grid_size} grid gives "
-                f"{ray_budget // max(grid_size, 1) ** 2} rays a point, fewer than {MIN_SPP}: lower {{grid_size}} "
-                f"(at most {math.isqrt(ray_budget // MIN_SPP)}) or raise the budget",
+                f"{{ray_budget}} {ray_budget} over a {grid_size}x{grid_size} grid{at} gives "
+                f"{per_depth // max(grid_size, 1) ** 2} rays a point, fewer than {MIN_SPP}: lower {{grid_size}} "
+                f"(at most {math.isqrt(per_depth // MIN_SPP)}) or raise the budget",
                 "ray_budget",
                 "grid_size",
             )
-        return grid_size, ray_budget // grid_size**2
+        return grid_size, per_depth // grid_size**2
     if spp is not None:
-        n = math.isqrt(ray_budget // spp) if spp > 0 else 0
+        n = math.isqrt(per_depth // spp) if spp > 0 else 0
         if n < MIN_GRID_SIZE:
             raise InputError.for_keys(
                 f"{{ray_budget}} {ray_budget} at {{spp}} {spp} is not enough for a {MIN_GRID_SIZE}x{MIN_GRID_SIZE} "
-                f"grid (it needs {MIN_GRID_SIZE**2 * spp} rays); lower {{spp}} or raise the budget",
+                f"grid{at} (it needs {MIN_GRID_SIZE**2 * spp * num_depths} rays); lower {{spp}} or raise the budget",
                 "ray_budget",
                 "spp",
             )
         return n, spp
-    return choose(ray_budget)
+    return choose(per_depth)
 
 
-def explain(ray_budget: int, grid_size: int, spp: int) -> str:
+def explain(ray_budget: int, grid_size: int, spp: int, num_depths: int = 1) -> str:
     """One line for the log: what a budget became, and why."""
-    used = grid_size**2 * spp
-    rule = choose(ray_budget)
+    used = grid_size**2 * spp * num_depths
+    rule = choose(ray_budget // num_depths)
     why = (
-        f"the measured rule ({REF_GRID}x{REF_GRID} at {REF_BUDGET:.3g} rays, scaled as R^{EXPONENT}; "
+        f"the measured rule ({REF_GRID}x{REF_GRID} at {REF_BUDGET:.3g} rays a depth, scaled as R^{EXPONENT}; "
         "docs/ray_budget.md)"
         if (grid_size, spp) == rule
         else "the grid size or spp given with it"
     )
     return (
-        f"ray budget {ray_budget:,} rays per depth per colour: {grid_size}x{grid_size} grid at spp {spp:,} "
-        f"({used:,} rays traced) from {why}"
+        f"ray budget {ray_budget:,} rays per colour over {num_depths} depth{'s' if num_depths > 1 else ''}: "
+        f"{grid_size}x{grid_size} grid at spp {spp:,} ({used:,} rays traced) from {why}"
     )
 
 

@@ -45,11 +45,14 @@ class GenerateConfig:
     depths: tuple[float, ...] | None = None  # explicit object depths [m]; overrides the range
     depth_min: float = 0.4  # nearest object depth [m] (when depths is not given)
     depth_max: float = 20.0  # farthest object depth [m]
-    num_depths: int = 5  # depths spaced uniformly in 1/depth between min and max
+    # Depths spaced uniformly in 1/depth between min and max, or "auto": a pilot trace picks 3, 5, 9, 17 or 33
+    # (psfgen/depthplan.py), and psf generate records them in depths.
+    num_depths: int | str = 5
     focus_m: float | None = None  # refocus the lens to this object distance [m] before tracing
     spp: int | None = None  # rays per point source and wavelength for the grid; None: 18903, or from ray_budget
-    # Rays per depth per colour for the grid (grid_size^2 x spp); None: grid_size and spp as given. With one of
-    # them it fixes the other; alone, psfgen.budget.choose picks both (docs/ray_budget.md).
+    # Rays per colour for the grid over all depths (depths x grid_size^2 x spp); None: grid_size and spp as given
+    # (with num_depths auto and neither given: the default 5 depths' rays). With one of them it fixes the other;
+    # alone, psfgen.budget.choose picks both from each depth's share (docs/ray_budget.md).
     ray_budget: int | None = None
     kernel_size: int = 64  # traced kernel side [px] (DeepLens's ks)
     kernel_size_small: int = 15  # stored kernel side [px] after exact-area downsampling
@@ -65,9 +68,17 @@ class GenerateConfig:
     shard: str | None = None  # "K/N": trace only shard K (0-based) of N; "auto": from torchrun or a SLURM array
 
     def __post_init__(self) -> None:
-        from .budget import resolve  # grid_size and spp: as given, their defaults, or from ray_budget
+        from .budget import DEFAULT_NUM_DEPTHS, DEFAULT_RAY_BUDGET, resolve
 
-        grid_size, spp = resolve(self.ray_budget, self.grid_size, self.spp)
+        n_depths = self.depth_count()
+        if n_depths is None:  # num_depths auto before the pilot: generate() rebuilds the config with its depths
+            return
+        # grid_size and spp: as given, their defaults, or from ray_budget; num_depths auto with none of the three
+        # spends the default depths' rays over the depths it picked.
+        ray_budget = self.ray_budget
+        if ray_budget is None and self.num_depths == "auto" and self.grid_size is None and self.spp is None:
+            ray_budget = DEFAULT_RAY_BUDGET * DEFAULT_NUM_DEPTHS
+        grid_size, spp = resolve(ray_budget, self.grid_size, self.spp, n_depths)
         object.__setattr__(self, "grid_size", grid_size)
         object.__setattr__(self, "spp", spp)
         # noise_points None: the default, which adapts to the grid (a 4x4 grid has 16 points, not 32).
@@ -79,6 +90,8 @@ class GenerateConfig:
 
     def validate(self) -> None:
         check_grid_size(self)
+        if isinstance(self.num_depths, str) and self.num_depths != "auto":
+            raise InputError.for_key("num_depths", f"must be a whole number or auto, got {self.num_depths!r}")
         if self.depths is not None:
             if len(self.depths) == 0:
                 raise InputError.for_key("depths", "is empty; give at least one depth in metres")
@@ -96,8 +109,9 @@ class GenerateConfig:
                     "depth_max",
                     "depth_min",
                 )
-            check_at_least(self, 1, "num_depths")
-            if self.num_depths > 1 and self.depth_max == self.depth_min:
+            if self.num_depths != "auto":
+                check_at_least(self, 1, "num_depths")
+            if self.num_depths != 1 and self.depth_max == self.depth_min:
                 raise InputError.for_keys(
                     "{depth_max} equals {depth_min}: set {num_depths} to 1 or widen the range",
                     "depth_max",
@@ -120,6 +134,9 @@ class GenerateConfig:
             raise InputError.for_key(
                 "heldout_spp", f"must be at least 2 (it is split in two halves), got {self.heldout_spp}"
             )
+        if self.depth_count() is None:  # auto: the rest is checked once the pilot has chosen (generate)
+            check_device(self)
+            return
         if not 0 <= self.noise_points <= self.grid_size**2:
             raise InputError.for_key(
                 "noise_points",
@@ -135,12 +152,33 @@ class GenerateConfig:
         check_device(self)
 
     # Derived values. Kept as methods, not fields, so they cannot disagree with the fields.
-    def depth_values(self) -> np.ndarray:
-        """Object depths [m], ascending. A range is spaced uniformly in 1/depth."""
+    def auto_depths(self) -> bool:
+        """num_depths auto, the depths not chosen yet."""
+        return self.depths is None and self.num_depths == "auto"
+
+    def depth_count(self) -> int | None:
+        """How many depths; None while num_depths auto waits for its pilot."""
+        if self.depths is not None:
+            return len(self.depths)
+        return None if self.num_depths == "auto" else self.num_depths
+
+    def depth_values(self, num_depths: int | None = None) -> np.ndarray:
+        """Object depths [m], ascending. A range is spaced uniformly in 1/depth (num_depths of them:
+        the config's, or the given count for num_depths auto)."""
         if self.depths is not None:
             return np.array(sorted(self.depths), dtype=np.float64)
-        inv = np.linspace(1.0 / self.depth_min, 1.0 / self.depth_max, self.num_depths)
+        n = self.num_depths if num_depths is None else num_depths
+        if n == "auto":
+            raise ValueError("num_depths auto: psf generate chooses the depths (GenerateConfig.with_depths)")
+        inv = np.linspace(1.0 / self.depth_min, 1.0 / self.depth_max, n)
         return 1.0 / inv
+
+    def with_depths(self, num_depths: int) -> GenerateConfig:
+        """This config with num_depths auto's choice: its depths recorded, grid_size and spp resolved."""
+        from .shared.configio import build, to_dict
+
+        values = {**to_dict(self), "depths": [float(d) for d in self.depth_values(num_depths)]}
+        return build(GenerateConfig, values)
 
     def heldout_half_spp(self) -> int:
         """Rays per held-out half: the reference (both halves) has heldout_spp rays."""

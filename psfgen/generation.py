@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import budget, illumination, litfield, spacing, store
+from . import budget, depthplan, illumination, litfield, spacing, store
 from .config import GenerateConfig
 from .grid import grid_coords, heldout_points, neighbour_pairs, noise_indices
 from .lens import build_lens, deeplens_notes, read_lens_file
@@ -199,24 +199,48 @@ def _check_output(cfg: GenerateConfig, out: Path, run_id: str) -> bool:
 def generate(cfg: GenerateConfig) -> Path:
     """Trace everything ``cfg`` asks for into ``cfg.out`` and return its path."""
     t_start = time.time()
-    if cfg.ray_budget is not None:
-        log.info("%s", budget.explain(cfg.ray_budget, cfg.grid_size, cfg.spp))
     lens_file = read_lens_file(cfg.lens)
-    params = cfg.run_params()
-    identity = {"params": params, "lens_sha256": lens_file.sha256, "tracer": illumination.TRACER_VERSION}
-    identity = json.dumps(identity, sort_keys=True)
-    run_id = hashlib.sha256(identity.encode()).hexdigest()[:16]
     shard = resolve_shard(cfg.shard)
     out = Path(cfg.out) if shard is None else shard_path(Path(cfg.out), *shard)
     local_rank = int(os.environ["LOCAL_RANK"]) if shard is not None and "LOCAL_RANK" in os.environ else None
     device = resolve_device(cfg.device, local_rank)
+    plan = None
+    if cfg.auto_depths():
+        cfg, plan = _choose_depths(cfg, out, lens_file, device, shard)
+    if cfg.ray_budget is not None:
+        log.info("%s", budget.explain(cfg.ray_budget, cfg.grid_size, cfg.spp, cfg.depth_count()))
+    params = cfg.run_params()
+    identity = {"params": params, "lens_sha256": lens_file.sha256, "tracer": illumination.TRACER_VERSION}
+    identity = json.dumps(identity, sort_keys=True)
+    run_id = hashlib.sha256(identity.encode()).hexdigest()[:16]
     check_memory(cfg, device)
     _make_parent(out)
     with locking.exclusive(out, "psf generate"):  # from the check of the file to the last block
-        return _trace_all(cfg, out, run_id, params, lens_file, shard, device, t_start)
+        return _trace_all(cfg, out, run_id, params, lens_file, shard, device, t_start, plan)
 
 
-def _trace_all(cfg, out: Path, run_id: str, params: dict, lens_file, shard, device, t_start: float) -> Path:
+def _choose_depths(cfg: GenerateConfig, out: Path, lens_file, device, shard):
+    """num_depths auto: (the config with its depths, the pilot's DepthPlan); a resumed run keeps the number of
+    depths its file records (a second pilot could choose another, and the file would no longer be this run's)."""
+    if shard is not None:
+        raise InputError.for_keys(
+            "{num_depths} auto cannot be combined with {shard}: every shard must trace the same depths; "
+            "give the number of depths a run without it chose (its log and psf info say it)",
+            "num_depths",
+            "shard",
+        )
+    earlier = None if cfg.overwrite or not out.exists() else depthplan.earlier_plan(out)
+    if earlier is not None:
+        log.info("num_depths auto: %d depths, as chosen when %s was started", earlier, out)
+        return cfg.with_depths(earlier), None
+    torch.manual_seed(cfg.seed)  # refocusing samples rays
+    lens = build_lens(lens_file, device, cfg.focus_m)
+    plan = depthplan.pilot(lens, cfg.depth_min, cfg.depth_max, cfg.kernel_size, cfg.kernel_size_small, cfg.seed)
+    log.info("%s", plan.describe())
+    return cfg.with_depths(plan.num_depths), plan
+
+
+def _trace_all(cfg, out: Path, run_id: str, params: dict, lens_file, shard, device, t_start: float, plan) -> Path:
     """generate() once ``out`` is locked: check or create the file, trace what is missing."""
     resume = _check_output(cfg, out, run_id)
 
@@ -260,7 +284,10 @@ def _trace_all(cfg, out: Path, run_id: str, params: dict, lens_file, shard, devi
             "heldout/at_grid_depth": ho_at,
             "axis/fraction": axis,
         }
-        _create(out, _header(cfg, lens_file, lens, run_id, params, device, shard), arrays, blocks, shard)
+        attrs = _header(cfg, lens_file, lens, run_id, params, device, shard)
+        if plan is not None:  # num_depths auto: what the pilot measured, and the count a resume keeps
+            attrs["depth_plan"] = plan.to_json()
+        _create(out, attrs, arrays, blocks, shard)
         done = np.zeros(len(blocks), dtype=bool)
         log.info("tracing %d blocks into %s on %s", mine.sum(), out, device)
 

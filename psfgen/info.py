@@ -51,6 +51,15 @@ def _default_note(noise_points, grid_size: int) -> str:
     return ""
 
 
+def _plan_note(attrs) -> str:
+    """Says when num_depths auto chose the depths, and from what."""
+    if "depth_plan" not in attrs:
+        return ""
+    plan = json.loads(attrs["depth_plan"])
+    errs = ", ".join(f"{d}: {100 * e:.1f}%" for d, e in plan["errors"].items())
+    return f"  (num_depths auto; pilot's error of interpolating in depth by number of depths {errs})"
+
+
 def summary(path) -> str:
     info = open_info(path)
     a = info.attrs
@@ -62,9 +71,11 @@ def summary(path) -> str:
         f"grid        {info.grid_size} x {info.grid_size} points, kernel_size {cfg['kernel_size']} px traced -> "
         f"kernel_size_small {info.kernel_size_small} px stored",
         f"depths [m]  {', '.join(f'{d:.4g}' for d in info.depths)}"
-        + (f"  (focus {cfg['focus_m']} m)" if cfg.get("focus_m") else ""),
+        + (f"  (focus {cfg['focus_m']} m)" if cfg.get("focus_m") else "")
+        + _plan_note(a),
         f"spp         {info.spp} (grid), {info.heldout_spp} (held-out reference, two halves)",
-        f"budget      {info.grid_size**2 * info.spp:,} rays per depth per colour (grid size² x spp)"
+        f"budget      {len(info.depths) * info.grid_size**2 * info.spp:,} rays per colour "
+        f"({len(info.depths)} depths x grid size² x spp)"
         + (f"; requested ray_budget {cfg['ray_budget']:,}" if cfg.get("ray_budget") is not None else ""),
         f"held-out    {info.n_heldout} points;  noise re-traces: {info.n_noise} grid points per depth"
         + _default_note(cfg.get("noise_points"), info.grid_size),

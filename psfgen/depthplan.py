@@ -1,0 +1,118 @@
+"""``num_depths: auto``: how many depths a range needs, from a short pilot trace.
+
+Between two grid depths every model and baseline interpolates, and how well depends on the
+lens: the default condenser's PSFs change slowly with depth, the Cooke triplet's, sharp in
+focus, change fast. Measured at the same rays in all (docs/ray_budget.md), the triplet's
+held-out error fell from 11.4% to 2.5% (bicubic) with 17 depths instead of 5 between 3 and
+20 m, while the condenser's CVAE went from 8.4% to 5.4% with 5 depths instead of 3.
+
+The pilot traces 9 field points ({0, 0.5, 1}², a quadrant of the field: axis, edges,
+corner) at 33 depths spaced uniformly in 1/depth over the range, twice, at PILOT_SPP rays.
+For D in 3, 5, 9, 17 (nested: every (33 - 1) / (D - 1)-th pilot depth), the pilot depths
+half way between D's neighbours are predicted linearly in 1/depth from them: the pooled
+relative L2 of those predictions, with the two traces' Monte Carlo noise taken out, is the
+error of interpolating in depth on D depths. The fewest D whose error is at most
+DEPTH_ERROR is chosen; 33 when none is.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from . import illumination
+from .resample import downsample
+
+log = logging.getLogger(__name__)
+
+PILOT_DEPTHS = 33  # pilot depths, uniform in 1/depth: nested grids of 3, 5, 9, 17 and 33
+CHOICES = (3, 5, 9, 17, 33)
+PILOT_SPP = 8000  # rays per pilot point and colour (each point traced twice)
+PILOT_FIELD = (0.0, 0.5, 1.0)  # x and y of the pilot points (normalised field)
+# The largest error of interpolating in depth (noise removed) a choice may leave. A third of the CVAE's error at
+# grid depths on the accuracy benchmark (~6%): added in quadrature, it costs the model's error ~5%.
+DEPTH_ERROR = 0.02
+
+
+@dataclass(frozen=True)
+class DepthPlan:
+    """What the pilot measured and chose."""
+
+    num_depths: int
+    errors: dict[int, float]  # D -> error of interpolating in depth on D depths (pooled relative L2, noise removed)
+    noise: float  # the pilot's noise, one trace (pooled relative L2)
+    seconds: float
+
+    def describe(self) -> str:
+        errs = ", ".join(f"{d}: {100 * e:.1f}%" for d, e in self.errors.items())
+        return (
+            f"num_depths auto: {self.num_depths} depths (pilot of {len(PILOT_FIELD) ** 2} points x {PILOT_DEPTHS} "
+            f"depths at spp {PILOT_SPP}, {self.seconds:.0f} s; interpolation error in depth, noise "
+            f"{100 * self.noise:.1f}% removed, by number of depths: {errs}; at most {100 * DEPTH_ERROR:g}% wanted)"
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"num_depths": self.num_depths, "errors": {str(k): v for k, v in self.errors.items()}, "noise": self.noise}
+        )
+
+
+def depth_errors(a: np.ndarray, b: np.ndarray, ok: np.ndarray) -> tuple[dict[int, float], float]:
+    """a, b: two traces [M, P, 3, k, k] at M = PILOT_DEPTHS depths uniform in 1/depth; ok [M, P] bool (lit in
+    both). Returns ({D: error of interpolating in depth on D depths}, one trace's noise)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    mean = 0.5 * (a + b)
+    sq = ((a - b) ** 2).sum(axis=(-3, -2, -1))[ok].sum() / (mean**2).sum(axis=(-3, -2, -1))[ok].sum()
+    noise2 = sq / 2  # one trace's squared noise: a - b holds two traces' worth
+    m = len(mean)
+    errors = {}
+    for d in CHOICES[:-1]:
+        step = (m - 1) // (d - 1)
+        mids = np.arange(step // 2, m - 1, step)
+        lo, hi = mids - step // 2, mids + step // 2
+        use = ok[lo] & ok[mids] & ok[hi]
+        diff = ((0.5 * (mean[lo] + mean[hi]) - mean[mids]) ** 2).sum(axis=(-3, -2, -1))[use].sum()
+        norm = (mean[mids] ** 2).sum(axis=(-3, -2, -1))[use].sum()
+        # each mean holds half a trace's variance: the truth's plus a quarter of each neighbour's, 0.75 noise2
+        errors[d] = float(np.sqrt(max(diff / norm - 0.75 * noise2, 0.0))) if norm > 0 else float("nan")
+    return errors, float(np.sqrt(noise2))
+
+
+def choose(errors: dict[int, float]) -> int:
+    """The fewest depths whose error is at most DEPTH_ERROR; the most (33) when none is."""
+    return next((d for d in CHOICES[:-1] if errors[d] <= DEPTH_ERROR), CHOICES[-1])
+
+
+def pilot(lens, depth_min: float, depth_max: float, kernel_size: int, kernel_size_small: int, seed: int) -> DepthPlan:
+    """Trace the pilot on ``lens`` over [depth_min, depth_max] [m] and choose the number of depths."""
+    t = time.time()
+    torch.manual_seed(seed)
+    depths = 1.0 / np.linspace(1.0 / depth_min, 1.0 / depth_max, PILOT_DEPTHS)  # [M] m
+    xy = np.array([(x, y) for y in PILOT_FIELD for x in PILOT_FIELD])  # [P, 2]
+    traces = []
+    for _ in range(2):
+        psfs, lit = [], []
+        for d in depths:  # one depth at a time: memory as one block of 9 points
+            psf, _, window = illumination.trace_counted(lens, xy, np.full(len(xy), d), PILOT_SPP, kernel_size)
+            psfs.append(downsample(psf, kernel_size_small).cpu().numpy())
+            lit.append((window.cpu().numpy() >= illumination.min_rays(PILOT_SPP)).all(axis=-1))
+        traces.append((np.stack(psfs), np.stack(lit)))
+    (a, lit_a), (b, lit_b) = traces
+    errors, noise = depth_errors(a, b, lit_a & lit_b)
+    return DepthPlan(choose(errors), errors, noise, time.time() - t)
+
+
+def earlier_plan(out: Path) -> int | None:
+    """The number of depths an earlier auto run chose for ``out`` (to resume it without a new pilot)."""
+    try:
+        with h5py.File(out, "r", locking=False) as f:
+            return json.loads(f.attrs["depth_plan"])["num_depths"] if "depth_plan" in f.attrs else None
+    except (OSError, KeyError, ValueError):
+        return None
