@@ -9,7 +9,7 @@ second run only retrains and evaluates.
 
     python benchmarks/bench_accuracy.py [--lens acl12708u|cooke|la1131] [--configs default,cartesian,spec]
                                         [--work DIR] [--max-steps N] [--set key=value ...]
-                                        [--grid-size N | --budget-rule] [--split-depths S]
+                                        [--grid-size N | --budget-rule] [--split-depths S | --auto-depths]
 
 Configurations: default (psf train's defaults), cartesian (the defaults conditioned on
 (x, y[, d]) instead of the lens's symmetry), spec (configs/cvae_v1.yaml, verbatim), or a
@@ -20,17 +20,21 @@ variant of the defaults named NAME:key=value:key=value (e.g. nf5:num_frequencies
 lens's depths is split into S equal steps in 1/depth (3 depths become 2S + 1), the rays
 per depth shrink by the same factor, the grid follows (--budget-rule) or keeps its size,
 and the held-out points and their reference are those of the grid file without the split
-(traced first when missing), so the two are scored on the same points.
+(traced first when missing), so the two are scored on the same points. --auto-depths does
+the same with psf generate's num_depths auto over the lens's depth range: the pilot picks
+the depths, the same rays in all are spread over them by the rule.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 from psfcvae import EvalConfig, TrainConfig, evaluate, train
@@ -88,7 +92,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the grid psf generate --ray-budget picks for the same rays per depth (psfgen/budget.py)",
     )
-    ap.add_argument(
+    depths = ap.add_mutually_exclusive_group()
+    depths.add_argument(
+        "--auto-depths",
+        action="store_true",
+        help="num_depths auto over the lens's depth range, at the same rays in all (see above)",
+    )
+    depths.add_argument(
         "--split-depths",
         type=int,
         default=1,
@@ -131,6 +141,12 @@ def main() -> None:
     if args.split_depths > 1:
         grid_cfg, tag = split_depths(grid_cfg, args.split_depths, args.budget_rule), f"_split{args.split_depths}"
         data = with_reference(generate(configio.build(GenerateConfig, grid_cfg)), data, work / f"eval{tag}.h5")
+    if args.auto_depths:
+        grid_cfg, tag = auto_depths(grid_cfg), "_auto"
+        grid = generate(configio.build(GenerateConfig, grid_cfg))
+        data = with_reference(grid, data, work / f"eval{tag}.h5")
+        with h5py.File(data, "r") as f:  # the depths the pilot chose, and the grid the rule gave each
+            grid_cfg = {**json.loads(f.attrs["config"]), "ray_budget": None}
     times = {"generate": time.time() - t0}
     results = {}
     if not names:
@@ -189,6 +205,24 @@ def split_depths(grid_cfg: dict, s: int, rule: bool) -> dict:
     n = budget.choose(rays)[0] if rule else grid_cfg["grid_size"]
     out = str(Path(grid_cfg["out"]).with_name(f"grid_split{s}.h5"))
     return {**grid_cfg, "depths": depths, "grid_size": n, "spp": round(rays / n**2), "heldout": 0, "out": out}
+
+
+def auto_depths(grid_cfg: dict) -> dict:
+    """The generate config for num_depths auto over the same depth range, with the same rays in all (the rule
+    splits each depth's share); no held-out set of its own (it gets the unsplit file's)."""
+    old = configio.build(GenerateConfig, grid_cfg).depth_values()  # [D] m
+    rays = len(old) * grid_cfg["grid_size"] ** 2 * grid_cfg["spp"]
+    cfg = {k: v for k, v in grid_cfg.items() if k not in ("depths", "grid_size", "spp")}
+    out = str(Path(grid_cfg["out"]).with_name("grid_auto.h5"))
+    return {
+        **cfg,
+        "depth_min": float(old.min()),
+        "depth_max": float(old.max()),
+        "num_depths": "auto",
+        "ray_budget": rays,
+        "heldout": 0,
+        "out": out,
+    }
 
 
 def summary_table(results: dict) -> str:

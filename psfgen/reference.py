@@ -18,8 +18,8 @@ import numpy as np
 
 def with_reference(grid: Path, ref: Path, out: Path) -> Path:
     """A copy of the grid file whose held-out group is the reference's: same lens, kernel and
-    wavelengths; the grid's depths include the reference's (a grid with more depths is scored on
-    the same points, and a held-out point counts as at a grid depth when it is at one of the grid's)."""
+    wavelengths; the grid's depths span the reference's (a grid with other depths is scored on the
+    same points, and a held-out point counts as at a grid depth when it is at one of the grid's)."""
     if out.exists() and out.stat().st_mtime >= max(grid.stat().st_mtime, ref.stat().st_mtime):
         return out
     tmp = out.with_suffix(".tmp")
@@ -30,11 +30,12 @@ def with_reference(grid: Path, ref: Path, out: Path) -> Path:
         mine, theirs = ({k: v for k, v in json.loads(x.attrs["run_params"]).items() if k not in own} for x in (f, r))
         same_lens = f.attrs["lens_sha256"] == r.attrs["lens_sha256"] and np.array_equal(f["wvln"], r["wvln"])
         depths = f["depths"][:]  # [D] m
-        has_depths = np.isclose(r["depths"][:][:, None], depths[None]).any(axis=1).all()
-        if mine != theirs or not same_lens or not has_depths:
+        theirs_d = r["depths"][:]
+        spans = depths.min() <= theirs_d.min() * (1 + 1e-9) and depths.max() >= theirs_d.max() * (1 - 1e-9)
+        if mine != theirs or not same_lens or not spans:
             raise RuntimeError(
-                f"{ref} and {grid} differ in lens, kernel or wavelengths, or the grid lacks one of the reference's "
-                "depths: no common reference"
+                f"{ref} and {grid} differ in lens, kernel or wavelengths, or the grid's depths do not span the "
+                "reference's: no common reference"
             )
         del f["heldout"]
         r.copy(r["heldout"], f, "heldout")
