@@ -134,14 +134,24 @@ class GenerateConfig:
             raise InputError.for_key(
                 "heldout_spp", f"must be at least 2 (it is split in two halves), got {self.heldout_spp}"
             )
-        if self.depth_count() is None:  # auto: the rest is checked once the pilot has chosen (generate)
-            check_device(self)
-            return
-        if not 0 <= self.noise_points <= self.grid_size**2:
+        # num_depths auto leaves grid_size, spp and noise_points to the pilot's choice only when they come from
+        # the budget; given, they are checked here, before a pilot is traced.
+        if (
+            self.noise_points is not None
+            and self.grid_size is not None
+            and not (0 <= self.noise_points <= self.grid_size**2)
+        ):
             raise InputError.for_key(
                 "noise_points",
                 f"must be between 0 and {self.grid_size**2} (the points of a "
                 f"{self.grid_size}x{self.grid_size} grid), got {self.noise_points}",
+            )
+        if self.shard is not None and self.auto_depths():
+            raise InputError.for_keys(
+                "{num_depths} auto cannot be combined with {shard}: every shard must trace the same depths; "
+                "give the number of depths a run without it chose (its log and psf info say it)",
+                "num_depths",
+                "shard",
             )
         if self.shard is not None and self.shard != "auto":
             m = re.fullmatch(r"(\d+)/(\d+)", self.shard)

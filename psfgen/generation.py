@@ -206,7 +206,7 @@ def generate(cfg: GenerateConfig) -> Path:
     device = resolve_device(cfg.device, local_rank)
     plan = None
     if cfg.auto_depths():
-        cfg, plan = _choose_depths(cfg, out, lens_file, device, shard)
+        cfg, plan = _choose_depths(cfg, out, lens_file, device)  # GenerateConfig.validate refuses a shard here
     if cfg.ray_budget is not None:
         log.info("%s", budget.explain(cfg.ray_budget, cfg.grid_size, cfg.spp, cfg.depth_count()))
     params = cfg.run_params()
@@ -219,16 +219,9 @@ def generate(cfg: GenerateConfig) -> Path:
         return _trace_all(cfg, out, run_id, params, lens_file, shard, device, t_start, plan)
 
 
-def _choose_depths(cfg: GenerateConfig, out: Path, lens_file, device, shard):
+def _choose_depths(cfg: GenerateConfig, out: Path, lens_file, device):
     """num_depths auto: (the config with its depths, the pilot's DepthPlan); a resumed run keeps the number of
     depths its file records (a second pilot could choose another, and the file would no longer be this run's)."""
-    if shard is not None:
-        raise InputError.for_keys(
-            "{num_depths} auto cannot be combined with {shard}: every shard must trace the same depths; "
-            "give the number of depths a run without it chose (its log and psf info say it)",
-            "num_depths",
-            "shard",
-        )
     earlier = None if cfg.overwrite or not out.exists() else depthplan.earlier_plan(out)
     if earlier is not None:
         log.info("num_depths auto: %d depths, as chosen when %s was started", earlier, out)
