@@ -90,7 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     grid.add_argument(
         "--budget-rule",
         action="store_true",
-        help="the grid psf generate --ray-budget picks for the same rays per depth (psfgen/budget.py)",
+        help="the grid the budget rule picks for the same rays per depth (psf generate --ray-budget D x N² x spp; "
+        "psfgen/budget.py)",
     )
     depths = ap.add_mutually_exclusive_group()
     depths.add_argument(
@@ -123,6 +124,8 @@ def main() -> None:
         elif name not in configs:
             ap.error(f"unknown configuration {name!r}; choose from {', '.join(CONFIGS)} or NAME:key=value")
         names.append(name)
+    if args.split_depths < 1:
+        ap.error(f"--split-depths must be at least 1, got {args.split_depths}")
     work = Path(args.work or f"runs/bench_accuracy/{args.lens}")
     grid_cfg = {**BUDGET, **LENSES[args.lens], "out": str(work / "grid.h5"), "device": args.device}
     if args.grid_size:
@@ -150,7 +153,8 @@ def main() -> None:
     times = {"generate": time.time() - t0}
     results = {}
     if not names:
-        results["baselines"] = evaluate(EvalConfig(data=str(data), out=str(work / f"eval_baselines{tag}")))
+        out = str(work / f"eval_baselines{tag}")
+        results["baselines"] = evaluate(EvalConfig(data=str(data), out=out, device=args.device))
     for name in names:
         path, sets = configs[name]
         run_dir = work / f"run_{name}{tag}"

@@ -100,6 +100,15 @@ def resolve(ray_budget: int | None, grid_size: int | None, spp: int | None, num_
     return choose(per_depth)
 
 
+def affords(ray_budget: int | None, grid_size: int | None, spp: int | None, num_depths: int) -> bool:
+    """Whether ``resolve`` accepts these keys at ``num_depths`` depths (no budget: always)."""
+    try:
+        resolve(ray_budget, grid_size, spp, num_depths)
+    except InputError:
+        return False
+    return True
+
+
 def explain(ray_budget: int, grid_size: int, spp: int, num_depths: int = 1) -> str:
     """One line for the log: what a budget became, and why."""
     used = grid_size**2 * spp * num_depths

@@ -68,17 +68,15 @@ class GenerateConfig:
     shard: str | None = None  # "K/N": trace only shard K (0-based) of N; "auto": from torchrun or a SLURM array
 
     def __post_init__(self) -> None:
-        from .budget import DEFAULT_NUM_DEPTHS, DEFAULT_RAY_BUDGET, resolve
+        from .budget import resolve
 
+        if isinstance(self.num_depths, str):
+            object.__setattr__(self, "num_depths", self.num_depths.strip().lower())
         n_depths = self.depth_count()
-        if n_depths is None:  # num_depths auto before the pilot: generate() rebuilds the config with its depths
-            return
-        # grid_size and spp: as given, their defaults, or from ray_budget; num_depths auto with none of the three
-        # spends the default depths' rays over the depths it picked.
-        ray_budget = self.ray_budget
-        if ray_budget is None and self.num_depths == "auto" and self.grid_size is None and self.spp is None:
-            ray_budget = DEFAULT_RAY_BUDGET * DEFAULT_NUM_DEPTHS
-        grid_size, spp = resolve(ray_budget, self.grid_size, self.spp, n_depths)
+        if isinstance(n_depths, bool) or not isinstance(n_depths, int) or n_depths < 1:
+            return  # num_depths auto before the pilot (generate() rebuilds the config), or a count validate() names
+        # grid_size and spp: as given, their defaults, or from the budget
+        grid_size, spp = resolve(self.budget(), self.grid_size, self.spp, n_depths)
         object.__setattr__(self, "grid_size", grid_size)
         object.__setattr__(self, "spp", spp)
         # noise_points None: the default, which adapts to the grid (a 4x4 grid has 16 points, not 32).
@@ -146,6 +144,11 @@ class GenerateConfig:
                 f"must be between 0 and {self.grid_size**2} (the points of a "
                 f"{self.grid_size}x{self.grid_size} grid), got {self.noise_points}",
             )
+        if self.auto_depths():  # the budget must afford the fewest depths the pilot may choose
+            from .budget import resolve
+            from .depthplan import CHOICES
+
+            resolve(self.budget(), self.grid_size, self.spp, CHOICES[0])
         if self.shard is not None and self.auto_depths():
             raise InputError.for_keys(
                 "{num_depths} auto cannot be combined with {shard}: every shard must trace the same depths; "
@@ -162,6 +165,16 @@ class GenerateConfig:
         check_device(self)
 
     # Derived values. Kept as methods, not fields, so they cannot disagree with the fields.
+    def budget(self) -> int | None:
+        """The rays per colour the grid spends over all depths: ray_budget; with num_depths auto and not both
+        grid_size and spp given, the default 5 depths' rays (auto moves them between depths, it adds none);
+        None: grid_size and spp as given or by default."""
+        from .budget import DEFAULT_NUM_DEPTHS, DEFAULT_RAY_BUDGET
+
+        if self.ray_budget is None and self.num_depths == "auto" and (self.grid_size is None or self.spp is None):
+            return DEFAULT_RAY_BUDGET * DEFAULT_NUM_DEPTHS
+        return self.ray_budget
+
     def auto_depths(self) -> bool:
         """num_depths auto, the depths not chosen yet."""
         return self.depths is None and self.num_depths == "auto"

@@ -29,6 +29,7 @@ import torch
 
 from . import illumination
 from .resample import downsample
+from .shared.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,8 @@ def depth_errors(a: np.ndarray, b: np.ndarray, ok: np.ndarray) -> tuple[dict[int
     both). Returns ({D: error of interpolating in depth on D depths}, one trace's noise)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     mean = 0.5 * (a + b)
-    sq = ((a - b) ** 2).sum(axis=(-3, -2, -1))[ok].sum() / (mean**2).sum(axis=(-3, -2, -1))[ok].sum()
+    norm_all = (mean**2).sum(axis=(-3, -2, -1))[ok].sum()
+    sq = ((a - b) ** 2).sum(axis=(-3, -2, -1))[ok].sum() / norm_all if norm_all > 0 else 0.0
     noise2 = sq / 2  # one trace's squared noise: a - b holds two traces' worth
     m = len(mean)
     errors = {}
@@ -108,6 +110,11 @@ def pilot(lens, depth_min: float, depth_max: float, kernel_size: int, kernel_siz
         traces.append((np.stack(psfs), np.stack(lit)))
     (a, lit_a), (b, lit_b) = traces
     errors, noise = depth_errors(a, b, lit_a & lit_b)
+    if not np.isfinite(list(errors.values())).any():
+        raise InputError(
+            f"the pilot of num_depths auto found no field point lit at three neighbouring depths between "
+            f"{depth_min:g} and {depth_max:g} m; give the depths (--num-depths N or --depths)"
+        )
     plan = DepthPlan(choose(errors), errors, noise, time.time() - t)
     if errors[CHOICES[-2]] > 4 * DEPTH_ERROR:  # interpolation error falls ~4x a halving: 33 will not do either
         log.warning(
@@ -127,6 +134,6 @@ def earlier_plan(out: Path) -> int | None:
     """The number of depths an earlier auto run chose for ``out`` (to resume it without a new pilot)."""
     try:
         with h5py.File(out, "r", locking=False) as f:
-            return json.loads(f.attrs["depth_plan"])["num_depths"] if "depth_plan" in f.attrs else None
-    except (OSError, KeyError, ValueError):
+            return int(json.loads(f.attrs["depth_plan"])["num_depths"]) if "depth_plan" in f.attrs else None
+    except (OSError, KeyError, ValueError, TypeError):
         return None

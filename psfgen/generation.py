@@ -9,6 +9,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -167,10 +168,22 @@ def _make_parent(out: Path) -> None:
 
 def _check_output(cfg: GenerateConfig, out: Path, run_id: str) -> bool:
     """Decide what to do with ``out`` (under its lock). Returns True to resume an existing file."""
-    if not out.exists():
+    info = _existing(cfg, out)
+    if info is None:
         return False
-    if cfg.overwrite:
-        return False
+    if info.run_id != run_id:
+        raise InputError(
+            f"{out} holds another run (different parameters or lens); choose another --out "
+            "or pass --overwrite to replace it" + _budget_hint(cfg, out)
+        )
+    return True
+
+
+def _existing(cfg: GenerateConfig, out: Path):
+    """The GridInfo of the file a run would resume (None: nothing there, or --overwrite); a file that cannot
+    be resumed (damaged, not a grid file, an older schema) raises InputError."""
+    if not out.exists() or cfg.overwrite:
+        return None
     try:
         info = store.open_info(out)
     except DamagedFile as exc:
@@ -188,12 +201,21 @@ def _check_output(cfg: GenerateConfig, out: Path, run_id: str) -> bool:
             f"{out} was written by an older psf generate (schema {info.schema}, this one writes "
             f"{store.SCHEMA_VERSION}); pass --overwrite to trace it again, or choose another --out"
         )
-    if info.run_id != run_id:
-        raise InputError(
-            f"{out} holds another run (different parameters or lens); choose another --out "
-            "or pass --overwrite to replace it"
-        )
-    return True
+    return info
+
+
+def _budget_hint(cfg: GenerateConfig, out: Path) -> str:
+    """When the file asked for the same ray_budget before it counted every depth's rays: how to resume it."""
+    with h5py.File(out, "r", locking=False) as f:
+        old = json.loads(f.attrs["config"]).get("ray_budget")
+        counts_all = f.attrs.get("ray_budget_scope") == store.RAY_BUDGET_SCOPE
+    if cfg.ray_budget is None or old != cfg.ray_budget or counts_all:
+        return ""
+    d = cfg.depth_count() or 1
+    return (
+        f" (it was started when --ray-budget counted one depth's rays; it now counts all {d}: "
+        f"--ray-budget {old * d:g} resumes it)"
+    )
 
 
 def generate(cfg: GenerateConfig) -> Path:
@@ -205,10 +227,12 @@ def generate(cfg: GenerateConfig) -> Path:
     local_rank = int(os.environ["LOCAL_RANK"]) if shard is not None and "LOCAL_RANK" in os.environ else None
     device = resolve_device(cfg.device, local_rank)
     plan = None
-    if cfg.auto_depths():
-        cfg, plan = _choose_depths(cfg, out, lens_file, device)  # GenerateConfig.validate refuses a shard here
-    if cfg.ray_budget is not None:
-        log.info("%s", budget.explain(cfg.ray_budget, cfg.grid_size, cfg.spp, cfg.depth_count()))
+    if cfg.auto_depths():  # GenerateConfig.validate refuses a shard here
+        _make_parent(out)  # what the file check would refuse, refused before the pilot's minute
+        _existing(cfg, out)
+        cfg, plan = _choose_depths(cfg, out, lens_file, device)
+    if cfg.budget() is not None:
+        log.info("%s", budget.explain(cfg.budget(), cfg.grid_size, cfg.spp, cfg.depth_count()))
     params = cfg.run_params()
     identity = {"params": params, "lens_sha256": lens_file.sha256, "tracer": illumination.TRACER_VERSION}
     identity = json.dumps(identity, sort_keys=True)
@@ -230,7 +254,13 @@ def _choose_depths(cfg: GenerateConfig, out: Path, lens_file, device):
     lens = build_lens(lens_file, device, cfg.focus_m)
     plan = depthplan.pilot(lens, cfg.depth_min, cfg.depth_max, cfg.kernel_size, cfg.kernel_size_small, cfg.seed)
     log.info("%s", plan.describe())
-    return cfg.with_depths(plan.num_depths), plan
+    n = plan.num_depths
+    while n > depthplan.CHOICES[0] and not budget.affords(cfg.budget(), cfg.grid_size, cfg.spp, n):
+        n = depthplan.CHOICES[depthplan.CHOICES.index(n) - 1]  # validate() checked the fewest fit
+    if n != plan.num_depths:
+        log.warning("num_depths auto: the ray budget affords %d depths, not the %d the pilot chose", n, plan.num_depths)
+        plan = dataclasses.replace(plan, num_depths=n)
+    return cfg.with_depths(n), plan
 
 
 def _trace_all(cfg, out: Path, run_id: str, params: dict, lens_file, shard, device, t_start: float, plan) -> Path:
@@ -322,6 +352,7 @@ def _header(cfg: GenerateConfig, lens_file, lens, run_id: str, params: dict, dev
         "started_at": now(),
         "valid_min_rays": illumination.min_rays(cfg.spp),
         "valid_min_rays_heldout": illumination.min_rays(cfg.heldout_half_spp()),
+        "ray_budget_scope": store.RAY_BUDGET_SCOPE,  # the config's ray_budget counts every depth's rays
     }
     if shard is not None:
         attrs.update(shard_index=shard[0], shard_count=shard[1])

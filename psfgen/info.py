@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 
 from .shared.metrics import rel_l2
-from .store import TRUNCATION_LIMIT, open_info, read_lit, traced_grid
+from .store import RAY_BUDGET_SCOPE, TRUNCATION_LIMIT, open_info, read_lit, traced_grid
 
 
 def grid_speed(path) -> tuple[float, int] | None:
@@ -51,6 +51,14 @@ def _default_note(noise_points, grid_size: int) -> str:
     return ""
 
 
+def _requested_budget(cfg: dict, attrs) -> str:
+    """The ray_budget asked for, if any; a file from before it counted every depth's rays says so."""
+    if cfg.get("ray_budget") is None:
+        return ""
+    per_depth = "" if attrs.get("ray_budget_scope") == RAY_BUDGET_SCOPE else " per depth (as it counted then)"
+    return f"; requested ray_budget {cfg['ray_budget']:,}{per_depth}"
+
+
 def _plan_note(attrs) -> str:
     """Says when num_depths auto chose the depths, and from what."""
     if "depth_plan" not in attrs:
@@ -75,8 +83,7 @@ def summary(path) -> str:
         + _plan_note(a),
         f"spp         {info.spp} (grid), {info.heldout_spp} (held-out reference, two halves)",
         f"budget      {len(info.depths) * info.grid_size**2 * info.spp:,} rays per colour "
-        f"({len(info.depths)} depths x grid size² x spp)"
-        + (f"; requested ray_budget {cfg['ray_budget']:,}" if cfg.get("ray_budget") is not None else ""),
+        f"({len(info.depths)} depths x grid size² x spp)" + _requested_budget(cfg, a),
         f"held-out    {info.n_heldout} points;  noise re-traces: {info.n_noise} grid points per depth"
         + _default_note(cfg.get("noise_points"), info.grid_size),
         f"blocks      {info.blocks_done}/{info.blocks_total} traced"

@@ -46,6 +46,9 @@ FORMAT = "psf-cvae.grid"
 # (DeepLens drops the rays beyond it): generate warns, info and the eval report count them.
 TRUNCATION_LIMIT = 0.01
 SCHEMA_VERSION = 3
+# The attribute saying a file's config ray_budget counts every depth's rays (files without it, from before, asked
+# for one depth's rays: psf info and a resume read them so).
+RAY_BUDGET_SCOPE = "all depths"
 # Schema 1 files have no illumination: every point lit, illumination unmeasured (docs/dataset.md).
 # Schemas 1 and 2 name the kernel sizes ks and ks_small in run_params and config (_upgrade_params).
 READS = (1, 2, 3)

@@ -15,10 +15,10 @@ from psfgen.shared.errors import InputError
 M = depthplan.PILOT_DEPTHS
 
 
-def _pilot_field(scale: np.ndarray) -> np.ndarray:
-    """[M, 2, 3, 5, 5]: a fixed pattern times scale[m] at pilot depth m, at two field points."""
-    pattern = np.arange(1, 76, dtype=np.float64).reshape(3, 5, 5)
-    return scale[:, None, None, None, None] * np.broadcast_to(pattern, (2, 3, 5, 5))
+def _pilot_field(scale: np.ndarray, k: int = 5) -> np.ndarray:
+    """[M, 2, 3, k, k]: a fixed pattern times scale[m] at pilot depth m, at two field points."""
+    pattern = np.arange(1, 3 * k * k + 1, dtype=np.float64).reshape(3, k, k)
+    return scale[:, None, None, None, None] * np.broadcast_to(pattern, (2, 3, k, k))
 
 
 def test_quadratic_in_inverse_depth_by_hand():
@@ -38,13 +38,21 @@ def test_quadratic_in_inverse_depth_by_hand():
 
 
 def test_noise_is_measured_and_removed():
-    # Linear in 1/depth, so every prediction is exact; two traces off by +n and -n: their mean is the truth.
+    # Two independent traces, each 2% relative noise on a field quadratic in 1/depth: the pilot reports one
+    # trace's noise, and with it removed the errors are the noiseless ones.
     u = np.linspace(1, 3, M)
-    truth = _pilot_field(2 + u)
-    n = np.random.default_rng(0).normal(size=truth.shape) * 0.05 * truth
-    errors, noise = depthplan.depth_errors(truth + n, truth - n, np.ones((M, 2), bool))
-    assert noise == pytest.approx(np.sqrt(2 * (n**2).sum() / (truth**2).sum()))
-    assert all(e == 0 for e in errors.values())  # nothing but noise: nothing left once it is removed
+    truth = _pilot_field(1 + u**2, k=31)  # enough pixels for the noise's cross terms to average out
+    rng = np.random.default_rng(0)
+    a, b = (truth * (1 + 0.02 * rng.normal(size=truth.shape)) for _ in range(2))
+    ok = np.ones((M, 2), bool)
+    clean, _ = depthplan.depth_errors(truth, truth, ok)
+    errors, noise = depthplan.depth_errors(a, b, ok)
+    assert noise == pytest.approx(0.02, rel=0.05)
+    for d in (3, 5):  # where the change is well above the noise
+        assert errors[d] == pytest.approx(clean[d], rel=0.1), d
+    # Without the correction the D = 9 figure would be mostly noise: the means of two traces at three depths.
+    raw = np.sqrt(clean[9] ** 2 + 0.75 * noise**2)
+    assert abs(errors[9] - clean[9]) < 0.3 * abs(raw - clean[9])
     # A dark pilot PSF (not lit) is left out: zeros there change nothing.
     dark, ok = truth.copy(), np.ones((M, 2), bool)
     dark[4, 1], ok[4, 1] = 0, False
@@ -56,6 +64,8 @@ def test_the_fewest_depths_within_the_bound_win():
     assert depthplan.choose({3: 2 * e, 5: e, 9: e / 2, 17: 0.0}) == 5
     assert depthplan.choose({3: e / 2, 5: 0.0, 9: 0.0, 17: 0.0}) == 3
     assert depthplan.choose({3: 9 * e, 5: 5 * e, 9: 3 * e, 17: 2 * e}) == 33
+    assert depthplan.choose({3: 2 * e, 5: e, 9: 0.0, 17: 0.0}) == 5  # at the bound is within it
+    assert depthplan.choose({3: float("nan"), 5: 2 * e, 9: e / 2, 17: 0.0}) == 9  # unmeasured is not within
 
 
 def test_config_takes_auto_and_refuses_other_words(tmp_path):
@@ -68,6 +78,14 @@ def test_config_takes_auto_and_refuses_other_words(tmp_path):
         tiny_config(tmp_path / "g.h5", depths=None, num_depths="many")
     with pytest.raises(InputError, match="depth_max"):
         tiny_config(tmp_path / "g.h5", depths=None, depth_min=1.0, depth_max=1.0, num_depths="auto")
+    # A budget too small for the fewest depths the pilot may choose is refused before any pilot is traced.
+    with pytest.raises(InputError, match="at each of 3 depths"):
+        tiny_config(tmp_path / "g.h5", depths=None, spp=None, ray_budget=5000, num_depths="auto")
+    # Bad counts with a budget are one line too (the budget's arithmetic would divide by them).
+    for bad in (2.5, 0, -2):
+        with pytest.raises(InputError, match="num_depths"):
+            tiny_config(tmp_path / "g.h5", depths=None, spp=None, ray_budget=10**6, num_depths=bad)
+    assert tiny_config(tmp_path / "g.h5", depths=None, num_depths="AUTO").auto_depths()
     # Without grid size, spp or budget, auto spends the default 5 depths' rays over the depths it picks.
     free = tiny_config(tmp_path / "g.h5", depths=None, grid_size=None, spp=None, noise_points=None, num_depths="auto")
     nine = free.with_depths(9)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from psfgen.info import summary
+from psfgen.info import noise_floor, summary
 from psfgen.spacing import LIMITING_RATIO, Spacing, check_file, spacing_errors
 
 
@@ -48,6 +48,17 @@ def test_quadratic_in_inverse_depth_by_hand():
     assert _errors(dark, 1 / u, lit).depth == pytest.approx(0.2)  # ...and the rest are as before
 
 
+def test_noise_is_removed_with_each_triples_weights():
+    # Linear in 1/depth at uneven depths (the middle weighs its neighbours 0.875 / 0.125), 5% independent noise
+    # on every PSF: nothing but noise is left to explain, so nothing may remain once it is removed.
+    u = np.array([1.0, 1.25, 3.0])  # 1/depth
+    truth = _field(2 + u, n=8)
+    noisy = truth * (1 + 0.05 * np.random.default_rng(1).normal(size=truth.shape))
+    s = _errors(noisy, 1 / u, noise2=0.05**2)
+    assert s.depth < 0.015  # the mid-point rule's 1.5 instead of 1 + 0.875² + 0.125² would leave ~2.6%
+    assert s.field < 0.015
+
+
 def test_field_limits_when_the_field_changes_fast():
     x = np.linspace(0, 1, 4)
     psf = _field(np.ones(3)) * (1 + 3 * x[None, None, :, None, None, None] ** 2)
@@ -61,5 +72,7 @@ def test_field_limits_when_the_field_changes_fast():
 
 def test_a_traced_file(tiny_grid):
     s = check_file(tiny_grid)  # 4 x 4 at 0.5 and 2 m: two depths, so no depth figure
-    assert np.isnan(s.depth) and 0 < s.field < 2 and 0 < s.noise < 1
+    assert np.isnan(s.depth) and 0 < s.field < 2
+    # One trace's noise, pooled: two traces differ by about sqrt(2) of it (psf info's noise floor is a mean).
+    assert s.noise * np.sqrt(2) == pytest.approx(np.nanmean(noise_floor(tiny_grid)), rel=0.35)
     assert "sampling    a grid PSF predicted from its neighbours" in summary(tiny_grid)
