@@ -188,7 +188,12 @@ def _logs_above_bars():
     help="DeepLens lens JSON file, or the name of a lens shipped in data/lenses [default: acl12708u].",
 )
 @click.option("--out", type=str, help="Output HDF5 file [default: grid.h5].")
-@click.option("--grid-size", type=int, help="N: trace an N x N field grid [default: 46].")
+@click.option(
+    "--grid-size",
+    type=int,
+    help="N: trace an N x N field grid [default: 46; with --num-depths auto the rule's share of 5 depths' rays "
+    "at 46 x 46, e.g. 41 at 9 depths].",
+)
 @click.option("--depths", type=str, help="Object depths in metres, comma separated, e.g. 0.4,1,2,5,20.")
 @click.option(
     "--depth-min", type=float, help="Nearest depth [m] of a range spaced uniformly in 1/depth [default: 0.4]."
@@ -198,10 +203,15 @@ def _logs_above_bars():
     "--num-depths",
     type=str,
     help="Number of depths in the range, or auto: a short pilot trace picks 3, 5, 9, 17 or 33 from how fast "
-    "the lens's PSFs change with depth (docs/ray_budget.md) [default: 5].",
+    "the lens's PSFs change with depth (docs/ray_budget.md) [default: auto].",
 )
 @click.option("--focus-m", type=float, help="Refocus the lens to this object distance [m] before tracing.")
-@click.option("--spp", type=int, help="Rays per point and wavelength for the grid [default: 18903].")
+@click.option(
+    "--spp",
+    type=int,
+    help="Rays per point and wavelength for the grid [default: 18903; with --num-depths auto from the same "
+    "share, e.g. 13219 at 9 depths].",
+)
 @click.option(
     "--ray-budget",
     type=float,

@@ -45,9 +45,10 @@ class GenerateConfig:
     depths: tuple[float, ...] | None = None  # explicit object depths [m]; overrides the range
     depth_min: float = 0.4  # nearest object depth [m] (when depths is not given)
     depth_max: float = 20.0  # farthest object depth [m]
-    # Depths spaced uniformly in 1/depth between min and max, or "auto": a pilot trace picks 3, 5, 9, 17 or 33
-    # (psfgen/depthplan.py), and psf generate records them in depths.
-    num_depths: int | str = 5
+    # Depths spaced uniformly in 1/depth between min and max; "auto" (the default): a pilot trace picks 3, 5, 9, 17
+    # or 33 from how fast the lens's PSFs change with depth (psfgen/depthplan.py), and psf generate records them
+    # in depths. 5 before this was measured (configs/generate.yaml keeps the spec's 5).
+    num_depths: int | str = "auto"
     focus_m: float | None = None  # refocus the lens to this object distance [m] before tracing
     spp: int | None = None  # rays per point source and wavelength for the grid; None: 18903, or from ray_budget
     # Rays per colour for the grid over all depths (depths x grid_size^2 x spp); None: grid_size and spp as given
@@ -73,12 +74,12 @@ class GenerateConfig:
         if isinstance(self.num_depths, str):
             object.__setattr__(self, "num_depths", self.num_depths.strip().lower())
         n_depths = self.depth_count()
-        if isinstance(n_depths, bool) or not isinstance(n_depths, int) or n_depths < 1:
-            return  # num_depths auto before the pilot (generate() rebuilds the config), or a count validate() names
-        # grid_size and spp: as given, their defaults, or from the budget
-        grid_size, spp = resolve(self.budget(), self.grid_size, self.spp, n_depths)
-        object.__setattr__(self, "grid_size", grid_size)
-        object.__setattr__(self, "spp", spp)
+        # grid_size and spp: as given, their defaults, or from the budget; they wait for the pilot under num_depths
+        # auto (generate() rebuilds the config), or for validate() to name a bad count of depths
+        if not isinstance(n_depths, bool) and isinstance(n_depths, int) and n_depths >= 1:
+            grid_size, spp = resolve(self.budget(), self.grid_size, self.spp, n_depths)
+            object.__setattr__(self, "grid_size", grid_size)
+            object.__setattr__(self, "spp", spp)
         # noise_points None: the default, which adapts to the grid (a 4x4 grid has 16 points, not 32).
         if self.noise_points is None and isinstance(self.grid_size, int):
             object.__setattr__(self, "noise_points", default_noise_points(self.grid_size))

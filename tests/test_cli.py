@@ -76,7 +76,7 @@ def test_noise_points_default_adapts_to_the_grid_and_info_says_so(tmp_path):
     assert configio.load(GenerateConfig, None, {"grid_size": 4}).noise_points == 16
     assert configio.load(GenerateConfig, None, {"grid_size": 5}).noise_points == 25
     assert configio.load(GenerateConfig, None, {"grid_size": 20}).noise_points == 32  # unchanged where 32 fit
-    assert GenerateConfig(grid_size=4).run_params()["noise_points"] == 16  # the run's identity holds the value used
+    assert GenerateConfig(grid_size=4, num_depths=5).run_params()["noise_points"] == 16  # the value used
     # `psf generate --grid-size 4` with nothing else set: no complaint about an option never given.
     out = tmp_path / "g.h5"
     result = run_cli(
