@@ -30,6 +30,7 @@ import torch
 from . import illumination
 from .resample import downsample
 from .shared.errors import InputError
+from .spacing import corrected, noise_removed, pooled
 
 log = logging.getLogger(__name__)
 
@@ -72,20 +73,16 @@ def depth_errors(a: np.ndarray, b: np.ndarray, ok: np.ndarray) -> tuple[dict[int
     both). Returns ({D: error of interpolating in depth on D depths}, one trace's noise)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     mean = 0.5 * (a + b)
-    norm_all = (mean**2).sum(axis=(-3, -2, -1))[ok].sum()
-    sq = ((a - b) ** 2).sum(axis=(-3, -2, -1))[ok].sum() / norm_all if norm_all > 0 else 0.0
-    noise2 = sq / 2  # one trace's squared noise: a - b holds two traces' worth
+    diff, norm = pooled(a, b, ok)
+    noise2 = diff / norm / 2 if norm > 0 else 0.0  # one trace's squared noise: a - b holds two traces' worth
     m = len(mean)
     errors = {}
     for d in CHOICES[:-1]:
         step = (m - 1) // (d - 1)
         mids = np.arange(step // 2, m - 1, step)
         lo, hi = mids - step // 2, mids + step // 2
-        use = ok[lo] & ok[mids] & ok[hi]
-        diff = ((0.5 * (mean[lo] + mean[hi]) - mean[mids]) ** 2).sum(axis=(-3, -2, -1))[use].sum()
-        norm = (mean[mids] ** 2).sum(axis=(-3, -2, -1))[use].sum()
-        # each mean holds half a trace's variance: the truth's plus a quarter of each neighbour's, 0.75 noise2
-        errors[d] = float(np.sqrt(max(diff / norm - 0.75 * noise2, 0.0))) if norm > 0 else float("nan")
+        pair = pooled(0.5 * (mean[lo] + mean[hi]), mean[mids], ok[lo] & ok[mids] & ok[hi])
+        errors[d] = corrected(noise_removed(pair, noise2 / 2, 0.5))  # a mean of two holds half a trace's noise
     return errors, float(np.sqrt(noise2))
 
 

@@ -48,14 +48,14 @@ class Spacing:
         return text
 
 
-def _pooled(pred: np.ndarray, truth: np.ndarray, ok: np.ndarray) -> tuple[float, float]:
+def pooled(pred: np.ndarray, truth: np.ndarray, ok: np.ndarray) -> tuple[float, float]:
     """(Σ|pred - truth|², Σ|truth|²) over the items where ok; arrays [..., 3, k, k], ok [...]."""
     diff = ((pred - truth) ** 2).sum(axis=(-3, -2, -1))
     norm = (truth**2).sum(axis=(-3, -2, -1))
     return float(diff[ok].sum()), float(norm[ok].sum())
 
 
-def _noise_removed(pair: tuple[float, float], noise2: float, weight: float) -> tuple[float, float]:
+def noise_removed(pair: tuple[float, float], noise2: float, weight: float) -> tuple[float, float]:
     """(Σ|pred - truth|² less what the traces' noise adds to it, Σ|truth|²) for a prediction weight·near +
     (1 - weight)·far of the truth: the truth's noise plus weight² of one neighbour's and (1 - weight)² of the
     other's, each noise2 in relative terms."""
@@ -63,7 +63,7 @@ def _noise_removed(pair: tuple[float, float], noise2: float, weight: float) -> t
     return diff - (1 + weight**2 + (1 - weight) ** 2) * noise2 * norm, norm
 
 
-def _corrected(pair: tuple[float, float]) -> float:
+def corrected(pair: tuple[float, float]) -> float:
     """sqrt(pooled squared error, noise removed), 0 where the noise explains it all."""
     diff, norm = pair
     return float(np.sqrt(max(diff / norm, 0.0))) if norm > 0 else float("nan")
@@ -81,7 +81,7 @@ def _field_sums(psf: np.ndarray, lit: np.ndarray, noise2: float) -> tuple[float,
         ok = np.ones(mid.shape[:2], bool)
         for a in (0, 1, 2):
             ok &= np.take(lit, range(a, n - 2 + a), axis=axis)
-        pair = _noise_removed(_pooled(0.5 * (lo + hi), mid, ok), noise2, 0.5)
+        pair = noise_removed(pooled(0.5 * (lo + hi), mid, ok), noise2, 0.5)
         total = tuple(t + v for t, v in zip(total, pair))
     return total
 
@@ -90,7 +90,7 @@ def _depth_sums(near, mid, far, inv: tuple[float, float, float], lit, noise2: fl
     """Pooled sums (noise removed) of the prediction of ``mid`` linear in 1/depth from its neighbours (inverse
     depths ``inv`` [1/m] of near, mid, far); PSFs [N, N, 3, k, k], lit a triple of [N, N] bool."""
     w = (inv[1] - inv[2]) / (inv[0] - inv[2])  # the weight of the nearer neighbour
-    return _noise_removed(_pooled(w * near + (1 - w) * far, mid, lit[0] & lit[1] & lit[2]), noise2, w)
+    return noise_removed(pooled(w * near + (1 - w) * far, mid, lit[0] & lit[1] & lit[2]), noise2, w)
 
 
 def spacing_errors(read, depths: np.ndarray, lit: np.ndarray, noise2: float = 0.0) -> Spacing:
@@ -105,8 +105,8 @@ def spacing_errors(read, depths: np.ndarray, lit: np.ndarray, noise2: float = 0.
             pair = _depth_sums(*window, tuple(inv[d - 2 : d + 1]), lit[d - 2 : d + 1], noise2)
             depth = tuple(t + v for t, v in zip(depth, pair))
     return Spacing(
-        field=_corrected(field) if lit.shape[1] >= 3 else float("nan"),
-        depth=_corrected(depth) if len(inv) >= 3 else float("nan"),
+        field=corrected(field) if lit.shape[1] >= 3 else float("nan"),
+        depth=corrected(depth) if len(inv) >= 3 else float("nan"),
         noise=float(np.sqrt(noise2)),
     )
 
@@ -122,7 +122,7 @@ def check_file(path) -> Spacing:
         if idx.size:
             again = f["noise/psf"][:]  # [D, S, 3, k, k]
             ok = lit[:, idx] & (again.sum(axis=(-3, -2, -1)) > 0)
-            diff, norm = _pooled(again, f["grid/psf"][:, idx], ok)  # noise_indices are sorted, as h5py wants
+            diff, norm = pooled(again, f["grid/psf"][:, idx], ok)  # noise_indices are sorted, as h5py wants
             noise2 = diff / norm / 2 if norm > 0 else 0.0  # two traces differ by twice one trace's variance
 
         def read(i):
