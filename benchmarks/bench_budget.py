@@ -1,4 +1,5 @@
-"""Held-out error against grid density at a fixed ray budget (rays per depth per colour).
+"""Held-out error against grid density at a fixed ray budget (rays per depth per colour: one depth's
+share; psf generate's --ray-budget counts every depth's rays).
 
 For a lens, its depth(s), a budget R and grid sizes N: traces an N x N grid at spp = R / N²
 for each N, trains `psf train`'s defaults on it, evaluates, and prints one table: N, spp,
