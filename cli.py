@@ -191,8 +191,8 @@ def _logs_above_bars():
 @click.option(
     "--grid-size",
     type=int,
-    help="N: trace an N x N field grid [default: 46; with --num-depths auto the rule's share of 5 depths' rays "
-    "at 46 x 46, e.g. 41 at 9 depths].",
+    help="N: trace an N x N field grid [default: from each depth's share of the default rays, 2e8 per colour, "
+    "e.g. 41 at 9 depths; 46 when --num-depths is a number].",
 )
 @click.option("--depths", type=str, help="Object depths in metres, comma separated, e.g. 0.4,1,2,5,20.")
 @click.option(
@@ -209,8 +209,8 @@ def _logs_above_bars():
 @click.option(
     "--spp",
     type=int,
-    help="Rays per point and wavelength for the grid [default: 18903; with --num-depths auto from the same "
-    "share, e.g. 13219 at 9 depths].",
+    help="Rays per point and wavelength for the grid [default: from the same share, e.g. 13219 at 9 depths; "
+    "18903 when --num-depths is a number].",
 )
 @click.option(
     "--ray-budget",
