@@ -226,13 +226,13 @@ def generate(cfg: GenerateConfig) -> Path:
     out = Path(cfg.out) if shard is None else shard_path(Path(cfg.out), *shard)
     local_rank = int(os.environ["LOCAL_RANK"]) if shard is not None and "LOCAL_RANK" in os.environ else None
     device = resolve_device(cfg.device, local_rank)
-    plan = None
+    plan, spent = None, cfg.budget()  # before auto resolves the grid: its default budget is said too
     if cfg.auto_depths():  # GenerateConfig.validate refuses a shard here
         _make_parent(out)  # what the file check would refuse, refused before the pilot's minute
         _existing(cfg, out)
         cfg, plan = _choose_depths(cfg, out, lens_file, device)
-    if cfg.budget() is not None:
-        log.info("%s", budget.explain(cfg.budget(), cfg.grid_size, cfg.spp, cfg.depth_count()))
+    if spent is not None:
+        log.info("%s", budget.explain(spent, cfg.grid_size, cfg.spp, cfg.depth_count()))
     params = cfg.run_params()
     identity = {"params": params, "lens_sha256": lens_file.sha256, "tracer": illumination.TRACER_VERSION}
     identity = json.dumps(identity, sort_keys=True)
