@@ -26,6 +26,9 @@ class TrainConfig:
         "auto"  # auto | canonical | cartesian; auto: canonical when the lens is rotationally symmetric
     )
     supersample: int = 3  # canonical frame: the decoder's kernel is this many times finer than kernel_size_small
+    rotation: str = (
+        "bilinear"  # canonical frame: interpolation of the decoder's kernel when rotated (bilinear | bicubic)
+    )
     decoder_rank: int | None = (
         None  # canonical frame: factor the decoder's output layer through this many dimensions (speed)
     )
@@ -110,6 +113,7 @@ class TrainConfig:
             "lr_schedule": ("constant", "cosine"),
             "output": ("softplus", "softmax"),
             "condition_frame": ("auto", "canonical", "cartesian"),
+            "rotation": ("bilinear", "bicubic"),
             "condition_on_depth": ("auto", "true", "false"),
             "in_memory": ("auto", "true", "false"),
         }

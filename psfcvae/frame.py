@@ -48,16 +48,24 @@ def canonical_side(ks: int) -> int:
 
 
 def rotate_sample(
-    img: torch.Tensor, theta: torch.Tensor, out_px: int, q: int, out_extent: float | None = None
+    img: torch.Tensor,
+    theta: torch.Tensor,
+    out_px: int,
+    q: int,
+    out_extent: float | None = None,
+    mode: str = "bilinear",
 ) -> torch.Tensor:
     """Rotate ``img`` by θ and integrate it over an ``out_px`` x ``out_px`` kernel.
 
     img: [B, C, H, W], H = W, an image spanning [-m/2, m/2]^2 in output-pixel units, with m
     = ``out_extent`` (default ``out_px``: the input covers the output window exactly) and
     its centre on the kernel centre. theta: [B] radians, counter-clockwise. Each output
-    pixel is the mean of bilinear samples at q x q points spread evenly over it:
-    [B, C, out_px, out_px]. Values beyond the input read as 0 (cropping). With q equal to
-    the input's pixels per output pixel, θ = 0 is an exact area average.
+    pixel is the mean of samples at q x q points spread evenly over it, interpolated by
+    ``mode`` (bilinear | bicubic): [B, C, out_px, out_px]. Values beyond the input read as 0
+    (cropping). With q equal to the input's pixels per output pixel, θ = 0 is an exact area
+    average. Bicubic keeps a sharp kernel sharp where bilinear spreads each fine pixel over
+    its neighbours (docs/symmetry.md); its negative lobes are cut to 0, so the output stays
+    non-negative.
     """
     m = float(out_px if out_extent is None else out_extent)
     n = out_px * q
@@ -69,5 +77,6 @@ def rotate_sample(
     qx = c * px + s * py
     qy = -s * px + c * py
     grid = torch.stack([qx, -qy], dim=-1) / (m / 2.0)  # grid_sample: x along columns, y down the rows
-    out = F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return F.avg_pool2d(out, q) if q > 1 else out
+    out = F.grid_sample(img, grid, mode=mode, padding_mode="zeros", align_corners=False)
+    out = F.avg_pool2d(out, q) if q > 1 else out
+    return out.clamp_min(0.0) if mode == "bicubic" else out

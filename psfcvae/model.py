@@ -42,6 +42,7 @@ class ModelArgs:
     # by θ = atan2(y, x) into the field and integrated over the kernel_size_small² pixels.
     frame: str = "cartesian"
     supersample: int = 3  # canonical kernel pixels per stored pixel (per axis)
+    rotation: str = "bilinear"  # canonical: how the fine kernel is interpolated when rotated (bilinear | bicubic)
     output: str = "softplus"  # softplus (the spec) | softmax: exp of the decoder's output, normalised per channel
     scale_weight: float = 0.0  # weight of mean(log(sum of the decoder's channel before normalisation)²)
     relative_loss: bool = False  # reconstruction terms on ||K̂ - K||² / ||K||² instead of the MSE
@@ -130,6 +131,8 @@ class CVAE(nn.Module):
         self.args = args
         if args.output not in ("softplus", "softmax"):
             raise ValueError(f"output must be softplus or softmax, got {args.output!r}")
+        if args.rotation not in ("bilinear", "bicubic"):
+            raise ValueError(f"rotation must be bilinear or bicubic, got {args.rotation!r}")
         if args.frame not in ("cartesian", "canonical"):
             raise ValueError(f"frame must be cartesian or canonical, got {args.frame!r}")
         self.canonical = args.frame == "canonical"
@@ -198,7 +201,9 @@ class CVAE(nn.Module):
         log_sum = torch.log(out.sum(dim=(-2, -1)) + NORM_EPS)
         if theta is not None:
             k = self.args.kernel_size_small
-            out = rotate_sample(out, theta, k, q=self.args.supersample, out_extent=canonical_side(k))
+            out = rotate_sample(
+                out, theta, k, q=self.args.supersample, out_extent=canonical_side(k), mode=self.args.rotation
+            )
         return out / (out.sum(dim=(-2, -1), keepdim=True) + NORM_EPS), log_sum
 
     def canonical_kernel(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:

@@ -96,6 +96,7 @@ def model_args_for(cfg: TrainConfig, info: GridInfo) -> ModelArgs:
         # Settings of the canonical decoder only: at their defaults otherwise, so they never
         # make two identical cartesian networks look different (on --resume).
         supersample=cfg.supersample if frame == "canonical" else ModelArgs.supersample,
+        rotation=cfg.rotation if frame == "canonical" else ModelArgs.rotation,
         decoder_rank=cfg.decoder_rank if frame == "canonical" else None,
         field_scale=scale,
         **illumination_args(cfg, info),
@@ -260,6 +261,7 @@ OLDER_BEHAVIOUR = {
     "scale_weight": 0.0,
     "output": "softplus",
     "supersample": 3,
+    "rotation": "bilinear",
     "decoder_rank": None,
     "relative_loss": False,
     "warmup_steps": 0,
