@@ -176,6 +176,13 @@ class PSFModel:
             )
         return self.net.illumination.predict(self.conditions(x, y, depth_m, allow_extrapolation))[0].float()
 
+    def tabulate(self, **sizes):
+        """A ``PSFTable`` (psfcvae/table.py): this model's prior mean precomputed over the field and the
+        trained depths, for many PSFs per second on a CPU; options: sizes, target, dtype."""
+        from .table import PSFTable  # imported here: table.py uses this class's model
+
+        return PSFTable(self, **sizes)
+
     @torch.no_grad()
     def sample_from_prior(self, coords) -> torch.Tensor:
         """As in the spec: coords [B, C] (x, y[, d]) already in model space -> [B, 3, k, k], z ~ p(z|c)."""

@@ -1,0 +1,261 @@
+"""The prior mean of a canonical model, tabulated: PSFs at tens of thousands per second on a CPU.
+
+A coaxial lens's PSF field has eight exact symmetries: the PSF at a field point turned by
+90° is the PSF turned by 90° (``torch.rot90``), and the PSF at a point mirrored in x (in
+y) is the PSF with its columns (rows) reversed. Every field point is therefore one of
+these eight images of a point in the first octant, 0 <= θ <= 45° in physical sensor
+units. ``PSFTable`` evaluates the model's prior mean once on a regular grid over (radius,
+angle in that octant, depth code) and answers a query by trilinear interpolation of the
+grid's 15 x 15 kernels, then the symmetry that takes the octant to the query's point.
+No network runs and nothing is rotated per query: the cost is eight kernel reads.
+
+The table is an approximation of the network, not of the lens: its deviation from the
+network is measured (``deviation``, ``psf eval``'s speed lines, docs/speed.md) and is a
+small fraction of the network's own error. Cartesian models have no symmetry to fold the
+field into one octant, and a table over the whole field would be eight times larger; they
+are refused.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from psfgen.shared.errors import InputError
+
+from .frame import max_radius
+
+TARGET = 0.005  # the table's sizes aim at this deviation from the network (pooled relative L2)
+MAX_ENTRIES = 2**17  # at most this many kernels: 170 MiB of float16 15 x 15 RGB kernels
+MAX_SAMPLES = 257  # per axis
+PROBE_POINTS = 256  # random octant points at which each axis's curvature is measured
+CHUNK = 4096  # network evaluations per batch
+
+
+def anti_transpose(k: torch.Tensor) -> torch.Tensor:
+    """The kernel of the point mirrored in the diagonal x = y: K'[i, j] = K[n-1-j, n-1-i] (rows run along -y)."""
+    return k.transpose(-2, -1).flip(-2, -1)
+
+
+class PSFTable:
+    """model.psf(..., mode="mean") of a canonical-frame ``PSFModel``, from a precomputed table.
+
+    Memory: radii x angles x depths kernels of 3 k² values of ``dtype`` (float16 by default: the
+    kernels' relative rounding, 5e-4, is far below the table's interpolation error), and 4
+    float32 values of the illumination head per node.
+
+    The lit mask and the illumination are the head's at the octant's point: the lit field of
+    a coaxial lens is symmetric, and the head, a network on (x, y), nearly so; near the edge
+    of the lit field the table and ``model.psf`` can disagree where the head is not symmetric.
+    """
+
+    def __init__(self, model, sizes: tuple[int, int, int] | None = None, target: float = TARGET, dtype=torch.float16):
+        """sizes: (radii, angles, depths) samples; None: the fewest that keep each axis's linear
+        interpolation error near target / √3 (measured on the network, ``choose_sizes``), at most
+        MAX_ENTRIES kernels in all."""
+        net = model.net
+        if not net.canonical:
+            raise InputError(
+                "a table needs a canonical-frame model (a rotationally symmetric lens, condition_frame "
+                "canonical); this checkpoint conditions on (x, y): use model.psf"
+            )
+        self.model = model
+        self.scale = tuple(net.args.field_scale)
+        self.r_max = max_radius(self.scale)
+        self.has_depth = net.args.cond_dim == 3
+        self.spans = (self.r_max, math.pi / 4, 2.0)  # lengths of the radius, angle and depth-code axes
+        self.k = net.args.kernel_size_small
+        self.target = target
+        if not 0 < target < 1:
+            raise InputError(f"the table's target deviation must be between 0 and 1, got {target}")
+        if sizes is None:
+            sizes = self.choose_sizes(target)
+        used = tuple(sizes)[: 3 if self.has_depth else 2]  # a model without depth has one depth sample
+        if len(sizes) != 3 or min(used) < 2:
+            raise InputError(f"a table needs (radii, angles, depths), each at least 2, got {tuple(sizes)}")
+        self.shape = (sizes[0], sizes[1], sizes[2] if self.has_depth else 1)  # [R, A, D]
+        self.psfs, self.light = self._build(dtype)
+
+    def _cond(self, r: torch.Tensor, theta: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """Model-space conditions [N, C] of physical radius r, octant angle θ [rad] and depth code d ([N] each)."""
+        x = r * torch.cos(theta) / self.scale[0]
+        y = r * torch.sin(theta) / self.scale[1]
+        cols = [x, y, d] if self.has_depth else [x, y]
+        return torch.stack(cols, dim=-1).float().to(self.model.device)
+
+    @torch.no_grad()
+    def _prior_mean(self, cond: torch.Tensor) -> torch.Tensor:
+        """The network's prior mean [N, 3 k²] on the CPU, float32, in chunks."""
+        net = self.model.net
+        return torch.cat(
+            [
+                net.sample_from_prior(cond[lo : lo + CHUNK], mean=True).flatten(1).cpu()
+                for lo in range(0, len(cond), CHUNK)
+            ]
+        )
+
+    def choose_sizes(self, target: float, seed: int = 0) -> tuple[int, int, int]:
+        """Samples per axis so that linear interpolation along each one errs by about target / √3.
+
+        The error of a linear blend over a step H grows as c·H²; c is measured per axis at
+        PROBE_POINTS random octant points, from the network's PSFs at the middle and the two
+        ends of a step H0. Past MAX_ENTRIES kernels every step grows by one factor.
+        """
+        g = torch.Generator().manual_seed(seed)
+        n = PROBE_POINTS
+        r = (0.05 + 0.9 * torch.rand(n, generator=g, dtype=torch.float64)) * self.r_max
+        theta = (0.05 + 0.9 * torch.rand(n, generator=g, dtype=torch.float64)) * math.pi / 4
+        d = (
+            1.8 * torch.rand(n, generator=g, dtype=torch.float64) - 0.9
+            if self.has_depth
+            else torch.zeros(n, dtype=torch.float64)
+        )
+        sizes = []
+        for axis, span in enumerate(self.spans):
+            if axis == 2 and not self.has_depth:
+                sizes.append(1)
+                continue
+            h0 = span / 16
+            point = [r, theta, d]
+            lo, hi = list(point), list(point)
+            lo[axis], hi[axis] = point[axis] - h0 / 2, point[axis] + h0 / 2
+            mid = self._prior_mean(self._cond(*point))
+            blend = 0.5 * (self._prior_mean(self._cond(*lo)) + self._prior_mean(self._cond(*hi)))
+            err = float(((blend - mid) ** 2).sum().sqrt() / (mid**2).sum().sqrt())
+            step = h0 * math.sqrt((target / math.sqrt(3)) / max(err, 1e-12))
+            sizes.append(min(MAX_SAMPLES, max(2, math.ceil(span / step) + 1)))
+        while math.prod(sizes) > MAX_ENTRIES:  # coarser everywhere, by the same factor
+            sizes = [max(2, math.ceil((s - 1) / 1.1) + 1) if s > 1 else 1 for s in sizes]
+        return tuple(sizes)
+
+    def _build(self, dtype):
+        """(kernels [R·A·D, 3 k²] of ``dtype``, head outputs [R·A·D, 4] float32: log illumination ×3, lit logit)."""
+        R, A, D = self.shape
+        r = torch.linspace(0.0, self.r_max, R, dtype=torch.float64)
+        # Not the axis itself, where the network's angle is 0 whatever the node's: one hair off
+        # it, each node's direction, as the network turns the kernel just beside the axis.
+        r[0] = 1e-6 * self.r_max
+        theta = torch.linspace(0.0, math.pi / 4, A, dtype=torch.float64)
+        d = torch.linspace(-1.0, 1.0, D, dtype=torch.float64) if self.has_depth else torch.zeros(1, dtype=torch.float64)
+        rr, tt, dd = (t.reshape(-1) for t in torch.meshgrid(r, theta, d, indexing="ij"))  # row-major [R, A, D]
+        cond = self._cond(rr, tt, dd)
+        psfs = self._prior_mean(cond).to(dtype)
+        head = self.model.net.illumination
+        if head is None:
+            return psfs, torch.zeros(len(cond), 4)
+        with torch.no_grad():
+            log_illum, logit = head(cond)
+        return psfs, torch.cat([log_illum, logit[:, None]], dim=1).float().cpu()
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the table [bytes]."""
+        return self.psfs.numel() * self.psfs.element_size() + self.light.numel() * self.light.element_size()
+
+    def psf(self, x, y, depth_m=None, allow_extrapolation: bool = False, allow_dark: bool = False):
+        """As ``PSFModel.psf`` with mode "mean", at field points x, y (scalars or [B], in [-1, 1]) and
+        depth_m [m] (scalar or [B]): [B, 3, k, k] float32 on the CPU, each channel sums to 1 (with
+        allow_dark=True: (psf, lit [B] bool), psf zero where lit is False). Points beyond the table
+        (an extrapolated depth) are computed by the network."""
+        cond = self.model.conditions(x, y, depth_m, allow_extrapolation).cpu()
+        psf, light = self._lookup(cond)
+        lit = self._lit(light)
+        beyond = self._beyond(cond)
+        if beyond.any():
+            n, pick = len(cond), beyond.numpy()
+            net_psf, net_lit = self.model.psf(
+                _per_point(x, n)[pick],
+                _per_point(y, n)[pick],
+                None if depth_m is None else _per_point(depth_m, n)[pick],
+                allow_extrapolation=True,
+                allow_dark=True,
+            )
+            psf[beyond], lit[beyond] = net_psf.cpu(), net_lit.cpu()
+        if not allow_dark and not bool(lit.all()):
+            raise InputError(
+                f"{int((~lit).sum())} of {len(lit)} points lie outside the lens's lit field (dark: no "
+                "light reaches the sensor there, so there is no PSF); pass allow_dark=True for zeros and a lit mask"
+            )
+        psf = psf * lit.view(-1, 1, 1, 1)
+        return (psf, lit) if allow_dark else psf
+
+    def _beyond(self, cond: torch.Tensor) -> torch.Tensor:
+        """[B] bool: conditions outside the table (radius past the corner, depth code outside [-1, 1])."""
+        px, py = cond[:, 0] * self.scale[0], cond[:, 1] * self.scale[1]
+        out = torch.hypot(px, py) > self.r_max * (1 + 1e-6)
+        if self.has_depth:
+            out |= cond[:, 2].abs() > 1 + 1e-6
+        return out
+
+    @torch.no_grad()
+    def illumination(self, x, y, depth_m=None, allow_extrapolation: bool = False) -> torch.Tensor:
+        """As ``PSFModel.illumination``, from the table: [B, 3] float32 on the CPU, 0 where dark."""
+        if self.model.net.illumination is None:
+            return self.model.illumination(x, y, depth_m, allow_extrapolation)  # its one-line error
+        cond = self.model.conditions(x, y, depth_m, allow_extrapolation).cpu()
+        _, light = self._lookup(cond)
+        out = light[:, :3].exp() * self._lit(light)[:, None]
+        beyond = self._beyond(cond)
+        if beyond.any():
+            n, pick = len(cond), beyond.numpy()
+            depth = None if depth_m is None else _per_point(depth_m, n)[pick]
+            out[beyond] = self.model.illumination(
+                _per_point(x, n)[pick], _per_point(y, n)[pick], depth, allow_extrapolation=True
+            ).cpu()
+        return out
+
+    def _lit(self, light: torch.Tensor) -> torch.Tensor:
+        """lit [B] bool from interpolated head outputs [B, 4]: the head's rule (logit > 0, or no dark point trained)."""
+        head = self.model.net.illumination
+        if head is None or not bool(head.any_dark):
+            return torch.ones(len(light), dtype=torch.bool)
+        return light[:, 3] > 0
+
+    def _lookup(self, cond: torch.Tensor):
+        """cond [B, C] (model space) -> (psf [B, 3, k, k] float32, head outputs [B, 4])."""
+        R, A, D = self.shape
+        px, py = cond[:, 0].double() * self.scale[0], cond[:, 1].double() * self.scale[1]
+        a, b = px.abs(), py.abs()
+        swap = b > a  # beyond 45°: the octant's point mirrored in the diagonal
+        r = torch.hypot(a, b)
+        theta = torch.atan2(torch.minimum(a, b), torch.maximum(a, b))  # [0, π/4]
+        u = (r / self.r_max).clamp(0, 1) * (R - 1)
+        v = (theta / (math.pi / 4)).clamp(0, 1) * (A - 1)
+        w = ((cond[:, 2].double().clamp(-1, 1) + 1) / 2 * (D - 1)) if self.has_depth else torch.zeros_like(u)
+        psf = torch.zeros(len(cond), self.psfs.shape[1])
+        light = torch.zeros(len(cond), 4)
+        corners = []
+        for t, n in ((u, R), (v, A), (w, D)):
+            lo = t.floor().long().clamp(0, max(n - 2, 0))
+            f = (t - lo).float() if n > 1 else torch.zeros_like(t, dtype=torch.float32)
+            corners.append((lo, f, n))
+        (i0, fi, _), (j0, fj, _), (l0, fl, _) = corners
+        for di in (0, 1):
+            for dj in (0, 1):
+                for dl in (0, 1) if D > 1 else (0,):
+                    weight = (fi if di else 1 - fi) * (fj if dj else 1 - fj) * ((fl if dl else 1 - fl) if D > 1 else 1)
+                    idx = ((i0 + di) * A + (j0 + dj)) * D + (l0 + dl)
+                    psf.addcmul_(self.psfs.index_select(0, idx).float(), weight[:, None])
+                    light.addcmul_(self.light.index_select(0, idx), weight[:, None])
+        psf = psf.view(-1, 3, self.k, self.k)
+        # From the octant to the point: the diagonal mirror first, then the mirrors in x and y.
+        psf = torch.where(swap.view(-1, 1, 1, 1), anti_transpose(psf), psf)
+        psf = torch.where((px < 0).view(-1, 1, 1, 1), psf.flip(-1), psf)
+        psf = torch.where((py < 0).view(-1, 1, 1, 1), psf.flip(-2), psf)
+        return psf, light
+
+    @torch.no_grad()
+    def deviation(self, x, y, depth_m=None) -> float:
+        """Pooled relative L2 between the table and the network at the points x, y (in [-1, 1]) and
+        depths depth_m [m] that the table calls lit."""
+        got, lit = self.psf(x, y, depth_m, allow_dark=True)
+        want, _ = self.model.psf(x, y, depth_m, allow_dark=True)
+        want = want.cpu()[lit]
+        return float(((got[lit] - want) ** 2).sum().sqrt() / (want**2).sum().sqrt())
+
+
+def _per_point(values, n: int) -> np.ndarray:
+    """A scalar or one value per point, as [n] float64 (``conditions`` has already checked it)."""
+    return np.broadcast_to(np.asarray(values, dtype=np.float64).reshape(-1), (n,))

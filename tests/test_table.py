@@ -1,0 +1,148 @@
+"""The tabulated prior mean (psfcvae/table.py): the network's PSFs at the table's nodes in every
+octant of the field, close between them, the network beyond it, dark points from the head."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from helpers import small_config
+
+import psfcvae
+from psfcvae.api import PSFModel
+from psfcvae.model import CVAE, ModelArgs
+from psfgen.shared.errors import InputError
+
+
+def _nodes(table, model, octant_only: bool = False):
+    """Every node of a small table on the sensor and (unless octant_only) its images under the
+    eight symmetries, as (x, y, depth_m)."""
+    R, A, D = table.shape
+    r = np.linspace(0, table.r_max, R)[1:]  # the centre is one point whatever the angle
+    theta = np.linspace(0, math.pi / 4, A)
+    code = np.linspace(-1, 1, D)
+    lo, hi = 1 / model.depth_range[1], 1 / model.depth_range[0]
+    depth = 1 / (lo + (code + 1) / 2 * (hi - lo)) if table.has_depth else np.full(D, model.depth_range[0])
+    rr, tt, dd = (a.ravel() for a in np.meshgrid(r, theta, depth, indexing="ij"))
+    px, py = rr * np.cos(tt), rr * np.sin(tt)
+    images = [(px, py), (-px, py), (px, -py), (-px, -py), (py, px), (-py, px), (py, -px), (-py, -px)]
+    x = np.concatenate([a for a, _ in images]) / table.scale[0]
+    y = np.concatenate([b for _, b in images]) / table.scale[1]
+    d = np.tile(dd, len(images))
+    on = (np.abs(x) <= 1) & (np.abs(y) <= 1)
+    if octant_only:
+        on[len(dd) :] = False
+    return x[on], y[on], d[on]
+
+
+def test_the_table_is_the_network_at_its_nodes_in_every_octant(tiny_run):
+    # The network rotates its canonical kernel by the point's angle; the table mirrors and
+    # transposes the kernel of the octant's point. At a node they must agree exactly (float32).
+    model = psfcvae.load_model(tiny_run / "best.pt", device="cpu")
+    assert model.net.canonical
+    table = model.tabulate(sizes=(5, 4, 3), dtype=torch.float32)
+    x, y, d = _nodes(table, model)
+    assert len(x) > 100 and (x < 0).any() and (np.abs(y) > np.abs(x)).any()
+    got = table.psf(x, y, d)
+    want = model.psf(x, y, d)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-4)
+    # Each channel sums to 1, as the network's do.
+    torch.testing.assert_close(got.sum(dim=(-2, -1)), torch.ones(len(x), 3), atol=1e-5, rtol=0)
+
+
+def _untrained(cond_dim: int, field_scale=(1.0, 1.0)) -> PSFModel:
+    """A small canonical network with random weights: a deterministic, fast field to tabulate."""
+    torch.manual_seed(0)
+    depths = [1.0, 4.0] if cond_dim == 3 else [1.0]
+    args = ModelArgs(
+        frame="canonical",
+        cond_dim=cond_dim,
+        latent_dim=4,
+        hidden_dim=32,
+        num_layers=2,
+        num_frequencies=3,
+        pe_scale=0.5,
+        depth_min=min(depths),
+        depth_max=max(depths),
+        field_scale=field_scale,
+        rotation="bicubic",
+    )
+    return PSFModel(CVAE(args).eval(), {"data_fingerprint": {"depths": depths}})
+
+
+@pytest.mark.parametrize("cond_dim, field_scale", [(3, (1.0, 0.6)), (2, (0.75, 1.0))])
+def test_nodes_on_a_non_square_sensor_and_without_depth(cond_dim, field_scale):
+    # x and y are normalised to different half-sides: the octant and the mirrors live in
+    # physical units. A model of one depth has a table of one depth.
+    model = _untrained(cond_dim, field_scale)
+    table = model.tabulate(sizes=(6, 5, 3), dtype=torch.float32)
+    assert table.shape[2] == (3 if cond_dim == 3 else 1)
+    x, y, d = _nodes(table, model)
+    assert (np.abs(x) > np.abs(y)).any() and (np.abs(y) > np.abs(x)).any()
+    torch.testing.assert_close(table.psf(x, y, d), model.psf(x, y, d), atol=2e-6, rtol=1e-4)
+    chosen = model.tabulate(target=0.02).shape  # sizes it picks for itself, one depth without depth
+    assert chosen[2] == 1 if cond_dim == 2 else chosen[2] >= 2
+
+
+def test_between_nodes_a_finer_table_is_closer_to_the_network(tiny_run):
+    model = psfcvae.load_model(tiny_run / "best.pt", device="cpu")
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(-1, 1, 300), rng.uniform(-1, 1, 300)
+    d = rng.uniform(*model.depth_range, 300)
+    coarse = model.tabulate(sizes=(3, 2, 2)).deviation(x, y, d)
+    fine = model.tabulate(sizes=(33, 9, 9)).deviation(x, y, d)
+    assert fine < 0.25 * coarse, (coarse, fine)
+    # The sizes it chooses for itself keep it near its target.
+    chosen = model.tabulate(target=0.01)
+    assert chosen.deviation(x, y, d) < 0.02
+    assert math.prod(model.tabulate(target=0.005).shape) > math.prod(chosen.shape)
+
+
+def test_beyond_the_table_the_network_answers(tiny_run):
+    model = psfcvae.load_model(tiny_run / "best.pt", device="cpu")
+    table = model.tabulate(sizes=(5, 4, 3))
+    far = 3 * model.depth_range[1]  # past the trained depths: no table there
+    x, y, d = np.array([0.3, -0.5, 0.2]), np.array([0.1, 0.4, -0.9]), np.array([far, 1.0, far])
+    got = table.psf(x, y, d, allow_extrapolation=True)
+    want = model.psf(x, y, d, allow_extrapolation=True)
+    torch.testing.assert_close(got[[0, 2]], want[[0, 2]])  # from the network itself
+    assert float((got[1] - want[1]).abs().max()) < 0.05  # point 1 lies in the table: close, not equal
+    with pytest.raises(InputError, match="outside the trained range"):
+        table.psf(x, y, d)
+
+
+def test_dark_points_follow_the_illumination_head(vignetted_grid, tmp_path):
+    # The small vignetted run of conftest is cartesian (its 4 x 4 file does not pass the symmetry
+    # check); a canonical one, trained long enough for its illumination head to call the corners dark.
+    cfg = small_config(vignetted_grid, tmp_path / "v", condition_frame="canonical", max_steps=150, val_every=150)
+    model = psfcvae.load_model(psfcvae.train(cfg) / "best.pt", device="cpu")
+    table = model.tabulate(sizes=(17, 9, 3))
+    x, y, d = _nodes(table, model, octant_only=True)
+    _, lit = table.psf(x, y, d, allow_dark=True)
+    _, want = model.psf(x, y, d, allow_dark=True)
+    assert (~lit).any() and lit.any()  # the corners of this lens are dark
+    assert torch.equal(lit, want.cpu())
+    # The table holds the head's answer for the first octant; the other seven are its images
+    # (the head itself, a network on (x, y), need not be exactly symmetric).
+    x, y, d = _nodes(table, model)
+    psf, lit = table.psf(x, y, d, allow_dark=True)
+    a, b = np.abs(x * table.scale[0]), np.abs(y * table.scale[1])
+    octant = np.round(np.stack([np.maximum(a, b), np.minimum(a, b), d], axis=1), 9)  # the octant's point
+    keys, which = np.unique(octant, axis=0, return_inverse=True)
+    assert len(keys) < len(x)
+    for k in range(len(keys)):
+        assert len(set(lit[which.ravel() == k].tolist())) == 1
+    assert (~lit).any() and float(psf[~lit].abs().sum()) == 0.0
+    with pytest.raises(InputError, match="outside the lens's lit field"):
+        table.psf(x[~lit.numpy()], y[~lit.numpy()], d[~lit.numpy()])
+
+
+def test_a_cartesian_model_has_no_table():
+    net = CVAE(ModelArgs(latent_dim=4, hidden_dim=8, num_layers=1, num_frequencies=1))
+    model = PSFModel(net, {"data_fingerprint": {"depths": [1.0]}})
+    with pytest.raises(InputError, match="canonical-frame model"):
+        model.tabulate()
+    with pytest.raises(InputError, match="target deviation must be between 0 and 1, got 0"):
+        _untrained(3).tabulate(target=0)
