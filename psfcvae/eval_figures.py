@@ -106,7 +106,7 @@ def heldout_figure(result, arrays, out: Path, model, log: bool, rows: int, seed:
 def error_map_figure(result, arrays, out: Path) -> tuple[str, str, str]:
     """Per method and depth, held-out points coloured by their error."""
     ho = arrays.heldout
-    names = [n for n in result["heldout"] if n != "cvae prior sample"]
+    names = [n for n in result["heldout"] if not n.startswith(("cvae prior sample", "cvae prior mean (table)"))]
     groups = {f"at {d:g} m": ho["at_grid_depth"] & np.isclose(ho["depth"], d) for d in arrays.depths}
     groups["between grid depths"] = ~ho["at_grid_depth"]
     pooled = {

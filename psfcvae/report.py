@@ -29,6 +29,12 @@ DEFINITIONS = [
         "p(z | x, y, depth). This is what the model gives a user.",
     ),
     (
+        "prior mean (table)",
+        "canonical models only: the same prior mean precomputed over (radius, angle, depth) and "
+        "interpolated, as model.tabulate() gives it (psfcvae/table.py, docs/speed.md): tens of "
+        "times faster on a CPU; its deviation from the network is in metrics.json ('tabulated').",
+    ),
+    (
         "posterior recon",
         "the CVAE's reconstruction of a training PSF through its encoder: it sees the PSF itself, "
         "so it shows what the decoder can draw, not what the model predicts.",

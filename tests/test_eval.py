@@ -226,6 +226,15 @@ def test_eval_cli_writes_report(tiny_run, tiny_grid, tmp_path):
     rank = lambda v: np.argsort(np.argsort(v)).astype(float)  # noqa: E731
     expected = np.corrcoef(rank(std), rank(raw))[0, 1]
     assert metrics["uncertainty"]["spearman_prior_std_vs_error"] == pytest.approx(expected, abs=1e-6)
+    # The table (canonical model): scored on the same points, its deviation from the network recomputed.
+    table = model.tabulate()
+    got = table.psf(xy[:, 0], xy[:, 1], d, allow_extrapolation=True).numpy()
+    assert metrics["tabulated"]["shape"] == list(table.shape)
+    deviation = np.sqrt(sq(got - pred).sum() / sq(pred).sum())
+    assert metrics["tabulated"]["deviation_from_network"] == pytest.approx(deviation, rel=1e-3)
+    assert 0 < deviation < 0.05
+    assert metrics["heldout"]["cvae prior mean (table)"]["all"]["raw"]["n"] == 8
+    assert "cvae prior mean, table (cpu)" in metrics["speed_psfs_per_s"] and "x the file's ray tracing" in r.stdout
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert {"error_maps.png", "heldout.png", "prior_std.png", "grid_depth0_0.5m.png", "grid_depth1_2m.png"} <= set(pngs)
     page = (out / "report.html").read_text()
