@@ -26,9 +26,9 @@ class TrainConfig:
         "auto"  # auto | canonical | cartesian; auto: canonical when the lens is rotationally symmetric
     )
     supersample: int = 3  # canonical frame: the decoder's kernel is this many times finer than kernel_size_small
-    rotation: str = (
-        "bilinear"  # canonical frame: interpolation of the decoder's kernel when rotated (bilinear | bicubic)
-    )
+    # canonical frame: how the decoder's kernel is interpolated when rotated; bicubic keeps a
+    # sharp PSF sharp (docs/symmetry.md), bilinear is what runs before it existed used
+    rotation: str = "bicubic"  # bilinear | bicubic
     decoder_rank: int | None = (
         None  # canonical frame: factor the decoder's output layer through this many dimensions (speed)
     )

@@ -538,6 +538,22 @@ def test_a_run_from_before_the_canonical_frame_resumes_as_it_started(tiny_grid, 
     assert resumed["config"]["scale_weight"] == 0.0
 
 
+def test_a_canonical_run_from_before_bicubic_rotation_resumes_bilinear(tiny_grid, tmp_path):
+    # A canonical checkpoint without the rotation key rotated bilinearly; resumed under today's
+    # default (bicubic) it must go on rotating as it started, or its network would change under it.
+    run_dir = tmp_path / "canonical"
+    train(small_config(tiny_grid, run_dir, max_steps=10, condition_frame="canonical", rotation="bilinear"))
+    ckpt = torch.load(run_dir / "latest.pt", weights_only=True)
+    ckpt["config"].pop("rotation")
+    ckpt["model_args"].pop("rotation")
+    torch.save(ckpt, run_dir / "latest.pt")  # as the previous version wrote it
+    assert TrainConfig().rotation == "bicubic"
+    train(small_config(tiny_grid, run_dir, max_steps=20, condition_frame="canonical"), resume=True)
+    resumed = torch.load(run_dir / "latest.pt", weights_only=True)
+    assert resumed["step"] == 20 and resumed["model_args"]["rotation"] == "bilinear"
+    assert resumed["config"]["rotation"] == "bilinear"
+
+
 def test_canonical_frame_refuses_an_encoding_that_aliases_centre_and_corner(tiny_grid, tmp_path):
     with pytest.raises(InputError, match="centre and the sensor corner"):
         train(small_config(tiny_grid, tmp_path / "r", pe_scale=1.0))
