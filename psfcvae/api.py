@@ -176,12 +176,13 @@ class PSFModel:
             )
         return self.net.illumination.predict(self.conditions(x, y, depth_m, allow_extrapolation))[0].float()
 
-    def tabulate(self, **sizes):
-        """A ``PSFTable`` (psfcvae/table.py): this model's prior mean precomputed over the field and the
-        trained depths, for many PSFs per second on a CPU; options: sizes, target, dtype."""
+    def tabulate(self, **options):
+        """Returns a ``PSFTable`` (psfcvae/table.py): this model's prior mean precomputed over the field
+        and the trained depths, whose ``psf(x, y, depth_m)`` runs no network; canonical models only.
+        options: sizes (radii, angles, depths), target (deviation from the network), dtype."""
         from .table import PSFTable  # imported here: table.py uses this class's model
 
-        return PSFTable(self, **sizes)
+        return PSFTable(self, **options)
 
     @torch.no_grad()
     def sample_from_prior(self, coords) -> torch.Tensor:

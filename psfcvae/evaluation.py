@@ -468,9 +468,10 @@ def format_table(result: dict) -> str:
     speeds = result["speed_psfs_per_s"]
     trace = next(iter(speeds.values()))  # the file's ray tracing comes first
     for k, v in speeds.items():
-        times = v / trace if trace > 0 else 0.0
-        ratio = f" ({times:,.0f}x" if times >= 10 else f" ({times:.2g}x"
-        ratio = ratio + " the file's ray tracing)" if k.startswith("cvae") and trace > 0 else ""
+        ratio = ""
+        if k.startswith("cvae") and trace > 0:
+            times = v / trace
+            ratio = (f" ({times:,.0f}x" if times >= 10 else f" ({times:.2g}x") + " the file's ray tracing)"
         lines.append(f"speed: {k}: {v:,.1f} PSFs/s{ratio}")
     if "tabulated" in result:
         t = result["tabulated"]

@@ -28,14 +28,15 @@ from psfgen.shared.errors import InputError
 from .frame import max_radius
 
 TARGET = 0.005  # the table's sizes aim at this deviation from the network (pooled relative L2)
-MAX_ENTRIES = 2**17  # at most this many kernels: 170 MiB of float16 15 x 15 RGB kernels
+MAX_ENTRIES = 2**17  # at most this many kernels: 171 MiB of float16 15 x 15 RGB kernels and head outputs
 MAX_SAMPLES = 257  # per axis
 PROBE_POINTS = 256  # random octant points at which each axis's curvature is measured
 CHUNK = 4096  # network evaluations per batch
 
 
 def anti_transpose(k: torch.Tensor) -> torch.Tensor:
-    """The kernel of the point mirrored in the diagonal x = y: K'[i, j] = K[n-1-j, n-1-i] (rows run along -y)."""
+    """k [..., n, n] -> the kernel of the point mirrored in the diagonal x = y: K'[i, j] = K[n-1-j, n-1-i]
+    (rows run along -y, columns along +x)."""
     return k.transpose(-2, -1).flip(-2, -1)
 
 
@@ -67,7 +68,6 @@ class PSFTable:
         self.has_depth = net.args.cond_dim == 3
         self.spans = (self.r_max, math.pi / 4, 2.0)  # lengths of the radius, angle and depth-code axes
         self.k = net.args.kernel_size_small
-        self.target = target
         if not 0 < target < 1:
             raise InputError(f"the table's target deviation must be between 0 and 1, got {target}")
         if sizes is None:
@@ -75,7 +75,8 @@ class PSFTable:
         used = tuple(sizes)[: 3 if self.has_depth else 2]  # a model without depth has one depth sample
         if len(sizes) != 3 or min(used) < 2:
             raise InputError(f"a table needs (radii, angles, depths), each at least 2, got {tuple(sizes)}")
-        self.shape = (sizes[0], sizes[1], sizes[2] if self.has_depth else 1)  # [R, A, D]
+        # (radii, angles, depths): samples per axis; depths is 1 for a model without depth
+        self.shape = (sizes[0], sizes[1], sizes[2] if self.has_depth else 1)
         self.psfs, self.light = self._build(dtype)
 
     def _cond(self, r: torch.Tensor, theta: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -230,8 +231,8 @@ class PSFTable:
         for t, n in ((u, R), (v, A), (w, D)):
             lo = t.floor().long().clamp(0, max(n - 2, 0))
             f = (t - lo).float() if n > 1 else torch.zeros_like(t, dtype=torch.float32)
-            corners.append((lo, f, n))
-        (i0, fi, _), (j0, fj, _), (l0, fl, _) = corners
+            corners.append((lo, f))
+        (i0, fi), (j0, fj), (l0, fl) = corners
         for di in (0, 1):
             for dj in (0, 1):
                 for dl in (0, 1) if D > 1 else (0,):

@@ -20,7 +20,8 @@ def _nodes(table, model, octant_only: bool = False):
     """Every node of a small table on the sensor and (unless octant_only) its images under the
     eight symmetries, as (x, y, depth_m)."""
     R, A, D = table.shape
-    r = np.linspace(0, table.r_max, R)[1:]  # the centre is one point whatever the angle
+    r = np.linspace(0, table.r_max, R)
+    r[0] = 1e-6 * table.r_max  # the table's first row: one hair off the axis, in each node's direction
     theta = np.linspace(0, math.pi / 4, A)
     code = np.linspace(-1, 1, D)
     lo, hi = 1 / model.depth_range[1], 1 / model.depth_range[0]
@@ -82,8 +83,10 @@ def test_nodes_on_a_non_square_sensor_and_without_depth(cond_dim, field_scale):
     x, y, d = _nodes(table, model)
     assert (np.abs(x) > np.abs(y)).any() and (np.abs(y) > np.abs(x)).any()
     torch.testing.assert_close(table.psf(x, y, d), model.psf(x, y, d), atol=2e-6, rtol=1e-4)
-    chosen = model.tabulate(target=0.02).shape  # sizes it picks for itself, one depth without depth
-    assert chosen[2] == 1 if cond_dim == 2 else chosen[2] >= 2
+    # Sizes it picks for itself (one depth without depth, where it used to refuse): near its target.
+    rng = np.random.default_rng(1)
+    x, y, d = rng.uniform(-1, 1, 400), rng.uniform(-1, 1, 400), rng.uniform(*model.depth_range, 400)
+    assert model.tabulate(target=0.02).deviation(x, y, d) < 0.04
 
 
 def test_between_nodes_a_finer_table_is_closer_to_the_network(tiny_run):
