@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_generate.py
 	$(PY) benchmarks/bench_loader.py
 	$(PY) benchmarks/bench_accuracy.py
+	$(PY) benchmarks/bench_inference.py --checkpoint runs/bench_accuracy/acl12708u/run_default/best.pt
 
 clean-demo:
 	rm -rf $(DEMO)
