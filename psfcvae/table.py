@@ -25,6 +25,7 @@ import torch
 
 from psfgen.shared.errors import InputError
 
+from .api import refuse_dark
 from .frame import max_radius
 
 TARGET = 0.005  # the table's sizes aim at this deviation from the network (pooled relative L2)
@@ -165,20 +166,10 @@ class PSFTable:
         lit = self._lit(light)
         beyond = self._beyond(cond)
         if beyond.any():
-            n, pick = len(cond), beyond.numpy()
-            net_psf, net_lit = self.model.psf(
-                _per_point(x, n)[pick],
-                _per_point(y, n)[pick],
-                None if depth_m is None else _per_point(depth_m, n)[pick],
-                allow_extrapolation=True,
-                allow_dark=True,
-            )
+            net_psf, net_lit = self.model.psf(*_pick(beyond, x, y, depth_m), allow_extrapolation=True, allow_dark=True)
             psf[beyond], lit[beyond] = net_psf.cpu(), net_lit.cpu()
-        if not allow_dark and not bool(lit.all()):
-            raise InputError(
-                f"{int((~lit).sum())} of {len(lit)} points lie outside the lens's lit field (dark: no "
-                "light reaches the sensor there, so there is no PSF); pass allow_dark=True for zeros and a lit mask"
-            )
+        if not allow_dark:
+            refuse_dark(lit)
         psf = psf * lit.view(-1, 1, 1, 1)
         return (psf, lit) if allow_dark else psf
 
@@ -200,11 +191,7 @@ class PSFTable:
         out = light[:, :3].exp() * self._lit(light)[:, None]
         beyond = self._beyond(cond)
         if beyond.any():
-            n, pick = len(cond), beyond.numpy()
-            depth = None if depth_m is None else _per_point(depth_m, n)[pick]
-            out[beyond] = self.model.illumination(
-                _per_point(x, n)[pick], _per_point(y, n)[pick], depth, allow_extrapolation=True
-            ).cpu()
+            out[beyond] = self.model.illumination(*_pick(beyond, x, y, depth_m), allow_extrapolation=True).cpu()
         return out
 
     def _lit(self, light: torch.Tensor) -> torch.Tensor:
@@ -257,6 +244,12 @@ class PSFTable:
         return float(((got[lit] - want) ** 2).sum().sqrt() / (want**2).sum().sqrt())
 
 
-def _per_point(values, n: int) -> np.ndarray:
-    """A scalar or one value per point, as [n] float64 (``conditions`` has already checked it)."""
-    return np.broadcast_to(np.asarray(values, dtype=np.float64).reshape(-1), (n,))
+def _pick(mask: torch.Tensor, x, y, depth_m) -> tuple:
+    """(x, y, depth_m) at the points of mask [B] bool, each as a float64 array (depth_m None stays None);
+    the arguments are scalars or one value per point, as ``conditions`` has already checked."""
+    pick = mask.numpy()
+
+    def per_point(values):
+        return np.broadcast_to(np.asarray(values, dtype=np.float64).reshape(-1), pick.shape)[pick]
+
+    return per_point(x), per_point(y), None if depth_m is None else per_point(depth_m)
