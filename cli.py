@@ -318,7 +318,9 @@ def info(path):
     help="Directory for TensorBoard logs, checkpoints and the resolved config [default: runs/cvae].",
 )
 @click.option("--resume", is_flag=True, help="Continue the run in --run-dir from its latest checkpoint.")
-@click.option("--max-steps", type=int, help="Stop after this many optimiser steps [default: 5000].")
+@click.option(
+    "--max-steps", type=int, help="Stop after this many optimiser steps [default: auto, 5000 per 7 500 grid PSFs]."
+)
 @click.option("--device", type=str, help="auto, cpu, cuda or cuda:K [default: auto].")
 @click.option("--num-workers", type=int, help="DataLoader worker processes [default: 0].")
 @set_option("kl_weight=1e-3")

@@ -172,7 +172,7 @@ def main() -> None:
                 device=args.device,
             )
         )
-        results[name]["max_steps"] = cfg.max_steps
+        results[name]["max_steps"] = results[name]["checkpoint"]["step"]  # the steps max_steps auto resolved to
 
     depths = ", ".join(f"{d:g}" for d in configio.build(GenerateConfig, grid_cfg).depth_values())
     print(

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from psfgen.shared.configio import check_at_least, check_device, check_grid_size
 from psfgen.shared.errors import InputError
 
+STEPS_PER_BLOCK = 5000  # max_steps auto: steps for each block of grid PSFs ...
+PSFS_PER_BLOCK = 7500  # ... of this many (7 220 PSFs took 5000 steps, 14 297 took 10 000; README)
 MAX_FREQUENCIES = 24  # band 2^23 pi: beyond it sin(2^l pi c) is noise at float32 precision
 
 
@@ -55,7 +57,9 @@ class TrainConfig:
     smooth_weight: float = 1e-3
     prior_recon_weight: float = 1e4  # not in the spec (0 there): MSE of decode(μ_p(c), c), the path `psf sample` uses
     illumination_weight: float = 1.0  # the illumination head's loss (an addition to the spec): 0 leaves the head out
-    max_steps: int = 5000  # spec: 20000; the held-out error is flat past ~3000 steps (README)
+    # Optimiser steps (spec: 20000); auto: STEPS_PER_BLOCK for each PSFS_PER_BLOCK grid PSFs (depths x
+    # grid_size²), rounded up: the passes over the grid the two benchmark lenses needed (README)
+    max_steps: int | str = "auto"
     # Schedule and bookkeeping
     log_every: int = 50  # steps between scalar logs
     val_every: int = 500  # steps between validations (and image logs)
@@ -74,12 +78,15 @@ class TrainConfig:
             "hidden_dim",
             "num_layers",
             "batch_size",
-            "max_steps",
             "log_every",
             "val_every",
             "checkpoint_every",
             "decoder_rank",
         )
+        if isinstance(self.max_steps, str) and self.max_steps.strip().lower() != "auto":
+            raise InputError.for_key("max_steps", f"must be a whole number or auto, got {self.max_steps!r}")
+        if not isinstance(self.max_steps, str):
+            check_at_least(self, 1, "max_steps")
         if self.batch_size % self.read_run:
             raise InputError.for_keys(
                 f"{{batch_size}} ({self.batch_size}) must be a multiple of {{read_run}} ({self.read_run})",
@@ -122,6 +129,12 @@ class TrainConfig:
                 words = ", ".join(allowed[:-1]) + " or " + allowed[-1]
                 raise InputError.for_key(key, f"must be {words}, got {getattr(self, key)!r}")
         check_device(self)
+
+    def with_steps_for(self, num_psfs: int) -> TrainConfig:
+        """This config with max_steps auto resolved for a grid of num_psfs PSFs (a given number stays)."""
+        if not isinstance(self.max_steps, str):
+            return self
+        return replace(self, max_steps=STEPS_PER_BLOCK * max(1, math.ceil(num_psfs / PSFS_PER_BLOCK)))
 
     def lr_at(self, step: int) -> float:
         """Learning rate of optimiser step ``step`` (0-based): a function of the step alone."""

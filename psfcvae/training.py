@@ -250,6 +250,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     ckpt = checkpoint.load(run_dir / "latest.pt") if resume and (run_dir / "latest.pt").exists() else None
     if ckpt is not None:
         cfg = _with_the_runs_own_new_keys(cfg, ckpt)
+    cfg = _resolve_steps(cfg, info, ckpt)
     args = model_args_for(cfg, info)
     with _run_lock(run_dir), interrupt.stop_on_signal():  # one writer per run directory; Ctrl-C saves, then stops
         return _train(cfg, resume, info, args, run_dir, ckpt)
@@ -267,6 +268,24 @@ OLDER_BEHAVIOUR = {
     "warmup_steps": 0,
     "illumination_weight": 0.0,
 }
+
+
+def _resolve_steps(cfg: TrainConfig, info: GridInfo, ckpt: dict | None) -> TrainConfig:
+    """max_steps auto: on --resume the run's own number, else the rule for this grid's size."""
+    if not isinstance(cfg.max_steps, str):
+        return cfg
+    if ckpt is not None:
+        return dataclasses.replace(cfg, max_steps=int(ckpt["config"]["max_steps"]))
+    num_psfs = len(info.depths) * info.grid_size**2
+    cfg = cfg.with_steps_for(num_psfs)
+    log.info(
+        "max_steps auto: %d steps for %d grid PSFs (%d depths x %d²)",
+        cfg.max_steps,
+        num_psfs,
+        len(info.depths),
+        info.grid_size,
+    )
+    return cfg
 
 
 def _with_the_runs_own_new_keys(cfg: TrainConfig, ckpt: dict) -> TrainConfig:

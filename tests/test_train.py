@@ -557,3 +557,31 @@ def test_a_canonical_run_from_before_bicubic_rotation_resumes_bilinear(tiny_grid
 def test_canonical_frame_refuses_an_encoding_that_aliases_centre_and_corner(tiny_grid, tmp_path):
     with pytest.raises(InputError, match="centre and the sensor corner"):
         train(small_config(tiny_grid, tmp_path / "r", pe_scale=1.0))
+
+
+def test_max_steps_auto_grows_with_the_grid_and_a_resumed_run_keeps_its_own(tiny_grid, tmp_path):
+    from psfcvae.training import _resolve_steps
+
+    auto = configio.build(TrainConfig, {})
+    assert auto.max_steps == "auto"
+    # 5000 steps per 7 500 grid PSFs, rounded up: the two benchmark grids (7 220 and 14 297 PSFs).
+    assert [auto.with_steps_for(n).max_steps for n in (32, 7220, 7500, 7501, 14297, 15129)] == [
+        5000,
+        5000,
+        5000,
+        10000,
+        10000,
+        15000,
+    ]
+    assert configio.build(TrainConfig, {"max_steps": 300}).with_steps_for(14297).max_steps == 300
+    for bad in ("many", 0):
+        with pytest.raises(InputError, match="max_steps"):
+            configio.build(TrainConfig, {"max_steps": bad})
+    info = open_info(tiny_grid)  # 2 depths x 4² = 32 PSFs
+    assert _resolve_steps(auto, info, None).max_steps == 5000
+    # On --resume, auto is the run's own number, not the rule's: a finished 10-step run stays finished.
+    run_dir = tmp_path / "short"
+    train(small_config(tiny_grid, run_dir, max_steps=10))
+    train(small_config(tiny_grid, run_dir, max_steps="auto"), resume=True)
+    resumed = torch.load(run_dir / "latest.pt", weights_only=True)
+    assert resumed["step"] == 10 and resumed["config"]["max_steps"] == 10
