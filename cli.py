@@ -475,18 +475,11 @@ def sample(checkpoint, coords, grid_m, depth, mode, out, allow_extrapolation, de
     is_flag=True,
     help="The PNG holds linear values (default: sRGB-encoded; blurred in linear light either way).",
 )
-@click.option(
-    "--data",
-    type=str,
-    help="The grid file the model was trained on (only for checkpoints that do not store their kernel pitch).",
-)
 @click.option("--allow-extrapolation", is_flag=True, help="Accept depths outside the trained range.")
 @click.option("--device", type=str, default="auto", show_default=True, help="auto, cpu, cuda or cuda:K.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 @user_errors
-def render(
-    checkpoint, image, depth, depth_map, out, psf_every, field, linear, data, allow_extrapolation, device, overwrite
-):
+def render(checkpoint, image, depth, depth_map, out, psf_every, field, linear, allow_extrapolation, device, overwrite):
     """Blur an image through the lens, every pixel with its own PSF from the model."""
     from psfcvae.renderfile import render_file
 
@@ -499,7 +492,6 @@ def render(
         srgb=not linear,
         psf_every=psf_every,
         field=field,
-        data=data,
         device=device,
         allow_extrapolation=allow_extrapolation,
         overwrite=overwrite,

@@ -36,10 +36,10 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from psfgen.reference import with_reference
 
 from psfcvae import EvalConfig, TrainConfig, evaluate, train
 from psfgen import GenerateConfig, budget, generate
-from psfgen.reference import with_reference
 from psfgen.shared import configio
 
 ROOT = Path(__file__).resolve().parent.parent

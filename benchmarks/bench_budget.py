@@ -37,11 +37,11 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from psfgen.reference import with_reference
 
 from psfcvae import EvalConfig, TrainConfig, evaluate, train
 from psfgen import GenerateConfig, generate
 from psfgen.grid import grid_coords, heldout_points
-from psfgen.reference import with_reference
 from psfgen.shared import configio
 
 log = logging.getLogger("bench_budget")

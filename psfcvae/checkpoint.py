@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from psfgen.config import OLD_KERNEL_NAMES
+OLD_KERNEL_NAMES = {"ks": "kernel_size", "ks_small": "kernel_size_small"}  # removed on merge
 from psfgen.shared import tempfiles
 from psfgen.shared.errors import InputError
-from psfgen.store import GridInfo
+from psfgen.store import GridFile
 
 FORMAT = "psf-cvae.checkpoint"
 # What every checkpoint written by psf train holds (optimizer and rng: what --resume needs).
@@ -26,11 +26,11 @@ OLD_NAMES = {
 }
 
 
-def data_fingerprint(info: GridInfo) -> dict:
+def data_fingerprint(info: GridFile) -> dict:
     """What a model is tied to: the grid run, its lens, grid, kernel and depths."""
     return {
         "run_id": info.run_id,
-        "lens_sha256": info.attrs["lens_sha256"],
+        "lens_sha256": info.lens_sha256,
         "grid_size": info.grid_size,
         "kernel_size_small": info.kernel_size_small,
         "depths": [float(d) for d in info.depths],
@@ -93,7 +93,7 @@ def _upgrade(ckpt: dict) -> None:
     ckpt["schema_version"] = SCHEMA_VERSION
 
 
-def check_same_data(ckpt: dict, info: GridInfo, what: str) -> None:
+def check_same_data(ckpt: dict, info: GridFile, what: str) -> None:
     """Refuse a checkpoint (or its ``data_fingerprint``) trained on another dataset, naming what differs."""
     mine = ckpt["data_fingerprint"]
     theirs = data_fingerprint(info)

@@ -17,13 +17,11 @@ import itertools
 import logging
 import signal
 
-import h5py
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from psfgen.shared.errors import InputError
-from psfgen.store import GridInfo, read_lit
+from psfgen.store import GridFile
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +113,12 @@ class GridBatches(Dataset):
     """
 
     def __init__(
-        self, info: GridInfo, batch_size: int, read_run: int, seed: int, in_memory: bool, rank: int = 0, world: int = 1
+        self, grid: GridFile, batch_size: int, read_run: int, seed: int, in_memory: bool, rank: int = 0, world: int = 1
     ):
-        self.path = info.path
-        self.D = len(info.depths)
-        self.P = info.grid_size**2
-        self.k = info.kernel_size_small
+        self.grid = grid
+        self.D = len(grid.depths)
+        self.P = grid.grid_size**2
+        self.k = grid.kernel_size_small
         self.batch_size = batch_size
         self.runs_per_batch = batch_size // read_run  # the config checks that read_run divides batch_size
         self.read_run = read_run
@@ -135,12 +133,10 @@ class GridBatches(Dataset):
         self._epoch = None
         self._order = None
         self.memory = None
-        field = read_lit(self.path)  # small: [D, P, 3] each
-        self.illum = field["illumination"].reshape(n, 3)
-        self.valid = field["valid"].reshape(n, 3)
+        self.illum = grid.illumination.reshape(n, 3)
+        self.valid = grid.valid.reshape(n, 3)
         if in_memory:
-            with h5py.File(self.path, "r") as f:
-                self.memory = f["grid/psf"][:].reshape(n, 3, self.k, self.k)  # [D*P, 3, k, k]
+            self.memory = grid.grid_psfs().reshape(n, 3, self.k, self.k)  # [D*P, 3, k, k]
 
     def __len__(self) -> int:
         return self.batches_per_epoch  # per epoch; the sampler runs on across epochs
@@ -157,15 +153,8 @@ class GridBatches(Dataset):
         if self.memory is not None:
             return self.memory[lo:hi]
         if self._file is None:
-            self._file = h5py.File(self.path, "r")  # opened here, in the reading process
-        dset = self._file["grid/psf"]
-        parts = []
-        while lo < hi:
-            d, p = divmod(lo, self.P)
-            stop = min(hi, (d + 1) * self.P)
-            parts.append(dset[d, p : p + stop - lo])
-            lo = stop
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+            self._file = self.grid.reader()  # opened here, in the reading process
+        return self.grid.grid_psf_flat(lo, hi, self._file)
 
     def __getitem__(self, g: int) -> dict:
         epoch, b = divmod(int(g), self.batches_per_epoch)
@@ -214,61 +203,7 @@ def make_loader(dataset: GridBatches, start: int, num_workers: int, pin_memory: 
     )
 
 
-def check_grid_content(path: str) -> None:
-    """Refuse grid PSFs a model must not learn from (or be measured against), naming the first
-    bad one: NaN or inf, negative values, or a valid channel with no energy (dark channels,
-    valid 0, are zeros by design); the held-out and noise PSFs must be finite and
-    non-negative. The grid one depth at a time."""
-    valid = read_lit(path)["valid"]  # [D, P, 3]
-    with h5py.File(path, "r") as f, np.errstate(all="ignore"):  # garbage values must not print warnings first
-        for name in ("heldout/psf_a", "heldout/psf_b", "noise/psf"):
-            values = f[name][:]
-            if not (np.isfinite(values).all() and (values >= 0).all()):
-                raise InputError(f"{path}: {name} holds NaN, inf or negative values; regenerate the file")
-        dset, depths = f["grid/psf"], f["depths"][:]
-        for d in range(dset.shape[0]):
-            psf = dset[d]  # [P, 3, k, k]
-            for bad, what in (
-                (~np.isfinite(psf), "NaN or inf values"),
-                (psf < 0, "negative values"),
-                (((psf.sum(axis=(-2, -1)) <= 0) & valid[d])[..., None, None], "a channel with no energy"),
-            ):
-                hit = np.argwhere(bad.reshape(bad.shape[0], 3, -1).any(axis=-1))
-                if len(hit):
-                    p, c = hit[0]
-                    raise InputError(
-                        f"{path}: the grid PSF at point {p}, depth {depths[d]:g} m, channel {'RGB'[c]} has {what} "
-                        f"({len(hit)} channel PSFs at this depth); regenerate the file or remove those points"
-                    )
-
-
-def read_grid_depth(path: str, depth: int) -> np.ndarray:
-    """All grid PSFs of one depth: [P, 3, k, k]."""
-    with h5py.File(path, "r") as f:
-        return f["grid/psf"][depth]
-
-
-def read_heldout(path: str) -> dict:
-    """coords [M, 2], depth [M] m, at_grid_depth [M], psf_a/psf_b [M, 3, k, k], ref = their mean;
-    illumination [M, 3] (mean of the halves) and lit [M] (both halves valid in every channel)."""
-    with h5py.File(path, "r") as f:
-        out = {k: f[f"heldout/{k}"][:] for k in ("coords", "depth", "at_grid_depth", "psf_a", "psf_b")}
-        if "heldout/valid_a" in f:
-            out["illumination"] = 0.5 * (f["heldout/illumination_a"][:] + f["heldout/illumination_b"][:])
-            out["lit"] = (f["heldout/valid_a"][:] & f["heldout/valid_b"][:]).all(axis=1).astype(bool)
-        else:  # schema 1: generation refused dark points, illumination unmeasured
-            out["illumination"] = np.ones((len(out["depth"]), 3), np.float32)
-            out["lit"] = np.ones(len(out["depth"]), bool)
-    out["ref"] = 0.5 * (out["psf_a"] + out["psf_b"])
-    return out
-
-
 def lit_only(heldout: dict) -> tuple[dict, int]:
     """(the held-out set without its dark points, how many were dark): every [M, ...] entry filtered."""
     lit = heldout["lit"]
     return {k: v[lit] for k, v in heldout.items()}, int((~lit).sum())
-
-
-def read_grid_meta(path: str) -> dict:
-    with h5py.File(path, "r") as f:
-        return {"coords": f["grid/coords"][:], "depths": f["depths"][:], "neighbors": f["grid/neighbors"][:]}

@@ -20,21 +20,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
-from psfgen.info import grid_speed
+from psfgen.litfield import image_circle, radii
 from psfgen.shared.configio import check_at_least, check_device
 from psfgen.shared.devices import resolve_device
 from psfgen.shared.errors import InputError
 from psfgen.shared.metrics import rel_l2
 from psfgen.shared.provenance import now, versions
-from psfgen.store import TRUNCATION_LIMIT, GridInfo, open_info, read_lit, require_complete
+from psfgen.store import TRUNCATION_LIMIT, GridFile
 
 from . import baselines, checkpoint
 from .api import PSFModel, load_model
-from .data import check_grid_content, lit_only, read_heldout
+from .data import lit_only
 from .metrics import measured_points, rel_l2_corrected, spearman, summarize
 
 log = logging.getLogger(__name__)
@@ -113,9 +112,8 @@ def evaluate(cfg: EvalConfig, extra_figures: list | None = None) -> dict:
     extra_figures: (title, png, caption) appended to the report; png is PNG bytes, a path
     or a matplotlib figure. Returns the metrics (metrics.json's content) plus "table".
     """
-    info = open_info(cfg.data)
-    require_complete(info)
-    check_grid_content(info.path)
+    info = GridFile.open(cfg.data)
+    info.require_complete()
     if info.n_heldout == 0:
         raise InputError(f"{cfg.data} has no held-out set; regenerate it with 'psf generate --heldout M' (M > 0)")
     model = None
@@ -140,21 +138,20 @@ def evaluate(cfg: EvalConfig, extra_figures: list | None = None) -> dict:
     return result
 
 
-def compute_metrics(cfg: EvalConfig, info: GridInfo, model: PSFModel | None) -> tuple[dict, EvalArrays]:
+def compute_metrics(cfg: EvalConfig, info: GridFile, model: PSFModel | None) -> tuple[dict, EvalArrays]:
     """Every method's held-out errors, ray tracing's, the model's grid fit, speed and uncertainty.
 
     Returns (metrics: the content of metrics.json, arrays: what they were computed from).
     """
-    with h5py.File(info.path, "r", locking=False) as f:
-        grid, coords = f["grid/psf"][:], f["grid/coords"][:]  # [D, P, 3, k, k], [P, 2]
-    ho_all = read_heldout(info.path)
+    grid, coords = info.grid_psfs(), info.coords  # [D, P, 3, k, k] (checked), [P, 2]
+    ho_all = info.heldout()
     # The PSF metrics use lit points only: a dark point has no PSF to measure against.
     arrays = EvalArrays(
         grid=grid,
         coords=coords,
         depths=info.depths,
         heldout=split_heldout(ho_all, info.path),
-        lit=read_lit(info.path)["valid"].all(axis=-1),  # [D, P]: a dark grid point has no PSF
+        lit=info.lit,  # [D, P]: a dark grid point has no PSF
     )
     arrays.circle = lit_circle(info, coords, arrays.lit)
     ho, depths = arrays.heldout, info.depths
@@ -180,7 +177,7 @@ def compute_metrics(cfg: EvalConfig, info: GridInfo, model: PSFModel | None) -> 
         "data": {
             "path": info.path,
             "run_id": info.run_id,
-            "lens_sha256": info.attrs["lens_sha256"],
+            "lens_sha256": info.lens_sha256,
             "grid_size": info.grid_size,
             "depths_m": [float(d) for d in depths],
             "spp": info.spp,
@@ -198,11 +195,11 @@ def compute_metrics(cfg: EvalConfig, info: GridInfo, model: PSFModel | None) -> 
             "frame": model.net.args.frame,
         },
         "heldout": methods,
-        "raytrace_at_training_spp": _raytrace(info.path, arrays.grid, depths, arrays.lit),
+        "raytrace_at_training_spp": _raytrace(info, arrays.grid, depths, arrays.lit),
         "reference_noise": summarize(ref_noise),
         "eigen_explained_variance": eigen.explained,
         "speed_psfs_per_s": {
-            "raytrace (file provenance, device " + info.attrs["device"] + f", spp {info.spp})": grid_speed(info.path)[0]
+            f"raytrace (file provenance, device {', '.join(info.devices)}, spp {info.spp})": info.grid_speed()[0]
         },
         "heldout_dark": int((~ho_all["lit"]).sum()),
     }
@@ -266,12 +263,11 @@ def _predictions(model, grid, depths, n, eigen, x, y, depth_m, seed: int) -> dic
     return preds
 
 
-def _raytrace(path: str, grid: np.ndarray, depths: np.ndarray, lit_grid: np.ndarray) -> dict:
+def _raytrace(info: GridFile, grid: np.ndarray, depths: np.ndarray, lit_grid: np.ndarray) -> dict:
     """Ray tracing at the training spp, from the re-traced grid subset: two independent traces
     of the same point differ by sqrt(2) times the error of one of them. "pooled" sums the
     squared norms over points before the ratio, as the held-out pooled figure does."""
-    with h5py.File(path, "r", locking=False) as f:
-        noise_idx, noise = f["noise/index"][:], f["noise/psf"][:]
+    noise_idx, noise = info.noise_index, info.noise()["psf"]
     if not len(noise_idx):
         return {}
     lit = lit_grid[:, noise_idx]  # [D, S]
@@ -352,30 +348,26 @@ def headline(result: dict) -> dict:
     return out
 
 
-def optics(info: GridInfo) -> dict:
+def optics(info: GridFile) -> dict:
     """The physical context of the file: lens, wavelengths, sensor, kernel pitch, truncation of lit PSFs."""
     from .optics import grid_optics  # the one reader of the sensor's geometry (psf render's too)
 
-    a = info.attrs
-    lens = json.loads(a["lens_json"])
-    geometry = grid_optics(info, strict=False) or {}
-    size, res, traced = geometry.get("sensor_size_mm"), geometry.get("sensor_res"), int(info.config["kernel_size"])
-    with h5py.File(info.path, "r", locking=False) as f:
-        wvln = [float(w) for w in f["wvln"][:]]
-        worst = f["grid/border"][:].max(axis=-1)  # [D, P]; 0 at a dark point
-    pixel_um = 1000.0 * size[0] / res[0] if size and res else None
+    lens = json.loads(info.lens_json)
+    geometry = grid_optics(info)
+    size, res = geometry["sensor_size_mm"], geometry["sensor_res"]
+    worst = info.border.max(axis=-1)  # [D, P]; 0 at a dark point
     return {
-        "lens_path": a["lens_path"],
+        "lens_path": info.lens_path,
         "lens_description": str(lens.get("info", "")),
-        "lens_sha256": a["lens_sha256"],
-        "focal_length_mm": a.get("foclen_mm"),
-        "wavelengths_um_rgb": wvln,
+        "lens_sha256": info.lens_sha256,
+        "focal_length_mm": info.foclen_mm,
+        "wavelengths_um_rgb": [float(w) for w in info.wvln],
         "sensor_size_mm": size,
         "sensor_resolution_px": res,
-        "sensor_pixel_um": pixel_um,
-        "traced_kernel_px": traced,
+        "sensor_pixel_um": 1000.0 * size[0] / res[0],
+        "traced_kernel_px": info.kernel_size,
         "kernel_px": info.kernel_size_small,
-        "kernel_pitch_um": 1000.0 * geometry["kernel_pitch_mm"] if geometry else None,
+        "kernel_pitch_um": 1000.0 * geometry["kernel_pitch_mm"],
         "truncation": {
             "limit": TRUNCATION_LIMIT,
             "truncated": int((worst > TRUNCATION_LIMIT).sum()),
@@ -418,12 +410,9 @@ def lit_circle(info, coords: np.ndarray, lit: np.ndarray) -> tuple[float, tuple[
     """(image-circle radius [mm], sensor (width, height) [mm]) at the middle depth, None when all is lit.
 
     coords [P, 2]: the grid's field points; lit [D, P]: which of them hold a PSF."""
-    from psfgen.litfield import image_circle, radii
-    from psfgen.symmetry import sensor_size_mm
-
-    size = sensor_size_mm(info.attrs)
+    size = info.sensor_size_mm
     bounds = image_circle(radii(coords, size)[0], lit[len(info.depths) // 2])
-    return None if bounds is None or size is None else (0.5 * (bounds[0] + bounds[1]), size)
+    return None if bounds is None else (0.5 * (bounds[0] + bounds[1]), size)
 
 
 def _json_safe(value):

@@ -6,11 +6,11 @@ import logging
 import math
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
 from psfgen.shared.errors import InputError
+from psfgen.store import GridFile
 
 from .chart import resolution_chart
 from .imageio import linear_to_srgb
@@ -38,15 +38,13 @@ def patchwise_render(image: torch.Tensor, psf_map: torch.Tensor, pitch_mm: float
 def grid_psf_map(data: str | Path, depth_m: float) -> torch.Tensor:
     """The grid file's traced PSFs at the grid depth depth_m: [N, N, 3, k, k], row 0 at y = +1,
     each channel summing to its relative illumination (0 where dark), as the model's kernels do."""
-    with h5py.File(data, "r") as f:
-        depths = f["depths"][:]
-        hit = np.flatnonzero(np.isclose(depths, depth_m, rtol=1e-6))
-        if hit.size == 0:
-            raise InputError(f"{depth_m:g} m is not a depth of {data} ({', '.join(f'{d:g}' for d in depths)} m)")
-        psf = f["grid/psf"][int(hit[0])]
-        if "grid/illumination" in f:  # files of schema 2 on: vignetting measured
-            light = f["grid/illumination"][int(hit[0])] * f["grid/valid"][int(hit[0])]  # [P, 3]
-            psf = psf * light[:, :, None, None].astype(psf.dtype)
+    grid = GridFile.open(data)
+    hit = np.flatnonzero(np.isclose(grid.depths, depth_m, rtol=1e-6))
+    if hit.size == 0:
+        raise InputError(f"{depth_m:g} m is not a depth of {data} ({', '.join(f'{d:g}' for d in grid.depths)} m)")
+    d = int(hit[0])
+    light = grid.illumination[d] * grid.valid[d]  # [P, 3]
+    psf = grid.grid_psf(d) * light[:, :, None, None].astype(np.float32)
     n = math.isqrt(psf.shape[0])
     return torch.from_numpy(psf.reshape(n, n, *psf.shape[1:]))
 
@@ -59,12 +57,12 @@ def chart_figure(
     depths) and their difference. Returns {"png", "psnr_db", "ssim"} (model against patch-wise; None without it)."""
     from . import plots
 
-    optics = model_optics(model, data)
+    optics = model_optics(model)
     sw, sh = optics["sensor_size_mm"]
     # The chart covers the sensor with square pixels (size rows): DeepLens's patch-wise
     # convolution takes one square kernel per patch, which needs one pitch in x and y.
     chart = resolution_chart(size, max(1, round(size * sw / sh)))
-    blurred = render(model, chart, depth_m, psf_every=psf_every, data=data).cpu()
+    blurred = render(model, chart, depth_m, psf_every=psf_every).cpu()
     panels = [("chart (sharp)", chart), (f"model, per pixel ({depth_m:g} m)", blurred)]
     scores = {"psnr_db": None, "ssim": None}
     if data is not None:

@@ -32,7 +32,6 @@ def render_file(
     srgb: bool = True,
     psf_every: int = 1,
     field: str | None = None,
-    data=None,
     device: str = "auto",
     allow_extrapolation: bool = False,
     overwrite: bool = False,
@@ -64,7 +63,6 @@ def render_file(
         depth,
         psf_every=psf_every,
         field=window,
-        data=data,
         allow_extrapolation=allow_extrapolation,
         progress=progress,
     )

@@ -76,7 +76,6 @@ def render(
     *,
     psf_every: int = 1,
     field=(-1.0, 1.0, -1.0, 1.0),
-    data=None,
     depth_levels: int = 16,
     allow_extrapolation: bool = False,
     progress: bool = False,
@@ -88,9 +87,8 @@ def render(
     [H, W] (a depth map: each pixel blurred with the PSF of its own depth). psf_every S > 1
     evaluates the model every S pixels (and, with a depth map, at ``depth_levels`` depths
     uniform in 1/depth over the map's range) and interpolates the kernels between.
-    ``data``: the grid file, only for checkpoints that do not store their kernel pitch.
     """
-    optics = model_optics(model, data)
+    optics = model_optics(model)
     h, w = _checked_image(image)
     depth_t = _checked_depth(model, depth, (h, w), allow_extrapolation)
     return render_with(

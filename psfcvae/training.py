@@ -30,19 +30,15 @@ from psfgen.shared.devices import resolve_device
 from psfgen.shared.errors import InputError
 from psfgen.shared.metrics import rel_l2
 from psfgen.shared.provenance import now, versions
-from psfgen.store import GridInfo, open_info, read_lit, require_complete
+from psfgen.store import GridFile
 
 from . import checkpoint, interrupt, optics, tblog
 from .config import TrainConfig
 from .data import (
     Conditions,
     GridBatches,
-    check_grid_content,
     lit_only,
     make_loader,
-    read_grid_depth,
-    read_grid_meta,
-    read_heldout,
 )
 from .images import mosaic
 from .model import CVAE, ModelArgs
@@ -56,7 +52,7 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the message is one line."""
 
 
-def model_args_for(cfg: TrainConfig, info: GridInfo) -> ModelArgs:
+def model_args_for(cfg: TrainConfig, info: GridFile) -> ModelArgs:
     """The network for this config on this file; checks the file fits the config."""
     if cfg.grid_size is not None and cfg.grid_size != info.grid_size:
         raise InputError(
@@ -103,15 +99,13 @@ def model_args_for(cfg: TrainConfig, info: GridInfo) -> ModelArgs:
     )
 
 
-def illumination_args(cfg: TrainConfig, info: GridInfo) -> dict:
+def illumination_args(cfg: TrainConfig, info: GridFile) -> dict:
     """The illumination head's ModelArgs: on when the file measured illumination and its weight is above 0."""
-    on = info.has_illumination and cfg.illumination_weight > 0
-    if not info.has_illumination and cfg.illumination_weight > 0:
-        log.info("no illumination head: %s (schema %d) has no measured illumination", info.path, info.schema)
+    on = cfg.illumination_weight > 0
     return {"illumination": on, "illumination_weight": cfg.illumination_weight if on else 0.0}
 
 
-def resolve_frame(choice: str, info: GridInfo) -> tuple[str, tuple[float, float]]:
+def resolve_frame(choice: str, info: GridFile) -> tuple[str, tuple[float, float]]:
     """(frame, field scale) for condition_frame ``choice`` on this file.
 
     auto: canonical when the prescription is rotationally symmetric and the file's own
@@ -119,8 +113,8 @@ def resolve_frame(choice: str, info: GridInfo) -> tuple[str, tuple[float, float]
     """
     if choice == "cartesian":
         return "cartesian", (1.0, 1.0)
-    scale = symmetry.field_scale(symmetry.sensor_size_mm(info.attrs))
-    check = symmetry.check_file(info.path)
+    scale = symmetry.field_scale(info.sensor_size_mm)
+    check = symmetry.check_file(info)
     if choice == "canonical":
         if not check.holds:
             log.warning(
@@ -137,7 +131,7 @@ def resolve_frame(choice: str, info: GridInfo) -> tuple[str, tuple[float, float]
 
 
 @torch.no_grad()
-def validate(model: CVAE, conds: Conditions, info: GridInfo, heldout: dict | None, device, image_depth: int):
+def validate(model: CVAE, conds: Conditions, info: GridFile, heldout: dict | None, device, image_depth: int):
     """Whole-grid posterior reconstruction and prior mean; prior mean on the held-out set.
 
     Returns (metrics, images); images are [3, H, W] mosaics of depth ``image_depth``.
@@ -147,7 +141,7 @@ def validate(model: CVAE, conds: Conditions, info: GridInfo, heldout: dict | Non
     sums = {"recon": 0.0, "prior": 0.0}
     images = {}
     for d in range(len(info.depths)):
-        gt = read_grid_depth(info.path, d)  # [P, 3, k, k]
+        gt = info.grid_psf(d)  # [P, 3, k, k]
         recon, prior = model.predict_grid(gt, conds(torch.arange(P, device=device), torch.full((P,), d, device=device)))
         lit = conds.lit_np[d]  # dark points have no PSF to compare with
         sums["recon"] += float(((recon - gt)[lit] ** 2).mean()) if lit.any() else 0.0
@@ -177,12 +171,11 @@ def validate(model: CVAE, conds: Conditions, info: GridInfo, heldout: dict | Non
     return metrics, images
 
 
-def _lit_data(info: GridInfo, model: CVAE, device, main_rank: bool) -> tuple[Conditions, dict | None]:
+def _lit_data(info: GridFile, model: CVAE, device, main_rank: bool) -> tuple[Conditions, dict | None]:
     """The grid's conditions and the held-out set, both without dark points (one log line says how many)."""
-    meta = read_grid_meta(info.path)
-    lit = read_lit(info.path)["valid"].all(axis=-1)  # [D, P]
-    conds = Conditions(meta["coords"], meta["depths"], meta["neighbors"], model.args.cond_dim == 3, device, lit)
-    heldout, dark_heldout = lit_only(read_heldout(info.path)) if info.n_heldout else (None, 0)
+    lit = info.lit  # [D, P]
+    conds = Conditions(info.coords, info.depths, info.neighbors, model.args.cond_dim == 3, device, lit)
+    heldout, dark_heldout = lit_only(info.heldout()) if info.n_heldout else (None, 0)
     if model.illumination is not None:
         model.illumination.any_dark.fill_(bool((~lit).any()))
     if main_rank and not lit.all():
@@ -191,7 +184,7 @@ def _lit_data(info: GridInfo, model: CVAE, device, main_rank: bool) -> tuple[Con
             "%d of %d held-out points from validation",
             (~lit).sum(),
             lit.size,
-            conds.dark_pairs(meta["neighbors"]),
+            conds.dark_pairs(info.neighbors),
             dark_heldout,
             info.n_heldout,
         )
@@ -243,9 +236,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     # --- data, model, optimiser --------------------------------------------------------
     if not cfg.data:
         raise InputError("no data file given; pass --data grid.h5 (written by 'psf generate')")
-    info = open_info(cfg.data)
-    require_complete(info)
-    check_grid_content(info.path)
+    info = GridFile.open(cfg.data)
+    info.require_complete()
+    info.check_grid()  # every grid PSF finite, non-negative, summing to 1: before any step is taken
     run_dir = Path(cfg.run_dir)
     ckpt = checkpoint.load(run_dir / "latest.pt") if resume and (run_dir / "latest.pt").exists() else None
     if ckpt is not None:
@@ -270,7 +263,7 @@ OLDER_BEHAVIOUR = {
 }
 
 
-def _resolve_steps(cfg: TrainConfig, info: GridInfo, ckpt: dict | None) -> TrainConfig:
+def _resolve_steps(cfg: TrainConfig, info: GridFile, ckpt: dict | None) -> TrainConfig:
     """max_steps auto: on --resume the run's own number, else the rule for this grid's size."""
     if not isinstance(cfg.max_steps, str):
         return cfg
@@ -367,7 +360,7 @@ def _prepare_run_dir(run_dir: Path, resume: bool) -> None:
 
 
 def _restore(
-    ckpt: dict, cfg: TrainConfig, info: GridInfo, args: ModelArgs, model, optimizer, device, run_dir: Path
+    ckpt: dict, cfg: TrainConfig, info: GridFile, args: ModelArgs, model, optimizer, device, run_dir: Path
 ) -> tuple[int, float]:
     """Load a run's latest checkpoint into model and optimizer after checking it fits: (step, best)."""
     latest = run_dir / "latest.pt"
@@ -428,7 +421,7 @@ def _save(path: Path, run: dict, step: int, best: float, metrics: dict, window: 
             "saved_at": now(),
             "rng": rng,
             "loss_window": window.state(),  # a resume between two logs logs the same means
-            "optics": optics.grid_optics(run["info"], strict=False),  # kernel pitch and sensor: what `psf render` needs
+            "optics": optics.grid_optics(run["info"]),  # kernel pitch and sensor: what `psf render` needs
         },
     )
 
@@ -448,7 +441,7 @@ def _step_is_finite(out, world: int, device, step: int, latest: Path) -> None:
         )
 
 
-def _train(cfg: TrainConfig, resume: bool, info: GridInfo, args: ModelArgs, run_dir: Path, ckpt: dict | None) -> Path:
+def _train(cfg: TrainConfig, resume: bool, info: GridFile, args: ModelArgs, run_dir: Path, ckpt: dict | None) -> Path:
     """train() once the run directory is locked; ckpt: the run's latest checkpoint when resuming."""
     # --- set up: run directory, processes, model, optimiser, maybe the run to resume -----------
     latest, best_path = run_dir / "latest.pt", run_dir / "best.pt"
@@ -564,7 +557,7 @@ def _writer(run_dir: Path, step: int, resume: bool) -> SummaryWriter:
     return writer
 
 
-def _loader(cfg: TrainConfig, info: GridInfo, model: CVAE, device, rank: int, world: int, step: int, run_dir: Path):
+def _loader(cfg: TrainConfig, info: GridFile, model: CVAE, device, rank: int, world: int, step: int, run_dir: Path):
     """Batches from ``step`` on (this rank's share), the grid in RAM or streamed; one log line says which."""
     grid_bytes = len(info.depths) * info.grid_size**2 * 3 * info.kernel_size_small**2 * 4
     in_memory = {"auto": grid_bytes < IN_MEMORY_AUTO_LIMIT, "true": True, "false": False}[cfg.in_memory]
@@ -583,7 +576,7 @@ def _loader(cfg: TrainConfig, info: GridInfo, model: CVAE, device, rank: int, wo
     return make_loader(dataset, start=step, num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
 
 
-def _validate_and_log(model: CVAE, conds, info: GridInfo, heldout, device, writer, step: int) -> dict:
+def _validate_and_log(model: CVAE, conds, info: GridFile, heldout, device, writer, step: int) -> dict:
     """validate(), its scalars and images in TensorBoard and one log line: the metrics."""
     metrics, images = validate(model, conds, info, heldout, device, image_depth=len(info.depths) // 2)
     for key, value in metrics.items():

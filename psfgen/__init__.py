@@ -11,9 +11,7 @@ _PUBLIC = {
     "GenerateConfig": ".config",
     "InputError": ".shared.errors",
     "generate": ".generation",
-    "GridInfo": ".store",
-    "open_info": ".store",
-    "require_complete": ".store",
+    "GridFile": ".store",
 }
 
 __all__ = list(_PUBLIC)

@@ -20,6 +20,8 @@ from .shared.errors import InputError
 # --grid-size alone keeps spp at DEFAULT_SPP (a budget is spread only when ray_budget is given).
 DEFAULT_RAY_BUDGET = 40_000_000  # per depth
 DEFAULT_NUM_DEPTHS = 5  # num_depths auto spends the rays of this many default depths over those it picks
+# The numbers of depths num_depths auto chooses from (nested in 1/depth: psfgen/depthplan.py's pilot).
+DEPTH_CHOICES = (3, 5, 9, 17, 33)
 # Below ~1000 rays a point, tracing costs more per ray (each point's chief-ray search is fixed work:
 # benchmarks/bench_generate.py), a PSF is mostly noise (~18% at 1000 on the default lens) and a point needs 10% of
 # its rays valid to count as lit (illumination.MIN_RAYS = 100); a budget may not go lower.

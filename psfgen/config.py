@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from .shared.configio import check_at_least, check_device, check_grid_size
+from . import budget
+from .shared.configio import check_at_least, check_device, check_grid_size, to_dict
 from .shared.errors import InputError
 
 
@@ -30,11 +31,6 @@ NOISE_POINTS = 32  # re-traced grid points per depth, when the grid has that man
 def default_noise_points(grid_size: int) -> int:
     """The noise floor's re-traced points per depth: 32, or every point of a smaller grid."""
     return min(NOISE_POINTS, max(grid_size, 0) ** 2)
-
-
-# The kernel sizes' names before the rename (grid schema <= 2, checkpoint schema 1, old configs) -> today's:
-# the one table that config hints, the grid file's reader and the checkpoint's reader translate with.
-OLD_KERNEL_NAMES = {"ks": "kernel_size", "ks_small": "kernel_size_small"}
 
 
 @dataclass(frozen=True)
@@ -67,25 +63,6 @@ class GenerateConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:K
     overwrite: bool = False  # replace an existing output file from another run
     shard: str | None = None  # "K/N": trace only shard K (0-based) of N; "auto": from torchrun or a SLURM array
-
-    def __post_init__(self) -> None:
-        from .budget import resolve
-
-        if isinstance(self.num_depths, str):
-            object.__setattr__(self, "num_depths", self.num_depths.strip().lower())
-        n_depths = self.depth_count()
-        # grid_size and spp: as given, their defaults, or from the budget; they wait for the pilot under num_depths
-        # auto (generate() rebuilds the config), or for validate() to name a bad count of depths
-        if not isinstance(n_depths, bool) and isinstance(n_depths, int) and n_depths >= 1:
-            grid_size, spp = resolve(self.budget(), self.grid_size, self.spp, n_depths)
-            object.__setattr__(self, "grid_size", grid_size)
-            object.__setattr__(self, "spp", spp)
-        # noise_points None: the default, which adapts to the grid (a 4x4 grid has 16 points, not 32).
-        if self.noise_points is None and isinstance(self.grid_size, int):
-            object.__setattr__(self, "noise_points", default_noise_points(self.grid_size))
-
-    # The keys' old spellings (config files written before the rename), for unknown-key hints.
-    KEY_ALIASES = OLD_KERNEL_NAMES
 
     def validate(self) -> None:
         check_grid_size(self)
@@ -135,21 +112,12 @@ class GenerateConfig:
             )
         # num_depths auto leaves grid_size, spp and noise_points to the pilot's choice only when they come from
         # the budget; given, they are checked here, before a pilot is traced.
-        if (
-            self.noise_points is not None
-            and self.grid_size is not None
-            and not (0 <= self.noise_points <= self.grid_size**2)
-        ):
-            raise InputError.for_key(
-                "noise_points",
-                f"must be between 0 and {self.grid_size**2} (the points of a "
-                f"{self.grid_size}x{self.grid_size} grid), got {self.noise_points}",
-            )
+        if self.noise_points is not None and self.grid_size is not None:
+            check_noise_points(self.noise_points, self.grid_size)
         if self.auto_depths():  # the budget must afford the fewest depths the pilot may choose
-            from .budget import resolve
-            from .depthplan import CHOICES
-
-            resolve(self.budget(), self.grid_size, self.spp, CHOICES[0])
+            budget.resolve(self.budget(), self.grid_size, self.spp, budget.DEPTH_CHOICES[0])
+        elif self.ray_budget is not None:  # the budget must afford the depths given
+            budget.resolve(self.budget(), self.grid_size, self.spp, self.depth_count())
         if self.shard is not None and self.auto_depths():
             raise InputError.for_keys(
                 "{num_depths} auto cannot be combined with {shard}: every shard must trace the same depths; "
@@ -170,10 +138,8 @@ class GenerateConfig:
         """The rays per colour the grid spends over all depths: ray_budget; with num_depths auto and not both
         grid_size and spp given, the default 5 depths' rays (auto moves them between depths, it adds none);
         None: grid_size and spp as given or by default."""
-        from .budget import DEFAULT_NUM_DEPTHS, DEFAULT_RAY_BUDGET
-
-        if self.ray_budget is None and self.num_depths == "auto" and (self.grid_size is None or self.spp is None):
-            return DEFAULT_RAY_BUDGET * DEFAULT_NUM_DEPTHS
+        if self.ray_budget is None and self.auto_depths() and (self.grid_size is None or self.spp is None):
+            return budget.DEFAULT_RAY_BUDGET * budget.DEFAULT_NUM_DEPTHS
         return self.ray_budget
 
     def auto_depths(self) -> bool:
@@ -193,16 +159,9 @@ class GenerateConfig:
             return np.array(sorted(self.depths), dtype=np.float64)
         n = self.num_depths if num_depths is None else num_depths
         if n == "auto":
-            raise ValueError("num_depths auto: psf generate chooses the depths (GenerateConfig.with_depths)")
+            raise ValueError("num_depths auto: psf generate chooses the depths (psfgen.config.resolve)")
         inv = np.linspace(1.0 / self.depth_min, 1.0 / self.depth_max, n)
         return 1.0 / inv
-
-    def with_depths(self, num_depths: int) -> GenerateConfig:
-        """This config with num_depths auto's choice: its depths recorded, grid_size and spp resolved."""
-        from .shared.configio import build, to_dict
-
-        values = {**to_dict(self), "depths": [float(d) for d in self.depth_values(num_depths)]}
-        return build(GenerateConfig, values)
 
     def heldout_half_spp(self) -> int:
         """Rays per held-out half: the reference (both halves) has heldout_spp rays."""
@@ -210,9 +169,7 @@ class GenerateConfig:
         return max(1, total // 2)
 
     def run_params(self) -> dict:
-        """The parameters that decide the content of the file (not where or on what it runs)."""
-        from .shared.configio import to_dict
-
+        """The parameters that decide the content of the file (not where or on what it runs); of a resolved config."""
         d = to_dict(self)
         for k in ("out", "device", "overwrite", "lens", "shard", "ray_budget"):  # ray_budget: in grid_size x spp
             d.pop(k)
@@ -221,3 +178,33 @@ class GenerateConfig:
         for k in ("depth_min", "depth_max", "num_depths"):
             d.pop(k)
         return d
+
+
+def check_noise_points(noise_points: int, grid_size: int) -> None:
+    if not 0 <= noise_points <= grid_size**2:
+        raise InputError.for_key(
+            "noise_points",
+            f"must be between 0 and {grid_size**2} (the points of a {grid_size}x{grid_size} grid), got {noise_points}",
+        )
+
+
+def resolve(cfg: GenerateConfig, num_depths: int | None = None) -> GenerateConfig:
+    """The config a run traces, every auto or default value decided: depths, grid_size and spp (from the ray
+    budget), noise_points, heldout_spp. The one step that resolves them; the grid file records its result.
+
+    num_depths: num_depths auto's choice (the pilot's, or the number of depths of the file a run resumes).
+    """
+    depths = cfg.depth_values(num_depths)
+    grid_size, spp = budget.resolve(cfg.budget(), cfg.grid_size, cfg.spp, len(depths))
+    noise_points = default_noise_points(grid_size) if cfg.noise_points is None else cfg.noise_points
+    check_noise_points(noise_points, grid_size)
+    heldout_spp = 4 * spp if cfg.heldout_spp is None else cfg.heldout_spp
+    return replace(
+        cfg,
+        depths=tuple(float(d) for d in depths),
+        num_depths=len(depths),
+        grid_size=grid_size,
+        spp=spp,
+        noise_points=noise_points,
+        heldout_spp=2 * max(1, heldout_spp // 2),  # two equal halves
+    )

@@ -21,13 +21,12 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
 from . import illumination
+from .budget import DEPTH_CHOICES as CHOICES
 from .resample import downsample
 from .shared.errors import InputError
 from .spacing import corrected, noise_removed, pooled
@@ -35,7 +34,6 @@ from .spacing import corrected, noise_removed, pooled
 log = logging.getLogger(__name__)
 
 PILOT_DEPTHS = 33  # pilot depths, uniform in 1/depth: nested grids of 3, 5, 9, 17 and 33
-CHOICES = (3, 5, 9, 17, 33)
 PILOT_SPP = 8000  # rays per pilot point and colour (each point traced twice)
 PILOT_FIELD = (0.0, 0.5, 1.0)  # x and y of the pilot points (normalised field)
 # The largest error of interpolating in depth (noise removed) a choice may leave. Measured (docs/ray_budget.md): at
@@ -125,12 +123,3 @@ def pilot(lens, depth_min: float, depth_max: float, kernel_size: int, kernel_siz
             100 * errors[CHOICES[-2]],
         )
     return plan
-
-
-def earlier_plan(out: Path) -> int | None:
-    """The number of depths an earlier auto run chose for ``out`` (to resume it without a new pilot)."""
-    try:
-        with h5py.File(out, "r", locking=False) as f:
-            return int(json.loads(f.attrs["depth_plan"])["num_depths"]) if "depth_plan" in f.attrs else None
-    except (OSError, KeyError, ValueError, TypeError):
-        return None

@@ -18,22 +18,21 @@ import shutil
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from . import budget, depthplan, illumination, litfield, spacing, store
-from .config import GenerateConfig
+from .config import GenerateConfig, resolve
 from .grid import grid_coords, heldout_points, neighbour_pairs, noise_indices
 from .lens import build_lens, deeplens_notes, read_lens_file
 from .resample import METHOD, border_fraction, downsample
 from .shared import locking, tempfiles
 from .shared.configio import to_json
 from .shared.devices import resolve_device
-from .shared.errors import DamagedFile, InputError
+from .shared.errors import InputError
 from .shared.provenance import now, versions
-from .store import Block
+from .store import Block, GridFile
 
 log = logging.getLogger(__name__)
 
@@ -174,48 +173,23 @@ def _check_output(cfg: GenerateConfig, out: Path, run_id: str) -> bool:
     if info.run_id != run_id:
         raise InputError(
             f"{out} holds another run (different parameters or lens); choose another --out "
-            "or pass --overwrite to replace it" + _budget_hint(cfg, out)
+            "or pass --overwrite to replace it"
         )
     return True
 
 
-def _existing(cfg: GenerateConfig, out: Path):
-    """The GridInfo of the file a run would resume (None: nothing there, or --overwrite); a file that cannot
-    be resumed (damaged, not a grid file, an older schema) raises InputError."""
+def _existing(cfg: GenerateConfig, out: Path) -> GridFile | None:
+    """The grid file a run would resume (None: nothing there, or --overwrite); a file that cannot
+    be resumed (damaged, not a grid file, another schema version) raises InputError."""
     if not out.exists() or cfg.overwrite:
         return None
     try:
-        info = store.open_info(out)
-    except DamagedFile as exc:
-        raise InputError(f"{exc}; or pass --overwrite to trace it again from the start") from None
-    except InputError:
+        return GridFile.open(out)
+    except InputError as exc:
         raise InputError(
-            f"{out} exists and is not a psf-cvae grid file from this run; choose another --out "
-            "or pass --overwrite to replace it"
+            f"{out} exists and is not a psf-cvae grid file this psf generate can resume ({exc}); choose another "
+            "--out or pass --overwrite to replace it"
         ) from None
-    # Before the run id: an older file's id hashes the parameters under their old names, so the same
-    # run would read as another one. Schema 1 lacks the axis reference a resume needs; schema 2's
-    # header names the kernel sizes ks/ks_small, which a resumed file would keep beside new blocks.
-    if info.schema != store.SCHEMA_VERSION:
-        raise InputError(
-            f"{out} was written by an older psf generate (schema {info.schema}, this one writes "
-            f"{store.SCHEMA_VERSION}); pass --overwrite to trace it again, or choose another --out"
-        )
-    return info
-
-
-def _budget_hint(cfg: GenerateConfig, out: Path) -> str:
-    """When the file asked for the same ray_budget before it counted every depth's rays: how to resume it."""
-    with h5py.File(out, "r", locking=False) as f:
-        old = json.loads(f.attrs["config"]).get("ray_budget")
-        counts_all = f.attrs.get("ray_budget_scope") == store.RAY_BUDGET_SCOPE
-    if cfg.ray_budget is None or old != cfg.ray_budget or counts_all:
-        return ""
-    d = cfg.depth_count() or 1
-    return (
-        f" (it was started when --ray-budget counted one depth's rays; it now counts all {d}: "
-        f"--ray-budget {old * d:g} resumes it)"
-    )
 
 
 def generate(cfg: GenerateConfig) -> Path:
@@ -226,11 +200,12 @@ def generate(cfg: GenerateConfig) -> Path:
     out = Path(cfg.out) if shard is None else shard_path(Path(cfg.out), *shard)
     local_rank = int(os.environ["LOCAL_RANK"]) if shard is not None and "LOCAL_RANK" in os.environ else None
     device = resolve_device(cfg.device, local_rank)
-    plan, spent = None, cfg.budget()  # before auto resolves the grid: its default budget is said too
+    spent = cfg.budget()  # before auto resolves the grid: its default budget is said too
+    plan, num_depths = None, None
     if cfg.auto_depths():  # GenerateConfig.validate refuses a shard here
         _make_parent(out)  # what the file check would refuse, refused before the pilot's minute
-        _existing(cfg, out)
-        cfg, plan = _choose_depths(cfg, out, lens_file, device)
+        plan, num_depths = _choose_depths(cfg, _existing(cfg, out), lens_file, device)
+    cfg = resolve(cfg, num_depths)  # every auto and default value decided: the file records this config
     if spent is not None:
         log.info("%s", budget.explain(spent, cfg.grid_size, cfg.spp, cfg.depth_count()))
     params = cfg.run_params()
@@ -243,24 +218,25 @@ def generate(cfg: GenerateConfig) -> Path:
         return _trace_all(cfg, out, run_id, params, lens_file, shard, device, t_start, plan)
 
 
-def _choose_depths(cfg: GenerateConfig, out: Path, lens_file, device):
-    """num_depths auto: (the config with its depths, the pilot's DepthPlan); a resumed run keeps the number of
-    depths its file records (a second pilot could choose another, and the file would no longer be this run's)."""
-    earlier = None if cfg.overwrite or not out.exists() else depthplan.earlier_plan(out)
-    if earlier is not None:
-        log.info("num_depths auto: %d depths, as chosen when %s was started", earlier, out)
-        return cfg.with_depths(earlier), None
+def _choose_depths(cfg: GenerateConfig, existing: GridFile | None, lens_file, device):
+    """num_depths auto: (the pilot's DepthPlan or None, the number of depths). A resumed run keeps the number its
+    file records (a second pilot could choose another, and the file would no longer be this run's)."""
+    if existing is not None and existing.depth_plan is not None:
+        n = existing.depth_plan["num_depths"]
+        log.info("num_depths auto: %d depths, as chosen when %s was started", n, existing.path)
+        return None, n
     torch.manual_seed(cfg.seed)  # refocusing samples rays
     lens = build_lens(lens_file, device, cfg.focus_m)
     plan = depthplan.pilot(lens, cfg.depth_min, cfg.depth_max, cfg.kernel_size, cfg.kernel_size_small, cfg.seed)
     log.info("%s", plan.describe())
     n = plan.num_depths
-    while n > depthplan.CHOICES[0] and not budget.affords(cfg.budget(), cfg.grid_size, cfg.spp, n):
-        n = depthplan.CHOICES[depthplan.CHOICES.index(n) - 1]  # validate() checked the fewest fit
+    choices = budget.DEPTH_CHOICES
+    while n > choices[0] and not budget.affords(cfg.budget(), cfg.grid_size, cfg.spp, n):
+        n = choices[choices.index(n) - 1]  # validate() checked the fewest fit
     if n != plan.num_depths:
         log.warning("num_depths auto: the ray budget affords %d depths, not the %d the pilot chose", n, plan.num_depths)
         plan = dataclasses.replace(plan, num_depths=n)
-    return cfg.with_depths(n), plan
+    return plan, n
 
 
 def _trace_all(cfg, out: Path, run_id: str, params: dict, lens_file, shard, device, t_start: float, plan) -> Path:
@@ -281,18 +257,17 @@ def _trace_all(cfg, out: Path, run_id: str, params: dict, lens_file, shard, devi
     mine = np.array([shard is None or i % shard[1] == shard[0] for i in range(len(blocks))])
 
     if resume:
-        with h5py.File(out, "r") as f:
-            axis = f["axis/fraction"][:]  # [D, 3], traced when the file was created
-            done = f["blocks/done"][:].astype(bool)
-            if done[mine].all() and "finished_at" in f.attrs:
-                log.info("%s is already complete; nothing to trace", out)
-                return out
-            if f.attrs.get("device") != str(device):
-                log.warning(
-                    "resuming a run traced on %s on %s: PSFs stay statistically equal, not bitwise",
-                    f.attrs.get("device"),
-                    device,
-                )
+        existing = GridFile.open(out)
+        axis, done = existing.axis_fraction, existing.done  # [D, 3]: traced when the file was created
+        if done[mine].all() and existing.finished_at is not None:
+            log.info("%s is already complete; nothing to trace", out)
+            return out
+        if existing.devices != (str(device),):
+            log.warning(
+                "resuming a run traced on %s on %s: PSFs stay statistically equal, not bitwise",
+                ", ".join(existing.devices),
+                device,
+            )
         log.info("resuming %s: %d/%d blocks already traced", out, done[mine].sum(), mine.sum())
     else:
         axis = _trace_axis(lens, depths, cfg)  # before the file exists: a lens that lights nothing leaves none
@@ -310,7 +285,7 @@ def _trace_all(cfg, out: Path, run_id: str, params: dict, lens_file, shard, devi
         attrs = _header(cfg, lens_file, lens, run_id, params, device, shard)
         if plan is not None:  # num_depths auto: what the pilot measured, and the count a resume keeps
             attrs["depth_plan"] = plan.to_json()
-        _create(out, attrs, arrays, blocks, shard)
+        _create(out, cfg, attrs, arrays, blocks, shard)
         done = np.zeros(len(blocks), dtype=bool)
         log.info("tracing %d blocks into %s on %s", mine.sum(), out, device)
 
@@ -318,15 +293,12 @@ def _trace_all(cfg, out: Path, run_id: str, params: dict, lens_file, shard, devi
     total = sum(blocks[i].stop - blocks[i].start for i in todo)
     _trace_blocks(lens, out, cfg, blocks, todo, total, (depths, coords, noise_idx, ho_coords, ho_depth), axis, resume)
 
-    with h5py.File(out, "r") as f:
-        trace_seconds = float(f["blocks/seconds"][:].sum())
-        border = f["grid/border"][:]
-        lit = f["grid/valid"][:].all(axis=-1)  # [D, P]
-    store.set_attrs(out, finished_at=now(), wall_time_s=time.time() - t_start, trace_seconds=trace_seconds)
-    _warn_truncation(border[lit], cfg)
+    written = GridFile.open(out)
+    store.finish(out, finished_at=now(), wall_time_s=time.time() - t_start, trace_seconds=float(written.seconds.sum()))
+    _warn_truncation(written.border[written.lit], cfg)
     if shard is None:
-        litfield.report_dark(lit, depths, out)
-        log.info("sampling: %s", spacing.check_file(out).describe())
+        litfield.report_dark(written.lit, depths, out)
+        log.info("sampling: %s", spacing.check_file(written).describe())
     log.info("wrote %s", out)
     return out
 
@@ -334,8 +306,6 @@ def _trace_all(cfg, out: Path, run_id: str, params: dict, lens_file, shard, devi
 def _header(cfg: GenerateConfig, lens_file, lens, run_id: str, params: dict, device, shard) -> dict:
     """The new file's attributes: format, versions, the lens (path, text, hash), config and provenance."""
     attrs = {
-        "format": store.FORMAT,
-        "schema_version": store.SCHEMA_VERSION,
         "versions": json.dumps(versions()),
         "lens_path": lens_file.path,
         "lens_json": lens_file.text,
@@ -352,18 +322,17 @@ def _header(cfg: GenerateConfig, lens_file, lens, run_id: str, params: dict, dev
         "started_at": now(),
         "valid_min_rays": illumination.min_rays(cfg.spp),
         "valid_min_rays_heldout": illumination.min_rays(cfg.heldout_half_spp()),
-        "ray_budget_scope": store.RAY_BUDGET_SCOPE,  # the config's ray_budget counts every depth's rays
     }
     if shard is not None:
         attrs.update(shard_index=shard[0], shard_count=shard[1])
     return attrs
 
 
-def _create(out: Path, attrs: dict, arrays: dict, blocks: list, shard) -> None:
+def _create(out: Path, cfg: GenerateConfig, attrs: dict, arrays: dict, blocks: list, shard) -> None:
     """Create the file with every dataset at full size (after checking the disk has room for it)."""
-    cfg = json.loads(attrs["config"])
-    N, D = cfg["grid_size"], len(arrays["depths"])
-    sizes = dict(D=D, P=N * N, S=cfg["noise_points"], M=cfg["heldout"], k=cfg["kernel_size_small"])
+    sizes = dict(
+        D=len(arrays["depths"]), P=cfg.grid_size**2, S=cfg.noise_points, M=cfg.heldout, k=cfg.kernel_size_small
+    )
     _check_disk(out, sizes, 1.0 if shard is None else 1.0 / shard[1])
     try:
         store.create(out, attrs=attrs, arrays=arrays, sizes=sizes, blocks=blocks)

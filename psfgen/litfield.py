@@ -12,21 +12,19 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from .shared.errors import InputError
-from .store import GridInfo, read_lit, traced_grid
-from .symmetry import sensor_size_mm
+from .store import GridFile
 
 log = logging.getLogger(__name__)
 
 FALLOFF_RADII = (0.5, 0.8, 1.0)
 
 
-def radii(coords: np.ndarray, size_mm: tuple[float, float] | None) -> tuple[np.ndarray, float]:
-    """(ρ [P] in mm from the axis, half of the longer side [mm]) of normalised coords [P, 2]; unit sensor if unknown."""
-    w, h = size_mm if size_mm is not None else (2.0, 2.0)
+def radii(coords: np.ndarray, size_mm: tuple[float, float]) -> tuple[np.ndarray, float]:
+    """(ρ [P] in mm from the axis, half of the longer side [mm]) of normalised coords [P, 2]; size_mm: (w, h)."""
+    w, h = size_mm
     return np.hypot(coords[:, 0] * w / 2, coords[:, 1] * h / 2), max(w, h) / 2
 
 
@@ -48,22 +46,13 @@ def falloff(r: np.ndarray, illum: np.ndarray, at=FALLOFF_RADII) -> np.ndarray:
     return np.interp(at, uniq, mean, right=np.nan)
 
 
-def summary_lines(info: GridInfo) -> list[str]:
+def summary_lines(grid: GridFile) -> list[str]:
     """The 'lit field' lines of ``psf info``."""
-    if not info.has_illumination:
-        return [
-            (
-                f"lit field   not measured (schema {info.schema} file): every point counts as lit; "
-                "trace it again with this 'psf generate' to measure vignetting"
-            )
-        ]
-    with h5py.File(info.path, "r", locking=False) as f:
-        coords = f["grid/coords"][:]
-        field, traced = read_lit(f), traced_grid(f)  # [D, P, 3] each; [D, P]
-    valid, illum = field["valid"], field["illumination"]
-    rho, half = radii(coords, sensor_size_mm(info.attrs))
+    traced = grid.traced_grid()  # [D, P]
+    valid, illum = grid.valid, grid.illumination  # [D, P, 3] each
+    rho, half = radii(grid.coords, grid.sensor_size_mm)
     lines = []
-    for d, depth in enumerate(info.depths):
+    for d, depth in enumerate(grid.depths):
         if not traced[d].all():
             lines.append(f"lit field   {depth:g} m: not fully traced yet")
             continue

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import h5py
 import numpy as np
 
-from .store import open_info, read_lit, traced_grid
+from .store import GridFile
 
 # The ratio of one axis's figure to the other's above which that axis is said to limit.
 LIMITING_RATIO = 3.0
@@ -111,21 +110,19 @@ def spacing_errors(read, depths: np.ndarray, lit: np.ndarray, noise2: float = 0.
     )
 
 
-def check_file(path) -> Spacing:
+def check_file(grid: GridFile) -> Spacing:
     """spacing_errors of a grid file's traced, lit PSFs, the noise taken from its re-traced points."""
-    info = open_info(path)
-    n, d = info.grid_size, len(info.depths)
-    with h5py.File(path, "r", locking=False) as f:
-        lit = traced_grid(f) & read_lit(f)["valid"].all(axis=-1)  # [D, P]
-        idx = f["noise/index"][:]
-        noise2 = 0.0
-        if idx.size:
-            again = f["noise/psf"][:]  # [D, S, 3, k, k]
-            ok = lit[:, idx] & (again.sum(axis=(-3, -2, -1)) > 0)
-            diff, norm = pooled(again, f["grid/psf"][:, idx], ok)  # noise_indices are sorted, as h5py wants
-            noise2 = diff / norm / 2 if norm > 0 else 0.0  # two traces differ by twice one trace's variance
+    n, d = grid.grid_size, len(grid.depths)
+    lit = grid.traced_grid() & grid.lit  # [D, P]
+    idx = grid.noise_index
+    noise2 = 0.0
+    if idx.size:
+        again = grid.noise()["psf"]  # [D, S, 3, k, k]
+        ok = lit[:, idx] & (again.sum(axis=(-3, -2, -1)) > 0)
+        diff, norm = pooled(again, np.stack([grid.grid_psf(i)[idx] for i in range(d)]), ok)
+        noise2 = diff / norm / 2 if norm > 0 else 0.0  # two traces differ by twice one trace's variance
 
-        def read(i):
-            return f["grid/psf"][i].astype(np.float64).reshape(n, n, *f["grid/psf"].shape[2:])
+    def read(i):
+        return grid.grid_psf(i).astype(np.float64).reshape(n, n, 3, grid.kernel_size_small, grid.kernel_size_small)
 
-        return spacing_errors(read, np.asarray(info.depths), lit.reshape(d, n, n), noise2)
+    return spacing_errors(read, np.asarray(grid.depths), lit.reshape(d, n, n), noise2)

@@ -1,24 +1,32 @@
-"""The HDF5 grid file: layout, creation, block writes and the checked reader.
+"""The HDF5 grid file: the one module that creates, writes, opens and reads it.
 
-Layout (schema 3; see docs/dataset.md; schemas 1 and 2 are still read, see _upgrade_params):
+Layout (schema 4; docs/dataset.md):
 
-    /depths             [D] float64, object depths [m], ascending
+    /depths             [D] float64, object depths [m], strictly ascending
     /wvln               [3] float64, wavelengths [µm], order R, G, B
     /grid/coords        [P, 2] float64, (x, y) in [-1, 1], P = N*N, flat index = row*N + col
     /grid/neighbors     [E, 2] int32, undirected pairs, E = 2N(N-1) + 2(N-1)^2
-    /grid/psf           [D, P, 3, k, k] float32, each channel sums to 1
+    /grid/psf           [D, P, 3, k, k] float32, each channel sums to 1 (0 where dark)
     /grid/border        [D, P, 3] float32, energy fraction on the border of the traced kernel_size window
     /grid/illumination  [D, P, 3] float32, valid rays / launched, over the same on axis (1 on axis, 0 dark)
     /grid/valid         [D, P, 3] uint8, 1 where enough rays arrived for a PSF (else the PSF channel is 0)
     /axis/fraction      [D, 3] float64, valid-ray fraction of the on-axis point at each depth
-    /noise/index        [S] int64, grid points traced a second time
-    /noise/psf          [D, S, 3, k, k], /noise/border [D, S, 3]
+    /noise/index        [S] int64, grid points traced a second time, strictly ascending
+    /noise/psf          [D, S, 3, k, k], /noise/border, illumination, valid [D, S, 3]
     /heldout/coords     [M, 2], /heldout/depth [M] [m], /heldout/at_grid_depth [M] bool
     /heldout/psf_a, psf_b    [M, 3, k, k], two independent traces at heldout_spp/2 each
-    /heldout/border_a, border_b  [M, 3]; /heldout/illumination_a|b, valid_a|b [M, 3]; noise/... likewise
+    /heldout/border_a|b, illumination_a|b, valid_a|b  [M, 3]
     /blocks/table       [B, 4] int64 (kind, depth index or -1, start, stop)
     /blocks/done        [B] uint8, 1 once the block's PSFs are written
     /blocks/seconds     [B] float64, tracing time of each block [s]
+
+Every other module asks this one: :func:`create`, :func:`write_block` and :func:`finish` write
+a file as ``psf generate`` traces it, :func:`write_virtual` and :func:`with_heldout_of` write
+merged and re-referenced copies, and :class:`GridFile` reads one. Opening checks the structure,
+every attribute's type and range and every index once; reading PSFs checks their values.
+
+One schema: a file of another schema version is refused in one line (regenerate it); no
+code reads older layouts.
 
 Crash safety: every dataset is allocated in full when the file is created (contiguous
 layout, early allocation), so writing a block only overwrites raw bytes and then flips
@@ -28,33 +36,28 @@ readable file whose done marks are true only for blocks fully written.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from .config import OLD_KERNEL_NAMES
 from .shared import tempfiles
 from .shared.errors import DamagedFile, InputError
 
 FORMAT = "psf-cvae.grid"
+SCHEMA_VERSION = 4
 # A PSF with more than this fraction of a channel's energy on the traced window's border is truncated
 # (DeepLens drops the rays beyond it): generate warns, info and the eval report count them.
 TRUNCATION_LIMIT = 0.01
-SCHEMA_VERSION = 3
-# The attribute saying a file's config ray_budget counts every depth's rays (files without it, from before, asked
-# for one depth's rays: psf info and a resume read them so).
-RAY_BUDGET_SCOPE = "all depths"
-# Schema 1 files have no illumination: every point lit, illumination unmeasured (docs/dataset.md).
-# Schemas 1 and 2 name the kernel sizes ks and ks_small in run_params and config (_upgrade_params).
-READS = (1, 2, 3)
-# The parameter names of schemas 1 and 2 -> this version's (3 renamed them, nothing else).
-OLD_NAMES = OLD_KERNEL_NAMES
 KINDS = ("grid", "noise", "heldout_a", "heldout_b")
+# A stored PSF channel sums to 1 (or 0 where dark): float32 area sums stay well within this.
+SUM_TOLERANCE = 1e-3
+# Relative illumination is 1 on the axis; a lens may be brighter off axis, never by this much.
+MAX_ILLUMINATION = 100.0
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,41 @@ class Block:
         return Block(KINDS[int(row[0])], int(row[1]), int(row[2]), int(row[3]))
 
 
+def block_datasets(kind: str) -> tuple[str, ...]:
+    """The datasets a block of ``kind`` writes: psf, border, illumination, valid."""
+    if kind in ("grid", "noise"):
+        return tuple(f"{kind}/{x}" for x in ("psf", "border", "illumination", "valid"))
+    half = kind[-1]
+    return tuple(f"heldout/{x}_{half}" for x in ("psf", "border", "illumination", "valid"))
+
+
+# Datasets fixed when the run starts, identical in every shard of a run.
+FIXED = (
+    "depths",
+    "wvln",
+    "grid/coords",
+    "grid/neighbors",
+    "noise/index",
+    "heldout/coords",
+    "heldout/depth",
+    "heldout/at_grid_depth",
+    "blocks/table",
+    "axis/fraction",
+)
+# Every dataset a block writes, of every kind: what a merge copies or maps block by block.
+PER_BLOCK = tuple(name for kind in KINDS for name in block_datasets(kind))
+
+
+def _where(block: Block):
+    if block.kind in ("grid", "noise"):
+        return (block.depth, slice(block.start, block.stop))
+    return slice(block.start, block.stop)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing
+
+
 def _early(f: h5py.File, name: str, shape, dtype, zero_fill: bool = False) -> h5py.Dataset:
     """A contiguous dataset whose storage is allocated right now.
 
@@ -85,11 +123,12 @@ def _early(f: h5py.File, name: str, shape, dtype, zero_fill: bool = False) -> h5
     return f.create_dataset(name, shape=shape, dtype=dtype, dcpl=dcpl)
 
 
-def write_header(f: h5py.File, attrs: dict, arrays: dict) -> None:
-    """The file's attributes and its fixed datasets (depths [m], wvln [um], coords, ...): written
-    here alone, for a new file (create) and for a merged one (psf merge, copied or virtual)."""
+def _write_header(f: h5py.File, attrs: dict, arrays: dict) -> None:
+    """The file's attributes and its fixed datasets (depths [m], wvln [um], coords, ...)."""
     for key, value in attrs.items():
         f.attrs[key] = value
+    f.attrs["format"] = FORMAT
+    f.attrs["schema_version"] = SCHEMA_VERSION
     for name, value in arrays.items():
         f.create_dataset(name, data=value)
     f["depths"].attrs["units"] = "m"
@@ -99,15 +138,15 @@ def write_header(f: h5py.File, attrs: dict, arrays: dict) -> None:
 def create(path: Path, *, attrs: dict, arrays: dict, sizes: dict, blocks: list[Block]) -> None:
     """Write the file's skeleton to a temporary file, then rename it onto ``path``.
 
-    arrays: fixed content known up front (coords, depths, ...).
-    sizes: D, P, S, M, k: shapes of the PSF datasets to allocate.
+    attrs: the header (format and schema version are added here); arrays: fixed content known
+    up front (FIXED less blocks/table); sizes: D, P, S, M, k, the shapes of the PSF datasets.
     """
     D, P, S, M, k = (sizes[x] for x in ("D", "P", "S", "M", "k"))
     tempfiles.remove_stale(path)
     tmp = tempfiles.temp_path(path)
     try:
         with h5py.File(tmp, "w") as f:
-            write_header(f, attrs, arrays)
+            _write_header(f, attrs, arrays)
             _early(f, "grid/psf", (D, P, 3, k, k), np.float32)
             _early(f, "grid/border", (D, P, 3), np.float32)
             _early(f, "noise/psf", (D, S, 3, k, k), np.float32)
@@ -127,20 +166,6 @@ def create(path: Path, *, attrs: dict, arrays: dict, sizes: dict, blocks: list[B
     except BaseException:
         tempfiles.discard(tmp)
         raise
-
-
-def block_datasets(kind: str) -> tuple[str, ...]:
-    """The datasets a block of ``kind`` writes: psf, border, illumination, valid."""
-    if kind in ("grid", "noise"):
-        return tuple(f"{kind}/{x}" for x in ("psf", "border", "illumination", "valid"))
-    half = kind[-1]
-    return tuple(f"heldout/{x}_{half}" for x in ("psf", "border", "illumination", "valid"))
-
-
-def _where(block: Block):
-    if block.kind in ("grid", "noise"):
-        return (block.depth, slice(block.start, block.stop))
-    return slice(block.start, block.stop)
 
 
 def write_block(
@@ -165,256 +190,636 @@ def write_block(
         f["blocks/done"][index] = 1
 
 
-def read_block(f: h5py.File, block: Block) -> tuple[np.ndarray, ...]:
-    """The stored (psf [B, 3, k, k], border, illumination, valid [B, 3]) of one block."""
-    sl = _where(block)
-    return tuple(f[name][sl] for name in block_datasets(block.kind))
-
-
-def set_attrs(path: Path, **attrs) -> None:
-    with h5py.File(path, "r+") as f:
+def finish(path: Path, **attrs) -> None:
+    """Stamp a written file's closing attributes (finished_at, wall_time_s, trace_seconds, ...)."""
+    with h5py.File(path, "r+", locking=False) as f:
         for key, value in attrs.items():
             f.attrs[key] = value
 
 
-@dataclass(frozen=True)
-class GridInfo:
-    """What a reader needs to know about a grid file, read and checked in one go."""
+def merged_header(shards: list[GridFile], merged_at: str) -> dict:
+    """The attributes of a file merged from ``shards``: the first shard's header less its shard and closing
+    marks, the shards' earliest start and latest finish, their paths and devices."""
+    with h5py.File(shards[0].path, "r", locking=False) as f:
+        attrs = dict(f.attrs)
+    for key in (
+        "shard_index",
+        "shard_count",
+        "finished_at",
+        "wall_time_s",
+        "trace_seconds",
+        "format",
+        "schema_version",
+    ):
+        attrs.pop(key, None)
+    attrs.update(
+        started_at=min(s.started_at for s in shards),
+        finished_at=max(s.finished_at or "" for s in shards),
+        merged_from=json.dumps([s.path for s in shards]),
+        merged_at=merged_at,
+        devices=json.dumps(sorted({d for s in shards for d in s.devices})),
+    )
+    return attrs
+
+
+def write_virtual(tmp: Path, attrs: dict, shards: list[GridFile], out_dir: Path) -> None:
+    """A merged file at ``tmp`` whose PSF datasets map each block onto the shard that traced it (no copy).
+
+    Sources are referenced by paths relative to the merged file, so the shards must stay
+    beside it. done and seconds are copied: they are small.
+    """
+    n = len(shards)
+    first = shards[0]
+    blocks = first.blocks
+    with h5py.File(first.path, "r", locking=False) as f:
+        fixed = {name: f[name][:] for name in FIXED}
+        shapes = {name: (f[name].shape, f[name].dtype) for name in PER_BLOCK}
+    with h5py.File(tmp, "w") as f:
+        _write_header(f, {**attrs, "virtual": True}, fixed)
+        rel = [os.path.relpath(s.path, out_dir) for s in shards]
+        for name, (shape, dtype) in shapes.items():
+            layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
+            kind = name.split("/")[0]
+            for i, block in enumerate(blocks):
+                src = h5py.VirtualSource(rel[i % n], name, shape=shape)
+                if kind in ("grid", "noise") and block.kind == kind:
+                    sl = (block.depth, slice(block.start, block.stop))
+                elif kind == "heldout" and block.kind == f"heldout_{name[-1]}":  # psf_a, valid_b, ...: the half
+                    sl = slice(block.start, block.stop)
+                else:
+                    continue
+                layout[sl] = src[sl]
+            f.create_virtual_dataset(name, layout, fillvalue=0)
+        done = np.zeros(len(blocks), np.uint8)
+        seconds = np.zeros(len(blocks))
+        for k, shard in enumerate(shards):
+            done[k::n] = shard.done[k::n]
+            seconds[k::n] = shard.seconds[k::n]
+        f["blocks/done"] = done
+        f["blocks/seconds"] = seconds
+        f.attrs["trace_seconds"] = float(seconds.sum())
+
+
+def write_copy(tmp: Path, attrs: dict, shards: list[GridFile]) -> None:
+    """A merged file at ``tmp`` with every block copied from the shard that traced it (shard i % N for block i)."""
+    first = shards[0]
+    with h5py.File(first.path, "r", locking=False) as f:
+        arrays = {name: f[name][:] for name in FIXED if name != "blocks/table"}
+    sizes = dict(
+        D=len(first.depths), P=first.grid_size**2, S=first.n_noise, M=first.n_heldout, k=first.kernel_size_small
+    )
+    create(tmp, attrs=attrs, arrays=arrays, sizes=sizes, blocks=first.blocks)
+    n = len(shards)
+    for i, block in enumerate(first.blocks):
+        psf, border, illumination, valid = shards[i % n].read_block(block)
+        write_block(tmp, i, block, psf, border, float(shards[i % n].seconds[i]), illumination, valid)
+    finish(tmp, trace_seconds=float(sum(s.seconds[k::n].sum() for k, s in enumerate(shards))))
+
+
+def with_heldout_of(grid: Path, ref: Path, out: Path) -> Path:
+    """A copy of the grid file whose held-out group is the reference's: same lens, kernel and
+    wavelengths; the grid's depths span the reference's (a grid with other depths is scored on the
+    same points, and a held-out point counts as at a grid depth when it is at one of the grid's)."""
+    if out.exists() and out.stat().st_mtime >= max(grid.stat().st_mtime, ref.stat().st_mtime):
+        return out
+    g, r = GridFile.open(grid), GridFile.open(ref)
+    # All but the grid's own sampling must agree (lens, kernel, focus, wavelengths); depths may be added.
+    own = {"grid_size", "spp", "heldout", "heldout_spp", "noise_points", "seed", "block_rays", "depths"}
+    mine, theirs = ({k: v for k, v in x.params.items() if k not in own} for x in (g, r))
+    same_lens = g.lens_sha256 == r.lens_sha256 and np.array_equal(g.wvln, r.wvln)
+    spans = g.depths.min() <= r.depths.min() * (1 + 1e-9) and g.depths.max() >= r.depths.max() * (1 - 1e-9)
+    if mine != theirs or not same_lens or not spans:
+        raise InputError(
+            f"{ref} and {grid} differ in lens, kernel or wavelengths, or the grid's depths do not span the "
+            "reference's: no common reference"
+        )
+    tmp = out.with_suffix(".tmp")
+    shutil.copyfile(grid, tmp)
+    with h5py.File(tmp, "r+") as f, h5py.File(ref, "r", locking=False) as rf:
+        del f["heldout"]
+        rf.copy(rf["heldout"], f, "heldout")
+        f["heldout/at_grid_depth"][...] = np.isclose(f["heldout/depth"][:][:, None], g.depths[None]).any(axis=1)
+        for attr, values in (("config", g.config), ("run_params", g.params)):
+            f.attrs[attr] = json.dumps({**values, "heldout": r.params["heldout"], "heldout_spp": r.heldout_spp},
+                                       sort_keys=True)  # fmt: skip
+        f.attrs["heldout_from"] = f"{ref.name} (run {r.run_id})"
+        f.attrs["valid_min_rays_heldout"] = r.valid_min_rays_heldout
+    tmp.replace(out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading
+
+
+class _Damaged(Exception):
+    """What is wrong with a file, raised inside the checks and turned into one DamagedFile line."""
+
+
+def _json(attrs: dict, key: str, kind: type, optional: bool = False):
+    """The attribute ``key`` parsed as JSON of type ``kind`` (None when optional and absent)."""
+    if key not in attrs:
+        if optional:
+            return None
+        raise _Damaged(f"attribute {key} is missing")
+    try:
+        value = json.loads(attrs[key])
+    except (ValueError, TypeError, RecursionError):
+        raise _Damaged(f"attribute {key} is not valid JSON") from None
+    if not isinstance(value, kind):
+        raise _Damaged(f"attribute {key} is not a JSON {kind.__name__}")
+    return value
+
+
+def _scalar(attrs: dict, key: str, kind: type, optional: bool = False, low=None, high=None):
+    """The attribute ``key`` as a ``kind`` (str, int, float, bool) within [low, high]."""
+    if key not in attrs:
+        if optional:
+            return None
+        raise _Damaged(f"attribute {key} is missing")
+    value = attrs[key]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    ok = {
+        str: isinstance(value, str),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value),
+        bool: isinstance(value, (bool, int)),
+    }[kind]
+    if not ok:
+        raise _Damaged(f"attribute {key} is not a {'finite number' if kind is float else kind.__name__}: {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise _Damaged(f"attribute {key} is {value}, outside {low}..{high}")
+    return kind(value)
+
+
+def _param(params: dict, key: str, kind: type = int, low=1):
+    value = params.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool) or value < low:
+        raise _Damaged(f"run_params.{key} is {value!r}, not a {kind.__name__} of at least {low}")
+    return value
+
+
+def _array(f: h5py.File, name: str, shape: tuple | None = None, ndim: int | None = None) -> np.ndarray:
+    """A small dataset read whole, after checking its shape (or number of axes)."""
+    try:
+        dset = f[name]
+    except KeyError:
+        raise _Damaged(f"dataset {name} is missing") from None
+    if not isinstance(dset, h5py.Dataset):
+        raise _Damaged(f"{name} is not a dataset")
+    if shape is not None and dset.shape != shape:
+        raise _Damaged(f"{name} has shape {dset.shape}, expected {shape}")
+    if ndim is not None and len(dset.shape) != ndim:
+        raise _Damaged(f"{name} has shape {dset.shape}, expected {ndim} axes")
+    try:
+        return dset[()]
+    except OSError as exc:  # a dangling external or virtual source, a truncated file
+        raise _Damaged(f"{name} cannot be read ({str(exc).splitlines()[0]})") from None
+
+
+def _check_range(name: str, values: np.ndarray, low: float, high: float) -> None:
+    if values.size and not (np.isfinite(values).all() and values.min() >= low and values.max() <= high):
+        raise _Damaged(f"{name} holds values outside {low:g}..{high:g} (or NaN)")
+
+
+def _check_index(name: str, values: np.ndarray, count: int) -> None:
+    if values.size and (values.min() < 0 or values.max() >= count):
+        bad = int(values.min() if values.min() < 0 else values.max())
+        raise _Damaged(f"{name} holds {bad}, outside the {count} points it indexes")
+
+
+@dataclass(frozen=True, eq=False)
+class GridFile:
+    """A checked grid file: its header, its small arrays, and readers of its PSFs.
+
+    ``GridFile.open(path)`` reads and checks everything but the PSFs (which may exceed RAM); the
+    PSF readers check the values they return (finite, non-negative, each channel summing to 1
+    where valid and 0 where not). Picklable: a reader process opens its own handle.
+    """
 
     path: str
     run_id: str
-    grid_size: int
+    config: dict  # the resolved GenerateConfig that wrote the file (JSON object)
+    params: dict  # the parameters that decide the file's content (run_params)
+    grid_size: int  # N: the grid is N x N
+    kernel_size: int  # traced window side [px]
     kernel_size_small: int  # stored kernel side [px]
-    depths: np.ndarray  # [D] metres
-    spp: int
-    heldout_spp: int
-    n_heldout: int
-    n_noise: int
-    blocks_done: int
-    blocks_total: int
-    config: dict  # the GenerateConfig that wrote the file, in this version's key names
-    attrs: dict  # the file's attributes; run_params and config as JSON in this version's key names
-    shard: tuple[int, int] | None = None  # (K, N) for a shard file: it owns blocks i with i % N == K
-    schema: int = SCHEMA_VERSION
+    spp: int  # rays per grid point and colour
+    heldout_spp: int  # rays of the held-out reference, both halves together
+    seed: int
+    depths: np.ndarray  # [D] m, strictly ascending
+    wvln: np.ndarray  # [3] µm, R, G, B
+    coords: np.ndarray  # [P, 2] normalised (x, y)
+    neighbors: np.ndarray  # [E, 2] flat indices
+    noise_index: np.ndarray  # [S] flat indices of the re-traced grid points, ascending
+    heldout_coords: np.ndarray  # [M, 2]
+    heldout_depth: np.ndarray  # [M] m
+    heldout_at_grid_depth: np.ndarray  # [M] bool
+    axis_fraction: np.ndarray  # [D, 3]
+    illumination: np.ndarray  # [D, P, 3] float32, relative illumination of the grid
+    valid: np.ndarray  # [D, P, 3] bool, channels that hold a PSF
+    border: np.ndarray  # [D, P, 3] float32, energy on the traced window's border
+    blocks: tuple[Block, ...]
+    done: np.ndarray  # [B] bool, blocks written
+    seconds: np.ndarray  # [B] s, tracing time per block
+    lens_path: str
+    lens_json: str  # the lens file's text
+    lens_sha256: str
+    versions: dict  # package versions that wrote it
+    sensor_size_mm: tuple[float, float]  # (width, height)
+    sensor_res: tuple[int, int]  # (columns, rows) DeepLens traced with
+    foclen_mm: float
+    devices: tuple[str, ...]  # the device that traced it, or those of a merged file's shards
+    started_at: str
+    finished_at: str | None
+    trace_seconds: float | None
+    valid_min_rays: int
+    valid_min_rays_heldout: int
+    depth_plan: dict | None  # num_depths auto: the pilot's figures and choice
+    shard: tuple[int, int] | None  # (K, N) for a shard file: it owns blocks i with i % N == K
+    merged_from: tuple[str, ...] | None
+    virtual: bool  # a psf merge --virtual file: its PSFs live in the shard files beside it
+    heldout_from: str | None
+
+    # -- opening --------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | Path) -> GridFile:
+        """Open and check a grid file, or raise InputError (DamagedFile) in one line that names the problem."""
+        path = Path(path)
+        if not path.exists():
+            raise InputError(f"data file {path} does not exist; create it with 'psf generate --out {path}'")
+        if not path.is_file():
+            raise InputError(f"{path} is not a file; give a grid file written by 'psf generate'")
+        try:
+            f = h5py.File(path, "r", locking=False)  # never blocks, nor is blocked by, a run writing it
+        except OSError:
+            if h5py.is_hdf5(path):  # ours or not, its structure is broken (e.g. by a write that failed)
+                raise DamagedFile(f"{path} is an HDF5 file that cannot be opened (damaged)") from None
+            raise InputError(f"{path} is not a readable HDF5 file; give a file written by 'psf generate'") from None
+        with f:
+            attrs = dict(f.attrs)
+            fmt = attrs.get("format")
+            if fmt != FORMAT:
+                raise InputError(
+                    f"{path} is not a psf-cvae grid file (format {fmt!r}); give a file written by 'psf generate'"
+                )
+            version = attrs.get("schema_version")
+            if not (isinstance(version, (int, np.integer)) and int(version) == SCHEMA_VERSION):
+                raise InputError(
+                    f"{path} has schema version {version!r}, this psf-cvae reads {SCHEMA_VERSION}; "
+                    "regenerate it with 'psf generate'"
+                )
+            if attrs.get("virtual"):  # a `psf merge --virtual` file reads zeros where a shard is gone
+                missing = sorted(
+                    {s.file_name for s in f["grid/psf"].virtual_sources() if not (path.parent / s.file_name).exists()}
+                )
+                if missing:
+                    raise InputError(
+                        f"{path} maps shard files that are missing ({', '.join(missing)}); put them back beside it "
+                        "or merge again without --virtual"
+                    )
+            try:
+                return cls._read(f, attrs, path)
+            except _Damaged as exc:
+                raise DamagedFile(
+                    f"{path} is damaged: {exc}; regenerate it with 'psf generate' (or restore the file)"
+                ) from None
+
+    @classmethod
+    def _read(cls, f: h5py.File, attrs: dict, path: Path) -> GridFile:
+        params = _json(attrs, "run_params", dict)
+        config = _json(attrs, "config", dict)
+        n, k = _param(params, "grid_size", low=2), _param(params, "kernel_size_small")
+        kernel_size = _param(params, "kernel_size", low=k)
+        spp, heldout_spp, seed = (
+            _param(params, "spp"),
+            _param(params, "heldout_spp", low=2),
+            _param(params, "seed", low=0),
+        )
+        P = n * n
+        depths = _array(f, "depths", ndim=1).astype(np.float64)
+        D = len(depths)
+        if D == 0 or not (np.isfinite(depths).all() and (depths > 0).all() and (np.diff(depths) > 0).all()):
+            raise _Damaged("depths must be positive metres, strictly ascending")
+        wvln = _array(f, "wvln", (3,)).astype(np.float64)
+        _check_range("wvln", wvln, 1e-3, 1e3)
+        coords = _array(f, "grid/coords", (P, 2)).astype(np.float64)
+        _check_range("grid/coords", coords, -1.0, 1.0)
+        neighbors = _array(f, "grid/neighbors", ndim=2)
+        _check_index("grid/neighbors", neighbors, P)
+        noise_index = _array(f, "noise/index", ndim=1)
+        _check_index("noise/index", noise_index, P)
+        if (np.diff(noise_index) <= 0).any():
+            raise _Damaged("noise/index is not strictly ascending")
+        S = len(noise_index)
+        ho_coords = _array(f, "heldout/coords", ndim=2).astype(np.float64)
+        M = ho_coords.shape[0]
+        if ho_coords.shape != (M, 2):
+            raise _Damaged(f"heldout/coords has shape {ho_coords.shape}, expected ({M}, 2)")
+        _check_range("heldout/coords", ho_coords, -1.0, 1.0)
+        ho_depth = _array(f, "heldout/depth", (M,)).astype(np.float64)
+        _check_range("heldout/depth", ho_depth, np.finfo(np.float64).tiny, np.inf)
+        if not np.isfinite(ho_depth).all():
+            raise _Damaged("heldout/depth holds NaN or inf")
+        ho_at = _array(f, "heldout/at_grid_depth", (M,)).astype(bool)
+        axis = _array(f, "axis/fraction", (D, 3)).astype(np.float64)
+        _check_range("axis/fraction", axis, 0.0, 1.0)
+        illumination = _array(f, "grid/illumination", (D, P, 3)).astype(np.float32)
+        _check_range("grid/illumination", illumination, 0.0, MAX_ILLUMINATION)
+        valid = _array(f, "grid/valid", (D, P, 3))
+        _check_range("grid/valid", valid, 0, 1)
+        border = _array(f, "grid/border", (D, P, 3)).astype(np.float32)
+        _check_range("grid/border", border, -1e-6, 1.0 + 1e-6)  # float32 rounding of energy fractions
+        shapes = {"grid/psf": (D, P, 3, k, k), "noise/psf": (D, S, 3, k, k), "noise/valid": (D, S, 3)}
+        for half in "ab":
+            shapes |= {f"heldout/psf_{half}": (M, 3, k, k), f"heldout/valid_{half}": (M, 3)}
+            shapes |= {f"heldout/illumination_{half}": (M, 3), f"heldout/border_{half}": (M, 3)}
+        shapes |= {"noise/illumination": (D, S, 3), "noise/border": (D, S, 3), "grid/border": (D, P, 3)}
+        for name, shape in shapes.items():
+            if name not in f or not isinstance(f[name], h5py.Dataset):
+                raise _Damaged(f"dataset {name} is missing")
+            if f[name].shape != shape:
+                raise _Damaged(f"{name} has shape {f[name].shape}, expected {shape}")
+        table = _array(f, "blocks/table", ndim=2)
+        done = _array(f, "blocks/done", (len(table),))
+        _check_range("blocks/done", done, 0, 1)
+        seconds = _array(f, "blocks/seconds", (len(table),)).astype(np.float64)
+        _check_range("blocks/seconds", seconds, 0.0, np.inf)
+        counts = {"grid": P, "noise": S, "heldout_a": M, "heldout_b": M}
+        blocks = []
+        for row in table:
+            if row.shape != (4,) or not 0 <= row[0] < len(KINDS):
+                raise _Damaged(f"blocks/table holds a row {row.tolist()} of no known kind")
+            block = Block.from_row(row)
+            depth_ok = (0 <= block.depth < D) if block.kind in ("grid", "noise") else block.depth == -1
+            if not (depth_ok and 0 <= block.start < block.stop <= counts[block.kind]):
+                raise _Damaged(f"blocks/table holds a {block.kind} block {row.tolist()} outside its points")
+            blocks.append(block)
+        shard = None
+        if "shard_count" in attrs or "shard_index" in attrs:
+            count = _scalar(attrs, "shard_count", int, low=1)
+            shard = (_scalar(attrs, "shard_index", int, low=0, high=count - 1), count)
+        devices = _json(attrs, "devices", list, optional=True)
+        merged = _json(attrs, "merged_from", list, optional=True)
+        plan = _json(attrs, "depth_plan", dict, optional=True)
+        if plan is not None and not isinstance(plan.get("num_depths"), int):
+            raise _Damaged("attribute depth_plan has no whole num_depths")
+        size = _json(attrs, "sensor_size_mm", list)
+        res = _json(attrs, "sensor_res", list)
+        if not (len(size) == 2 and all(isinstance(v, (int, float)) and np.isfinite(v) and v > 0 for v in size)):
+            raise _Damaged(f"attribute sensor_size_mm is {size!r}, not two positive millimetres")
+        if not (len(res) == 2 and all(isinstance(v, int) and v > 0 for v in res)):
+            raise _Damaged(f"attribute sensor_res is {res!r}, not two positive pixel counts")
+        lens_json = _scalar(attrs, "lens_json", str)
+        try:
+            json.loads(lens_json)
+        except (ValueError, RecursionError):
+            raise _Damaged("attribute lens_json is not valid JSON") from None
+        return cls(
+            path=str(path),
+            run_id=_scalar(attrs, "run_id", str),
+            config=config,
+            params=params,
+            grid_size=n,
+            kernel_size=kernel_size,
+            kernel_size_small=k,
+            spp=spp,
+            heldout_spp=heldout_spp,
+            seed=seed,
+            depths=depths,
+            wvln=wvln,
+            coords=coords,
+            neighbors=neighbors.astype(np.int64),
+            noise_index=noise_index.astype(np.int64),
+            heldout_coords=ho_coords,
+            heldout_depth=ho_depth,
+            heldout_at_grid_depth=ho_at,
+            axis_fraction=axis,
+            illumination=illumination,
+            valid=valid.astype(bool),
+            border=border,
+            blocks=tuple(blocks),
+            done=done.astype(bool),
+            seconds=seconds,
+            lens_path=_scalar(attrs, "lens_path", str),
+            lens_json=lens_json,
+            lens_sha256=_scalar(attrs, "lens_sha256", str),
+            versions=_json(attrs, "versions", dict),
+            sensor_size_mm=(float(size[0]), float(size[1])),
+            sensor_res=(int(res[0]), int(res[1])),
+            foclen_mm=_scalar(attrs, "foclen_mm", float),
+            devices=tuple(str(d) for d in devices) if devices is not None else (_scalar(attrs, "device", str),),
+            started_at=_scalar(attrs, "started_at", str),
+            finished_at=_scalar(attrs, "finished_at", str, optional=True),
+            trace_seconds=_scalar(attrs, "trace_seconds", float, optional=True, low=0.0),
+            valid_min_rays=_scalar(attrs, "valid_min_rays", int, low=1),
+            valid_min_rays_heldout=_scalar(attrs, "valid_min_rays_heldout", int, low=1),
+            depth_plan=plan,
+            shard=shard,
+            merged_from=tuple(str(p) for p in merged) if merged is not None else None,
+            virtual=bool(_scalar(attrs, "virtual", bool, optional=True)),
+            heldout_from=_scalar(attrs, "heldout_from", str, optional=True),
+        )
+
+    # -- what the header says --------------------------------------------------------------------------------------
 
     @property
-    def has_illumination(self) -> bool:
-        """Schema 2 and later: illumination and valid masks measured at generation."""
-        return self.schema >= 2
+    def n_heldout(self) -> int:
+        return len(self.heldout_depth)
+
+    @property
+    def n_noise(self) -> int:
+        return len(self.noise_index)
+
+    @property
+    def lit(self) -> np.ndarray:
+        """[D, P] bool: grid points with a PSF in every channel."""
+        return self.valid.all(axis=-1)
+
+    def _mine(self) -> np.ndarray:
+        """[B] bool: the blocks this file traces (a shard owns every N-th)."""
+        mine = np.ones(len(self.blocks), bool)
+        if self.shard is not None:
+            mine[:] = False
+            mine[self.shard[0] :: self.shard[1]] = True
+        return mine
+
+    @property
+    def blocks_done(self) -> int:
+        return int(self.done[self._mine()].sum())
+
+    @property
+    def blocks_total(self) -> int:
+        return int(self._mine().sum())
 
     @property
     def complete(self) -> bool:
         return self.blocks_done == self.blocks_total
 
-
-def open_info(path: str | Path) -> GridInfo:
-    """Open and check a grid file: exists, is HDF5, has our format and schema version."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"data file {path} does not exist; create it with 'psf generate --out {path}'")
-    try:
-        f = h5py.File(path, "r", locking=False)  # never blocks, nor is blocked by, a run writing it
-    except OSError:
-        if h5py.is_hdf5(path):  # ours or not, its structure is broken (e.g. by a write that failed)
-            raise DamagedFile(f"{path} is an HDF5 file that cannot be opened (damaged)") from None
-        raise InputError(f"{path} is not a readable HDF5 file; give a file written by 'psf generate'") from None
-    with f:
-        fmt = f.attrs.get("format")
-        if fmt != FORMAT:
+    def require_complete(self) -> None:
+        """A finished, whole run: what training and evaluation need."""
+        if self.shard is not None:
             raise InputError(
-                f"{path} is not a psf-cvae grid file (format {fmt!r}); give a file written by 'psf generate'"
+                f"{self.path} is shard {self.shard[0]}/{self.shard[1]} of a run; merge all shards first "
+                "with 'psf merge SHARD... --out grid.h5'"
             )
-        version = int(f.attrs.get("schema_version", -1))
-        if version not in READS:
+        if not self.complete:
             raise InputError(
-                f"{path} has schema version {version}, this psf-cvae reads {', '.join(map(str, READS))}; "
-                "regenerate it with this version of 'psf generate'"
+                f"{self.path} is unfinished ({self.blocks_done}/{self.blocks_total} blocks traced); "
+                "run the same 'psf generate' command again to resume it"
             )
-        attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
-        if attrs.get("virtual"):  # a `psf merge --virtual` file reads zeros where a shard is gone
-            missing = sorted(
-                {vs.file_name for vs in f["grid/psf"].virtual_sources() if not (path.parent / vs.file_name).exists()}
+
+    def written(self, kind: str) -> np.ndarray:
+        """bool, True where a finished block wrote the point: [D, P] (grid), [D, S] (noise), [M] (heldout_a|b)."""
+        cache = self.__dict__.setdefault("_written", {})  # blocks and done marks are fixed once opened
+        if kind not in cache:
+            shape = {"grid": (len(self.depths), self.grid_size**2), "noise": (len(self.depths), self.n_noise)}
+            out = np.zeros(shape.get(kind, (self.n_heldout,)), dtype=bool)
+            for block, done in zip(self.blocks, self.done):
+                if done and block.kind == kind:
+                    out[_where(block)] = True
+            cache[kind] = out
+        return cache[kind]
+
+    def traced_grid(self) -> np.ndarray:
+        """[D, P] bool: grid PSFs whose block is written (all of them in a complete file)."""
+        return self.written("grid")
+
+    def grid_speed(self) -> tuple[float, int] | None:
+        """(grid PSFs/s of ray tracing, PSFs counted) from the finished grid blocks' times."""
+        grid = [i for i, b in enumerate(self.blocks) if b.kind == "grid" and self.done[i]]
+        n = sum(self.blocks[i].stop - self.blocks[i].start for i in grid)
+        secs = float(self.seconds[grid].sum()) if grid else 0.0
+        return (n / secs, n) if n and secs > 0 else None
+
+    @property
+    def kernel_pitch_mm(self) -> float:
+        """One stored kernel pixel [mm]: kernel_size sensor pixels area-downsampled to kernel_size_small."""
+        return self.kernel_size * (self.sensor_size_mm[0] / self.sensor_res[0]) / self.kernel_size_small
+
+    # -- reading PSFs ----------------------------------------------------------------------------------------------
+
+    def _dataset(self, name: str, where=()) -> np.ndarray:
+        try:
+            with h5py.File(self.path, "r", locking=False) as f:
+                return f[name][where]
+        except OSError as exc:  # the file changed or went away since it was opened
+            raise DamagedFile(f"{self.path} cannot be read ({str(exc).splitlines()[0]}); regenerate it") from None
+
+    def _checked(self, name: str, psf: np.ndarray, valid: np.ndarray, where, written: np.ndarray) -> np.ndarray:
+        """psf [..., 3, k, k] after checking it: finite, non-negative, each channel summing to 1 where
+        valid [..., 3] and to 0 where not; only where a finished block wrote it (written [...]): a block
+        interrupted half-way holds anything until it is traced again."""
+        with np.errstate(all="ignore"):
+            sums = psf.sum(axis=(-2, -1), dtype=np.float64)
+            bad = ~np.isfinite(psf).all(axis=(-2, -1)) | (psf < 0).any(axis=(-2, -1))
+            bad |= np.where(valid, np.abs(sums - 1.0) > SUM_TOLERANCE, sums != 0.0)
+            bad &= written[..., None]
+        if bad.any():
+            hit = np.argwhere(bad)[0]
+            raise DamagedFile(
+                f"{self.path} is damaged: {name} at {where(hit[:-1])}, channel {'RGB'[hit[-1]]}, holds NaN, inf, "
+                f"negative values or does not sum to {1 if valid[tuple(hit)] else 0} ({int(bad.sum())} channel PSFs); "
+                "regenerate it with 'psf generate'"
             )
-            if missing:
-                raise InputError(
-                    f"{path} maps shard files that are missing ({', '.join(missing)}); put them back beside it "
-                    "or merge again without --virtual"
-                )
-        params = _checked_structure(f, attrs, path, version)  # this version's names from here on
-        attrs["run_params"] = json.dumps(params, sort_keys=True)
-        attrs["config"] = json.dumps(_upgrade_params(json.loads(attrs["config"]), version), sort_keys=True)
-        done = f["blocks/done"][:]
-        shard = None
-        if "shard_count" in attrs:
-            shard = (int(attrs["shard_index"]), int(attrs["shard_count"]))
-            done = done[shard[0] :: shard[1]]  # the blocks this shard owns
-        return GridInfo(
-            path=str(path),
-            run_id=attrs["run_id"],
-            grid_size=int(params["grid_size"]),
-            kernel_size_small=int(params["kernel_size_small"]),
-            depths=f["depths"][:],
-            spp=int(params["spp"]),
-            heldout_spp=int(params["heldout_spp"]),
-            n_heldout=int(f["heldout/coords"].shape[0]),
-            n_noise=int(f["noise/index"].shape[0]),
-            blocks_done=int(done.sum()),
-            blocks_total=int(done.size),
-            config=json.loads(attrs["config"]),
-            attrs=attrs,
-            shard=shard,
-            schema=version,
-        )
+        return psf
+
+    def _grid_where(self, d: int):
+        return lambda idx: f"point {int(idx[0])}, depth {self.depths[d]:g} m"
+
+    def grid_psf(self, d: int) -> np.ndarray:
+        """The grid PSFs of depth index d: [P, 3, k, k], checked."""
+        psf = self._dataset("grid/psf", d)
+        return self._checked("grid/psf", psf, self.valid[d], self._grid_where(d), self.written("grid")[d])
+
+    def grid_psfs(self) -> np.ndarray:
+        """Every grid PSF: [D, P, 3, k, k], checked (the whole grid in RAM: check its size first)."""
+        psf = self._dataset("grid/psf")
+        where = lambda i: f"point {int(i[1])}, depth {self.depths[i[0]]:g} m"
+        return self._checked("grid/psf", psf, self.valid, where, self.written("grid"))
+
+    def check_grid(self) -> None:
+        """Read and check every grid PSF, one depth at a time (files may exceed RAM)."""
+        for d in range(len(self.depths)):
+            self.grid_psf(d)
+
+    def grid_psf_flat(self, lo: int, hi: int, handle: h5py.File | None = None) -> np.ndarray:
+        """Grid PSFs with flat indices [lo, hi) in [depth, point] order: [hi - lo, 3, k, k], checked.
+
+        handle: an open h5py handle from :meth:`reader` (a training loader reads many small runs)."""
+        P = self.grid_size**2
+        parts = []
+        with h5py.File(self.path, "r", locking=False) if handle is None else _Borrowed(handle) as f:
+            dset = f["grid/psf"]
+            i = lo
+            while i < hi:
+                d, p = divmod(i, P)
+                stop = min(hi, (d + 1) * P)
+                parts.append(dset[d, p : p + stop - i])
+                i = stop
+        psf = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        valid = self.valid.reshape(-1, 3)[lo:hi]
+        written = self.written("grid").reshape(-1)[lo:hi]
+        return self._checked("grid/psf", psf, valid, lambda i: f"flat index {lo + int(i[0])}", written)
+
+    def reader(self) -> h5py.File:
+        """An open handle for :meth:`grid_psf_flat`, owned by the caller (one per reading process)."""
+        return h5py.File(self.path, "r", locking=False)
+
+    def noise(self) -> dict:
+        """The noise floor's re-traces: psf [D, S, 3, k, k] (checked), valid [D, S, 3] bool, index [S]."""
+        valid = self._dataset("noise/valid").astype(bool)
+        psf = self._dataset("noise/psf")
+        where = lambda i: f"noise point {int(i[1])}, depth {self.depths[i[0]]:g} m"
+        psf = self._checked("noise/psf", psf, valid, where, self.written("noise"))
+        return {"psf": psf, "valid": valid, "index": self.noise_index}
+
+    def heldout(self) -> dict:
+        """The held-out set: coords [M, 2], depth [M] m, at_grid_depth [M], psf_a / psf_b [M, 3, k, k]
+        (checked), ref (their mean), illumination [M, 3] (mean of the halves) and lit [M] (both halves
+        valid in every channel)."""
+        out = {"coords": self.heldout_coords, "depth": self.heldout_depth, "at_grid_depth": self.heldout_at_grid_depth}
+        valid = {}
+        for half in "ab":
+            valid[half] = self._dataset(f"heldout/valid_{half}").astype(bool)
+            illum = self._dataset(f"heldout/illumination_{half}").astype(np.float32)
+            _check_or_damaged(self.path, f"heldout/illumination_{half}", illum, 0.0, MAX_ILLUMINATION)
+            out[f"illumination_{half}"] = illum
+            psf = self._dataset(f"heldout/psf_{half}")
+            where = lambda i: f"point {int(i[0])}"
+            out[f"psf_{half}"] = self._checked(
+                f"heldout/psf_{half}", psf, valid[half], where, self.written(f"heldout_{half}")
+            )
+        out["illumination"] = 0.5 * (out.pop("illumination_a") + out.pop("illumination_b"))
+        out["lit"] = (valid["a"] & valid["b"]).all(axis=1)
+        out["ref"] = 0.5 * (out["psf_a"] + out["psf_b"])
+        return out
+
+    def read_block(self, block: Block) -> tuple[np.ndarray, ...]:
+        """The stored (psf [B, 3, k, k], border, illumination, valid [B, 3]) of one block."""
+        sl = _where(block)
+        return tuple(self._dataset(name, sl) for name in block_datasets(block.kind))
 
 
-REQUIRED = (
-    "depths",
-    "wvln",
-    "grid/coords",
-    "grid/neighbors",
-    "grid/psf",
-    "grid/border",
-    "noise/index",
-    "noise/psf",
-    "heldout/coords",
-    "heldout/depth",
-    "heldout/at_grid_depth",
-    "heldout/psf_a",
-    "heldout/psf_b",
-    "blocks/table",
-    "blocks/done",
-    "blocks/seconds",
-)
-
-
-ILLUMINATION = (
-    "axis/fraction",
-    "grid/illumination",
-    "grid/valid",
-    "noise/illumination",
-    "noise/valid",
-    "heldout/illumination_a",
-    "heldout/illumination_b",
-    "heldout/valid_a",
-    "heldout/valid_b",
-)
-
-
-def _upgrade_params(params: dict, version: int) -> dict:
-    """A file's run_params or config (a JSON object) with this version's key names.
-
-    The one place that knows the old names: every reader of a file goes through open_info,
-    which applies this, so no other code meets ``ks`` or ``ks_small``.
-    """
-    if version >= 3:
-        return params
-    return {OLD_NAMES.get(key, key): value for key, value in params.items()}
-
-
-def _checked_structure(f: h5py.File, attrs: dict, path: Path, version: int = SCHEMA_VERSION) -> dict:
-    """The file's run parameters, after checking every dataset and index a reader relies on.
-
-    One place, so that a damaged or hand-edited file is one clear line, not a traceback
-    deep inside training or evaluation.
-    """
-
-    def damaged(what: str) -> DamagedFile:
-        return DamagedFile(f"{path} is damaged: {what}; regenerate it with 'psf generate' (or restore the file)")
-
-    missing = [name for name in REQUIRED + (ILLUMINATION if version >= 2 else ()) if name not in f]
-    if missing:
-        raise damaged(f"dataset {missing[0]} is missing")
-    for key in ("run_params", "config", "run_id", "lens_json", "lens_sha256", "versions"):
-        if key not in attrs:
-            raise damaged(f"attribute {key} is missing")
+def _check_or_damaged(path: str, name: str, values: np.ndarray, low: float, high: float) -> None:
     try:
-        params = _upgrade_params(json.loads(attrs["run_params"]), version)
-        _upgrade_params(json.loads(attrs["config"]), version)
-        n, k = int(params["grid_size"]), int(params["kernel_size_small"])
-        int(params["spp"]), int(params["heldout_spp"])
-    except (ValueError, TypeError, KeyError, AttributeError):
-        raise damaged("its run_params or config attribute is not the JSON psf generate writes") from None
-    depths = f["depths"][:]
-    P = n * n
-    D = len(depths)
-    if D == 0 or not (np.isfinite(depths).all() and (depths > 0).all()):
-        raise damaged("depths must be positive metres")
-    shapes = {"grid/coords": (P, 2), "grid/psf": (D, P, 3, k, k), "grid/border": (D, P, 3)}
-    for name, shape in shapes.items():
-        if f[name].shape != shape:
-            raise damaged(f"{name} has shape {f[name].shape}, expected {shape}")
-    coords = f["grid/coords"][:]
-    if not np.isfinite(coords).all():
-        raise damaged("grid/coords holds NaN or inf")
-    for name in ("noise/index", "grid/neighbors"):
-        idx = f[name][:]
-        if idx.size and (idx.min() < 0 or idx.max() >= P):
-            raise damaged(f"{name} holds {int(idx.min() if idx.min() < 0 else idx.max())}, outside the {P} grid points")
-    S = f["noise/index"].shape[0]
-    if f["noise/psf"].shape != (D, S, 3, k, k):
-        raise damaged(f"noise/psf has shape {f['noise/psf'].shape}, expected {(D, S, 3, k, k)}")
-    M = f["heldout/coords"].shape[0]
-    for name, shape in (("heldout/psf_a", (M, 3, k, k)), ("heldout/psf_b", (M, 3, k, k)), ("heldout/depth", (M,))):
-        if f[name].shape != shape:
-            raise damaged(f"{name} has shape {f[name].shape}, expected {shape}")
-    if version >= 2:
-        for name, shape in (
-            ("axis/fraction", (D, 3)),
-            ("grid/illumination", (D, P, 3)),
-            ("grid/valid", (D, P, 3)),
-            ("heldout/illumination_a", (M, 3)),
-            ("heldout/illumination_b", (M, 3)),
-            ("heldout/valid_a", (M, 3)),
-            ("heldout/valid_b", (M, 3)),
-        ):
-            if f[name].shape != shape:
-                raise damaged(f"{name} has shape {f[name].shape}, expected {shape}")
-    if f["blocks/done"].shape[0] != f["blocks/table"].shape[0]:
-        raise damaged("blocks/done and blocks/table differ in length")
-    return params
+        _check_range(name, values, low, high)
+    except _Damaged as exc:
+        raise DamagedFile(f"{path} is damaged: {exc}; regenerate it with 'psf generate'") from None
 
 
-def require_complete(info: GridInfo) -> None:
-    """A finished, whole run: what training and evaluation need."""
-    if info.shard is not None:
-        raise InputError(
-            f"{info.path} is shard {info.shard[0]}/{info.shard[1]} of a run; merge all shards first "
-            "with 'psf merge SHARD... --out grid.h5'"
-        )
-    if not info.complete:
-        raise InputError(
-            f"{info.path} is unfinished ({info.blocks_done}/{info.blocks_total} blocks traced); "
-            "run the same 'psf generate' command again to resume it"
-        )
+class _Borrowed:
+    """A handle used as a context manager without closing it."""
 
+    def __init__(self, handle):
+        self.handle = handle
 
-def read_lit(src) -> dict:
-    """The grid's illumination [D, P, 3] float32 and valid [D, P, 3] bool. Schema 1 files (no
-    illumination; their generation refused dark points): every channel valid, illumination 1.
-    src: a path, or a file the caller holds open (HDF5 refuses a second handle on a file with
-    other locking flags in one process)."""
-    with _opened(src) as f:
-        if "grid/valid" in f:
-            return {"illumination": f["grid/illumination"][:], "valid": f["grid/valid"][:].astype(bool)}
-        shape = f["grid/psf"].shape[:3]
-    return {"illumination": np.ones(shape, np.float32), "valid": np.ones(shape, bool)}
+    def __enter__(self):
+        return self.handle
 
-
-def traced_grid(src) -> np.ndarray:
-    """[D, P] bool: grid PSFs whose block is written (all of them in a complete file). src: as read_lit's."""
-    with _opened(src) as f:
-        done, table = f["blocks/done"][:].astype(bool), f["blocks/table"][:]
-        traced = np.zeros(f["grid/border"].shape[:2], dtype=bool)
-    for _, d, lo, hi in table[done & (table[:, 0] == KINDS.index("grid"))]:
-        traced[d, lo:hi] = True
-    return traced
-
-
-@contextlib.contextmanager
-def _opened(src):
-    """``src`` itself when it is an open file (left open), else the file at path ``src`` opened for reading."""
-    if isinstance(src, h5py.File):
-        yield src
-    else:
-        with h5py.File(src, "r") as f:
-            yield f
+    def __exit__(self, *exc):
+        return False

@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-import h5py
 import numpy as np
 
 from .shared.metrics import rel_l2
+from .store import GridFile
 
 # DeepLens surface types whose profile is a function of the radius alone.
 ROUND_TYPES = {"Aperture", "Stop", "Spheric", "Aspheric", "Plane", "ThinLens"}
@@ -42,19 +42,8 @@ def lens_symmetry(lens_json: str) -> tuple[bool, str]:
     return True, "all surfaces coaxial, untilted and round"
 
 
-def sensor_size_mm(attrs: dict) -> tuple[float, float] | None:
-    """(width, height) [mm] of the sensor, from the file's attribute or its lens JSON; None if unknown."""
-    if "sensor_size_mm" in attrs:
-        w, h = json.loads(attrs["sensor_size_mm"])
-        return float(w), float(h)
-    size = json.loads(attrs["lens_json"]).get("sensor_size")
-    return (float(size[0]), float(size[1])) if size else None
-
-
-def field_scale(size: tuple[float, float] | None) -> tuple[float, float]:
-    """(sx, sy): the sensor's half-width and half-height over the longer one; (1, 1) if unknown."""
-    if size is None:
-        return 1.0, 1.0
+def field_scale(size: tuple[float, float]) -> tuple[float, float]:
+    """(sx, sy): the sensor's half-width and half-height over the longer one; size: (width, height) [mm]."""
     w, h = size
     return float(w / max(w, h)), float(h / max(w, h))
 
@@ -109,18 +98,28 @@ def grid_symmetry_errors(psf, n: int, square: bool) -> dict:
     return {name: float(np.concatenate(e).mean()) for name, e in errors.items()}
 
 
-def check_file(path) -> SymmetryCheck:
+def check_file(grid: GridFile) -> SymmetryCheck:
     """Check a finished grid file for rotational symmetry: prescription and PSFs."""
-    with h5py.File(path, "r", locking=False) as f:  # one depth at a time: files may exceed RAM
-        attrs = dict(f.attrs)
-        psf = f["grid/psf"]
-        idx = f["noise/index"][:]
-        n = int(round(np.sqrt(psf.shape[1])))
-        sx, sy = field_scale(sensor_size_mm(attrs))
-        errors = grid_symmetry_errors(psf, n, square=abs(sx - sy) < 1e-9)
-        pairs = [rel_l2(f["noise/psf"][d], psf[d][idx]) for d in range(psf.shape[0])] if len(idx) else []
-    ok, reason = lens_symmetry(attrs["lens_json"])
+    n = grid.grid_size
+    sx, sy = field_scale(grid.sensor_size_mm)
+    errors = grid_symmetry_errors(_Depths(grid), n, square=abs(sx - sy) < 1e-9)
+    noise = grid.noise()["psf"]
+    pairs = (
+        [rel_l2(noise[d], grid.grid_psf(d)[grid.noise_index]) for d in range(len(grid.depths))] if grid.n_noise else []
+    )
+    ok, reason = lens_symmetry(grid.lens_json)
     pairs = np.concatenate(pairs) if pairs else np.zeros(0)
     pairs = pairs[np.isfinite(pairs)]  # a dark point (zeros) in either trace has no PSF to compare
-    noise = float(pairs.mean()) if len(pairs) else None
-    return SymmetryCheck(ok, reason, errors, noise)
+    return SymmetryCheck(ok, reason, errors, float(pairs.mean()) if len(pairs) else None)
+
+
+class _Depths:
+    """The grid PSFs as grid_symmetry_errors indexes them, psf[d] -> [P, 3, k, k], one depth at a time: files may
+    exceed RAM."""
+
+    def __init__(self, grid: GridFile):
+        self.grid = grid
+        self.shape = (len(grid.depths), grid.grid_size**2, 3, grid.kernel_size_small, grid.kernel_size_small)
+
+    def __getitem__(self, d: int) -> np.ndarray:
+        return self.grid.grid_psf(d)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import h5py
 import pytest
 from helpers import assert_one_line_error, run_cli, tiny_args, tiny_config
 
 from psfgen import budget
+from psfgen.config import resolve
 from psfgen.shared.errors import InputError
 
 
@@ -62,9 +62,11 @@ def test_bad_budgets_name_the_keys(args, needles):
 
 def test_config_records_the_budget_and_the_traced_split(tmp_path):
     cfg = tiny_config(tmp_path / "g.h5", spp=None, ray_budget=48_000)  # 2 depths of 4 x 4 at 1500
-    assert (cfg.grid_size, cfg.spp, cfg.ray_budget) == (4, 1500, 48_000)
+    assert cfg.spp is None  # the config is what was asked for; resolve() is the one step that decides
+    cfg = resolve(cfg)
+    assert (cfg.grid_size, cfg.spp, cfg.ray_budget, cfg.noise_points) == (4, 1500, 48_000, 4)
     # The budget is not part of run_params: the same grid spelled as --grid-size/--spp is the same run.
-    assert cfg.run_params() == tiny_config(tmp_path / "g.h5", spp=1500).run_params()
+    assert cfg.run_params() == resolve(tiny_config(tmp_path / "g.h5", spp=1500)).run_params()
 
 
 def without_spp(out):
@@ -94,18 +96,3 @@ def test_cli_ray_budget_bad_input_is_one_line(tmp_path):
     small = run_cli([*without_spp(out), "--ray-budget", "7000"])  # 2 depths need 2 x 4000
     assert_one_line_error(small, "--ray-budget must be at least 8000", "at each of 2 depths", "got 7000")
     assert not out.exists()
-
-
-def test_a_file_from_when_the_budget_counted_one_depth(tiny_grid, tmp_path):
-    # A file asked for with --ray-budget 32000 when that meant one depth's rays (4x4 at 2000 on each of its two
-    # depths; such files have no ray_budget_scope attribute): psf info says so, and the same command now asks
-    # for half the rays, so it is refused with the budget that resumes it.
-    old = tmp_path / "old.h5"
-    shutil.copyfile(tiny_grid, old)
-    with h5py.File(old, "r+") as f:
-        config = json.loads(f.attrs["config"])
-        f.attrs["config"] = json.dumps({**config, "ray_budget": 32_000})
-        del f.attrs["ray_budget_scope"]
-    assert "requested ray_budget 32,000 per depth (as it counted then)" in run_cli(["info", str(old)]).output
-    result = run_cli([*without_spp(old), "--ray-budget", "32000"])
-    assert_one_line_error(result, "holds another run", "--ray-budget 64000 resumes it")

@@ -26,6 +26,7 @@ from PIL import Image
 
 from psfcvae import load_model
 from psfgen import GenerateConfig
+from psfgen.config import resolve
 from psfgen.shared import configio
 from psfgen.shared.errors import InputError
 
@@ -73,10 +74,9 @@ def test_help_and_usage_errors_answer_without_torch():
 
 
 def test_noise_points_default_adapts_to_the_grid_and_info_says_so(tmp_path):
-    assert configio.load(GenerateConfig, None, {"grid_size": 4}).noise_points == 16
-    assert configio.load(GenerateConfig, None, {"grid_size": 5}).noise_points == 25
-    assert configio.load(GenerateConfig, None, {"grid_size": 20}).noise_points == 32  # unchanged where 32 fit
-    assert GenerateConfig(grid_size=4, num_depths=5).run_params()["noise_points"] == 16  # the value used
+    for n, points in ((4, 16), (5, 25), (20, 32)):  # 32 where 32 fit
+        assert resolve(configio.load(GenerateConfig, None, {"grid_size": n, "num_depths": 5})).noise_points == points
+    assert resolve(GenerateConfig(grid_size=4, num_depths=5)).run_params()["noise_points"] == 16  # the value used
     # `psf generate --grid-size 4` with nothing else set: no complaint about an option never given.
     out = tmp_path / "g.h5"
     result = run_cli(
@@ -132,11 +132,6 @@ def test_messages_name_the_option_typed_and_the_value(tmp_path):
     with pytest.raises(InputError, match=r"^config key 'noise_points' must be between 0 and 16"):
         configio.build(GenerateConfig, {"grid_size": 4, "noise_points": 17})
     assert "did you mean" not in str(pytest.raises(InputError, configio.build, GenerateConfig, {"zzzz": 1}).value)
-    # A key's old spelling (configs written before the rename): the key it became, not the nearest string.
-    with pytest.raises(InputError, match=r"unknown key 'ks' in config; the key is kernel_size$"):
-        configio.build(GenerateConfig, {"ks": 96})
-    with pytest.raises(InputError, match=r"unknown key 'ks_small' in config; the key is kernel_size_small$"):
-        configio.build(GenerateConfig, {"kernel_size": 96, "ks_small": 17})
 
 
 def test_sample_writes_coordinates_with_the_psfs_and_labels_the_png(tiny_run, tmp_path):
@@ -178,8 +173,9 @@ def test_psf_info_on_an_interrupted_file_says_not_measured(tiny_grid, tmp_path):
     part = tmp_path / "part.h5"
     shutil.copy(tiny_grid, part)
     with h5py.File(part, "r+") as f:
-        f["noise/psf"][1] = 0  # depth 1's re-traces not written yet
-        f["blocks/done"][-1] = 0
+        f["noise/psf"][1], f["noise/valid"][1] = 0, 0  # depth 1's re-traces not written yet
+        table = f["blocks/table"][:]
+        f["blocks/done"][(table[:, 0] == 1) & (table[:, 1] == 1)] = 0  # kind 1 is noise
     text = run_cli(["info", str(part)]).output
     assert "2 m: not measured yet" in text and "nan" not in text, text
     assert "0.5 m: " in text and "%" in text.split("0.5 m: ")[1].split(",")[0]
@@ -307,14 +303,6 @@ def test_ctrl_c_in_generate_prints_the_resume_command(tmp_path):
     with h5py.File(out) as f:
         assert f["blocks/done"][:].all()
         np.testing.assert_array_equal(f["blocks/seconds"][:][done], seconds[done])  # kept, not traced again
-
-
-def test_psf_info_names_the_devices_of_a_merged_file():
-    from psfgen.info import _devices
-
-    assert _devices({"device": "cuda:0"}) == "cuda:0"
-    assert _devices({"device": "cpu", "devices": '["cpu"]'}) == "cpu"  # a merged file traced on one kind
-    assert _devices({"device": "cpu", "devices": '["cpu", "cuda:0"]'}) == "cpu + cuda:0 (shards)"
 
 
 def test_input_error_keeps_its_placeholders_across_processes():

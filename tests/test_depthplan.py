@@ -10,6 +10,7 @@ import pytest
 from helpers import TINY, assert_one_line_error, run_cli, tiny_args, tiny_config
 
 from psfgen import depthplan
+from psfgen.config import resolve
 from psfgen.shared.errors import InputError
 
 M = depthplan.PILOT_DEPTHS
@@ -71,9 +72,9 @@ def test_the_fewest_depths_within_the_bound_win():
 def test_config_takes_auto_and_refuses_other_words(tmp_path):
     cfg = tiny_config(tmp_path / "g.h5", depths=None, depth_min=0.5, depth_max=5.0, num_depths="auto")
     assert cfg.auto_depths() and cfg.depth_count() is None
-    chosen = cfg.with_depths(5)
+    chosen = resolve(cfg, 5)
     np.testing.assert_allclose(1 / chosen.depth_values(), np.linspace(2.0, 0.2, 5))
-    assert (chosen.grid_size, chosen.spp, chosen.num_depths) == (TINY["grid_size"], TINY["spp"], "auto")
+    assert (chosen.grid_size, chosen.spp, chosen.num_depths) == (TINY["grid_size"], TINY["spp"], 5)
     with pytest.raises(InputError, match="num_depths"):
         tiny_config(tmp_path / "g.h5", depths=None, num_depths="many")
     with pytest.raises(InputError, match="depth_max"):
@@ -85,10 +86,9 @@ def test_config_takes_auto_and_refuses_other_words(tmp_path):
     for bad in (2.5, 0, -2):
         with pytest.raises(InputError, match="num_depths"):
             tiny_config(tmp_path / "g.h5", depths=None, spp=None, ray_budget=10**6, num_depths=bad)
-    assert tiny_config(tmp_path / "g.h5", depths=None, num_depths="AUTO").auto_depths()
     # Without grid size, spp or budget, auto spends the default 5 depths' rays over the depths it picks.
     free = tiny_config(tmp_path / "g.h5", depths=None, grid_size=None, spp=None, noise_points=None, num_depths="auto")
-    nine = free.with_depths(9)
+    nine = resolve(free, 9)
     assert 9 * nine.grid_size**2 * nine.spp <= 5 * 46**2 * 18_903 < 9 * (nine.grid_size + 1) ** 2 * nine.spp
 
 

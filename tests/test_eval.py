@@ -21,7 +21,7 @@ from cli import main
 from psfcvae import baselines as B
 from psfcvae import load_model
 from psfcvae.metrics import rel_l2_corrected, spearman
-from psfgen import generate, open_info
+from psfgen import GridFile, generate
 from psfgen.shared.errors import InputError
 from psfgen.shared.metrics import rel_l2
 
@@ -522,7 +522,7 @@ def test_second_round_of_bad_inputs(tiny_run, tiny_grid, tmp_path):
         "exists",
         "--overwrite",
     )
-    assert h5py.is_hdf5(grid_copy) and open_info(grid_copy).complete
+    assert h5py.is_hdf5(grid_copy) and GridFile.open(grid_copy).complete
     assert (
         run(
             "sample", "--checkpoint", ck, "--coords", "0,0", "--depth", "1", "--out", str(grid_copy), "--overwrite"

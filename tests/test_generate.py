@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import assert_deeplens_psfs, tiny_config
 
-from psfgen import generate, illumination, open_info
+from psfgen import GridFile, generate, illumination
 from psfgen.config import DEFAULT_LENS
 from psfgen.generation import block_seed, plan_blocks, trace_points
 from psfgen.grid import grid_coords, neighbour_pairs
@@ -28,7 +28,7 @@ def test_file_layout_and_invariants(tiny_grid):
     N, D, k = 4, 2, 15
     with h5py.File(tiny_grid, "r") as f:
         a = f.attrs
-        assert a["format"] == "psf-cvae.grid" and a["schema_version"] == 3
+        assert a["format"] == "psf-cvae.grid" and a["schema_version"] == 4
         assert set(json.loads(a["versions"])) >= {"psf-cvae", "deeplens-core", "torch", "h5py"}
         lens_bytes = open(DEFAULT_LENS, "rb").read()
         assert a["lens_sha256"] == hashlib.sha256(lens_bytes).hexdigest()
@@ -150,7 +150,7 @@ def test_info_summary(tiny_grid):
     text = summary(tiny_grid)
     for needle in ("4 x 4 points", "0.5, 2", "2000 (grid)", "14/14 traced", "truncation", "noise floor", "acl12708u"):
         assert needle in text, needle
-    assert open_info(tiny_grid).complete
+    assert GridFile.open(tiny_grid).complete
 
 
 def test_run_params_ignore_where_it_runs(tmp_path):

@@ -71,9 +71,9 @@ def test_resample_matrix_keeps_energy_and_centre():
 
 
 def test_checkpoint_stores_kernel_pitch(model, tiny_grid):
-    from psfgen.store import open_info
+    from psfgen.store import GridFile
 
-    info = open_info(tiny_grid)
+    info = GridFile.open(tiny_grid)
     o = model.info["optics"]
     assert o["kernel_size"] == 64 and o["kernel_size_small"] == info.kernel_size_small == 15
     # The default lens: a 5.041671 mm sensor of 2000 pixels; 64 of them per 15 kernel pixels.
@@ -128,10 +128,10 @@ def test_orientation_is_deeplens_conv_psf(tiny_grid):
     from psfgen.generation import trace_points
     from psfgen.lens import build_lens, read_lens_file
     from psfgen.resample import downsample
-    from psfgen.store import open_info
+    from psfgen.store import GridFile
 
-    optics = grid_optics(open_info(tiny_grid))
-    lens = build_lens(read_lens_file(optics_lens := open_info(tiny_grid).attrs["lens_path"]), torch.device("cpu"))
+    optics = grid_optics(GridFile.open(tiny_grid))
+    lens = build_lens(read_lens_file(optics_lens := GridFile.open(tiny_grid).lens_path), torch.device("cpu"))
     assert optics_lens.endswith(".json")
     traced = downsample(trace_points(lens, np.array([[0.8, -0.6]]), np.array([2.0]), 4000, 64), 15)[0]
     assert float((traced - traced.flip(-2, -1)).abs().sum()) > 0.1  # asymmetric: orientation matters
@@ -407,7 +407,7 @@ def test_a_lens_file_without_sensor_res_still_gives_the_kernel_pitch(tmp_path):
     from psfgen import generate
     from psfgen.config import DEFAULT_LENS
     from psfgen.lens import build_lens, read_lens_file
-    from psfgen.store import open_info
+    from psfgen.store import GridFile
 
     data = json.loads(open(DEFAULT_LENS).read())
     data.pop("sensor_res")
@@ -417,7 +417,7 @@ def test_a_lens_file_without_sensor_res_still_gives_the_kernel_pitch(tmp_path):
         tiny_config(tmp_path / "g.h5", lens=str(lens_path), grid_size=2, depths=(1.0,), heldout=2, noise_points=0)
     )
     deeplens = build_lens(read_lens_file(lens_path), torch.device("cpu"))
-    optics = grid_optics(open_info(out))
+    optics = grid_optics(GridFile.open(out))
     assert optics["sensor_res"] == [int(v) for v in deeplens.sensor_res]
     assert optics["kernel_pitch_mm"] == pytest.approx(64 * float(deeplens.pixel_size) / 15, rel=1e-5)
 

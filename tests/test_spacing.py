@@ -7,6 +7,7 @@ import pytest
 
 from psfgen.info import noise_floor, summary
 from psfgen.spacing import LIMITING_RATIO, Spacing, check_file, spacing_errors
+from psfgen.store import GridFile
 
 
 def _field(scale: np.ndarray, n: int = 4) -> np.ndarray:
@@ -71,8 +72,8 @@ def test_field_limits_when_the_field_changes_fast():
 
 
 def test_a_traced_file(tiny_grid):
-    s = check_file(tiny_grid)  # 4 x 4 at 0.5 and 2 m: two depths, so no depth figure
+    s = check_file(GridFile.open(tiny_grid))  # 4 x 4 at 0.5 and 2 m: two depths, so no depth figure
     assert np.isnan(s.depth) and 0 < s.field < 2
     # One trace's noise, pooled: two traces differ by about sqrt(2) of it (psf info's noise floor is a mean).
-    assert s.noise * np.sqrt(2) == pytest.approx(np.nanmean(noise_floor(tiny_grid)), rel=0.35)
+    assert s.noise * np.sqrt(2) == pytest.approx(np.nanmean(noise_floor(GridFile.open(tiny_grid))), rel=0.35)
     assert "sampling    a grid PSF predicted from its neighbours" in summary(tiny_grid)

@@ -15,7 +15,7 @@ from helpers import ROOT, small_config
 from psfcvae import CVAE, ModelArgs, load_model
 from psfcvae.frame import canonical_side, polar, rotate_sample
 from psfcvae.training import model_args_for
-from psfgen import open_info
+from psfgen import GridFile
 from psfgen.generation import trace_points
 from psfgen.lens import build_lens, read_lens_file
 from psfgen.resample import downsample
@@ -146,19 +146,19 @@ def synthetic_field(path, shift_px: float) -> None:
 
 
 def test_symmetry_on_the_files_own_psfs(tiny_grid, tmp_path):
-    assert check_file(tiny_grid).holds  # the traced default lens
+    assert check_file(GridFile.open(tiny_grid)).holds  # the traced default lens
     for shift, holds in ((0.0, True), (1.0, False)):
         path = tmp_path / f"shift{shift}.h5"
         shutil.copy(tiny_grid, path)
         synthetic_field(path, shift)
-        check = check_file(path)
+        check = check_file(GridFile.open(path))
         assert set(check.errors) == {"mirror x", "mirror y", "quarter turn"}
         assert check.holds == holds, check.describe()
         if not holds:
             assert check.errors["mirror x"] > 1.5 * check.noise and check.errors["mirror y"] < check.noise
             cfg = small_config(path, tmp_path / "run")
-            assert model_args_for(cfg, open_info(path)).frame == "cartesian"
-    assert model_args_for(small_config(tiny_grid, tmp_path / "run"), open_info(tiny_grid)).frame == "canonical"
+            assert model_args_for(cfg, GridFile.open(path)).frame == "cartesian"
+    assert model_args_for(small_config(tiny_grid, tmp_path / "run"), GridFile.open(tiny_grid)).frame == "canonical"
 
 
 def test_canonical_model_is_equivariant_and_loads_through_the_api(tiny_run):

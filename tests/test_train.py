@@ -19,9 +19,9 @@ from torch import distributions as dist
 
 from cli import main
 from psfcvae import CVAE, ModelArgs, TrainConfig, load_model, train
-from psfcvae.data import Conditions, GridBatches, make_loader, read_grid_meta
+from psfcvae.data import Conditions, GridBatches, make_loader
 from psfcvae.losses import kl_loss, smooth_loss
-from psfgen import open_info
+from psfgen import GridFile
 from psfgen.shared import configio
 from psfgen.shared.errors import InputError
 
@@ -74,9 +74,9 @@ def test_kl_matches_torch_distributions():
 
 
 def test_smoothness_matches_brute_force(tiny_grid):
-    meta = read_grid_meta(str(tiny_grid))
+    grid = GridFile.open(tiny_grid)
     for use_depth in (False, True):
-        conds = Conditions(meta["coords"], meta["depths"], meta["neighbors"], use_depth, "cpu")
+        conds = Conditions(grid.coords, grid.depths, grid.neighbors, use_depth, "cpu")
         model = CVAE(ModelArgs(cond_dim=3 if use_depth else 2, latent_dim=4, hidden_dim=16, num_layers=1))
         point = torch.tensor([0, 5, 15, 6, 9])
         depth = torch.tensor([0, 1, 1, 0, 1])
@@ -87,7 +87,7 @@ def test_smoothness_matches_brute_force(tiny_grid):
         # Brute force: every table pair touching a batch point, at its depth; plus adjacent depths.
         terms = []
         for b, (g, d) in enumerate(zip(point.tolist(), depth.tolist())):
-            for i, j in meta["neighbors"].tolist():
+            for i, j in grid.neighbors.tolist():
                 if g in (i, j):
                     other = j if g == i else i
                     mu_o, _ = model.prior_params(conds(torch.tensor([other]), torch.tensor([d])))
@@ -102,7 +102,7 @@ def test_smoothness_matches_brute_force(tiny_grid):
 
 
 def test_dataset_streams_every_psf_once_per_epoch_with_2_workers(tiny_grid):
-    info = open_info(tiny_grid)
+    info = GridFile.open(tiny_grid)
     with h5py.File(tiny_grid) as f:
         grid = f["grid/psf"][:]
     ds = GridBatches(info, batch_size=8, read_run=4, seed=1, in_memory=False)
@@ -154,7 +154,7 @@ def test_loss_falls_and_event_file_holds_every_tag(tiny_grid, tmp_path):
         assert (run_dir / name).exists()
     ckpt = torch.load(run_dir / "latest.pt", weights_only=True)
     assert ckpt["step"] == 80 and ckpt["config"]["latent_dim"] == 8 and "torch" in ckpt["versions"]
-    assert ckpt["data_fingerprint"]["run_id"] == open_info(tiny_grid).run_id
+    assert ckpt["data_fingerprint"]["run_id"] == GridFile.open(tiny_grid).run_id
 
 
 def _check_dashboard(run_dir):
@@ -577,7 +577,7 @@ def test_max_steps_auto_grows_with_the_grid_and_a_resumed_run_keeps_its_own(tiny
     for bad in ("many", 0):
         with pytest.raises(InputError, match="max_steps"):
             configio.build(TrainConfig, {"max_steps": bad})
-    info = open_info(tiny_grid)  # 2 depths x 4² = 32 PSFs
+    info = GridFile.open(tiny_grid)  # 2 depths x 4² = 32 PSFs
     assert _resolve_steps(auto, info, None).max_steps == 5000
     # On --resume, auto is the run's own number, not the rule's: a finished 10-step run stays finished.
     run_dir = tmp_path / "short"

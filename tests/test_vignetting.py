@@ -23,12 +23,10 @@ from helpers import (
 
 from psfcvae import load_model, train
 from psfcvae.checkpoint import save
-from psfgen import store
 from psfgen.grid import grid_coords, neighbour_pairs
 from psfgen.illumination import axis_fraction, min_rays, trace_counted
 from psfgen.lens import build_lens, read_lens_file
 from psfgen.shared.errors import InputError
-from psfgen.store import open_info
 
 
 @pytest.fixture(scope="module")
@@ -112,24 +110,15 @@ def test_a_lens_that_lights_nothing_is_one_line_and_leaves_no_file(tmp_path):
     assert not (tmp_path / "g.h5").exists()
 
 
-def test_a_schema_1_file_is_read_as_all_lit(vignetted_grid, tiny_grid, tmp_path):
+def test_a_file_of_another_schema_version_is_refused_in_one_line(tiny_grid, tmp_path):
     old = tmp_path / "old.h5"
     shutil.copy(tiny_grid, old)
     with h5py.File(old, "r+") as f:
-        f.attrs["schema_version"] = 1
-        for name in store.ILLUMINATION:  # what schema 2 added
-            del f[name]
-    info = open_info(old)
-    assert info.schema == 1 and not info.has_illumination and open_info(vignetted_grid).has_illumination
-    result = run_cli(["info", str(old)])
-    assert result.exit_code == 0 and "lit field   not measured (schema 1 file)" in result.output, result.output
-    # Resuming it would need the axis reference it lacks: refused, the file untouched.
+        f.attrs["schema_version"] = 3
     before = old.read_bytes()
-    assert_one_line_error(run_cli(tiny_args(old)), "older psf generate (schema 1", "--overwrite")
-    assert old.read_bytes() == before
-    # Training on it works, without an illumination head (nothing measured to learn from).
-    run = train(small_config(old, tmp_path / "r", max_steps=2, val_every=2, checkpoint_every=2))
-    assert not torch.load(run / "latest.pt", weights_only=True)["model_args"]["illumination"]
+    for args in (["info", str(old)], ["train", "--data", str(old), "--run-dir", str(tmp_path / "r")], tiny_args(old)):
+        assert_one_line_error(run_cli(args), "schema version 3", "regenerate it with 'psf generate'")
+    assert old.read_bytes() == before and not (tmp_path / "r").exists()
 
 
 def test_training_on_a_partly_dark_file_leaves_dark_points_out_and_writes_best(vignetted_run, caplog):

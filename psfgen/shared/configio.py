@@ -76,11 +76,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise TypeError(f"unsupported config field type {tp!r} for '{key}'")
 
 
-def unknown_key(key: str, names: list[str], source: str, aliases: dict[str, str] | None = None) -> InputError:
-    """The error for a key ``cls`` does not have: the key an old spelling stands for (``aliases``,
-    e.g. ks -> kernel_size), else the closest valid key, or all of them when none is close."""
-    if aliases and key.replace("-", "_") in aliases:
-        return InputError(f"unknown key '{key}' in {source}; the key is {aliases[key.replace('-', '_')]}")
+def unknown_key(key: str, names: list[str], source: str) -> InputError:
+    """The error for a key ``cls`` does not have: the closest valid key, or all of them when none is close."""
     close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
     hint = f"did you mean {close[0]}?" if close else f"valid keys are: {', '.join(names)}"
     return InputError(f"unknown key '{key}' in {source}; {hint}")
@@ -95,9 +92,7 @@ def build(cls: type[C], values: dict[str, Any], source: str = "config", set_keys
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(names), key=lambda k: (k not in set_keys, k))
     if unknown:
-        raise unknown_key(
-            unknown[0], names, "--set" if unknown[0] in set_keys else source, getattr(cls, "KEY_ALIASES", None)
-        )
+        raise unknown_key(unknown[0], names, "--set" if unknown[0] in set_keys else source)
     kwargs = {k: _coerce(k, v, hints[k]) for k, v in values.items()}
     cfg = cls(**kwargs)
     check = getattr(cfg, "validate", None)
