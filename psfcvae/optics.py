@@ -4,9 +4,8 @@ A stored kernel is the DeepLens PSF traced on ``kernel_size`` sensor pixels, are
 to ``kernel_size_small`` pixels (psfgen/resample.py), so one kernel pixel is
 ``kernel_size / kernel_size_small`` sensor pixels wide: pitch [mm] = kernel_size * (sensor
 width [mm] / sensor columns) / kernel_size_small. ``psf train`` stores this dict in every
-checkpoint (key ``optics``; psfcvae/checkpoint.py reads older checkpoints' ``ks``/``ks_small``
-under these names); for a checkpoint written before that, :func:`model_optics` reads it from
-the grid file given as ``data``.
+checkpoint (key ``optics``); for one trained on a file that does not record the sensor,
+:func:`model_optics` reads it from the grid file given as ``data``.
 """
 
 from __future__ import annotations
@@ -62,8 +61,8 @@ def model_optics(model, data: str | Path | None = None) -> dict:
         return optics
     if data is None:
         raise InputError(
-            f"checkpoint {model.info.get('path')} holds no kernel geometry (trained before psf render, "
-            "or on a file that does not record the sensor); give --data with the grid file it was "
+            f"checkpoint {model.info.get('path')} holds no kernel geometry (trained on a file that "
+            "does not record the sensor); give --data with the grid file it was "
             "trained on (the kernel pitch is read from there)"
         )
     info = open_info(data)

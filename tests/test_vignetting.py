@@ -22,7 +22,6 @@ from helpers import (
 )
 
 from psfcvae import load_model, train
-from psfcvae.checkpoint import save
 from psfgen import store
 from psfgen.grid import grid_coords, neighbour_pairs
 from psfgen.illumination import axis_fraction, min_rays, trace_counted
@@ -127,14 +126,11 @@ def test_a_schema_1_file_is_read_as_all_lit(vignetted_grid, tiny_grid, tmp_path)
     before = old.read_bytes()
     assert_one_line_error(run_cli(tiny_args(old)), "older psf generate (schema 1", "--overwrite")
     assert old.read_bytes() == before
-    # Training on it works, without an illumination head (nothing measured to learn from).
-    run = train(small_config(old, tmp_path / "r", max_steps=2, val_every=2, checkpoint_every=2))
-    assert not torch.load(run / "latest.pt", weights_only=True)["model_args"]["illumination"]
 
 
 def test_training_on_a_partly_dark_file_leaves_dark_points_out_and_writes_best(vignetted_run, caplog):
     ckpt = torch.load(vignetted_run / "best.pt", weights_only=True)
-    assert ckpt["model_args"]["illumination"] and ckpt["model"]["illumination.any_dark"]
+    assert ckpt["model"]["illumination.any_dark"]
     heldout = scalars(vignetted_run, "val_heldout_rel_l2")
     assert len(heldout) == 3 and all(np.isfinite(v) and 0 < v < 2 for _, v in heldout), heldout
     illum = [v for _, v in scalars(vignetted_run, "loss_illumination")]
@@ -199,20 +195,6 @@ def test_eval_leaves_dark_points_out_and_reports_illumination(vignetted_run, vig
     assert f"dark held-out points left out (outside the lit field): {int((~lit).sum())}" in result.output
     assert "illumination, model vs traced: mean |error|" in result.output
     assert f"{int(lit.sum())} lit of 16 points, reference at spp" in result.output  # what the metrics stand on
-
-
-def test_an_old_checkpoint_loads_and_its_illumination_is_refused(tiny_run, tmp_path):
-    ckpt = torch.load(tiny_run / "latest.pt", weights_only=True)
-    ckpt["model"] = {k: v for k, v in ckpt["model"].items() if not k.startswith("illumination.")}
-    for key in ("illumination", "illumination_weight"):
-        ckpt["model_args"].pop(key)  # as written before the illumination head existed
-    save(tmp_path / "old.pt", {k: v for k, v in ckpt.items() if k not in ("format", "schema_version")})
-    model = load_model(tmp_path / "old.pt")
-    assert model.psf(0.1, 0.1, 1.0).shape == (1, 3, 15, 15)
-    _, lit = model.psf([0.1, 1.0], [0.1, 1.0], 1.0, allow_dark=True)
-    assert lit.all()
-    with pytest.raises(InputError, match="predates illumination"):
-        model.illumination(0.1, 0.1, 1.0)
 
 
 def test_sample_writes_illumination_and_refuses_a_dark_point(vignetted_run, tmp_path):
