@@ -25,7 +25,7 @@ import torch
 
 from psfcvae import CVAE, TrainConfig
 from psfcvae.data import Conditions, GridBatches, make_loader, read_grid_meta
-from psfcvae.training import model_args_for
+from psfcvae.training import model_args_for, resolve
 from psfgen import GenerateConfig, generate, open_info, store
 from psfgen.generation import plan_blocks
 from psfgen.grid import grid_coords, neighbour_pairs
@@ -100,7 +100,7 @@ def main() -> None:
             ds = GridBatches(info, cfg.batch_size, cfg.read_run, seed=0, in_memory=False)
             rates[f"loader, disk, {workers} workers"] = loader_rate(ds, workers, args.batches)
 
-        model = CVAE(model_args_for(cfg, info)).to(device)
+        model = CVAE(model_args_for(resolve(cfg, info), info)).to(device)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
         meta = read_grid_meta(str(big))
         conds = Conditions(meta["coords"], meta["depths"], meta["neighbors"], True, device)

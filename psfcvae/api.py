@@ -9,6 +9,7 @@ psf, lit = model.psf(x, y, 1.0, allow_dark=True)         # zeros and lit False o
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -109,7 +110,6 @@ class PSFModel:
         z ~ p(z|c); with n_samples > 1 it returns [B, n_samples, 3, k, k].
         A point outside the lit field (no PSF: the lens does not light it) is an InputError;
         with allow_dark=True the result is (psf, lit [B] bool), psf zero where lit is False.
-        Checkpoints without the illumination head count every point as lit.
         """
         if mode not in ("mean", "sample"):
             raise InputError(f"mode must be 'mean' or 'sample', got {mode!r}")
@@ -124,17 +124,12 @@ class PSFModel:
 
     @torch.no_grad()
     def psf_and_illumination(self, x, y, depth_m=None, mode: str = "mean", allow_extrapolation: bool = False):
-        """(psf [B, 3, k, k], zero where dark; illumination [B, 3], 0 where dark and all 1 for a checkpoint
-        without the illumination head; lit [B] bool) with one condition and one pass of the head: what a
-        rendering needs per pixel."""
+        """(psf [B, 3, k, k], zero where dark; illumination [B, 3], 0 where dark; lit [B] bool) with one
+        condition and one pass of the head: what a rendering needs per pixel."""
         if mode not in ("mean", "sample"):
             raise InputError(f"mode must be 'mean' or 'sample', got {mode!r}")
         cond = self.conditions(x, y, depth_m, allow_extrapolation)
-        if self.net.illumination is None:
-            lit = torch.ones(len(cond), dtype=torch.bool, device=cond.device)
-            light = torch.ones(len(cond), 3, device=cond.device)
-        else:
-            light, lit = self.net.illumination.predict(cond)
+        light, lit = self.net.illumination.predict(cond)
         return self._decode(cond, lit, mode, 1), light.float(), lit
 
     def _decode(self, cond: torch.Tensor, lit: torch.Tensor, mode: str, n_samples: int) -> torch.Tensor:
@@ -152,9 +147,7 @@ class PSFModel:
         return out * lit.view(-1, *[1] * (out.dim() - 1))
 
     def _lit(self, cond: torch.Tensor) -> torch.Tensor:
-        """lit [B] bool at conditions cond [B, C]: the illumination head's decision, all True without one."""
-        if self.net.illumination is None:
-            return torch.ones(len(cond), dtype=torch.bool, device=cond.device)
+        """lit [B] bool at conditions cond [B, C]: the illumination head's decision."""
         return self.net.illumination.predict(cond)[1]
 
     @torch.no_grad()
@@ -164,12 +157,6 @@ class PSFModel:
 
         Mechanical vignetting as DeepLens traces it (rays lost on apertures and rims), not the cos⁴ law.
         """
-        if self.net.illumination is None:
-            raise InputError(
-                f"checkpoint {self.info.get('path', '')} has no illumination: it predates illumination "
-                "or its grid file did not measure it (schema 1); retrain with this 'psf train' on a file "
-                "from this 'psf generate'"
-            )
         return self.net.illumination.predict(self.conditions(x, y, depth_m, allow_extrapolation))[0].float()
 
     def tabulate(self, **options):
@@ -217,13 +204,17 @@ def load_model(path: str | Path, device="auto") -> PSFModel:
     a CUDA device that is absent is an InputError.
     """
     ckpt = checkpoint.load(path)
+    mismatch = f"checkpoint {path} does not match this version's network; retrain with this version"
+    # Exactly ModelArgs' keys: the dataclass's defaults would fill a missing one in silently.
+    if not isinstance(ckpt["model_args"], dict) or set(ckpt["model_args"]) != {
+        f.name for f in dataclasses.fields(ModelArgs)
+    }:
+        raise InputError(mismatch)
     try:
         net = CVAE(ModelArgs(**ckpt["model_args"]))
         net.load_state_dict(ckpt["model"])
     except (TypeError, KeyError, RuntimeError):
-        raise InputError(
-            f"checkpoint {path} does not match this version's network; retrain with this version"
-        ) from None
+        raise InputError(mismatch) from None
     depths = ckpt["data_fingerprint"].get("depths") if isinstance(ckpt["data_fingerprint"], dict) else None
     if not _positive_numbers(depths):
         raise InputError(
@@ -231,6 +222,6 @@ def load_model(path: str | Path, device="auto") -> PSFModel:
         )
     info = {k: ckpt[k] for k in ("step", "config", "data_fingerprint", "versions")}
     info["path"] = str(path)
-    info["optics"] = ckpt.get("optics")  # kernel pitch for psf render (psfcvae/optics.py); None before it
+    info["optics"] = ckpt["optics"]  # kernel pitch for psf render (psfcvae/optics.py); None: the file lacked it
     model = PSFModel(net.eval(), info)
     return model.to(device if isinstance(device, torch.device) else resolve_device(device or "auto"))

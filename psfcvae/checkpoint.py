@@ -8,22 +8,26 @@ from pathlib import Path
 
 import torch
 
-OLD_KERNEL_NAMES = {"ks": "kernel_size", "ks_small": "kernel_size_small"}  # removed on merge
 from psfgen.shared import tempfiles
 from psfgen.shared.errors import InputError
 from psfgen.store import GridFile
 
 FORMAT = "psf-cvae.checkpoint"
-# What every checkpoint written by psf train holds (optimizer and rng: what --resume needs).
-REQUIRED = ("model", "model_args", "optimizer", "step", "best_val", "config", "data_fingerprint", "versions", "rng")
-SCHEMA_VERSION = 2
-READS = (1, 2)  # schema 1: the kernel sizes named ks / ks_small (_upgrade); 2 renamed them, nothing else
-# Schema 1's names -> schema 2's, per entry of the checkpoint that holds them.
-OLD_NAMES = {
-    "model_args": {"ks": "kernel_size_small"},
-    "data_fingerprint": OLD_KERNEL_NAMES,  # holds ks_small only
-    "optics": OLD_KERNEL_NAMES,
-}
+# What every checkpoint written by psf train holds (optimizer, rng and loss_window: what --resume needs).
+REQUIRED = (
+    "model",
+    "model_args",
+    "optimizer",
+    "step",
+    "best_val",
+    "config",
+    "data_fingerprint",
+    "versions",
+    "rng",
+    "loss_window",
+    "optics",
+)
+SCHEMA_VERSION = 3  # the only one read: a checkpoint of another is refused (retrain)
 
 
 def data_fingerprint(info: GridFile) -> dict:
@@ -67,30 +71,17 @@ def load(path: str | Path, map_location="cpu") -> dict:
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise InputError(f"{path} is not a psf-cvae checkpoint; give a .pt file written by 'psf train'")
-    if ckpt.get("schema_version") not in READS:
-        raise InputError(
-            f"checkpoint {path} has schema version {ckpt.get('schema_version')}, this psf-cvae reads "
-            f"{', '.join(map(str, READS))}; retrain with this version"
-        )
+    version = ckpt.get("schema_version")
+    if version != SCHEMA_VERSION:
+        which = "a later" if isinstance(version, int) and version > SCHEMA_VERSION else "an earlier"
+        raise InputError(f"checkpoint {path} has schema version {version} ({which} psf-cvae); retrain with 'psf train'")
     missing = [k for k in REQUIRED if k not in ckpt]
     if missing:
         raise InputError(f"checkpoint {path} lacks '{missing[0]}'; it was not written by 'psf train' or was edited")
-    _upgrade(ckpt)
     bad = [name for name, t in ckpt["model"].items() if torch.is_tensor(t) and not torch.isfinite(t).all()]
     if bad:
         raise InputError(f"checkpoint {path} holds non-finite weights ({bad[0]}); use another checkpoint or retrain")
     return ckpt
-
-
-def _upgrade(ckpt: dict) -> None:
-    """Give a schema-1 checkpoint this version's names, in place: the one place that knows the old
-    ones, so that every reader (load_model, psf train --resume, eval, render) meets only the new."""
-    if ckpt["schema_version"] >= 2:
-        return
-    for entry, names in OLD_NAMES.items():
-        if isinstance(ckpt.get(entry), dict):
-            ckpt[entry] = {names.get(k, k): v for k, v in ckpt[entry].items()}
-    ckpt["schema_version"] = SCHEMA_VERSION
 
 
 def check_same_data(ckpt: dict, info: GridFile, what: str) -> None:

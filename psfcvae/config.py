@@ -16,7 +16,10 @@ MAX_FREQUENCIES = 24  # band 2^23 pi: beyond it sin(2^l pi c) is noise at float3
 @dataclass(frozen=True)
 class TrainConfig:
     """Defaults: the spec's network with the training choices that make its prior mean beat
-    bilinear interpolation (README, "Why these defaults"). configs/cvae_v1.yaml is the spec."""
+    bilinear interpolation (README, "Why these defaults"). configs/cvae_v1.yaml is the spec.
+
+    The keys that may say auto (grid_size None, condition_on_depth, condition_frame, in_memory,
+    max_steps) are decided for the grid file by ``training.resolve``; a run records the result."""
 
     # Data
     data: str = ""  # grid HDF5 file written by `psf generate`
@@ -28,12 +31,6 @@ class TrainConfig:
         "auto"  # auto | canonical | cartesian; auto: canonical when the lens is rotationally symmetric
     )
     supersample: int = 3  # canonical frame: the decoder's kernel is this many times finer than kernel_size_small
-    # canonical frame: how the decoder's kernel is interpolated when rotated; bicubic keeps a
-    # sharp PSF sharp (docs/symmetry.md), bilinear is what runs before it existed used
-    rotation: str = "bicubic"  # bilinear | bicubic
-    decoder_rank: int | None = (
-        None  # canonical frame: factor the decoder's output layer through this many dimensions (speed)
-    )
     in_memory: str = "auto"  # hold the grid in RAM: auto (files under 2 GiB) | true | false
     read_run: int = 8  # contiguous PSFs per read; a batch gathers batch_size/read_run runs
     num_workers: int = 0  # DataLoader worker processes
@@ -48,15 +45,12 @@ class TrainConfig:
     batch_size: int = 64
     learning_rate: float = 1e-3  # Adam (spec: 1e-4)
     lr_schedule: str = "cosine"  # constant (spec) | cosine (decays to 1% of learning_rate at max_steps)
-    output: str = "softplus"  # decoder output: softplus (spec) | softmax (exp, normalised per channel)
     scale_weight: float = 0.01  # pins the decoder's output scale, which the normalisation leaves free (README)
-    relative_loss: bool = False  # reconstruction on ||K̂ - K||² / ||K||² per PSF (the metric) instead of the MSE
-    warmup_steps: int = 0  # the learning rate rises linearly from 0 over these first steps (0: the spec, none)
     recon_weight: float = 1e4  # spec: 1.0; see README, "Why these defaults"
     kl_weight: float = 1e-4
     smooth_weight: float = 1e-3
     prior_recon_weight: float = 1e4  # not in the spec (0 there): MSE of decode(μ_p(c), c), the path `psf sample` uses
-    illumination_weight: float = 1.0  # the illumination head's loss (an addition to the spec): 0 leaves the head out
+    illumination_weight: float = 1.0  # the illumination head's loss (an addition to the spec); above 0
     # Optimiser steps (spec: 20000); auto: STEPS_PER_BLOCK for each PSFS_PER_BLOCK grid PSFs (depths x
     # grid_size²), rounded up: the passes over the grid the two benchmark lenses needed (README)
     max_steps: int | str = "auto"
@@ -81,7 +75,6 @@ class TrainConfig:
             "log_every",
             "val_every",
             "checkpoint_every",
-            "decoder_rank",
         )
         if isinstance(self.max_steps, str) and self.max_steps.strip().lower() != "auto":
             raise InputError.for_key("max_steps", f"must be a whole number or auto, got {self.max_steps!r}")
@@ -93,7 +86,7 @@ class TrainConfig:
                 "batch_size",
                 "read_run",
             )
-        check_at_least(self, 0, "seed", "warmup_steps", "num_workers", "depth_frequencies")
+        check_at_least(self, 0, "seed", "num_workers", "depth_frequencies")
         if self.grid_size is not None:
             check_grid_size(self)
         if not 0 <= self.num_frequencies <= MAX_FREQUENCIES:
@@ -112,15 +105,16 @@ class TrainConfig:
             "smooth_weight",
             "prior_recon_weight",
             "scale_weight",
-            "illumination_weight",
         ):
             if not 0 <= getattr(self, key) < math.inf:
                 raise InputError.for_key(key, f"must be a finite number, 0 or more, got {getattr(self, key)}")
+        if not 0 < self.illumination_weight < math.inf:  # the head is part of every model: it must learn
+            raise InputError.for_key(
+                "illumination_weight", f"must be a positive, finite number, got {self.illumination_weight}"
+            )
         choices = {
             "lr_schedule": ("constant", "cosine"),
-            "output": ("softplus", "softmax"),
             "condition_frame": ("auto", "canonical", "cartesian"),
-            "rotation": ("bilinear", "bicubic"),
             "condition_on_depth": ("auto", "true", "false"),
             "in_memory": ("auto", "true", "false"),
         }
@@ -138,8 +132,7 @@ class TrainConfig:
 
     def lr_at(self, step: int) -> float:
         """Learning rate of optimiser step ``step`` (0-based): a function of the step alone."""
-        warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
         if self.lr_schedule == "constant":
-            return warm * self.learning_rate
+            return self.learning_rate
         t = min(step / self.max_steps, 1.0)
-        return warm * self.learning_rate * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t)))
+        return self.learning_rate * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t)))

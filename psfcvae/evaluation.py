@@ -203,9 +203,8 @@ def compute_metrics(cfg: EvalConfig, info: GridFile, model: PSFModel | None) -> 
         },
         "heldout_dark": int((~ho_all["lit"]).sum()),
     }
-    if model is not None and model.net.illumination is not None:
-        result["illumination"] = illumination_error(model, ho_all)
     if model is not None:
+        result["illumination"] = illumination_error(model, ho_all)
         _model_metrics(result, arrays, model, info.grid_size)
     result["headline"] = headline(result)
     return result, arrays

@@ -12,24 +12,14 @@ def weighted_mean(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Te
     return (values * weight).sum() / weight.sum().clamp_min(1.0)
 
 
-def recon_loss(
-    psf_hat: torch.Tensor, psf: torch.Tensor, relative: bool = False, weight: torch.Tensor | None = None
-) -> torch.Tensor:
+def recon_loss(psf_hat: torch.Tensor, psf: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """MSE(K̂, K) over all pixels and channels: psf, psf_hat [B, 3, k, k] -> scalar.
 
     weight [B]: each PSF's weight (0 leaves a dark point out); None: all count, the spec's MSE.
-
-    relative: each PSF's squared error over its own squared norm, ||K̂ - K||² / ||K||² (the
-    square of the evaluation metric), averaged over the batch and divided by the number of
-    values 3 k², so that it equals the MSE for a PSF of unit norm. Sharp and broad PSFs then
-    weigh alike; with plain MSE a sharp PSF (large ||K||) dominates the batch.
     """
-    if not relative:
-        if weight is None:
-            return torch.mean((psf_hat - psf) ** 2)
-        return weighted_mean(((psf_hat - psf) ** 2).flatten(1).mean(1), weight)
-    err = ((psf_hat - psf) ** 2).flatten(1).sum(1) / (psf**2).flatten(1).sum(1).clamp_min(1e-12)
-    return weighted_mean(err, weight) / psf[0].numel()
+    if weight is None:
+        return torch.mean((psf_hat - psf) ** 2)
+    return weighted_mean(((psf_hat - psf) ** 2).flatten(1).mean(1), weight)
 
 
 def kl_loss(mu_q, logvar_q, mu_p, logvar_p, weight: torch.Tensor | None = None) -> torch.Tensor:

@@ -16,6 +16,9 @@ from .losses import kl_loss, recon_loss, smooth_loss, weighted_mean
 
 LOGVAR_BOUND = 10.0  # log σ² is kept in (-10, 10): σ between 0.007 and 150, never 0 or inf
 NORM_EPS = 1e-8  # added to each channel's sum before normalising
+# Canonical frame: how the decoder's fine kernel is interpolated when rotated into the field;
+# bilinear spreads each fine pixel of a sharp PSF over its neighbours (docs/symmetry.md).
+ROTATION = "bicubic"
 
 
 @dataclass(frozen=True)
@@ -39,19 +42,14 @@ class ModelArgs:
     # The frame the networks see (psfcvae/frame.py). cartesian: the spec, c = (x, y[, d]).
     # canonical: a rotationally symmetric lens; the networks see (r[, d]), the decoder draws
     # the PSF at (r, 0) on a kernel `supersample` times finer than kernel_size_small, which is rotated
-    # by θ = atan2(y, x) into the field and integrated over the kernel_size_small² pixels.
+    # by θ = atan2(y, x) (bicubically: ROTATION) into the field and integrated over the kernel_size_small² pixels.
     frame: str = "cartesian"
     supersample: int = 3  # canonical kernel pixels per stored pixel (per axis)
-    rotation: str = "bilinear"  # canonical: how the fine kernel is interpolated when rotated (bilinear | bicubic)
-    output: str = "softplus"  # softplus (the spec) | softmax: exp of the decoder's output, normalised per channel
     scale_weight: float = 0.0  # weight of mean(log(sum of the decoder's channel before normalisation)²)
-    relative_loss: bool = False  # reconstruction terms on ||K̂ - K||² / ||K||² instead of the MSE
-    decoder_rank: int | None = None  # canonical: the decoder's output layer factored through this many dimensions
     field_scale: tuple[float, float] = (1.0, 1.0)  # sensor half-width, half-height over the longer one
-    # The illumination head (psfcvae/illumination.py), an addition to the spec's networks; False in
-    # checkpoints written before it existed, and for grid files without measured illumination.
-    illumination: bool = False
-    illumination_weight: float = 0.0
+    # The weight of the illumination head's loss (psfcvae/illumination.py): the head, an addition
+    # to the spec's networks, is part of every model.
+    illumination_weight: float = 1.0
 
 
 @dataclass
@@ -67,7 +65,7 @@ class ModelOutput:
     psf_hat: torch.Tensor  # [B, 3, k, k]
     mu_q: torch.Tensor  # [B, Z]
     mu_p: torch.Tensor  # [B, Z]
-    illum: torch.Tensor | None = None  # the illumination head's loss (None without the head or its targets)
+    illum: torch.Tensor | None = None  # the illumination head's loss (None when forward() got no targets)
 
 
 class PositionalEncoding(nn.Module):
@@ -105,19 +103,12 @@ class PositionalEncoding(nn.Module):
         return 2 * self.freqs.shape[0] * cond_dim
 
 
-def mlp(in_dim: int, hidden_dim: int, num_layers: int, out_dim: int, rank: int | None = None) -> nn.Sequential:
-    """num_layers hidden layers of width hidden_dim (SiLU), then a linear output layer.
-
-    rank: the output layer factored through ``rank`` dimensions (two linear maps, no
-    activation between): out_dim x rank + rank x hidden_dim weights instead of out_dim x hidden_dim.
-    """
+def mlp(in_dim: int, hidden_dim: int, num_layers: int, out_dim: int) -> nn.Sequential:
+    """num_layers hidden layers of width hidden_dim (SiLU), then a linear output layer."""
     layers: list[nn.Module] = []
     for i in range(num_layers):
         layers += [nn.Linear(in_dim if i == 0 else hidden_dim, hidden_dim), nn.SiLU()]
-    if rank is None:
-        layers.append(nn.Linear(hidden_dim, out_dim))
-    else:
-        layers += [nn.Linear(hidden_dim, rank), nn.Linear(rank, out_dim)]
+    layers.append(nn.Linear(hidden_dim, out_dim))
     return nn.Sequential(*layers)
 
 
@@ -129,10 +120,6 @@ class CVAE(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        if args.output not in ("softplus", "softmax"):
-            raise ValueError(f"output must be softplus or softmax, got {args.output!r}")
-        if args.rotation not in ("bilinear", "bicubic"):
-            raise ValueError(f"rotation must be bilinear or bicubic, got {args.rotation!r}")
         if args.frame not in ("cartesian", "canonical"):
             raise ValueError(f"frame must be cartesian or canonical, got {args.frame!r}")
         self.canonical = args.frame == "canonical"
@@ -150,10 +137,8 @@ class CVAE(nn.Module):
         self.prior = mlp(pe_dim, args.hidden_dim, args.num_layers, 2 * Z)  # -> μ_p, log σ²_p
         # A canonical kernel is mirror-symmetric in y: the decoder draws its upper half (and the axis row).
         out_dim = 3 * ((self.out_side + 1) // 2) * self.out_side if self.canonical else k_dim
-        self.decoder = mlp(
-            Z + pe_dim, args.hidden_dim, args.num_layers, out_dim, args.decoder_rank if self.canonical else None
-        )
-        self.illumination = IlluminationHead(args.cond_dim) if args.illumination else None
+        self.decoder = mlp(Z + pe_dim, args.hidden_dim, args.num_layers, out_dim)
+        self.illumination = IlluminationHead(args.cond_dim)
 
     def _frame(self, cond: torch.Tensor):
         """Model-space cond [B, C] = (x, y[, d]) -> (what the networks see [B, C'], angle θ [B] or None).
@@ -201,9 +186,7 @@ class CVAE(nn.Module):
         log_sum = torch.log(out.sum(dim=(-2, -1)) + NORM_EPS)
         if theta is not None:
             k = self.args.kernel_size_small
-            out = rotate_sample(
-                out, theta, k, q=self.args.supersample, out_extent=canonical_side(k), mode=self.args.rotation
-            )
+            out = rotate_sample(out, theta, k, q=self.args.supersample, out_extent=canonical_side(k), mode=ROTATION)
         return out / (out.sum(dim=(-2, -1), keepdim=True) + NORM_EPS), log_sum
 
     def canonical_kernel(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -216,14 +199,7 @@ class CVAE(nn.Module):
     def _draw(self, z: torch.Tensor, enc: torch.Tensor) -> torch.Tensor:
         """The decoder's non-negative kernel before normalisation: [B, 3, S, S] (S = k when cartesian)."""
         S = self.out_side
-        raw = self.decoder(torch.cat([z, self.pe(enc)], dim=1))
-        if self.args.output == "softmax":
-            # A sharp PSF (0.9 of the energy in one pixel) is a few units of log-ratio here,
-            # where softplus needs pixel values hundreds of units apart (measured: the network
-            # then scales every layer up and loses the condition's signal).
-            out = torch.softmax(raw.view(len(raw), 3, -1), dim=-1).view(len(raw), -1)
-        else:
-            out = F.softplus(raw)
+        out = F.softplus(self.decoder(torch.cat([z, self.pe(enc)], dim=1)))
         if not self.canonical:
             return out.view(-1, 3, S, S)
         top = out.view(-1, 3, (S + 1) // 2, S)  # rows from y = +max down to the axis
@@ -240,8 +216,7 @@ class CVAE(nn.Module):
         z = mu_q + torch.randn_like(mu_q) * (0.5 * logvar_q).exp()  # reparameterisation
         psf_hat, log_sum = self._decode(z, cond)
         mu_p, logvar_p = self.prior_params(cond)
-        rel = self.args.relative_loss
-        recon = recon_loss(psf_hat, psf, rel, lit)
+        recon = recon_loss(psf_hat, psf, lit)
         kl = kl_loss(mu_q, logvar_q, mu_p, logvar_p, lit)
         if pair_src is not None and pair_src.numel() > 0:
             mu_nbr, _ = self.prior_params(pair_cond)
@@ -252,7 +227,7 @@ class CVAE(nn.Module):
         scale = weighted_mean((log_sum**2).mean(dim=1), lit) if lit is not None else (log_sum**2).mean()
         if a.prior_recon_weight > 0:
             prior_hat, prior_log_sum = self._decode(mu_p, cond)
-            recon_prior = recon_loss(prior_hat, psf, rel, lit)
+            recon_prior = recon_loss(prior_hat, psf, lit)
             prior_scale = (
                 weighted_mean((prior_log_sum**2).mean(dim=1), lit) if lit is not None else (prior_log_sum**2).mean()
             )
@@ -267,7 +242,7 @@ class CVAE(nn.Module):
             + a.scale_weight * scale
         )
         illum_term = None
-        if self.illumination is not None and illum is not None:
+        if illum is not None:
             illum_term = illumination_loss(self.illumination, cond, illum, valid)
             loss = loss + a.illumination_weight * illum_term
         return ModelOutput(loss, recon, kl, smooth, recon_prior, scale, psf_hat, mu_q, mu_p, illum_term)

@@ -58,8 +58,7 @@ def model_kernels(model, allow_extrapolation: bool = False):
     """kernel_fn(x [N], y [N], depth_m [N]) -> [N, 3, k, k] at the model's pitch, times the relative illumination.
 
     A dark point's kernel is zero and a dim one's sums to its illumination, so vignetting
-    shows in the image. A checkpoint without the illumination head (trained before it
-    existed) gives kernels that sum to 1 per channel everywhere.
+    shows in the image.
     """
 
     def kernel_fn(x, y, d):

@@ -50,8 +50,15 @@ def sample_psfs(
         if out.suffix == ".npy":
             np.save(out, psf)
         elif out.suffix == ".npz":
-            extra = {} if illum is None else {"illumination": illum}  # [B, 3], relative to the axis; 0 where dark
-            np.savez(out, psf=psf, coords=points, depth_m=used_depth, mode=mode, checkpoint=str(checkpoint), **extra)
+            np.savez(  # illumination [B, 3]: relative to the axis; 0 where dark
+                out,
+                psf=psf,
+                illumination=illum,
+                coords=points,
+                depth_m=used_depth,
+                mode=mode,
+                checkpoint=str(checkpoint),
+            )
         elif out.suffix == ".h5":
             with h5py.File(out, "w") as f:
                 f["psf"] = psf
@@ -60,8 +67,7 @@ def sample_psfs(
                 f.attrs["mode"] = mode
                 f.attrs["checkpoint"] = str(checkpoint)
                 f.attrs["model"] = json.dumps({k: model.info[k] for k in ("step", "data_fingerprint")})
-                if illum is not None:  # [B, 3], relative to the axis at the same depth; 0 where dark
-                    f["illumination"] = illum
+                f["illumination"] = illum  # [B, 3], relative to the axis at the same depth; 0 where dark
         else:
             from PIL import Image
 
@@ -112,7 +118,7 @@ def _captioned(tiles, lines: list[str]):
 
 
 def _psfs_and_illumination(model, points, depth_m, mode, allow_extrapolation, dark_ok: bool):
-    """(psf [B, 3, k, k] numpy, illumination [B, 3] numpy or None without the head), in chunks.
+    """(psf [B, 3, k, k] numpy, illumination [B, 3] numpy), in chunks.
 
     dark_ok: a dense map covers the whole sensor, dark corners included: zeros there. Points
     asked for one by one (--coords) must be lit.
@@ -130,4 +136,4 @@ def _psfs_and_illumination(model, points, depth_m, mode, allow_extrapolation, da
             )
         psf.append(out.cpu().numpy())
         illum.append(light.cpu().numpy())
-    return np.concatenate(psf), (np.concatenate(illum) if model.net.illumination is not None else None)
+    return np.concatenate(psf), np.concatenate(illum)

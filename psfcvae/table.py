@@ -144,11 +144,8 @@ class PSFTable:
         rr, tt, dd = (t.reshape(-1) for t in torch.meshgrid(r, theta, d, indexing="ij"))  # row-major [R, A, D]
         cond = self._cond(rr, tt, dd)
         psfs = self._prior_mean(cond).to(dtype)
-        head = self.model.net.illumination
-        if head is None:
-            return psfs, torch.zeros(len(cond), 4)
         with torch.no_grad():
-            log_illum, logit = head(cond)
+            log_illum, logit = self.model.net.illumination(cond)
         return psfs, torch.cat([log_illum, logit[:, None]], dim=1).float().cpu()
 
     @property
@@ -184,8 +181,6 @@ class PSFTable:
     @torch.no_grad()
     def illumination(self, x, y, depth_m=None, allow_extrapolation: bool = False) -> torch.Tensor:
         """As ``PSFModel.illumination``, from the table: [B, 3] float32 on the CPU, 0 where dark."""
-        if self.model.net.illumination is None:
-            return self.model.illumination(x, y, depth_m, allow_extrapolation)  # its one-line error
         cond = self.model.conditions(x, y, depth_m, allow_extrapolation).cpu()
         _, light = self._lookup(cond)
         out = light[:, :3].exp() * self._lit(light)[:, None]
@@ -196,8 +191,7 @@ class PSFTable:
 
     def _lit(self, light: torch.Tensor) -> torch.Tensor:
         """lit [B] bool from interpolated head outputs [B, 4]: the head's rule (logit > 0, or no dark point trained)."""
-        head = self.model.net.illumination
-        if head is None or not bool(head.any_dark):
+        if not bool(self.model.net.illumination.any_dark):
             return torch.ones(len(light), dtype=torch.bool)
         return light[:, 3] > 0
 

@@ -16,7 +16,7 @@ LOSSES = ["loss_all", "loss_recon", "loss_kl", "loss_smooth", "loss_recon_prior"
 VALIDATION_MSE = ["val_mse", "val_prior_mse", "val_heldout_mse"]
 VALIDATION_REL = ["val_heldout_rel_l2"]
 OPTIMISATION = ["learning_rate", "grad_norm"]
-ILLUMINATION = ["loss_illumination", "val_heldout_illumination_abs"]  # models with the illumination head
+ILLUMINATION = ["loss_illumination", "val_heldout_illumination_abs"]  # the illumination head
 
 # Comparison images are upsampled (nearest) until the narrower one is at least this wide:
 # a 15-px kernel in a 4x4 mosaic is 63 px, too small to read at TensorBoard's native size.

@@ -322,7 +322,7 @@ def test_cli_16_bit_round_trip_and_8_bit(model, tiny_run, tmp_path):
     assert torch.equal(read_image(tmp_path / "od.png")[0], out8)
 
 
-def test_cli_bad_depth_maps_and_old_checkpoints(tiny_run, tiny_grid, tmp_path):
+def test_cli_bad_depth_maps_and_a_checkpoint_without_kernel_pitch(tiny_run, tiny_grid, tmp_path):
     src = tmp_path / "in.png"
     write_image(src, resolution_chart(12, 10), 8)
     out = tmp_path / "out.png"
@@ -378,9 +378,10 @@ def test_cli_bad_depth_maps_and_old_checkpoints(tiny_run, tiny_grid, tmp_path):
         )
         assert_one_line_error(r, opt, value)
         assert sha(out) == before
-    # A checkpoint from before the stored kernel pitch: --data supplies it, and only the right file does.
+    # A checkpoint trained on a file that does not record the sensor has no kernel pitch: --data
+    # supplies it, and only the right file does.
     old = torch.load(tiny_run / "latest.pt", weights_only=False)
-    del old["optics"]
+    old["optics"] = None
     torch.save(old, tmp_path / "old.pt")
     args = ["render", "--checkpoint", str(tmp_path / "old.pt"), "--image", str(src), "--depth", "1"]
     assert_one_line_error(run_cli(args + ["--out", str(tmp_path / "a.png")]), "--data")

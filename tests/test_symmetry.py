@@ -14,7 +14,7 @@ from helpers import ROOT, small_config
 
 from psfcvae import CVAE, ModelArgs, load_model
 from psfcvae.frame import canonical_side, polar, rotate_sample
-from psfcvae.training import model_args_for
+from psfcvae.training import resolve
 from psfgen import GridFile
 from psfgen.generation import trace_points
 from psfgen.lens import build_lens, read_lens_file
@@ -157,8 +157,8 @@ def test_symmetry_on_the_files_own_psfs(tiny_grid, tmp_path):
         if not holds:
             assert check.errors["mirror x"] > 1.5 * check.noise and check.errors["mirror y"] < check.noise
             cfg = small_config(path, tmp_path / "run")
-            assert model_args_for(cfg, GridFile.open(path)).frame == "cartesian"
-    assert model_args_for(small_config(tiny_grid, tmp_path / "run"), GridFile.open(tiny_grid)).frame == "canonical"
+            assert resolve(cfg, GridFile.open(path)).condition_frame == "cartesian"
+    assert resolve(small_config(tiny_grid, tmp_path / "run"), GridFile.open(tiny_grid)).condition_frame == "canonical"
 
 
 def test_canonical_model_is_equivariant_and_loads_through_the_api(tiny_run):

@@ -68,7 +68,6 @@ def _untrained(cond_dim: int, field_scale=(1.0, 1.0)) -> PSFModel:
         depth_min=min(depths),
         depth_max=max(depths),
         field_scale=field_scale,
-        rotation="bicubic",
     )
     return PSFModel(CVAE(args).eval(), {"data_fingerprint": {"depths": depths}})
 

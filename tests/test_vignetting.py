@@ -22,7 +22,6 @@ from helpers import (
 )
 
 from psfcvae import load_model, train
-from psfcvae.checkpoint import save
 from psfgen.grid import grid_coords, neighbour_pairs
 from psfgen.illumination import axis_fraction, min_rays, trace_counted
 from psfgen.lens import build_lens, read_lens_file
@@ -123,7 +122,7 @@ def test_a_file_of_another_schema_version_is_refused_in_one_line(tiny_grid, tmp_
 
 def test_training_on_a_partly_dark_file_leaves_dark_points_out_and_writes_best(vignetted_run, caplog):
     ckpt = torch.load(vignetted_run / "best.pt", weights_only=True)
-    assert ckpt["model_args"]["illumination"] and ckpt["model"]["illumination.any_dark"]
+    assert ckpt["model"]["illumination.any_dark"]
     heldout = scalars(vignetted_run, "val_heldout_rel_l2")
     assert len(heldout) == 3 and all(np.isfinite(v) and 0 < v < 2 for _, v in heldout), heldout
     illum = [v for _, v in scalars(vignetted_run, "loss_illumination")]
@@ -188,20 +187,6 @@ def test_eval_leaves_dark_points_out_and_reports_illumination(vignetted_run, vig
     assert f"dark held-out points left out (outside the lit field): {int((~lit).sum())}" in result.output
     assert "illumination, model vs traced: mean |error|" in result.output
     assert f"{int(lit.sum())} lit of 16 points, reference at spp" in result.output  # what the metrics stand on
-
-
-def test_an_old_checkpoint_loads_and_its_illumination_is_refused(tiny_run, tmp_path):
-    ckpt = torch.load(tiny_run / "latest.pt", weights_only=True)
-    ckpt["model"] = {k: v for k, v in ckpt["model"].items() if not k.startswith("illumination.")}
-    for key in ("illumination", "illumination_weight"):
-        ckpt["model_args"].pop(key)  # as written before the illumination head existed
-    save(tmp_path / "old.pt", {k: v for k, v in ckpt.items() if k not in ("format", "schema_version")})
-    model = load_model(tmp_path / "old.pt")
-    assert model.psf(0.1, 0.1, 1.0).shape == (1, 3, 15, 15)
-    _, lit = model.psf([0.1, 1.0], [0.1, 1.0], 1.0, allow_dark=True)
-    assert lit.all()
-    with pytest.raises(InputError, match="predates illumination"):
-        model.illumination(0.1, 0.1, 1.0)
 
 
 def test_sample_writes_illumination_and_refuses_a_dark_point(vignetted_run, tmp_path):
