@@ -28,18 +28,15 @@ the depths, the same rays in all are spread over them by the rule.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
-from psfgen.reference import with_reference
 
 from psfcvae import EvalConfig, TrainConfig, evaluate, train
-from psfgen import GenerateConfig, budget, generate
+from psfgen import GenerateConfig, budget, generate, store
 from psfgen.shared import configio
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -143,13 +140,13 @@ def main() -> None:
     tag = ""
     if args.split_depths > 1:
         grid_cfg, tag = split_depths(grid_cfg, args.split_depths, args.budget_rule), f"_split{args.split_depths}"
-        data = with_reference(generate(configio.build(GenerateConfig, grid_cfg)), data, work / f"eval{tag}.h5")
+        data = store.with_heldout_of(generate(configio.build(GenerateConfig, grid_cfg)), data, work / f"eval{tag}.h5")
     if args.auto_depths:
         grid_cfg, tag = auto_depths(grid_cfg), "_auto"
         grid = generate(configio.build(GenerateConfig, grid_cfg))
-        data = with_reference(grid, data, work / f"eval{tag}.h5")
-        with h5py.File(data, "r") as f:  # the depths the pilot chose, and the grid the rule gave each
-            grid_cfg = {**json.loads(f.attrs["config"]), "ray_budget": None}
+        data = store.with_heldout_of(grid, data, work / f"eval{tag}.h5")
+        # the depths the pilot chose, and the grid the rule gave each
+        grid_cfg = {**store.GridFile.open(data).config, "ray_budget": None}
     times = {"generate": time.time() - t0}
     results = {}
     if not names:

@@ -35,12 +35,10 @@ import shutil
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
-from psfgen.reference import with_reference
 
 from psfcvae import EvalConfig, TrainConfig, evaluate, train
-from psfgen import GenerateConfig, generate
+from psfgen import GenerateConfig, generate, store
 from psfgen.grid import grid_coords, heldout_points
 from psfgen.shared import configio
 
@@ -80,9 +78,9 @@ def measure(base: dict, n: int, budget: float, work: Path, ref: Path, max_steps:
     name = f"{n}_spp{spp}"
     cfg = {**base, "grid_size": n, "spp": spp, "heldout": 0, "out": str(work / f"grid_{name}.h5")}
     grid = generate(configio.build(GenerateConfig, cfg))
-    with h5py.File(grid, "r") as f:  # the grid blocks' tracing time (kind 0), without the noise re-traces
-        trace_s = float(f["blocks/seconds"][:][f["blocks/table"][:, 0] == 0].sum())
-    data = with_reference(grid, ref, work / f"eval_{name}.h5")
+    written = store.GridFile.open(grid)  # the grid blocks' tracing time, without the noise re-traces
+    trace_s = float(sum(s for b, s in zip(written.blocks, written.seconds) if b.kind == "grid"))
+    data = store.with_heldout_of(grid, ref, work / f"eval_{name}.h5")
     run_dir, train_s, checkpoint = work / f"run_{name}", 0.0, None
     if max_steps > 0:  # 0: the interpolation baselines alone
         shutil.rmtree(run_dir, ignore_errors=True)

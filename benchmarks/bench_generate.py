@@ -20,7 +20,6 @@ import threading
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
@@ -32,6 +31,7 @@ from psfgen.resample import downsample
 from psfgen.shared import configio
 from psfgen.shared.devices import resolve_device
 from psfgen.shared.metrics import rel_l2
+from psfgen.store import GridFile
 
 
 class PeakRSS:
@@ -123,8 +123,7 @@ def _compare(args, spp: int) -> None:
                     sync()
                     results[name].append(time.perf_counter() - t0)
                 peaks[name] = max(peaks[name], mem.peak)
-        with h5py.File(out, "r") as f:
-            ours = f["grid/psf"][0]  # [n, 3, k, k]
+        ours = GridFile.open(out).grid_psf(0)  # [n, 3, k, k]
     print(
         f"device {device}, {n} points in {len(blocks)} blocks, spp {spp}, kernel_size {cfg.kernel_size} px, "
         f"{torch.get_num_threads()} threads, {args.repeats} repeats (best counts)"

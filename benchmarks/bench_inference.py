@@ -15,18 +15,17 @@ table's build time, size and its deviation from the network at random points.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
 import psfcvae
 from psfgen.generation import trace_points
 from psfgen.lens import build_lens, read_lens_file
+from psfgen.store import GridFile
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,8 +50,7 @@ def yardstick(args, model) -> tuple[str, float | None, int]:
     data = model.info["config"].get("data", "")
     if not Path(data).is_file():
         raise SystemExit(f"the model's grid file {data!r} is not here: give --lens (and --focus-m)")
-    with h5py.File(data, "r", locking=False) as f:
-        cfg = json.loads(f.attrs["config"])
+    cfg = GridFile.open(data).config
     return cfg["lens"], cfg.get("focus_m"), int(cfg["kernel_size"])
 
 

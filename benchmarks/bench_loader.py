@@ -19,14 +19,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
 from psfcvae import CVAE, TrainConfig
-from psfcvae.data import Conditions, GridBatches, make_loader, read_grid_meta
+from psfcvae.data import Conditions, GridBatches, make_loader
 from psfcvae.training import model_args_for, resolve
-from psfgen import GenerateConfig, generate, open_info, store
+from psfgen import GenerateConfig, GridFile, generate, store
 from psfgen.generation import plan_blocks
 from psfgen.grid import grid_coords, neighbour_pairs
 from psfgen.shared import configio
@@ -42,9 +41,8 @@ def build_big_file(tmp: Path, n: int, depths: tuple) -> Path:
             ),
         )
     )
-    with h5py.File(small, "r") as f:
-        attrs = dict(f.attrs)
-        traced = f["grid/psf"][0]  # [64, 3, 15, 15]
+    attrs = store.header(GridFile.open(small))
+    traced = GridFile.open(small).grid_psf(0)  # [64, 3, 15, 15]
     cfg = configio.build(
         GenerateConfig, dict(grid_size=n, depths=depths, spp=2000, heldout=0, noise_points=0, block_rays=2000 * 2000)
     )
@@ -89,7 +87,7 @@ def main() -> None:
     device = resolve_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         big = build_big_file(Path(tmp), 100, (0.4, 0.5, 0.6, 0.8, 1.0, 1.5, 2.0, 4.0, 8.0, 20.0))
-        info = open_info(big)
+        info = GridFile.open(big)
         cfg = configio.build(TrainConfig, {"data": str(big)})  # the spec's defaults, batch 64
         n_psf = len(info.depths) * info.grid_size**2
         print(
@@ -102,8 +100,7 @@ def main() -> None:
 
         model = CVAE(model_args_for(resolve(cfg, info), info)).to(device)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
-        meta = read_grid_meta(str(big))
-        conds = Conditions(meta["coords"], meta["depths"], meta["neighbors"], True, device)
+        conds = Conditions(info.coords, info.depths, info.neighbors, True, device)
         ds = GridBatches(info, cfg.batch_size, cfg.read_run, seed=0, in_memory=False)
         batches = [ds[g] for g in range(args.steps + 5)]
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

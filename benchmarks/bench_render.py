@@ -37,7 +37,7 @@ from psfcvae.quality import psnr, ssim
 from psfcvae.renderfig import grid_psf_map, patchwise_render
 from psfgen.generation import trace_points
 from psfgen.lens import build_lens, read_lens_file
-from psfgen.store import open_info
+from psfgen.store import GridFile
 
 ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger("bench_render")
@@ -124,10 +124,10 @@ def main() -> None:
     torch.manual_seed(0)
     work = Path(args.work)
     grid, ckpt = prepare(work)
-    info = open_info(grid)
+    info = GridFile.open(grid)
     model = load_model(ckpt)
     optics = model.info["optics"]
-    lens = build_lens(read_lens_file(info.attrs["lens_path"]), torch.device("cpu"))
+    lens = build_lens(read_lens_file(info.lens_path), torch.device("cpu"))
     n, size, d = info.grid_size, args.size, args.depth
     pitch64, sensor = optics["sensor_size_mm"][0] / optics["sensor_res"][0], optics["sensor_size_mm"]
 

@@ -197,11 +197,16 @@ def finish(path: Path, **attrs) -> None:
             f.attrs[key] = value
 
 
+def header(grid: GridFile) -> dict:
+    """The attributes of a checked file as stored (JSON as text), to write a file derived from it."""
+    with h5py.File(grid.path, "r", locking=False) as f:
+        return dict(f.attrs)
+
+
 def merged_header(shards: list[GridFile], merged_at: str) -> dict:
     """The attributes of a file merged from ``shards``: the first shard's header less its shard and closing
     marks, the shards' earliest start and latest finish, their paths and devices."""
-    with h5py.File(shards[0].path, "r", locking=False) as f:
-        attrs = dict(f.attrs)
+    attrs = header(shards[0])
     for key in (
         "shard_index",
         "shard_count",
@@ -468,6 +473,7 @@ class GridFile:
                     f"{path} is not a psf-cvae grid file (format {fmt!r}); give a file written by 'psf generate'"
                 )
             version = attrs.get("schema_version")
+            version = version.item() if isinstance(version, np.generic) else version
             if not (isinstance(version, (int, np.integer)) and int(version) == SCHEMA_VERSION):
                 raise InputError(
                     f"{path} has schema version {version!r}, this psf-cvae reads {SCHEMA_VERSION}; "
@@ -716,16 +722,20 @@ class GridFile:
         interrupted half-way holds anything until it is traced again."""
         with np.errstate(all="ignore"):
             sums = psf.sum(axis=(-2, -1), dtype=np.float64)
-            bad = ~np.isfinite(psf).all(axis=(-2, -1)) | (psf < 0).any(axis=(-2, -1))
-            bad |= np.where(valid, np.abs(sums - 1.0) > SUM_TOLERANCE, sums != 0.0)
-            bad &= written[..., None]
-        if bad.any():
-            hit = np.argwhere(bad)[0]
-            raise DamagedFile(
-                f"{self.path} is damaged: {name} at {where(hit[:-1])}, channel {'RGB'[hit[-1]]}, holds NaN, inf, "
-                f"negative values or does not sum to {1 if valid[tuple(hit)] else 0} ({int(bad.sum())} channel PSFs); "
-                "regenerate it with 'psf generate'"
+            causes = (
+                (~np.isfinite(psf).all(axis=(-2, -1)), "NaN or inf values"),
+                ((psf < 0).any(axis=(-2, -1)), "negative values"),
+                (valid & (sums == 0), "no energy in a lit channel"),
+                (np.where(valid, np.abs(sums - 1.0) > SUM_TOLERANCE, sums != 0.0), "a sum other than 1 (0 if dark)"),
             )
+        for bad, what in causes:
+            bad &= written[..., None]
+            if bad.any():
+                hit = np.argwhere(bad)[0]
+                raise DamagedFile(
+                    f"{self.path} is damaged: {name} at {where(hit[:-1])}, channel {'RGB'[hit[-1]]}, holds {what} "
+                    f"({int(bad.sum())} channel PSFs); regenerate it with 'psf generate'"
+                )
         return psf
 
     def _grid_where(self, d: int):

@@ -545,7 +545,9 @@ def test_second_round_of_bad_inputs(tiny_run, tiny_grid, tmp_path):
     with h5py.File(bad, "r+") as f:
         f["heldout/psf_a"][2] = np.nan
     assert_one_line_error(
-        run("eval", "--baselines-only", "--data", str(bad), "--out", str(tmp_path / "ev")), "heldout/psf_a holds NaN"
+        run("eval", "--baselines-only", "--data", str(bad), "--out", str(tmp_path / "ev")),
+        "heldout/psf_a at point 2",
+        "holds NaN or inf",
     )
     # A config file that is not text; a band count that overflows float32.
     (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe\x00binary")

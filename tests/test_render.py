@@ -13,7 +13,6 @@ from psfcvae import load_model
 from psfcvae.api import PSFModel
 from psfcvae.chart import resolution_chart, rgbd_scene
 from psfcvae.imageio import read_image, write_image
-from psfcvae.optics import model_optics
 from psfcvae.quality import psnr, ssim
 from psfcvae.rendering import pixel_coords, render, render_with, resample_matrix
 from psfgen.resample import area_matrix
@@ -378,16 +377,6 @@ def test_cli_bad_depth_maps_and_a_checkpoint_without_kernel_pitch(tiny_run, tiny
         )
         assert_one_line_error(r, opt, value)
         assert sha(out) == before
-    # A checkpoint trained on a file that does not record the sensor has no kernel pitch: --data
-    # supplies it, and only the right file does.
-    old = torch.load(tiny_run / "latest.pt", weights_only=False)
-    old["optics"] = None
-    torch.save(old, tmp_path / "old.pt")
-    args = ["render", "--checkpoint", str(tmp_path / "old.pt"), "--image", str(src), "--depth", "1"]
-    assert_one_line_error(run_cli(args + ["--out", str(tmp_path / "a.png")]), "--data")
-    r = run_cli(args + ["--out", str(tmp_path / "b.png"), "--data", str(tiny_grid)])
-    assert r.exit_code == 0 and (tmp_path / "b.png").exists()
-    assert model_optics(load_model(tmp_path / "old.pt"), tiny_grid) == load_model(ckpt).info["optics"]
 
 
 def test_chart_figure(model, tiny_grid, tmp_path):

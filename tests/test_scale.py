@@ -103,7 +103,7 @@ def test_merge_refuses_missing_duplicate_foreign_and_unfinished(three_shards, tm
     assert_one_line_error(run(a, unfinished, c), "unfinished", "--shard 1/3")
     assert_one_line_error(run(a, tmp_path / "none.h5", c), "does not exist")
     old = as_schema_2(b, tmp_path / "old.h5")  # a shard traced before the kernel sizes' rename
-    assert_one_line_error(run(a, old, c), f"shard {old} has schema version 2 (an older psf generate)", "schema 3")
+    assert_one_line_error(run(a, old, c), f"shard {old}", "has schema version 2", "regenerate it with 'psf generate'")
     assert not (tmp_path / "m.h5").exists()
     # A shard is not a dataset for training.
     r = CliRunner().invoke(main, ["train", "--data", str(a), "--run-dir", str(tmp_path / "r")])

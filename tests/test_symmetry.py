@@ -142,7 +142,8 @@ def synthetic_field(path, shift_px: float) -> None:
             psf[p] = (g / g.sum()).numpy()[None]
         rng = np.random.default_rng(0)
         f["grid/psf"][:] = np.broadcast_to(psf, (D, P, 3, k, k))
-        f["noise/psf"][:] = psf[idx][None] * (1 + 0.03 * rng.standard_normal((D, len(idx), 3, k, k)))
+        noisy = (psf[idx][None] * (1 + 0.03 * rng.standard_normal((D, len(idx), 3, k, k)))).clip(0, None)
+        f["noise/psf"][:] = noisy / noisy.sum(axis=(-2, -1), keepdims=True)  # a PSF sums to 1 per channel
 
 
 def test_symmetry_on_the_files_own_psfs(tiny_grid, tmp_path):
