@@ -56,6 +56,16 @@ class PSFModel:
     def depth_range(self) -> tuple[float, float]:
         return float(self.depths.min()), float(self.depths.max())
 
+    def __repr__(self) -> str:
+        fp, args, optics = self.info["data_fingerprint"], self.net.args, self.info["optics"]
+        lens = fp["lens_file"]
+        lo, hi = self.depth_range
+        depths = f"depths [{lo:g}, {hi:g}] m" + (" (not an input)" if args.cond_dim == 2 else "")
+        k = args.kernel_size_small
+        kernel = f"kernel {k}x{k} px of {optics['kernel_pitch_mm']:.4g} mm"
+        step = self.info["step"]
+        return f"<PSFModel lens {lens}, {depths}, {args.frame} frame, {kernel}, step {step}, {self.device}>"
+
     def conditions(self, x, y, depth_m=None, allow_extrapolation: bool = False) -> torch.Tensor:
         """cond [B, C] for field points x, y (scalars or [B]) and depth_m [m] (scalar or [B])."""
         x, y = _numbers("x", x), _numbers("y", y)
@@ -104,12 +114,29 @@ class PSFModel:
         allow_extrapolation: bool = False,
         allow_dark: bool = False,
     ):
-        """PSFs [B, 3, k, k], k the model's kernel_size_small (15 by default); non-negative, each channel sums to 1.
+        """The lens's PSFs at field points (x, y) and object depth depth_m [m]: [N, 3, k, k] float32
+        on the model's device.
+
+        x, y: normalised field coordinates, scalars or [N]: x to the right, y up, ±1 at the
+        sensor's edges, (0, 0) on the optical axis; beyond [-1, 1] is an InputError unless
+        allow_extrapolation=True. depth_m: metres, a scalar or [N]; outside the trained depth
+        range (``depth_range``) likewise; None only for a model trained on one depth.
+
+        Each kernel: k x k pixels, k the model's kernel_size_small (15 by default, pitch in
+        ``repr(model)``), centred on the point's chief ray (on its light's centroid where a stop
+        blocks the chief ray); row 0 at the top (the y = +1 side), columns along +x; channels
+        R, G, B. Non-negative, each channel sums to 1: the PSF's
+        shape alone; how much light reaches the sensor from there is ``illumination()``.
 
         mode "mean" decodes z = μ_p(c): a deterministic interpolation. mode "sample" draws
-        z ~ p(z|c); with n_samples > 1 it returns [B, n_samples, 3, k, k].
+        z ~ p(z|c); with n_samples > 1 it returns [N, n_samples, 3, k, k].
         A point outside the lit field (no PSF: the lens does not light it) is an InputError;
-        with allow_dark=True the result is (psf, lit [B] bool), psf zero where lit is False.
+        with allow_dark=True the result is (psf, lit [N] bool), psf zero where lit is False.
+
+        Example::
+
+            model = psfcvae.load_model("runs/demo/cvae/latest.pt")
+            psf = model.psf([0.0, 0.5], [0.0, -0.3], depth_m=1.0)  # [2, 3, 15, 15]: the axis, then right and below it
         """
         if mode not in ("mean", "sample"):
             raise InputError(f"mode must be 'mean' or 'sample', got {mode!r}")

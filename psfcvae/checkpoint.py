@@ -35,6 +35,7 @@ def data_fingerprint(info: GridFile) -> dict:
     return {
         "run_id": info.run_id,
         "lens_sha256": info.lens_sha256,
+        "lens_file": Path(info.lens_path).name,  # for people (PSFModel's repr); the hash is what ties
         "grid_size": info.grid_size,
         "kernel_size_small": info.kernel_size_small,
         "depths": [float(d) for d in info.depths],

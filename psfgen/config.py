@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -15,12 +14,9 @@ from .shared.errors import InputError
 
 
 def shipped_lens_dir() -> Path:
-    """Where the lenses that come with psf-cvae lie: the installed package ``psfgen.lenses``
-    (setup.cfg maps it to data/lenses), or data/lenses itself when running from a checkout."""
-    spec = importlib.util.find_spec("psfgen.lenses")
-    if spec is not None and spec.submodule_search_locations:
-        return Path(next(iter(spec.submodule_search_locations)))
-    return Path(__file__).resolve().parent.parent / "data" / "lenses"
+    """Where the lenses that come with psf-cvae lie: ``psfgen/lenses``, package data of the
+    installed package; in a checkout a link to data/lenses."""
+    return Path(__file__).parent / "lenses"
 
 
 DEFAULT_LENS = str(shipped_lens_dir() / "acl12708u.json")

@@ -8,7 +8,9 @@ import sys
 
 
 def lazy_exports(package: str, public: dict[str, str]):
-    """A module ``__getattr__`` for ``package``: public name -> the submodule (relative) that defines it."""
+    """A module's ``(__getattr__, __dir__)`` for ``package``: public name -> the submodule (relative)
+    that defines it. ``dir(package)`` lists the public names before any is imported; asking for
+    one's value (``getattr``, ``help``) imports its submodule."""
 
     def __getattr__(name: str):
         if name not in public:
@@ -17,4 +19,7 @@ def lazy_exports(package: str, public: dict[str, str]):
         setattr(sys.modules[package], name, value)  # found directly from now on
         return value
 
-    return __getattr__
+    def __dir__() -> list[str]:
+        return sorted(set(vars(sys.modules[package])) | set(public))
+
+    return __getattr__, __dir__
