@@ -20,6 +20,7 @@ from psfgen.shared.errors import InputError
 
 from . import checkpoint
 from .model import CVAE, ModelArgs
+from .table import PSFTable, refuse_dark
 
 
 def _positive_numbers(values) -> bool:
@@ -190,7 +191,6 @@ class PSFModel:
         """Returns a ``PSFTable`` (psfcvae/table.py): this model's prior mean precomputed over the field
         and the trained depths, whose ``psf(x, y, depth_m)`` runs no network; canonical models only.
         options: sizes (radii, angles, depths), target (deviation from the network), dtype."""
-        from .table import PSFTable  # imported here: table.py imports this module
 
         return PSFTable(self, **options)
 
@@ -204,16 +204,6 @@ class PSFModel:
         """The prior's standard deviation per position, RMS over latent dimensions: [B]."""
         _, logvar = self.net.prior_params(self.conditions(x, y, depth_m, allow_extrapolation))
         return logvar.exp().mean(dim=1).sqrt()
-
-
-def refuse_dark(lit: torch.Tensor) -> None:
-    """The one-line InputError of ``psf`` without allow_dark, when any of lit [B] bool is False."""
-    if not bool(lit.all()):
-        raise InputError(
-            f"{int((~lit).sum())} of {len(lit)} points lie outside the lens's lit field (dark: no "
-            "light reaches the sensor there, so there is no PSF); pass allow_dark=True for zeros and a "
-            "lit mask, or see model.illumination(x, y, depth_m)"
-        )
 
 
 def _numbers(name: str, value) -> np.ndarray:

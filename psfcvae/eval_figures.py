@@ -14,6 +14,7 @@ import torch
 from psfgen.shared.errors import InputError
 
 from . import plots
+from .renderfig import chart_figure
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,6 @@ def make_figures(
 def render_figure(result, arrays, out: Path, model) -> tuple[str, str, str]:
     """The lens on an image: a resolution chart blurred by the model, every pixel with its own PSF,
     beside DeepLens's patch-wise rendering with the file's traced grid PSFs (psf render, docs/render.md)."""
-    from .renderfig import chart_figure
 
     depth = float(arrays.depths[len(arrays.depths) // 2])
     n = int(round(np.sqrt(len(arrays.coords))))

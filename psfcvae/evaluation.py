@@ -31,10 +31,11 @@ from psfgen.shared.metrics import rel_l2
 from psfgen.shared.provenance import now, versions
 from psfgen.store import TRUNCATION_LIMIT, GridFile
 
-from . import baselines, checkpoint
+from . import baselines, checkpoint, eval_figures, report
 from .api import PSFModel, load_model
 from .data import lit_only
 from .metrics import measured_points, rel_l2_corrected, spearman, summarize
+from .optics import grid_optics
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +128,6 @@ def evaluate(cfg: EvalConfig, extra_figures: list | None = None) -> dict:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"cannot create output directory {out}: {exc.strerror}") from None
-    from . import eval_figures, report  # matplotlib is imported only when figures are drawn
-
     result, arrays = compute_metrics(cfg, info, model)
     figures = eval_figures.make_figures(result, arrays, out, model, cfg.log_scale, cfg.side_by_side, cfg.seed)
     (out / "metrics.json").write_text(json.dumps(_json_safe(result), indent=2, allow_nan=False))
@@ -349,8 +348,6 @@ def headline(result: dict) -> dict:
 
 def optics(info: GridFile) -> dict:
     """The physical context of the file: lens, wavelengths, sensor, kernel pitch, truncation of lit PSFs."""
-    from .optics import grid_optics  # the one reader of the sensor's geometry (psf render's too)
-
     lens = json.loads(info.lens_json)
     geometry = grid_optics(info)
     size, res = geometry["sensor_size_mm"], geometry["sensor_res"]

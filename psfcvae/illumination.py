@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .layers import PositionalEncoding, mlp
+
 HIDDEN = 64  # the illumination is a smooth function of the field: a small network is plenty
 LAYERS = 2
 FREQUENCIES = 3
@@ -26,11 +28,6 @@ class IlluminationHead(nn.Module):
 
     def __init__(self, cond_dim: int):
         super().__init__()
-        from .model import (  # model.py builds this head: import here, not at the top
-            PositionalEncoding,
-            mlp,
-        )
-
         self.pe = PositionalEncoding(FREQUENCIES, PE_SCALE, cond_dim)
         self.net = mlp(self.pe.out_dim(cond_dim), HIDDEN, LAYERS, 4)
         with torch.no_grad():  # start at "lit, illumination 1": a short run must not call lit points dark

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
@@ -30,7 +31,6 @@ def linear_to_srgb(v: torch.Tensor) -> torch.Tensor:
 
 def read_image(path: str | Path, option: str = "--image") -> tuple[torch.Tensor, int]:
     """(image [3, H, W] float32 in [0, 1] as stored, bit depth 8 or 16). Grey becomes RGB, alpha is dropped."""
-    import cv2
 
     path = Path(path)
     if not path.is_file():
@@ -54,7 +54,6 @@ def read_image(path: str | Path, option: str = "--image") -> tuple[torch.Tensor,
 
 def write_image(path: str | Path, image: torch.Tensor, bits: int = 8) -> Path:
     """Write image [3, H, W] (values in [0, 1], clipped) as an RGB PNG of ``bits`` 8 or 16; atomic."""
-    import cv2
 
     path = Path(path)
     if bits not in (8, 16):
@@ -97,8 +96,6 @@ def read_depth_map(path: str | Path, shape: tuple[int, int], option: str = "--de
             raise InputError(f"{option} {path} holds {depth.dtype} values; give depths in metres as numbers")
         depth = depth.astype(np.float64)
     elif path.suffix.lower() == ".png":
-        import cv2
-
         raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
         if raw is None or raw.ndim != 2 or raw.dtype != np.uint16:
             raise InputError(f"{option} {path} must be a single-channel 16-bit PNG of millimetres")

@@ -13,6 +13,9 @@ import signal
 import threading
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+
 _received: list[int] = []  # signals seen while stop_on_signal is active; a list so the handler needs no global
 
 
@@ -52,9 +55,6 @@ def requested(world: int = 1, device=None) -> int:
     mine = _received[0] if _received else 0
     if world == 1:
         return mine
-    import torch
-    import torch.distributed as dist
-
     flag = torch.tensor([mine], dtype=torch.int64, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return int(flag.item())

@@ -13,6 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import LogNorm, Normalize
+from matplotlib.figure import Figure
 
 from .images import display_scale, mosaic
 
@@ -22,8 +26,6 @@ ERROR_PERCENTILE = 99  # |error| colour scales end at this percentile of the val
 
 def figure(width: float, height: float):
     """A matplotlib Figure on its own Agg canvas: no pyplot state, the caller's backend untouched."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
@@ -42,7 +44,6 @@ def _rgb(img: np.ndarray) -> np.ndarray:
 def value_norm(log: bool, vmax: float = 1.0):
     """Colour normalisation of a quantity that starts at 0: linear from 0, or LOG_DECADES decades
     below vmax, whose colourbar ticks then read the real values (10^-3 ... 1)."""
-    from matplotlib.colors import LogNorm, Normalize
 
     vmax = float(vmax) if vmax > 0 else 1.0
     return LogNorm(vmax * 10.0**-LOG_DECADES, vmax, clip=True) if log else Normalize(0.0, vmax)
@@ -57,7 +58,6 @@ def error_scale(values: np.ndarray) -> float:
 
 def psf_colourbar(fig, ax, log: bool) -> None:
     """A grey colourbar for PSF mosaics: the RGB tiles show each PSF over its own peak."""
-    from matplotlib.cm import ScalarMappable
 
     sm = ScalarMappable(norm=value_norm(log), cmap="gray")
     fig.colorbar(sm, ax=ax, fraction=0.046, pad=0.02).set_label("PSF value / its peak (per tile)", fontsize=8)

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from deeplens.imgsim.psf import conv_psf_map
 
 from psfgen.shared.errors import InputError
 from psfgen.store import GridFile
 
+from . import plots
 from .chart import resolution_chart
 from .imageio import linear_to_srgb
 from .optics import model_optics
@@ -25,7 +27,6 @@ def patchwise_render(image: torch.Tensor, psf_map: torch.Tensor, pitch_mm: float
     """DeepLens's ``conv_psf_map``: the image [3, H, W] cut into gh x gw patches, each convolved with
     its own kernel of psf_map [gh, gw, 3, k, k] (pitch_mm per kernel pixel; row 0 at the top of the
     field), after resampling the kernels to the image's pitch (the image covers the sensor, sensor_mm)."""
-    from deeplens.imgsim.psf import conv_psf_map
 
     _, h, w = image.shape
     k = psf_map.shape[-1]
@@ -55,8 +56,6 @@ def chart_figure(
     """PNG: the resolution chart, rendered by the model per pixel, beside DeepLens's patch-wise
     rendering with the grid file's traced PSFs (when ``data`` is given and depth_m is one of its
     depths) and their difference. Returns {"png", "psnr_db", "ssim"} (model against patch-wise; None without it)."""
-    from . import plots
-
     optics = model_optics(model)
     sw, sh = optics["sensor_size_mm"]
     # The chart covers the sensor with square pixels (size rows): DeepLens's patch-wise

@@ -23,6 +23,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from psfgen.resample import overlap_matrix
 from psfgen.shared.errors import InputError
@@ -119,8 +120,6 @@ def render_with(
 
     depth: a float [m] or a float64 tensor [H, W] [m], already checked.
     """
-    from tqdm import tqdm
-
     if psf_every < 1:
         raise InputError(f"{{psf_every}} must be at least 1, got {psf_every}", {"psf_every": "psf_every"})
     x0, x1, y0, y1 = field

@@ -13,6 +13,7 @@ from psfgen.shared.devices import resolve_device
 from psfgen.shared.errors import InputError
 
 from .api import load_model
+from .images import mosaic
 
 CHUNK = 4096  # PSFs evaluated at once: bounds the decoder's transient memory
 
@@ -70,8 +71,6 @@ def sample_psfs(
                 f["illumination"] = illum  # [B, 3], relative to the axis at the same depth; 0 where dark
         else:
             from PIL import Image
-
-            from .images import mosaic
 
             if grid_m is not None:
                 img = mosaic(psf, grid_m)  # [3, H, W]

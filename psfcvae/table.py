@@ -25,7 +25,6 @@ import torch
 
 from psfgen.shared.errors import InputError
 
-from .api import refuse_dark
 from .frame import max_radius
 
 TARGET = 0.005  # the table's sizes aim at this deviation from the network (pooled relative L2)
@@ -39,6 +38,16 @@ def anti_transpose(k: torch.Tensor) -> torch.Tensor:
     """k [..., n, n] -> the kernel of the point mirrored in the diagonal x = y: K'[i, j] = K[n-1-j, n-1-i]
     (rows run along -y, columns along +x)."""
     return k.transpose(-2, -1).flip(-2, -1)
+
+
+def refuse_dark(lit: torch.Tensor) -> None:
+    """The one-line InputError of ``psf`` without allow_dark, when any of lit [B] bool is False."""
+    if not bool(lit.all()):
+        raise InputError(
+            f"{int((~lit).sum())} of {len(lit)} points lie outside the lens's lit field (dark: no "
+            "light reaches the sensor there, so there is no PSF); pass allow_dark=True for zeros and a "
+            "lit mask, or see model.illumination(x, y, depth_m)"
+        )
 
 
 class PSFTable:

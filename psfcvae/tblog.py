@@ -9,6 +9,7 @@ images and the run's hyper-parameters written into the run itself (not a second 
 from __future__ import annotations
 
 import numpy as np
+from torch.utils.tensorboard.summary import hparams as hparams_summary
 
 from .images import display_scale, mosaic
 
@@ -107,8 +108,6 @@ def write_hparams(writer, hparams: dict, metrics: dict) -> None:
     copies of the final metrics; here the metrics named are the run's own tags (e.g.
     val_heldout_rel_l2), whose last value the HParams tab shows.
     """
-    from torch.utils.tensorboard.summary import hparams as hparams_summary
-
     exp, ssi, sei = hparams_summary(hparams, dict.fromkeys(metrics, 0.0))
     for summary in (exp, ssi, sei):
         writer.file_writer.add_summary(summary)

@@ -26,6 +26,9 @@ import logging
 
 import numpy as np
 import torch
+from deeplens.config import EPSILON, SPP_CALC
+from deeplens.imgsim import forward_integral
+from deeplens.utils import diff_float
 
 from .lens import deeplens_notes
 
@@ -59,8 +62,6 @@ def trace_counted(lens, xy: np.ndarray, depth_m: np.ndarray, spp: int, ks: int, 
     window [B, 3] float64: those of them inside the ks window).
     on_channel: called with no argument after each of the three colours (a progress bar's tick).
     """
-    from deeplens.config import SPP_CALC
-
     points = np.concatenate([xy, -1000.0 * depth_m[:, None]], axis=1)  # DeepLens z [mm], negative
     points = torch.as_tensor(points, dtype=lens.dtype, device=lens.device)
     sensor_w, sensor_h = lens.sensor_size
@@ -89,10 +90,6 @@ def trace_counted(lens, xy: np.ndarray, depth_m: np.ndarray, spp: int, ks: int, 
 def _binned(lens, ray, centre: torch.Tensor, spp: int, ks: int):
     """One colour's (psf [B, ks, ks] summing to 1 or 0, valid rays [B], rays in the window [B]) from its
     bundle traced to the sensor and the chief-ray centres [B, 2] [mm]."""
-    from deeplens.config import EPSILON
-    from deeplens.imgsim import forward_integral
-    from deeplens.utils import diff_float
-
     flipped = ray.flip_xy()
     psf = forward_integral(flipped, ps=lens.pixel_size, ks=ks, pointc=centre)  # [B, ks, ks], rays
     total = torch.sum(psf, dim=(-2, -1), keepdim=True)

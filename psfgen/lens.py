@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from deeplens import GeoLens
 
 from .config import shipped_lens_dir
 from .shared.errors import InputError
@@ -70,8 +71,6 @@ def deeplens_notes(logger: logging.Logger, level: int):
 
 def build_lens(lens_file: LensFile, device: torch.device, focus_m: float | None = None):
     """A DeepLens ``GeoLens`` on ``device``, refocused to ``focus_m`` [m] if given."""
-    from deeplens import GeoLens
-
     if not lens_file.path.endswith(".json"):
         raise InputError(f"lens file {lens_file.path} must be a DeepLens .json file")
     try:
