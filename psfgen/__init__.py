@@ -4,9 +4,7 @@ Public names:
 
     generate(cfg) -> Path     trace the PSF grid that a GenerateConfig asks for into an HDF5 file
     GenerateConfig            the settings of ``psf generate``: lens, grid size, depths [m], rays, output
-    open_info(path)           open and check a grid file: a GridInfo, or an InputError naming what is wrong
-    GridInfo                  what a reader needs of a grid file: grid size, kernel size [px], depths [m], ...
-    require_complete(info)    refuse a grid file that is a shard or an unfinished run
+    GridFile                  a checked grid file: GridFile.open(path) gives its header, depths [m] and PSF readers
     InputError                bad input (a config value, a file, a path): a one-line message
 
 Example::

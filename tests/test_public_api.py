@@ -30,7 +30,7 @@ PUBLIC = {
         "ModelArgs",
         "ModelOutput",
     },
-    psfgen: {"generate", "GenerateConfig", "open_info", "GridInfo", "require_complete", "InputError"},
+    psfgen: {"generate", "GenerateConfig", "GridFile", "InputError"},
 }
 
 
