@@ -98,7 +98,7 @@ def user_errors(fn):
         except InputError as exc:
             raise BadInput(exc.render(_spellings(click.get_current_context()))) from None
         except RuntimeError as exc:
-            from psfcvae.training import TrainingError
+            from psfcvae.training.loop import TrainingError
 
             if isinstance(exc, TrainingError):
                 raise click.ClickException(str(exc)) from None  # exit 1: not a usage error
@@ -297,7 +297,7 @@ def merge(shards, out, virtual, overwrite):
 @user_errors
 def info(path):
     """Summarise a grid file: lens, grid, depths, spp, progress, truncation, noise floor."""
-    from psfgen.info import summary
+    from psfgen.analysis.info import summary
 
     click.echo(summary(path))
 
@@ -331,12 +331,12 @@ def train(config_path, sets, resume, **options):
     Ctrl-C (or SIGTERM) finishes the current step, saves latest.pt and prints the command
     that resumes the run (exit code 130).
     """
-    from psfcvae.config import TrainConfig
+    from psfcvae.training.config import TrainConfig
     from psfgen.shared import configio
 
     cfg = configio.load(TrainConfig, config_path, options, sets)
     from psfcvae import train as run
-    from psfcvae.interrupt import Interrupted
+    from psfcvae.training.interrupt import Interrupted
 
     main_rank = int(os.environ.get("RANK", "0")) == 0  # print once, also under torchrun
     try:
@@ -443,7 +443,7 @@ def sample(checkpoint, coords, grid_m, depth, mode, out, allow_extrapolation, de
     pts = _parse_coords(coords) if coords is not None else None
     import numpy as np
 
-    from psfcvae.sample import sample_psfs
+    from psfcvae.api.sample import sample_psfs
 
     pts = np.array(pts) if pts is not None else None
     path = sample_psfs(checkpoint, out, pts, grid_m, depth, mode, allow_extrapolation, device, overwrite)
@@ -481,7 +481,7 @@ def sample(checkpoint, coords, grid_m, depth, mode, out, allow_extrapolation, de
 @user_errors
 def render(checkpoint, image, depth, depth_map, out, psf_every, field, linear, allow_extrapolation, device, overwrite):
     """Blur an image through the lens, every pixel with its own PSF from the model."""
-    from psfcvae.renderfile import render_file
+    from psfcvae.rendering.renderfile import render_file
 
     path = render_file(
         checkpoint,

@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from psfcvae import EvalConfig, TrainConfig, evaluate, train
-from psfgen import GenerateConfig, budget, generate, store
+from psfgen import GenerateConfig, generate, gridfile
+from psfgen.plan import budget
 from psfgen.shared import configio
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
         "--budget-rule",
         action="store_true",
         help="the grid the budget rule picks for the same rays per depth (psf generate --ray-budget D x N² x spp; "
-        "psfgen/budget.py)",
+        "psfgen/plan/budget.py)",
     )
     depths = ap.add_mutually_exclusive_group()
     depths.add_argument(
@@ -140,13 +141,15 @@ def main() -> None:
     tag = ""
     if args.split_depths > 1:
         grid_cfg, tag = split_depths(grid_cfg, args.split_depths, args.budget_rule), f"_split{args.split_depths}"
-        data = store.with_heldout_of(generate(configio.build(GenerateConfig, grid_cfg)), data, work / f"eval{tag}.h5")
+        data = gridfile.with_heldout_of(
+            generate(configio.build(GenerateConfig, grid_cfg)), data, work / f"eval{tag}.h5"
+        )
     if args.auto_depths:
         grid_cfg, tag = auto_depths(grid_cfg), "_auto"
         grid = generate(configio.build(GenerateConfig, grid_cfg))
-        data = store.with_heldout_of(grid, data, work / f"eval{tag}.h5")
+        data = gridfile.with_heldout_of(grid, data, work / f"eval{tag}.h5")
         # the depths the pilot chose, and the grid the rule gave each
-        grid_cfg = {**store.GridFile.open(data).config, "ray_budget": None}
+        grid_cfg = {**gridfile.GridFile.open(data).config, "ray_budget": None}
     times = {"generate": time.time() - t0}
     results = {}
     if not names:

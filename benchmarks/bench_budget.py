@@ -38,8 +38,8 @@ from pathlib import Path
 import numpy as np
 
 from psfcvae import EvalConfig, TrainConfig, evaluate, train
-from psfgen import GenerateConfig, generate, store
-from psfgen.grid import grid_coords, heldout_points
+from psfgen import GenerateConfig, generate, gridfile
+from psfgen.plan.grid import grid_coords, heldout_points
 from psfgen.shared import configio
 
 log = logging.getLogger("bench_budget")
@@ -78,9 +78,9 @@ def measure(base: dict, n: int, budget: float, work: Path, ref: Path, max_steps:
     name = f"{n}_spp{spp}"
     cfg = {**base, "grid_size": n, "spp": spp, "heldout": 0, "out": str(work / f"grid_{name}.h5")}
     grid = generate(configio.build(GenerateConfig, cfg))
-    written = store.GridFile.open(grid)  # the grid blocks' tracing time, without the noise re-traces
+    written = gridfile.GridFile.open(grid)  # the grid blocks' tracing time, without the noise re-traces
     trace_s = float(sum(s for b, s in zip(written.blocks, written.seconds) if b.kind == "grid"))
-    data = store.with_heldout_of(grid, ref, work / f"eval_{name}.h5")
+    data = gridfile.with_heldout_of(grid, ref, work / f"eval_{name}.h5")
     run_dir, train_s, checkpoint = work / f"run_{name}", 0.0, None
     if max_steps > 0:  # 0: the interpolation baselines alone
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -117,7 +117,7 @@ def table(rows: list[dict]) -> str:
 def fit(results: list[str], method: str) -> str:
     """Fit err^2 = A N^(-2p) + B N^2 / R to ``method``'s errors in the results files (one lens; any
     budgets): p by a grid search, A and B by least squares on the relative residual. Returns the
-    fit and its optimum N* = (p A R / B)^(1 / (2p + 2)) at each budget, the numbers psfgen/budget.py cites."""
+    fit and its optimum N* = (p A R / B)^(1 / (2p + 2)) at each budget, the numbers psfgen/plan/budget.py cites."""
     pts = []
     for path in results:
         budget = float(Path(path).stem.split("_R")[1].split("_steps")[0])

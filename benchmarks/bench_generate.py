@@ -25,13 +25,13 @@ import torch
 
 from psfgen import GenerateConfig, generate
 from psfgen.generation import plan_blocks
-from psfgen.grid import grid_coords
-from psfgen.lens import build_lens, read_lens_file
-from psfgen.resample import downsample
+from psfgen.gridfile import GridFile
+from psfgen.plan.grid import grid_coords
 from psfgen.shared import configio
 from psfgen.shared.devices import resolve_device
 from psfgen.shared.metrics import rel_l2
-from psfgen.store import GridFile
+from psfgen.trace.lens import build_lens, read_lens_file
+from psfgen.trace.resample import downsample
 
 
 class PeakRSS:

@@ -3,7 +3,7 @@
 Traces a few field points of the model's own lens (from its grid file) with DeepLens at spp
 10^5, the accuracy issue's yardstick, then times the model's prior mean for a batch of
 random field points at the trained depths' geometric mean: through the network
-(``model.psf``) and through its table (``model.tabulate()``, psfcvae/table.py; canonical
+(``model.psf``) and through its table (``model.tabulate()``, psfcvae/api/table.py; canonical
 models only). Prints PSFs/s of each, the ratio to tracing, the
 table's build time, size and its deviation from the network at random points.
 
@@ -24,8 +24,8 @@ import torch
 
 import psfcvae
 from psfgen.generation import trace_points
-from psfgen.lens import build_lens, read_lens_file
-from psfgen.store import GridFile
+from psfgen.gridfile import GridFile
+from psfgen.trace.lens import build_lens, read_lens_file
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--trace-points", type=int, default=8)
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument(
-        "--target", type=float, default=None, help="the table's target deviation (default: psfcvae.table's)"
+        "--target", type=float, default=None, help="the table's target deviation (default: psfcvae.api.table's)"
     )
     return ap
 

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 
 from psfcvae import CVAE, TrainConfig
-from psfcvae.data import Conditions, GridBatches, make_loader
-from psfcvae.training import model_args_for, resolve
-from psfgen import GenerateConfig, GridFile, generate, store
+from psfcvae.training.data import Conditions, GridBatches, make_loader
+from psfcvae.training.loop import model_args_for, resolve
+from psfgen import GenerateConfig, GridFile, generate, gridfile
 from psfgen.generation import plan_blocks
-from psfgen.grid import grid_coords, neighbour_pairs
+from psfgen.plan.grid import grid_coords, neighbour_pairs
 from psfgen.shared import configio
 from psfgen.shared.devices import resolve_device
 
@@ -41,7 +41,7 @@ def build_big_file(tmp: Path, n: int, depths: tuple) -> Path:
             ),
         )
     )
-    attrs = store.header(GridFile.open(small))
+    attrs = gridfile.header(GridFile.open(small))
     traced = GridFile.open(small).grid_psf(0)  # [64, 3, 15, 15]
     cfg = configio.build(
         GenerateConfig, dict(grid_size=n, depths=depths, spp=2000, heldout=0, noise_points=0, block_rays=2000 * 2000)
@@ -61,11 +61,11 @@ def build_big_file(tmp: Path, n: int, depths: tuple) -> Path:
         "heldout/at_grid_depth": np.zeros(0, bool),
         "axis/fraction": np.ones((len(depths), 3)),
     }
-    store.create(big, attrs=attrs, arrays=arrays, sizes=dict(D=len(depths), P=n * n, S=0, M=0, k=15), blocks=blocks)
+    gridfile.create(big, attrs=attrs, arrays=arrays, sizes=dict(D=len(depths), P=n * n, S=0, M=0, k=15), blocks=blocks)
     for i, b in enumerate(blocks):
         psf = traced[np.arange(b.start, b.stop) % len(traced)]
         lit = np.ones((len(psf), 3), np.float32)
-        store.write_block(big, i, b, psf, np.zeros((len(psf), 3), np.float32), 0.0, lit, lit.astype(np.uint8))
+        gridfile.write_block(big, i, b, psf, np.zeros((len(psf), 3), np.float32), 0.0, lit, lit.astype(np.uint8))
     return big
 
 

@@ -31,13 +31,13 @@ import numpy as np
 import torch
 
 from psfcvae import load_model, render
-from psfcvae.chart import resolution_chart, rgbd_scene
-from psfcvae.imageio import linear_to_srgb, srgb_to_linear, write_image
-from psfcvae.quality import psnr, ssim
-from psfcvae.renderfig import grid_psf_map, patchwise_render
+from psfcvae.rendering.chart import resolution_chart, rgbd_scene
+from psfcvae.rendering.figure import grid_psf_map, patchwise_render
+from psfcvae.rendering.imageio import linear_to_srgb, srgb_to_linear, write_image
+from psfcvae.rendering.quality import psnr, ssim
 from psfgen.generation import trace_points
-from psfgen.lens import build_lens, read_lens_file
-from psfgen.store import GridFile
+from psfgen.gridfile import GridFile
+from psfgen.trace.lens import build_lens, read_lens_file
 
 ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger("bench_render")
@@ -90,7 +90,7 @@ def memory_probe(ckpt: Path, size: int, every: int) -> dict:
     (VmHWM, which starts afresh at exec, unlike ru_maxrss that inherits this process's peak) and the time [s]."""
     code = (
         "import time, torch\n"
-        "from psfcvae import load_model, render; from psfcvae.chart import resolution_chart\n"
+        "from psfcvae import load_model, render; from psfcvae.rendering.chart import resolution_chart\n"
         "def hwm(): return next(int(v.split()[1]) for v in open('/proc/self/status') if v.startswith('VmHWM'))\n"
         f"m = load_model({str(ckpt)!r}); img = resolution_chart({size}, {size}); base = hwm()\n"
         f"t = time.perf_counter(); render(m, img, 1.0, psf_every={every})\n"

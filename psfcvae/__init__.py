@@ -29,17 +29,17 @@ from psfgen.shared.lazy import lazy_exports as _lazy_exports
 
 # public name -> the submodule that defines it
 _PUBLIC = {
-    "TrainConfig": ".config",
-    "CVAE": ".model",
-    "ModelArgs": ".model",
-    "ModelOutput": ".model",
-    "TrainingError": ".training",
-    "train": ".training",
-    "PSFModel": ".api",
-    "load_model": ".api",
-    "EvalConfig": ".evaluation",
-    "evaluate": ".evaluation",
-    "render": ".rendering",
+    "TrainConfig": ".training.config",
+    "CVAE": ".model.cvae",
+    "ModelArgs": ".model.cvae",
+    "ModelOutput": ".model.cvae",
+    "TrainingError": ".training.loop",
+    "train": ".training.loop",
+    "PSFModel": ".api.psfmodel",
+    "load_model": ".api.psfmodel",
+    "EvalConfig": ".evaluation.evaluate",
+    "evaluate": ".evaluation.evaluate",
+    "render": ".rendering.render",
 }
 
 __all__ = list(_PUBLIC)

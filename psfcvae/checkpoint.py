@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
+from psfgen.gridfile import GridFile
 from psfgen.shared import tempfiles
 from psfgen.shared.errors import InputError
-from psfgen.store import GridFile
 
 FORMAT = "psf-cvae.checkpoint"
 # What every checkpoint written by psf train holds (optimizer, rng and loss_window: what --resume needs).

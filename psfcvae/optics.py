@@ -1,7 +1,7 @@
 """The physical scale of a model's kernels, from the grid file's provenance.
 
 A stored kernel is the DeepLens PSF traced on ``kernel_size`` sensor pixels, area-downsampled
-to ``kernel_size_small`` pixels (psfgen/resample.py), so one kernel pixel is
+to ``kernel_size_small`` pixels (psfgen/trace/resample.py), so one kernel pixel is
 ``kernel_size / kernel_size_small`` sensor pixels wide: pitch [mm] = kernel_size * (sensor
 width [mm] / sensor columns) / kernel_size_small. ``psf train`` stores this dict in every
 checkpoint (key ``optics``); ``psf render`` and the API read it from there.
@@ -9,8 +9,8 @@ checkpoint (key ``optics``); ``psf render`` and the API read it from there.
 
 from __future__ import annotations
 
+from psfgen.gridfile import GridFile
 from psfgen.shared.errors import InputError
-from psfgen.store import GridFile
 
 VERSION = 1
 

@@ -18,7 +18,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 
-from .images import display_scale, mosaic
+from psfcvae.images import display_scale, mosaic
 
 LOG_DECADES = 3  # --log-scale shows values from 10^-3 of the peak to the peak
 ERROR_PERCENTILE = 99  # |error| colour scales end at this percentile of the values shown

@@ -17,14 +17,14 @@ The public names are imported on first use, so that ``import psfgen`` (and with 
 ``dir(psfgen)`` lists them without importing them, ``help(psfgen)`` imports them to document each.
 """
 
-from .shared.lazy import lazy_exports as _lazy_exports
+from psfgen.shared.lazy import lazy_exports as _lazy_exports
 
 # public name -> the submodule that defines it
 _PUBLIC = {
     "GenerateConfig": ".config",
     "InputError": ".shared.errors",
     "generate": ".generation",
-    "GridFile": ".store",
+    "GridFile": ".gridfile",
 }
 
 __all__ = list(_PUBLIC)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import budget
-from .shared.configio import check_at_least, check_device, check_grid_size, to_dict
-from .shared.errors import InputError
+from psfgen.plan import budget
+from psfgen.shared.configio import check_at_least, check_device, check_grid_size, to_dict
+from psfgen.shared.errors import InputError
 
 
 def shipped_lens_dir() -> Path:
@@ -38,14 +38,14 @@ class GenerateConfig:
     depth_min: float = 0.4  # nearest object depth [m] (when depths is not given)
     depth_max: float = 20.0  # farthest object depth [m]
     # Depths spaced uniformly in 1/depth between min and max; "auto" (the default): a pilot trace picks 3, 5, 9, 17
-    # or 33 from how fast the lens's PSFs change with depth (psfgen/depthplan.py), and psf generate records them
+    # or 33 from how fast the lens's PSFs change with depth (psfgen/plan/depthplan.py), and psf generate records them
     # in depths. 5 before this was measured (configs/generate.yaml keeps the spec's 5).
     num_depths: int | str = "auto"
     focus_m: float | None = None  # refocus the lens to this object distance [m] before tracing
     spp: int | None = None  # rays per point source and wavelength for the grid; None: 18903, or from ray_budget
     # Rays per colour for the grid over all depths (depths x grid_size^2 x spp); None: grid_size and spp as given
     # (with num_depths auto and neither given: the default 5 depths' rays). With one of them it fixes the other;
-    # alone, psfgen.budget.choose picks both from each depth's share (docs/ray_budget.md).
+    # alone, psfgen.plan.budget.choose picks both from each depth's share (docs/ray_budget.md).
     ray_budget: int | None = None
     kernel_size: int = 64  # traced kernel side [px] (DeepLens's ks)
     kernel_size_small: int = 15  # stored kernel side [px] after exact-area downsampling

@@ -22,17 +22,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import budget, depthplan, illumination, litfield, spacing, store
-from .config import GenerateConfig, resolve
-from .grid import grid_coords, heldout_points, neighbour_pairs, noise_indices
-from .lens import build_lens, deeplens_notes, read_lens_file
-from .resample import METHOD, border_fraction, downsample
-from .shared import locking, tempfiles
-from .shared.configio import to_json
-from .shared.devices import resolve_device
-from .shared.errors import InputError
-from .shared.provenance import now, versions
-from .store import Block, GridFile
+from psfgen import gridfile
+from psfgen.analysis import litfield, spacing
+from psfgen.config import GenerateConfig, resolve
+from psfgen.gridfile import Block, GridFile
+from psfgen.plan import budget, depthplan
+from psfgen.plan.grid import grid_coords, heldout_points, neighbour_pairs, noise_indices
+from psfgen.shared import locking, tempfiles
+from psfgen.shared.configio import to_json
+from psfgen.shared.devices import resolve_device
+from psfgen.shared.errors import InputError
+from psfgen.shared.provenance import now, versions
+from psfgen.trace import illumination
+from psfgen.trace.lens import build_lens, deeplens_notes, read_lens_file
+from psfgen.trace.resample import METHOD, border_fraction, downsample
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +57,7 @@ def plan_blocks(cfg: GenerateConfig, n_depths: int, n_heldout: int) -> list[Bloc
 
 def block_seed(seed: int, block: Block) -> int:
     """The torch seed of one block: a function of (seed, block) only."""
-    ss = np.random.SeedSequence([seed, store.KINDS.index(block.kind), block.depth + 1, block.start])
+    ss = np.random.SeedSequence([seed, gridfile.KINDS.index(block.kind), block.depth + 1, block.start])
     return int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
@@ -294,7 +297,9 @@ def _trace_all(cfg, out: Path, run_id: str, params: dict, lens_file, shard, devi
     _trace_blocks(lens, out, cfg, blocks, todo, total, (depths, coords, noise_idx, ho_coords, ho_depth), axis, resume)
 
     written = GridFile.open(out)
-    store.finish(out, finished_at=now(), wall_time_s=time.time() - t_start, trace_seconds=float(written.seconds.sum()))
+    gridfile.finish(
+        out, finished_at=now(), wall_time_s=time.time() - t_start, trace_seconds=float(written.seconds.sum())
+    )
     _warn_truncation(written.border[written.lit], cfg)
     if shard is None:
         litfield.report_dark(written.lit, depths, out)
@@ -335,7 +340,7 @@ def _create(out: Path, cfg: GenerateConfig, attrs: dict, arrays: dict, blocks: l
     )
     _check_disk(out, sizes, 1.0 if shard is None else 1.0 / shard[1])
     try:
-        store.create(out, attrs=attrs, arrays=arrays, sizes=sizes, blocks=blocks)
+        gridfile.create(out, attrs=attrs, arrays=arrays, sizes=sizes, blocks=blocks)
     except OSError as exc:
         raise InputError(f"cannot write {out}: {exc.strerror or exc}; choose a writable --out") from None
 
@@ -402,7 +407,7 @@ def _trace_block(
     if not np.isfinite(small).all():
         raise InputError(f"tracing {where} gave non-finite PSFs; check the lens file and --depths")
     try:
-        store.write_block(out, index, block, small, border, time.perf_counter() - t0, illum, valid.astype(np.uint8))
+        gridfile.write_block(out, index, block, small, border, time.perf_counter() - t0, illum, valid.astype(np.uint8))
     except OSError as exc:
         raise InputError(
             f"cannot write {out} ({exc.strerror or exc}, e.g. a full disk); the blocks "
@@ -446,14 +451,14 @@ def _depths_text(depth_m: np.ndarray) -> str:
 
 def _warn_truncation(border: np.ndarray, cfg: GenerateConfig) -> None:
     worst = float(border.max()) if border.size else 0.0
-    n_bad = int((border.max(axis=-1) > store.TRUNCATION_LIMIT).sum())
+    n_bad = int((border.max(axis=-1) > gridfile.TRUNCATION_LIMIT).sum())
     if n_bad:
         log.warning(
             "%d grid PSFs have more than %.0f%% of their energy on the border of the %d-px window "
             "(worst %.1f%%): DeepLens drops rays outside it, so they are truncated. Use a larger "
             "--kernel-size (e.g. %d) or coarser sensor pixels (a smaller sensor_res in the lens file).",
             n_bad,
-            100 * store.TRUNCATION_LIMIT,
+            100 * gridfile.TRUNCATION_LIMIT,
             cfg.kernel_size,
             100 * worst,
             int(cfg.kernel_size * 1.5),

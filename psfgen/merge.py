@@ -13,11 +13,12 @@ import logging
 import os
 from pathlib import Path
 
-from . import litfield, store
-from .shared import tempfiles
-from .shared.errors import InputError
-from .shared.provenance import now
-from .store import GridFile
+from psfgen import gridfile
+from psfgen.analysis import litfield
+from psfgen.gridfile import GridFile
+from psfgen.shared import tempfiles
+from psfgen.shared.errors import InputError
+from psfgen.shared.provenance import now
 
 log = logging.getLogger(__name__)
 
@@ -81,16 +82,16 @@ def merge(paths: list[str], out: str | Path, overwrite: bool = False, virtual: b
     except OSError as exc:
         raise InputError(f"cannot create the output directory {out.parent}: {exc.strerror}") from None
     n = infos[0].shard[1]
-    attrs = store.merged_header(infos, merged_at=now())
+    attrs = gridfile.merged_header(infos, merged_at=now())
 
     # Built beside the output under a private name, renamed onto it only when complete.
     tempfiles.remove_stale(out)
     tmp = tempfiles.temp_path(out)
     try:
         if virtual:
-            store.write_virtual(tmp, attrs, infos, out.parent)
+            gridfile.write_virtual(tmp, attrs, infos, out.parent)
         else:
-            store.write_copy(tmp, attrs, infos)
+            gridfile.write_copy(tmp, attrs, infos)
         os.replace(tmp, out)
     except OSError as exc:
         tempfiles.discard(tmp)

@@ -19,9 +19,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from cli import main
 from psfcvae import TrainConfig
 from psfgen import GenerateConfig
-from psfgen.resample import downsample
 from psfgen.shared import configio
 from psfgen.shared.metrics import rel_l2
+from psfgen.trace.resample import downsample
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""The ray budget: psfgen.budget's rule, GenerateConfig's ray_budget key, `psf generate --ray-budget`."""
+"""The ray budget: psfgen.plan.budget's rule, GenerateConfig's ray_budget key, `psf generate --ray-budget`."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import h5py
 import pytest
 from helpers import assert_one_line_error, run_cli, tiny_args, tiny_config
 
-from psfgen import budget
 from psfgen.config import resolve
+from psfgen.plan import budget
 from psfgen.shared.errors import InputError
 
 

@@ -162,7 +162,7 @@ def test_resume_after_kill_9_equals_uninterrupted_run(tmp_path):
 
 def test_a_reader_holding_the_file_does_not_stop_the_writer(tiny_grid, tmp_path):
     """`psf info` (or any h5py reader with HDF5's default lock) while a run writes."""
-    from psfgen.store import Block, write_block
+    from psfgen.gridfile import Block, write_block
 
     out = tmp_path / "g.h5"
     shutil.copy(tiny_grid, out)
@@ -256,7 +256,7 @@ def test_what_cannot_be_traced_is_refused_in_one_line_leaving_no_file(tmp_path, 
 def test_a_full_disk_is_one_line_and_the_same_command_resumes(tmp_path, tiny_grid, monkeypatch):
     import shutil as sh
 
-    from psfgen import store
+    from psfgen import gridfile
 
     out = tmp_path / "g.h5"
     real_usage = sh.disk_usage
@@ -264,7 +264,7 @@ def test_a_full_disk_is_one_line_and_the_same_command_resumes(tmp_path, tiny_gri
     assert_one_line_error(run_cli(tiny_args(out)), "will need about", "free space or choose another --out")
     assert not out.exists()
     monkeypatch.setattr(sh, "disk_usage", real_usage)
-    write, calls = store.write_block, []
+    write, calls = gridfile.write_block, []
 
     def fills_up(*args, **kwargs):  # the disk fills up at the third block
         calls.append(1)
@@ -272,9 +272,9 @@ def test_a_full_disk_is_one_line_and_the_same_command_resumes(tmp_path, tiny_gri
             raise OSError(28, "No space left on device")
         return write(*args, **kwargs)
 
-    monkeypatch.setattr(store, "write_block", fills_up)
+    monkeypatch.setattr(gridfile, "write_block", fills_up)
     assert_one_line_error(run_cli(tiny_args(out)), "No space left on device", "run the same command again")
-    monkeypatch.setattr(store, "write_block", write)
+    monkeypatch.setattr(gridfile, "write_block", write)
     assert run_cli(tiny_args(out)).exit_code == 0  # resumes: the two finished blocks are kept
     with h5py.File(out) as a, h5py.File(tiny_grid) as b:
         np.testing.assert_array_equal(a["grid/psf"][:], b["grid/psf"][:])

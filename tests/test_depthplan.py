@@ -1,4 +1,4 @@
-"""num_depths auto (psfgen.depthplan): the pilot's arithmetic by hand, the choice, the config, a real pilot."""
+"""num_depths auto (psfgen.plan.depthplan): the pilot's arithmetic by hand, the choice, the config, a real pilot."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from helpers import TINY, assert_one_line_error, run_cli, tiny_args, tiny_config
 
-from psfgen import depthplan
 from psfgen.config import resolve
+from psfgen.plan import depthplan
 from psfgen.shared.errors import InputError
 
 M = depthplan.PILOT_DEPTHS

@@ -18,9 +18,9 @@ from click.testing import CliRunner
 from helpers import ROOT, assert_one_line_error, tiny_config
 
 from cli import main
-from psfcvae import baselines as B
 from psfcvae import load_model
-from psfcvae.metrics import rel_l2_corrected, spearman
+from psfcvae.evaluation import baselines as B
+from psfcvae.evaluation.metrics import rel_l2_corrected, spearman
 from psfgen import GridFile, generate
 from psfgen.shared.errors import InputError
 from psfgen.shared.metrics import rel_l2
@@ -105,7 +105,7 @@ def test_bicubic_reproduces_a_quadratic_field_that_bilinear_cuts_across():
     base /= base.sum(axis=(-2, -1), keepdims=True)
     pattern = rng.normal(size=(3, 5, 5)) * 0.002  # small enough that no pixel goes below 0
     pattern -= pattern.mean(axis=(-2, -1), keepdims=True)
-    from psfgen.grid import grid_coords
+    from psfgen.plan.grid import grid_coords
 
     coords = grid_coords(n)
     f = lambda x, y: 1.0 + 0.7 * x**2 - 0.4 * x * y + 0.3 * y**2 + 0.2 * x  # noqa: E731
@@ -323,7 +323,7 @@ def test_report_opens_with_the_headline_and_shows_held_out_points(tiny_run, tiny
     for term in ("posterior recon", "prior mean", "eigen-PSF (K)", "noise-corrected, pooled", "field coordinates"):
         assert term in page.ids["definitions"]
     # The report function alone, with an extra figure (e.g. a resolution chart): embedded like the others.
-    from psfcvae.report import write_report
+    from psfcvae.evaluation.report import write_report
 
     png = (out / "heldout.png").read_bytes()
     (tmp_path / "alone").mkdir()
@@ -365,8 +365,8 @@ def test_log_scale_colourbars_read_real_values_and_error_scales_are_stated():
 
 def test_import_psfcvae_keeps_the_callers_matplotlib_backend():
     code = (
-        "import matplotlib; matplotlib.use('svg'); import sys, psfcvae, psfcvae.evaluation, psfcvae.plots, "
-        "psfcvae.report, psfcvae.eval_figures, numpy as np; "
+        "import matplotlib; matplotlib.use('svg'); import sys, psfcvae, psfcvae.evaluation.evaluate, psfcvae.plots, "
+        "psfcvae.evaluation.report, psfcvae.evaluation.figures, numpy as np; "
         "psfcvae.plots.save(psfcvae.plots.std_maps([np.ones((2, 2))], [1.0], np.zeros((1, 2))), '/dev/null'); "
         "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend()"
     )  # DeepLens, which the chart figure's patch-wise anchor needs, imports pyplot itself: the backend is what counts
@@ -375,7 +375,7 @@ def test_import_psfcvae_keeps_the_callers_matplotlib_backend():
 
 
 def test_headline_compares_with_the_best_interpolation_and_tracing():
-    from psfcvae.evaluation import headline
+    from psfcvae.evaluation.evaluate import headline
 
     m = lambda v: {"all": {"corrected": {"pooled": v}}}  # noqa: E731
     result = {
@@ -474,7 +474,7 @@ def test_edited_checkpoints_are_refused_in_one_line(tiny_run, tmp_path):
 
 
 def test_metrics_json_has_no_nan_tokens(tmp_path):
-    from psfcvae.evaluation import _json_safe
+    from psfcvae.evaluation.evaluate import _json_safe
 
     text = json.dumps(
         _json_safe({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": np.float64("nan")}}), allow_nan=False

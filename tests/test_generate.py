@@ -13,15 +13,16 @@ import pytest
 import torch
 from helpers import assert_deeplens_psfs, tiny_config
 
-from psfgen import GridFile, generate, illumination
+from psfgen import GridFile, generate
+from psfgen.analysis.info import summary
 from psfgen.config import DEFAULT_LENS
 from psfgen.generation import block_seed, plan_blocks, trace_points
-from psfgen.grid import grid_coords, neighbour_pairs
-from psfgen.info import summary
-from psfgen.lens import build_lens, read_lens_file
-from psfgen.resample import area_matrix, border_fraction, downsample
+from psfgen.plan.grid import grid_coords, neighbour_pairs
 from psfgen.shared.errors import InputError
 from psfgen.shared.metrics import rel_l2
+from psfgen.trace import illumination
+from psfgen.trace.lens import build_lens, read_lens_file
+from psfgen.trace.resample import area_matrix, border_fraction, downsample
 
 
 def test_file_layout_and_invariants(tiny_grid):

@@ -10,12 +10,12 @@ import torch
 from helpers import assert_one_line_error, run_cli, sha
 
 from psfcvae import load_model
-from psfcvae.api import PSFModel
-from psfcvae.chart import resolution_chart, rgbd_scene
-from psfcvae.imageio import read_image, write_image
-from psfcvae.quality import psnr, ssim
-from psfcvae.rendering import pixel_coords, render, render_with, resample_matrix
-from psfgen.resample import area_matrix
+from psfcvae.api.psfmodel import PSFModel
+from psfcvae.rendering.chart import resolution_chart, rgbd_scene
+from psfcvae.rendering.imageio import read_image, write_image
+from psfcvae.rendering.quality import psnr, ssim
+from psfcvae.rendering.render import pixel_coords, render, render_with, resample_matrix
+from psfgen.trace.resample import area_matrix
 
 # A window of the field 0.16 wide: with 24 pixels across it, the kernel spans about 9 pixels
 # (the default lens's PSF is 161 um wide, its sensor 5 mm), so the blur is visible on tiny images.
@@ -70,7 +70,7 @@ def test_resample_matrix_keeps_energy_and_centre():
 
 
 def test_checkpoint_stores_kernel_pitch(model, tiny_grid):
-    from psfgen.store import GridFile
+    from psfgen.gridfile import GridFile
 
     info = GridFile.open(tiny_grid)
     o = model.info["optics"]
@@ -125,9 +125,9 @@ def test_orientation_is_deeplens_conv_psf(tiny_grid):
 
     from psfcvae.optics import grid_optics
     from psfgen.generation import trace_points
-    from psfgen.lens import build_lens, read_lens_file
-    from psfgen.resample import downsample
-    from psfgen.store import GridFile
+    from psfgen.gridfile import GridFile
+    from psfgen.trace.lens import build_lens, read_lens_file
+    from psfgen.trace.resample import downsample
 
     optics = grid_optics(GridFile.open(tiny_grid))
     lens = build_lens(read_lens_file(optics_lens := GridFile.open(tiny_grid).lens_path), torch.device("cpu"))
@@ -380,7 +380,7 @@ def test_cli_bad_depth_maps_and_a_checkpoint_without_kernel_pitch(tiny_run, tiny
 
 
 def test_chart_figure(model, tiny_grid, tmp_path):
-    from psfcvae.renderfig import chart_figure
+    from psfcvae.rendering.figure import chart_figure
 
     res = chart_figure(model, tmp_path / "chart.png", 2.0, data=tiny_grid, size=32, psf_every=4)
     assert (tmp_path / "chart.png").stat().st_size > 1000
@@ -396,8 +396,8 @@ def test_a_lens_file_without_sensor_res_still_gives_the_kernel_pitch(tmp_path):
     from psfcvae.optics import grid_optics
     from psfgen import generate
     from psfgen.config import DEFAULT_LENS
-    from psfgen.lens import build_lens, read_lens_file
-    from psfgen.store import GridFile
+    from psfgen.gridfile import GridFile
+    from psfgen.trace.lens import build_lens, read_lens_file
 
     data = json.loads(open(DEFAULT_LENS).read())
     data.pop("sensor_res")
@@ -417,7 +417,7 @@ def test_the_patchwise_map_carries_the_files_illumination(vignetted_grid):
     illumination: the file's kernels must carry theirs (dark corners black, dim edges dim)."""
     import h5py
 
-    from psfcvae.renderfig import grid_psf_map
+    from psfcvae.rendering.figure import grid_psf_map
 
     psf_map = grid_psf_map(vignetted_grid, 0.5)  # [4, 4, 3, k, k]
     with h5py.File(vignetted_grid) as f:

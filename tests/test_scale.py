@@ -17,7 +17,7 @@ from helpers import ROOT, SMALL, as_schema_2, assert_one_line_error, scalars, sm
 
 from cli import main
 from psfcvae import load_model, train
-from psfgen import generate
+from psfgen import generate, gridfile
 from psfgen.merge import merge
 
 COMPARED = (
@@ -170,7 +170,6 @@ def test_virtual_merge_refuses_to_read_when_a_shard_is_gone(three_shards, tmp_pa
 
 
 def test_stale_temporary_files_are_removed_and_a_failed_merge_says_why(three_shards, tmp_path, monkeypatch):
-    from psfgen import store
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # its pid names files of a process that is gone
@@ -188,7 +187,7 @@ def test_stale_temporary_files_are_removed_and_a_failed_merge_says_why(three_sha
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(store, "create", refuse)
+    monkeypatch.setattr(gridfile, "create", refuse)
     monkeypatch.setattr(Path, "unlink", refuse)
     result = CliRunner().invoke(main, ["merge", *map(str, three_shards), "--out", str(tmp_path / "again.h5")])
     assert_one_line_error(result, "cannot write", "Permission denied", "writable --out")

@@ -1,13 +1,13 @@
-"""Where sampling limits interpolation (psfgen.spacing): an oracle by hand, and a traced file."""
+"""Where sampling limits interpolation (psfgen.analysis.spacing): an oracle by hand, and a traced file."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from psfgen.info import noise_floor, summary
-from psfgen.spacing import LIMITING_RATIO, Spacing, check_file, spacing_errors
-from psfgen.store import GridFile
+from psfgen.analysis.info import noise_floor, summary
+from psfgen.analysis.spacing import LIMITING_RATIO, Spacing, check_file, spacing_errors
+from psfgen.gridfile import GridFile
 
 
 def _field(scale: np.ndarray, n: int = 4) -> np.ndarray:

@@ -13,13 +13,13 @@ import torch
 from helpers import ROOT, small_config
 
 from psfcvae import CVAE, ModelArgs, load_model
-from psfcvae.frame import canonical_side, polar, rotate_sample
-from psfcvae.training import resolve
+from psfcvae.model.frame import canonical_side, polar, rotate_sample
+from psfcvae.training.loop import resolve
 from psfgen import GridFile
+from psfgen.analysis.symmetry import check_file, field_scale, lens_symmetry
 from psfgen.generation import trace_points
-from psfgen.lens import build_lens, read_lens_file
-from psfgen.resample import downsample
-from psfgen.symmetry import check_file, field_scale, lens_symmetry
+from psfgen.trace.lens import build_lens, read_lens_file
+from psfgen.trace.resample import downsample
 
 LENS = ROOT / "data" / "lenses" / "acl12708u.json"
 

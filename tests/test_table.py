@@ -1,4 +1,4 @@
-"""The tabulated prior mean (psfcvae/table.py): the network's PSFs at the table's nodes in every
+"""The tabulated prior mean (psfcvae/api/table.py): the network's PSFs at the table's nodes in every
 octant of the field, close between them, the network beyond it, dark points from the head."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import torch
 from helpers import small_config
 
 import psfcvae
-from psfcvae.api import PSFModel
-from psfcvae.model import CVAE, ModelArgs
+from psfcvae.api.psfmodel import PSFModel
+from psfcvae.model.cvae import CVAE, ModelArgs
 from psfgen.shared.errors import InputError
 
 

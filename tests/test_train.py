@@ -19,8 +19,8 @@ from torch import distributions as dist
 
 from cli import main
 from psfcvae import CVAE, ModelArgs, TrainConfig, load_model, train
-from psfcvae.data import Conditions, GridBatches, make_loader
-from psfcvae.losses import kl_loss, smooth_loss
+from psfcvae.model.losses import kl_loss, smooth_loss
+from psfcvae.training.data import Conditions, GridBatches, make_loader
 from psfgen import GridFile
 from psfgen.shared import configio
 from psfgen.shared.errors import InputError
@@ -163,7 +163,7 @@ def _check_dashboard(run_dir):
     from tensorboard.plugins.custom_scalar import layout_pb2
     from tensorboard.plugins.hparams import plugin_data_pb2
 
-    from psfcvae import tblog
+    from psfcvae.training import tblog
 
     ea = EventAccumulator(str(run_dir / "tb"), size_guidance={"tensors": 0})
     ea.Reload()
@@ -259,8 +259,8 @@ def test_bad_grid_data_is_named_and_a_non_finite_loss_stops_naming_the_step(tiny
         assert_one_line_error(result, "point 3, depth 2 m, channel R", what)
         assert not (tmp_path / "r").exists()
         shutil.copy(tiny_grid, bad)
-    from psfcvae import model as model_module
-    from psfcvae.training import TrainingError
+    from psfcvae.model import cvae as model_module
+    from psfcvae.training.loop import TrainingError
 
     monkeypatch.setattr(model_module, "recon_loss", lambda *a, **k: torch.tensor(float("nan")))
     with pytest.raises(TrainingError, match="loss became non-finite at step 1"):
@@ -286,7 +286,7 @@ def test_damaged_grid_files_are_one_line(tiny_grid, tmp_path):
 def test_non_finite_weights_are_never_saved_or_loaded(tiny_grid, tiny_run, tmp_path, monkeypatch):
     # A step can leave non-finite weights behind a finite loss (an overflowing update):
     # inject one into the optimiser's step and check that no checkpoint takes it.
-    from psfcvae.training import TrainingError
+    from psfcvae.training.loop import TrainingError
 
     step = torch.optim.Adam.step
 
@@ -454,7 +454,7 @@ def test_cvae_v1_yaml_is_the_spec():
         condition_frame="cartesian",
     )
     assert {k: getattr(cfg, k) for k in spec} == spec
-    from psfcvae.training import model_args_for, resolve
+    from psfcvae.training.loop import model_args_for, resolve
 
     class OneDepth:  # the file facts resolve and model_args_for read: one depth, 15 px kernels
         grid_size, kernel_size_small, depths, path = 4, 15, np.array([1.0]), "x.h5"
@@ -493,7 +493,7 @@ def test_canonical_frame_refuses_an_encoding_that_aliases_centre_and_corner(tiny
 
 
 def test_max_steps_auto_grows_with_the_grid_and_a_resumed_run_keeps_its_own(tiny_grid, tmp_path):
-    from psfcvae.training import resolve
+    from psfcvae.training.loop import resolve
 
     auto = configio.build(TrainConfig, {})
     assert auto.max_steps == "auto"

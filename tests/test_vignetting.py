@@ -22,10 +22,10 @@ from helpers import (
 )
 
 from psfcvae import load_model, train
-from psfgen.grid import grid_coords, neighbour_pairs
-from psfgen.illumination import axis_fraction, min_rays, trace_counted
-from psfgen.lens import build_lens, read_lens_file
+from psfgen.plan.grid import grid_coords, neighbour_pairs
 from psfgen.shared.errors import InputError
+from psfgen.trace.illumination import axis_fraction, min_rays, trace_counted
+from psfgen.trace.lens import build_lens, read_lens_file
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +209,7 @@ def test_sample_writes_illumination_and_refuses_a_dark_point(vignetted_run, tmp_
 
 
 def test_the_symmetry_check_compares_only_points_lit_at_both_ends():
-    from psfgen.symmetry import grid_symmetry_errors
+    from psfgen.analysis.symmetry import grid_symmetry_errors
 
     rng = np.random.default_rng(0)
     psf = rng.random((1, 9, 3, 5, 5)).astype(np.float32)

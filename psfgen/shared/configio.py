@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from .errors import InputError
+from psfgen.shared.errors import InputError
 
 C = TypeVar("C")
 

@@ -6,7 +6,7 @@ import re
 
 import torch
 
-from .errors import InputError
+from psfgen.shared.errors import InputError
 
 
 def resolve_device(name: str, local_rank: int | None = None) -> torch.device:

@@ -14,7 +14,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from .errors import InputError
+from psfgen.shared.errors import InputError
 
 
 @contextlib.contextmanager

@@ -9,11 +9,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from psfcvae.api.psfmodel import load_model
+from psfcvae.images import mosaic
 from psfgen.shared.devices import resolve_device
 from psfgen.shared.errors import InputError
-
-from .api import load_model
-from .images import mosaic
 
 CHUNK = 4096  # PSFs evaluated at once: bounds the decoder's transient memory
 

@@ -11,7 +11,7 @@ import io
 import re
 from pathlib import Path
 
-from .metrics import measured_points
+from psfcvae.evaluation.metrics import measured_points
 
 DEFINITIONS = [
     ("error", "relative L2: ‖P − R‖ / ‖R‖ over the three colour channels and all pixels of the kernel, in %."),
@@ -31,7 +31,7 @@ DEFINITIONS = [
     (
         "prior mean (table)",
         "canonical models only: the same prior mean precomputed over (radius, angle, depth) and "
-        "interpolated, as model.tabulate() gives it (psfcvae/table.py, docs/speed.md): tens of "
+        "interpolated, as model.tabulate() gives it (psfcvae/api/table.py, docs/speed.md): tens of "
         "times faster on a CPU; its deviation from the network is in metrics.json ('tabulated').",
     ),
     (

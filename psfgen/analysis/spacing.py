@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .store import GridFile
+from psfgen.gridfile import GridFile
 
 # The ratio of one axis's figure to the other's above which that axis is said to limit.
 LIMITING_RATIO = 3.0

@@ -30,7 +30,7 @@ from deeplens.config import EPSILON, SPP_CALC
 from deeplens.imgsim import forward_integral
 from deeplens.utils import diff_float
 
-from .lens import deeplens_notes
+from psfgen.trace.lens import deeplens_notes
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .shared.metrics import rel_l2
-from .store import GridFile
+from psfgen.gridfile import GridFile
+from psfgen.shared.metrics import rel_l2
 
 # DeepLens surface types whose profile is a function of the radius alone.
 ROUND_TYPES = {"Aperture", "Stop", "Spheric", "Aspheric", "Plane", "ThinLens"}

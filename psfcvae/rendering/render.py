@@ -9,7 +9,7 @@ Geometry (docs/render.md): the image covers the sensor, or the field window ``fi
 sensor edges). Pixel (i, j) has its centre at x = x0 + (j + 1/2)(x1 - x0)/W, y = y1 - (i +
 1/2)(y1 - y0)/H, so row 0 is the top of the field, as in DeepLens's ``point_source_grid``.
 The model's kernel pixel has the pitch of psfcvae/optics.py; each kernel is resampled to
-the image's pixel pitch with exact pixel-overlap weights (psfgen/resample.py's rule, about
+the image's pixel pitch with exact pixel-overlap weights (psfgen/trace/resample.py's rule, about
 the kernel's centre), which keeps its energy. The blur is a gather,
 out(p) = sum_u K_p(u) img(p - u), DeepLens's ``conv_psf`` orientation with K_p the kernel
 of output pixel p; the scene beyond the image edge is its mirror image (DeepLens pads so too).
@@ -25,11 +25,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from psfgen.resample import overlap_matrix
+from psfcvae.optics import model_optics
+from psfcvae.rendering.imageio import checked_depth
 from psfgen.shared.errors import InputError
-
-from .imageio import checked_depth
-from .optics import model_optics
+from psfgen.trace.resample import overlap_matrix
 
 log = logging.getLogger(__name__)
 

@@ -10,15 +10,14 @@ import numpy as np
 import torch
 from deeplens.imgsim.psf import conv_psf_map
 
+from psfcvae import plots
+from psfcvae.optics import model_optics
+from psfcvae.rendering.chart import resolution_chart
+from psfcvae.rendering.imageio import linear_to_srgb
+from psfcvae.rendering.quality import psnr, ssim
+from psfcvae.rendering.render import render, resample_matrix
+from psfgen.gridfile import GridFile
 from psfgen.shared.errors import InputError
-from psfgen.store import GridFile
-
-from . import plots
-from .chart import resolution_chart
-from .imageio import linear_to_srgb
-from .optics import model_optics
-from .quality import psnr, ssim
-from .rendering import render, resample_matrix
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from psfgen.store import GridFile
+from psfgen.gridfile import GridFile
 
 log = logging.getLogger(__name__)
 

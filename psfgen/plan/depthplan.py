@@ -25,11 +25,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import illumination
-from .budget import DEPTH_CHOICES as CHOICES
-from .resample import downsample
-from .shared.errors import InputError
-from .spacing import corrected, noise_removed, pooled
+from psfgen.analysis.spacing import corrected, noise_removed, pooled
+from psfgen.plan.budget import DEPTH_CHOICES as CHOICES
+from psfgen.shared.errors import InputError
+from psfgen.trace import illumination
+from psfgen.trace.resample import downsample
 
 log = logging.getLogger(__name__)
 

@@ -5,14 +5,14 @@ R (``ray_budget``) counts the grid's rays per colour over all its depths: depths
 trade interpolation error between grid points for Monte Carlo noise in every grid PSF.
 ``choose`` is the split measured best for one depth's rays; ``resolve`` turns the config's
 keys into the grid size and spp that are traced. How many depths is the config's choice
-(``num_depths: auto`` lets a pilot trace choose: psfgen/depthplan.py).
+(``num_depths: auto`` lets a pilot trace choose: psfgen/plan/depthplan.py).
 """
 
 from __future__ import annotations
 
 import math
 
-from .shared.errors import InputError
+from psfgen.shared.errors import InputError
 
 # The defaults of psf generate: the spec's budget (its 20 x 20 grid at 10^5 rays a point: 4e7 rays per depth and
 # colour) split by the rule below, 46 x 46 at spp 18 903. The same rays on the spec's grid gave the CVAE about
@@ -20,7 +20,7 @@ from .shared.errors import InputError
 # --grid-size alone keeps spp at DEFAULT_SPP (a budget is spread only when ray_budget is given).
 DEFAULT_RAY_BUDGET = 40_000_000  # per depth
 DEFAULT_NUM_DEPTHS = 5  # num_depths auto spends the rays of this many default depths over those it picks
-# The numbers of depths num_depths auto chooses from (nested in 1/depth: psfgen/depthplan.py's pilot).
+# The numbers of depths num_depths auto chooses from (nested in 1/depth: psfgen/plan/depthplan.py's pilot).
 DEPTH_CHOICES = (3, 5, 9, 17, 33)
 # Below ~1000 rays a point, tracing costs more per ray (each point's chief-ray search is fixed work:
 # benchmarks/bench_generate.py), a PSF is mostly noise (~18% at 1000 on the default lens) and a point needs 10% of

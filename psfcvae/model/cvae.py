@@ -9,10 +9,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .frame import canonical_side, max_radius, polar, rotate_sample
-from .illumination import IlluminationHead, illumination_loss
-from .layers import PositionalEncoding, mlp
-from .losses import kl_loss, recon_loss, smooth_loss, weighted_mean
+from psfcvae.model.frame import canonical_side, max_radius, polar, rotate_sample
+from psfcvae.model.illumination import IlluminationHead, illumination_loss
+from psfcvae.model.layers import PositionalEncoding, mlp
+from psfcvae.model.losses import kl_loss, recon_loss, smooth_loss, weighted_mean
 
 LOGVAR_BOUND = 10.0  # log σ² is kept in (-10, 10): σ between 0.007 and 150, never 0 or inf
 NORM_EPS = 1e-8  # added to each channel's sum before normalising
@@ -39,7 +39,7 @@ class ModelArgs:
     kl_weight: float = 1e-4
     smooth_weight: float = 1e-3
     prior_recon_weight: float = 0.0  # weight of MSE(decode(μ_p(c), c), K): trains the prior-mean path itself
-    # The frame the networks see (psfcvae/frame.py). cartesian: the spec, c = (x, y[, d]).
+    # The frame the networks see (psfcvae/model/frame.py). cartesian: the spec, c = (x, y[, d]).
     # canonical: a rotationally symmetric lens; the networks see (r[, d]), the decoder draws
     # the PSF at (r, 0) on a kernel `supersample` times finer than kernel_size_small, which is rotated
     # by θ = atan2(y, x) (bicubically: ROTATION) into the field and integrated over the kernel_size_small² pixels.
@@ -47,7 +47,7 @@ class ModelArgs:
     supersample: int = 3  # canonical kernel pixels per stored pixel (per axis)
     scale_weight: float = 0.0  # weight of mean(log(sum of the decoder's channel before normalisation)²)
     field_scale: tuple[float, float] = (1.0, 1.0)  # sensor half-width, half-height over the longer one
-    # The weight of the illumination head's loss (psfcvae/illumination.py): the head, an addition
+    # The weight of the illumination head's loss (psfcvae/model/illumination.py): the head, an addition
     # to the spec's networks, is part of every model.
     illumination_weight: float = 1.0
 

@@ -15,12 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from psfcvae import checkpoint
+from psfcvae.api.table import PSFTable, refuse_dark
+from psfcvae.model.cvae import CVAE, ModelArgs
 from psfgen.shared.devices import resolve_device
 from psfgen.shared.errors import InputError
-
-from . import checkpoint
-from .model import CVAE, ModelArgs
-from .table import PSFTable, refuse_dark
 
 
 def _positive_numbers(values) -> bool:
@@ -188,7 +187,7 @@ class PSFModel:
         return self.net.illumination.predict(self.conditions(x, y, depth_m, allow_extrapolation))[0].float()
 
     def tabulate(self, **options):
-        """Returns a ``PSFTable`` (psfcvae/table.py): this model's prior mean precomputed over the field
+        """Returns a ``PSFTable`` (psfcvae/api/table.py): this model's prior mean precomputed over the field
         and the trained depths, whose ``psf(x, y, depth_m)`` runs no network; canonical models only.
         options: sizes (radii, angles, depths), target (deviation from the network), dtype."""
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
-from .images import display_scale, mosaic
+from psfcvae.images import display_scale, mosaic
 
 LOSSES = ["loss_all", "loss_recon", "loss_kl", "loss_smooth", "loss_recon_prior", "loss_scale"]
 VALIDATION_MSE = ["val_mse", "val_prior_mse", "val_heldout_mse"]

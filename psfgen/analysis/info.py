@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import NOISE_POINTS, default_noise_points
-from .litfield import summary_lines
-from .shared.metrics import rel_l2
-from .spacing import check_file as check_spacing
-from .store import FORMAT, SCHEMA_VERSION, TRUNCATION_LIMIT, GridFile
-from .symmetry import check_file as check_symmetry
+from psfgen.analysis.litfield import summary_lines
+from psfgen.analysis.spacing import check_file as check_spacing
+from psfgen.analysis.symmetry import check_file as check_symmetry
+from psfgen.config import NOISE_POINTS, default_noise_points
+from psfgen.gridfile import FORMAT, SCHEMA_VERSION, TRUNCATION_LIMIT, GridFile
+from psfgen.shared.metrics import rel_l2
 
 
 def noise_floor(grid: GridFile) -> np.ndarray | None:

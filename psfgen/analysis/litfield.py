@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .shared.errors import InputError
-from .store import GridFile
+from psfgen.gridfile import GridFile
+from psfgen.shared.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -6,18 +6,17 @@ import logging
 import time
 from pathlib import Path
 
-from psfgen.shared.devices import resolve_device
-from psfgen.shared.errors import InputError
-
-from .api import load_model
-from .imageio import (
+from psfcvae.api.psfmodel import load_model
+from psfcvae.rendering.imageio import (
     linear_to_srgb,
     read_depth_map,
     read_image,
     srgb_to_linear,
     write_image,
 )
-from .rendering import render
+from psfcvae.rendering.render import render
+from psfgen.shared.devices import resolve_device
+from psfgen.shared.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -45,8 +45,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .shared import tempfiles
-from .shared.errors import DamagedFile, InputError
+from psfgen.shared import tempfiles
+from psfgen.shared.errors import DamagedFile, InputError
 
 FORMAT = "psf-cvae.grid"
 SCHEMA_VERSION = 4

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .layers import PositionalEncoding, mlp
+from psfcvae.model.layers import PositionalEncoding, mlp
 
 HIDDEN = 64  # the illumination is a smooth function of the field: a small network is plenty
 LAYERS = 2

@@ -11,10 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from psfcvae import plots
+from psfcvae.rendering.figure import chart_figure
 from psfgen.shared.errors import InputError
-
-from . import plots
-from .renderfig import chart_figure
 
 logger = logging.getLogger(__name__)
 

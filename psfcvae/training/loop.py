@@ -28,24 +28,24 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from psfgen import symmetry
-from psfgen.shared import configio, locking
-from psfgen.shared.devices import resolve_device
-from psfgen.shared.errors import InputError
-from psfgen.shared.metrics import rel_l2
-from psfgen.shared.provenance import now, versions
-from psfgen.store import GridFile
-
-from . import checkpoint, interrupt, optics, tblog
-from .config import TrainConfig
-from .data import (
+from psfcvae import checkpoint, optics
+from psfcvae.images import mosaic
+from psfcvae.model.cvae import CVAE, ModelArgs
+from psfcvae.training import interrupt, tblog
+from psfcvae.training.config import TrainConfig
+from psfcvae.training.data import (
     Conditions,
     GridBatches,
     lit_only,
     make_loader,
 )
-from .images import mosaic
-from .model import CVAE, ModelArgs
+from psfgen.analysis import symmetry
+from psfgen.gridfile import GridFile
+from psfgen.shared import configio, locking
+from psfgen.shared.devices import resolve_device
+from psfgen.shared.errors import InputError
+from psfgen.shared.metrics import rel_l2
+from psfgen.shared.provenance import now, versions
 
 log = logging.getLogger(__name__)
 

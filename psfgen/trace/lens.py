@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from deeplens import GeoLens
 
-from .config import shipped_lens_dir
-from .shared.errors import InputError
+from psfgen.config import shipped_lens_dir
+from psfgen.shared.errors import InputError
 
 log = logging.getLogger(__name__)
 

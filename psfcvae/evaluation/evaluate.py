@@ -23,19 +23,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from psfgen.litfield import image_circle, radii
+from psfcvae import checkpoint
+from psfcvae.api.psfmodel import PSFModel, load_model
+from psfcvae.evaluation import baselines, report
+from psfcvae.evaluation import figures as eval_figures
+from psfcvae.evaluation.metrics import measured_points, rel_l2_corrected, spearman, summarize
+from psfcvae.optics import grid_optics
+from psfcvae.training.data import lit_only
+from psfgen.analysis.litfield import image_circle, radii
+from psfgen.gridfile import TRUNCATION_LIMIT, GridFile
 from psfgen.shared.configio import check_at_least, check_device
 from psfgen.shared.devices import resolve_device
 from psfgen.shared.errors import InputError
 from psfgen.shared.metrics import rel_l2
 from psfgen.shared.provenance import now, versions
-from psfgen.store import TRUNCATION_LIMIT, GridFile
-
-from . import baselines, checkpoint, eval_figures, report
-from .api import PSFModel, load_model
-from .data import lit_only
-from .metrics import measured_points, rel_l2_corrected, spearman, summarize
-from .optics import grid_optics
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +237,7 @@ def _heldout_errors(arrays: EvalArrays) -> dict:
 
 
 def _tabulate(model: PSFModel | None):
-    """The model's prior mean as a PSFTable (psfcvae/table.py) on the CPU; None for a cartesian model."""
+    """The model's prior mean as a PSFTable (psfcvae/api/table.py) on the CPU; None for a cartesian model."""
     if model is None or not model.net.canonical:
         return None
     table = model.tabulate()  # built on the model's device, held on the CPU

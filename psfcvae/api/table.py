@@ -23,9 +23,8 @@ import math
 import numpy as np
 import torch
 
+from psfcvae.model.frame import max_radius
 from psfgen.shared.errors import InputError
-
-from .frame import max_radius
 
 TARGET = 0.005  # the table's sizes aim at this deviation from the network (pooled relative L2)
 MAX_ENTRIES = 2**17  # at most this many kernels: 171 MiB of float16 15 x 15 RGB kernels and head outputs

@@ -1,0 +1,1 @@
+"""Stage 2, evaluation: held-out metrics, interpolation baselines, figures and report.html."""

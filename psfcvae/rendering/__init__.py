@@ -1,0 +1,1 @@
+"""Stage 2, rendering: an image through the lens, image files, the resolution chart, quality measures."""
