@@ -8,6 +8,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 from psfcvae.api.psfmodel import load_model
 from psfcvae.images import mosaic
@@ -69,8 +70,6 @@ def sample_psfs(
                 f.attrs["model"] = json.dumps({k: model.info[k] for k in ("step", "data_fingerprint")})
                 f["illumination"] = illum  # [B, 3], relative to the axis at the same depth; 0 where dark
         else:
-            from PIL import Image
-
             if grid_m is not None:
                 img = mosaic(psf, grid_m)  # [3, H, W]
             else:  # one row of kernels
@@ -100,8 +99,6 @@ def _caption(points, grid_m, depth_m, mode: str, k: int) -> list[str]:
 
 def _captioned(tiles, lines: list[str]):
     """``tiles`` (a PIL image) above ``lines`` of text, on a canvas wide enough for both."""
-    from PIL import Image, ImageDraw, ImageFont
-
     font = ImageFont.load_default()
     draw = ImageDraw.Draw(tiles)
     widths = [draw.textlength(line, font=font) for line in lines]
