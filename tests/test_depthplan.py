@@ -111,7 +111,7 @@ def test_a_real_pilot_chooses_records_and_resumes(tmp_path, monkeypatch, caplog)
         depths = f["depths"][:]
         assert plan["num_depths"] in depthplan.CHOICES and len(depths) == plan["num_depths"]
         np.testing.assert_allclose(1 / depths[::-1], np.linspace(0.2, 2.0, len(depths)))
-        assert json.loads(f.attrs["config"])["num_depths"] == "auto"
+        assert json.loads(f.attrs["config"])["num_depths"] == len(depths)  # the resolved config: auto decided
     assert "num_depths auto" in run_cli(["info", str(out)]).output
     # The same command again: the file's choice, no second pilot (which might choose otherwise).
     monkeypatch.setattr(depthplan, "pilot", lambda *a, **k: pytest.fail("a second pilot ran"))
