@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,7 @@ from psfgen.shared.devices import resolve_device
 from psfgen.shared.errors import InputError
 from psfgen.shared.provenance import now, versions
 from psfgen.trace import illumination
-from psfgen.trace.lens import build_lens, deeplens_notes, read_lens_file
+from psfgen.trace.lens import LensFile, build_lens, deeplens_notes, read_lens_file
 from psfgen.trace.resample import METHOD, border_fraction, downsample
 
 log = logging.getLogger(__name__)
@@ -74,16 +75,41 @@ def trace_points(lens, xy: np.ndarray, depth_m: np.ndarray, spp: int, kernel_siz
         return lens.psf_rgb(points=points, ks=kernel_size, spp=spp)
 
 
-def _block_points(block: Block, depths, coords, noise_idx, ho_coords, ho_depth):
-    """(xy [B, 2], depth [B] in metres) of the points a block traces."""
-    sl = slice(block.start, block.stop)
-    if block.kind == "grid":
-        xy = coords[sl]
-    elif block.kind == "noise":
-        xy = coords[noise_idx[sl]]
-    else:
-        return ho_coords[sl], ho_depth[sl]
-    return xy, np.full(len(xy), depths[block.depth])
+@dataclass(frozen=True)
+class Points:
+    """Where a run's points lie: depths [D] m; grid coords [P, 2]; the noise floor's grid indices [S]; held-out
+    coords [M, 2] and depths [M] m."""
+
+    depths: np.ndarray
+    coords: np.ndarray
+    noise_idx: np.ndarray
+    ho_coords: np.ndarray
+    ho_depth: np.ndarray
+
+    def of(self, block: Block) -> tuple[np.ndarray, np.ndarray]:
+        """(xy [B, 2], depth [B] in metres) of the points a block traces."""
+        sl = slice(block.start, block.stop)
+        if block.kind == "grid":
+            xy = self.coords[sl]
+        elif block.kind == "noise":
+            xy = self.coords[self.noise_idx[sl]]
+        else:
+            return self.ho_coords[sl], self.ho_depth[sl]
+        return xy, np.full(len(xy), self.depths[block.depth])
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run of psf generate once its config is resolved: what each step of tracing needs."""
+
+    cfg: GenerateConfig  # resolved (psfgen.config.resolve)
+    out: Path  # the file written (a shard's own name under --shard)
+    run_id: str  # hash of the parameters, lens and tracer: equal ids, equal files
+    lens_file: LensFile
+    shard: tuple[int, int] | None  # (K, N)
+    device: torch.device
+    plan: depthplan.DepthPlan | None  # num_depths auto's pilot, recorded in a new file
+    started: float  # time.time() at the start
 
 
 def resolve_shard(spec: str | None) -> tuple[int, int] | None:
@@ -211,14 +237,12 @@ def generate(cfg: GenerateConfig) -> Path:
     cfg = resolve(cfg, num_depths)  # every auto and default value decided: the file records this config
     if spent is not None:
         log.info("%s", budget.explain(spent, cfg.grid_size, cfg.spp, cfg.depth_count()))
-    params = cfg.run_params()
-    identity = {"params": params, "lens_sha256": lens_file.sha256, "tracer": illumination.TRACER_VERSION}
-    identity = json.dumps(identity, sort_keys=True)
-    run_id = hashlib.sha256(identity.encode()).hexdigest()[:16]
+    identity = {"params": cfg.run_params(), "lens_sha256": lens_file.sha256, "tracer": illumination.TRACER_VERSION}
+    run_id = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     check_memory(cfg, device)
     _make_parent(out)
     with locking.exclusive(out, "psf generate"):  # from the check of the file to the last block
-        return _trace_all(cfg, out, run_id, params, lens_file, shard, device, t_start, plan)
+        return _trace_all(Run(cfg, out, run_id, lens_file, shard, device, plan, t_start))
 
 
 def _choose_depths(cfg: GenerateConfig, existing: GridFile | None, lens_file, device):
@@ -242,19 +266,21 @@ def _choose_depths(cfg: GenerateConfig, existing: GridFile | None, lens_file, de
     return plan, n
 
 
-def _trace_all(cfg, out: Path, run_id: str, params: dict, lens_file, shard, device, t_start: float, plan) -> Path:
-    """generate() once ``out`` is locked: check or create the file, trace what is missing."""
-    resume = _check_output(cfg, out, run_id)
+def _trace_all(run: Run) -> Path:
+    """generate() once ``run.out`` is locked: check or create the file, trace what is missing."""
+    cfg, out, shard, device = run.cfg, run.out, run.shard, run.device
+    resume = _check_output(cfg, out, run.run_id)
 
     # Build the lens before any file is written, so a bad lens leaves nothing behind.
     torch.manual_seed(cfg.seed)  # refocusing samples rays
-    lens = build_lens(lens_file, device, cfg.focus_m)
+    lens = build_lens(run.lens_file, device, cfg.focus_m)
 
     depths = cfg.depth_values()
     N = cfg.grid_size
     coords = grid_coords(N)
     noise_idx = noise_indices(N, cfg.noise_points, cfg.seed)
     ho_coords, ho_depth, ho_at = heldout_points(N, depths, cfg.heldout, cfg.seed)
+    points = Points(depths, coords, noise_idx, ho_coords.reshape(-1, 2), ho_depth)
     blocks = plan_blocks(cfg, len(depths), cfg.heldout)
     # A shard owns every N-th block: round-robin keeps the shards' work about equal.
     mine = np.array([shard is None or i % shard[1] == shard[0] for i in range(len(blocks))])
@@ -280,25 +306,21 @@ def _trace_all(cfg, out: Path, run_id: str, params: dict, lens_file, shard, devi
             "grid/coords": coords,
             "grid/neighbors": neighbour_pairs(N),
             "noise/index": noise_idx,
-            "heldout/coords": ho_coords.reshape(-1, 2),
+            "heldout/coords": points.ho_coords,
             "heldout/depth": ho_depth,
             "heldout/at_grid_depth": ho_at,
             "axis/fraction": axis,
         }
-        attrs = _header(cfg, lens_file, lens, run_id, params, device, shard)
-        if plan is not None:  # num_depths auto: what the pilot measured, and the count a resume keeps
-            attrs["depth_plan"] = plan.to_json()
-        _create(out, cfg, attrs, arrays, blocks, shard)
+        _create(run, _header(run, lens), arrays, blocks)
         done = np.zeros(len(blocks), dtype=bool)
         log.info("tracing %d blocks into %s on %s", mine.sum(), out, device)
 
     todo = [i for i in range(len(blocks)) if mine[i] and not done[i]]
-    total = sum(blocks[i].stop - blocks[i].start for i in todo)
-    _trace_blocks(lens, out, cfg, blocks, todo, total, (depths, coords, noise_idx, ho_coords, ho_depth), axis, resume)
+    _trace_blocks(run, lens, blocks, todo, points, axis, resume)
 
     written = GridFile.open(out)
     gridfile.finish(
-        out, finished_at=now(), wall_time_s=time.time() - t_start, trace_seconds=float(written.seconds.sum())
+        out, finished_at=now(), wall_time_s=time.time() - run.started, trace_seconds=float(written.seconds.sum())
     )
     _warn_truncation(written.border[written.lit], cfg)
     if shard is None:
@@ -308,18 +330,19 @@ def _trace_all(cfg, out: Path, run_id: str, params: dict, lens_file, shard, devi
     return out
 
 
-def _header(cfg: GenerateConfig, lens_file, lens, run_id: str, params: dict, device, shard) -> dict:
-    """The new file's attributes: format, versions, the lens (path, text, hash), config and provenance."""
+def _header(run: Run, lens) -> dict:
+    """The new file's attributes: versions, the lens (path, text, hash), config and provenance."""
+    cfg, lens_file = run.cfg, run.lens_file
     attrs = {
         "versions": json.dumps(versions()),
         "lens_path": lens_file.path,
         "lens_json": lens_file.text,
         "lens_sha256": lens_file.sha256,
         "config": to_json(cfg),
-        "run_params": json.dumps(params, sort_keys=True),
-        "run_id": run_id,
+        "run_params": json.dumps(cfg.run_params(), sort_keys=True),
+        "run_id": run.run_id,
         "seed": cfg.seed,
-        "device": str(device),
+        "device": str(run.device),
         "downsample_method": METHOD,
         "foclen_mm": float(lens.foclen),
         "sensor_size_mm": json.dumps([float(v) for v in lens.sensor_size]),
@@ -328,34 +351,37 @@ def _header(cfg: GenerateConfig, lens_file, lens, run_id: str, params: dict, dev
         "valid_min_rays": illumination.min_rays(cfg.spp),
         "valid_min_rays_heldout": illumination.min_rays(cfg.heldout_half_spp()),
     }
-    if shard is not None:
-        attrs.update(shard_index=shard[0], shard_count=shard[1])
+    if run.shard is not None:
+        attrs.update(shard_index=run.shard[0], shard_count=run.shard[1])
+    if run.plan is not None:  # num_depths auto: what the pilot measured, and the count a resume keeps
+        attrs["depth_plan"] = run.plan.to_json()
     return attrs
 
 
-def _create(out: Path, cfg: GenerateConfig, attrs: dict, arrays: dict, blocks: list, shard) -> None:
+def _create(run: Run, attrs: dict, arrays: dict, blocks: list) -> None:
     """Create the file with every dataset at full size (after checking the disk has room for it)."""
+    cfg = run.cfg
     sizes = dict(
         D=len(arrays["depths"]), P=cfg.grid_size**2, S=cfg.noise_points, M=cfg.heldout, k=cfg.kernel_size_small
     )
-    _check_disk(out, sizes, 1.0 if shard is None else 1.0 / shard[1])
+    _check_disk(run.out, sizes, 1.0 if run.shard is None else 1.0 / run.shard[1])
     try:
-        gridfile.create(out, attrs=attrs, arrays=arrays, sizes=sizes, blocks=blocks)
+        gridfile.create(run.out, attrs=attrs, arrays=arrays, sizes=sizes, blocks=blocks)
     except OSError as exc:
-        raise InputError(f"cannot write {out}: {exc.strerror or exc}; choose a writable --out") from None
+        raise InputError(f"cannot write {run.out}: {exc.strerror or exc}; choose a writable --out") from None
 
 
-def _trace_blocks(lens, out: Path, cfg: GenerateConfig, blocks: list, todo: list[int], total: int, points: tuple,
-                  axis: np.ndarray, resume: bool) -> None:  # fmt: skip
-    """Trace the blocks ``todo`` into ``out`` in order, one seed each, behind a progress bar."""
-    depths, coords, noise_idx, ho_coords, ho_depth = points
+def _trace_blocks(run: Run, lens, blocks: list[Block], todo: list[int], points: Points, axis: np.ndarray,
+                  resume: bool) -> None:  # fmt: skip
+    """Trace the blocks ``todo`` (indices into ``blocks``) into the file in order, one seed each, behind a progress
+    bar. axis [D, 3]: the on-axis ray fraction per depth."""
+    cfg = run.cfg
     quiet = not log.isEnabledFor(logging.INFO)
+    total = sum(blocks[i].stop - blocks[i].start for i in todo)
     traced = 0
     with tqdm(total=total, unit="PSF", desc="tracing", disable=True if quiet else None, dynamic_ncols=True) as bar:
         for i in todo:
             block = blocks[i]
-            xy, depth_m = _block_points(block, depths, coords, noise_idx, ho_coords, ho_depth)
-            spp = cfg.spp if block.kind in ("grid", "noise") else cfg.heldout_half_spp()
             torch.manual_seed(block_seed(cfg.seed, block))
             # The bar moves a third of the block per colour traced: DeepLens traces a block per call.
             third = (block.stop - block.start) / 3
@@ -364,32 +390,23 @@ def _trace_blocks(lens, out: Path, cfg: GenerateConfig, blocks: list, todo: list
                 bar.update(third)
 
             try:
-                _trace_block(lens, out, i, block, xy, depth_m, spp, cfg, illumination.axis_at(depths, axis, depth_m),
-                             tick)  # fmt: skip
+                _trace_block(run, lens, i, block, points, axis, tick)
             except InputError:
                 if not resume and traced == 0:  # a file this run created holds nothing yet: leave no trace of it
-                    tempfiles.discard(out)
+                    tempfiles.discard(run.out)
                 raise
             traced += 1
             log.debug("block %d/%d done (%s, depth %d, points %d:%d)", i + 1, len(blocks), block.kind, block.depth,
                       block.start, block.stop)  # fmt: skip
 
 
-def _trace_block(
-    lens,
-    out: Path,
-    index: int,
-    block: Block,
-    xy: np.ndarray,
-    depth_m: np.ndarray,
-    spp: int,
-    cfg: GenerateConfig,
-    axis: np.ndarray,
-    tick=None,
-) -> None:
-    """Trace one block (xy [B, 2], depth_m [B] m; axis [B, 3]: the on-axis ray fraction at those depths),
-    measure its illumination, downsample it and write it with its done mark."""
+def _trace_block(run: Run, lens, index: int, block: Block, points: Points, axis: np.ndarray, tick=None) -> None:
+    """Trace block ``index``, measure its illumination (axis [D, 3]: the on-axis ray fraction per depth),
+    downsample it and write it with its done mark."""
+    cfg = run.cfg
     t0 = time.perf_counter()
+    xy, depth_m = points.of(block)  # [B, 2], [B] m
+    spp = cfg.spp if block.kind in ("grid", "noise") else cfg.heldout_half_spp()
     where = f"{block.kind} points {block.start}-{block.stop - 1} at {_depths_text(depth_m)}"
     try:
         psf, rays, window = illumination.trace_counted(
@@ -400,17 +417,19 @@ def _trace_block(
             f"tracing {where} failed: {str(exc).splitlines()[0][:200] or type(exc).__name__}; "
             "finished blocks are kept: fix the cause and run the same command again"
         ) from None
-    illum, valid = illumination.relative(rays.cpu().numpy(), window.cpu().numpy(), spp, axis)
+    at_axis = illumination.axis_at(points.depths, axis, depth_m)  # [B, 3]
+    illum, valid = illumination.relative(rays.cpu().numpy(), window.cpu().numpy(), spp, at_axis)
     # A channel with too few rays is stored as dark (zeros, valid 0), never as a PSF of noise.
     small = downsample(psf, cfg.kernel_size_small).cpu().numpy() * valid[..., None, None]  # [B, 3, k, k]
     border = border_fraction(psf).cpu().numpy() * valid  # [B, 3]; a dark channel has no energy to truncate
     if not np.isfinite(small).all():
         raise InputError(f"tracing {where} gave non-finite PSFs; check the lens file and --depths")
+    seconds = time.perf_counter() - t0
     try:
-        gridfile.write_block(out, index, block, small, border, time.perf_counter() - t0, illum, valid.astype(np.uint8))
+        gridfile.write_block(run.out, index, block, small, border, seconds, illum, valid.astype(np.uint8))
     except OSError as exc:
         raise InputError(
-            f"cannot write {out} ({exc.strerror or exc}, e.g. a full disk); the blocks "
+            f"cannot write {run.out} ({exc.strerror or exc}, e.g. a full disk); the blocks "
             "finished before are kept: free space and run the same command again"
         ) from None
 
