@@ -44,7 +44,12 @@ class BadInput(click.ClickException):
 # Settings the library names in its messages, as the options of the commands that take them.
 API_OPTIONS = {
     "sample": {"depth_m": "--depth", "allow_extrapolation": "--allow-extrapolation", "coords": "--coords"},
-    "render": {"depth_m": "--depth", "allow_extrapolation": "--allow-extrapolation", "psf_every": "--psf-every"},
+    "render": {
+        "depth_m": "--depth",
+        "allow_extrapolation": "--allow-extrapolation",
+        "psf_every": "--psf-every",
+        "field": "--field",
+    },
 }
 INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C (128 + SIGINT)
 

@@ -51,6 +51,11 @@ def save(path: Path, payload: dict) -> None:
     try:
         torch.save({"format": FORMAT, "schema_version": SCHEMA_VERSION, **payload}, tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # a full disk, a file size limit: torch says RuntimeError
+        tempfiles.discard(tmp)
+        detail = (getattr(exc, "strerror", None) or str(exc).splitlines()[0] or type(exc).__name__)[:200]
+        kept = f"; the previous {path.name} is kept" if path.exists() else ""
+        raise InputError(f"cannot write checkpoint {path} ({detail}){kept}: free space and run with --resume") from None
     except BaseException:
         tempfiles.discard(tmp)
         raise

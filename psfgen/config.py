@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from psfgen.plan import budget
-from psfgen.shared.configio import check_at_least, check_device, check_grid_size, to_dict
+from psfgen.shared.configio import check_at_least, check_device, check_grid_size, check_seed, to_dict
 from psfgen.shared.errors import InputError
 
 
@@ -21,6 +21,8 @@ def shipped_lens_dir() -> Path:
 
 DEFAULT_LENS = str(shipped_lens_dir() / "acl12708u.json")
 
+# Two held-out halves of psfgen.trace.illumination.MIN_RAYS each: below, no held-out point could be lit (tested).
+MIN_HELDOUT_SPP = 200
 NOISE_POINTS = 32  # re-traced grid points per depth, when the grid has that many
 
 
@@ -101,10 +103,13 @@ class GenerateConfig:
                 "kernel_size_small",
                 "kernel_size",
             )
-        check_at_least(self, 0, "heldout", "seed")
-        if self.heldout_spp is not None and self.heldout_spp < 2:
+        check_at_least(self, 0, "heldout")
+        check_seed(self)
+        if self.heldout_spp is not None and self.heldout_spp < MIN_HELDOUT_SPP:
             raise InputError.for_key(
-                "heldout_spp", f"must be at least 2 (it is split in two halves), got {self.heldout_spp}"
+                "heldout_spp",
+                f"must be at least {MIN_HELDOUT_SPP} (two halves of the {MIN_HELDOUT_SPP // 2} rays a lit PSF needs), "
+                f"got {self.heldout_spp}",
             )
         # num_depths auto leaves grid_size, spp and noise_points to the pilot's choice only when they come from
         # the budget; given, they are checked here, before a pilot is traced.

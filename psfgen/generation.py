@@ -186,12 +186,7 @@ def _check_disk(out: Path, sizes: dict, share: float) -> None:
 def _make_parent(out: Path) -> None:
     if out.is_dir():
         raise InputError(f"output {out} is a directory; give a file path for --out")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(
-            f"cannot create the output directory {out.parent}: {exc.strerror}; choose another --out"
-        ) from None
+    tempfiles.make_parent(out, "--out")
 
 
 def _check_output(cfg: GenerateConfig, out: Path, run_id: str) -> bool:

@@ -42,7 +42,7 @@ def bad_lenses(tmp_path):
     "change, needles",
     [
         ({"lens": "/nonexistent/lens.json"}, ("does not exist", "--lens")),
-        ({"lens": "@dir"}, ("cannot read lens file",)),
+        ({"lens": "@dir"}, ("lens file", "is a directory, not a file")),
         ({"lens": "@invalid"}, ("not valid JSON",)),
         ({"lens": "@glass"}, ("unknown glass 'unobtainium'",)),
         ({"lens": "@wormhole"}, ("not a valid DeepLens lens", "Wormhole")),
@@ -74,7 +74,7 @@ def test_unwritable_output(tmp_path):
     blocker = tmp_path / "file.txt"
     blocker.write_text("not a directory")
     result = run_cli(tiny_args(blocker / "grid.h5"))
-    assert_one_line_error(result, "cannot create the output directory")
+    assert_one_line_error(result, "--out", "file.txt is a file, not a directory")
     assert blocker.read_text() == "not a directory"
 
 

@@ -452,8 +452,8 @@ def test_api_names_the_bad_argument(tiny_run):
     for kwargs, needle in (
         (dict(x=[], y=[], depth_m=1.0), "non-empty"),
         (dict(x=[0.1, 0.2], y=[0.1, 0.2], depth_m=[1.0, 1.0, 1.0]), "depth_m must be one depth or one per point"),
-        (dict(x="left", y=0.1, depth_m=1.0), "x must be a number"),
-        (dict(x=0.1, y=0.1, depth_m="far"), "depth_m must be a number"),
+        (dict(x="left", y=0.1, depth_m=1.0), "x must be a real number"),
+        (dict(x=0.1, y=0.1, depth_m="far"), "depth_m must be a real number"),
     ):
         with pytest.raises(InputError, match=needle):
             model.psf(**kwargs)

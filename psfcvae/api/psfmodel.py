@@ -21,6 +21,8 @@ from psfcvae.model.cvae import CVAE, ModelArgs
 from psfgen.shared.devices import resolve_device
 from psfgen.shared.errors import InputError
 
+CHUNK = 65536  # conditions decoded at once: bounds the networks' transient memory (~0.3 GiB at hidden 512)
+
 
 def _positive_numbers(values) -> bool:
     try:
@@ -78,7 +80,7 @@ class PSFModel:
         if not allow_extrapolation and (np.abs(x).max() > 1 or np.abs(y).max() > 1):
             far = float(np.abs(np.concatenate([x, y])).max())
             raise InputError(
-                f"{{coords}} must lie in [-1, 1] (the sensor), got {far:g}; pass {{allow_extrapolation}} to go beyond",
+                f"{{coords}} must lie in [-1, 1] (the sensor), got {far!r}; pass {{allow_extrapolation}} to go beyond",
                 _API_NAMES,
             )
         lo, hi = self.depth_range
@@ -101,7 +103,14 @@ class PSFModel:
                 "{allow_extrapolation} to go beyond",
                 _API_NAMES,
             )
-        return self.net.condition(np.stack([x, y], axis=1), d)
+        cond = self.net.condition(np.stack([x, y], axis=1), d)
+        if not torch.isfinite(cond).all():  # e.g. 1/depth overflowing for a depth of 1e-300 m
+            bad = d[~torch.isfinite(cond).all(dim=1).cpu().numpy()][0]
+            raise InputError(
+                f"{{depth_m}} {bad:g} m gives no finite condition (1/depth overflows); give a depth the lens can image",
+                _API_NAMES,
+            )
+        return cond
 
     @torch.no_grad()
     def psf(
@@ -138,10 +147,8 @@ class PSFModel:
             model = psfcvae.load_model("runs/demo/cvae/latest.pt")
             psf = model.psf([0.0, 0.5], [0.0, -0.3], depth_m=1.0)  # [2, 3, 15, 15]: the axis, then right and below it
         """
-        if mode not in ("mean", "sample"):
-            raise InputError(f"mode must be 'mean' or 'sample', got {mode!r}")
-        if n_samples < 1:
-            raise InputError(f"n_samples must be at least 1, got {n_samples}")
+        _choice("mode", mode, ("mean", "sample"))
+        n_samples = _count("n_samples", n_samples)
         cond = self.conditions(x, y, depth_m, allow_extrapolation)
         lit = self._lit(cond)
         if not allow_dark:
@@ -153,19 +160,22 @@ class PSFModel:
     def psf_and_illumination(self, x, y, depth_m=None, mode: str = "mean", allow_extrapolation: bool = False):
         """(psf [B, 3, k, k], zero where dark; illumination [B, 3], 0 where dark; lit [B] bool) with one
         condition and one pass of the head: what a rendering needs per pixel."""
-        if mode not in ("mean", "sample"):
-            raise InputError(f"mode must be 'mean' or 'sample', got {mode!r}")
+        _choice("mode", mode, ("mean", "sample"))
         cond = self.conditions(x, y, depth_m, allow_extrapolation)
-        light, lit = self.net.illumination.predict(cond)
+        light, lit = self._head(cond)
         return self._decode(cond, lit, mode, 1), light.float(), lit
 
     def _decode(self, cond: torch.Tensor, lit: torch.Tensor, mode: str, n_samples: int) -> torch.Tensor:
-        """PSFs at conditions cond [B, C]: [B, 3, k, k] (or [B, n_samples, 3, k, k]), zero where not lit."""
-        if mode == "mean":
-            out = self.net.sample_from_prior(cond, mean=True)
-        else:
-            draws = torch.stack([self.net.sample_from_prior(cond) for _ in range(n_samples)], dim=1)
-            out = draws[:, 0] if n_samples == 1 else draws
+        """PSFs at conditions cond [B, C]: [B, 3, k, k] (or [B, n_samples, 3, k, k]), zero where not lit.
+        CHUNK conditions at a time: the networks' intermediates grow with the batch, the output alone is kept."""
+        parts = []
+        for c in cond.split(CHUNK):
+            if mode == "mean":
+                parts.append(self.net.sample_from_prior(c, mean=True))
+            else:
+                draws = torch.stack([self.net.sample_from_prior(c) for _ in range(n_samples)], dim=1)
+                parts.append(draws[:, 0] if n_samples == 1 else draws)
+        out = torch.cat(parts)
         if not torch.isfinite(out[lit]).all():  # far outside the trained range the encoding can overflow
             raise InputError(
                 "the model gives no finite PSF at these coordinates or depths (too far outside the "
@@ -173,9 +183,14 @@ class PSFModel:
             )
         return out * lit.view(-1, *[1] * (out.dim() - 1))
 
+    def _head(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(relative illumination [B, 3], lit [B] bool) at conditions cond [B, C], CHUNK at a time."""
+        parts = [self.net.illumination.predict(c) for c in cond.split(CHUNK)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
     def _lit(self, cond: torch.Tensor) -> torch.Tensor:
         """lit [B] bool at conditions cond [B, C]: the illumination head's decision."""
-        return self.net.illumination.predict(cond)[1]
+        return self._head(cond)[1]
 
     @torch.no_grad()
     def illumination(self, x, y, depth_m=None, allow_extrapolation: bool = False) -> torch.Tensor:
@@ -184,7 +199,7 @@ class PSFModel:
 
         Mechanical vignetting as DeepLens traces it (rays lost on apertures and rims), not the cos⁴ law.
         """
-        return self.net.illumination.predict(self.conditions(x, y, depth_m, allow_extrapolation))[0].float()
+        return self._head(self.conditions(x, y, depth_m, allow_extrapolation))[0].float()
 
     def tabulate(self, **options):
         """Returns a ``PSFTable`` (psfcvae/api/table.py): this model's prior mean precomputed over the field
@@ -206,11 +221,28 @@ class PSFModel:
 
 
 def _numbers(name: str, value) -> np.ndarray:
-    """``value`` as a float64 array of at least one dimension, or an InputError naming the argument."""
+    """``value`` as a float64 array of at least one dimension, or an InputError naming the argument.
+    Real numbers only: a complex value would lose its imaginary part without a word."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
     try:
-        return np.atleast_1d(np.asarray(value, dtype=np.float64))
+        raw = np.asarray(value)
     except (TypeError, ValueError):
-        raise InputError(f"{name} must be a number or an array of numbers, got {value!r:.60}") from None
+        raw = np.asarray(None)
+    if raw.dtype.kind not in "biuf":  # bool, integers, floats: not complex, text, objects or ragged lists
+        raise InputError(f"{name} must be a real number or an array of real numbers, got {value!r:.60}")
+    return np.atleast_1d(raw.astype(np.float64))
+
+
+def _choice(name: str, value, allowed: tuple) -> None:
+    if not isinstance(value, str) or value not in allowed:
+        raise InputError(f"{name} must be {' or '.join(repr(a) for a in allowed)}, got {value!r:.60}")
+
+
+def _count(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InputError(f"{name} must be a whole number of at least 1, got {value!r:.60}")
+    return int(value)
 
 
 def load_model(path: str | Path, device="auto") -> PSFModel:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -12,8 +13,10 @@ from PIL import Image, ImageDraw, ImageFont
 
 from psfcvae.api.psfmodel import load_model
 from psfcvae.images import mosaic
+from psfgen.shared import tempfiles
 from psfgen.shared.devices import resolve_device
 from psfgen.shared.errors import InputError
+from psfgen.shared.tempfiles import make_parent
 
 CHUNK = 4096  # PSFs evaluated at once: bounds the decoder's transient memory
 
@@ -32,6 +35,7 @@ def sample_psfs(
     out = Path(out)
     if out.exists() and not overwrite:
         raise InputError(f"{out} exists; choose another --out or pass --overwrite to replace it")
+    make_parent(out, "--out")  # before the work: a path that cannot be written is said at once
     model = load_model(checkpoint, resolve_device(device))
     if grid_m is not None:
         k = model.net.args.kernel_size_small
@@ -47,12 +51,22 @@ def sample_psfs(
     used_depth = float(depth_m) if depth_m is not None else model.depth_range[0]  # the depth the model was given
     psf, illum = _psfs_and_illumination(model, points, depth_m, mode, allow_extrapolation, dark_ok=grid_m is not None)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.suffix == ".npy":
-            np.save(out, psf)
-        elif out.suffix == ".npz":
+        with tempfiles.replacing(out) as tmp:  # a failed write leaves the old --out, never a fragment
+            _write(tmp, out.suffix, psf, illum, points, grid_m, used_depth, mode, checkpoint, model)
+    except OSError as exc:
+        detail = (exc.strerror or str(exc)).splitlines()[0]  # HDF5 appends lines of diagnostics
+        raise InputError(f"cannot write {out}: {detail}") from None
+    return out
+
+
+def _write(tmp: Path, suffix: str, psf, illum, points, grid_m, used_depth, mode, checkpoint, model) -> None:
+    """The PSFs in the format of ``suffix`` into the temporary file ``tmp``."""
+    with open(tmp, "wb") if suffix in (".npy", ".npz") else contextlib.nullcontext(tmp) as f:
+        if suffix == ".npy":
+            np.save(f, psf)
+        elif suffix == ".npz":
             np.savez(  # illumination [B, 3]: relative to the axis; 0 where dark
-                out,
+                f,
                 psf=psf,
                 illumination=illum,
                 coords=points,
@@ -60,15 +74,15 @@ def sample_psfs(
                 mode=mode,
                 checkpoint=str(checkpoint),
             )
-        elif out.suffix == ".h5":
-            with h5py.File(out, "w") as f:
-                f["psf"] = psf
-                f["coords"] = points
-                f.attrs["depth_m"] = used_depth  # [m]: the depth the model was given
-                f.attrs["mode"] = mode
-                f.attrs["checkpoint"] = str(checkpoint)
-                f.attrs["model"] = json.dumps({k: model.info[k] for k in ("step", "data_fingerprint")})
-                f["illumination"] = illum  # [B, 3], relative to the axis at the same depth; 0 where dark
+        elif suffix == ".h5":
+            with h5py.File(tmp, "w") as h5:
+                h5["psf"] = psf
+                h5["coords"] = points
+                h5.attrs["depth_m"] = used_depth  # [m]: the depth the model was given
+                h5.attrs["mode"] = mode
+                h5.attrs["checkpoint"] = str(checkpoint)
+                h5.attrs["model"] = json.dumps({k: model.info[k] for k in ("step", "data_fingerprint")})
+                h5["illumination"] = illum  # [B, 3], relative to the axis at the same depth; 0 where dark
         else:
             if grid_m is not None:
                 img = mosaic(psf, grid_m)  # [3, H, W]
@@ -77,10 +91,8 @@ def sample_psfs(
             tiles = Image.fromarray((np.moveaxis(img, 0, -1) * 255).astype(np.uint8)).resize(
                 (img.shape[2] * 8, img.shape[1] * 8), Image.NEAREST
             )
-            _captioned(tiles, _caption(points, grid_m, used_depth, mode, model.net.args.kernel_size_small)).save(out)
-    except OSError as exc:
-        raise InputError(f"cannot write {out}: {exc.strerror or exc}") from None
-    return out
+            caption = _caption(points, grid_m, used_depth, mode, model.net.args.kernel_size_small)
+            _captioned(tiles, caption).save(tmp, format="PNG")
 
 
 def _caption(points, grid_m, depth_m, mode: str, k: int) -> list[str]:

@@ -77,8 +77,16 @@ class PSFTable:
         self.has_depth = net.args.cond_dim == 3
         self.spans = (self.r_max, math.pi / 4, 2.0)  # lengths of the radius, angle and depth-code axes
         self.k = net.args.kernel_size_small
-        if not 0 < target < 1:
-            raise InputError(f"the table's target deviation must be between 0 and 1, got {target}")
+        if not isinstance(target, (int, float)) or isinstance(target, bool) or not 0 < target < 1:
+            raise InputError(f"the table's target deviation must be between 0 and 1, got {target!r:.60}")
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise InputError(f"the table's dtype must be a torch floating type (float16 by default), got {dtype!r:.60}")
+        if sizes is not None and not (
+            isinstance(sizes, (tuple, list))
+            and len(sizes) == 3
+            and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in sizes)
+        ):
+            raise InputError(f"a table needs sizes (radii, angles, depths) as three whole numbers, got {sizes!r:.60}")
         if sizes is None:
             sizes = self.choose_sizes(target)
         used = tuple(sizes)[: 3 if self.has_depth else 2]  # a model without depth has one depth sample

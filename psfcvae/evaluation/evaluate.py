@@ -32,7 +32,7 @@ from psfcvae.optics import grid_optics
 from psfcvae.training.data import lit_only
 from psfgen.analysis.litfield import image_circle, radii
 from psfgen.gridfile import TRUNCATION_LIMIT, GridFile
-from psfgen.shared.configio import check_at_least, check_device
+from psfgen.shared.configio import check_at_least, check_device, check_seed
 from psfgen.shared.devices import resolve_device
 from psfgen.shared.errors import InputError
 from psfgen.shared.metrics import rel_l2
@@ -57,7 +57,7 @@ class EvalConfig:
 
     def validate(self) -> None:  # called by psfgen.configio.build, the one loader of every config
         check_at_least(self, 1, "eigen_components", "side_by_side")
-        check_at_least(self, 0, "seed")
+        check_seed(self)
         check_device(self)
 
 

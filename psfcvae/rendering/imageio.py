@@ -29,6 +29,22 @@ def linear_to_srgb(v: torch.Tensor) -> torch.Tensor:
     return torch.where(v <= 0.0031308, v * 12.92, 1.055 * v ** (1 / 2.4) - 0.055)
 
 
+# The largest image read [pixels]: 8192 x 8192. A PNG of a few kilobytes can declare 20000 x 20000 pixels, 1.2 GB
+# decoded and several GB as float; its header is read first.
+MAX_PIXELS = 8192 * 8192
+
+
+def _check_png_size(path: Path, option: str) -> None:
+    """Refuse, from the PNG's header alone, an image of more than MAX_PIXELS."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if len(head) < 24 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        raise InputError(f"{option} {path} is not a readable PNG image")
+    w, h = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    if w * h > MAX_PIXELS:
+        raise InputError(f"{option} {path} is {w}x{h} pixels, more than {MAX_PIXELS:,} in all; give a smaller image")
+
+
 def read_image(path: str | Path, option: str = "--image") -> tuple[torch.Tensor, int]:
     """(image [3, H, W] float32 in [0, 1] as stored, bit depth 8 or 16). Grey becomes RGB, alpha is dropped."""
 
@@ -37,6 +53,7 @@ def read_image(path: str | Path, option: str = "--image") -> tuple[torch.Tensor,
         raise InputError(f"{option} {path} does not exist")
     if path.suffix.lower() != ".png":
         raise InputError(f"{option} {path}: only PNG images are read (8 or 16 bits per channel)")
+    _check_png_size(path, option)
     img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if img is None:
         raise InputError(f"{option} {path} is not a readable PNG image")
@@ -89,13 +106,16 @@ def read_depth_map(path: str | Path, shape: tuple[int, int], option: str = "--de
         raise InputError(f"{option} {path} does not exist")
     if path.suffix.lower() == ".npy":
         try:
-            depth = np.load(path, allow_pickle=False)
+            depth = np.load(path, allow_pickle=False, mmap_mode="r")  # the header only, until its size is known
         except (OSError, ValueError) as exc:
             raise InputError(f"{option} {path} is not a readable .npy array ({exc})") from None
+        if depth.size > MAX_PIXELS:
+            raise InputError(f"{option} {path} holds {depth.size:,} values, more than {MAX_PIXELS:,} pixels")
         if depth.dtype.kind not in "fiu":
             raise InputError(f"{option} {path} holds {depth.dtype} values; give depths in metres as numbers")
         depth = depth.astype(np.float64)
     elif path.suffix.lower() == ".png":
+        _check_png_size(path, option)
         raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
         if raw is None or raw.ndim != 2 or raw.dtype != np.uint16:
             raise InputError(f"{option} {path} must be a single-channel 16-bit PNG of millimetres")

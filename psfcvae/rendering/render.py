@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 TILE_BYTES = 256 * 2**20  # transient memory of one tile's kernels and patches (the render's working set)
 PSF_CHUNK = 8192  # model PSFs evaluated at once
 
+# The widest kernel at the image's pitch [px]: beyond, one tile's patches outgrow memory (a field window far
+# smaller than the sensor magnifies the kernel).
+MAX_KERNEL_PX = 1024
+
 
 def resample_matrix(k: int, pitch_in: float, pitch_out: float) -> np.ndarray:
     """A: [m, k], m odd. A[i, j] = fraction of input pixel j inside output pixel i.
@@ -127,8 +131,16 @@ def render_with(
     _, h, w = image.shape
     k, pitch = optics["kernel_size_small"], optics["kernel_pitch_mm"]
     sw, sh = optics["sensor_size_mm"]
-    ax = torch.as_tensor(resample_matrix(k, pitch, sw * (x1 - x0) / 2 / w), dtype=torch.float32, device=image.device)
-    ay = torch.as_tensor(resample_matrix(k, pitch, sh * (y1 - y0) / 2 / h), dtype=torch.float32, device=image.device)
+    px, py = sw * (x1 - x0) / 2 / w, sh * (y1 - y0) / 2 / h  # an image pixel [mm]
+    span = k * pitch / min(px, py)  # the kernel's width in image pixels
+    if not span <= MAX_KERNEL_PX:
+        raise InputError(
+            f"{{field}} {tuple(field)} over {w}x{h} pixels makes a pixel {1000 * min(px, py):.3g} um wide and the "
+            f"{k}-px kernel {span:.3g} pixels across (at most {MAX_KERNEL_PX}); widen the field or use fewer pixels",
+            {"field": "field window"},
+        )
+    ax = torch.as_tensor(resample_matrix(k, pitch, px), dtype=torch.float32, device=image.device)
+    ay = torch.as_tensor(resample_matrix(k, pitch, py), dtype=torch.float32, device=image.device)
     my, mx = ay.shape[0], ax.shape[0]
     padded = _mirror_pad(image, my // 2, mx // 2)
     src = _KernelSource(kernel_fn, h, w, field, depth, psf_every, depth_levels, image.device)

@@ -17,6 +17,7 @@ from psfcvae.rendering.imageio import (
 from psfcvae.rendering.render import render
 from psfgen.shared.devices import resolve_device
 from psfgen.shared.errors import InputError
+from psfgen.shared.tempfiles import make_parent
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ def render_file(
         raise InputError(f"--out {out}: the output is a PNG; name it .png")
     if out.exists() and not overwrite:
         raise InputError(f"--out {out} exists; choose another --out or pass --overwrite to replace it")
+    make_parent(out, "--out")  # before the work: a path that cannot be written is said at once
     window = parse_field(field)
     img, bits = read_image(image)
     depth = depth_m if depth_map is None else read_depth_map(depth_map, tuple(img.shape[1:]))

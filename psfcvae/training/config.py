@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from psfgen.shared.configio import check_at_least, check_device, check_grid_size
+from psfgen.shared.configio import check_at_least, check_device, check_grid_size, check_seed
 from psfgen.shared.errors import InputError
 
 STEPS_PER_BLOCK = 5000  # max_steps auto: steps for each block of grid PSFs ...
@@ -86,7 +86,10 @@ class TrainConfig:
                 "batch_size",
                 "read_run",
             )
-        check_at_least(self, 0, "seed", "num_workers", "depth_frequencies")
+        check_at_least(self, 0, "num_workers", "depth_frequencies")
+        check_seed(self)
+        if not self.run_dir.strip():
+            raise InputError.for_key("run_dir", "is empty; give a directory for the run (e.g. runs/cvae)")
         if self.grid_size is not None:
             check_grid_size(self)
         if not 0 <= self.num_frequencies <= MAX_FREQUENCIES:

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import yaml
 
 from psfgen.shared.errors import InputError
+from psfgen.shared.reading import read_user_file
 
 C = TypeVar("C")
 
@@ -113,6 +114,8 @@ def parse_sets(sets: typing.Iterable[str]) -> dict[str, Any]:
             out[key] = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             out[key] = raw
+        except RecursionError:
+            raise InputError(f"--set {key}: the value is nested too deeply") from None
     return out
 
 
@@ -120,9 +123,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping; a missing file or bad YAML raises InputError."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise InputError(f"cannot read config file {path}: {exc.strerror}") from None
+        text = read_user_file(path, "config file").decode("utf-8")
     except UnicodeDecodeError:
         raise InputError(f"config file {path} is not UTF-8 text; give a YAML file (e.g. configs/demo.yaml)") from None
     try:
@@ -131,6 +132,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" (line {line + 1})" if line is not None else ""
         raise InputError(f"config file {path} is not valid YAML{where}") from None
+    except RecursionError:
+        raise InputError(f"config file {path} is nested too deeply to be a config") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -164,6 +167,15 @@ def check_device(cfg: Any, key: str = "device") -> None:
     value = getattr(cfg, key)
     if not isinstance(value, str) or not DEVICE.fullmatch(value):
         raise InputError.for_key(key, f"must be auto, cpu, cuda or cuda:K, got {value!r}")
+
+
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes a signed 64-bit number
+
+
+def check_seed(cfg: Any, key: str = "seed") -> None:
+    value = getattr(cfg, key)
+    if not 0 <= value <= MAX_SEED:
+        raise InputError.for_key(key, f"must be between 0 and 2**63 - 1, got {value}")
 
 
 def check_at_least(cfg: Any, lowest: float, *keys: str) -> None:

@@ -16,6 +16,10 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
     and ``cuda`` mean the node's GPU number local_rank; a fixed ``cuda:K`` is refused,
     since every process would share it.
     """
+    if isinstance(name, torch.device):
+        name = str(name)
+    if not isinstance(name, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
+        raise InputError(f"{{device}} must be auto, cpu, cuda or cuda:K, got {name!r}", {"device": "device"})
     if local_rank is not None and name in ("auto", "cuda") and torch.cuda.is_available():
         return torch.device(f"cuda:{local_rank % torch.cuda.device_count()}")
     if local_rank is not None and re.fullmatch(r"cuda:\d+", name):

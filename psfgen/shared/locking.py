@@ -25,7 +25,9 @@ def exclusive(target: Path, what: str):
     what: the run's name for the message, e.g. "psf generate".
     """
     target = Path(target)
-    lock = target.with_name(target.name + ".lock")
+    # The path as the file system resolves it: two spellings of one file (a symlink, ../x) share one lock.
+    real = target.resolve()
+    lock = real.with_name(real.name + ".lock")
     try:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:

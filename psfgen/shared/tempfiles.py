@@ -12,6 +12,8 @@ import contextlib
 import os
 from pathlib import Path
 
+from psfgen.shared.errors import InputError
+
 
 def temp_path(target: Path) -> Path:
     """This process's temporary file for ``target``."""
@@ -46,3 +48,30 @@ def discard(path: Path) -> None:
     """Remove a temporary file after a failure, never raising over the failure itself."""
     with contextlib.suppress(OSError):
         Path(path).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def replacing(target: Path):
+    """A temporary path beside ``target``, renamed onto it when the block ends without error (removed when it
+    fails or is interrupted): a reader never sees a half-written ``target``, and an old one stays until then."""
+    target = Path(target)
+    remove_stale(target)
+    tmp = temp_path(target)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        discard(tmp)
+        raise
+
+
+def make_parent(path: Path, option: str) -> None:
+    """Create the directory ``path`` goes in, or one InputError naming the option and what stands in the way."""
+    path = Path(path)
+    for folder in (path.parent, *path.parent.parents):
+        if folder.exists() and not folder.is_dir():
+            raise InputError(f"{option} {path}: {folder} is a file, not a directory")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{option} {path}: cannot create the directory {path.parent} ({exc.strerror})") from None

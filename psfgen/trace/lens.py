@@ -16,6 +16,7 @@ from deeplens import GeoLens
 
 from psfgen.config import shipped_lens_dir
 from psfgen.shared.errors import InputError
+from psfgen.shared.reading import read_user_file
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +42,14 @@ def read_lens_file(path: str | Path) -> LensFile:
                 f"lens file {path} does not exist; pass --lens with a DeepLens JSON file "
                 f"or the name of a shipped lens ({names})"
             )
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise InputError(f"cannot read lens file {path}: {exc.strerror}") from None
+    raw = read_user_file(path, "lens file")
     try:
         text = raw.decode("utf-8")
         data = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         where = f" (line {exc.lineno})" if isinstance(exc, json.JSONDecodeError) else ""
+        if isinstance(exc, RecursionError):
+            where = " (nested too deeply)"
         raise InputError(f"lens file {path} is not valid JSON{where}; fix the file or pass another --lens") from None
     if not isinstance(data, dict) or not isinstance(data.get("surfaces"), list) or not data["surfaces"]:
         raise InputError(f"lens file {path} has no 'surfaces' list; it is not a DeepLens lens JSON file")
@@ -88,9 +88,13 @@ def build_lens(lens_file: LensFile, device: torch.device, focus_m: float | None 
         detail = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc) or type(exc).__name__
         raise InputError(f"lens file {lens_file.path} is not a valid DeepLens lens: {detail}") from None
     if focus_m is not None:
+        # DeepLens: object distance [mm], negative; +inf takes its own infinite-focus path (it tests depth == inf).
+        distance = float("inf") if focus_m == float("inf") else -focus_m * 1000.0
         try:
-            lens.refocus(foc_dist=-focus_m * 1000.0)  # DeepLens: object distance [mm], negative
-        except AssertionError:
-            raise InputError(f"cannot focus this lens at {focus_m} m; choose a farther --focus-m") from None
+            lens.refocus(foc_dist=distance)
+        except (AssertionError, ValueError, RuntimeError, ZeroDivisionError, OverflowError):
+            raise InputError(
+                f"cannot focus this lens at {focus_m:g} m; choose a farther --focus-m, or inf for infinity"
+            ) from None
     log.debug("lens %s: foclen %.4f mm, sensor %s mm", lens_file.path, float(lens.foclen), lens.sensor_size)
     return lens

@@ -1,0 +1,263 @@
+"""Round three of bad inputs and faults (docs/reliability.md): each case one `Error:` line, exit 2, nothing lost."""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import ROOT, assert_one_line_error, run_cli, small_config, tiny_args
+
+from psfcvae import load_model, train
+from psfgen.config import MIN_HELDOUT_SPP
+from psfgen.shared import locking
+from psfgen.shared.errors import InputError
+from psfgen.trace import illumination
+
+
+def sample_args(ckpt, out, *extra):
+    return ["sample", "--checkpoint", str(ckpt), "--coords", "0.1,0.2", "--depth", "1", "--out", str(out), *extra]
+
+
+# --- reading what the user names ------------------------------------------------------------------------------------
+
+
+def test_a_lens_or_config_that_is_no_regular_file_is_refused_before_it_is_read(tmp_path):
+    fifo = tmp_path / "lens.json"
+    os.mkfifo(fifo)  # reading it would wait for a writer forever
+    assert_one_line_error(run_cli(tiny_args(tmp_path / "g.h5", lens=fifo)), "lens file", "a device, pipe or socket")
+    assert_one_line_error(run_cli(tiny_args(tmp_path / "g.h5", lens="/dev/zero")), "/dev/zero", "not a file")
+    result = run_cli(["generate", "--config", "/dev/urandom", "--out", str(tmp_path / "g.h5")])
+    assert_one_line_error(result, "config file /dev/urandom", "not a file")
+    big = tmp_path / "big.yaml"
+    with open(big, "wb") as f:
+        f.truncate(17 * 2**20)  # sparse: 17 MiB of zeros
+    assert_one_line_error(run_cli(["generate", "--config", str(big)]), "larger than 16 MiB")
+    assert not (tmp_path / "g.h5").exists()
+
+
+def test_deeply_nested_json_and_yaml_are_one_line(tmp_path):
+    lens = tmp_path / "deep.json"
+    lens.write_text('{"surfaces": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    assert_one_line_error(run_cli(tiny_args(tmp_path / "g.h5", lens=lens)), "nested too deeply")
+    cfg = tmp_path / "deep.yaml"
+    cfg.write_text("grid_size: " + "[" * 20_000 + "]" * 20_000 + "\n")
+    assert_one_line_error(run_cli(["generate", "--config", str(cfg)]), "nested too deeply")
+    result = run_cli([*tiny_args(tmp_path / "g.h5"), "--set", "spp=" + "[" * 20_000 + "]" * 20_000])
+    assert_one_line_error(result, "--set spp", "nested too deeply")
+
+
+# --- numbers at the edge --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--seed", str(2**70)], ("--seed must be between 0 and 2**63 - 1", str(2**70))),
+        (["--focus-m", "1e30"], ("cannot focus this lens at 1e+30 m",)),
+        (["--heldout-spp", "3"], (f"--heldout-spp must be at least {MIN_HELDOUT_SPP}", "got 3")),
+        (["--ray-budget", "1000000", "--grid-size", "1"], ("--grid-size must be at least 2, got 1",)),
+        (["--ray-budget", "1000000", "--spp", "0"], ("--spp must be at least 1, got 0",)),
+    ],
+)
+def test_generate_refuses_numbers_at_the_edge_in_the_users_words(tmp_path, args, needles):
+    base = tiny_args(tmp_path / "g.h5")
+    if "--grid-size" in args or "--spp" in args:  # the budget's own combinations: drop the tiny grid's pair
+        i = base.index("--spp")
+        base = base[:i] + base[i + 2 :]
+        i = base.index("--grid-size")
+        base = base[:i] + base[i + 2 :]
+    assert_one_line_error(run_cli([*base, *args]), *needles)
+    assert not (tmp_path / "g.h5").exists()
+
+
+def test_the_held_out_floor_is_two_halves_of_a_lit_psf():
+    assert MIN_HELDOUT_SPP == 2 * illumination.MIN_RAYS
+
+
+def test_focus_at_infinity_takes_deeplens_infinite_focus_path(tmp_path, monkeypatch):
+    from deeplens import GeoLens
+
+    seen = []
+    real = GeoLens.refocus
+    monkeypatch.setattr(GeoLens, "refocus", lambda self, foc_dist: (seen.append(foc_dist), real(self, foc_dist))[1])
+    out = tmp_path / "g.h5"
+    result = run_cli([*tiny_args(out, grid_size=2, depths=(2.0,), heldout=0), "--focus-m", "inf"])
+    assert result.exit_code == 0, result.output
+    assert seen and all(d == float("inf") for d in seen)  # +inf: DeepLens tests depth == inf, not -inf
+
+
+def test_train_refuses_a_seed_beyond_64_bits_and_an_empty_run_dir(tiny_grid, tmp_path):
+    base = ["train", "--data", str(tiny_grid)]
+    assert_one_line_error(run_cli([*base, "--run-dir", str(tmp_path / "r"), "--seed", str(2**70)]), "--seed")
+    assert_one_line_error(run_cli([*base, "--run-dir", ""]), "--run-dir is empty")
+    assert not (tmp_path / "r").exists()
+
+
+# --- locks, checkpoints, outputs ------------------------------------------------------------------------------------
+
+
+def test_a_lock_holds_for_every_spelling_of_the_path(tmp_path):
+    real = tmp_path / "grid.h5"
+    link = tmp_path / "alias.h5"
+    link.symlink_to(real)
+    with locking.exclusive(real, "psf generate"):
+        assert_one_line_error(run_cli(tiny_args(link)), "is being written by psf generate")
+    (tmp_path / "runs").mkdir()
+    with locking.exclusive(tmp_path / "runs" / "a", "psf train"), pytest.raises(InputError, match="psf train"):
+        with locking.exclusive(tmp_path / "runs" / ".." / "runs" / "a", "psf train"):  # another spelling
+            pass
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_the_last_one_stays(tiny_grid, tmp_path, monkeypatch):
+    from psfcvae import checkpoint
+
+    run_dir = tmp_path / "r"
+    train(small_config(tiny_grid, run_dir, max_steps=10, checkpoint_every=10, val_every=10))
+    before = (run_dir / "latest.pt").read_bytes()
+
+    def full_disk(obj, f, *a, **k):
+        Path(f).write_bytes(b"half")  # torch has begun writing ...
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")  # ... then fails
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    with pytest.raises(InputError, match=r"cannot write checkpoint .*previous (best|latest)\.pt is kept.*--resume"):
+        train(small_config(tiny_grid, run_dir, max_steps=20, checkpoint_every=10, val_every=10), resume=True)
+    assert (run_dir / "latest.pt").read_bytes() == before
+    assert not list(run_dir.glob(".*.tmp"))
+
+
+@pytest.mark.slow
+def test_psf_sample_under_a_file_size_limit_keeps_the_old_output(tiny_run, tmp_path):
+    keep = tmp_path / "keep.npz"
+    assert run_cli(sample_args(tiny_run / "latest.pt", keep)).exit_code == 0
+    good = keep.read_bytes()
+    limit = 64 * 1024
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    for out in (keep, tmp_path / "fresh.npz", tmp_path / "fresh.h5"):
+        cmd = [sys.executable, "-m", "cli", *sample_args(tiny_run / "latest.pt", out, "--overwrite"), "--grid", "64"]
+        cmd.remove("--coords")
+        cmd.remove("0.1,0.2")
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, preexec_fn=small_files)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+        assert done.stderr.startswith("Error: cannot write"), done.stderr
+    assert keep.read_bytes() == good  # the good file is whole, the failed ones left nothing
+    assert not (tmp_path / "fresh.npz").exists() and not (tmp_path / "fresh.h5").exists()
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_an_output_under_a_regular_file_is_named_before_any_work(tiny_run, tmp_path):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("x")
+    result = run_cli(sample_args(tiny_run / "latest.pt", blocker / "p.npz"))
+    assert_one_line_error(result, "--out", "notes.txt is a file, not a directory")
+    img = tmp_path / "in.png"
+    from psfcvae.rendering.imageio import write_image
+
+    write_image(img, torch.rand(3, 16, 16))
+    args = ["render", "--checkpoint", str(tiny_run / "latest.pt"), "--image", str(img), "--depth", "1"]
+    assert_one_line_error(run_cli([*args, "--out", str(blocker / "b.png")]), "notes.txt is a file, not a directory")
+
+
+# --- psf render and sample ------------------------------------------------------------------------------------------
+
+
+def test_a_png_that_declares_too_many_pixels_is_refused_from_its_header(tiny_run, tmp_path):
+    huge = tmp_path / "huge.png"
+    ihdr = (20000).to_bytes(4, "big") * 2 + bytes([8, 2, 0, 0, 0])
+    huge.write_bytes(b"\x89PNG\r\n\x1a\n" + (13).to_bytes(4, "big") + b"IHDR" + ihdr + b"\0" * 4)
+    args = ["render", "--checkpoint", str(tiny_run / "latest.pt"), "--image", str(huge), "--depth", "1"]
+    assert_one_line_error(run_cli([*args, "--out", str(tmp_path / "o.png")]), "20000x20000 pixels", "smaller image")
+
+
+@pytest.mark.parametrize("field", ["0,1e-300,0,1e-300", "0,0.001,0,0.001"])
+def test_a_field_window_too_small_for_the_image_is_one_line(tiny_run, tmp_path, field):
+    from psfcvae.rendering.imageio import write_image
+
+    img = tmp_path / "in.png"
+    write_image(img, torch.rand(3, 32, 32))
+    args = ["render", "--checkpoint", str(tiny_run / "latest.pt"), "--image", str(img), "--depth", "1"]
+    result = run_cli([*args, "--field", field, "--out", str(tmp_path / "o.png")])
+    assert_one_line_error(result, "--field", "pixels across (at most 1024)")
+
+
+@pytest.mark.parametrize("device", ["tpu", "meta", "cuda:x"])
+def test_devices_are_checked_by_render_sample_and_the_api(tiny_run, tmp_path, device):
+    ckpt = tiny_run / "latest.pt"
+    assert_one_line_error(run_cli([*sample_args(ckpt, tmp_path / "p.npz"), "--device", device]), "--device", device)
+    with pytest.raises(InputError, match="device must be auto, cpu, cuda or cuda:K"):
+        load_model(ckpt, device=device)
+
+
+def test_sample_names_the_coordinate_and_refuses_a_depth_whose_inverse_overflows(tiny_run, tmp_path):
+    ckpt = tiny_run / "latest.pt"
+    args = ["sample", "--checkpoint", str(ckpt), "--coords", "1.0000001,0", "--depth", "1", "--out"]
+    assert_one_line_error(run_cli([*args, str(tmp_path / "a.npz")]), "--coords must lie in [-1, 1]", "1.0000001")
+    args = sample_args(ckpt, tmp_path / "b.npz", "--allow-extrapolation")
+    args[args.index("--depth") + 1] = "1e-300"
+    assert_one_line_error(run_cli(args), "--depth 1e-300 m gives no finite condition")
+    assert not (tmp_path / "a.npz").exists() and not (tmp_path / "b.npz").exists()
+
+
+# --- the API --------------------------------------------------------------------------------------------------------
+
+
+def test_api_refuses_complex_coordinates_odd_arguments_and_integer_tables(tiny_run):
+    model = load_model(tiny_run / "latest.pt")
+    for kwargs, needle in (
+        (dict(x=0.1 + 0.5j, y=0.1), "x must be a real number"),
+        (dict(x=np.array([0.1 + 0j]), y=[0.2]), "x must be a real number"),
+        (dict(x=0.1, y=[[0.1], [0.2, 0.3]]), "y must be a real number"),
+        (dict(x=0.1, y=0.1, mode=3), "mode must be 'mean' or 'sample'"),
+        (dict(x=0.1, y=0.1, mode="sample", n_samples="2"), "n_samples must be a whole number"),
+        (dict(x=0.1, y=0.1, mode="sample", n_samples=True), "n_samples must be a whole number"),
+        (dict(x=0.1, y=0.1, depth_m=1e-300, allow_extrapolation=True), "gives no finite condition"),
+    ):
+        kwargs.setdefault("depth_m", 1.0)
+        with pytest.raises(InputError, match=needle):
+            model.psf(**kwargs)
+    for options, needle in (
+        (dict(dtype=torch.int8), "floating type"),
+        (dict(target="small"), "target deviation"),
+        (dict(sizes=("a", 2, 2)), "three whole numbers"),
+    ):
+        with pytest.raises(InputError, match=needle):
+            model.tabulate(**options)
+
+
+def test_many_points_are_decoded_in_chunks_equal_to_one_pass(tiny_run, monkeypatch):
+    from psfcvae.api import psfmodel
+
+    model = load_model(tiny_run / "latest.pt")
+    x, y = np.linspace(-0.9, 0.9, 50), np.linspace(0.8, -0.8, 50)
+    whole, light = model.psf(x, y, 1.0), model.illumination(x, y, 1.0)
+    monkeypatch.setattr(psfmodel, "CHUNK", 7)  # 50 points in 8 chunks
+    torch.testing.assert_close(model.psf(x, y, 1.0), whole)
+    torch.testing.assert_close(model.illumination(x, y, 1.0), light)
+
+
+def test_a_damaged_grid_value_names_the_file_once_read(tiny_grid, tmp_path):
+    import h5py
+
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(Path(tiny_grid).read_bytes())
+    with h5py.File(bad, "r+") as f:
+        f["grid/illumination"][0, 0, 0] = -0.5
+    assert_one_line_error(run_cli(["info", str(bad)]), "is damaged", "grid/illumination")
+    with h5py.File(bad, "r+") as f:
+        f["grid/illumination"][0, 0, 0] = 1.0
+        f["heldout/depth"][0] = -2.0
+    assert_one_line_error(run_cli(["info", str(bad)]), "is damaged", "heldout/depth")
+    with h5py.File(bad, "r+") as f:
+        f["heldout/depth"][0] = 1.0
+        f.attrs["versions"] = "{" * 1
+    assert_one_line_error(run_cli(["info", str(bad)]), "is damaged", "attribute versions is not valid JSON")
