@@ -101,7 +101,8 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except InputError as exc:
-            raise BadInput(exc.render(_spellings(click.get_current_context()))) from None
+            message = exc.render(_spellings(click.get_current_context()))
+            raise BadInput(message.splitlines()[0] if message.strip() else type(exc).__name__) from None
         except RuntimeError as exc:
             from psfcvae.training.loop import TrainingError
 

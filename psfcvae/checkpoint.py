@@ -10,7 +10,7 @@ import torch
 
 from psfgen.gridfile import GridFile
 from psfgen.shared import tempfiles
-from psfgen.shared.errors import InputError
+from psfgen.shared.errors import InputError, os_reason
 
 FORMAT = "psf-cvae.checkpoint"
 # What every checkpoint written by psf train holds (optimizer, rng and loss_window: what --resume needs).
@@ -53,9 +53,10 @@ def save(path: Path, payload: dict) -> None:
         os.replace(tmp, path)
     except (OSError, RuntimeError) as exc:  # a full disk, a file size limit: torch says RuntimeError
         tempfiles.discard(tmp)
-        detail = (getattr(exc, "strerror", None) or str(exc).splitlines()[0] or type(exc).__name__)[:200]
         kept = f"; the previous {path.name} is kept" if path.exists() else ""
-        raise InputError(f"cannot write checkpoint {path} ({detail}){kept}: free space and run with --resume") from None
+        raise InputError(
+            f"cannot write checkpoint {path} ({os_reason(exc)}){kept}: free space and run with --resume"
+        ) from None
     except BaseException:
         tempfiles.discard(tmp)
         raise

@@ -32,7 +32,7 @@ from psfgen.plan.grid import grid_coords, heldout_points, neighbour_pairs, noise
 from psfgen.shared import locking, tempfiles
 from psfgen.shared.configio import to_json
 from psfgen.shared.devices import resolve_device
-from psfgen.shared.errors import InputError
+from psfgen.shared.errors import InputError, os_reason
 from psfgen.shared.provenance import now, versions
 from psfgen.trace import illumination
 from psfgen.trace.lens import LensFile, build_lens, deeplens_notes, read_lens_file
@@ -363,7 +363,7 @@ def _create(run: Run, attrs: dict, arrays: dict, blocks: list) -> None:
     try:
         gridfile.create(run.out, attrs=attrs, arrays=arrays, sizes=sizes, blocks=blocks)
     except OSError as exc:
-        raise InputError(f"cannot write {run.out}: {exc.strerror or exc}; choose a writable --out") from None
+        raise InputError(f"cannot write {run.out}: {os_reason(exc)}; choose a writable --out") from None
 
 
 def _trace_blocks(run: Run, lens, blocks: list[Block], todo: list[int], points: Points, axis: np.ndarray,
@@ -424,7 +424,7 @@ def _trace_block(run: Run, lens, index: int, block: Block, points: Points, axis:
         gridfile.write_block(run.out, index, block, small, border, seconds, illum, valid.astype(np.uint8))
     except OSError as exc:
         raise InputError(
-            f"cannot write {run.out} ({exc.strerror or exc}, e.g. a full disk); the blocks "
+            f"cannot write {run.out} ({os_reason(exc)}, e.g. a full disk); the blocks "
             "finished before are kept: free space and run the same command again"
         ) from None
 

@@ -385,6 +385,22 @@ def _array(f: h5py.File, name: str, shape: tuple | None = None, ndim: int | None
         raise _Damaged(f"{name} cannot be read ({str(exc).splitlines()[0]})") from None
 
 
+def _check_shard_sources(f: h5py.File, path: Path) -> None:
+    """A virtual file reads whatever sits at its shards' paths: each must still be a shard of this file's run."""
+    run_id = f.attrs.get("run_id")
+    for name in sorted({s.file_name for s in f["grid/psf"].virtual_sources()}):
+        try:
+            with h5py.File(path.parent / name, "r", locking=False) as shard:
+                theirs = shard.attrs.get("run_id")
+        except OSError:
+            theirs = None
+        if theirs != run_id:
+            raise InputError(
+                f"{path} maps {name}, which is no longer a shard of its run (run id {theirs!r}, the merged file's "
+                f"{run_id!r}); put the run's own shard back or merge again"
+            )
+
+
 def _check_range(name: str, values: np.ndarray, low: float, high: float) -> None:
     if values.size and not (np.isfinite(values).all() and values.min() >= low and values.max() <= high):
         raise _Damaged(f"{name} holds values outside {low:g}..{high:g} (or NaN)")
@@ -488,6 +504,7 @@ class GridFile:
                         f"{path} maps shard files that are missing ({', '.join(missing)}); put them back beside it "
                         "or merge again without --virtual"
                     )
+                _check_shard_sources(f, path)
             try:
                 return cls._read(f, attrs, path)
             except _Damaged as exc:
@@ -677,6 +694,11 @@ class GridFile:
             raise InputError(
                 f"{self.path} is unfinished ({self.blocks_done}/{self.blocks_total} blocks traced); "
                 "run the same 'psf generate' command again to resume it"
+            )
+        if not self.lit.any():
+            raise InputError(
+                f"{self.path} holds no lit grid PSF (every point dark): nothing to learn from or measure against; "
+                "check the lens, its sensor size and the depths, and generate again"
             )
 
     def written(self, kind: str) -> np.ndarray:

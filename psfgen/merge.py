@@ -17,7 +17,7 @@ from psfgen import gridfile
 from psfgen.analysis import litfield
 from psfgen.gridfile import GridFile
 from psfgen.shared import tempfiles
-from psfgen.shared.errors import InputError
+from psfgen.shared.errors import InputError, os_reason
 from psfgen.shared.provenance import now
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def merge(paths: list[str], out: str | Path, overwrite: bool = False, virtual: b
         os.replace(tmp, out)
     except OSError as exc:
         tempfiles.discard(tmp)
-        raise InputError(f"cannot write {out}: {exc.strerror or exc}; choose a writable --out") from None
+        raise InputError(f"cannot write {out}: {os_reason(exc)}; choose a writable --out") from None
     except BaseException:
         tempfiles.discard(tmp)
         raise

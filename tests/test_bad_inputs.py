@@ -261,3 +261,95 @@ def test_a_damaged_grid_value_names_the_file_once_read(tiny_grid, tmp_path):
         f["heldout/depth"][0] = 1.0
         f.attrs["versions"] = "{" * 1
     assert_one_line_error(run_cli(["info", str(bad)]), "is damaged", "attribute versions is not valid JSON")
+
+
+# --- grid files whose values a reader would trust -------------------------------------------------------------------
+
+
+def _edited(tiny_grid, tmp_path, edit) -> Path:
+    import h5py
+
+    bad = tmp_path / "edited.h5"
+    bad.write_bytes(Path(tiny_grid).read_bytes())
+    with h5py.File(bad, "r+") as f:
+        edit(f)
+    return bad
+
+
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (lambda f: f["grid/psf"].__setitem__((0, 0), 1000 * f["grid/psf"][0, 0]), "a sum other than 1"),
+        (lambda f: f["grid/psf"].__setitem__((1, 3), 1e-30 * f["grid/psf"][1, 3]), "a sum other than 1"),
+        (lambda f: f["grid/illumination"].__setitem__((0, 0, 0), 1e30), "grid/illumination"),
+        (lambda f: f["depths"].__setitem__(Ellipsis, f["depths"][()][::-1]), "strictly ascending"),
+        (lambda f: f["heldout/depth"].__setitem__(0, np.nan), "heldout/depth"),
+        (lambda f: f["noise/index"].__setitem__(Ellipsis, f["noise/index"][()][::-1]), "noise/index"),
+        (lambda f: f.attrs.__delitem__("device"), "attribute device is missing"),
+        (lambda f: f.attrs.__delitem__("lens_path"), "attribute lens_path is missing"),
+        (lambda f: f.attrs.__delitem__("started_at"), "attribute started_at is missing"),
+        (lambda f: f.attrs.__setitem__("versions", "not json"), "attribute versions is not valid JSON"),
+        (lambda f: f.attrs.__setitem__("lens_json", "{"), "attribute lens_json is not valid JSON"),
+        (lambda f: f.attrs.__setitem__("sensor_size_mm", "[1, "), "attribute sensor_size_mm is not valid JSON"),
+        (lambda f: f.attrs.__setitem__("sensor_size_mm", "[-1, 2]"), "not two positive millimetres"),
+        (lambda f: f.attrs.__setitem__("depth_plan", "[[["), "attribute depth_plan is not valid JSON"),
+        (lambda f: f.attrs.__setitem__("run_params", "[" * 100_000), "attribute run_params is not valid JSON"),
+        (lambda f: f.attrs.__setitem__("shard_index", "two"), "attribute shard_count is missing"),
+        (lambda f: f.attrs.__setitem__("schema_version", "4"), "schema version '4'"),
+        (lambda f: f.__setitem__("extra", f["grid/psf"]) or f.__delitem__("grid/coords"), "grid/coords"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_grid_values_are_checked_once_where_the_file_is_read(tiny_grid, tmp_path, edit, needle):
+    bad = _edited(tiny_grid, tmp_path, edit)
+    for args in (["info", str(bad)], ["train", "--data", str(bad), "--run-dir", str(tmp_path / "r")]):
+        assert_one_line_error(run_cli(args), needle)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_dangling_or_external_link_is_a_damaged_file(tiny_grid, tmp_path):
+    import h5py
+
+    for link in (h5py.SoftLink("/nowhere"), h5py.ExternalLink("gone.h5", "/coords")):
+        bad = _edited(
+            tiny_grid, tmp_path, lambda f, link=link: (f.__delitem__("grid/coords"), f.__setitem__("grid/coords", link))
+        )
+        assert_one_line_error(run_cli(["info", str(bad)]), "is damaged", "grid/coords")
+
+
+def test_a_grid_with_no_lit_point_is_refused_by_train_and_eval(tiny_grid, tmp_path):
+    def darken(f):
+        f["grid/valid"][...] = 0
+        f["grid/psf"][...] = 0
+
+    bad = _edited(tiny_grid, tmp_path, darken)
+    assert_one_line_error(run_cli(["train", "--data", str(bad), "--run-dir", str(tmp_path / "r")]), "no lit grid PSF")
+    result = run_cli(["eval", "--baselines-only", "--data", str(bad), "--out", str(tmp_path / "ev")])
+    assert_one_line_error(result, "no lit grid PSF")
+    assert not (tmp_path / "r").exists() and not (tmp_path / "ev").exists()
+
+
+@pytest.mark.slow
+def test_a_reader_holding_the_grid_with_hdf5_locking_stops_no_command(tiny_grid, tmp_path):
+    hold = "import h5py, sys, time; f = h5py.File(sys.argv[1], 'r'); print('open', flush=True); time.sleep(60)"
+    env = {k: v for k, v in os.environ.items() if k != "HDF5_USE_FILE_LOCKING"}
+    reader = subprocess.Popen([sys.executable, "-c", hold, str(tiny_grid)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert reader.stdout.readline().strip() == "open"  # HDF5's default shared lock is held now
+        assert run_cli(["info", str(tiny_grid)]).exit_code == 0
+        run = small_config(tiny_grid, tmp_path / "r", max_steps=2, val_every=2, checkpoint_every=2)
+        train(run)
+        result = run_cli(["eval", "--checkpoint", str(tmp_path / "r" / "latest.pt"), "--data", str(tiny_grid), "--out",
+                          str(tmp_path / "ev")])  # fmt: skip
+        assert result.exit_code == 0, result.output
+    finally:
+        reader.kill()
+        reader.wait()
+
+
+def test_training_refuses_a_network_too_large_for_memory_and_an_infinite_pe_scale(tiny_grid, tmp_path):
+    base = ["train", "--data", str(tiny_grid), "--run-dir", str(tmp_path / "r"), "--set"]
+    assert_one_line_error(run_cli([*base, "hidden_dim=1000000000"]), "'hidden_dim' 1000000000", "GiB to train")
+    assert_one_line_error(run_cli([*base, "supersample=1000"]), "'supersample' 1000", "GiB to train")
+    assert_one_line_error(run_cli([*base, "pe_scale=.inf"]), "'pe_scale' must be a positive, finite number")
+    assert not (tmp_path / "r").exists()

@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import ROOT, SMALL, as_schema_2, assert_one_line_error, scalars, small_config, tiny_args, tiny_config
+from helpers import ROOT, SMALL, TINY, as_schema_2, assert_one_line_error, scalars, small_config, tiny_args, tiny_config
 
 from cli import main
 from psfcvae import load_model, train
@@ -167,6 +167,10 @@ def test_virtual_merge_refuses_to_read_when_a_shard_is_gone(three_shards, tmp_pa
     merged = merge([str(p) for p in copies], d / "virtual.h5", virtual=True)
     Path(copies[1]).unlink()
     assert_one_line_error(CliRunner().invoke(main, ["info", str(merged)]), "missing", Path(copies[1]).name)
+    # A shard of another run put at its path (the same command with another seed) is not read either.
+    generate(tiny_config(d / "grid.h5", shard="1/3", seed=TINY["seed"] + 1))
+    for args in (["info", str(merged)], ["train", "--data", str(merged), "--run-dir", str(tmp_path / "r")]):
+        assert_one_line_error(CliRunner().invoke(main, args), "no longer a shard of its run", Path(copies[1]).name)
 
 
 def test_stale_temporary_files_are_removed_and_a_failed_merge_says_why(three_shards, tmp_path, monkeypatch):

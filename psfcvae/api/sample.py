@@ -15,7 +15,7 @@ from psfcvae.api.psfmodel import load_model
 from psfcvae.images import mosaic
 from psfgen.shared import tempfiles
 from psfgen.shared.devices import resolve_device
-from psfgen.shared.errors import InputError
+from psfgen.shared.errors import InputError, os_reason
 from psfgen.shared.tempfiles import make_parent
 
 CHUNK = 4096  # PSFs evaluated at once: bounds the decoder's transient memory
@@ -54,8 +54,7 @@ def sample_psfs(
         with tempfiles.replacing(out) as tmp:  # a failed write leaves the old --out, never a fragment
             _write(tmp, out.suffix, psf, illum, points, grid_m, used_depth, mode, checkpoint, model)
     except OSError as exc:
-        detail = (exc.strerror or str(exc)).splitlines()[0]  # HDF5 appends lines of diagnostics
-        raise InputError(f"cannot write {out}: {detail}") from None
+        raise InputError(f"cannot write {out}: {os_reason(exc)}") from None
     return out
 
 

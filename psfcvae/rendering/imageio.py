@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from psfgen.shared import tempfiles
-from psfgen.shared.errors import InputError
+from psfgen.shared.errors import InputError, os_reason
 
 DEPTH_PNG_SCALE_M = 1e-3  # a 16-bit depth PNG holds millimetres (the Kinect / NYU / TUM convention)
 
@@ -92,7 +92,7 @@ def write_image(path: str | Path, image: torch.Tensor, bits: int = 8) -> Path:
             tempfiles.discard(tmp)
             raise
     except OSError as exc:
-        raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise InputError(f"cannot write {path}: {os_reason(exc)}") from None
     return path
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, replace
 
 from psfgen.shared.configio import check_at_least, check_device, check_grid_size, check_seed
@@ -98,8 +99,9 @@ class TrainConfig:
                 f"must be between 0 and {MAX_FREQUENCIES}, got {self.num_frequencies} "
                 "(finer bands oscillate faster than float32 resolves a coordinate)",
             )
-        if not self.pe_scale > 0:
-            raise InputError.for_key("pe_scale", f"must be positive, got {self.pe_scale}")
+        if not 0 < self.pe_scale < math.inf:
+            raise InputError.for_key("pe_scale", f"must be a positive, finite number, got {self.pe_scale}")
+        check_model_size(self)
         if not 0 < self.learning_rate < math.inf:
             raise InputError.for_key("learning_rate", f"must be a positive, finite number, got {self.learning_rate}")
         for key in (
@@ -139,3 +141,31 @@ class TrainConfig:
             return self.learning_rate
         t = min(step / self.max_steps, 1.0)
         return self.learning_rate * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+# Bytes per network parameter while training: the weights, their gradients and Adam's two moments, in float32.
+BYTES_PER_PARAMETER = 16
+
+
+def check_model_size(cfg: TrainConfig) -> None:
+    """Refuse, before a run directory exists, networks whose training state cannot fit in this machine's memory
+    (--set hidden_dim=1000000000 would otherwise fail in the allocator). The count is an upper estimate of the
+    encoder, prior and decoder MLPs (psfcvae/model/cvae.py) with the canonical decoder's supersampled output."""
+    k_out = 3 * (cfg.kernel_size_small * cfg.supersample) ** 2
+    cond_features = 2 * cfg.num_frequencies * 3
+    h, layers = cfg.hidden_dim, cfg.num_layers
+    mlp = lambda inputs, outputs: inputs * h + max(layers - 1, 0) * h * h + h * outputs  # noqa: E731
+    encoder = mlp(3 * cfg.kernel_size_small**2 + cond_features, 2 * cfg.latent_dim)
+    prior = mlp(cond_features, 2 * cfg.latent_dim)
+    decoder = mlp(cfg.latent_dim + cond_features, k_out)
+    need = BYTES_PER_PARAMETER * (encoder + prior + decoder)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > ram / 2:
+        keys = ("hidden_dim", "num_layers", "latent_dim", "supersample")
+        changed = sorted(keys, key=lambda k: getattr(cfg, k) == getattr(TrainConfig, k))  # named first: a changed one
+        sizes = ", ".join(f"{{{k}}} {getattr(cfg, k)}" for k in changed)
+        raise InputError.for_keys(
+            f"a network of {sizes} needs about {need / 2**30:.3g} GiB to train, more than half of this machine's "
+            f"{ram / 2**30:.1f} GiB; choose smaller values",
+            *changed,
+        )

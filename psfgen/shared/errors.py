@@ -45,5 +45,11 @@ class InputError(ValueError):
         return (type(self), (self.template, self.names))
 
 
+def os_reason(exc: BaseException) -> str:
+    """An OSError's (or a library's) reason in one short line: HDF5 appends lines of diagnostics to its own."""
+    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return text.splitlines()[0][:200]
+
+
 class DamagedFile(InputError):
     """A file of ours whose structure is broken (a dataset missing, an index out of range)."""
