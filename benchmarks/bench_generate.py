@@ -5,7 +5,7 @@ Both run in this process, on the same device, over the same blocks of points, al
 best repetition of each counts. Prints, at each spp, PSFs/s of each, their ratio and the
 peak resident memory of each phase. psfgen searches each point's chief ray once where
 ``psf_rgb`` searches it for each colour (8192 rays at a time), so the ratio is above 1 and
-grows as spp falls; the wrapper's own work (downsampling, border statistics, illumination
+grows as spp falls; the wrapper's own work (downsampling, kept shares, illumination
 counts, HDF5 writes) must cost nothing next to tracing.
 
     python benchmarks/bench_generate.py [--grid-size 7] [--spp 10000,100000] [--device auto]

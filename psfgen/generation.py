@@ -36,7 +36,7 @@ from psfgen.shared.errors import InputError, os_reason
 from psfgen.shared.provenance import now, versions
 from psfgen.trace import illumination
 from psfgen.trace.lens import LensFile, build_lens, deeplens_notes, read_lens_file
-from psfgen.trace.resample import METHOD, border_fraction, downsample
+from psfgen.trace.resample import METHOD, downsample
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def check_memory(cfg: GenerateConfig, device: torch.device) -> None:
 def _check_disk(out: Path, sizes: dict, share: float) -> None:
     """Refuse a new file whose PSFs would not fit on the disk (they are written block by block)."""
     D, P, S, M, k = (sizes[x] for x in ("D", "P", "S", "M", "k"))
-    need = share * (4 * (3 * k * k + 6) + 3) * (D * P + D * S + 2 * M)  # psf, border, illumination, valid
+    need = share * (4 * (3 * k * k + 6) + 3) * (D * P + D * S + 2 * M)  # psf, kept, illumination, valid
     free = shutil.disk_usage(out.parent).free
     if need > free:
         raise InputError(
@@ -317,7 +317,7 @@ def _trace_all(run: Run) -> Path:
     gridfile.finish(
         out, finished_at=now(), wall_time_s=time.time() - run.started, trace_seconds=float(written.seconds.sum())
     )
-    _warn_truncation(written.border[written.lit], cfg)
+    _warn_truncation(written)
     if shard is None:
         litfield.report_dark(written.lit, depths, out)
         log.info("sampling: %s", spacing.check_file(written).describe())
@@ -413,15 +413,16 @@ def _trace_block(run: Run, lens, index: int, block: Block, points: Points, axis:
             "finished blocks are kept: fix the cause and run the same command again"
         ) from None
     at_axis = illumination.axis_at(points.depths, axis, depth_m)  # [B, 3]
-    illum, valid = illumination.relative(rays.cpu().numpy(), window.cpu().numpy(), spp, at_axis)
+    rays, window = rays.cpu().numpy(), window.cpu().numpy()  # [B, 3] valid rays, of them inside the window
+    illum, valid = illumination.relative(rays, window, spp, at_axis)
+    kept = illumination.kept(rays, window)  # [B, 3]
     # A channel with too few rays is stored as dark (zeros, valid 0), never as a PSF of noise.
     small = downsample(psf, cfg.kernel_size_small).cpu().numpy() * valid[..., None, None]  # [B, 3, k, k]
-    border = border_fraction(psf).cpu().numpy() * valid  # [B, 3]; a dark channel has no energy to truncate
     if not np.isfinite(small).all():
         raise InputError(f"tracing {where} gave non-finite PSFs; check the lens file and --depths")
     seconds = time.perf_counter() - t0
     try:
-        gridfile.write_block(run.out, index, block, small, border, seconds, illum, valid.astype(np.uint8))
+        gridfile.write_block(run.out, index, block, small, kept, seconds, illum, valid.astype(np.uint8))
     except OSError as exc:
         raise InputError(
             f"cannot write {run.out} ({os_reason(exc)}, e.g. a full disk); the blocks "
@@ -463,17 +464,40 @@ def _depths_text(depth_m: np.ndarray) -> str:
     return f"{lo:g} m" if lo == hi else f"{lo:g}-{hi:g} m"
 
 
-def _warn_truncation(border: np.ndarray, cfg: GenerateConfig) -> None:
-    worst = float(border.max()) if border.size else 0.0
-    n_bad = int((border.max(axis=-1) > gridfile.TRUNCATION_LIMIT).sum())
-    if n_bad:
-        log.warning(
-            "%d grid PSFs have more than %.0f%% of their energy on the border of the %d-px window "
-            "(worst %.1f%%): DeepLens drops rays outside it, so they are truncated. Use a larger "
-            "--kernel-size (e.g. %d) or coarser sensor pixels (a smaller sensor_res in the lens file).",
-            n_bad,
-            100 * gridfile.TRUNCATION_LIMIT,
-            cfg.kernel_size,
-            100 * worst,
-            int(cfg.kernel_size * 1.5),
-        )
+def _warn_truncation(grid: GridFile) -> None:
+    """Warn when lit grid PSFs keep less than KEPT_LIMIT of their valid rays in the traced window, naming the worst
+    and the cost of the remedy (a larger window spreads each stored kernel pixel over more sensor pixels)."""
+    kept = grid.light_kept()
+    if not kept.below:
+        return
+    pixel_um = 1000.0 * grid.sensor_size_mm[0] / grid.sensor_res[0]
+    larger = suggested_kernel_size(grid.kernel_size, kept.worst)
+    log.warning(
+        "%d of %d lit grid PSFs keep less than %.0f%% of their valid rays in the %d-px traced window%s (worst %.1f%%, "
+        "%s): DeepLens drops the rays beyond the window, so these PSFs are truncated. Use a larger --kernel-size "
+        "(e.g. %d or more, what a uniform blur disc keeping %.1f%% would need); a stored kernel pixel spans "
+        "kernel_size x sensor pixel / kernel_size_small = %d x %.3g um / %d = %.3g um now, %.3g um at %d px.",
+        kept.below,
+        kept.total,
+        100 * gridfile.KEPT_LIMIT,
+        grid.kernel_size,
+        f" ({kept.dark} of them stored as dark: too few of their rays in the window for a PSF)" if kept.dark else "",
+        100 * kept.worst,
+        kept.where(),
+        larger,
+        100 * kept.worst,
+        grid.kernel_size,
+        pixel_um,
+        grid.kernel_size_small,
+        1000.0 * grid.kernel_pitch_mm,
+        larger * pixel_um / grid.kernel_size_small,
+        larger,
+    )
+
+
+def suggested_kernel_size(kernel_size: int, kept: float) -> int:
+    """A window side [px] that would hold a blur of which a kernel_size window keeps the share ``kept``, were it a
+    uniform disc of radius R covering the window: kept = kernel_size² / (π R²), and the side 2R holds it all.
+    Rounded up to a multiple of 8 and at least kernel_size + 8. A guess: coma and other tails need more."""
+    side = 2.0 * kernel_size / np.sqrt(np.pi * max(kept, 1e-4))
+    return max(kernel_size + 8, int(np.ceil(side / 8.0)) * 8)

@@ -1,21 +1,21 @@
 """The HDF5 grid file: the one module that creates, writes, opens and reads it.
 
-Layout (schema 4; docs/dataset.md):
+Layout (schema 5; docs/dataset.md):
 
     /depths             [D] float64, object depths [m], strictly ascending
     /wvln               [3] float64, wavelengths [µm], order R, G, B
     /grid/coords        [P, 2] float64, (x, y) in [-1, 1], P = N*N, flat index = row*N + col
     /grid/neighbors     [E, 2] int32, undirected pairs, E = 2N(N-1) + 2(N-1)^2
     /grid/psf           [D, P, 3, k, k] float32, each channel sums to 1 (0 where dark)
-    /grid/border        [D, P, 3] float32, energy fraction on the border of the traced kernel_size window
+    /grid/kept          [D, P, 3] float32, valid rays inside the traced kernel_size window / valid rays (0: none)
     /grid/illumination  [D, P, 3] float32, valid rays / launched, over the same on axis (1 on axis, 0 dark)
     /grid/valid         [D, P, 3] uint8, 1 where enough rays arrived for a PSF (else the PSF channel is 0)
     /axis/fraction      [D, 3] float64, valid-ray fraction of the on-axis point at each depth
     /noise/index        [S] int64, grid points traced a second time, strictly ascending
-    /noise/psf          [D, S, 3, k, k], /noise/border, illumination, valid [D, S, 3]
+    /noise/psf          [D, S, 3, k, k], /noise/kept, illumination, valid [D, S, 3]
     /heldout/coords     [M, 2], /heldout/depth [M] [m], /heldout/at_grid_depth [M] bool
     /heldout/psf_a, psf_b    [M, 3, k, k], two independent traces at heldout_spp/2 each
-    /heldout/border_a|b, illumination_a|b, valid_a|b  [M, 3]
+    /heldout/kept_a|b, illumination_a|b, valid_a|b  [M, 3]
     /blocks/table       [B, 4] int64 (kind, depth index or -1, start, stop)
     /blocks/done        [B] uint8, 1 once the block's PSFs are written
     /blocks/seconds     [B] float64, tracing time of each block [s]
@@ -49,10 +49,11 @@ from psfgen.shared import tempfiles
 from psfgen.shared.errors import DamagedFile, InputError
 
 FORMAT = "psf-cvae.grid"
-SCHEMA_VERSION = 4
-# A PSF with more than this fraction of a channel's energy on the traced window's border is truncated
-# (DeepLens drops the rays beyond it): generate warns, info and the eval report count them.
-TRUNCATION_LIMIT = 0.01
+SCHEMA_VERSION = 5
+# A lit PSF channel should keep at least this fraction of its valid rays inside the traced window: DeepLens
+# drops the rays beyond it before binning, so a channel keeping less is truncated (generate warns, info and
+# the eval report count them).
+KEPT_LIMIT = 0.99
 KINDS = ("grid", "noise", "heldout_a", "heldout_b")
 # A stored PSF channel sums to 1 (or 0 where dark): float32 area sums stay well within this.
 SUM_TOLERANCE = 1e-3
@@ -75,12 +76,35 @@ class Block:
         return Block(KINDS[int(row[0])], int(row[1]), int(row[2]), int(row[3]))
 
 
+@dataclass(frozen=True)
+class LightKept:
+    """How much of their valid rays the lit grid PSFs keep inside the traced window (:meth:`GridFile.light_kept`).
+
+    Lit here means what the lens lights: every channel gets at least valid_min_rays valid rays, wherever they land.
+    A window that keeps too few of them stores the point as dark (``dark``), the worst truncation of all."""
+
+    window_px: int  # the traced window's side, kernel_size [px]
+    total: int  # lit grid PSFs counted (written blocks)
+    below: int  # of them, those with a channel keeping less than KEPT_LIMIT: truncated
+    dark: int  # of those, the ones stored as dark: too few of their rays in the window for a PSF
+    mean: float  # mean kept share over their channels (NaN when total is 0)
+    worst: float  # the least kept share of a lit channel (1 when total is 0), and where it is:
+    point: int  # flat grid index (-1 when total is 0)
+    xy: tuple[float, float]  # its normalised (x, y)
+    depth_m: float  # its depth [m]
+    channel: int  # 0, 1, 2: R, G, B
+
+    def where(self) -> str:
+        """'channel B of point (-1, -1) at 1 m'"""
+        return f"channel {'RGB'[self.channel]} of point ({self.xy[0]:.3g}, {self.xy[1]:.3g}) at {self.depth_m:g} m"
+
+
 def block_datasets(kind: str) -> tuple[str, ...]:
-    """The datasets a block of ``kind`` writes: psf, border, illumination, valid."""
+    """The datasets a block of ``kind`` writes: psf, kept, illumination, valid."""
     if kind in ("grid", "noise"):
-        return tuple(f"{kind}/{x}" for x in ("psf", "border", "illumination", "valid"))
+        return tuple(f"{kind}/{x}" for x in ("psf", "kept", "illumination", "valid"))
     half = kind[-1]
-    return tuple(f"heldout/{x}_{half}" for x in ("psf", "border", "illumination", "valid"))
+    return tuple(f"heldout/{x}_{half}" for x in ("psf", "kept", "illumination", "valid"))
 
 
 # Datasets fixed when the run starts, identical in every shard of a run.
@@ -148,15 +172,15 @@ def create(path: Path, *, attrs: dict, arrays: dict, sizes: dict, blocks: list[B
         with h5py.File(tmp, "w") as f:
             _write_header(f, attrs, arrays)
             _early(f, "grid/psf", (D, P, 3, k, k), np.float32)
-            _early(f, "grid/border", (D, P, 3), np.float32)
+            _early(f, "grid/kept", (D, P, 3), np.float32)
             _early(f, "noise/psf", (D, S, 3, k, k), np.float32)
-            _early(f, "noise/border", (D, S, 3), np.float32)
+            _early(f, "noise/kept", (D, S, 3), np.float32)
             for kind, shape in (("grid", (D, P, 3)), ("noise", (D, S, 3))):
                 _early(f, f"{kind}/illumination", shape, np.float32)
                 _early(f, f"{kind}/valid", shape, np.uint8)
             for half in "ab":
                 _early(f, f"heldout/psf_{half}", (M, 3, k, k), np.float32)
-                _early(f, f"heldout/border_{half}", (M, 3), np.float32)
+                _early(f, f"heldout/kept_{half}", (M, 3), np.float32)
                 _early(f, f"heldout/illumination_{half}", (M, 3), np.float32)
                 _early(f, f"heldout/valid_{half}", (M, 3), np.uint8)
             f.create_dataset("blocks/table", data=np.array([b.row() for b in blocks], dtype=np.int64).reshape(-1, 4))
@@ -173,17 +197,17 @@ def write_block(
     index: int,
     block: Block,
     psf: np.ndarray,
-    border: np.ndarray,
+    kept: np.ndarray,
     seconds: float,
     illumination: np.ndarray,
     valid: np.ndarray,
 ) -> None:
-    """Store one traced block: psf [B, 3, k, k], border, illumination, valid [B, 3]; then mark it done."""
+    """Store one traced block: psf [B, 3, k, k], kept, illumination, valid [B, 3]; then mark it done."""
     # No file lock: a reader (psf info, a user's h5py) must not make the run fail, and a
     # block write changes raw data only, never the metadata a reader depends on.
     with h5py.File(path, "r+", locking=False) as f:
         sl = _where(block)
-        for name, value in zip(block_datasets(block.kind), (psf, border, illumination, valid)):
+        for name, value in zip(block_datasets(block.kind), (psf, kept, illumination, valid)):
             f[name][sl] = value
         f["blocks/seconds"][index] = seconds
         f.flush()  # the data before the mark, so a mark never points at missing data
@@ -276,8 +300,8 @@ def write_copy(tmp: Path, attrs: dict, shards: list[GridFile]) -> None:
     create(tmp, attrs=attrs, arrays=arrays, sizes=sizes, blocks=first.blocks)
     n = len(shards)
     for i, block in enumerate(first.blocks):
-        psf, border, illumination, valid = shards[i % n].read_block(block)
-        write_block(tmp, i, block, psf, border, float(shards[i % n].seconds[i]), illumination, valid)
+        psf, kept, illumination, valid = shards[i % n].read_block(block)
+        write_block(tmp, i, block, psf, kept, float(shards[i % n].seconds[i]), illumination, valid)
     finish(tmp, trace_seconds=float(sum(s.seconds[k::n].sum() for k, s in enumerate(shards))))
 
 
@@ -442,7 +466,7 @@ class GridFile:
     axis_fraction: np.ndarray  # [D, 3]
     illumination: np.ndarray  # [D, P, 3] float32, relative illumination of the grid
     valid: np.ndarray  # [D, P, 3] bool, channels that hold a PSF
-    border: np.ndarray  # [D, P, 3] float32, energy on the traced window's border
+    kept: np.ndarray  # [D, P, 3] float32, share of the valid rays inside the traced window (0: no valid ray)
     blocks: tuple[Block, ...]
     done: np.ndarray  # [B] bool, blocks written
     seconds: np.ndarray  # [B] s, tracing time per block
@@ -555,13 +579,16 @@ class GridFile:
         _check_range("grid/illumination", illumination, 0.0, MAX_ILLUMINATION)
         valid = _array(f, "grid/valid", (D, P, 3))
         _check_range("grid/valid", valid, 0, 1)
-        border = _array(f, "grid/border", (D, P, 3)).astype(np.float32)
-        _check_range("grid/border", border, -1e-6, 1.0 + 1e-6)  # float32 rounding of energy fractions
+        # Shares of counted rays, written within 0..1: anything else (or NaN) is damage, in every group.
+        kept = _array(f, "grid/kept", (D, P, 3)).astype(np.float32)
+        _check_range("grid/kept", kept, 0.0, 1.0)
+        for name, shape in (("noise/kept", (D, S, 3)), ("heldout/kept_a", (M, 3)), ("heldout/kept_b", (M, 3))):
+            _check_range(name, _array(f, name, shape), 0.0, 1.0)
         shapes = {"grid/psf": (D, P, 3, k, k), "noise/psf": (D, S, 3, k, k), "noise/valid": (D, S, 3)}
         for half in "ab":
             shapes |= {f"heldout/psf_{half}": (M, 3, k, k), f"heldout/valid_{half}": (M, 3)}
-            shapes |= {f"heldout/illumination_{half}": (M, 3), f"heldout/border_{half}": (M, 3)}
-        shapes |= {"noise/illumination": (D, S, 3), "noise/border": (D, S, 3), "grid/border": (D, P, 3)}
+            shapes |= {f"heldout/illumination_{half}": (M, 3)}
+        shapes |= {"noise/illumination": (D, S, 3)}
         for name, shape in shapes.items():
             if name not in f or not isinstance(f[name], h5py.Dataset):
                 raise _Damaged(f"dataset {name} is missing")
@@ -624,7 +651,7 @@ class GridFile:
             axis_fraction=axis,
             illumination=illumination,
             valid=valid.astype(bool),
-            border=border,
+            kept=kept,
             blocks=tuple(blocks),
             done=done.astype(bool),
             seconds=seconds,
@@ -723,6 +750,37 @@ class GridFile:
         n = sum(self.blocks[i].stop - self.blocks[i].start for i in grid)
         secs = float(self.seconds[grid].sum()) if grid else 0.0
         return (n / secs, n) if n and secs > 0 else None
+
+    @property
+    def lights(self) -> np.ndarray:
+        """[D, P] bool: grid points whose every channel gets at least valid_min_rays valid rays, wherever they land
+        (lit, or stored as dark only because the traced window holds too few of them)."""
+        # illumination = (valid rays / spp) / the axis's fraction, in float32: a whole count once rounded
+        rays = np.rint(self.illumination * self.axis_fraction[:, None, :] * self.spp)  # [D, P, 3]
+        return (rays >= self.valid_min_rays).all(axis=-1) | self.lit
+
+    def light_kept(self) -> LightKept:
+        """The share of their valid rays the lit grid PSFs (:attr:`lights`) keep inside the traced window, over the
+        written blocks. A dark channel (no valid ray: kept 0) is never counted as truncated."""
+        lit = self.traced_grid() & self.lights  # [D, P]
+        if not lit.any():
+            nan = float("nan")
+            return LightKept(self.kernel_size, 0, 0, 0, nan, 1.0, -1, (nan, nan), nan, -1)
+        masked = np.where(lit[..., None], self.kept, np.inf)  # [D, P, 3]
+        d, p, c = np.unravel_index(int(np.argmin(masked)), masked.shape)
+        cut = lit & (self.kept.min(axis=-1) < KEPT_LIMIT)  # [D, P]: a PSF is as truncated as its worst channel
+        return LightKept(
+            window_px=self.kernel_size,
+            total=int(lit.sum()),
+            below=int(cut.sum()),
+            dark=int((cut & ~self.lit).sum()),
+            mean=float(self.kept[lit].mean(dtype=np.float64)),
+            worst=float(masked[d, p, c]),
+            point=int(p),
+            xy=(float(self.coords[p, 0]), float(self.coords[p, 1])),
+            depth_m=float(self.depths[d]),
+            channel=int(c),
+        )
 
     @property
     def kernel_pitch_mm(self) -> float:
@@ -832,7 +890,7 @@ class GridFile:
         return out
 
     def read_block(self, block: Block) -> tuple[np.ndarray, ...]:
-        """The stored (psf [B, 3, k, k], border, illumination, valid [B, 3]) of one block."""
+        """The stored (psf [B, 3, k, k], kept, illumination, valid [B, 3]) of one block."""
         sl = _where(block)
         return tuple(self._dataset(name, sl) for name in block_datasets(block.kind))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -19,6 +20,7 @@ from helpers import ROOT, TINY, assert_one_line_error, run_cli, sha, tiny_args, 
 from cli import main
 from psfgen import generate
 from psfgen.config import DEFAULT_LENS
+from psfgen.plan.grid import grid_coords
 
 
 @pytest.fixture()
@@ -110,7 +112,18 @@ def test_info_cli(tiny_grid, tmp_path):
     result = run_cli(["info", str(tiny_grid)])
     assert result.exit_code == 0 and "14/14 traced" in result.output
     assert "4 x 4 points, kernel_size 64 px traced -> kernel_size_small 15 px stored" in result.output
-    assert "energy on the 64-px window border" in result.output
+    # The light-kept line, recomputed from the raw datasets: the lit PSFs (every channel valid), a PSF counted as
+    # truncated when a channel keeps under 99% of its valid rays.
+    with h5py.File(tiny_grid) as f:
+        kept, lit = f["grid/kept"][:].astype(np.float64), f["grid/valid"][:].astype(bool).all(axis=-1)
+    line = next(x for x in result.output.splitlines() if x.startswith("light kept"))
+    below = int((kept.min(axis=-1)[lit] < 0.99).sum())
+    assert line.startswith(
+        f"light kept  valid rays inside the 64-px traced window: mean {100 * kept[lit].mean():.2f}%, "
+        f"min {100 * kept[lit].min():.2f}% (channel "
+    ), line
+    assert line.endswith(f"), {below} of {int(lit.sum())} lit PSFs below 99% (truncated)"), line
+    assert below > 0  # the default lens's 64-px window truncates some of these (docs/dataset.md)
     assert_one_line_error(run_cli(["info", str(tmp_path / "none.h5")]), "does not exist")
 
 
@@ -148,7 +161,7 @@ def test_resume_after_kill_9_equals_uninterrupted_run(tmp_path):
             np.testing.assert_array_equal(f["grid/psf"][d, lo:hi], first_done[d, lo:hi])
         for name in (
             "grid/psf",
-            "grid/border",
+            "grid/kept",
             "noise/psf",
             "heldout/psf_a",
             "heldout/psf_b",
@@ -289,3 +302,44 @@ def test_a_damaged_file_is_named_damaged_not_foreign(tmp_path, tiny_grid):
     assert_one_line_error(run_cli(tiny_args(out)), "is damaged: dataset noise/psf is missing", "--overwrite")
     out.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)  # an HDF5 signature and nothing readable after it
     assert_one_line_error(run_cli(tiny_args(out)), "cannot be opened (damaged", "--overwrite")
+
+
+@pytest.mark.parametrize("value", [1.5, float("nan"), -0.1])
+@pytest.mark.parametrize("name", ["grid/kept", "heldout/kept_b"])
+def test_a_kept_share_outside_0_to_1_is_a_damaged_file_in_one_line(tmp_path, tiny_grid, name, value):
+    out = tmp_path / "g.h5"
+    shutil.copy(tiny_grid, out)
+    with h5py.File(out, "r+") as f:
+        f[name][0, 1] = value
+    assert_one_line_error(run_cli(["info", str(out)]), f"{out} is damaged: {name} holds values outside 0..1 (or NaN)")
+
+
+def test_a_window_that_cuts_light_is_warned_with_the_measured_share_and_one_that_holds_it_is_not(tmp_path, caplog):
+    """A user's --kernel-size on the default lens at 1 m: 32 px keeps under 60% of the rays of every point, and so
+    few of the corners' (~2%) that they are stored as dark; 320 px (more than the 250-282 px its corners need at 1
+    and 5 m) keeps them all."""
+    small = dict(grid_size=3, depths=(1.0,), heldout=0, noise_points=0, spp=2000)
+    with caplog.at_level(logging.WARNING, logger="psfgen"):
+        result = run_cli(tiny_args(tmp_path / "cut.h5", kernel_size=32, **small))
+    assert result.exit_code == 0, result.output
+    with h5py.File(tmp_path / "cut.h5") as f:
+        kept, valid, illum = f["grid/kept"][0], f["grid/valid"][0].astype(bool), f["grid/illumination"][0]
+    assert (illum > 0.5).all() and (kept.max(axis=-1) < 0.6).all()  # the whole field is lit, every PSF cut
+    corners = [0, 2, 6, 8]
+    assert not valid[corners].any() and valid[[1, 3, 4, 5, 7]].all()  # stored as dark by the window alone
+    p, c = np.unravel_index(kept.argmin(), kept.shape)
+    assert p in corners
+    (warning,) = [r.getMessage() for r in caplog.records if "lit grid PSFs keep less than" in r.getMessage()]
+    assert warning.startswith(
+        "9 of 9 lit grid PSFs keep less than 99% of their valid rays in the 32-px traced window (4 of them "
+        f"stored as dark: too few of their rays in the window for a PSF) (worst {100 * kept.min():.1f}%, channel "
+        f"{'RGB'[c]} of point ({grid_coords(3)[p, 0]:.3g}, {grid_coords(3)[p, 1]:.3g}) at 1 m)"
+    ), warning
+    assert "--kernel-size (e.g. " in warning and "32 x 2.52 um / 15 = 5.38 um now" in warning, warning
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="psfgen"):
+        result = run_cli(tiny_args(tmp_path / "whole.h5", kernel_size=320, **small))
+    assert result.exit_code == 0, result.output
+    assert "keep less than" not in caplog.text
+    with h5py.File(tmp_path / "whole.h5") as f:
+        assert (f["grid/kept"][:] >= 0.99).all() and f["grid/valid"][:].all()

@@ -11,6 +11,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from deeplens import GeoLens
 from helpers import assert_deeplens_psfs, tiny_config
 
 from psfgen import GridFile, generate
@@ -22,14 +23,14 @@ from psfgen.shared.errors import InputError
 from psfgen.shared.metrics import rel_l2
 from psfgen.trace import illumination
 from psfgen.trace.lens import build_lens, read_lens_file
-from psfgen.trace.resample import area_matrix, border_fraction, downsample
+from psfgen.trace.resample import area_matrix, downsample
 
 
 def test_file_layout_and_invariants(tiny_grid):
     N, D, k = 4, 2, 15
     with h5py.File(tiny_grid, "r") as f:
         a = f.attrs
-        assert a["format"] == "psf-cvae.grid" and a["schema_version"] == 4
+        assert a["format"] == "psf-cvae.grid" and a["schema_version"] == 5
         assert set(json.loads(a["versions"])) >= {"psf-cvae", "deeplens-core", "torch", "h5py"}
         lens_bytes = open(DEFAULT_LENS, "rb").read()
         assert a["lens_sha256"] == hashlib.sha256(lens_bytes).hexdigest()
@@ -49,7 +50,13 @@ def test_file_layout_and_invariants(tiny_grid):
         assert f["depths"].attrs["units"] == "m"
         np.testing.assert_allclose(f["wvln"][:], [0.656, 0.587, 0.486])
         assert f["grid/neighbors"].shape == (2 * N * (N - 1) + 2 * (N - 1) ** 2, 2)
-        assert f["grid/border"].shape == (D, N * N, 3)
+        # The share of valid rays inside the 64-px window, stored for every group: the default lens's 64-px window
+        # loses light at every one of these points (its corners keep ~10-20%), yet no lit channel keeps nothing.
+        for name, shape in (("grid/kept", (D, N * N, 3)), ("noise/kept", (D, 4, 3)), ("heldout/kept_a", (8, 3))):
+            kept = f[name][:]
+            assert kept.shape == shape and kept.dtype == np.float32, name
+            assert ((kept > 0) & (kept <= 1)).all(), name
+        assert (f["grid/kept"][:] < 0.99).any() and (f["heldout/kept_b"][:] > 0).all()
         assert f["blocks/done"][:].all()
         # The default lens lights its whole field: every channel valid, none darker than 90% of the axis.
         assert f["grid/valid"][:].all() and f["heldout/valid_a"][:].all()
@@ -101,11 +108,12 @@ def test_downsampling_preserves_energy_and_matches_supersampling():
     np.testing.assert_allclose(out, blocks / blocks.sum(axis=(-2, -1), keepdims=True), rtol=1e-5)
 
 
-def test_border_fraction():
-    psf = torch.zeros(1, 3, 8, 8)
-    psf[0, :, 4, 4] = 0.9
-    psf[0, :, 0, 3] = 0.1
-    np.testing.assert_allclose(border_fraction(psf).numpy(), 0.1, rtol=1e-6)
+def test_kept_is_the_share_of_valid_rays_in_the_window_and_0_without_any():
+    rays = np.array([[2000.0, 1000.0, 0.0], [4000.0, 3.0, 100.0]])  # valid rays [B, 3]
+    window = np.array([[1500.0, 1000.0002, 0.0], [4000.0, 0.0, 25.0]])  # a float32 sum may pass the count by ~1e-7
+    kept = illumination.kept(rays, window)
+    assert kept.dtype == np.float32
+    np.testing.assert_array_equal(kept, np.array([[0.75, 1.0, 0.0], [1.0, 0.0, 0.25]], np.float32))
 
 
 def test_grid_psfs_are_deeplens_psfs(tiny_grid):
@@ -132,7 +140,7 @@ def test_same_seed_same_psfs_whatever_ran_before(tmp_path, tiny_grid):
     torch.rand(1000)
     other = generate(tiny_config(tmp_path / "again.h5"))
     with h5py.File(tiny_grid, "r") as f, h5py.File(other, "r") as g:
-        for name in ("grid/psf", "noise/psf", "heldout/psf_a", "heldout/psf_b", "grid/border"):
+        for name in ("grid/psf", "noise/psf", "heldout/psf_a", "heldout/psf_b", "grid/kept", "heldout/kept_a"):
             np.testing.assert_array_equal(f[name][:], g[name][:])
     different = generate(tiny_config(tmp_path / "seed8.h5", seed=8, heldout=0, noise_points=0))
     with h5py.File(tiny_grid, "r") as f, h5py.File(different, "r") as g:
@@ -149,7 +157,7 @@ def test_block_seeds_are_distinct():
 
 def test_info_summary(tiny_grid):
     text = summary(tiny_grid)
-    for needle in ("4 x 4 points", "0.5, 2", "2000 (grid)", "14/14 traced", "truncation", "noise floor", "acl12708u"):
+    for needle in ("4 x 4 points", "0.5, 2", "2000 (grid)", "14/14 traced", "light kept", "noise floor", "acl12708u"):
         assert needle in text, needle
     assert GridFile.open(tiny_grid).complete
 
@@ -188,3 +196,49 @@ def test_another_tracer_does_not_resume_a_file(tmp_path, tiny_grid, monkeypatch)
     monkeypatch.setattr(illumination, "TRACER_VERSION", illumination.TRACER_VERSION + 1)
     with pytest.raises(InputError, match="holds another run"):
         generate(tiny_config(copy))
+
+
+def _bare_deeplens_counts(lens, x: float, y: float, depth_m: float, spp: int, sides=(64, 400)) -> np.ndarray:
+    """Valid rays per channel (R, G, B) of the point (x, y) [normalised] at depth_m [m] that land inside square
+    windows of ``sides`` [px] around its chief ray, counted with DeepLens alone as ``GeoLens.psf_geometric`` frames
+    its PSF: rays sampled from the point into the pupil, traced to the sensor, x and y flipped, a window of side ks
+    keeping |offset| < (ks / 2 - 0.5) px (DeepLens's ``forward_integral``). Returns [3, len(sides)]."""
+    z = torch.tensor([-1000.0 * depth_m], dtype=lens.dtype)
+    scale = lens.calc_scale(z)
+    w, h = lens.sensor_size
+    obj = torch.stack([x * scale * w / 2, y * scale * h / 2, z], dim=-1)  # [1, 3] mm, as psf_geometric builds it
+    counts = np.zeros((3, len(sides)))
+    with torch.no_grad():
+        centre = lens.psf_center(obj, method="chief_ray")[0]  # its own bundle at the primary wavelength [mm]
+        for c, wvln in enumerate(lens.wvln_rgb):
+            ray = lens.sample_from_points(points=obj, num_rays=spp, wvln=wvln)
+            ray.is_coherent = False
+            ray = lens.trace2sensor(ray)
+            hit = -ray.o[0, :, :2][ray.is_valid[0] > 0]  # [valid rays, 2] mm, flipped as DeepLens bins them
+            offset = (hit - centre).abs().max(dim=-1).values / lens.pixel_size  # Chebyshev distance [px]
+            counts[c] = [int((offset < ks / 2 - 0.5).sum()) for ks in sides]
+    return counts
+
+
+def test_kept_is_what_bare_deeplens_counts_in_a_much_wider_window(tmp_path):
+    """The stored kept share against an independent count: the default lens's axis and corner (−1, −1) at 1 and 5 m,
+    traced by DeepLens alone, valid rays inside the 64-px window over those inside a 400-px one (all of them)."""
+    spp, depths = 4000, (1.0, 5.0)
+    out = generate(tiny_config(tmp_path / "k.h5", grid_size=3, depths=depths, spp=spp, heldout=0, noise_points=0))
+    with h5py.File(out) as f:
+        stored = f["grid/kept"][:]  # [2, 9, 3]
+        coords = f["grid/coords"][:]
+    lens = GeoLens(filename=DEFAULT_LENS, device="cpu")
+    torch.manual_seed(2024)  # not the file's seeds: an independent Monte Carlo draw
+    expected = np.zeros((2, 2, 3))
+    for d, depth in enumerate(depths):
+        for i, p in enumerate((4, 6)):  # (0, 0) and (−1, −1)
+            assert tuple(coords[p]) == ((0.0, 0.0), (-1.0, -1.0))[i]
+            n64, n400 = _bare_deeplens_counts(lens, *coords[p], depth, spp).T
+            assert (n400 >= 0.999 * spp).all()  # the wide window holds (nearly) every launched ray: all valid here
+            expected[d, i] = n64 / n400
+            # Two independent binomial draws of about spp rays each, and a chief ray found in other bundles.
+            sigma = np.sqrt(2 * expected[d, i] * (1 - expected[d, i]) / spp)
+            np.testing.assert_array_less(np.abs(stored[d, p] - expected[d, i]), 4 * sigma + 0.01)
+    # What the window loses (issue's bare-DeepLens figures): a fifth of R on the axis at 1 m, most of the corners.
+    assert 0.7 < expected[0, 0, 0] < 0.9 and expected[0, 0, 2] > 0.93 and (expected[:, 1] < 0.25).all(), expected

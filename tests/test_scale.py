@@ -22,11 +22,13 @@ from psfgen.merge import merge
 
 COMPARED = (
     "grid/psf",
-    "grid/border",
+    "grid/kept",
+    "noise/kept",
     "noise/psf",
     "heldout/psf_a",
     "heldout/psf_b",
-    "heldout/border_b",
+    "heldout/kept_a",
+    "heldout/kept_b",
     "blocks/done",
     "grid/illumination",
     "grid/valid",

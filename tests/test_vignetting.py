@@ -22,6 +22,7 @@ from helpers import (
 )
 
 from psfcvae import load_model, train
+from psfgen import GridFile
 from psfgen.plan.grid import grid_coords, neighbour_pairs
 from psfgen.shared.errors import InputError
 from psfgen.trace.illumination import axis_fraction, min_rays, trace_counted
@@ -84,6 +85,17 @@ def test_counted_psfs_are_deeplens_psfs(singlet):
     assert rays[3].max() == 0 and (window <= rays + 1e-3).all() and rays[0].min() == 3000
 
 
+def test_dark_channels_keep_0_and_are_never_called_truncated(vignetted_grid):
+    grid = GridFile.open(vignetted_grid)
+    corners = [0, 3, 12, 15]  # no valid ray at all (test above)
+    assert (grid.illumination[:, corners] == 0).all() and (grid.kept[:, corners] == 0).all()
+    others = np.delete(grid.kept, corners, axis=1)
+    assert (others > 0.5).all() and (others < 1).any()  # lit points; (±1/3, ±1) lose some light at 2 m
+    kept = grid.light_kept()
+    assert (kept.total, kept.dark) == (2 * 12, 0) and kept.point not in corners
+    assert kept.below == int((others.min(axis=-1) < 0.99).sum()) and kept.worst == others.min()
+
+
 def test_info_reports_the_lit_field(vignetted_grid):
     result = run_cli(["info", str(vignetted_grid)])
     assert result.exit_code == 0, result.output
@@ -113,10 +125,12 @@ def test_a_file_of_another_schema_version_is_refused_in_one_line(tiny_grid, tmp_
     old = tmp_path / "old.h5"
     shutil.copy(tiny_grid, old)
     with h5py.File(old, "r+") as f:
-        f.attrs["schema_version"] = 3
+        f.attrs["schema_version"] = 4  # the schema before grid/kept
     before = old.read_bytes()
     for args in (["info", str(old)], ["train", "--data", str(old), "--run-dir", str(tmp_path / "r")], tiny_args(old)):
-        assert_one_line_error(run_cli(args), "schema version 3", "regenerate it with 'psf generate'")
+        assert_one_line_error(
+            run_cli(args), "schema version 4", "this psf-cvae reads 5", "regenerate it with 'psf generate'"
+        )
     assert old.read_bytes() == before and not (tmp_path / "r").exists()
 
 

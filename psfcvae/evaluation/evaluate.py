@@ -31,7 +31,7 @@ from psfcvae.evaluation.metrics import measured_points, rel_l2_corrected, spearm
 from psfcvae.optics import grid_optics
 from psfcvae.training.data import lit_only
 from psfgen.analysis.litfield import image_circle, radii
-from psfgen.gridfile import TRUNCATION_LIMIT, GridFile
+from psfgen.gridfile import KEPT_LIMIT, GridFile
 from psfgen.shared.configio import check_at_least, check_device, check_seed
 from psfgen.shared.devices import resolve_device
 from psfgen.shared.errors import InputError
@@ -352,7 +352,8 @@ def optics(info: GridFile) -> dict:
     lens = json.loads(info.lens_json)
     geometry = grid_optics(info)
     size, res = geometry["sensor_size_mm"], geometry["sensor_res"]
-    worst = info.border.max(axis=-1)  # [D, P]; 0 at a dark point
+    kept = info.light_kept()
+    at = {"x": kept.xy[0], "y": kept.xy[1], "depth_m": kept.depth_m, "channel": "RGB"[kept.channel]}
     return {
         "lens_path": info.lens_path,
         "lens_description": str(lens.get("info", "")),
@@ -365,11 +366,15 @@ def optics(info: GridFile) -> dict:
         "traced_kernel_px": info.kernel_size,
         "kernel_px": info.kernel_size_small,
         "kernel_pitch_um": 1000.0 * geometry["kernel_pitch_mm"],
+        # A lit grid PSF is truncated when a channel keeps under KEPT_LIMIT of its valid rays in the traced window.
         "truncation": {
-            "limit": TRUNCATION_LIMIT,
-            "truncated": int((worst > TRUNCATION_LIMIT).sum()),
-            "total": int(worst.size),
-            "worst": float(worst.max()),
+            "kept_limit": KEPT_LIMIT,
+            "truncated": kept.below,
+            "dark_by_window": kept.dark,
+            "total": kept.total,
+            "mean_kept": kept.mean if kept.total else None,
+            "worst_kept": kept.worst,
+            "worst_at": at if kept.total else None,
         },
     }
 

@@ -163,12 +163,20 @@ def _truncation(result: dict) -> str:
     t, o = result["optics"]["truncation"], result["optics"]
     if not t["truncated"]:
         return ""
+    at = t["worst_at"]
     return (
-        f'<p class="warn" id="truncation">Truncated PSFs: {t["truncated"]} of {t["total"]} grid PSFs have more '
-        f"than {100 * t['limit']:.0f}% of their energy on the border of the {o['traced_kernel_px']}-px traced "
-        f"window (worst {100 * t['worst']:.1f}%). Rays beyond the window are lost, so these PSFs (often the field "
-        "corners or strong defocus) are clipped, for every method and the reference alike. Trace with a larger "
-        "kernel (<code>psf generate --kernel-size</code>) to avoid it.</p>"
+        f'<p class="warn" id="truncation">Truncated PSFs: {t["truncated"]} of {t["total"]} lit grid PSFs keep less '
+        f"than {100 * t['kept_limit']:.0f}% of their valid rays inside the {o['traced_kernel_px']}-px traced window "
+        + (
+            f"({t['dark_by_window']} of them stored as dark: too few rays in the window for a PSF) "
+            if t["dark_by_window"]
+            else ""
+        )
+        + f"(worst {100 * t['worst_kept']:.1f}%, channel {at['channel']} of point ({at['x']:.3g}, {at['y']:.3g}) at "
+        f"{at['depth_m']:g} m; mean {100 * t['mean_kept']:.1f}%). DeepLens drops the rays beyond the window, so "
+        "these PSFs (often the field corners or strong defocus) are clipped, for every method and the reference "
+        "alike. Trace with a larger kernel (<code>psf generate --kernel-size</code>, at a coarser kernel pitch: "
+        "kernel_size × sensor pixel / kernel_size_small) to avoid it.</p>"
     )
 
 

@@ -8,7 +8,7 @@ from psfgen.analysis.litfield import summary_lines
 from psfgen.analysis.spacing import check_file as check_spacing
 from psfgen.analysis.symmetry import check_file as check_symmetry
 from psfgen.config import NOISE_POINTS, default_noise_points
-from psfgen.gridfile import FORMAT, SCHEMA_VERSION, TRUNCATION_LIMIT, GridFile
+from psfgen.gridfile import FORMAT, KEPT_LIMIT, SCHEMA_VERSION, GridFile
 from psfgen.shared.metrics import rel_l2
 
 
@@ -78,17 +78,16 @@ def summary(path) -> str:
         lines.insert(
             1, f"merged      from {len(grid.merged_from)} shards" + (" (virtual datasets)" if grid.virtual else "")
         )
-    # PSFs whose block is done, less the dark points: they have no PSF to be truncated
-    traced = grid.traced_grid() & grid.lit  # [D, P]
     speed = grid.grid_speed()
     if speed is not None:
         lines.append(f"speed       {speed[0]:.2f} grid PSFs/s at spp {grid.spp}")
-    if traced.any():
-        worst = grid.border.max(axis=-1)[traced]
+    kept = grid.light_kept()  # the lit PSFs whose block is done: a dark point has no PSF to be truncated
+    if kept.total:
         lines.append(
-            f"truncation  energy on the {grid.kernel_size}-px window border: mean {100 * worst.mean():.2f}%, "
-            f"max {100 * worst.max():.2f}%, {int((worst > TRUNCATION_LIMIT).sum())} of {worst.size} lit PSFs above "
-            f"{100 * TRUNCATION_LIMIT:g}%"
+            f"light kept  valid rays inside the {kept.window_px}-px traced window: mean {100 * kept.mean:.2f}%, "
+            f"min {100 * kept.worst:.2f}% ({kept.where()}), {kept.below} of {kept.total} lit PSFs below "
+            f"{100 * KEPT_LIMIT:g}% (truncated)"
+            + (f", {kept.dark} of them stored as dark: too few of their rays in the window" if kept.dark else "")
         )
     if grid.n_heldout and grid.done.all():
         held = grid.heldout()

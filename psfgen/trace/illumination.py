@@ -17,7 +17,8 @@ The relative illumination of a point and channel is (valid rays / launched rays)
 same fraction for the on-axis point at the same depth: the mechanical vignetting (rays
 lost on apertures and rims), not the cos⁴ fall-off of the pupil's solid angle (rays are
 launched into the pupil whatever its apparent size). Rays outside the window are not
-vignetting but truncation, measured apart (``grid/border``); they count as light here.
+vignetting but truncation, measured apart: ``kept`` is the share of a channel's valid rays
+inside the window (``grid/kept``); the rays beyond it count as light here.
 """
 
 from __future__ import annotations
@@ -132,3 +133,12 @@ def relative(rays: np.ndarray, window: np.ndarray, spp: int, axis: np.ndarray) -
     with np.errstate(divide="ignore", invalid="ignore"):
         illum = np.where(axis > 0, (rays / spp) / axis, 0.0)
     return illum.astype(np.float32), np.rint(window) >= min_rays(spp)
+
+
+def kept(rays: np.ndarray, window: np.ndarray) -> np.ndarray:
+    """The share of each channel's valid rays inside the window, from ``trace_counted``'s counts ``rays`` and
+    ``window`` [B, 3]: [B, 3] float32 in 0..1. 0 where no ray is valid: such a channel is dark (``relative`` marks it
+    not valid), never truncated."""
+    share = np.where(rays > 0, window / np.maximum(rays, 1.0), 0.0)
+    # The window's count is a float32 sum of bilinear weights: it may pass the exact count by a rounding error.
+    return np.clip(share, 0.0, 1.0).astype(np.float32)

@@ -35,14 +35,3 @@ def downsample(psf: torch.Tensor, kernel_size_small: int) -> torch.Tensor:
     total = out.sum(dim=(-2, -1), keepdim=True)
     out = out / torch.where(total > 0, total, torch.ones_like(total))
     return out.to(torch.float32)
-
-
-def border_fraction(psf: torch.Tensor) -> torch.Tensor:
-    """Fraction of each kernel's energy on its outermost pixel ring: [..., ks, ks] -> [...].
-
-    DeepLens drops rays that land outside the window and renormalises, so energy near
-    the border is the visible sign that some was lost beyond it.
-    """
-    total = psf.sum(dim=(-2, -1))
-    inner = psf[..., 1:-1, 1:-1].sum(dim=(-2, -1))
-    return ((total - inner) / total.clamp_min(1e-30)).to(torch.float32)
