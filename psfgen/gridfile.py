@@ -538,7 +538,8 @@ class GridFile:
             raise _Damaged("heldout/depth holds NaN or inf")
         ho_at = _array(f, "heldout/at_grid_depth", (M,)).astype(bool)
         ho_part = _array(f, "heldout/part", (M,))
-        _check_range("heldout/part", ho_part, VALIDATION, TEST)
+        if not np.isin(ho_part, (VALIDATION, TEST)).all():
+            raise _Damaged("heldout/part holds values other than 0 (validation) and 1 (test)")
         axis = _array(f, "axis/fraction", (D, 3)).astype(np.float64)
         _check_range("axis/fraction", axis, 0.0, 1.0)
         illumination = _array(f, "grid/illumination", (D, P, 3)).astype(np.float32)
@@ -646,8 +647,8 @@ class GridFile:
         return len(self.heldout_depth)
 
     def n_part(self, part: str) -> int:
-        """How many held-out points are validation or test points."""
-        return int((self.heldout_part == PARTS[part]).sum())
+        """How many held-out points are validation points, test points, or both ("all")."""
+        return self.n_heldout if part == "all" else int((self.heldout_part == PARTS[part]).sum())
 
     @property
     def n_noise(self) -> int:

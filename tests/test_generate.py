@@ -79,6 +79,15 @@ def test_file_layout_and_invariants(tiny_grid):
         for got, expected in zip((xy, depth, at, f["heldout/part"][:]), want):
             np.testing.assert_array_equal(got, expected)
         assert f["heldout/part"].dtype == np.uint8 and f["heldout/part"][:].tolist() == [1, 0] * 4
+    grid = GridFile.open(tiny_grid)  # the parts as GridFile reads them: the validation and test points, together all
+    val, test, every = (grid.heldout(part) for part in ("validation", "test", "all"))
+    assert val["index"].tolist() == [1, 3, 5, 7] and test["index"].tolist() == [0, 2, 4, 6]
+    assert (grid.n_part("validation"), grid.n_part("test"), grid.n_part("all")) == (4, 4, 8)
+    for key in ("coords", "depth", "ref", "illumination", "lit"):
+        np.testing.assert_array_equal(test[key], every[key][test["index"]])
+        np.testing.assert_array_equal(val[key], every[key][val["index"]])
+    with pytest.raises(ValueError, match="part must be one of"):
+        grid.heldout("train")
         pa, pb = f["heldout/psf_a"][:], f["heldout/psf_b"][:]
         np.testing.assert_allclose(pa.sum(axis=(-2, -1)), 1.0, atol=1e-5)
         assert not np.array_equal(pa, pb)

@@ -274,6 +274,7 @@ def test_damaged_grid_files_are_one_line(tiny_grid, tmp_path):
         (lambda f: f.attrs.__setitem__("run_params", "{not json"), "run_params"),
         (lambda f: f["noise/index"].__setitem__(0, 99), "noise/index holds 99"),
         (lambda f: f["grid/neighbors"].__setitem__((0, 1), -5), "grid/neighbors holds -5"),
+        (lambda f: f["heldout/part"].__setitem__(2, 7), "heldout/part holds values other than 0 (validation)"),
     ):
         shutil.copy(tiny_grid, bad)
         with h5py.File(bad, "r+") as f:
