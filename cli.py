@@ -368,13 +368,16 @@ def train(config_path, sets, resume, **options):
     if main_rank:
         best = run_dir / "best.pt"
         click.echo(
-            f"checkpoints: {run_dir / 'latest.pt'}" + (f", {best} (best held-out error)" if best.exists() else "")
+            f"checkpoints: {run_dir / 'latest.pt'}"
+            + (f", {best} (lowest error on the validation points)" if best.exists() else "")
         )
         click.echo(f"TensorBoard logs: {run_dir / 'tb'}  (tensorboard --logdir {run_dir / 'tb'})")
         ckpt = best if best.exists() else run_dir / "latest.pt"
+        # best.pt was chosen on the validation points only, so the test points psf eval scores stay unseen
         click.echo(
             "next: "
             + shlex.join(["psf", "eval", "--checkpoint", str(ckpt), "--data", cfg.data, "--out", str(run_dir / "eval")])
+            + "  # scores the test points, never seen in training nor used to choose the checkpoint"
         )
 
 

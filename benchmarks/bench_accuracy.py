@@ -1,7 +1,8 @@
 """The whole pipeline on one lens: generate -> train (one or more configurations) -> eval.
 
 Prints one table: each trained configuration's prior mean (the PSF `psf sample` returns)
-and every interpolation baseline, as relative L2 on held-out points the model never saw,
+and every interpolation baseline, as relative L2 on the file's test points (held-out points
+the model never saw and that chose no checkpoint; psf eval scores nothing else),
 noise-corrected and pooled (docs/metrics.md), overall, at grid depths and between them;
 ray tracing at the training spp; the model's PSFs/s over ray tracing's. Files go to
 --work (default runs/bench_accuracy/LENS); an existing grid file there is reused, so a
@@ -42,7 +43,9 @@ from psfgen.shared import configio
 
 ROOT = Path(__file__).resolve().parent.parent
 # About the same ray budget for both lenses (spp 1e5; 768 and 720 grid PSFs); 96 held-out
-# points with a reference at spp 4e5 in two halves. The condenser's PSFs change fast over
+# points with a reference at spp 4e5 in two halves: 23 validation and 73 test points, the
+# radius bands holding 8, 12, 29 and 24 test points from the axis out (psfgen/plan/grid.py;
+# 40 points give each band 8, so 96 needs no raise). The condenser's PSFs change fast over
 # the field and slowly with depth: 16 x 16 points at 3 depths. The triplet, refocused to
 # 5 m, is the opposite (bicubic is within 1.5% over a 16 x 16 field, but a PSF between
 # 5 m and 20 m is no blend of the two): 12 x 12 points at 5 depths from 3 to 20 m.
@@ -177,7 +180,8 @@ def main() -> None:
     depths = ", ".join(f"{d:g}" for d in configio.build(GenerateConfig, grid_cfg).depth_values())
     print(
         f"lens {args.lens}: grid {grid_cfg['grid_size']}x{grid_cfg['grid_size']}, depths {depths} m, "
-        f"spp {grid_cfg['spp']}, {heldout[0]} held-out points at spp {heldout[1]}"
+        f"spp {grid_cfg['spp']}, {heldout[0]} held-out points at spp {heldout[1]} (scored: the "
+        f"{next(iter(results.values()))['protocol']['test_points']} test points)"
         + (f"; train overrides {args.sets}" if args.sets else "")
     )
     print(summary_table(results))
@@ -190,7 +194,7 @@ def main() -> None:
         if r.get("heldout_dark") or "illumination" in r:
             il = r.get("illumination", {})
             print(
-                f"{name}: {r.get('heldout_dark', 0)} dark held-out points left out; illumination mean |error| "
+                f"{name}: {r.get('heldout_dark', 0)} dark test points left out; illumination mean |error| "
                 f"{il.get('abs_error', {}).get('mean', float('nan')):.3f}, lit/dark agreement "
                 f"{100 * il.get('lit_agreement', float('nan')):.0f}%"
             )

@@ -59,6 +59,7 @@ def build_big_file(tmp: Path, n: int, depths: tuple) -> Path:
         "heldout/coords": np.zeros((0, 2)),
         "heldout/depth": np.zeros(0),
         "heldout/at_grid_depth": np.zeros(0, bool),
+        "heldout/part": np.zeros(0, np.uint8),
         "axis/fraction": np.ones((len(depths), 3)),
     }
     gridfile.create(big, attrs=attrs, arrays=arrays, sizes=dict(D=len(depths), P=n * n, S=0, M=0, k=15), blocks=blocks)

@@ -26,8 +26,9 @@ REQUIRED = (
     "rng",
     "loss_window",
     "optics",
+    "selection",  # the validation points and score that chose it (psfcvae/training/loop.py selection())
 )
-SCHEMA_VERSION = 3  # the only one read: a checkpoint of another is refused (retrain)
+SCHEMA_VERSION = 4  # the only one read: a checkpoint of another is refused (retrain)
 
 
 def data_fingerprint(info: GridFile) -> dict:
@@ -85,10 +86,24 @@ def load(path: str | Path, map_location="cpu") -> dict:
     missing = [k for k in REQUIRED if k not in ckpt]
     if missing:
         raise InputError(f"checkpoint {path} lacks '{missing[0]}'; it was not written by 'psf train' or was edited")
+    if not _valid_selection(ckpt["selection"]):
+        raise InputError(
+            f"checkpoint {path} holds no valid 'selection'; it was not written by 'psf train' or was edited"
+        )
     bad = [name for name, t in ckpt["model"].items() if torch.is_tensor(t) and not torch.isfinite(t).all()]
     if bad:
         raise InputError(f"checkpoint {path} holds non-finite weights ({bad[0]}); use another checkpoint or retrain")
     return ckpt
+
+
+def _valid_selection(sel) -> bool:
+    """A selection record: its part and metric, and its points as [x, y, depth] number triples."""
+    if not (isinstance(sel, dict) and isinstance(sel.get("part"), str) and isinstance(sel.get("metric"), str)):
+        return False
+    points = sel.get("points")
+    return isinstance(points, list) and all(
+        isinstance(p, list) and len(p) == 3 and all(isinstance(v, float) for v in p) for p in points
+    )
 
 
 def check_same_data(ckpt: dict, info: GridFile, what: str) -> None:

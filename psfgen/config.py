@@ -51,7 +51,7 @@ class GenerateConfig:
     ray_budget: int | None = None
     kernel_size: int = 64  # traced kernel side [px] (DeepLens's ks)
     kernel_size_small: int = 15  # stored kernel side [px] after exact-area downsampling
-    heldout: int = 256  # off-grid evaluation points (half at grid depths, half between)
+    heldout: int = 256  # off-grid evaluation points by radius band: a quarter validation, the rest test
     heldout_spp: int | None = None  # rays of the held-out reference, split in two halves; None: 4*spp
     noise_points: int | None = (
         None  # grid points traced a second time per depth (noise floor); None: default_noise_points

@@ -28,7 +28,14 @@ from psfgen.analysis import litfield, spacing
 from psfgen.config import GenerateConfig, resolve
 from psfgen.gridfile import Block, GridFile
 from psfgen.plan import budget, depthplan
-from psfgen.plan.grid import grid_coords, heldout_points, neighbour_pairs, noise_indices
+from psfgen.plan.grid import (
+    MIN_TEST_PER_BAND,
+    band_test_counts,
+    grid_coords,
+    heldout_points,
+    neighbour_pairs,
+    noise_indices,
+)
 from psfgen.shared import locking, tempfiles
 from psfgen.shared.configio import to_json
 from psfgen.shared.devices import resolve_device
@@ -274,7 +281,7 @@ def _trace_all(run: Run) -> Path:
     N = cfg.grid_size
     coords = grid_coords(N)
     noise_idx = noise_indices(N, cfg.noise_points, cfg.seed)
-    ho_coords, ho_depth, ho_at = heldout_points(N, depths, cfg.heldout, cfg.seed)
+    ho_coords, ho_depth, ho_at, ho_part = heldout_points(N, depths, cfg.heldout, cfg.seed)
     points = Points(depths, coords, noise_idx, ho_coords.reshape(-1, 2), ho_depth)
     blocks = plan_blocks(cfg, len(depths), cfg.heldout)
     # A shard owns every N-th block: round-robin keeps the shards' work about equal.
@@ -295,6 +302,7 @@ def _trace_all(run: Run) -> Path:
         log.info("resuming %s: %d/%d blocks already traced", out, done[mine].sum(), mine.sum())
     else:
         axis = _trace_axis(lens, depths, cfg)  # before the file exists: a lens that lights nothing leaves none
+        _warn_few_test_points(cfg.heldout)
         arrays = {
             "depths": depths,
             "wvln": np.asarray(lens.wvln_rgb, dtype=np.float64),
@@ -304,6 +312,7 @@ def _trace_all(run: Run) -> Path:
             "heldout/coords": points.ho_coords,
             "heldout/depth": ho_depth,
             "heldout/at_grid_depth": ho_at,
+            "heldout/part": ho_part,
             "axis/fraction": axis,
         }
         _create(run, _header(run, lens), arrays, blocks)
@@ -323,6 +332,17 @@ def _trace_all(run: Run) -> Path:
         log.info("sampling: %s", spacing.check_file(written).describe())
     log.info("wrote %s", out)
     return out
+
+
+def _warn_few_test_points(m: int) -> None:
+    """psf eval's error per radius band stands on each band's test points: say so when a band has few."""
+    test = band_test_counts(m)
+    if m and test.min() < MIN_TEST_PER_BAND:
+        log.warning(
+            "%d held-out points leave %s test points in the 4 radius bands (fewer than %d): psf eval's per-band "
+            "errors stand on few points; --heldout 40 or more gives each band at least %d",
+            m, "/".join(map(str, test)), MIN_TEST_PER_BAND, MIN_TEST_PER_BAND,
+        )  # fmt: skip
 
 
 def _header(run: Run, lens) -> dict:

@@ -14,6 +14,7 @@ Layout (schema 5; docs/dataset.md):
     /noise/index        [S] int64, grid points traced a second time, strictly ascending
     /noise/psf          [D, S, 3, k, k], /noise/kept, illumination, valid [D, S, 3]
     /heldout/coords     [M, 2], /heldout/depth [M] [m], /heldout/at_grid_depth [M] bool
+    /heldout/part       [M] uint8, 0 validation (psf train chooses best.pt on them), 1 test (psf eval scores them)
     /heldout/psf_a, psf_b    [M, 3, k, k], two independent traces at heldout_spp/2 each
     /heldout/kept_a|b, illumination_a|b, valid_a|b  [M, 3]
     /blocks/table       [B, 4] int64 (kind, depth index or -1, start, stop)
@@ -45,6 +46,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from psfgen.plan.grid import TEST, VALIDATION
 from psfgen.shared import tempfiles
 from psfgen.shared.errors import DamagedFile, InputError
 
@@ -55,6 +57,7 @@ SCHEMA_VERSION = 5
 # the eval report count them).
 KEPT_LIMIT = 0.99
 KINDS = ("grid", "noise", "heldout_a", "heldout_b")
+PARTS = {"validation": VALIDATION, "test": TEST, "all": None}  # GridFile.heldout(part): heldout/part's values
 # A stored PSF channel sums to 1 (or 0 where dark): float32 area sums stay well within this.
 SUM_TOLERANCE = 1e-3
 # Relative illumination is 1 on the axis; a lens may be brighter off axis, never by this much.
@@ -117,6 +120,7 @@ FIXED = (
     "heldout/coords",
     "heldout/depth",
     "heldout/at_grid_depth",
+    "heldout/part",
     "blocks/table",
     "axis/fraction",
 )
@@ -463,6 +467,7 @@ class GridFile:
     heldout_coords: np.ndarray  # [M, 2]
     heldout_depth: np.ndarray  # [M] m
     heldout_at_grid_depth: np.ndarray  # [M] bool
+    heldout_part: np.ndarray  # [M] uint8, VALIDATION (0) or TEST (1)
     axis_fraction: np.ndarray  # [D, 3]
     illumination: np.ndarray  # [D, P, 3] float32, relative illumination of the grid
     valid: np.ndarray  # [D, P, 3] bool, channels that hold a PSF
@@ -573,6 +578,9 @@ class GridFile:
         if not np.isfinite(ho_depth).all():
             raise _Damaged("heldout/depth holds NaN or inf")
         ho_at = _array(f, "heldout/at_grid_depth", (M,)).astype(bool)
+        ho_part = _array(f, "heldout/part", (M,))
+        if not np.isin(ho_part, (VALIDATION, TEST)).all():
+            raise _Damaged("heldout/part holds values other than 0 (validation) and 1 (test)")
         axis = _array(f, "axis/fraction", (D, 3)).astype(np.float64)
         _check_range("axis/fraction", axis, 0.0, 1.0)
         illumination = _array(f, "grid/illumination", (D, P, 3)).astype(np.float32)
@@ -648,6 +656,7 @@ class GridFile:
             heldout_coords=ho_coords,
             heldout_depth=ho_depth,
             heldout_at_grid_depth=ho_at,
+            heldout_part=ho_part.astype(np.uint8),
             axis_fraction=axis,
             illumination=illumination,
             valid=valid.astype(bool),
@@ -680,6 +689,10 @@ class GridFile:
     @property
     def n_heldout(self) -> int:
         return len(self.heldout_depth)
+
+    def n_part(self, part: str) -> int:
+        """How many held-out points are validation points, test points, or both ("all")."""
+        return self.n_heldout if part == "all" else int((self.heldout_part == PARTS[part]).sum())
 
     @property
     def n_noise(self) -> int:
@@ -868,10 +881,13 @@ class GridFile:
         psf = self._checked("noise/psf", psf, valid, where, self.written("noise"))
         return {"psf": psf, "valid": valid, "index": self.noise_index}
 
-    def heldout(self) -> dict:
-        """The held-out set: coords [M, 2], depth [M] m, at_grid_depth [M], psf_a / psf_b [M, 3, k, k]
-        (checked), ref (their mean), illumination [M, 3] (mean of the halves) and lit [M] (both halves
-        valid in every channel)."""
+    def heldout(self, part: str = "all") -> dict:
+        """The held-out points of ``part`` ("validation": what training chooses a checkpoint on, "test": what
+        evaluation scores, "all"): index [n] (into the file's M points), coords [n, 2], depth [n] m,
+        at_grid_depth [n], psf_a / psf_b [n, 3, k, k] (checked), ref (their mean), illumination [n, 3] (mean of
+        the halves) and lit [n] (both halves valid in every channel)."""
+        if part not in PARTS:
+            raise ValueError(f"part must be one of {', '.join(PARTS)}, not {part!r}")
         out = {"coords": self.heldout_coords, "depth": self.heldout_depth, "at_grid_depth": self.heldout_at_grid_depth}
         valid = {}
         for half in "ab":
@@ -887,7 +903,9 @@ class GridFile:
         out["illumination"] = 0.5 * (out.pop("illumination_a") + out.pop("illumination_b"))
         out["lit"] = (valid["a"] & valid["b"]).all(axis=1)
         out["ref"] = 0.5 * (out["psf_a"] + out["psf_b"])
-        return out
+        out["index"] = np.arange(self.n_heldout)
+        keep = self.heldout_part == PARTS[part] if part != "all" else slice(None)
+        return {k: v[keep] for k, v in out.items()}
 
     def read_block(self, block: Block) -> tuple[np.ndarray, ...]:
         """The stored (psf [B, 3, k, k], kept, illumination, valid [B, 3]) of one block."""

@@ -273,8 +273,11 @@ def test_train_names_its_checkpoints_and_the_eval_command(tiny_grid, tmp_path):
     assert result.exit_code == 0, result.output
     assert f"checkpoints: {tmp_path / 'r' / 'latest.pt'}" in result.output
     nxt = next(line for line in result.output.splitlines() if line.startswith("next: "))
-    assert shlex.split(nxt)[1:4] == ["psf", "eval", "--checkpoint"] and (tmp_path / "r" / "best.pt").exists()
-    assert str(tiny_grid) in nxt
+    # best.pt, chosen on the validation points: the checkpoint honest to score on the test points
+    assert shlex.split(nxt, comments=True)[1:5] == ["psf", "eval", "--checkpoint", str(tmp_path / "r" / "best.pt")]
+    assert str(tiny_grid) in nxt and nxt.endswith("# scores the test points, never seen in training nor used to choose "
+                                                   "the checkpoint")  # fmt: skip
+    assert f"{tmp_path / 'r' / 'best.pt'} (lowest error on the validation points)" in result.output
 
 
 def test_ctrl_c_in_generate_prints_the_resume_command(tmp_path):

@@ -202,25 +202,54 @@ def test_eval_cli_writes_report(tiny_run, tiny_grid, tmp_path):
     assert "bilinear" in r.stdout and "cvae prior mean" in r.stdout and "report.html" in r.stdout
     assert max(map(len, r.stdout.splitlines())) <= 100, r.stdout  # a terminal's width, with the table's columns
     metrics = json.loads((out / "metrics.json").read_text())
+    # Only the test points are scored (part 1 of heldout/part): the validation points chose the checkpoint.
     with h5py.File(tiny_grid) as f:
-        at = f["heldout/at_grid_depth"][:]
-        per_depth = {f"at {d:g} m" for d in f["heldout/depth"][:][at]}
+        test = f["heldout/part"][:] == 1
+        xy, d, a, b = (f[f"heldout/{x}"][:][test] for x in ("coords", "depth", "psf_a", "psf_b"))
+        at = f["heldout/at_grid_depth"][:][test]
+    assert test.sum() == 4
+    per_depth = {f"at {v:g} m" for v in d[at]} | ({"between 0.5 and 2 m"} if (~at).any() else set())
+    radius = np.hypot(xy[:, 0], xy[:, 1])
+    bands = {
+        label
+        for label, lo, hi in (
+            ("r [0, 0.15)", 0, 0.15),
+            ("r [0.15, 0.5)", 0.15, 0.5),
+            ("r [0.5, 0.9)", 0.5, 0.9),
+            ("r [0.9, 1.41]", 0.9, 2),
+        )
+        if ((radius >= lo) & (radius < hi)).any()
+    }
+    assert len(bands) == 4  # one test point per band in the tiny file
     for method in ("cvae prior mean", "cvae prior sample", "nearest", "bilinear", "eigen-psf (32)"):
         m = metrics["heldout"][method]
-        assert set(m) == {"all", "at grid depths", "between grid depths"} | per_depth
-        assert m["all"]["raw"]["n"] == 8
+        assert set(m) == {"all", "at grid depths", "between grid depths"} | per_depth | bands
+        assert m["all"]["raw"]["n"] == 4 and sum(m[g]["raw"]["n"] for g in bands) == 4
+    assert metrics["heldout_groups"]["radius band"] == ["r [0, 0.15)", "r [0.15, 0.5)", "r [0.5, 0.9)", "r [0.9, 1.41]"]
     assert metrics["raytrace_at_training_spp"]["all"]["n"] == 8
     assert metrics["checkpoint"]["step"] == 40 and metrics["data"]["run_id"]
+    assert metrics["data"]["n_test"] == 4 and metrics["data"]["n_validation"] == 4
+    assert metrics["protocol"] == {
+        "scored": "test",
+        "test_points": 4,
+        "validation_points": 4,
+        "statement": "test points: 4, never seen in training nor used to choose this checkpoint",
+    }
+    assert metrics["checkpoint"]["selection"]["part"] == "validation"
+    assert metrics["checkpoint"]["selection"]["n_points"] == 4
+    assert "test points: 4, never seen in training nor used to choose this checkpoint" in r.stdout
     assert "cvae prior mean (cpu)" in metrics["speed_psfs_per_s"]
     # The CVAE's figures recomputed from the file and the model, with the noise correction written out.
     model = load_model(tiny_run / "latest.pt")
-    with h5py.File(tiny_grid) as f:
-        xy, d, a, b = f["heldout/coords"][:], f["heldout/depth"][:], f["heldout/psf_a"][:], f["heldout/psf_b"][:]
     pred = model.psf(xy[:, 0], xy[:, 1], d, allow_extrapolation=True).numpy()
     ref, sq = 0.5 * (a + b), lambda v: (v.astype(np.float64) ** 2).sum(axis=(1, 2, 3))
     num, den = sq(pred - ref) - sq(a - b) / 4, sq(ref) - sq(a - b) / 4
     pooled = metrics["heldout"]["cvae prior mean"]["all"]["corrected"]["pooled"]
     assert pooled == pytest.approx(np.sqrt(max(num.sum(), 0) / den.sum()), rel=1e-4)
+    for label, lo, hi in (("r [0, 0.15)", 0, 0.15), ("r [0.9, 1.41]", 0.9, 2)):  # a band's figure, pooled alike
+        inside = (radius >= lo) & (radius < hi)
+        band = metrics["heldout"]["cvae prior mean"][label]["corrected"]["pooled"]
+        assert band == pytest.approx(np.sqrt(max(num[inside].sum(), 0) / den[inside].sum()), rel=1e-4, abs=1e-9)
     raw = np.sqrt(sq(pred - ref) / sq(ref))  # per point; continuous values, so no ties to rank
     std = model.prior_std(xy[:, 0], xy[:, 1], d, allow_extrapolation=True).numpy()
     rank = lambda v: np.argsort(np.argsort(v)).astype(float)  # noqa: E731
@@ -233,7 +262,7 @@ def test_eval_cli_writes_report(tiny_run, tiny_grid, tmp_path):
     deviation = np.sqrt(sq(got - pred).sum() / sq(pred).sum())
     assert metrics["tabulated"]["deviation_from_network"] == pytest.approx(deviation, rel=1e-3)
     assert 0 < deviation < 0.05
-    assert metrics["heldout"]["cvae prior mean (table)"]["all"]["raw"]["n"] == 8
+    assert metrics["heldout"]["cvae prior mean (table)"]["all"]["raw"]["n"] == 4
     assert "cvae prior mean, table (cpu)" in metrics["speed_psfs_per_s"] and "x the file's ray tracing" in r.stdout
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert {"error_maps.png", "heldout.png", "prior_std.png", "grid_depth0_0.5m.png", "grid_depth1_2m.png"} <= set(pngs)
@@ -332,6 +361,16 @@ def test_report_opens_with_the_headline_and_shows_held_out_points(tiny_run, tiny
     assert "10.76 µm per kernel pixel" in page.ids["context"]
     for term in ("posterior recon", "prior mean", "eigen-PSF (K)", "noise-corrected, pooled", "field coordinates"):
         assert term in page.ids["definitions"]
+    # What was scored, what chose the checkpoint, and the error per radius band.
+    assert page.ids["protocol"] == "test points: 4, never seen in training nor used to choose this checkpoint."
+    assert "radius bands" in page.ids["definitions"] and "validation points" in page.ids["definitions"]
+    for label in metrics["heldout_groups"]["radius band"]:
+        assert label in page.ids["per-band"]
+    band_row = next(row for row in page.rows if row and row[0] == "cvae prior mean" and len(row) == 5)
+    assert band_row[1:] == [
+        f"{100 * metrics['heldout']['cvae prior mean'][g]['corrected']['pooled']:.1f}%"
+        for g in metrics["heldout_groups"]["radius band"]
+    ]
     # The report function alone, with an extra figure (e.g. a resolution chart): embedded like the others.
     from psfcvae.evaluation.report import write_report
 
@@ -576,3 +615,36 @@ def test_nearest_never_answers_with_a_dark_grid_point():
     # (0.1, 0.05) is nearest the dark centre; of the lit points, (1, 0) (index 5) is nearest; (0.9, 0.9) -> (1, 1).
     np.testing.assert_allclose(out[0], grid[0, 5] / grid[0, 5].sum(axis=(-2, -1), keepdims=True), rtol=1e-6)
     np.testing.assert_allclose(out[1], grid[0, 2] / grid[0, 2].sum(axis=(-2, -1), keepdims=True), rtol=1e-6)
+
+
+def test_eval_refuses_a_checkpoint_chosen_on_the_points_it_would_score(tiny_run, tiny_grid, tmp_path):
+    """A checkpoint chosen on the points psf eval would score (another file's split of the same held-out points, or
+    all of them) is refused in one line, as is resuming its run on that split; an edited selection is refused."""
+    from helpers import small_config
+
+    from psfcvae import train
+
+    flipped = tmp_path / "flipped.h5"  # the same points, validation and test swapped
+    shutil.copy(tiny_grid, flipped)
+    with h5py.File(flipped, "r+") as f:
+        f["heldout/part"][...] = 1 - f["heldout/part"][:]
+    out = tmp_path / "e"
+    run = lambda ck, data: CliRunner().invoke(  # noqa: E731
+        main, ["eval", "--checkpoint", str(ck), "--data", str(data), "--out", str(out)]
+    )
+    want = f"checkpoint {tiny_run / 'best.pt'} was chosen on 4 of the 4 test points of {flipped}"
+    assert_one_line_error(run(tiny_run / "best.pt", flipped), want, "retrain on this file")
+    ckpt = torch.load(tiny_run / "best.pt", weights_only=True)
+    info = GridFile.open(tiny_grid)
+    every = np.column_stack([info.heldout_coords, info.heldout_depth]).tolist()
+    torch.save({**ckpt, "selection": {**ckpt["selection"], "part": "all", "points": every}}, tmp_path / "all.pt")
+    assert_one_line_error(run(tmp_path / "all.pt", tiny_grid), "was chosen on 4 of the 4 test points", "all points'")
+    assert not out.exists()
+    for bad in ([[0.1, 0.2]], "everything", [[0.1, 0.2, "far"]]):
+        torch.save({**ckpt, "selection": {**ckpt["selection"], "points": bad}}, tmp_path / "bad.pt")
+        with pytest.raises(InputError, match="holds no valid 'selection'"):
+            load_model(tmp_path / "bad.pt")
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    with pytest.raises(InputError, match="chose best.pt on other validation points than"):
+        train(small_config(flipped, run_dir), resume=True)

@@ -18,7 +18,16 @@ from psfgen import GridFile, generate
 from psfgen.analysis.info import summary
 from psfgen.config import DEFAULT_LENS
 from psfgen.generation import block_seed, plan_blocks, trace_points
-from psfgen.plan.grid import grid_coords, neighbour_pairs
+from psfgen.plan.grid import (
+    RADIUS_BANDS,
+    TEST,
+    VALIDATION,
+    band_counts,
+    grid_coords,
+    heldout_points,
+    neighbour_pairs,
+    radius_band,
+)
 from psfgen.shared.errors import InputError
 from psfgen.shared.metrics import rel_l2
 from psfgen.trace import illumination
@@ -67,12 +76,25 @@ def test_file_layout_and_invariants(tiny_grid):
         assert again.shape == (D, 4, 3, k, k) and not np.array_equal(again, first)
         err = rel_l2(again, first)  # spp 2000: 10-90% Monte Carlo noise; another point's PSF is ~140% off
         assert 0 < err.mean() < 0.8, err
-        # Held-out: off the grid, two independent halves, half between grid depths.
+        # Held-out: off the grid, two independent halves, half between grid depths, the generator's split.
         xy, depth, at = f["heldout/coords"][:], f["heldout/depth"][:], f["heldout/at_grid_depth"][:]
         step = 2 / (N - 1)
         assert np.abs(xy[:, None, :] - grid_coords(N)[None]).max(axis=-1).min() >= 0.1 * step
         assert at.sum() == 4 and set(depth[at]) <= {0.5, 2.0}
         assert ((depth[~at] > 0.5) & (depth[~at] < 2.0)).all()
+        want = heldout_points(N, np.array([0.5, 2.0]), 8, 7)
+        for got, expected in zip((xy, depth, at, f["heldout/part"][:]), want):
+            np.testing.assert_array_equal(got, expected)
+        assert f["heldout/part"].dtype == np.uint8 and f["heldout/part"][:].tolist() == [1, 0] * 4
+    grid = GridFile.open(tiny_grid)  # the parts as GridFile reads them: the validation and test points, together all
+    val, test, every = (grid.heldout(part) for part in ("validation", "test", "all"))
+    assert val["index"].tolist() == [1, 3, 5, 7] and test["index"].tolist() == [0, 2, 4, 6]
+    assert (grid.n_part("validation"), grid.n_part("test"), grid.n_part("all")) == (4, 4, 8)
+    for key in ("coords", "depth", "ref", "illumination", "lit"):
+        np.testing.assert_array_equal(test[key], every[key][test["index"]])
+        np.testing.assert_array_equal(val[key], every[key][val["index"]])
+    with pytest.raises(ValueError, match="part must be one of"):
+        grid.heldout("train")
         pa, pb = f["heldout/psf_a"][:], f["heldout/psf_b"][:]
         np.testing.assert_allclose(pa.sum(axis=(-2, -1)), 1.0, atol=1e-5)
         assert not np.array_equal(pa, pb)
@@ -242,3 +264,60 @@ def test_kept_is_what_bare_deeplens_counts_in_a_much_wider_window(tmp_path):
             np.testing.assert_array_less(np.abs(stored[d, p] - expected[d, i]), 4 * sigma + 0.01)
     # What the window loses (issue's bare-DeepLens figures): a fifth of R on the axis at 1 m, most of the corners.
     assert 0.7 < expected[0, 0, 0] < 0.9 and expected[0, 0, 2] > 0.93 and (expected[:, 1] < 0.25).all(), expected
+
+
+def test_heldout_points_by_radius_band_split_and_depth():
+    """Every radius band holds 8 test points or more from 40 points on, with test points near the axis and in the
+    corners; a quarter of each band validates; each band and part alternates between grid depths and between
+    them; every point stays off the grid; the same seed gives the same points."""
+    depths = np.array([0.5, 1.0, 5.0])
+    for m in (40, 48, 96, 256):
+        for n in (5, 8, 16, 17):
+            xy, depth, at, part = heldout_points(n, depths, m, seed=3)
+            assert xy.shape == (m, 2) and depth.shape == at.shape == part.shape == (m,)
+            band, r = radius_band(xy), np.hypot(xy[:, 0], xy[:, 1])
+            assert (np.diff(band) >= 0).all() and np.bincount(band, minlength=4).tolist() == band_counts(m).tolist()
+            assert np.abs(xy[:, None] - grid_coords(n)[None]).max(axis=-1).min() >= 0.1 * 2 / (n - 1) - 1e-12
+            test = part == TEST
+            for b in range(4):
+                inside = band == b
+                lo, hi = RADIUS_BANDS[b], RADIUS_BANDS[b + 1]
+                assert ((r[inside] >= lo) & (r[inside] <= hi)).all()
+                assert (inside & test).sum() >= 8
+                assert (inside & ~test).sum() == max(1, inside.sum() // 4)  # a quarter validates
+                for which in (test, ~test):
+                    group = inside & which
+                    assert abs(int(at[group].sum()) - int((~at[group]).sum())) <= 1  # half at grid depths
+                    # every grid depth, every interval between two of them, once the group has room for each
+                    if at[group].sum() >= 3:
+                        assert set(depth[group & at]) == set(depths)
+                    between = depth[group & ~at]
+                    assert ((between > 0.5) & (between < 5.0) & ~np.isin(between, depths)).all()
+                    if len(between) >= 2:
+                        assert (between < 1.0).any() and (between > 1.0).any()
+            if n % 2 == 0 or n >= 9:  # on an odd grid of 5 the axis is a grid point 0.05 from its keep-out edge
+                assert (r[test] < 0.05).any()
+            # the corner band's outermost ring (a tenth of its 1.46 of area at most) lies in the corners' squares
+            assert (np.abs(xy[test]).min(axis=1) > 0.7).any()
+            assert 0.2 <= (~test).mean() <= 0.25
+    again = heldout_points(8, depths, 96, seed=3)
+    for a, b in zip(heldout_points(8, depths, 96, seed=3), again):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(heldout_points(8, depths, 96, seed=4)[0], again[0])
+    # The positions do not depend on the depths; one depth: all at it.
+    one = heldout_points(8, np.array([2.0]), 96, seed=3)
+    np.testing.assert_array_equal(one[0], again[0])
+    assert one[2].all() and (one[1] == 2.0).all()
+    assert [len(x) for x in heldout_points(8, depths, 0, seed=3)] == [0, 0, 0, 0]
+    assert (heldout_points(8, depths, 8, seed=3)[3] == VALIDATION).sum() == 4  # one per band of two
+
+
+def test_few_held_out_points_warn_that_the_bands_stand_on_few_test_points(caplog):
+    from psfgen.generation import _warn_few_test_points
+
+    with caplog.at_level("WARNING", logger="psfgen.generation"):
+        _warn_few_test_points(40)
+        _warn_few_test_points(0)
+        assert not caplog.records
+        _warn_few_test_points(16)
+    assert len(caplog.records) == 1 and "3/3/3/3 test points" in caplog.text and "--heldout 40" in caplog.text

@@ -142,7 +142,7 @@ def test_loss_falls_and_event_file_holds_every_tag(tiny_grid, tmp_path):
         "learning_rate",
         "grad_norm",
         "val_prior_mse",
-        "val_heldout_rel_l2",
+        "val_points_rel_l2",
     ):
         assert tag in tags["scalars"], tag
     for tag in ("val_psf_gt", "val_psf_recon", "val_psf_prior"):
@@ -175,8 +175,8 @@ def _check_dashboard(run_dir):
     # gt | recon | prior: three 63-px mosaics upsampled to >= 256 px (x5 = 315), two 4-px gaps.
     img = ea.Images("val_psf_compare")[-1]
     assert (img.width, img.height) == (3 * 315 + 2 * 4, 315)
-    ho = ea.Images("val_heldout_compare")[-1]  # 8 held-out points: 2 rows of 8 kernels, x5
-    assert (ho.width, ho.height) == (5 * (8 * 16 - 1), 5 * (2 * 15 + 1))
+    ho = ea.Images("val_points_compare")[-1]  # the 4 validation points: 2 rows of 4 kernels, x9 (>= 512 px)
+    assert (ho.width, ho.height) == (9 * (4 * 16 - 1), 9 * (2 * 15 + 1))
     assert not (run_dir / "tb" / "hparams").exists()  # no second run of one-point charts
     start = plugin_data_pb2.HParamsPluginData()
     start.ParseFromString(ea.PluginTagToContent("hparams")["_hparams_/session_start_info"])
@@ -274,6 +274,7 @@ def test_damaged_grid_files_are_one_line(tiny_grid, tmp_path):
         (lambda f: f.attrs.__setitem__("run_params", "{not json"), "run_params"),
         (lambda f: f["noise/index"].__setitem__(0, 99), "noise/index holds 99"),
         (lambda f: f["grid/neighbors"].__setitem__((0, 1), -5), "grid/neighbors holds -5"),
+        (lambda f: f["heldout/part"].__setitem__(2, 7), "heldout/part holds values other than 0 (validation)"),
     ):
         shutil.copy(tiny_grid, bad)
         with h5py.File(bad, "r+") as f:
@@ -527,7 +528,7 @@ def test_a_checkpoint_of_another_schema_is_refused_in_one_line(tiny_run, tiny_gr
     shutil.copytree(tiny_run, run_dir)
     latest = run_dir / "latest.pt"
     ckpt = torch.load(latest, weights_only=True)
-    assert ckpt["schema_version"] == checkpoint.SCHEMA_VERSION == 3
+    assert ckpt["schema_version"] == checkpoint.SCHEMA_VERSION == 4
     sample = [
         "sample",
         "--checkpoint",
@@ -539,7 +540,7 @@ def test_a_checkpoint_of_another_schema_is_refused_in_one_line(tiny_run, tiny_gr
         "--out",
         str(tmp_path / "p.npy"),
     ]
-    for version, which in ((2, "an earlier"), (4, "a later")):
+    for version, which in ((3, "an earlier"), (5, "a later")):
         torch.save({**ckpt, "schema_version": version}, latest)
         before = latest.read_bytes()
         want = f"checkpoint {latest} has schema version {version} ({which} psf-cvae); retrain with 'psf train'"
@@ -599,3 +600,42 @@ def test_the_run_records_its_config_resolved_for_the_file(tiny_run):
     ckpt = torch.load(tiny_run / "latest.pt", weights_only=True)
     assert {k: getattr(saved, k) for k in want} == {k: ckpt["config"][k] for k in want} == want
     assert ckpt["model_args"]["frame"] == "canonical" and ckpt["model_args"]["cond_dim"] == 3
+
+
+def test_best_pt_is_chosen_on_the_validation_points_alone(tiny_grid, tiny_run, tmp_path):
+    """The test points never choose a checkpoint: in a copy of the file whose test points hold another reference
+    (flat PSFs, another illumination), the same run writes best.pt at the same step with the same score and logs
+    the same validation scalars. Each checkpoint records the validation points that chose it."""
+    from psfgen.plan.grid import TEST, VALIDATION
+
+    info = GridFile.open(tiny_grid)
+    test = info.heldout_part == TEST
+    assert test.sum() == 4 and (~test).sum() == 4
+    changed = tmp_path / "changed.h5"
+    shutil.copy(tiny_grid, changed)
+    k = info.kernel_size_small
+    with h5py.File(changed, "r+") as f:
+        for half in "ab":
+            psf, illum = f[f"heldout/psf_{half}"][:], f[f"heldout/illumination_{half}"][:]
+            psf[test] = 1.0 / k**2  # still a PSF: each channel sums to 1
+            illum[test] = 0.25
+            f[f"heldout/psf_{half}"][:], f[f"heldout/illumination_{half}"][:] = psf, illum
+    # The change is one a score on the test points would see: the trained model's error there moves.
+    model, other = load_model(tiny_run / "best.pt"), GridFile.open(changed).heldout("test")
+    mine = info.heldout("test")
+    pred = model.psf(mine["coords"][:, 0], mine["coords"][:, 1], mine["depth"], allow_extrapolation=True).numpy()
+    from psfgen.shared.metrics import rel_l2
+
+    assert abs(rel_l2(pred, mine["ref"]).mean() - rel_l2(pred, other["ref"]).mean()) > 0.1
+    run_dir = train(small_config(changed, tmp_path / "run"))
+    a, b = (torch.load(d / "best.pt", weights_only=True) for d in (tiny_run, run_dir))
+    assert (a["step"], a["best_val"]) == (b["step"], b["best_val"])
+    for tag in ("val_points_rel_l2", "val_points_mse", "val_points_illumination_abs"):
+        assert scalars(tiny_run, tag) == scalars(run_dir, tag), tag
+    # What chose it: the file's validation points, by their relative L2; latest.pt records the same points.
+    val = np.column_stack([info.heldout_coords, info.heldout_depth])[info.heldout_part == VALIDATION]
+    assert a["selection"]["points"] == val.tolist() and a["selection"]["part"] == "validation"
+    assert a["selection"]["metric"] == "val_points_rel_l2" and a["selection"]["data_run_id"] == info.run_id
+    assert a["selection"]["chosen_by"] == "lowest val_points_rel_l2"
+    latest = torch.load(tiny_run / "latest.pt", weights_only=True)["selection"]
+    assert latest["chosen_by"] == "last step saved" and latest["points"] == val.tolist()

@@ -137,7 +137,7 @@ def test_a_file_of_another_schema_version_is_refused_in_one_line(tiny_grid, tmp_
 def test_training_on_a_partly_dark_file_leaves_dark_points_out_and_writes_best(vignetted_run, caplog):
     ckpt = torch.load(vignetted_run / "best.pt", weights_only=True)
     assert ckpt["model"]["illumination.any_dark"]
-    heldout = scalars(vignetted_run, "val_heldout_rel_l2")
+    heldout = scalars(vignetted_run, "val_points_rel_l2")
     assert len(heldout) == 3 and all(np.isfinite(v) and 0 < v < 2 for _, v in heldout), heldout
     illum = [v for _, v in scalars(vignetted_run, "loss_illumination")]
     assert illum[-1] < illum[0], illum  # the head learns
@@ -148,9 +148,11 @@ def test_the_dark_point_count_is_logged_once(vignetted_grid, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="psfcvae"):
         train(small_config(vignetted_grid, tmp_path / "r", max_steps=2, val_every=2, checkpoint_every=2))
     lines = [r.getMessage() for r in caplog.records if "dark points left out" in r.getMessage()]
-    # 4 of 16 points dark at each of 2 depths; held-out: the file's own count of points not valid in both halves.
+    # 4 of 16 points dark at each of 2 depths; validation: the file's own count of its validation points (part 0)
+    # not valid in both halves.
     with h5py.File(vignetted_grid) as f:
-        dark_ho = int((~(f["heldout/valid_a"][:] & f["heldout/valid_b"][:]).all(axis=1)).sum())
+        val = f["heldout/part"][:] == 0
+        dark_ho = int((~(f["heldout/valid_a"][:] & f["heldout/valid_b"][:]).all(axis=1))[val].sum())
     # Pairs: the field pairs touching a dark point at each of the 2 depths, plus each dark point's pair across depths.
     pairs = neighbour_pairs(4)
     dark = np.zeros(16, bool)
@@ -159,7 +161,7 @@ def test_the_dark_point_count_is_logged_once(vignetted_grid, tmp_path, caplog):
     assert lines == [
         (
             f"dark points left out: 8 of 32 grid PSFs (their {2 * field + 4} neighbour pairs too) from the "
-            f"PSF losses, {dark_ho} of 16 held-out points from validation"
+            f"PSF losses, {dark_ho} of {int(val.sum())} validation points from validation"
         )
     ], lines
 
@@ -191,16 +193,17 @@ def test_eval_leaves_dark_points_out_and_reports_illumination(vignetted_run, vig
     )
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
-    with h5py.File(vignetted_grid) as f:
-        lit = (f["heldout/valid_a"][:] & f["heldout/valid_b"][:]).all(axis=1)
-    assert 0 < metrics["heldout_dark"] == int((~lit).sum()) < 16
+    with h5py.File(vignetted_grid) as f:  # the test points (part 1) alone are scored
+        test = f["heldout/part"][:] == 1
+        lit = (f["heldout/valid_a"][:] & f["heldout/valid_b"][:]).all(axis=1)[test]
+    assert len(lit) == 24 and 0 < metrics["heldout_dark"] == int((~lit).sum()) < 24
     assert metrics["heldout"]["bilinear"]["all"]["raw"]["n"] == int(lit.sum())
     assert np.isfinite(metrics["heldout"]["cvae prior mean"]["all"]["raw"]["mean"])
     il = metrics["illumination"]
-    assert il["n"] == 16 and il["n_lit"] == int(lit.sum()) and il["abs_error"]["mean"] < 0.3
-    assert f"dark held-out points left out (outside the lit field): {int((~lit).sum())}" in result.output
+    assert il["n"] == 24 and il["n_lit"] == int(lit.sum()) and il["abs_error"]["mean"] < 0.3
+    assert f"dark test points left out (outside the lit field): {int((~lit).sum())}" in result.output
     assert "illumination, model vs traced: mean |error|" in result.output
-    assert f"{int(lit.sum())} lit of 16 points, reference at spp" in result.output  # what the metrics stand on
+    assert f"scored: {int(lit.sum())} lit of 24 test points, reference at spp" in result.output  # what they stand on
 
 
 def test_sample_writes_illumination_and_refuses_a_dark_point(vignetted_run, tmp_path):

@@ -268,7 +268,7 @@ def load_model(path: str | Path, device="auto") -> PSFModel:
         raise InputError(
             f"checkpoint {path} has no valid training depths; it was not written by 'psf train' or was edited"
         )
-    info = {k: ckpt[k] for k in ("step", "config", "data_fingerprint", "versions")}
+    info = {k: ckpt[k] for k in ("step", "config", "data_fingerprint", "versions", "selection")}
     info["path"] = str(path)
     info["optics"] = ckpt["optics"]  # kernel pitch for psf render (psfcvae/optics.py); None: the file lacked it
     model = PSFModel(net.eval(), info)

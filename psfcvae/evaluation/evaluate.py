@@ -1,15 +1,17 @@
 """``psfcvae.evaluate(config)``: the model against ray-traced truth and the interpolation a
-user would otherwise use, on held-out points it never trained on.
+user would otherwise use, on the file's test points: held-out points it never trained on,
+which did not choose the checkpoint either (training chooses best.pt on the validation points).
 
 Three steps a reader can call alone: ``compute_metrics`` (every figure, metrics.json's
 content, plus the arrays behind it), ``eval_figures.make_figures`` (the PNGs) and
 ``report.write_report`` (report.html); ``evaluate`` runs the three.
 
-Methods, all on the same held-out points: the CVAE's prior mean and one prior sample;
+Methods, all on the same test points: the CVAE's prior mean and one prior sample;
 nearest grid PSF; bilinear and bicubic (field) x linear (1/depth); eigen-PSF interpolation.
 Ray tracing itself at the training spp is measured on the file's re-traced grid subset.
 Errors are relative L2 against the held-out reference, raw and noise-corrected
-(docs/metrics.md), overall, per grid depth, and at depths between grid depths.
+(docs/metrics.md), overall, per grid depth, per interval between grid depths and per
+radius band. A checkpoint chosen on any of the test points is refused.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from psfcvae.optics import grid_optics
 from psfcvae.training.data import lit_only
 from psfgen.analysis.litfield import image_circle, radii
 from psfgen.gridfile import KEPT_LIMIT, GridFile
+from psfgen.plan.grid import RADIUS_BANDS, TEST, band_label, radius_band
 from psfgen.shared.configio import check_at_least, check_device, check_seed
 from psfgen.shared.devices import resolve_device
 from psfgen.shared.errors import InputError
@@ -86,8 +89,8 @@ def _model_speed(model, device, n: int = 4096, repeats: int = 3, table=None) -> 
 class EvalArrays:
     """The arrays behind the metrics, for the figures (and for a reader's own plots).
 
-    grid [D, P, 3, k, k] training PSFs, coords [P, 2], depths [D] m; heldout: read_heldout's
-    dict (coords [M, 2], depth [M] m, at_grid_depth [M], psf_a, psf_b, ref [M, 3, k, k]);
+    grid [D, P, 3, k, k] training PSFs, coords [P, 2], depths [D] m; heldout: the lit test points, as
+    GridFile.heldout gives them (coords [M, 2], depth [M] m, at_grid_depth [M], psf_a, psf_b, ref [M, 3, k, k]);
     preds: method -> [M, 3, k, k]; corrected: method -> [M] per-point noise-corrected error;
     recon, prior: the model's posterior reconstruction and prior mean of the grid [D, P, 3, k, k];
     eigen: the eigen-PSF baseline fitted to the grid; lit [D, P]: grid points that hold a PSF;
@@ -116,13 +119,16 @@ def evaluate(cfg: EvalConfig, extra_figures: list | None = None) -> dict:
     """
     info = GridFile.open(cfg.data)
     info.require_complete()
-    if info.n_heldout == 0:
-        raise InputError(f"{cfg.data} has no held-out set; regenerate it with 'psf generate --heldout M' (M > 0)")
+    if info.n_part("test") == 0:
+        raise InputError(
+            f"{cfg.data} has no held-out set (no test points); regenerate it with 'psf generate --heldout 40'"
+        )
     model = None
     device = resolve_device(cfg.device)
     if cfg.checkpoint is not None:
         model = load_model(cfg.checkpoint)
         checkpoint.check_same_data(model.info, info, f"checkpoint {cfg.checkpoint}")
+        check_selection(model.info["selection"], info, cfg.checkpoint)
         model.to(device)
     out = Path(cfg.out)
     try:
@@ -144,7 +150,7 @@ def compute_metrics(cfg: EvalConfig, info: GridFile, model: PSFModel | None) -> 
     Returns (metrics: the content of metrics.json, arrays: what they were computed from).
     """
     grid, coords = info.grid_psfs(), info.coords  # [D, P, 3, k, k] (checked), [P, 2]
-    ho_all = info.heldout()
+    ho_all = info.heldout("test")  # the validation points chose the checkpoint: never scored here
     # The PSF metrics use lit points only: a dark point has no PSF to measure against.
     arrays = EvalArrays(
         grid=grid,
@@ -183,7 +189,11 @@ def compute_metrics(cfg: EvalConfig, info: GridFile, model: PSFModel | None) -> 
             "spp": info.spp,
             "heldout_spp": info.heldout_spp,
             "n_heldout": info.n_heldout,
+            "n_test": info.n_part("test"),
+            "n_validation": info.n_part("validation"),
+            "heldout_from": info.heldout_from,
         },
+        "protocol": protocol(info, model),
         "optics": optics(info),
         "checkpoint": None
         if model is None
@@ -193,8 +203,11 @@ def compute_metrics(cfg: EvalConfig, info: GridFile, model: PSFModel | None) -> 
             "data_fingerprint": model.info["data_fingerprint"],
             "config": model.info["config"],
             "frame": model.net.args.frame,
+            "selection": {k: v for k, v in model.info["selection"].items() if k != "points"}
+            | {"n_points": len(model.info["selection"]["points"])},
         },
         "heldout": methods,
+        "heldout_groups": groups_of(arrays),
         "raytrace_at_training_spp": _raytrace(info, arrays.grid, depths, arrays.lit),
         "reference_noise": summarize(ref_noise),
         "eigen_explained_variance": eigen.explained,
@@ -210,17 +223,33 @@ def compute_metrics(cfg: EvalConfig, info: GridFile, model: PSFModel | None) -> 
     return result, arrays
 
 
+def heldout_groups(heldout: dict, depths: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+    """The groups the test points are scored in, by kind: {"depth": {name: mask [M]}, "radius band": {...}}.
+
+    depth: all, at and between grid depths, at each grid depth, between each two neighbouring grid depths;
+    radius band: r = sqrt(x² + y²) in RADIUS_BANDS (psfgen/plan/grid.py). Empty groups are left out."""
+    at, depth_m = heldout["at_grid_depth"], heldout["depth"]
+    by_depth = {"all": np.ones(len(depth_m), bool), "at grid depths": at, "between grid depths": ~at}
+    for d in depths:
+        by_depth[f"at {d:g} m"] = at & np.isclose(depth_m, d)
+    for lo, hi in zip(depths[:-1], depths[1:]):
+        by_depth[f"between {lo:g} and {hi:g} m"] = ~at & (depth_m > lo) & (depth_m < hi)
+    band = radius_band(heldout["coords"])
+    by_band = {band_label(b): band == b for b in range(len(RADIUS_BANDS) - 1)}
+    return {kind: {g: m for g, m in groups.items() if m.any()} for kind, groups in
+            (("depth", by_depth), ("radius band", by_band))}  # fmt: skip
+
+
+def groups_of(arrays: EvalArrays) -> dict[str, list[str]]:
+    """metrics.json's heldout_groups: the names of the groups of each kind, in order."""
+    return {kind: list(groups) for kind, groups in heldout_groups(arrays.heldout, arrays.depths).items()}
+
+
 def _heldout_errors(arrays: EvalArrays) -> dict:
-    """{method: {group: {"raw": stats, "corrected": stats + "pooled"}}} over the held-out groups (all, at and
-    between grid depths, at each grid depth); fills ``arrays.corrected`` [M] per method on the way."""
-    ho, depth_m = arrays.heldout, arrays.heldout["depth"]
-    groups = {
-        "all": np.ones(len(depth_m), bool),
-        "at grid depths": ho["at_grid_depth"],
-        "between grid depths": ~ho["at_grid_depth"],
-    }
-    for d in arrays.depths:
-        groups[f"at {d:g} m"] = ho["at_grid_depth"] & np.isclose(depth_m, d)
+    """{method: {group: {"raw": stats, "corrected": stats + "pooled"}}} over heldout_groups' groups (all, per
+    depth and per radius band); fills ``arrays.corrected`` [M] per method on the way."""
+    ho = arrays.heldout
+    groups = {g: m for kind in heldout_groups(ho, arrays.depths).values() for g, m in kind.items()}
     methods = {}
     for name, pred in arrays.preds.items():
         raw = rel_l2(pred, ho["ref"])
@@ -380,17 +409,43 @@ def optics(info: GridFile) -> dict:
 
 
 def split_heldout(heldout: dict, path: str) -> dict:
-    """The lit held-out points (dark ones have no PSF to measure against), logging how many were left out."""
+    """The lit test points (dark ones have no PSF to measure against), logging how many were left out."""
     lit, n_dark = lit_only(heldout)
     if n_dark:
         log.info(
-            "%d of %d held-out points are dark (outside the lit field): left out of the PSF metrics",
+            "%d of %d test points are dark (outside the lit field): left out of the PSF metrics",
             n_dark,
             len(heldout["lit"]),
         )
     if len(lit["depth"]) == 0:
-        raise InputError(f"every held-out point of {path} is dark (outside the lens's lit field): nothing to measure")
+        raise InputError(f"every test point of {path} is dark (outside the lens's lit field): nothing to measure")
     return lit
+
+
+def check_selection(selection: dict, info: GridFile, path: str) -> None:
+    """Refuse a checkpoint chosen on any of the points this file's test part holds (a checkpoint chosen on
+    another file's split, or on all of its held-out points): its error there would be the very figure that
+    chose it. selection: the checkpoint's record (psfcvae/training/loop.py selection())."""
+    used = {tuple(p) for p in selection["points"]}
+    test = np.column_stack([info.heldout_coords, info.heldout_depth])[info.heldout_part == TEST]
+    seen = sum(tuple(p) in used for p in test.tolist())
+    if seen:
+        raise InputError(
+            f"checkpoint {path} was chosen on {seen} of the {len(test)} test points of {info.path} (by its "
+            f"{selection['part']} points' {selection['metric']}): their error would not be an honest test; score it "
+            "on a file with other test points, or retrain on this file (best.pt is then chosen on its validation "
+            "points)"
+        )
+
+
+def protocol(info: GridFile, model: PSFModel | None) -> dict:
+    """Which points are scored and which chose the checkpoint: metrics.json's ``protocol`` and the report's line."""
+    n_test, n_val = info.n_part("test"), info.n_part("validation")
+    if model is None:
+        said = f"test points: {n_test}; the file's {n_val} validation points are left to choosing checkpoints"
+    else:
+        said = f"test points: {n_test}, never seen in training nor used to choose this checkpoint"
+    return {"scored": "test", "test_points": n_test, "validation_points": n_val, "statement": said}
 
 
 def illumination_error(model, heldout: dict) -> dict:
@@ -429,13 +484,14 @@ def _json_safe(value):
 
 
 def format_table(result: dict) -> str:
-    """The readable table of held-out errors (percent), the same figures as metrics.json; under 100 columns."""
+    """The readable table of test-point errors (percent), the same figures as metrics.json; under 100 columns."""
     labels = {"all": "all", "at grid depths": "grid depths", "between grid depths": "between"}
     groups = [g for g in labels if any(g in m for m in result["heldout"].values())]
     head = f"{'method':24s}" + "".join(f"{labels[g]:>14s}" for g in groups) + f"{'all, raw':>12s}"
     lines = [
-        "Held-out relative L2 error, %: noise-corrected pooled (docs/metrics.md), and the raw mean",
-        f"{measured_points(result)}, reference at spp {result['data']['heldout_spp']}",
+        "Test-point relative L2 error, %: noise-corrected pooled (docs/metrics.md), and the raw mean",
+        result["protocol"]["statement"],
+        f"scored: {measured_points(result)}, reference at spp {result['data']['heldout_spp']}",
         head,
         "-" * len(head),
     ]
@@ -448,9 +504,16 @@ def format_table(result: dict) -> str:
         lines.append(
             f"{'tracing, spp ' + str(result['data']['spp']):24s}{100 * figure:14.2f}  (grid points, re-traced subset)"
         )
+    bands = result["heldout_groups"]["radius band"]  # the same points for every method
+    head = f"{'by radius r = √(x²+y²)':24s}" + "".join(f"{b:>15s}" for b in bands)
+    lines += ["", head, "-" * len(head)]
+    for name, m in result["heldout"].items():
+        lines.append(f"{name:24s}" + "".join(f"{100 * m[b]['corrected']['pooled']:15.2f}" for b in bands))
+    counts = next(iter(result["heldout"].values()))
+    lines += [f"{'test points':24s}" + "".join(f"{counts[b]['raw']['n']:15d}" for b in bands), ""]
     lines.append(f"reference's own noise: {100 * result['reference_noise']['mean']:.2f}% (mean)")
     if result.get("heldout_dark"):
-        lines.append(f"dark held-out points left out (outside the lit field): {result['heldout_dark']}")
+        lines.append(f"dark test points left out (outside the lit field): {result['heldout_dark']}")
     if "illumination" in result:
         il = result["illumination"]
         mean = il["abs_error"].get("mean", float("nan"))
@@ -468,7 +531,7 @@ def format_table(result: dict) -> str:
         t = result["tabulated"]
         lines.append(
             f"table: {' x '.join(map(str, t['shape']))} (radii x angles x depths), {t['mib']:.0f} MiB; "
-            f"{100 * t['deviation_from_network']:.2f}% from the network at the held-out points"
+            f"{100 * t['deviation_from_network']:.2f}% from the network at the test points"
         )
     if "uncertainty" in result:
         rho = result["uncertainty"]["spearman_prior_std_vs_error"]

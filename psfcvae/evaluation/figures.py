@@ -90,7 +90,7 @@ def heldout_figure(result, arrays, out: Path, model, log: bool, rows: int, seed:
     labels = [f"({x:+.2f}, {y:+.2f})\n{depth:.2f} m" for (x, y), depth in zip(ho["coords"][pick], ho["depth"][pick])]
     plots.save(plots.heldout_panels(psfs, notes, labels, maps, log), out / "heldout.png")
     caption = (
-        f"Points the model never saw, from its best to its worst ({len(pick)} of {len(corr[main])}). "
+        f"Test points the model never saw, from its best to its worst ({len(pick)} of {len(corr[main])}). "
         "Each tile's error is its noise-corrected relative L2; the map columns are per pixel, over the "
         "reference's peak, worst colour channel, each column on its own scale from 0"
         + (
@@ -120,7 +120,7 @@ def error_map_figure(result, arrays, out: Path) -> tuple[str, str, str]:
     return (
         "error_maps.png",
         "Where each method errs, per depth",
-        "Held-out points over the field, one row per grid depth and one for the points between grid depths, "
+        "Test points over the field, one row per grid depth and one for the points between grid depths, "
         "coloured by the per-point noise-corrected error; each title gives the pooled error of that row."
         + (
             " The dashed ellipse is the image circle: outside it the lens lights no PSF (dark points are left out)."

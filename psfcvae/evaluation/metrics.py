@@ -69,6 +69,6 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def measured_points(result: dict) -> str:
-    """How many held-out points the PSF metrics stand on: "12 points", or "8 lit of 12 points"."""
-    n, dark = result["data"]["n_heldout"], result.get("heldout_dark", 0)
-    return f"{n - dark} lit of {n} points" if dark else f"{n} points"
+    """How many test points the PSF metrics stand on: "12 test points", or "8 lit of 12 test points"."""
+    n, dark = result["data"]["n_test"], result.get("heldout_dark", 0)
+    return f"{n - dark} lit of {n} test points" if dark else f"{n} test points"

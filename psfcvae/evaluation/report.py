@@ -66,8 +66,16 @@ DEFINITIONS = [
     ),
     (
         "held-out points",
-        "positions off the training grid (at least 0.1 grid step from every grid point), half at grid "
-        "depths and half between them, traced with more rays than the grid; no method saw them.",
+        "positions off the training grid (at least 0.1 grid step from every grid point), traced with more rays "
+        "than the grid; in each radius band half at grid depths and half between them. A quarter of each band "
+        "are validation points: training chose its best checkpoint on them. The rest, the test points, are "
+        "the only ones scored on this page: no method saw them, and they chose nothing.",
+    ),
+    (
+        "radius bands",
+        "r = √(x² + y²) in field coordinates (√2 at the corners of the sensor), in bands [0, 0.15), [0.15, 0.5), "
+        "[0.5, 0.9) and [0.9, √2]: each holds test points (8 or more once the file has 40 held-out points), "
+        "the axis's band more than its share of the field's area, so the error near the axis is measured.",
     ),
 ]
 
@@ -127,7 +135,8 @@ def _pct(v) -> str:
 def _header(result: dict) -> str:
     o, d, ck = result["optics"], result["data"], result["checkpoint"]
     model = (
-        f"checkpoint <code>{html.escape(ck['path'])}</code> at step {ck['step']}"
+        f"checkpoint <code>{html.escape(ck['path'])}</code> at step {ck['step']} (chosen by "
+        f"{html.escape(ck['selection']['chosen_by'])} on {ck['selection']['n_points']} validation points)"
         if ck
         else "no model (interpolation baselines only)"
     )
@@ -151,8 +160,9 @@ def _headline(result: dict) -> str:
     noise = result["reference_noise"].get("mean")
     return (
         f'<p class="headline" id="headline">{html.escape(h["sentence"])}</p>'
-        f'<table id="headline-table"><tr><th>method</th><th>held-out error</th></tr>{"".join(rows)}</table>'
-        f"<p>Error: relative L2 at {measured_points(result)} held out (never seen by the model), with the "
+        f'<table id="headline-table"><tr><th>method</th><th>test-point error</th></tr>{"".join(rows)}</table>'
+        f'<p id="protocol">{html.escape(result["protocol"]["statement"])}.</p>'
+        f"<p>Error: relative L2 at {measured_points(result)} held out, with the "
         f"reference's own ray-tracing noise removed (noise-corrected, pooled; every error on this page is this "
         f"figure). The raw comparison reads higher because the reference itself is noisy "
         f"({_pct(noise)} on average, traced at spp {result['data']['heldout_spp']}).</p>"
@@ -180,8 +190,8 @@ def _truncation(result: dict) -> str:
     )
 
 
-def _breakdown(result: dict) -> str:
-    groups = list(next(iter(result["heldout"].values())))
+def _group_table(result: dict, groups: list[str]) -> str:
+    """Every method's pooled error in each of ``groups`` (columns), ray tracing's where it has the group."""
     head = "".join(f"<th>{html.escape(g)}</th>" for g in groups)
     rows = "".join(
         f"<tr><td>{html.escape(n)}</td>"
@@ -189,16 +199,20 @@ def _breakdown(result: dict) -> str:
         + "</tr>"
         for n, m in result["heldout"].items()
     )
+    first = next(iter(result["heldout"].values()))
+    rows += "<tr><td>test points</td>" + "".join(f"<td>{first[g]['raw']['n']}</td>" for g in groups) + "</tr>"
     rt = result.get("raytrace_at_training_spp", {})
-    rows += (
-        (
+    if rt and any(g in rt for g in groups):
+        rows += (
             "<tr><td>ray tracing (grid points)</td>"
             + "".join(f"<td>{_pct(rt[g]['pooled']) if g in rt else '—'}</td>" for g in groups)
             + "</tr>"
         )
-        if rt
-        else ""
-    )
+    return f"<table><tr><th>method</th>{head}</tr>{rows}</table>"
+
+
+def _breakdown(result: dict) -> str:
+    kinds = result["heldout_groups"]
     stats = "".join(
         f"<tr><td>{html.escape(n)}</td><td>{html.escape(g)}</td><td>{s['raw']['n']}</td>"
         f"<td>{_pct(s['corrected']['pooled'])}</td><td>{_pct(s['corrected']['median'])}</td>"
@@ -207,8 +221,10 @@ def _breakdown(result: dict) -> str:
         for g, s in m.items()
     )
     return (
-        f'<details id="per-depth"><summary>Per depth</summary><table><tr><th>method</th>{head}</tr>{rows}'
-        "</table></details><details><summary>Per-point statistics and the raw figures</summary>"
+        f'<details id="per-depth"><summary>Per depth</summary>{_group_table(result, kinds["depth"])}</details>'
+        '<details id="per-band" open><summary>Per radius band: r = √(x² + y²), √2 at the corners</summary>'
+        f"{_group_table(result, kinds['radius band'])}</details>"
+        "<details><summary>Per-point statistics and the raw figures</summary>"
         "<p>Per-point corrected values are clipped at 0 and noisy (one point's own noise is one draw): the pooled "
         "figure is the one to quote. Raw: against the noisy reference, uncorrected.</p><table><tr><th>method</th>"
         "<th>points</th><th>n</th><th>pooled</th><th>median (corr.)</th><th>p95 (corr.)</th><th>mean (raw)</th>"

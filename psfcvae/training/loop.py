@@ -41,6 +41,7 @@ from psfcvae.training.data import (
 )
 from psfgen.analysis import symmetry
 from psfgen.gridfile import GridFile
+from psfgen.plan.grid import VALIDATION
 from psfgen.shared import configio, locking
 from psfgen.shared.devices import resolve_device
 from psfgen.shared.errors import InputError
@@ -197,6 +198,11 @@ def _check_resume(ckpt: dict, cfg: TrainConfig, info: GridFile, args: ModelArgs)
                 f"checkpoint {latest} holds {entry} keys of another psf-cvae; retrain with this 'psf train'"
             )
     checkpoint.check_same_data(ckpt, info, f"checkpoint {latest}")
+    if ckpt["selection"]["points"] != selection(info, None)["points"]:  # best.pt's score is on these points
+        raise InputError(
+            f"checkpoint {latest} chose best.pt on other validation points than {info.path} holds (another held-out "
+            f"set); resume on the run's own data file ({run_dir}/config.yaml)"
+        )
     if ckpt["model_args"] != asdict(args):
         raise InputError(
             f"checkpoint {latest} has another network than this config; resume with the run's own "
@@ -233,6 +239,7 @@ class Run:
     model: CVAE  # the model itself, not its DDP wrapper
     optimizer: torch.optim.Optimizer
     writer: SummaryWriter | None  # TensorBoard, on the main process only
+    selection: dict | None = None  # what chooses best.pt (selection()): every checkpoint records it
 
     @property
     def main(self) -> bool:
@@ -272,8 +279,9 @@ def _train(cfg: TrainConfig, info: GridFile, args: ModelArgs, ckpt: dict | None,
         configio.save_yaml(cfg, run_dir / "config.yaml")
     net = _wrap(run, step)
 
-    # --- the data: the grid's conditions and the held-out set without dark points, batches from step on
+    # --- the data: the grid's conditions and the validation points without dark points, batches from step on
     conds, heldout = _lit_data(run)
+    run = dataclasses.replace(run, selection=selection(info, heldout))
     loader = _loader(run, step)
 
     # --- the loop ------------------------------------------------------------------------
@@ -289,7 +297,7 @@ def _train(cfg: TrainConfig, info: GridFile, args: ModelArgs, ckpt: dict | None,
         # Ctrl-C or SIGTERM: save where the last step left off, then stop
         if signum := interrupt.requested(world, device):
             if run.main:
-                _save(run, run.latest, step, best, metrics, window)
+                _save(run, run.latest, step, best, metrics, window, LAST)
             bar.close()
             raise interrupt.Interrupted(step, run.latest, signum)
 
@@ -316,17 +324,18 @@ def _train(cfg: TrainConfig, info: GridFile, args: ModelArgs, ckpt: dict | None,
             if run.main:
                 _log_means(run, bar, means, step)
 
-        # validate on the grid and the held-out set; a better held-out score writes best.pt
+        # validate on the grid and the validation points; a better score on them writes best.pt (the test
+        # points are psf eval's alone: they never choose a checkpoint)
         if run.main and (step % cfg.val_every == 0 or step == cfg.max_steps):
             metrics = _validate_and_log(run, conds, heldout, step)
-            score = metrics.get("val_heldout_rel_l2", metrics["val_prior_mse"])
+            score = metrics[run.selection["metric"]]
             if score < best:
                 best = score
-                _save(run, run_dir / "best.pt", step, best, metrics, window)
+                _save(run, run_dir / "best.pt", step, best, metrics, window, BEST)
 
         # checkpoint
         if run.main and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps):
-            _save(run, run.latest, step, best, metrics, window)
+            _save(run, run.latest, step, best, metrics, window, LAST)
         bar.update(1)
     bar.close()
     _finish(run, metrics, step - step0, time.perf_counter() - t0)
@@ -417,23 +426,44 @@ def _wrap(run: Run, step: int):
 
 
 def _lit_data(run: Run) -> tuple[Conditions, dict | None]:
-    """The grid's conditions and the held-out set, both without dark points (one log line says how many)."""
+    """The grid's conditions and the file's validation points, both without dark points (one log line says how
+    many). The test points are never read here: they are psf eval's."""
     info, model = run.info, run.model
     lit = info.lit  # [D, P]
     conds = Conditions(info.coords, info.depths, info.neighbors, model.args.cond_dim == 3, run.device, lit)
-    heldout, dark_heldout = lit_only(info.heldout()) if info.n_heldout else (None, 0)
+    n_val = info.n_part("validation")
+    heldout, dark_heldout = lit_only(info.heldout("validation")) if n_val else (None, 0)
     model.illumination.any_dark.fill_(bool((~lit).any()))
     if run.main and not lit.all():
         log.info(
             "dark points left out: %d of %d grid PSFs (their %d neighbour pairs too) from the PSF losses, "
-            "%d of %d held-out points from validation",
+            "%d of %d validation points from validation",
             (~lit).sum(),
             lit.size,
             conds.dark_pairs(info.neighbors),
             dark_heldout,
-            info.n_heldout,
+            n_val,
         )
     return conds, heldout
+
+
+BEST, LAST = "best", "last"  # which checkpoint _save writes: the best score on the validation points, or the latest
+
+
+def selection(info: GridFile, validation: dict | None) -> dict:
+    """What chooses best.pt, recorded in every checkpoint: the file's validation points (part "validation" of
+    GridFile.heldout) as [V, 3] (x, y, depth [m]) lists, dark ones included, and the score: their mean relative L2
+    (val_points_rel_l2), or the grid's prior-mean MSE when none is lit. psf eval refuses a checkpoint chosen on
+    any of the points it scores."""
+    points = np.column_stack([info.heldout_coords, info.heldout_depth])[info.heldout_part == VALIDATION]
+    lit = validation is not None and len(validation["ref"]) > 0
+    return {
+        "part": "validation",
+        "metric": "val_points_rel_l2" if lit else "val_prior_mse",
+        "data_run_id": info.run_id,
+        "heldout_from": info.heldout_from,  # None: the file's own held-out set
+        "points": points.tolist(),
+    }
 
 
 def _loader(run: Run, step: int):
@@ -554,7 +584,8 @@ def _log_means(run: Run, bar: tqdm, means: dict, step: int) -> None:
 
 @torch.no_grad()
 def validate(model: CVAE, conds: Conditions, info: GridFile, heldout: dict | None, device, image_depth: int):
-    """Whole-grid posterior reconstruction and prior mean; prior mean and illumination on the held-out set.
+    """Whole-grid posterior reconstruction and prior mean; prior mean and illumination on ``heldout``, the
+    lit validation points (never the test points: psf eval scores those).
 
     Returns (metrics, images); images are [3, H, W] mosaics of depth ``image_depth``.
     """
@@ -582,12 +613,12 @@ def validate(model: CVAE, conds: Conditions, info: GridFile, heldout: dict | Non
         cond = model.condition(heldout["coords"], heldout["depth"])
         pred = model.sample_from_prior(cond, mean=True).cpu().numpy()
         ref = heldout["ref"]
-        metrics["val_heldout_mse"] = float(((pred - ref) ** 2).mean())
-        metrics["val_heldout_rel_l2"] = float(rel_l2(pred, ref).mean())
-        images["val_heldout_compare"] = tblog.heldout_comparison(ref, pred)
-        # relative illumination, model against traced, on the lit held-out points
+        metrics["val_points_mse"] = float(((pred - ref) ** 2).mean())
+        metrics["val_points_rel_l2"] = float(rel_l2(pred, ref).mean())
+        images["val_points_compare"] = tblog.heldout_comparison(ref, pred)
+        # relative illumination, model against traced, on the lit validation points
         illum, _ = model.illumination.predict(cond)
-        metrics["val_heldout_illumination_abs"] = float(np.abs(illum.cpu().numpy() - heldout["illumination"]).mean())
+        metrics["val_points_illumination_abs"] = float(np.abs(illum.cpu().numpy() - heldout["illumination"]).mean())
     model.train()
     return metrics, images
 
@@ -603,9 +634,9 @@ def _validate_and_log(run: Run, conds: Conditions, heldout: dict | None, step: i
     return metrics
 
 
-def _save(run: Run, path: Path, step: int, best: float, metrics: dict, window: LossWindow) -> None:
+def _save(run: Run, path: Path, step: int, best: float, metrics: dict, window: LossWindow, which: str) -> None:
     """Write a checkpoint of the run at ``step``: weights, optimiser, random state, resolved config,
-    data fingerprint, loss window."""
+    data fingerprint, loss window, and what chose it (``which``: BEST or LAST)."""
     # A finite loss can still step to non-finite weights; checked here, where they would be kept,
     # not every step (one device sync per tensor); the next step's loss check catches them too.
     if not torch.stack([p.isfinite().all() for p in run.model.parameters()]).all():
@@ -633,6 +664,10 @@ def _save(run: Run, path: Path, step: int, best: float, metrics: dict, window: L
             "rng": rng,
             "loss_window": window.state(),  # a resume between two logs logs the same means
             "optics": optics.grid_optics(run.info),  # kernel pitch and sensor: what `psf render` needs
+            "selection": {
+                **run.selection,
+                "chosen_by": f"lowest {run.selection['metric']}" if which == BEST else "last step saved",
+            },
         },
     )
 

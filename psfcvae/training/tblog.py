@@ -14,10 +14,12 @@ from torch.utils.tensorboard.summary import hparams as hparams_summary
 from psfcvae.images import display_scale, mosaic
 
 LOSSES = ["loss_all", "loss_recon", "loss_kl", "loss_smooth", "loss_recon_prior", "loss_scale"]
-VALIDATION_MSE = ["val_mse", "val_prior_mse", "val_heldout_mse"]
-VALIDATION_REL = ["val_heldout_rel_l2"]
+# val_points_*: the file's validation points (a quarter of its held-out set), which choose best.pt; the test
+# points are psf eval's alone and never shown here.
+VALIDATION_MSE = ["val_mse", "val_prior_mse", "val_points_mse"]
+VALIDATION_REL = ["val_points_rel_l2"]
 OPTIMISATION = ["learning_rate", "grad_norm"]
-ILLUMINATION = ["loss_illumination", "val_heldout_illumination_abs"]  # the illumination head
+ILLUMINATION = ["loss_illumination", "val_points_illumination_abs"]  # the illumination head
 
 # Comparison images are upsampled (nearest) until the narrower one is at least this wide:
 # a 15-px kernel in a 4x4 mosaic is 63 px, too small to read at TensorBoard's native size.
@@ -40,9 +42,9 @@ def layout() -> dict:
             "illumination head: log-illumination and lit/dark terms (unweighted)": ["Multiline", ILLUMINATION[:1]],
         },
         "validation": {
-            "MSE on the grid (posterior recon, prior mean) and the held-out set": ["Multiline", VALIDATION_MSE],
-            "held-out relative L2 of the prior mean": ["Multiline", VALIDATION_REL],
-            "held-out relative illumination, mean |model - traced|": ["Multiline", ILLUMINATION[1:]],
+            "MSE on the grid (posterior recon, prior mean) and the validation points": ["Multiline", VALIDATION_MSE],
+            "validation points: relative L2 of the prior mean (chooses best.pt)": ["Multiline", VALIDATION_REL],
+            "validation points: relative illumination, mean |model - traced|": ["Multiline", ILLUMINATION[1:]],
         },
         "optimisation": {
             "learning rate": ["Multiline", ["learning_rate"]],
@@ -91,7 +93,7 @@ def _strip(psf: np.ndarray, gap: int = 1) -> np.ndarray:
 
 
 def heldout_comparison(ref: np.ndarray, pred: np.ndarray, count: int = 8) -> np.ndarray:
-    """Tag ``val_heldout_compare``: top row the held-out reference, bottom row the prior mean.
+    """Tag ``val_points_compare``: top row the validation points' reference, bottom row the prior mean.
 
     ref, pred: [M, 3, k, k]; ``count`` points spread over the held-out set -> [3, H, W] in [0, 1].
     """
@@ -106,7 +108,7 @@ def write_hparams(writer, hparams: dict, metrics: dict) -> None:
 
     ``SummaryWriter.add_hparams`` would open a second run ("hparams") holding one-point
     copies of the final metrics; here the metrics named are the run's own tags (e.g.
-    val_heldout_rel_l2), whose last value the HParams tab shows.
+    val_points_rel_l2), whose last value the HParams tab shows.
     """
     exp, ssi, sei = hparams_summary(hparams, dict.fromkeys(metrics, 0.0))
     for summary in (exp, ssi, sei):

@@ -63,8 +63,8 @@ def summary(path) -> str:
         f"spp         {grid.spp} (grid), {grid.heldout_spp} (held-out reference, two halves)",
         f"budget      {len(depths) * n**2 * grid.spp:,} rays per colour "
         f"({len(depths)} depths x grid size² x spp)" + _requested_budget(cfg),
-        f"held-out    {grid.n_heldout} points;  noise re-traces: {grid.n_noise} grid points per depth"
-        + _default_note(cfg.get("noise_points"), n),
+        f"held-out    {grid.n_heldout} points ({grid.n_part('validation')} validation, {grid.n_part('test')} test);  "
+        f"noise re-traces: {grid.n_noise} grid points per depth" + _default_note(cfg.get("noise_points"), n),
         f"blocks      {grid.blocks_done}/{grid.blocks_total} traced"
         + ("" if grid.complete else "  (unfinished: run the same 'psf generate' again to resume)"),
         f"device      {devices}, seed {grid.seed}, started {grid.started_at}"
