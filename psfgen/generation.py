@@ -328,7 +328,7 @@ def _trace_all(run: Run) -> Path:
     )
     _warn_truncation(written)
     if shard is None:
-        litfield.report_dark(written.lit, depths, out)
+        litfield.report_dark(written.lights, depths, out)  # light reaching the sensor, wherever in the window
         log.info("sampling: %s", spacing.check_file(written).describe())
     log.info("wrote %s", out)
     return out
@@ -381,7 +381,8 @@ def _create(run: Run, attrs: dict, arrays: dict, blocks: list) -> None:
     )
     _check_disk(run.out, sizes, 1.0 if run.shard is None else 1.0 / run.shard[1])
     try:
-        gridfile.create(run.out, attrs=attrs, arrays=arrays, sizes=sizes, blocks=blocks)
+        # A shard's file reserves no space: it fills only the blocks it traces, the rest stays a hole.
+        gridfile.create(run.out, attrs=attrs, arrays=arrays, sizes=sizes, blocks=blocks, reserve=run.shard is None)
     except OSError as exc:
         raise InputError(f"cannot write {run.out}: {os_reason(exc)}; choose a writable --out") from None
 
@@ -465,16 +466,27 @@ def _trace_axis(lens, depths: np.ndarray, cfg: GenerateConfig) -> np.ndarray:
             f"tracing the on-axis point at {_depths_text(depths)} failed: "
             f"{str(exc).splitlines()[0][:200] or type(exc).__name__}; check the lens file and --depths"
         ) from None
-    dark = np.argwhere(~(np.rint(window * spp) >= illumination.min_rays(spp)))  # NaN counts as dark
+    # Darkness is the light reaching the sensor (axis), wherever it lands; too little of it inside the window is
+    # a window too small for the PSF, another remedy.
+    need = illumination.min_rays(spp)
+    dark = np.argwhere(~(np.rint(axis * spp) >= need))  # NaN counts as dark
     if len(dark):
         d, c = dark[0]
-        n = int(np.nan_to_num(np.rint(window[d, c] * spp)))
+        n = int(np.nan_to_num(np.rint(axis[d, c] * spp)))
         raise InputError(
-            f"{'no ray' if n == 0 else f'only {n} rays'} of channel {'RGB'[c]} reached the sensor window from the axis "
-            f"at {depths[d]:g} m (of {spp} launched, {illumination.min_rays(spp)} needed; {len(dark)} dark axis "
-            "channels): nothing is lit, "
+            f"{'no ray' if n == 0 else f'only {n} rays'} of channel {'RGB'[c]} reached the sensor from the axis "
+            f"at {depths[d]:g} m (of {spp} launched, {need} needed; {len(dark)} dark axis channels): nothing is lit, "
             "the lens vignettes completely or the depth is outside its range; check the lens file's apertures "
             "and --depths"
+        )
+    cut = np.argwhere(~(np.rint(window * spp) >= need))
+    if len(cut):
+        d, c = cut[0]
+        n, lit = int(np.rint(window[d, c] * spp)), int(np.rint(axis[d, c] * spp))
+        raise InputError(
+            f"the {cfg.kernel_size}-px window holds only {n} of the {lit} rays of channel {'RGB'[c]} that reach the "
+            f"sensor from the axis at {depths[d]:g} m ({need} needed for a PSF): the window is too small for this "
+            "lens's PSF; give a larger --kernel-size"
         )
     return axis
 

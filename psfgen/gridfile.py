@@ -163,7 +163,7 @@ def _write_header(f: h5py.File, attrs: dict, arrays: dict) -> None:
     f["wvln"].attrs["units"] = "um"
 
 
-def create(path: Path, *, attrs: dict, arrays: dict, sizes: dict, blocks: list[Block]) -> None:
+def create(path: Path, *, attrs: dict, arrays: dict, sizes: dict, blocks: list[Block], reserve: bool = True) -> None:
     """Write the file's skeleton to a temporary file, then rename it onto ``path``.
 
     attrs: the header (format and schema version are added here); arrays: fixed content known
@@ -190,6 +190,9 @@ def create(path: Path, *, attrs: dict, arrays: dict, sizes: dict, blocks: list[B
             f.create_dataset("blocks/table", data=np.array([b.row() for b in blocks], dtype=np.int64).reshape(-1, 4))
             _early(f, "blocks/done", (len(blocks),), np.uint8, zero_fill=True)
             _early(f, "blocks/seconds", (len(blocks),), np.float64, zero_fill=True)
+        if reserve:  # the disk space of every block now: a full disk is said before tracing, never half-way
+            with open(tmp, "r+b") as f:
+                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
         os.replace(tmp, path)
     except BaseException:
         tempfiles.discard(tmp)
@@ -206,16 +209,37 @@ def write_block(
     illumination: np.ndarray,
     valid: np.ndarray,
 ) -> None:
-    """Store one traced block: psf [B, 3, k, k], kept, illumination, valid [B, 3]; then mark it done."""
-    # No file lock: a reader (psf info, a user's h5py) must not make the run fail, and a
-    # block write changes raw data only, never the metadata a reader depends on.
-    with h5py.File(path, "r+", locking=False) as f:
-        sl = _where(block)
-        for name, value in zip(block_datasets(block.kind), (psf, kept, illumination, valid)):
-            f[name][sl] = value
-        f["blocks/seconds"][index] = seconds
-        f.flush()  # the data before the mark, so a mark never points at missing data
-        f["blocks/done"][index] = 1
+    """Store one traced block: psf [B, 3, k, k], kept, illumination, valid [B, 3]; then mark it done.
+
+    The bytes go straight to the datasets' places in the file (contiguous, allocated when it was created): HDF5
+    never opens the file for writing again, so a write that fails (a full disk, a size limit, a kill) leaves every
+    finished block and the file's structure as they were, and a reader (psf info, a user's h5py) is never locked
+    out. The data is synced before its done mark, so a mark never points at missing data."""
+    names = (*block_datasets(block.kind), "blocks/seconds", "blocks/done")
+    with h5py.File(path, "r", locking=False) as f:
+        where = {name: (f[name].id.get_offset(), f[name].dtype, f[name].shape) for name in names}
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for name, value in zip(names, (psf, kept, illumination, valid, np.float64(seconds))):
+            first = (block.depth, block.start) if block.kind in ("grid", "noise") else (block.start,)
+            if name == "blocks/seconds":
+                first = (index,)
+            _pwrite(fd, where[name], first, value)
+        os.fdatasync(fd)
+        _pwrite(fd, where["blocks/done"], (index,), np.uint8(1))
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pwrite(fd: int, where: tuple, first: tuple, value) -> None:
+    """Write ``value`` into a contiguous dataset (offset, dtype, shape) from element ``first`` on (C order)."""
+    offset, dtype, shape = where
+    if offset is None:  # not allocated: not a file this module created
+        raise OSError(0, "a dataset of the grid file has no storage to write to")
+    data = np.ascontiguousarray(value, dtype=dtype)
+    start = int(np.ravel_multi_index(first + (0,) * (len(shape) - len(first)), shape))
+    os.pwrite(fd, data.tobytes(), offset + start * dtype.itemsize)
 
 
 def finish(path: Path, **attrs) -> None:

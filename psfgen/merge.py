@@ -101,5 +101,5 @@ def merge(paths: list[str], out: str | Path, overwrite: bool = False, virtual: b
         raise
     log.info("merged %d shards into %s%s", n, out, " (virtual datasets)" if virtual else "")
     merged = GridFile.open(out)
-    litfield.report_dark(merged.lit, merged.depths, out)  # the lit field of the whole grid, as an unsharded run's
+    litfield.report_dark(merged.lights, merged.depths, out)  # the lit field of the whole grid, as an unsharded run's
     return out

@@ -353,3 +353,38 @@ def test_training_refuses_a_network_too_large_for_memory_and_an_infinite_pe_scal
     assert_one_line_error(run_cli([*base, "supersample=1000"]), "'supersample' 1000", "GiB to train")
     assert_one_line_error(run_cli([*base, "pe_scale=.inf"]), "'pe_scale' must be a positive, finite number")
     assert not (tmp_path / "r").exists()
+
+
+def test_a_write_failing_half_way_keeps_the_finished_blocks_and_the_file_whole(tiny_grid, tmp_path, monkeypatch):
+    import errno
+
+    import h5py
+
+    from psfgen import GridFile
+
+    out = tmp_path / "g.h5"
+    real, calls = os.pwrite, []
+
+    def disk_fills(fd, data, offset):
+        calls.append(offset)
+        if len(calls) > 3 * 6 + 2:  # three blocks (5 writes and a done mark each), then half of the fourth
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", disk_fills)
+    assert_one_line_error(run_cli(tiny_args(out)), "No space left on device", "run the same command again")
+    monkeypatch.setattr(os, "pwrite", real)
+    grid = GridFile.open(out)  # opens and checks: the structure is whole
+    assert grid.done.sum() == 3 and not grid.complete
+    assert run_cli(["info", str(out)]).exit_code == 0
+    assert run_cli(tiny_args(out)).exit_code == 0  # resumes
+    with h5py.File(out) as a, h5py.File(tiny_grid) as b:
+        for name in ("grid/psf", "noise/psf", "heldout/psf_a", "heldout/psf_b", "grid/kept"):
+            np.testing.assert_array_equal(a[name][:], b[name][:])  # equal to the uninterrupted run
+
+
+def test_a_window_too_small_for_the_axis_psf_says_so_and_not_that_the_lens_is_dark(tmp_path):
+    args = tiny_args(tmp_path / "g.h5", kernel_size=2, kernel_size_small=2, depths=(0.5,))
+    assert_one_line_error(run_cli(args), "2-px window holds only", "larger --kernel-size")
+    assert "vignettes" not in run_cli(args).stderr
+    assert not (tmp_path / "g.h5").exists()

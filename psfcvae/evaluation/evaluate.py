@@ -35,9 +35,10 @@ from psfcvae.training.data import lit_only
 from psfgen.analysis.litfield import image_circle, radii
 from psfgen.gridfile import KEPT_LIMIT, GridFile
 from psfgen.plan.grid import RADIUS_BANDS, TEST, band_label, radius_band
+from psfgen.shared import tempfiles
 from psfgen.shared.configio import check_at_least, check_device, check_seed
 from psfgen.shared.devices import resolve_device
-from psfgen.shared.errors import InputError
+from psfgen.shared.errors import InputError, os_reason
 from psfgen.shared.metrics import rel_l2
 from psfgen.shared.provenance import now, versions
 
@@ -131,14 +132,16 @@ def evaluate(cfg: EvalConfig, extra_figures: list | None = None) -> dict:
         check_selection(model.info["selection"], info, cfg.checkpoint)
         model.to(device)
     out = Path(cfg.out)
+    # Everything goes to a temporary directory made before the work, which then replaces --out whole: an
+    # unwritable --out is said at once, and a failure or kill -9 never leaves new figures beside old metrics.
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"cannot create output directory {out}: {exc.strerror}") from None
-    result, arrays = compute_metrics(cfg, info, model)
-    figures = eval_figures.make_figures(result, arrays, out, model, cfg.log_scale, cfg.side_by_side, cfg.seed)
-    (out / "metrics.json").write_text(json.dumps(_json_safe(result), indent=2, allow_nan=False))
-    report.write_report(result, out, figures, extra_figures or [])
+        with tempfiles.replacing_dir(out, "--out") as tmp:
+            result, arrays = compute_metrics(cfg, info, model)
+            figures = eval_figures.make_figures(result, arrays, tmp, model, cfg.log_scale, cfg.side_by_side, cfg.seed)
+            (tmp / "metrics.json").write_text(json.dumps(_json_safe(result), indent=2, allow_nan=False))
+            report.write_report(result, tmp, figures, extra_figures or [])
+    except OSError as exc:  # a full disk, a file size limit: the previous --out is untouched
+        raise InputError(f"cannot write the evaluation into {out}: {os_reason(exc)}; {out} is as it was") from None
     log.info("wrote %s", out / "report.html")
     result["table"] = format_table(result)
     return result

@@ -9,7 +9,9 @@ whose process no longer exists (the pid in the name says whose it was).
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import shutil
 from pathlib import Path
 
 from psfgen.shared.errors import InputError
@@ -75,3 +77,40 @@ def make_parent(path: Path, option: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"{option} {path}: cannot create the directory {path.parent} ({exc.strerror})") from None
+
+
+@contextlib.contextmanager
+def replacing_dir(target: Path, option: str = "--out"):
+    """A temporary directory beside the directory ``target``, put in its place when the block ends without error.
+
+    An existing ``target`` is replaced whole, never mixed with new files: it is moved aside, the new one renamed
+    in, then the old one removed. Killed between the two renames, the old one waits under ``.<name>.<pid>.old``
+    and the next writer puts it back. On failure the temporary directory goes and ``target`` stays as it was.
+    """
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise InputError(f"{option} {target} is a file; give a directory")
+    make_parent(target, option)
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.*"):
+        pid = stale.name[len(target.name) + 2 :].split(".")[0]
+        if not pid.isdigit() or _alive(int(pid)) or not stale.is_dir():
+            continue
+        if stale.name.endswith(".old") and not target.exists():
+            os.rename(stale, target)  # a writer died between its renames: the previous outputs come back
+        else:
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = temp_path(target)
+    try:
+        tmp.mkdir()
+    except OSError as exc:
+        raise InputError(f"{option} {target}: cannot write in {target.parent} ({exc.strerror})") from None
+    try:
+        yield tmp
+        old = target.with_name(f".{target.name}.{os.getpid()}.old")
+        if target.exists():
+            os.rename(target, old)
+        os.rename(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
