@@ -485,8 +485,8 @@ def _trace_axis(lens, depths: np.ndarray, cfg: GenerateConfig) -> np.ndarray:
         n, lit = int(np.rint(window[d, c] * spp)), int(np.rint(axis[d, c] * spp))
         raise InputError(
             f"the {cfg.kernel_size}-px window holds only {n} of the {lit} rays of channel {'RGB'[c]} that reach the "
-            f"sensor from the axis at {depths[d]:g} m ({need} needed for a PSF): the window is too small for this "
-            "lens's PSF; give a larger --kernel-size"
+            f"sensor from the axis at {depths[d]:g} m ({need} needed for a PSF): the PSF is larger than the window; "
+            "give a larger --kernel-size, or a depth the lens images (--depths)"
         )
     return axis
 

@@ -257,7 +257,7 @@ def test_a_second_writer_is_refused_naming_the_first_and_kill_9_frees_the_lock(t
         ({"depths": (1e30,)}, ("tracing the on-axis point at 1e+30 m failed",)),
         (
             {"depths": (1e-9,)},
-            ("of channel R reached the sensor window from the axis at 1e-09 m", "vignettes", "--depths"),
+            ("window holds only", "of channel R that reach the sensor from the axis at 1e-09 m", "--depths"),
         ),
     ],
 )
