@@ -238,6 +238,8 @@ def test_eval_cli_writes_report(tiny_run, tiny_grid, tmp_path):
     assert metrics["checkpoint"]["selection"]["part"] == "validation"
     assert metrics["checkpoint"]["selection"]["n_points"] == 4
     assert "test points: 4, never seen in training nor used to choose this checkpoint" in r.stdout
+    assert metrics["headline"]["sentence"] in " ".join(r.stdout.splitlines())  # the report's sentence, wrapped
+    assert "points lower" in metrics["headline"]["sentence"] or "points higher" in metrics["headline"]["sentence"]
     assert "cvae prior mean (cpu)" in metrics["speed_psfs_per_s"]
     # The CVAE's figures recomputed from the file and the model, with the noise correction written out.
     model = load_model(tiny_run / "latest.pt")
@@ -269,8 +271,6 @@ def test_eval_cli_writes_report(tiny_run, tiny_grid, tmp_path):
     page = (out / "report.html").read_text()
     embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
     assert len(embedded) == len(pngs)
-    import base64
-
     assert sorted(base64.b64decode(e) for e in embedded) == sorted((out / p).read_bytes() for p in pngs)
     for p in pngs:
         assert p in page
@@ -331,17 +331,42 @@ def test_report_opens_with_the_headline_and_shows_held_out_points(tiny_run, tiny
     assert lit.all()
     cut = kept.min(axis=-1) < 0.99
     trace = 100 * np.sqrt(((again - grid[:, idx]) ** 2).sum() / (grid[:, idx] ** 2).sum() / 2)
-    cvae, b = pooled["cvae prior mean"], pooled[best_interp]
-    change = f"{100 * abs(b - cvae) / b:.0f}% {'lower' if cvae <= b else 'higher'} than"
+    # The headline in points (not a relative %), from the figures as the sentence shows them, recomputed here.
+    cvae, b = round(pooled["cvae prior mean"], 1), round(pooled[best_interp], 1)
+    points = round(b - cvae, 1)
+    assert points == metrics["headline"]["points_lower"]
+    change = f"{abs(points):.1f} points {'lower' if points > 0 else 'higher'}" if points else "the same to 0.1 points"
+    label = best_interp.replace("eigen-psf (32)", "eigen-PSF, 32 components")
     assert page.ids["headline"] == (
-        f"CVAE {cvae:.1f}% — {change} the best interpolation ({best_interp}, {b:.1f}%), "
-        f"{cvae / trace:.1f}× the error of tracing the point at the training spp ({trace:.1f}%)."
+        f"CVAE {cvae:.1f}% against the best interpolation's {b:.1f}% ({label}): {change}; tracing the point at "
+        f"the training spp: {trace:.1f}% (the CVAE's error is {pooled['cvae prior mean'] / trace:.1f}× that)."
     )
-    table = {row[0]: row[1] for row in page.rows if len(row) == 2 and row[1].endswith("%")}
+    table = {row[0]: row[1] for row in page.rows if len(row) == 3 and row[1].endswith("%")}
     for name, value in pooled.items():
         assert table[name] == f"{value:.1f}%"
-    best = min(pooled, key=pooled.get)
-    assert page.bold[:2] == [best, f"{pooled[best]:.1f}%"]  # the best method, in bold, first
+    assert table["ray tracing"] == f"{trace:.1f}%"
+    # Bold: the prior mean the sentence quotes, whichever method scored lowest (a prior sample may, by chance).
+    assert page.bold == ["cvae prior mean", f"{pooled['cvae prior mean']:.1f}%"]
+    # The first screen: how good (above), where (the band plot), how fast (PSFs/s against tracing), in what units.
+    html_text = (out / "report.html").read_text()
+    first = html_text[html_text.index('<section id="summary">') : html_text.index("</section>")]
+    assert 'id="band-plot"' in first and base64.b64encode((out / "error_by_band.png").read_bytes()).decode() in first
+    speeds = metrics["speed_psfs_per_s"]
+    trace_speed = next(iter(speeds.values()))
+    for key, label in (
+        ("cvae prior mean (cpu)", "the model (prior mean), CPU"),
+        ("cvae prior mean, table (cpu)", "its table, CPU"),
+    ):
+        row = next(r for r in page.rows if r and r[0] == label)
+        ratio = speeds[key] / trace_speed
+        assert row[1:] == [f"{speeds[key]:,.0f}", f"{ratio:,.0f}×" if ratio >= 10 else f"{ratio:.2g}×"]
+    assert "PSFs/s" in page.ids["speed"] and "ray tracing (file provenance, device " in page.ids["speed"]
+    # 64 traced px of 2.52 um (5.041671 mm / 2000 px), downsampled to 15: 10.76 um per kernel pixel; 161 um span.
+    assert "sensor pixel2.52 µm" in page.ids["units"] and "kernel pixel (pitch)10.76 µm" in page.ids["units"]
+    assert "15 × 15 px = 161 µm = 64 sensor pixels" in page.ids["units"]
+    t = metrics["optics"]["truncation"]
+    assert f"mean {100 * t['mean_kept']:.1f}%, worst {100 * t['worst_kept']:.1f}%" in page.ids["units"]
+    assert all(f'id="{i}"' in first for i in ("headline-table", "speed", "units", "protocol"))
     assert "The model where it was not trained" in page.imgs and "Where each method errs, per depth" in page.imgs
     t = metrics["optics"]["truncation"]
     assert (t["truncated"], t["total"], t["kept_limit"]) == (int(cut.sum()), cut.size, 0.99)
@@ -429,30 +454,75 @@ def test_headline_compares_with_the_best_interpolation_and_tracing():
     m = lambda v: {"all": {"corrected": {"pooled": v}}}  # noqa: E731
     result = {
         "heldout": {
-            "cvae prior mean": m(0.15),
-            "cvae prior sample": m(0.2),
+            "cvae prior mean": m(0.3114),
+            "cvae prior sample": m(0.29),  # a random draw that happened to score lower: never the named method
             "nearest": m(0.4),
-            "bicubic": m(0.3),
-            "bilinear": m(0.32),
+            "eigen-psf (32)": m(0.3586),
+            "bilinear": m(0.372),
         },
-        "raytrace_at_training_spp": {"all": {"pooled": 0.05}},
+        "raytrace_at_training_spp": {"all": {"pooled": 0.032}},
     }
     h = headline(result)
-    assert h["best"] == "cvae prior mean" and h["best_interpolation"] == "bicubic"
-    assert list(h["pooled"]) == ["cvae prior mean", "cvae prior sample", "bicubic", "bilinear", "nearest"]
+    assert h["named"] == "cvae prior mean" and h["best_interpolation"] == "eigen-psf (32)"
+    assert list(h["pooled"]) == ["cvae prior sample", "cvae prior mean", "eigen-psf (32)", "bilinear", "nearest"]
+    # Points, of the figures as the sentence shows them: 35.9 - 31.1 = 4.8, not the unrounded 4.72 ("4.7").
+    assert h["points_lower"] == 4.8
     assert h["sentence"] == (
-        "CVAE 15.0% — 50% lower than the best interpolation (bicubic, 30.0%), "
-        "3.0× the error of tracing the point at the training spp (5.0%)."
+        "CVAE 31.1% against the best interpolation's 35.9% (eigen-PSF, 32 components): 4.8 points lower; "
+        "tracing the point at the training spp: 3.2% (the CVAE's error is 9.7× that)."
     )
-    result["heldout"]["cvae prior mean"] = m(0.36)
-    assert "20% higher than the best interpolation" in headline(result)["sentence"]
+    result["heldout"]["cvae prior mean"] = m(0.3964)
+    result["heldout"]["bilinear"] = m(0.3449)
+    h = headline(result)
+    assert h["points_lower"] == -5.1 and h["best_interpolation"] == "bilinear"
+    assert "CVAE 39.6% against the best interpolation's 34.5% (bilinear): 5.1 points higher;" in h["sentence"]
+    result["heldout"]["cvae prior mean"] = m(0.34504)
+    assert "34.5% (bilinear): the same to 0.1 points;" in headline(result)["sentence"]
+    del result["raytrace_at_training_spp"]
+    assert headline(result)["sentence"].endswith("(bilinear): the same to 0.1 points.")
+    # Without a model: the best interpolation is named (and bold in the report).
+    baselines = {"heldout": {k: v for k, v in result["heldout"].items() if not k.startswith("cvae")}}
+    h = headline(baselines)
+    assert h["named"] == "bilinear" and h["sentence"] == "Best interpolation: bilinear 34.5%."
+    baselines["raytrace_at_training_spp"] = {"all": {"pooled": 0.032}}
+    assert headline(baselines)["sentence"] == (
+        "Best interpolation: bilinear 34.5%; tracing the point at the training spp: 3.2% (its error is 10.8× that)."
+    )
+
+
+def test_heldout_maps_share_one_colour_scale():
+    """The held-out figure's |error| and spread columns read on one colour scale: a spread 40x smaller than the
+    error looks 40x smaller, not as large on a scale of its own."""
+    from psfcvae import plots
+    from psfcvae.evaluation.figures import _one_map_scale
+
+    rng = np.random.default_rng(3)
+    maps = {"|error|": 0.4 * rng.random((2, 5, 5)), "spread": 0.01 * rng.random((2, 5, 5))}
+    for log in (False, True):
+        fig = plots.heldout_panels({"reference": rng.random((2, 3, 5, 5))}, {}, ["a", "b"], maps, log)
+        _one_map_scale(fig, maps, log)
+        fig.canvas.draw()
+        top = np.percentile(np.concatenate([m.ravel() for m in maps.values()]), 99)
+        bars = [ax for ax in fig.axes if ax.get_ylabel().startswith("/ reference peak")]
+        assert len(bars) == 2
+        for bar in bars:
+            np.testing.assert_allclose(bar.get_ylim(), (top * 1e-3 if log else 0.0, top), rtol=1e-6)
+        maps_shown = [im for ax in fig.axes for im in ax.get_images() if im.get_array().ndim == 2]
+        assert len(maps_shown) == 4 and all(im.norm.vmax == pytest.approx(top) for im in maps_shown)
 
 
 def test_eval_baselines_only_and_bad_input(tiny_run, tiny_grid, tmp_path):
     run = lambda *a: CliRunner().invoke(main, ["eval", *a])
     r = run("--baselines-only", "--data", str(tiny_grid), "--out", str(tmp_path / "b"))
     assert r.exit_code == 0, r.output
-    assert "cvae" not in json.loads((tmp_path / "b" / "metrics.json").read_text())["heldout"]
+    metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert "cvae" not in metrics["heldout"]
+    page = _Page()
+    page.feed((tmp_path / "b" / "report.html").read_text())  # no model: the best interpolation is named and bold
+    best = metrics["headline"]["best_interpolation"]
+    assert page.bold == [best, f"{100 * metrics['headline']['pooled'][best]:.1f}%"]
+    assert page.ids["headline"].startswith("Best interpolation: ") and "band-plot" in page.ids
+    assert not any(row and row[0].startswith("the model") for row in page.rows)  # no model speed
     ck = str(tiny_run / "latest.pt")
     assert_one_line_error(
         run("--checkpoint", str(tmp_path / "none.pt"), "--data", str(tiny_grid), "--out", str(tmp_path / "e")),

@@ -18,13 +18,14 @@ from psfgen.shared.errors import InputError
 logger = logging.getLogger(__name__)
 
 SPREAD_SAMPLES = 16  # prior samples per held-out point for the per-pixel spread
+BAND_FIGURE = "error_by_band.png"  # the report shows it on its first screen, beside the headline table
 
 
 def make_figures(
     result: dict, arrays, out: Path, model=None, log: bool = False, rows: int = 6, seed: int = 0
 ) -> list[tuple[str, str, str]]:
     """Write the PNGs into ``out``; arrays: evaluate.EvalArrays; model: PSFModel or None."""
-    figures = [heldout_figure(result, arrays, out, model, log, rows, seed)]
+    figures = [band_figure(result, out), heldout_figure(result, arrays, out, model, log, rows, seed)]
     figures.append(error_map_figure(result, arrays, out))
     figures += grid_figures(arrays, out, model is not None, log)
     if model is not None:
@@ -59,6 +60,80 @@ def render_figure(result, arrays, out: Path, model) -> tuple[str, str, str]:
     )
 
 
+def band_figure(result: dict, out: Path) -> tuple[str, str, str]:
+    """Where the error is: the pooled test-point error [%] per radius band and per depth group, of the method the
+    headline names and of the best interpolation, with ray tracing at the training spp where the file measured it
+    (all re-traced grid points on the left, each grid depth on the right). Drawn from ``result`` alone."""
+    h, errors = result["headline"], result["heldout"]
+    shown = list(dict.fromkeys([h["named"], h["best_interpolation"]]))
+    bands = result["heldout_groups"]["radius band"]
+    depths = result["data"]["depths_m"]
+    order = [f"at {depths[0]:g} m"]  # at each grid depth and between each two, nearest first
+    ticks = [f"{depths[0]:g}"]
+    for lo, hi in zip(depths[:-1], depths[1:]):
+        order += [f"between {lo:g} and {hi:g} m", f"at {hi:g} m"]
+        ticks += [f"{lo:g}–{hi:g}", f"{hi:g}"]
+    kept = [i for i, g in enumerate(order) if g in result["heldout_groups"]["depth"]]
+    order, ticks = [order[i] for i in kept], [ticks[i] for i in kept]
+    count = next(iter(errors.values()))
+    rt = result.get("raytrace_at_training_spp", {})
+
+    fig = plots.figure(7.6, 2.7)
+    left, right = fig.subplots(1, 2, sharey=True, width_ratios=[len(bands), max(len(order), 1)])
+    for ax, groups in ((left, bands), (right, order)):
+        for name, style in zip(shown, ("-o", "--s")):
+            ax.plot(
+                range(len(groups)),
+                [100 * errors[name][g]["corrected"]["pooled"] for g in groups],
+                style,
+                label=name,
+                lw=1.5,
+                ms=5,
+            )
+        ax.set_xticks(range(len(groups)))
+        ax.set_xlim(-0.4, len(groups) - 0.6)
+        ax.tick_params(labelsize=7)
+        ax.grid(axis="y", lw=0.4, alpha=0.5)
+    left.set_xticklabels([f"{b.removeprefix('r ')}\n{count[b]['raw']['n']} pts" for b in bands])
+    left.set_xlabel("radius r = √(x² + y²) (√2: the corners)", fontsize=8)
+    left.set_ylabel("test-point error [%]", fontsize=8)
+    right.set_xticklabels([f"{t}\n{count[g]['raw']['n']} pts" for t, g in zip(ticks, order)])
+    right.set_xlabel("depth [m]: at a grid depth, or between two", fontsize=8)
+    spp = result["data"]["spp"]
+    if "all" in rt:
+        left.axhline(
+            100 * rt["all"]["pooled"],
+            c="0.5",
+            ls=":",
+            lw=1.2,
+            label=f"ray tracing, spp {spp}: all re-traced grid points",
+        )
+    traced = [i for i, g in enumerate(order) if g in rt]
+    if traced:
+        right.plot(
+            traced,
+            [100 * rt[order[i]]["pooled"] for i in traced],
+            "x",
+            c="0.4",
+            ms=6,
+            mew=1.5,
+            label=f"ray tracing, spp {spp}: per grid depth",
+        )
+    left.set_ylim(bottom=0)
+    handles = {lab: hd for ax in (left, right) for hd, lab in zip(*ax.get_legend_handles_labels())}
+    fig.legend(
+        handles.values(), handles.keys(), loc="outside upper center", ncols=len(handles), fontsize=7, frameon=False
+    )
+    plots.save(fig, out / BAND_FIGURE)
+    return (
+        BAND_FIGURE,
+        "Where: the error by radius and depth",
+        f"Pooled noise-corrected error on the test points of each radius band (left) and at each grid depth or "
+        f"between two (right), of {' and '.join(shown)}; pts: test points in the group. Grey: ray tracing at the "
+        "training spp, measured on re-traced grid points (all of them on the left, per grid depth on the right).",
+    )
+
+
 def _peak_relative(diff: np.ndarray, ref: np.ndarray) -> np.ndarray:
     """[R, 3, k, k] -> [R, k, k]: the worst channel of |diff|, over each reference's peak."""
     peak = ref.max(axis=(-3, -2, -1), keepdims=True)
@@ -88,18 +163,32 @@ def heldout_figure(result, arrays, out: Path, model, log: bool, rows: int, seed:
         draws = draws.cpu().numpy()
         maps[f"spread of {SPREAD_SAMPLES} prior samples"] = _peak_relative(draws.std(axis=1), ref)
     labels = [f"({x:+.2f}, {y:+.2f})\n{depth:.2f} m" for (x, y), depth in zip(ho["coords"][pick], ho["depth"][pick])]
-    plots.save(plots.heldout_panels(psfs, notes, labels, maps, log), out / "heldout.png")
+    fig = plots.heldout_panels(psfs, notes, labels, maps, log)
+    _one_map_scale(fig, maps, log)
+    plots.save(fig, out / "heldout.png")
     caption = (
         f"Test points the model never saw, from its best to its worst ({len(pick)} of {len(corr[main])}). "
         "Each tile's error is its noise-corrected relative L2; the map columns are per pixel, over the "
-        "reference's peak, worst colour channel, each column on its own scale from 0"
+        "reference's peak, worst colour channel"
         + (
-            "; the spread is the per-pixel standard deviation of PSFs drawn from the prior at that point."
+            ", the |error| and the spread on one colour scale from 0, so their sizes compare; the spread is the "
+            "per-pixel standard deviation of PSFs drawn from the prior at that point."
             if model is not None
-            else "."
+            else ", from 0."
         )
     )
     return "heldout.png", "The model where it was not trained", caption
+
+
+def _one_map_scale(fig, maps: dict[str, np.ndarray], log: bool) -> None:
+    """Put the map columns of plots.heldout_panels (the |error| and the spread, both over the reference's peak) on
+    one colour scale, their colourbars with them: on scales of their own a spread 40x smaller than the error looks
+    as large. maps: name -> [R, k, k]."""
+    norm = plots.value_norm(log, plots.error_scale(np.concatenate([m.ravel() for m in maps.values()])))
+    for ax in fig.axes:
+        for im in ax.get_images():
+            if im.get_array().ndim == 2:  # a map; the PSF tiles are RGB [k, k, 3]
+                im.set_norm(norm)
 
 
 def error_map_figure(result, arrays, out: Path) -> tuple[str, str, str]:

@@ -1,6 +1,8 @@
 """report.html of ``psf eval``: one self-contained page (PNGs embedded) a colleague can read
-without the README: the headline first, the model where it was not trained, the physical
-context and every definition on the page.
+without the README. Its first screen (1400 px wide) answers how good (the headline sentence and
+every method's error), where (the error by radius band and depth), how fast (PSFs/s against ray
+tracing) and in what units (µm, the light the traced window keeps); below it the breakdowns, the
+physical context, the figures and every definition on the page.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import io
 import re
 from pathlib import Path
 
+from psfcvae.evaluation.figures import BAND_FIGURE
 from psfcvae.evaluation.metrics import measured_points
 
 DEFINITIONS = [
@@ -79,11 +82,16 @@ DEFINITIONS = [
     ),
 ]
 
-STYLE = """body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222;line-height:1.4}
+STYLE = """body{font-family:sans-serif;max-width:1200px;margin:1em auto;color:#222;line-height:1.4}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
-td:first-child,th:first-child{text-align:left}img{max-width:100%}.headline{font-size:1.25em}
+td:first-child,th:first-child{text-align:left}img{max-width:100%}h1{font-size:1.5em;margin:.2em 0}
+.meta,.note{font-size:.85em;color:#555;margin:.2em 0}.headline{font-size:1.25em;margin:.4em 0}
 .warn{background:#fff4e0;border-left:4px solid #e89a00;padding:.5em 1em}dt{font-weight:bold}
-summary{cursor:pointer;font-weight:bold;margin:.5em 0}figcaption{font-size:.9em;color:#444}"""
+summary{cursor:pointer;font-weight:bold;margin:.5em 0}figcaption{font-size:.9em;color:#444}
+#summary{display:grid;grid-template-columns:minmax(0,5fr) minmax(0,7fr);gap:0 2em;align-items:start}
+#summary h2{font-size:1.05em;margin:.4em 0 0}#summary table{font-size:.9em;margin:.3em 0}
+#summary figure{margin:.3em 0}#summary .what{text-align:left;color:#555}
+#headline-table td:first-child,#summary th{white-space:nowrap}#summary tr.named td{background:#eaf2fb}"""
 
 
 def write_report(result: dict, out: Path, figures: list[tuple[str, str, str]], extra_figures: list = ()) -> Path:
@@ -94,14 +102,15 @@ def write_report(result: dict, out: Path, figures: list[tuple[str, str, str]], e
     matplotlib figure (saved into ``out`` next to the others).
     """
     out = Path(out)
-    shown = [(out / name, title, caption) for name, title, caption in figures]
+    band = next(((out / n, t, c) for n, t, c in figures if n == BAND_FIGURE), None)  # on the first screen
+    shown = [(out / name, title, caption) for name, title, caption in figures if name != BAND_FIGURE]
     for i, (title, png, caption) in enumerate(extra_figures):
         path = out / f"extra{i}_{re.sub(r'[^a-z0-9]+', '_', title.lower()).strip('_')[:40]}.png"
         path.write_bytes(_png_bytes(png))
         shown.append((path, title, caption))
     body = [
         _header(result),
-        _headline(result),
+        _summary(result, band),
         _truncation(result),
         _breakdown(result),
         _context(result),
@@ -141,32 +150,121 @@ def _header(result: dict) -> str:
         else "no model (interpolation baselines only)"
     )
     return (
-        f"<h1>How accurate is the learned PSF of {html.escape(Path(o['lens_path']).stem)}?</h1>"
-        f"<p>{model}; data <code>{html.escape(d['path'])}</code>; {html.escape(result['created_at'])}.</p>"
+        f"<h1>{'The learned PSF' if ck else 'Interpolated PSFs (no model)'} of "
+        f"{html.escape(Path(o['lens_path']).stem)}: how good, where, how fast, in what units</h1>"
+        f'<p class="meta">{model}; data <code>{html.escape(d["path"])}</code>; {html.escape(result["created_at"])}.</p>'
     )
 
 
-def _headline(result: dict) -> str:
-    h = result["headline"]
-    rows = []
-    for name, v in h["pooled"].items():
-        a, b = ("<b>", "</b>") if name == h["best"] else ("", "")
-        rows.append(f"<tr><td>{a}{html.escape(name)}{b}</td><td>{a}{_pct(v)}{b}</td></tr>")
-    if h["raytrace"] is not None:
-        rows.append(
-            f"<tr><td>ray tracing the point, spp {result['data']['spp']} (grid points)</td>"
-            f"<td>{_pct(h['raytrace'])}</td></tr>"
-        )
+# What each method is, beside its error in the first table.
+WHAT = {
+    "cvae prior mean": "the model: what its API returns",
+    "cvae prior mean (table)": "the prior mean, tabulated (model.tabulate())",
+    "cvae prior sample": "one random draw of the model, not what it returns",
+    "nearest": "the nearest grid PSF",
+    "bilinear": "interpolation of the grid",
+    "bicubic": "interpolation of the grid",
+}
+
+
+def _summary(result: dict, band) -> str:
+    """The first screen: the headline sentence, then how good (every method's error, the named one in bold),
+    where (the error per radius band and depth: ``band``, (path, title, caption) of BAND_FIGURE, or None), how
+    fast (PSFs/s against ray tracing) and in what units (µm, the light the traced window keeps)."""
+    where = (
+        f'<h2>{html.escape(band[1])}</h2><figure><img id="band-plot" alt="{html.escape(band[1])}" '
+        f'src="data:image/png;base64,{base64.b64encode(band[0].read_bytes()).decode()}">'
+        f'<figcaption class="note">{html.escape(band[2])} <code>{html.escape(band[0].name)}</code></figcaption>'
+        "</figure>"
+        if band
+        else ""
+    )
     noise = result["reference_noise"].get("mean")
     return (
-        f'<p class="headline" id="headline">{html.escape(h["sentence"])}</p>'
-        f'<table id="headline-table"><tr><th>method</th><th>test-point error</th></tr>{"".join(rows)}</table>'
-        f'<p id="protocol">{html.escape(result["protocol"]["statement"])}.</p>'
-        f"<p>Error: relative L2 at {measured_points(result)} held out, with the "
+        f'<p class="headline" id="headline">{html.escape(result["headline"]["sentence"])}</p>'
+        '<section id="summary">'
+        f"<div><h2>How good: error on the test points</h2>{_methods(result)}"
+        f'<p class="note" id="protocol">{html.escape(result["protocol"]["statement"])}.</p></div>'
+        f"<div>{where}</div>"
+        f"<div><h2>How fast</h2>{_speed(result)}</div>"
+        f"<div><h2>In what units</h2>{_units(result['optics'])}</div>"
+        "</section>"
+        f'<p class="note">Error: relative L2 at {measured_points(result)} held out, with the '
         f"reference's own ray-tracing noise removed (noise-corrected, pooled; every error on this page is this "
         f"figure). The raw comparison reads higher because the reference itself is noisy "
         f"({_pct(noise)} on average, traced at spp {result['data']['heldout_spp']}).</p>"
     )
+
+
+def _methods(result: dict) -> str:
+    """Every method's pooled error, best first, the one the headline names in bold; ray tracing last."""
+    h = result["headline"]
+    rows = []
+    for name, v in h["pooled"].items():
+        tr, a, b = ('<tr class="named">', "<b>", "</b>") if name == h["named"] else ("<tr>", "", "")
+        what = WHAT.get(name, "eigen-PSF interpolation of the grid" if name.startswith("eigen-psf") else "")
+        rows.append(
+            f"{tr}<td>{a}{html.escape(name)}{b}</td><td>{a}{_pct(v)}{b}</td>"
+            f'<td class="what">{html.escape(what)}</td></tr>'
+        )
+    if h["raytrace"] is not None:
+        rows.append(
+            f'<tr><td>ray tracing</td><td>{_pct(h["raytrace"])}</td><td class="what">tracing the point at the '
+            f"grid's spp {result['data']['spp']} (measured on grid points)</td></tr>"
+        )
+    head = '<tr><th>method</th><th>error</th><th class="what">what it is</th></tr>'
+    return f'<table id="headline-table">{head}{"".join(rows)}</table>'
+
+
+def _speed(result: dict) -> str:
+    """PSFs/s of the model and its table, each against the ray tracing that made the file (its provenance)."""
+    speeds = result["speed_psfs_per_s"]
+    trace_key, trace = next(iter(speeds.items()))  # the file's ray tracing comes first
+    names = {
+        "cvae prior mean (cpu)": "the model (prior mean), CPU",
+        "cvae prior mean (cuda)": "the model (prior mean), CUDA",
+        "cvae prior mean, table (cpu)": "its table, CPU",
+    }
+    times = lambda v: f"{v / trace:,.0f}×" if v >= 10 * trace else f"{v / trace:.2g}×"  # noqa: E731
+    rows = "".join(
+        f"<tr><td>{names[k]}</td><td>{v:,.0f}</td><td>{times(v)}</td></tr>"
+        for k, v in speeds.items()
+        if k in names and trace > 0
+    )
+    rows += (
+        f"<tr><td>ray tracing {html.escape(trace_key.removeprefix('raytrace '))}</td><td>{trace:,.1f}</td>"
+        "<td>1×</td></tr>"
+    )
+    return f'<table id="speed"><tr><th>method</th><th>PSFs/s</th><th>× ray tracing</th></tr>{rows}</table>'
+
+
+def units(optics: dict) -> list[tuple[str, str]]:
+    """(what, value) pairs: the sensor pixel, the kernel pitch and span in µm, the light the traced window keeps;
+    the report's units table and psf eval's units line. optics: metrics.json's "optics"."""
+    o, t = optics, optics["truncation"]
+    span = o["kernel_px"] * o["kernel_pitch_um"]  # [µm]: traced_kernel_px sensor pixels
+    pairs = [
+        ("sensor pixel", f"{o['sensor_pixel_um']:.2f} µm"),
+        ("kernel pixel (pitch)", f"{o['kernel_pitch_um']:.2f} µm"),
+        (
+            "kernel span",
+            f"{o['kernel_px']} × {o['kernel_px']} px = {span:.0f} µm = {span / o['sensor_pixel_um']:.0f} sensor pixels",
+        ),
+    ]
+    if t["total"]:
+        pairs.append(
+            (
+                "light kept in the traced window",
+                f"mean {100 * t['mean_kept']:.1f}%, worst {100 * t['worst_kept']:.1f}%; {t['truncated']} of "
+                f"{t['total']} lit grid PSFs under {100 * t['kept_limit']:.0f}%",
+            )
+        )
+    return pairs
+
+
+def _units(optics: dict) -> str:
+    rows = "".join(f'<tr><td>{k}</td><td style="text-align:left">{v}</td></tr>' for k, v in units(optics))
+    return f'<table id="units">{rows}</table>'
 
 
 def _truncation(result: dict) -> str:
