@@ -27,7 +27,7 @@ REQUIRED = (
     "loss_window",
     "optics",
 )
-SCHEMA_VERSION = 3  # the only one read: a checkpoint of another is refused (retrain)
+SCHEMA_VERSION = 4  # the only one read: a checkpoint of another is refused (retrain)
 
 
 def data_fingerprint(info: GridFile) -> dict:
