@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,11 @@ NORM_EPS = 1e-8  # added to each channel's sum before normalising
 # Canonical frame: how the decoder's fine kernel is interpolated when rotated into the field;
 # bilinear spreads each fine pixel of a sharp PSF over its neighbours (docs/symmetry.md).
 ROTATION = "bicubic"
+# Canonical frame: σ [stored px] of the Gaussian that smooths the decoder's fine kernel in log space (its
+# logits, before softplus). The training PSFs fix each stored pixel's sum at a few angles only, not how
+# it is spread over the fine pixels; left free, that spread is speckle, which other angles integrate
+# differently (docs/symmetry.md). A smooth logit field keeps every Gaussian spot, however sharp.
+LOG_BLUR = 0.5
 
 
 @dataclass(frozen=True)
@@ -40,9 +46,10 @@ class ModelArgs:
     smooth_weight: float = 1e-3
     prior_recon_weight: float = 0.0  # weight of MSE(decode(μ_p(c), c), K): trains the prior-mean path itself
     # The frame the networks see (psfcvae/model/frame.py). cartesian: the spec, c = (x, y[, d]).
-    # canonical: a rotationally symmetric lens; the networks see (r[, d]), the decoder draws
-    # the PSF at (r, 0) on a kernel `supersample` times finer than kernel_size_small, which is rotated
-    # by θ = atan2(y, x) (bicubically: ROTATION) into the field and integrated over the kernel_size_small² pixels.
+    # canonical: a rotationally symmetric lens; the networks see (r²[, d]), the decoder draws
+    # the PSF at (r, 0) on a kernel `supersample` times finer than kernel_size_small, even in x
+    # plus r times odd in x (regular on the axis, docs/symmetry.md), which is rotated by
+    # θ = atan2(y, x) (bicubically: ROTATION) into the field and integrated over the kernel_size_small² pixels.
     frame: str = "cartesian"
     supersample: int = 3  # canonical kernel pixels per stored pixel (per axis)
     scale_weight: float = 0.0  # weight of mean(log(sum of the decoder's channel before normalisation)²)
@@ -68,6 +75,16 @@ class ModelOutput:
     illum: torch.Tensor | None = None  # the illumination head's loss (None when forward() got no targets)
 
 
+def blur_matrix(n: int, sigma: float) -> torch.Tensor:
+    """G [n, n]: G @ x @ G.T convolves x [..., n, n] with a normalised Gaussian of σ ``sigma`` px, edges replicated."""
+    half = int(math.ceil(3 * sigma))
+    t = torch.arange(-half, half + 1, dtype=torch.float64)
+    g = torch.exp(-0.5 * (t / sigma) ** 2)
+    g = g / g.sum()
+    src = (torch.arange(n)[:, None] + t.long()[None, :]).clamp(0, n - 1)  # [n, taps]: the pixel each tap reads
+    return torch.zeros(n, n, dtype=torch.float64).scatter_add_(1, src, g.expand(n, -1).contiguous()).float()
+
+
 def bounded_logvar(raw: torch.Tensor) -> torch.Tensor:
     return LOGVAR_BOUND * torch.tanh(raw / LOGVAR_BOUND)
 
@@ -91,22 +108,35 @@ class CVAE(nn.Module):
         Z = args.latent_dim
         self.encoder = mlp(k_dim + pe_dim, args.hidden_dim, args.num_layers, 2 * Z)  # -> μ_q, log σ²_q
         self.prior = mlp(pe_dim, args.hidden_dim, args.num_layers, 2 * Z)  # -> μ_p, log σ²_p
-        # A canonical kernel is mirror-symmetric in y: the decoder draws its upper half (and the axis row).
+        # A canonical kernel is mirror-symmetric in y: the decoder draws its upper half (and the axis row),
+        # as the part even in x (the columns x >= 0) and the part odd in x (x > 0): as many values.
         out_dim = 3 * ((self.out_side + 1) // 2) * self.out_side if self.canonical else k_dim
         self.decoder = mlp(Z + pe_dim, args.hidden_dim, args.num_layers, out_dim)
         self.illumination = IlluminationHead(args.cond_dim)
+        if self.canonical:
+            S, h = self.out_side, (self.out_side + 1) // 2
+            g = blur_matrix(S, LOG_BLUR * args.supersample)
+            # The rows below the axis are the mirror images of those above: fold their weights onto them.
+            rows = g[:h, :h].index_add(1, S - 1 - torch.arange(h, S), g[:h, h:])
+            self.register_buffer("blur_cols", g, persistent=False)
+            self.register_buffer("blur_rows", rows, persistent=False)
 
     def _frame(self, cond: torch.Tensor):
-        """Model-space cond [B, C] = (x, y[, d]) -> (what the networks see [B, C'], angle θ [B] or None).
+        """Model-space cond [B, C] = (x, y[, d]) -> (what the networks see [B, C'], angle θ [B] or None,
+        radius ρ [B] or None).
 
-        canonical: (r[, d]) with r mapped to [-1, 1] (centre to sensor corner), and θ.
+        canonical: ρ = r / (radius of the sensor corner), in [0, 1], and θ. The networks see ρ²
+        mapped to [-1, 1], not ρ: a PSF field smooth in (x, y) is, on the x axis, a function
+        of ρ² plus ρ times an odd one (``_draw``), and an N x N grid's points are spread evenly
+        in ρ², not in ρ.
         """
         if not self.canonical:
-            return cond, None
+            return cond, None, None
         scale = tuple(self.args.field_scale)
         r, theta = polar(cond[:, :2], scale)
-        code = (2.0 * r / max_radius(scale) - 1.0)[:, None]
-        return torch.cat([code, cond[:, 2:]], dim=1), theta
+        rho = r / max_radius(scale)
+        code = (2.0 * rho * rho - 1.0)[:, None]
+        return torch.cat([code, cond[:, 2:]], dim=1), theta, rho
 
     # --- the three networks -------------------------------------------------------------
     def encode(self, psf: torch.Tensor, cond: torch.Tensor):
@@ -114,7 +144,7 @@ class CVAE(nn.Module):
 
         canonical: the encoder sees the PSF turned back by -θ to the +x axis.
         """
-        enc, theta = self._frame(cond)
+        enc, theta, _ = self._frame(cond)
         if theta is not None:
             psf = rotate_sample(psf, -theta, self.args.kernel_size_small, q=1)
         mu, raw = self.encoder(torch.cat([psf.flatten(1), self.pe(enc)], dim=1)).chunk(2, dim=1)
@@ -129,7 +159,8 @@ class CVAE(nn.Module):
         """p(K|z,c): z [B, Z], cond [B, C] -> K̂ [B, 3, k, k], non-negative, each channel sums to 1.
 
         canonical: the decoder draws the PSF at (r, 0), mirror-symmetric about the x axis as
-        a coaxial lens makes it, on the fine canonical kernel; it is rotated by θ, cropped to
+        a coaxial lens makes it (and about the y axis too at r = 0: ``_draw``), on the fine
+        canonical kernel; it is rotated by θ, cropped to
         the k x k window and normalised, which is also what DeepLens does to rays that land
         outside its window.
         """
@@ -137,8 +168,8 @@ class CVAE(nn.Module):
 
     def _decode(self, z: torch.Tensor, cond: torch.Tensor):
         """(K̂ [B, 3, k, k], log of each channel's sum before normalisation [B, 3])."""
-        enc, theta = self._frame(cond)
-        out = self._draw(z, enc)
+        enc, theta, rho = self._frame(cond)
+        out = self._draw(z, enc, rho)
         log_sum = torch.log(out.sum(dim=(-2, -1)) + NORM_EPS)
         if theta is not None:
             k = self.args.kernel_size_small
@@ -149,16 +180,34 @@ class CVAE(nn.Module):
         """The decoder's fine kernel at (r, 0), before rotation: [B, 3, S, S], each channel sums to 1."""
         if not self.canonical:
             raise ValueError("a cartesian model has no canonical kernel")
-        out = self._draw(z, self._frame(cond)[0])
+        enc, _, rho = self._frame(cond)
+        out = self._draw(z, enc, rho)
         return out / (out.sum(dim=(-2, -1), keepdim=True) + NORM_EPS)
 
-    def _draw(self, z: torch.Tensor, enc: torch.Tensor) -> torch.Tensor:
-        """The decoder's non-negative kernel before normalisation: [B, 3, S, S] (S = k when cartesian)."""
+    def _draw(self, z: torch.Tensor, enc: torch.Tensor, rho: torch.Tensor | None) -> torch.Tensor:
+        """The decoder's non-negative kernel before normalisation: [B, 3, S, S] (S = k when cartesian).
+
+        canonical (rho [B], the radius over the corner's): softplus(blur(E + ρ·O)), with E even
+        and O odd in x, both functions of (z, ρ²), and blur the Gaussian of σ LOG_BLUR. The PSF
+        at (-r, 0) is the PSF at (r, 0) mirrored in x; drawn so, the kernel is even in x at
+        r = 0 and its odd part (coma) grows from 0 linearly, as a field smooth through the
+        axis must. A kernel drawn from r alone is not: between the axis and the grid's
+        innermost radius (0.2 on an 8 x 8 grid) it extrapolates, a shifted and lopsided kernel
+        at r = 0 that θ turns any way.
+        """
         S = self.out_side
-        out = F.softplus(self.decoder(torch.cat([z, self.pe(enc)], dim=1)))
+        raw = self.decoder(torch.cat([z, self.pe(enc)], dim=1))
         if not self.canonical:
-            return out.view(-1, 3, S, S)
-        top = out.view(-1, 3, (S + 1) // 2, S)  # rows from y = +max down to the axis
+            return F.softplus(raw).view(-1, 3, S, S)
+        h = (S + 1) // 2  # rows from y = +max down to the axis; columns from the axis to x = +max
+        raw = raw.view(-1, 3, h, S)
+        even, odd = raw[..., :h], raw[..., h:]  # columns outward from the axis: x >= 0 (even), x > 0 (odd)
+        even = torch.cat([even[..., S % 2 :].flip(-1), even], dim=-1)  # columns run along +x
+        mid = [torch.zeros_like(odd[..., :1])] if S % 2 else []  # an odd part is 0 on the centre column
+        odd = torch.cat([-odd.flip(-1), *mid, odd], dim=-1)
+        logits = even + rho[:, None, None, None] * odd
+        logits = self.blur_rows @ logits @ self.blur_cols.T
+        top = F.softplus(logits)
         return torch.cat([top, top.flip(-2)[:, :, S % 2 :]], dim=-2)  # rows run along -y: the flip mirrors y -> -y
 
     # --- training -----------------------------------------------------------------------
