@@ -540,7 +540,7 @@ def test_a_checkpoint_of_another_schema_is_refused_in_one_line(tiny_run, tiny_gr
         "--out",
         str(tmp_path / "p.npy"),
     ]
-    for version, which in ((3, "an earlier"), (5, "a later")):
+    for version, which in ((4, "an earlier"), (6, "a later")):
         torch.save({**ckpt, "schema_version": version}, latest)
         before = latest.read_bytes()
         want = f"checkpoint {latest} has schema version {version} ({which} psf-cvae); retrain with 'psf train'"
