@@ -1,6 +1,6 @@
 """The HDF5 grid file: the one module that creates, writes, opens and reads it.
 
-Layout (schema 5; docs/dataset.md):
+Layout (schema 6; docs/dataset.md):
 
     /depths             [D] float64, object depths [m], strictly ascending
     /wvln               [3] float64, wavelengths [µm], order R, G, B
@@ -20,6 +20,7 @@ Layout (schema 5; docs/dataset.md):
     /blocks/table       [B, 4] int64 (kind, depth index or -1, start, stop)
     /blocks/done        [B] uint8, 1 once the block's PSFs are written
     /blocks/seconds     [B] float64, tracing time of each block [s]
+    /closing            [3] float64, finished_at [Unix s], wall_time_s [s], trace_seconds [s]; 0 until finished
 
 Every other module asks this one: :func:`create`, :func:`write_block` and :func:`finish` write
 a file as ``psf generate`` traces it, :func:`write_virtual` and :func:`with_heldout_of` write
@@ -32,11 +33,14 @@ code reads older layouts.
 Crash safety: every dataset is allocated in full when the file is created (contiguous
 layout, early allocation), so writing a block only overwrites raw bytes and then flips
 its done byte, without touching HDF5 metadata. A process killed at any moment leaves a
-readable file whose done marks are true only for blocks fully written.
+readable file whose done marks are true only for blocks fully written. The closing marks
+(finish time, wall and tracing time) are such raw bytes too, not attributes: stamping them
+never grows the file, so a disk that fills during the run cannot damage it at the end.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
@@ -51,7 +55,7 @@ from psfgen.shared import tempfiles
 from psfgen.shared.errors import DamagedFile, InputError
 
 FORMAT = "psf-cvae.grid"
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 # A lit PSF channel should keep at least this fraction of its valid rays inside the traced window: DeepLens
 # drops the rays beyond it before binning, so a channel keeping less is truncated (generate warns, info and
 # the eval report count them).
@@ -190,6 +194,7 @@ def create(path: Path, *, attrs: dict, arrays: dict, sizes: dict, blocks: list[B
             f.create_dataset("blocks/table", data=np.array([b.row() for b in blocks], dtype=np.int64).reshape(-1, 4))
             _early(f, "blocks/done", (len(blocks),), np.uint8, zero_fill=True)
             _early(f, "blocks/seconds", (len(blocks),), np.float64, zero_fill=True)
+            _early(f, "closing", (3,), np.float64, zero_fill=True)
         if reserve:  # the disk space of every block now: a full disk is said before tracing, never half-way
             with open(tmp, "r+b") as f:
                 os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
@@ -242,11 +247,19 @@ def _pwrite(fd: int, where: tuple, first: tuple, value) -> None:
     os.pwrite(fd, data.tobytes(), offset + start * dtype.itemsize)
 
 
-def finish(path: Path, **attrs) -> None:
-    """Stamp a written file's closing attributes (finished_at, wall_time_s, trace_seconds, ...)."""
-    with h5py.File(path, "r+", locking=False) as f:
-        for key, value in attrs.items():
-            f.attrs[key] = value
+def finish(path: Path, *, finished_at: str, trace_seconds: float, wall_time_s: float = 0.0) -> None:
+    """Stamp a written file's closing marks: finished_at (UTC ISO 8601), trace_seconds and wall_time_s [s].
+
+    Written in place like a block (:func:`write_block`): HDF5 never opens the file for writing, nothing grows."""
+    stamp = datetime.datetime.fromisoformat(finished_at).timestamp()
+    with h5py.File(path, "r", locking=False) as f:
+        where = (f["closing"].id.get_offset(), f["closing"].dtype, f["closing"].shape)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        _pwrite(fd, where, (0,), np.array([stamp, wall_time_s, trace_seconds]))
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
 
 
 def header(grid: GridFile) -> dict:
@@ -259,19 +272,10 @@ def merged_header(shards: list[GridFile], merged_at: str) -> dict:
     """The attributes of a file merged from ``shards``: the first shard's header less its shard and closing
     marks, the shards' earliest start and latest finish, their paths and devices."""
     attrs = header(shards[0])
-    for key in (
-        "shard_index",
-        "shard_count",
-        "finished_at",
-        "wall_time_s",
-        "trace_seconds",
-        "format",
-        "schema_version",
-    ):
+    for key in ("shard_index", "shard_count", "format", "schema_version"):
         attrs.pop(key, None)
     attrs.update(
         started_at=min(s.started_at for s in shards),
-        finished_at=max(s.finished_at or "" for s in shards),
         merged_from=json.dumps([s.path for s in shards]),
         merged_at=merged_at,
         devices=json.dumps(sorted({d for s in shards for d in s.devices})),
@@ -314,7 +318,7 @@ def write_virtual(tmp: Path, attrs: dict, shards: list[GridFile], out_dir: Path)
             seconds[k::n] = shard.seconds[k::n]
         f["blocks/done"] = done
         f["blocks/seconds"] = seconds
-        f.attrs["trace_seconds"] = float(seconds.sum())
+        f["closing"] = np.array([_last_finish(shards), 0.0, float(seconds.sum())])
 
 
 def write_copy(tmp: Path, attrs: dict, shards: list[GridFile]) -> None:
@@ -330,7 +334,16 @@ def write_copy(tmp: Path, attrs: dict, shards: list[GridFile]) -> None:
     for i, block in enumerate(first.blocks):
         psf, kept, illumination, valid = shards[i % n].read_block(block)
         write_block(tmp, i, block, psf, kept, float(shards[i % n].seconds[i]), illumination, valid)
-    finish(tmp, trace_seconds=float(sum(s.seconds[k::n].sum() for k, s in enumerate(shards))))
+    finish(
+        tmp,
+        finished_at=datetime.datetime.fromtimestamp(_last_finish(shards), datetime.UTC).isoformat(),
+        trace_seconds=float(sum(s.seconds[k::n].sum() for k, s in enumerate(shards))),
+    )
+
+
+def _last_finish(shards: list[GridFile]) -> float:
+    """The latest finish of the shards [Unix s] (every shard is complete when merged)."""
+    return max(datetime.datetime.fromisoformat(s.finished_at).timestamp() for s in shards if s.finished_at)
 
 
 def with_heldout_of(grid: Path, ref: Path, out: Path) -> Path:
@@ -456,6 +469,11 @@ def _check_shard_sources(f: h5py.File, path: Path) -> None:
 def _check_range(name: str, values: np.ndarray, low: float, high: float) -> None:
     if values.size and not (np.isfinite(values).all() and values.min() >= low and values.max() <= high):
         raise _Damaged(f"{name} holds values outside {low:g}..{high:g} (or NaN)")
+
+
+def _iso(stamp: float) -> str:
+    """A Unix time [s] as UTC ISO 8601, to the second (as psf generate stamps it)."""
+    return datetime.datetime.fromtimestamp(round(stamp), datetime.UTC).isoformat()
 
 
 def _check_index(name: str, values: np.ndarray, count: int) -> None:
@@ -631,6 +649,8 @@ class GridFile:
         _check_range("blocks/done", done, 0, 1)
         seconds = _array(f, "blocks/seconds", (len(table),)).astype(np.float64)
         _check_range("blocks/seconds", seconds, 0.0, np.inf)
+        closing = _array(f, "closing", (3,)).astype(np.float64)
+        _check_range("closing", closing, 0.0, np.inf)
         counts = {"grid": P, "noise": S, "heldout_a": M, "heldout_b": M}
         blocks = []
         for row in table:
@@ -697,8 +717,8 @@ class GridFile:
             foclen_mm=_scalar(attrs, "foclen_mm", float),
             devices=tuple(str(d) for d in devices) if devices is not None else (_scalar(attrs, "device", str),),
             started_at=_scalar(attrs, "started_at", str),
-            finished_at=_scalar(attrs, "finished_at", str, optional=True),
-            trace_seconds=_scalar(attrs, "trace_seconds", float, optional=True, low=0.0),
+            finished_at=_iso(closing[0]) if closing[0] > 0 else None,
+            trace_seconds=float(closing[2]) if closing[0] > 0 else None,
             valid_min_rays=_scalar(attrs, "valid_min_rays", int, low=1),
             valid_min_rays_heldout=_scalar(attrs, "valid_min_rays_heldout", int, low=1),
             depth_plan=plan,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import resource
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -388,3 +389,30 @@ def test_a_window_too_small_for_the_axis_psf_says_so_and_not_that_the_lens_is_da
     assert_one_line_error(run_cli(args), "2-px window holds only", "larger --kernel-size")
     assert "vignettes" not in run_cli(args).stderr
     assert not (tmp_path / "g.h5").exists()
+
+
+# --- a disk that fills at the very end ------------------------------------------------------------------------------
+
+
+def test_a_disk_full_when_generate_stamps_its_finish_loses_nothing(tmp_path, monkeypatch):
+    from psfgen import generation, gridfile
+    from psfgen.gridfile import GridFile
+
+    stamp = gridfile.finish
+    out = tmp_path / "g.h5"
+
+    def on_a_full_disk(path, **marks):  # every block is written; the disk has not one byte more
+        old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(path), limit[1]))
+        try:
+            stamp(path, **marks)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+            signal.signal(signal.SIGXFSZ, old)
+
+    monkeypatch.setattr(generation.gridfile, "finish", on_a_full_disk)
+    assert run_cli(tiny_args(out)).exit_code == 0
+    grid = GridFile.open(out)
+    assert grid.done.all() and grid.finished_at is not None
+    assert grid.trace_seconds == pytest.approx(grid.seconds.sum())

@@ -513,8 +513,8 @@ def _check_finite(run: Run, out, step: int) -> None:
     if not finite:
         raise TrainingError(
             f"loss became non-finite at step {step + 1} (recon {out.recon.item():.3g}, kl {out.kl.item():.3g}); "
-            f"the last good checkpoint {run.latest if run.latest.exists() else '(none yet)'} is kept; lower "
-            "learning_rate or kl_weight"
+            f"the last good checkpoint {run.latest if run.latest.exists() else '(none yet)'} is kept; the data "
+            "passed their checks (finite, in range, each channel summing to 1), so lower learning_rate or kl_weight"
         )
 
 
