@@ -63,6 +63,8 @@ class GenerateConfig:
     shard: str | None = None  # "K/N": trace only shard K (0-based) of N; "auto": from torchrun or a SLURM array
 
     def validate(self) -> None:
+        if not self.out.strip():  # Path("") is the working directory
+            raise InputError.for_key("out", "is empty; give a file path for the grid (e.g. grid.h5)")
         check_grid_size(self)
         if isinstance(self.num_depths, str) and self.num_depths != "auto":
             raise InputError.for_key("num_depths", f"must be a whole number or auto, got {self.num_depths!r}")

@@ -40,6 +40,7 @@ never grows the file, so a disk that fills during the run cannot damage it at th
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -52,7 +53,7 @@ import numpy as np
 
 from psfgen.plan.grid import TEST, VALIDATION
 from psfgen.shared import tempfiles
-from psfgen.shared.errors import DamagedFile, InputError
+from psfgen.shared.errors import DamagedFile, InputError, os_reason
 
 FORMAT = "psf-cvae.grid"
 SCHEMA_VERSION = 6
@@ -382,6 +383,19 @@ def with_heldout_of(grid: Path, ref: Path, out: Path) -> Path:
 # Reading
 
 
+@contextlib.contextmanager
+def _unreadable_is_damage(path: Path):
+    """HDF5's errors while reading an opened file as one line: its metadata past the superblock is broken (a bit
+    flip, a torn copy), where h5py raises OSError or RuntimeError ("ran off end of input buffer", "addr overflow")."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        raise DamagedFile(
+            f"{path} is damaged: HDF5 cannot read it ({os_reason(exc)}); regenerate it with 'psf generate' (or restore "
+            "the file)"
+        ) from None
+
+
 class _Damaged(Exception):
     """What is wrong with a file, raised inside the checks and turned into one DamagedFile line."""
 
@@ -552,7 +566,7 @@ class GridFile:
             if h5py.is_hdf5(path):  # ours or not, its structure is broken (e.g. by a write that failed)
                 raise DamagedFile(f"{path} is an HDF5 file that cannot be opened (damaged)") from None
             raise InputError(f"{path} is not a readable HDF5 file; give a file written by 'psf generate'") from None
-        with f:
+        with f, _unreadable_is_damage(path):
             attrs = dict(f.attrs)
             fmt = attrs.get("format")
             if fmt != FORMAT:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -195,6 +196,12 @@ def test_a_field_window_too_small_for_the_image_is_one_line(tiny_run, tmp_path, 
 def test_devices_are_checked_by_render_sample_and_the_api(tiny_run, tmp_path, device):
     ckpt = tiny_run / "latest.pt"
     assert_one_line_error(run_cli([*sample_args(ckpt, tmp_path / "p.npz"), "--device", device]), "--device", device)
+    from psfcvae.rendering.imageio import write_image
+
+    write_image(tmp_path / "in.png", torch.rand(3, 8, 8))
+    args = ["render", "--checkpoint", str(ckpt), "--image", str(tmp_path / "in.png"), "--depth", "1", "--out"]
+    assert_one_line_error(run_cli([*args, str(tmp_path / "o.png"), "--device", device]), "--device", device)
+    assert not (tmp_path / "o.png").exists()
     with pytest.raises(InputError, match="device must be auto, cpu, cuda or cuda:K"):
         load_model(ckpt, device=device)
 
@@ -416,3 +423,139 @@ def test_a_disk_full_when_generate_stamps_its_finish_loses_nothing(tmp_path, mon
     grid = GridFile.open(out)
     assert grid.done.all() and grid.finished_at is not None
     assert grid.trace_seconds == pytest.approx(grid.seconds.sum())
+
+
+# --- psf eval's outputs, schedule changes on resume, diagnostics of many lines ---------------------------------------
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_failing_eval_leaves_the_previous_out_whole_and_an_unwritable_out_is_said_before_the_work(
+    tiny_grid, tmp_path, monkeypatch
+):
+    import errno
+
+    from psfcvae.evaluation import evaluate
+
+    out = tmp_path / "ev"
+    args = ["eval", "--baselines-only", "--data", str(tiny_grid), "--out", str(out)]
+    assert run_cli(args).exit_code == 0
+    before = _tree(out)
+    real = evaluate.report.write_report
+
+    def disk_fills(result, folder, *rest):  # the figures are written; the report is half written, then the disk fills
+        (Path(folder) / "report.html").write_text("<html>half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(evaluate.report, "write_report", disk_fills)
+    assert_one_line_error(run_cli(args), f"cannot write the evaluation into {out}", "No space left", "as it was")
+    assert _tree(out) == before  # no new figure beside the old metrics
+    assert [p.name for p in tmp_path.iterdir()] == ["ev"]  # nothing left beside it
+    monkeypatch.setattr(evaluate.report, "write_report", real)
+
+    def no_work(*a, **k):
+        raise AssertionError("the metrics were computed before --out was checked")
+
+    monkeypatch.setattr(evaluate, "compute_metrics", no_work)
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("x")
+    args[-1] = str(blocker / "ev")
+    assert_one_line_error(run_cli(args), "--out", "notes.txt is a file, not a directory")
+    args[-1] = str(blocker)
+    assert_one_line_error(run_cli(args), "--out", "is a file; give a directory")
+
+
+def test_resuming_with_another_learning_rate_schedule_warns(tiny_run, tiny_grid, tmp_path, caplog):
+    import logging
+
+    for change in (dict(learning_rate=2e-3), dict(lr_schedule="constant"), dict(max_steps=50)):
+        run_dir = tmp_path / "r"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.copytree(tiny_run, run_dir)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            train(small_config(tiny_grid, run_dir, **change), resume=True)
+        key = next(iter(change))
+        assert f"resuming with another {key}: the learning rate from here on is not the original run's" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        train(small_config(tiny_grid, run_dir, max_steps=50), resume=True)  # the same run again: no change
+    assert "resuming with another" not in caplog.text
+
+
+def test_a_reason_of_many_lines_is_one_line(tiny_run, tmp_path, monkeypatch):
+    from psfcvae.api import sample
+
+    def hdf5_fails(*a, **k):
+        raise OSError(
+            "Unable to synchronously create file (file write failed: errno = 28)\n"
+            "  major: Low-level I/O\n  minor: Write failed"
+        )
+
+    monkeypatch.setattr(sample.h5py, "File", hdf5_fails)
+    out = tmp_path / "p.h5"
+    result = run_cli(sample_args(tiny_run / "latest.pt", out))
+    assert_one_line_error(result, f"cannot write {out}: Unable to synchronously create file (file write failed")
+    assert "major" not in result.output and not out.exists() and not list(tmp_path.glob(".*.tmp"))
+
+
+# --- an adversary's own cases (docs/reliability.md, "Round three: the adversary's cases") ---------------------------
+
+
+def test_broken_hdf5_metadata_is_a_damaged_file_in_one_line(tiny_grid, tmp_path):
+    data = bytearray(Path(tiny_grid).read_bytes())
+    at = data.index(b"run_params\0")  # the root group's attribute message that names run_params
+    data[at - 4 : at] = b"\xff" * 4  # its header, garbled: HDF5 runs off the end of the message when it decodes it
+    bad = tmp_path / "flipped.h5"
+    bad.write_bytes(bytes(data))
+    for args in (["info", str(bad)], ["train", "--data", str(bad), "--run-dir", str(tmp_path / "r")]):
+        assert_one_line_error(run_cli(args), f"{bad} is damaged: HDF5 cannot read it", "regenerate it")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_symlink_loop_or_an_empty_out_is_one_line(tiny_grid, tmp_path):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    assert_one_line_error(run_cli(tiny_args(tmp_path / "a")), "cannot be resolved", "symlink loop")
+    result = run_cli(["train", "--data", str(tiny_grid), "--run-dir", str(tmp_path / "a")])
+    assert_one_line_error(result, "cannot be resolved", "symlink loop")
+    assert_one_line_error(run_cli(tiny_args("")), "--out is empty")
+    assert_one_line_error(run_cli([*tiny_args(tmp_path / "g.h5"), "--out", " "]), "--out is empty")
+
+
+def test_eval_never_replaces_a_directory_it_did_not_write(tiny_run, tiny_grid, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    before = _tree(run_dir)
+    base = ["eval", "--baselines-only", "--data", str(tiny_grid), "--out"]
+    result = run_cli([*base, str(run_dir)])  # the run directory, checkpoints and all
+    assert_one_line_error(result, "holds files this command did not write (best.pt, config.yaml, latest.pt, ...)")
+    assert _tree(run_dir) == before
+    monkeypatch.chdir(run_dir)
+    for out in (".", ""):  # the working directory
+        assert_one_line_error(run_cli([*base, out]), "holds files this command did not write")
+    assert _tree(run_dir) == before
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run_cli([*base, str(empty)]).exit_code == 0  # an empty directory, then its own earlier output
+    assert run_cli([*base, str(empty)]).exit_code == 0 and (empty / "metrics.json").exists()
+
+
+def test_a_config_that_gives_a_key_twice_is_refused(tiny_grid, tmp_path):
+    cfg = tmp_path / "twice.yaml"
+    cfg.write_text("max_steps: 5\nhidden_dim: 64\nmax_steps: 7\n")  # YAML would keep 7 without a word
+    result = run_cli(["train", "--data", str(tiny_grid), "--run-dir", str(tmp_path / "r"), "--config", str(cfg)])
+    assert_one_line_error(result, f"config file {cfg} gives key 'max_steps' twice (line 3)")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("depth", ["inf", "1e400"])
+def test_render_names_the_option_for_an_infinite_depth(tiny_run, tmp_path, depth):
+    from psfcvae.rendering.imageio import write_image
+
+    write_image(tmp_path / "in.png", torch.rand(3, 8, 8))
+    args = ["render", "--checkpoint", str(tiny_run / "latest.pt"), "--image", str(tmp_path / "in.png"), "--depth"]
+    result = run_cli([*args, depth, "--out", str(tmp_path / "o.png")])
+    assert_one_line_error(result, "--depth must be a positive, finite number of metres, got inf")

@@ -136,7 +136,7 @@ def evaluate(cfg: EvalConfig, extra_figures: list | None = None) -> dict:
     # Everything goes to a temporary directory made before the work, which then replaces --out whole: an
     # unwritable --out is said at once, and a failure or kill -9 never leaves new figures beside old metrics.
     try:
-        with tempfiles.replacing_dir(out, "--out") as tmp:
+        with tempfiles.replacing_dir(out, "--out", _ours, mark="metrics.json") as tmp:
             result, arrays = compute_metrics(cfg, info, model)
             figures = eval_figures.make_figures(result, arrays, tmp, model, cfg.log_scale, cfg.side_by_side, cfg.seed)
             (tmp / "metrics.json").write_text(json.dumps(_json_safe(result), indent=2, allow_nan=False))
@@ -146,6 +146,11 @@ def evaluate(cfg: EvalConfig, extra_figures: list | None = None) -> dict:
     log.info("wrote %s", out / "report.html")
     result["table"] = format_table(result)
     return result
+
+
+def _ours(name: str) -> bool:
+    """A name psf eval writes into --out: its figures, metrics.json and report.html."""
+    return name.endswith(".png") or name in ("metrics.json", "report.html")
 
 
 def compute_metrics(cfg: EvalConfig, info: GridFile, model: PSFModel | None) -> tuple[dict, EvalArrays]:

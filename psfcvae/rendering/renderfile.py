@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -53,8 +54,8 @@ def render_file(
     window = parse_field(field)
     img, bits = read_image(image)
     depth = depth_m if depth_map is None else read_depth_map(depth_map, tuple(img.shape[1:]))
-    if depth_map is None and not depth_m > 0:
-        raise InputError(f"--depth must be a positive number of metres, got {depth_m}")
+    if depth_map is None and not 0 < depth_m < math.inf:
+        raise InputError(f"--depth must be a positive, finite number of metres, got {depth_m}")
     model = load_model(checkpoint, resolve_device(device))
     linear = srgb_to_linear(img) if srgb else img
     t0 = time.perf_counter()

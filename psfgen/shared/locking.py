@@ -26,7 +26,10 @@ def exclusive(target: Path, what: str):
     """
     target = Path(target)
     # The path as the file system resolves it: two spellings of one file (a symlink, ../x) share one lock.
-    real = target.resolve()
+    try:
+        real = target.resolve()
+    except (OSError, RuntimeError) as exc:  # Python 3.12 raises RuntimeError on a symlink loop, 3.13 OSError
+        raise InputError(f"{target} cannot be resolved: {exc}; give a path that is not a symlink loop") from None
     lock = real.with_name(real.name + ".lock")
     try:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)

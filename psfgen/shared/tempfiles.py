@@ -80,16 +80,28 @@ def make_parent(path: Path, option: str) -> None:
 
 
 @contextlib.contextmanager
-def replacing_dir(target: Path, option: str = "--out"):
+def replacing_dir(target: Path, option: str = "--out", ours=lambda name: False, mark: str = ""):
     """A temporary directory beside the directory ``target``, put in its place when the block ends without error.
 
     An existing ``target`` is replaced whole, never mixed with new files: it is moved aside, the new one renamed
     in, then the old one removed. Killed between the two renames, the old one waits under ``.<name>.<pid>.old``
     and the next writer puts it back. On failure the temporary directory goes and ``target`` stays as it was.
+    Only an empty directory, or an earlier output (it holds ``mark`` and only files whose names ``ours`` accepts),
+    is replaced: a directory of other files (a run directory, the working directory) is refused, never deleted.
     """
-    target = Path(target)
+    given = target
+    target = Path(os.path.abspath(target))  # '.', '..' and '' have no name to put a temporary one beside
     if target.exists() and not target.is_dir():
-        raise InputError(f"{option} {target} is a file; give a directory")
+        raise InputError(f"{option} {given} is a file; give a directory")
+    if target.is_dir():
+        names = [p.name for p in target.iterdir()]
+        foreign = [n for n in names if not (ours(n) and (target / n).is_file() and not (target / n).is_symlink())]
+        if names and (foreign or mark not in names):
+            shown = ", ".join(sorted(foreign)[:3]) + (", ..." if len(foreign) > 3 else "") if foreign else f"no {mark}"
+            raise InputError(
+                f"{option} {given} holds files this command did not write ({shown}) and would be replaced whole; "
+                f"give a new or empty directory, or an earlier output of this command"
+            )
     make_parent(target, option)
     for stale in target.parent.glob(f".{glob.escape(target.name)}.*"):
         pid = stale.name[len(target.name) + 2 :].split(".")[0]
