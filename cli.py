@@ -191,7 +191,18 @@ def _logs_above_bars():
 @click.option(
     "--lens",
     type=str,
-    help="DeepLens lens JSON file, or the name of a lens shipped in data/lenses [default: acl12708u].",
+    help="Lens file: DeepLens .json, Zemax .zmx or CODE V .seq, or the name of a lens shipped in data/lenses "
+    "[default: acl12708u].",
+)
+@click.option(
+    "--sensor-size-mm",
+    type=str,
+    help="Sensor width,height [mm], over the lens file's (a .zmx or .seq gives only the image radius).",
+)
+@click.option(
+    "--sensor-res",
+    type=str,
+    help="Sensor columns,rows [px], over the lens file's (needed for a .zmx or .seq, which carry none).",
 )
 @click.option("--out", type=str, help="Output HDF5 file [default: grid.h5].")
 @click.option(

@@ -129,7 +129,7 @@ def test_a_file_of_another_schema_version_is_refused_in_one_line(tiny_grid, tmp_
     before = old.read_bytes()
     for args in (["info", str(old)], ["train", "--data", str(old), "--run-dir", str(tmp_path / "r")], tiny_args(old)):
         assert_one_line_error(
-            run_cli(args), "schema version 4", "this psf-cvae reads 5", "regenerate it with 'psf generate'"
+            run_cli(args), "schema version 4", "this psf-cvae reads 6", "regenerate it with 'psf generate'"
         )
     assert old.read_bytes() == before and not (tmp_path / "r").exists()
 

@@ -55,12 +55,20 @@ def min_rays(spp: int) -> int:
 
 
 def trace_counted(lens, xy: np.ndarray, depth_m: np.ndarray, spp: int, ks: int, on_channel=None):
+    """(psf, valid, window) of :func:`trace_centred`, without the centres."""
+    return trace_centred(lens, xy, depth_m, spp, ks, on_channel)[:3]
+
+
+def trace_centred(lens, xy: np.ndarray, depth_m: np.ndarray, spp: int, ks: int, on_channel=None):
     """Ray-trace RGB PSFs as DeepLens ``psf_geometric`` does for each colour, keeping the valid-ray counts.
 
     xy: [B, 2] normalised field coordinates; depth_m: [B] object depths [m].
     Returns (psf [B, 3, ks, ks] float32, each channel sums to 1, or 0 with no ray in the window;
     valid [B, 3] float64: rays valid at the sensor, of ``spp`` launched;
-    window [B, 3] float64: those of them inside the ks window).
+    window [B, 3] float64: those of them inside the ks window;
+    centre [B, 2] float64: where the primary wavelength's window is centred on the sensor [mm], x right and
+    y up as the PSFs are stored (DeepLens's flipped image), the origin on the axis: its chief ray's landing
+    point, or the centroid of its valid rays where a stop blocks the chief ray (see _binned)).
     on_channel: called with no argument after each of the three colours (a progress bar's tick).
     """
     points = np.concatenate([xy, -1000.0 * depth_m[:, None]], axis=1)  # DeepLens z [mm], negative
@@ -82,15 +90,17 @@ def trace_counted(lens, xy: np.ndarray, depth_m: np.ndarray, spp: int, ks: int, 
                 reuse = ray if channels[c] == lens.primary_wvln and spp >= SPP_CALC else None
                 centre = lens.psf_center(obj, method="chief_ray", ray=reuse)
             out[c] = _binned(lens, ray, centre, spp, ks)
+            if c == order[0]:
+                landed = out[c][3]
             if on_channel is not None:
                 on_channel()
-    psfs, valid, window = zip(*out)
-    return torch.stack(psfs, dim=-3), torch.stack(valid, dim=-1), torch.stack(window, dim=-1)
+    psfs, valid, window, _ = zip(*out)
+    return torch.stack(psfs, dim=-3), torch.stack(valid, dim=-1), torch.stack(window, dim=-1), landed.double()
 
 
 def _binned(lens, ray, centre: torch.Tensor, spp: int, ks: int):
-    """One colour's (psf [B, ks, ks] summing to 1 or 0, valid rays [B], rays in the window [B]) from its
-    bundle traced to the sensor and the chief-ray centres [B, 2] [mm]."""
+    """One colour's (psf [B, ks, ks] summing to 1 or 0, valid rays [B], rays in the window [B], the window's
+    centre [B, 2] [mm]) from its bundle traced to the sensor and the chief-ray centres [B, 2] [mm]."""
     flipped = ray.flip_xy()
     psf = forward_integral(flipped, ps=lens.pixel_size, ks=ks, pointc=centre)  # [B, ks, ks], rays
     total = torch.sum(psf, dim=(-2, -1), keepdim=True)
@@ -106,7 +116,8 @@ def _binned(lens, ray, centre: torch.Tensor, spp: int, ks: int):
         psf = forward_integral(flipped, ps=lens.pixel_size, ks=ks, pointc=centre)
         total = torch.sum(psf, dim=(-2, -1), keepdim=True)
     # bilinear binning splits each ray over 4 pixels: the window's sum is still a count
-    return diff_float(psf / (total + EPSILON)), ray.is_valid.sum(dim=-1).double(), total[:, 0, 0].double()
+    psf = diff_float(psf / (total + EPSILON))
+    return psf, ray.is_valid.sum(dim=-1).double(), total[:, 0, 0].double(), centre
 
 
 def axis_fraction(lens, depths: np.ndarray, spp: int, ks: int) -> tuple[np.ndarray, np.ndarray]:
