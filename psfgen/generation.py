@@ -429,7 +429,7 @@ def _trace_block(run: Run, lens, index: int, block: Block, points: Points, axis:
     spp = cfg.spp if block.kind in ("grid", "noise") else cfg.heldout_half_spp()
     where = f"{block.kind} points {block.start}-{block.stop - 1} at {_depths_text(depth_m)}"
     try:
-        psf, rays, window, centre = illumination.trace_centred(
+        psf, rays, window, chief = illumination.trace_with_chief(
             lens, xy, depth_m, spp, cfg.kernel_size, tick
         )  # [B, 3, kernel_size, kernel_size], [B, 3] x 2, [B, 2] mm
     except (RuntimeError, ValueError, AssertionError, MemoryError) as exc:  # DeepLens's and torch's
@@ -448,7 +448,7 @@ def _trace_block(run: Run, lens, index: int, block: Block, points: Points, axis:
     seconds = time.perf_counter() - t0
     try:
         gridfile.write_block(
-            run.out, index, block, small, kept, seconds, illum, valid.astype(np.uint8), centre.cpu().numpy()
+            run.out, index, block, small, kept, seconds, illum, valid.astype(np.uint8), chief.cpu().numpy()
         )
     except OSError as exc:
         raise InputError(

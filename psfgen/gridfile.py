@@ -10,16 +10,15 @@ Layout (schema 6; docs/dataset.md):
     /grid/kept          [D, P, 3] float32, valid rays inside the traced kernel_size window / valid rays (0: none)
     /grid/illumination  [D, P, 3] float32, valid rays / launched, over the same on axis (1 on axis, 0 dark)
     /grid/valid         [D, P, 3] uint8, 1 where enough rays arrived for a PSF (else the PSF channel is 0)
-    /grid/centre        [D, P, 2] float64, where each PSF is centred on the sensor [mm] (x right, y up, 0 on the
-                        axis): the chief ray's landing point, distortion included (the light's centroid where a
-                        stop blocks the chief ray)
+    /grid/chief         [D, P, 2] float64, where each point's chief ray lands on the sensor [mm] (x right, y up,
+                        0 on the axis), distortion included (where a stop blocks it: the PSF window's centre)
     /axis/fraction      [D, 3] float64, valid-ray fraction of the on-axis point at each depth
     /noise/index        [S] int64, grid points traced a second time, strictly ascending
-    /noise/psf          [D, S, 3, k, k], /noise/kept, illumination, valid [D, S, 3], /noise/centre [D, S, 2]
+    /noise/psf          [D, S, 3, k, k], /noise/kept, illumination, valid [D, S, 3], /noise/chief [D, S, 2]
     /heldout/coords     [M, 2], /heldout/depth [M] [m], /heldout/at_grid_depth [M] bool
     /heldout/part       [M] uint8, 0 validation (psf train chooses best.pt on them), 1 test (psf eval scores them)
     /heldout/psf_a, psf_b    [M, 3, k, k], two independent traces at heldout_spp/2 each
-    /heldout/kept_a|b, illumination_a|b, valid_a|b  [M, 3], /heldout/centre_a|b [M, 2]
+    /heldout/kept_a|b, illumination_a|b, valid_a|b  [M, 3], /heldout/chief_a|b [M, 2]
     /lens/file          [n] uint8, the lens file's bytes as given (.json, .zmx or .seq); the attribute lens_json
                         holds DeepLens's normalised JSON of it, which is what everything parses
     /blocks/table       [B, 4] int64 (kind, depth index or -1, start, stop)
@@ -110,11 +109,11 @@ class LightKept:
 
 
 def block_datasets(kind: str) -> tuple[str, ...]:
-    """The datasets a block of ``kind`` writes: psf, kept, illumination, valid, centre."""
+    """The datasets a block of ``kind`` writes: psf, kept, illumination, valid, chief."""
     if kind in ("grid", "noise"):
-        return tuple(f"{kind}/{x}" for x in ("psf", "kept", "illumination", "valid", "centre"))
+        return tuple(f"{kind}/{x}" for x in ("psf", "kept", "illumination", "valid", "chief"))
     half = kind[-1]
-    return tuple(f"heldout/{x}_{half}" for x in ("psf", "kept", "illumination", "valid", "centre"))
+    return tuple(f"heldout/{x}_{half}" for x in ("psf", "kept", "illumination", "valid", "chief"))
 
 
 # Datasets fixed when the run starts, identical in every shard of a run.
@@ -190,13 +189,13 @@ def create(path: Path, *, attrs: dict, arrays: dict, sizes: dict, blocks: list[B
             for kind, shape in (("grid", (D, P, 3)), ("noise", (D, S, 3))):
                 _early(f, f"{kind}/illumination", shape, np.float32)
                 _early(f, f"{kind}/valid", shape, np.uint8)
-                _early(f, f"{kind}/centre", shape[:-1] + (2,), np.float64)
+                _early(f, f"{kind}/chief", shape[:-1] + (2,), np.float64)
             for half in "ab":
                 _early(f, f"heldout/psf_{half}", (M, 3, k, k), np.float32)
                 _early(f, f"heldout/kept_{half}", (M, 3), np.float32)
                 _early(f, f"heldout/illumination_{half}", (M, 3), np.float32)
                 _early(f, f"heldout/valid_{half}", (M, 3), np.uint8)
-                _early(f, f"heldout/centre_{half}", (M, 2), np.float64)
+                _early(f, f"heldout/chief_{half}", (M, 2), np.float64)
             f.create_dataset("blocks/table", data=np.array([b.row() for b in blocks], dtype=np.int64).reshape(-1, 4))
             _early(f, "blocks/done", (len(blocks),), np.uint8, zero_fill=True)
             _early(f, "blocks/seconds", (len(blocks),), np.float64, zero_fill=True)
@@ -218,9 +217,9 @@ def write_block(
     seconds: float,
     illumination: np.ndarray,
     valid: np.ndarray,
-    centre: np.ndarray,
+    chief: np.ndarray,
 ) -> None:
-    """Store one traced block: psf [B, 3, k, k], kept, illumination, valid [B, 3], centre [B, 2] [mm]; then mark
+    """Store one traced block: psf [B, 3, k, k], kept, illumination, valid [B, 3], chief [B, 2] [mm]; then mark
     it done.
 
     The bytes go straight to the datasets' places in the file (contiguous, allocated when it was created): HDF5
@@ -232,7 +231,7 @@ def write_block(
         where = {name: (f[name].id.get_offset(), f[name].dtype, f[name].shape) for name in names}
     fd = os.open(path, os.O_WRONLY)
     try:
-        for name, value in zip(names, (psf, kept, illumination, valid, centre, np.float64(seconds))):
+        for name, value in zip(names, (psf, kept, illumination, valid, chief, np.float64(seconds))):
             first = (block.depth, block.start) if block.kind in ("grid", "noise") else (block.start,)
             if name == "blocks/seconds":
                 first = (index,)
@@ -340,8 +339,8 @@ def write_copy(tmp: Path, attrs: dict, shards: list[GridFile]) -> None:
     create(tmp, attrs=attrs, arrays=arrays, sizes=sizes, blocks=first.blocks)
     n = len(shards)
     for i, block in enumerate(first.blocks):
-        psf, kept, illumination, valid, centre = shards[i % n].read_block(block)
-        write_block(tmp, i, block, psf, kept, float(shards[i % n].seconds[i]), illumination, valid, centre)
+        psf, kept, illumination, valid, chief = shards[i % n].read_block(block)
+        write_block(tmp, i, block, psf, kept, float(shards[i % n].seconds[i]), illumination, valid, chief)
     finish(tmp, trace_seconds=float(sum(s.seconds[k::n].sum() for k, s in enumerate(shards))))
 
 
@@ -517,7 +516,7 @@ class GridFile:
     lens_format: str  # json, zmx or seq: the lens file's format
     lens_bytes: bytes  # the lens file as given
     sensor_from: dict  # {"size": ..., "res": ...}: where the sensor's size and resolution came from
-    centres: np.ndarray  # [D, P, 2] float64 mm: the grid PSFs' centres on the sensor, x right, y up (0 if unwritten)
+    chief_mm: np.ndarray  # [D, P, 2] float64: where the grid points' chief rays land [mm], x right, y up (0: unwritten)
     versions: dict  # package versions that wrote it
     sensor_size_mm: tuple[float, float]  # (width, height)
     sensor_res: tuple[int, int]  # (columns, rows) DeepLens traced with
@@ -636,8 +635,8 @@ class GridFile:
         for half in "ab":
             shapes |= {f"heldout/psf_{half}": (M, 3, k, k), f"heldout/valid_{half}": (M, 3)}
             shapes |= {f"heldout/illumination_{half}": (M, 3)}
-        shapes |= {"noise/illumination": (D, S, 3), "noise/centre": (D, S, 2)}
-        shapes |= {"heldout/centre_a": (M, 2), "heldout/centre_b": (M, 2)}
+        shapes |= {"noise/illumination": (D, S, 3), "noise/chief": (D, S, 2)}
+        shapes |= {"heldout/chief_a": (M, 2), "heldout/chief_b": (M, 2)}
         for name, shape in shapes.items():
             if name not in f or not isinstance(f[name], h5py.Dataset):
                 raise _Damaged(f"dataset {name} is missing")
@@ -673,9 +672,9 @@ class GridFile:
             raise _Damaged(f"attribute sensor_size_mm is {size!r}, not two positive millimetres")
         if not (len(res) == 2 and all(isinstance(v, int) and v > 0 for v in res)):
             raise _Damaged(f"attribute sensor_res is {res!r}, not two positive pixel counts")
-        centres = _array(f, "grid/centre", (D, P, 2)).astype(np.float64)
-        if not np.isfinite(centres).all():
-            raise _Damaged("grid/centre holds NaN or inf")
+        chief = _array(f, "grid/chief", (D, P, 2)).astype(np.float64)
+        if not np.isfinite(chief).all():
+            raise _Damaged("grid/chief holds NaN or inf")
         lens_json = _scalar(attrs, "lens_json", str)
         try:
             json.loads(lens_json)
@@ -722,7 +721,7 @@ class GridFile:
             lens_format=lens_format,
             lens_bytes=lens_bytes.tobytes(),
             sensor_from=sensor_from,
-            centres=centres,
+            chief_mm=chief,
             versions=_json(attrs, "versions", dict),
             sensor_size_mm=(float(size[0]), float(size[1])),
             sensor_res=(int(res[0]), int(res[1])),
@@ -964,7 +963,7 @@ class GridFile:
         return {k: v[keep] for k, v in out.items()}
 
     def read_block(self, block: Block) -> tuple[np.ndarray, ...]:
-        """The stored (psf [B, 3, k, k], kept, illumination, valid [B, 3], centre [B, 2]) of one block."""
+        """The stored (psf [B, 3, k, k], kept, illumination, valid [B, 3], chief [B, 2]) of one block."""
         sl = _where(block)
         return tuple(self._dataset(name, sl) for name in block_datasets(block.kind))
 

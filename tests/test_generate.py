@@ -49,9 +49,9 @@ def test_file_layout_and_invariants(tiny_grid):
         assert [s["type"] for s in normal["surfaces"]] == ["Aperture", "Aspheric", "Spheric"]  # "Stop" is read so
         assert normal["sensor_res"] == lens["sensor_res"] and normal["r_sensor"] > 0
         assert json.loads(a["sensor_from"]) == {"size": "the lens file", "res": "the lens file"}
-        # [D, P, 2] mm: the chief ray's landing point, on the pinhole position's side of the axis but inside it
-        # (this lens's barrel distortion: 47 px at the edge at 0.5 m)
-        centre = f["grid/centre"][:]
+        # [D, P, 2] mm: where the chief ray lands, on the pinhole position's side of the axis but inside it
+        # (this lens's barrel distortion: 46 px at the corners)
+        centre = f["grid/chief"][:]
         pinhole = grid_coords(N) * np.array(json.loads(a["sensor_size_mm"])) / 2
         assert centre.shape == (D, N * N, 2) and (np.sign(centre) == np.sign(pinhole)).all()
         assert (np.abs(centre) < np.abs(pinhole)).all() and (np.abs(centre) > 0.9 * np.abs(pinhole)).all()
