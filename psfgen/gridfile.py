@@ -57,7 +57,7 @@ from psfgen.shared.errors import DamagedFile, InputError
 
 FORMAT = "psf-cvae.grid"
 SCHEMA_VERSION = 6
-LENS_FORMATS = ("json", "zmx", "seq")
+LENS_FORMATS = {"json": "DeepLens JSON", "zmx": "Zemax .zmx", "seq": "CODE V .seq"}  # lens_format: its name
 # A lit PSF channel should keep at least this fraction of its valid rays inside the traced window: DeepLens
 # drops the rays beyond it before binning, so a channel keeping less is truncated (generate warns, info and
 # the eval report count them).

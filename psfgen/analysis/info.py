@@ -10,9 +10,8 @@ from psfgen.analysis.litfield import summary_lines
 from psfgen.analysis.spacing import check_file as check_spacing
 from psfgen.analysis.symmetry import check_file as check_symmetry
 from psfgen.config import NOISE_POINTS, default_noise_points
-from psfgen.gridfile import FORMAT, KEPT_LIMIT, SCHEMA_VERSION, GridFile
+from psfgen.gridfile import FORMAT, KEPT_LIMIT, LENS_FORMATS, SCHEMA_VERSION, GridFile
 from psfgen.shared.metrics import rel_l2
-from psfgen.trace.prescription import FORMAT_NAMES
 
 
 def noise_floor(grid: GridFile) -> np.ndarray | None:
@@ -63,7 +62,7 @@ def lens_lines(grid: GridFile) -> list[str]:
         else f"size from {origin.get('size')}, resolution from {origin.get('res')}"
     )
     return [
-        f"read        {FORMAT_NAMES.get(grid.lens_format, grid.lens_format)} file: {len(surfaces)} surfaces, "
+        f"read        {LENS_FORMATS[grid.lens_format]} file: {len(surfaces)} surfaces, "
         f"glasses {', '.join(glasses) or 'none'}",
         f"sensor      {w:.4g} x {h:.4g} mm, {cols} x {rows} px ({1000 * w / cols:.3g} um pixels): {where}",
     ]

@@ -18,6 +18,7 @@ import torch
 from deeplens import GeoLens
 
 from psfgen.config import shipped_lens_dir
+from psfgen.gridfile import LENS_FORMATS
 from psfgen.shared.errors import InputError
 from psfgen.shared.reading import read_user_file
 from psfgen.trace import prescription
@@ -87,7 +88,7 @@ def resolve_sensor(path, described: prescription.Prescription, size_opt, res_opt
     """((w, h) [mm], (columns, rows), where each came from): the options over the file. DeepLens's own
     precedence within a .json (r_sensor before sensor_size); a radius (a .zmx or .seq image surface) is half
     the diagonal, the size following in the resolution's aspect."""
-    kind = prescription.FORMAT_NAMES[described.format]
+    kind = LENS_FORMATS[described.format]
     if res_opt is not None:
         res, res_from = (int(res_opt[0]), int(res_opt[1])), "--sensor-res"
     elif described.sensor_res is not None:

@@ -18,10 +18,12 @@ import math
 import re
 from dataclasses import dataclass
 
+from deeplens.geolens_pkg.io import GeoLensIO
+from deeplens.material import Material
+
 from psfgen.shared.errors import InputError
 
 FORMATS = {".json": "json", ".zmx": "zmx", ".seq": "seq"}
-FORMAT_NAMES = {"json": "DeepLens JSON", "zmx": "Zemax .zmx", "seq": "CODE V .seq"}
 # The surface types DeepLens's readers build (GeoLensIO.read_lens_json / read_lens_zmx).
 JSON_TYPES = ("Aperture", "Aspheric", "Binary2Phase", "Cubic", "Phase", "Plane", "Spheric", "Stop", "ThinLens")
 ZMX_TYPES = ("STANDARD", "EVENASPH")
@@ -78,8 +80,6 @@ def unreadable(path, surface: Surface, what: str) -> InputError:
 
 def check_glasses(path, surfaces: tuple[Surface, ...]) -> None:
     """Every glass is one DeepLens knows (its catalogs, or an 'nd/Vd' model glass)."""
-    from deeplens.material import Material  # DeepLens only here: reading the file's text needs none
-
     known: dict[str, bool] = {}
     for s in surfaces:
         if s.glass is None:
@@ -185,8 +185,6 @@ def _parse_zmx(path, text: str) -> Prescription:
             f"lens file {path} holds {len(records)} SURF records, not an object, a lens and an image surface; "
             "it is not a Zemax sequential lens file"
         )
-    from deeplens.geolens_pkg.io import GeoLensIO
-
     image = max(records)
     surfaces = []
     for n in sorted(records):
