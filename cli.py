@@ -43,7 +43,13 @@ class BadInput(click.ClickException):
 
 # Settings the library names in its messages, as the options of the commands that take them.
 API_OPTIONS = {
-    "sample": {"depth_m": "--depth", "allow_extrapolation": "--allow-extrapolation", "coords": "--coords"},
+    "sample": {
+        "depth_m": "--depth",
+        "allow_extrapolation": "--allow-extrapolation",
+        "coords": "--coords",
+        "height": "--height-mm",
+        "angle": "--angle-deg",
+    },
     "render": {
         "depth_m": "--depth",
         "allow_extrapolation": "--allow-extrapolation",
@@ -191,7 +197,18 @@ def _logs_above_bars():
 @click.option(
     "--lens",
     type=str,
-    help="DeepLens lens JSON file, or the name of a lens shipped in data/lenses [default: acl12708u].",
+    help="Lens file: DeepLens .json, Zemax .zmx or CODE V .seq, or the name of a lens shipped in data/lenses "
+    "[default: acl12708u].",
+)
+@click.option(
+    "--sensor-size-mm",
+    type=str,
+    help="Sensor width,height [mm], over the lens file's (a .zmx or .seq gives only the image radius).",
+)
+@click.option(
+    "--sensor-res",
+    type=str,
+    help="Sensor columns,rows [px], over the lens file's (needed for a .zmx or .seq, which carry none).",
 )
 @click.option("--out", type=str, help="Output HDF5 file [default: grid.h5].")
 @click.option(
@@ -406,19 +423,30 @@ def evaluate_cmd(baselines_only, **options):
     click.echo(f"report: {Path(cfg.out) / 'report.html'}")
 
 
-def _parse_coords(text: str) -> list[tuple[float, float]]:
+def _parse_coords(text: str, option: str = "--coords", example: str = "0.5,0.5;-0.3,0.8") -> list[tuple[float, float]]:
     try:
         pts = [tuple(float(v) for v in item.split(",")) for item in text.split(";") if item.strip()]
     except ValueError:
         pts = []
     if not pts or any(len(p) != 2 for p in pts):
-        raise click.BadParameter("expected 'x,y;x,y;...', e.g. '0.5,0.5;-0.3,0.8'", param_hint="--coords")
+        raise click.BadParameter(f"expected 'x,y;x,y;...', e.g. '{example}'", param_hint=option)
     return pts
 
 
 @main.command()
 @click.option("--checkpoint", type=str, required=True, help="Checkpoint written by 'psf train'.")
 @click.option("--coords", type=str, help="Field points 'x,y;x,y;...' in [-1, 1].")
+@click.option(
+    "--height-mm",
+    type=str,
+    help="Instead of --coords: image heights on the sensor 'x,y;...' [mm], x right, y up, 0 on the axis, where the "
+    "points' chief rays land (docs/dataset.md, physical coordinates).",
+)
+@click.option(
+    "--angle-deg",
+    type=str,
+    help="Instead of --coords: field angles 'x,y;...' [deg], per axis, positive where the image lies right or up.",
+)
 @click.option("--grid", "grid_m", type=int, help="Instead of --coords: a dense M x M map over the field.")
 @click.option("--depth", type=float, help="Object depth [m] (needed when the model knows several depths).")
 @click.option(
@@ -440,22 +468,27 @@ def _parse_coords(text: str) -> list[tuple[float, float]]:
 @click.option("--device", type=str, default="auto", show_default=True, help="auto, cpu, cuda or cuda:K.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 @user_errors
-def sample(checkpoint, coords, grid_m, depth, mode, out, allow_extrapolation, device, overwrite):
+def sample(checkpoint, coords, height_mm, angle_deg, grid_m, depth, mode, out, allow_extrapolation, device, overwrite):
     """PSFs at arbitrary field points (or a dense map) from a trained model."""
-    if (coords is None) == (grid_m is None):
-        raise click.UsageError("give either --coords or --grid")
+    given = {"coords": coords, "height_mm": height_mm, "angle_deg": angle_deg}
+    units = [k for k, v in given.items() if v is not None]
+    if len(units) + (grid_m is not None) != 1:
+        raise click.UsageError("give one of --coords, --height-mm, --angle-deg or --grid")
     if grid_m is not None and grid_m < 1:
         raise click.BadParameter("must be at least 1", param_hint="--grid")
     suffix = Path(out).suffix
     if suffix not in (".npz", ".h5", ".npy", ".png"):
         raise click.BadParameter(f"unknown output type {suffix!r}; use .npz, .h5, .npy or .png", param_hint="--out")
-    pts = _parse_coords(coords) if coords is not None else None
+    option = {"coords": "--coords", "height_mm": "--height-mm", "angle_deg": "--angle-deg"}
+    example = "0.5,0.5;-0.3,0.8" if units == ["coords"] else "1.2,-0.5;0,0.8"
+    pts = _parse_coords(given[units[0]], option[units[0]], example) if units else None
     import numpy as np
 
     from psfcvae.api.sample import sample_psfs
 
     pts = np.array(pts) if pts is not None else None
-    path = sample_psfs(checkpoint, out, pts, grid_m, depth, mode, allow_extrapolation, device, overwrite)
+    unit = units[0] if units else "coords"
+    path = sample_psfs(checkpoint, out, pts, grid_m, depth, mode, allow_extrapolation, device, overwrite, unit)
     click.echo(str(path))
 
 

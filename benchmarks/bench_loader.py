@@ -61,12 +61,15 @@ def build_big_file(tmp: Path, n: int, depths: tuple) -> Path:
         "heldout/at_grid_depth": np.zeros(0, bool),
         "heldout/part": np.zeros(0, np.uint8),
         "axis/fraction": np.ones((len(depths), 3)),
+        "lens/file": np.frombuffer(GridFile.open(small).lens_bytes, np.uint8),
     }
     gridfile.create(big, attrs=attrs, arrays=arrays, sizes=dict(D=len(depths), P=n * n, S=0, M=0, k=15), blocks=blocks)
     for i, b in enumerate(blocks):
         psf = traced[np.arange(b.start, b.stop) % len(traced)]
         lit = np.ones((len(psf), 3), np.float32)
-        gridfile.write_block(big, i, b, psf, np.zeros((len(psf), 3), np.float32), 0.0, lit, lit.astype(np.uint8))
+        gridfile.write_block(
+            big, i, b, psf, np.zeros((len(psf), 3), np.float32), 0.0, lit, lit.astype(np.uint8), np.zeros((len(psf), 2))
+        )
     return big
 
 

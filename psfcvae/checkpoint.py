@@ -28,7 +28,7 @@ REQUIRED = (
     "optics",
     "selection",  # the validation points and score that chose it (psfcvae/training/loop.py selection())
 )
-SCHEMA_VERSION = 5  # the only one read: a checkpoint of another is refused (retrain)
+SCHEMA_VERSION = 6  # the only one read: a checkpoint of another is refused (retrain); 6: optics v2 (chief rays)
 
 
 def data_fingerprint(info: GridFile) -> dict:

@@ -33,7 +33,10 @@ def default_noise_points(grid_size: int) -> int:
 
 @dataclass(frozen=True)
 class GenerateConfig:
-    lens: str = DEFAULT_LENS  # DeepLens lens JSON file, or the name of a shipped lens (data/lenses)
+    lens: str = DEFAULT_LENS  # DeepLens .json, Zemax .zmx or CODE V .seq file, or the name of a shipped lens
+    # The sensor, over what the lens file gives or where it gives none (a .zmx or .seq carries no resolution):
+    sensor_size_mm: tuple[float, ...] | None = None  # (width, height) [mm]
+    sensor_res: tuple[int, ...] | None = None  # (columns, rows) [px]
     out: str = "grid.h5"  # output HDF5 file
     grid_size: int | None = None  # N: the field grid is N x N points over [-1, 1]^2; None: 46, or from ray_budget
     depths: tuple[float, ...] | None = None  # explicit object depths [m]; overrides the range
@@ -66,6 +69,10 @@ class GenerateConfig:
         if not self.out.strip():  # Path("") is the working directory
             raise InputError.for_key("out", "is empty; give a file path for the grid (e.g. grid.h5)")
         check_grid_size(self)
+        for key, unit in (("sensor_size_mm", "millimetres"), ("sensor_res", "pixels")):
+            value = getattr(self, key)
+            if value is not None and not (len(value) == 2 and all(v > 0 and np.isfinite(v) for v in value)):
+                raise InputError.for_key(key, f"must be two positive {unit}, width,height; got {value}")
         if isinstance(self.num_depths, str) and self.num_depths != "auto":
             raise InputError.for_key("num_depths", f"must be a whole number or auto, got {self.num_depths!r}")
         if self.depths is not None:

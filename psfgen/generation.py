@@ -226,7 +226,7 @@ def _existing(cfg: GenerateConfig, out: Path) -> GridFile | None:
 def generate(cfg: GenerateConfig) -> Path:
     """Trace everything ``cfg`` asks for into ``cfg.out`` and return its path."""
     t_start = time.time()
-    lens_file = read_lens_file(cfg.lens)
+    lens_file = read_lens_file(cfg.lens, cfg.sensor_size_mm, cfg.sensor_res)
     shard = resolve_shard(cfg.shard)
     out = Path(cfg.out) if shard is None else shard_path(Path(cfg.out), *shard)
     local_rank = int(os.environ["LOCAL_RANK"]) if shard is not None and "LOCAL_RANK" in os.environ else None
@@ -314,6 +314,7 @@ def _trace_all(run: Run) -> Path:
             "heldout/at_grid_depth": ho_at,
             "heldout/part": ho_part,
             "axis/fraction": axis,
+            "lens/file": np.frombuffer(run.lens_file.raw, dtype=np.uint8),
         }
         _create(run, _header(run, lens), arrays, blocks)
         done = np.zeros(len(blocks), dtype=bool)
@@ -346,13 +347,15 @@ def _warn_few_test_points(m: int) -> None:
 
 
 def _header(run: Run, lens) -> dict:
-    """The new file's attributes: versions, the lens (path, text, hash), config and provenance."""
+    """The new file's attributes: versions, the lens (path, format, normalised JSON, hash, sensor), config and
+    provenance."""
     cfg, lens_file = run.cfg, run.lens_file
     attrs = {
         "versions": json.dumps(versions()),
         "lens_path": lens_file.path,
-        "lens_json": lens_file.text,
+        "lens_json": lens_file.lens_json,
         "lens_sha256": lens_file.sha256,
+        "lens_format": lens_file.format,
         "config": to_json(cfg),
         "run_params": json.dumps(cfg.run_params(), sort_keys=True),
         "run_id": run.run_id,
@@ -360,8 +363,9 @@ def _header(run: Run, lens) -> dict:
         "device": str(run.device),
         "downsample_method": METHOD,
         "foclen_mm": float(lens.foclen),
-        "sensor_size_mm": json.dumps([float(v) for v in lens.sensor_size]),
-        "sensor_res": json.dumps([int(v) for v in lens.sensor_res]),  # DeepLens's, default included
+        "sensor_size_mm": json.dumps([float(v) for v in lens.sensor_size]),  # the resolved sensor, as traced
+        "sensor_res": json.dumps([int(v) for v in lens.sensor_res]),
+        "sensor_from": json.dumps(lens_file.sensor_from),
         "started_at": now(),
         "valid_min_rays": illumination.min_rays(cfg.spp),
         "valid_min_rays_heldout": illumination.min_rays(cfg.heldout_half_spp()),
@@ -425,9 +429,9 @@ def _trace_block(run: Run, lens, index: int, block: Block, points: Points, axis:
     spp = cfg.spp if block.kind in ("grid", "noise") else cfg.heldout_half_spp()
     where = f"{block.kind} points {block.start}-{block.stop - 1} at {_depths_text(depth_m)}"
     try:
-        psf, rays, window = illumination.trace_counted(
+        psf, rays, window, chief = illumination.trace_with_chief(
             lens, xy, depth_m, spp, cfg.kernel_size, tick
-        )  # [B, 3, kernel_size, kernel_size], [B, 3] x 2
+        )  # [B, 3, kernel_size, kernel_size], [B, 3] x 2, [B, 2] mm
     except (RuntimeError, ValueError, AssertionError, MemoryError) as exc:  # DeepLens's and torch's
         raise InputError(
             f"tracing {where} failed: {str(exc).splitlines()[0][:200] or type(exc).__name__}; "
@@ -443,7 +447,9 @@ def _trace_block(run: Run, lens, index: int, block: Block, points: Points, axis:
         raise InputError(f"tracing {where} gave non-finite PSFs; check the lens file and --depths")
     seconds = time.perf_counter() - t0
     try:
-        gridfile.write_block(run.out, index, block, small, kept, seconds, illum, valid.astype(np.uint8))
+        gridfile.write_block(
+            run.out, index, block, small, kept, seconds, illum, valid.astype(np.uint8), chief.cpu().numpy()
+        )
     except OSError as exc:
         raise InputError(
             f"cannot write {run.out} ({os_reason(exc)}, e.g. a full disk); the blocks "

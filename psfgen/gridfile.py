@@ -1,6 +1,6 @@
 """The HDF5 grid file: the one module that creates, writes, opens and reads it.
 
-Layout (schema 6; docs/dataset.md):
+Layout (schema 7; docs/dataset.md):
 
     /depths             [D] float64, object depths [m], strictly ascending
     /wvln               [3] float64, wavelengths [µm], order R, G, B
@@ -10,13 +10,17 @@ Layout (schema 6; docs/dataset.md):
     /grid/kept          [D, P, 3] float32, valid rays inside the traced kernel_size window / valid rays (0: none)
     /grid/illumination  [D, P, 3] float32, valid rays / launched, over the same on axis (1 on axis, 0 dark)
     /grid/valid         [D, P, 3] uint8, 1 where enough rays arrived for a PSF (else the PSF channel is 0)
+    /grid/chief         [D, P, 2] float64, where each point's chief ray lands on the sensor [mm] (x right, y up,
+                        0 on the axis), distortion included (where a stop blocks it: the PSF window's centre)
     /axis/fraction      [D, 3] float64, valid-ray fraction of the on-axis point at each depth
     /noise/index        [S] int64, grid points traced a second time, strictly ascending
-    /noise/psf          [D, S, 3, k, k], /noise/kept, illumination, valid [D, S, 3]
+    /noise/psf          [D, S, 3, k, k], /noise/kept, illumination, valid [D, S, 3], /noise/chief [D, S, 2]
     /heldout/coords     [M, 2], /heldout/depth [M] [m], /heldout/at_grid_depth [M] bool
     /heldout/part       [M] uint8, 0 validation (psf train chooses best.pt on them), 1 test (psf eval scores them)
     /heldout/psf_a, psf_b    [M, 3, k, k], two independent traces at heldout_spp/2 each
-    /heldout/kept_a|b, illumination_a|b, valid_a|b  [M, 3]
+    /heldout/kept_a|b, illumination_a|b, valid_a|b  [M, 3], /heldout/chief_a|b [M, 2]
+    /lens/file          [n] uint8, the lens file's bytes as given (.json, .zmx or .seq); the attribute lens_json
+                        holds DeepLens's normalised JSON of it, which is what everything parses
     /blocks/table       [B, 4] int64 (kind, depth index or -1, start, stop)
     /blocks/done        [B] uint8, 1 once the block's PSFs are written
     /blocks/seconds     [B] float64, tracing time of each block [s]
@@ -42,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import json
 import os
 import shutil
@@ -56,7 +61,8 @@ from psfgen.shared import tempfiles
 from psfgen.shared.errors import DamagedFile, InputError, os_reason
 
 FORMAT = "psf-cvae.grid"
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
+LENS_FORMATS = {"json": "DeepLens JSON", "zmx": "Zemax .zmx", "seq": "CODE V .seq"}  # lens_format: its name
 # A lit PSF channel should keep at least this fraction of its valid rays inside the traced window: DeepLens
 # drops the rays beyond it before binning, so a channel keeping less is truncated (generate warns, info and
 # the eval report count them).
@@ -108,11 +114,11 @@ class LightKept:
 
 
 def block_datasets(kind: str) -> tuple[str, ...]:
-    """The datasets a block of ``kind`` writes: psf, kept, illumination, valid."""
+    """The datasets a block of ``kind`` writes: psf, kept, illumination, valid, chief."""
     if kind in ("grid", "noise"):
-        return tuple(f"{kind}/{x}" for x in ("psf", "kept", "illumination", "valid"))
+        return tuple(f"{kind}/{x}" for x in ("psf", "kept", "illumination", "valid", "chief"))
     half = kind[-1]
-    return tuple(f"heldout/{x}_{half}" for x in ("psf", "kept", "illumination", "valid"))
+    return tuple(f"heldout/{x}_{half}" for x in ("psf", "kept", "illumination", "valid", "chief"))
 
 
 # Datasets fixed when the run starts, identical in every shard of a run.
@@ -128,6 +134,7 @@ FIXED = (
     "heldout/part",
     "blocks/table",
     "axis/fraction",
+    "lens/file",
 )
 # Every dataset a block writes, of every kind: what a merge copies or maps block by block.
 PER_BLOCK = tuple(name for kind in KINDS for name in block_datasets(kind))
@@ -187,11 +194,13 @@ def create(path: Path, *, attrs: dict, arrays: dict, sizes: dict, blocks: list[B
             for kind, shape in (("grid", (D, P, 3)), ("noise", (D, S, 3))):
                 _early(f, f"{kind}/illumination", shape, np.float32)
                 _early(f, f"{kind}/valid", shape, np.uint8)
+                _early(f, f"{kind}/chief", shape[:-1] + (2,), np.float64)
             for half in "ab":
                 _early(f, f"heldout/psf_{half}", (M, 3, k, k), np.float32)
                 _early(f, f"heldout/kept_{half}", (M, 3), np.float32)
                 _early(f, f"heldout/illumination_{half}", (M, 3), np.float32)
                 _early(f, f"heldout/valid_{half}", (M, 3), np.uint8)
+                _early(f, f"heldout/chief_{half}", (M, 2), np.float64)
             f.create_dataset("blocks/table", data=np.array([b.row() for b in blocks], dtype=np.int64).reshape(-1, 4))
             _early(f, "blocks/done", (len(blocks),), np.uint8, zero_fill=True)
             _early(f, "blocks/seconds", (len(blocks),), np.float64, zero_fill=True)
@@ -214,8 +223,10 @@ def write_block(
     seconds: float,
     illumination: np.ndarray,
     valid: np.ndarray,
+    chief: np.ndarray,
 ) -> None:
-    """Store one traced block: psf [B, 3, k, k], kept, illumination, valid [B, 3]; then mark it done.
+    """Store one traced block: psf [B, 3, k, k], kept, illumination, valid [B, 3], chief [B, 2] [mm]; then mark
+    it done.
 
     The bytes go straight to the datasets' places in the file (contiguous, allocated when it was created): HDF5
     never opens the file for writing again, so a write that fails (a full disk, a size limit, a kill) leaves every
@@ -226,7 +237,7 @@ def write_block(
         where = {name: (f[name].id.get_offset(), f[name].dtype, f[name].shape) for name in names}
     fd = os.open(path, os.O_WRONLY)
     try:
-        for name, value in zip(names, (psf, kept, illumination, valid, np.float64(seconds))):
+        for name, value in zip(names, (psf, kept, illumination, valid, chief, np.float64(seconds))):
             first = (block.depth, block.start) if block.kind in ("grid", "noise") else (block.start,)
             if name == "blocks/seconds":
                 first = (index,)
@@ -333,8 +344,8 @@ def write_copy(tmp: Path, attrs: dict, shards: list[GridFile]) -> None:
     create(tmp, attrs=attrs, arrays=arrays, sizes=sizes, blocks=first.blocks)
     n = len(shards)
     for i, block in enumerate(first.blocks):
-        psf, kept, illumination, valid = shards[i % n].read_block(block)
-        write_block(tmp, i, block, psf, kept, float(shards[i % n].seconds[i]), illumination, valid)
+        psf, kept, illumination, valid, chief = shards[i % n].read_block(block)
+        write_block(tmp, i, block, psf, kept, float(shards[i % n].seconds[i]), illumination, valid, chief)
     finish(
         tmp,
         finished_at=datetime.datetime.fromtimestamp(_last_finish(shards), datetime.UTC).isoformat(),
@@ -532,8 +543,12 @@ class GridFile:
     done: np.ndarray  # [B] bool, blocks written
     seconds: np.ndarray  # [B] s, tracing time per block
     lens_path: str
-    lens_json: str  # the lens file's text
-    lens_sha256: str
+    lens_json: str  # DeepLens's normalised JSON of the lens file, its sensor resolved: what everything parses
+    lens_sha256: str  # of the lens file's bytes
+    lens_format: str  # json, zmx or seq: the lens file's format
+    lens_bytes: bytes  # the lens file as given
+    sensor_from: dict  # {"size": ..., "res": ...}: where the sensor's size and resolution came from
+    chief_mm: np.ndarray  # [D, P, 2] float64: where the grid points' chief rays land [mm], x right, y up (0: unwritten)
     versions: dict  # package versions that wrote it
     sensor_size_mm: tuple[float, float]  # (width, height)
     sensor_res: tuple[int, int]  # (columns, rows) DeepLens traced with
@@ -652,7 +667,8 @@ class GridFile:
         for half in "ab":
             shapes |= {f"heldout/psf_{half}": (M, 3, k, k), f"heldout/valid_{half}": (M, 3)}
             shapes |= {f"heldout/illumination_{half}": (M, 3)}
-        shapes |= {"noise/illumination": (D, S, 3)}
+        shapes |= {"noise/illumination": (D, S, 3), "noise/chief": (D, S, 2)}
+        shapes |= {"heldout/chief_a": (M, 2), "heldout/chief_b": (M, 2)}
         for name, shape in shapes.items():
             if name not in f or not isinstance(f[name], h5py.Dataset):
                 raise _Damaged(f"dataset {name} is missing")
@@ -690,11 +706,22 @@ class GridFile:
             raise _Damaged(f"attribute sensor_size_mm is {size!r}, not two positive millimetres")
         if not (len(res) == 2 and all(isinstance(v, int) and v > 0 for v in res)):
             raise _Damaged(f"attribute sensor_res is {res!r}, not two positive pixel counts")
+        chief = _array(f, "grid/chief", (D, P, 2)).astype(np.float64)
+        if not np.isfinite(chief).all():
+            raise _Damaged("grid/chief holds NaN or inf")
         lens_json = _scalar(attrs, "lens_json", str)
         try:
             json.loads(lens_json)
         except (ValueError, RecursionError):
             raise _Damaged("attribute lens_json is not valid JSON") from None
+        lens_bytes = _array(f, "lens/file", ndim=1)
+        lens_sha256 = _scalar(attrs, "lens_sha256", str)
+        if lens_bytes.dtype != np.uint8 or hashlib.sha256(lens_bytes.tobytes()).hexdigest() != lens_sha256:
+            raise _Damaged("lens/file does not hold the lens file its lens_sha256 names")
+        lens_format = _scalar(attrs, "lens_format", str)
+        if lens_format not in LENS_FORMATS:
+            raise _Damaged(f"attribute lens_format is {lens_format!r}, not one of {', '.join(LENS_FORMATS)}")
+        sensor_from = _json(attrs, "sensor_from", dict)
         return cls(
             path=str(path),
             run_id=_scalar(attrs, "run_id", str),
@@ -724,7 +751,11 @@ class GridFile:
             seconds=seconds,
             lens_path=_scalar(attrs, "lens_path", str),
             lens_json=lens_json,
-            lens_sha256=_scalar(attrs, "lens_sha256", str),
+            lens_sha256=lens_sha256,
+            lens_format=lens_format,
+            lens_bytes=lens_bytes.tobytes(),
+            sensor_from=sensor_from,
+            chief_mm=chief,
             versions=_json(attrs, "versions", dict),
             sensor_size_mm=(float(size[0]), float(size[1])),
             sensor_res=(int(res[0]), int(res[1])),
@@ -966,7 +997,7 @@ class GridFile:
         return {k: v[keep] for k, v in out.items()}
 
     def read_block(self, block: Block) -> tuple[np.ndarray, ...]:
-        """The stored (psf [B, 3, k, k], kept, illumination, valid [B, 3]) of one block."""
+        """The stored (psf [B, 3, k, k], kept, illumination, valid [B, 3], chief [B, 2]) of one block."""
         sl = _where(block)
         return tuple(self._dataset(name, sl) for name in block_datasets(block.kind))
 

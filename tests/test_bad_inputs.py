@@ -375,7 +375,7 @@ def test_a_write_failing_half_way_keeps_the_finished_blocks_and_the_file_whole(t
 
     def disk_fills(fd, data, offset):
         calls.append(offset)
-        if len(calls) > 3 * 6 + 2:  # three blocks (5 writes and a done mark each), then half of the fourth
+        if len(calls) > 3 * 7 + 2:  # three blocks (6 writes and a done mark each), then part of the fourth
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(fd, data, offset)
 

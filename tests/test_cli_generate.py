@@ -46,8 +46,8 @@ def bad_lenses(tmp_path):
         ({"lens": "/nonexistent/lens.json"}, ("does not exist", "--lens")),
         ({"lens": "@dir"}, ("lens file", "is a directory, not a file")),
         ({"lens": "@invalid"}, ("not valid JSON",)),
-        ({"lens": "@glass"}, ("unknown glass 'unobtainium'",)),
-        ({"lens": "@wormhole"}, ("not a valid DeepLens lens", "Wormhole")),
+        ({"lens": "@glass"}, ("surface 1 (Aspheric) has glass 'unobtainium'",)),
+        ({"lens": "@wormhole"}, ("surface 2 (Wormhole) is of type Wormhole", "DeepLens reads")),
         ({"grid_size": 1}, ("--grid-size must be at least 2, got 1",)),
         ({"depths": (0.0, 1.0)}, ("--depths must be positive", "got 0.0")),
         ({"depths": None, "depth_min": -1.0}, ("--depth-min must be positive", "got -1.0")),
@@ -197,6 +197,7 @@ def test_a_reader_holding_the_file_does_not_stop_the_writer(tiny_grid, tmp_path)
             1.0,
             np.ones((4, 3), np.float32),
             np.ones((4, 3), np.uint8),
+            np.zeros((4, 2)),
         )
         assert run_cli(["info", str(out)]).exit_code == 0
     finally:

@@ -39,11 +39,22 @@ def test_file_layout_and_invariants(tiny_grid):
     N, D, k = 4, 2, 15
     with h5py.File(tiny_grid, "r") as f:
         a = f.attrs
-        assert a["format"] == "psf-cvae.grid" and a["schema_version"] == 6
+        assert a["format"] == "psf-cvae.grid" and a["schema_version"] == 7
         assert set(json.loads(a["versions"])) >= {"psf-cvae", "deeplens-core", "torch", "h5py"}
         lens_bytes = open(DEFAULT_LENS, "rb").read()
         assert a["lens_sha256"] == hashlib.sha256(lens_bytes).hexdigest()
-        assert a["lens_json"] == lens_bytes.decode()
+        assert f["lens/file"][:].tobytes() == lens_bytes and a["lens_format"] == "json"
+        # The normalised JSON DeepLens writes of the lens it read: the same surfaces, the sensor resolved.
+        lens, normal = json.loads(lens_bytes), json.loads(a["lens_json"])
+        assert [s["type"] for s in normal["surfaces"]] == ["Aperture", "Aspheric", "Spheric"]  # "Stop" is read so
+        assert normal["sensor_res"] == lens["sensor_res"] and normal["r_sensor"] > 0
+        assert json.loads(a["sensor_from"]) == {"size": "the lens file", "res": "the lens file"}
+        # [D, P, 2] mm: where the chief ray lands, on the pinhole position's side of the axis but inside it
+        # (this lens's barrel distortion: 46 px at the corners)
+        centre = f["grid/chief"][:]
+        pinhole = grid_coords(N) * np.array(json.loads(a["sensor_size_mm"])) / 2
+        assert centre.shape == (D, N * N, 2) and (np.sign(centre) == np.sign(pinhole)).all()
+        assert (np.abs(centre) < np.abs(pinhole)).all() and (np.abs(centre) > 0.9 * np.abs(pinhole)).all()
         assert json.loads(a["config"])["spp"] == 2000 and a["seed"] == 7
         for key in ("device", "started_at", "downsample_method"):
             assert key in a

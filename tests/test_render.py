@@ -387,8 +387,9 @@ def test_chart_figure(model, tiny_grid, tmp_path):
     assert 10 < res["psnr_db"] < 80 and 0 < res["ssim"] <= 1
 
 
-def test_a_lens_file_without_sensor_res_still_gives_the_kernel_pitch(tmp_path):
-    """DeepLens falls back to its default resolution when the lens file has none; the file records it."""
+def test_a_lens_file_without_sensor_res_takes_it_from_the_option_and_the_kernel_pitch_follows(tmp_path):
+    """DeepLens would fall back to its 2000-px default in silence: psf generate refuses the file without
+    sensor_res, and with the option the grid file and the kernel pitch carry the option's resolution."""
     import json
 
     from helpers import tiny_config
@@ -397,19 +398,21 @@ def test_a_lens_file_without_sensor_res_still_gives_the_kernel_pitch(tmp_path):
     from psfgen import generate
     from psfgen.config import DEFAULT_LENS
     from psfgen.gridfile import GridFile
-    from psfgen.trace.lens import build_lens, read_lens_file
+    from psfgen.shared.errors import InputError
 
     data = json.loads(open(DEFAULT_LENS).read())
     data.pop("sensor_res")
     lens_path = tmp_path / "nores.json"
     lens_path.write_text(json.dumps(data))
-    out = generate(
-        tiny_config(tmp_path / "g.h5", lens=str(lens_path), grid_size=2, depths=(1.0,), heldout=2, noise_points=0)
-    )
-    deeplens = build_lens(read_lens_file(lens_path), torch.device("cpu"))
-    optics = grid_optics(GridFile.open(out))
-    assert optics["sensor_res"] == [int(v) for v in deeplens.sensor_res]
-    assert optics["kernel_pitch_mm"] == pytest.approx(64 * float(deeplens.pixel_size) / 15, rel=1e-5)
+    cfg = dict(lens=str(lens_path), grid_size=2, depths=(1.0,), heldout=2, noise_points=0)
+    with pytest.raises(InputError, match=r"gives no sensor resolution .*--sensor-res W,H"):
+        generate(tiny_config(tmp_path / "g.h5", **cfg))
+    out = generate(tiny_config(tmp_path / "g.h5", sensor_res=(1000, 1000), **cfg))
+    grid = GridFile.open(out)
+    optics = grid_optics(grid)
+    assert optics["sensor_res"] == [1000, 1000] and grid.sensor_from["res"] == "--sensor-res"
+    assert optics["sensor_size_mm"] == pytest.approx(data["sensor_size"], rel=1e-9)
+    assert optics["kernel_pitch_mm"] == pytest.approx(64 * data["sensor_size"][0] / 1000 / 15, rel=1e-9)
 
 
 def test_the_patchwise_map_carries_the_files_illumination(vignetted_grid):

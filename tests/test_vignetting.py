@@ -22,7 +22,7 @@ from helpers import (
 )
 
 from psfcvae import load_model, train
-from psfgen import GridFile
+from psfgen import GridFile, gridfile
 from psfgen.plan.grid import grid_coords, neighbour_pairs
 from psfgen.shared.errors import InputError
 from psfgen.trace.illumination import axis_fraction, min_rays, trace_counted
@@ -129,7 +129,10 @@ def test_a_file_of_another_schema_version_is_refused_in_one_line(tiny_grid, tmp_
     before = old.read_bytes()
     for args in (["info", str(old)], ["train", "--data", str(old), "--run-dir", str(tmp_path / "r")], tiny_args(old)):
         assert_one_line_error(
-            run_cli(args), "schema version 4", "this psf-cvae reads 5", "regenerate it with 'psf generate'"
+            run_cli(args),
+            "schema version 4",
+            f"this psf-cvae reads {gridfile.SCHEMA_VERSION}",
+            "regenerate it with 'psf generate'",
         )
     assert old.read_bytes() == before and not (tmp_path / "r").exists()
 

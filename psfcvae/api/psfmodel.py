@@ -5,6 +5,8 @@ model = psfcvae.load_model("runs/v1/best.pt")           # device="auto": CUDA wh
 psf = model.psf([0.5, -0.3], [0.5, 0.8], depth_m=1.0)    # [2, 3, 15, 15], each channel sums to 1
 rel = model.illumination([0.5, -0.3], [0.5, 0.8], 1.0)    # [2, 3]: 1 on axis, 0 where dark
 psf, lit = model.psf(x, y, 1.0, allow_dark=True)         # zeros and lit False outside the lit field
+psf = model.psf_at_height(1.2, -0.5, depth_m=1.0)          # at an image height on the sensor [mm]
+psf = model.psf_at_angle(10.0, 0.0, depth_m=1.0)           # at a field angle [deg]
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from psfcvae import checkpoint
 from psfcvae.api.table import PSFTable, refuse_dark
 from psfcvae.model.cvae import CVAE, ModelArgs
+from psfcvae.optics import FieldMap, model_optics
 from psfgen.shared.devices import resolve_device
 from psfgen.shared.errors import InputError
 
@@ -33,7 +36,13 @@ def _positive_numbers(values) -> bool:
 
 
 # The spellings of the API's arguments in its messages; the CLI renders them as its options.
-_API_NAMES = {"coords": "coordinates x and y", "allow_extrapolation": "allow_extrapolation=True", "depth_m": "depth_m"}
+_API_NAMES = {
+    "coords": "coordinates x and y",
+    "allow_extrapolation": "allow_extrapolation=True",
+    "depth_m": "depth_m",
+    "height": "image height",
+    "angle": "field angle",
+}
 
 
 class PSFModel:
@@ -164,6 +173,93 @@ class PSFModel:
         cond = self.conditions(x, y, depth_m, allow_extrapolation)
         light, lit = self._head(cond)
         return self._decode(cond, lit, mode, 1), light.float(), lit
+
+    # -- physical coordinates (psfcvae/optics.py, FieldMap: the conventions) ------------------------------------
+
+    @property
+    def field(self) -> FieldMap:
+        """The map between normalised coordinates, image heights [mm] and field angles [deg] of this model's lens,
+        from the chief-ray landing points its grid file recorded."""
+        if "_field" not in self.__dict__:
+            self._field = FieldMap(model_optics(self))
+        return self._field
+
+    def _one_depth(self, depth_m) -> np.ndarray:
+        """depth_m as an array, or the model's only depth when None (the image height depends on the depth)."""
+        if depth_m is None:
+            lo, hi = self.depth_range
+            if lo != hi:
+                raise InputError(
+                    f"an image height's place in the field depends on the depth: give {{depth_m}} ({lo:g}-{hi:g} m)",
+                    _API_NAMES,
+                )
+            return np.array([lo])
+        return _numbers("depth_m", depth_m)
+
+    def coords_at_height(self, hx_mm, hy_mm, depth_m=None, allow_extrapolation: bool = False):
+        """(x, y) [B] normalised coordinates whose chief ray lands at image height (hx_mm, hy_mm) on the sensor
+        [mm] (x right, y up, 0 on the axis) at depth_m [m]. A height beyond the sensor's edges, where their chief
+        rays land, is an InputError unless allow_extrapolation=True."""
+        hx, hy = _numbers("hx_mm", hx_mm), _numbers("hy_mm", hy_mm)
+        if hx.shape != hy.shape or hx.ndim != 1 or not (np.isfinite(hx).all() and np.isfinite(hy).all()):
+            raise InputError("{height} must be finite numbers, hx_mm and hy_mm of one length", _API_NAMES)
+        depth = self._one_depth(depth_m)
+        if depth.size not in (1, hx.size) or not (np.isfinite(depth).all() and (depth > 0).all()):
+            raise InputError(f"{{depth_m}} must be one positive depth or one per point ({hx.size})", _API_NAMES)
+        xy = self.field.coords_from_height(hx, hy, np.broadcast_to(depth, hx.shape))
+        out = np.abs(xy).max(axis=1) > 1 + 1e-9
+        if out.any() and not allow_extrapolation:
+            i = int(np.argmax(out))
+            ex, ey = self.field.edge_heights(float(np.broadcast_to(depth, hx.shape)[i]))
+            raise InputError(
+                f"{{height}} ({hx[i]:g}, {hy[i]:g}) mm lies beyond the sensor's edges, whose chief rays land at "
+                f"x = ±{ex:.4g} mm, y = ±{ey:.4g} mm at {float(np.broadcast_to(depth, hx.shape)[i]):g} m; pass "
+                "{allow_extrapolation} to go beyond",
+                _API_NAMES,
+            )
+        return xy[:, 0], xy[:, 1]
+
+    def coords_at_angle(self, ax_deg, ay_deg, allow_extrapolation: bool = False):
+        """(x, y) [B] normalised coordinates of the field angles (ax_deg, ay_deg) [deg]: per axis, the angle at the
+        lens between the axis and the object point, positive where its image lies at positive x (right) or y
+        (up); DeepLens's field: tan(ax) = x * (sensor width / 2) / focal length. Beyond the sensor's edges as in
+        coords_at_height."""
+        ax, ay = _numbers("ax_deg", ax_deg), _numbers("ay_deg", ay_deg)
+        if ax.shape != ay.shape or ax.ndim != 1 or not (np.abs(ax).max() < 90 and np.abs(ay).max() < 90):
+            raise InputError("{angle} must be degrees within ±90, ax_deg and ay_deg of one length", _API_NAMES)
+        xy = self.field.coords_from_angle(ax, ay)
+        out = np.abs(xy).max(axis=1) > 1 + 1e-9
+        if out.any() and not allow_extrapolation:
+            i = int(np.argmax(out))
+            edge = self.field.angle(np.array([1.0]), np.array([1.0]))[0]
+            raise InputError(
+                f"{{angle}} ({ax[i]:g}, {ay[i]:g}) deg lies beyond the sensor's edges, at ±{edge[0]:.4g} deg (x) and "
+                f"±{edge[1]:.4g} deg (y); pass {{allow_extrapolation}} to go beyond",
+                _API_NAMES,
+            )
+        return xy[:, 0], xy[:, 1]
+
+    def height_at(self, x, y, depth_m=None) -> tuple[np.ndarray, np.ndarray]:
+        """(hx, hy) [B] mm: where the chief rays of the normalised points (x, y) land at depth_m [m]."""
+        x, y = _numbers("x", x), _numbers("y", y)
+        h = self.field.height(x, y, np.broadcast_to(self._one_depth(depth_m), x.shape))
+        return h[:, 0], h[:, 1]
+
+    def angle_at(self, x, y) -> tuple[np.ndarray, np.ndarray]:
+        """(ax, ay) [B] degrees: the field angles of the normalised points (x, y) (coords_at_angle's convention)."""
+        a = self.field.angle(_numbers("x", x), _numbers("y", y))
+        return a[:, 0], a[:, 1]
+
+    def psf_at_height(self, hx_mm, hy_mm, depth_m=None, **options):
+        """``psf`` at image heights (hx_mm, hy_mm) [mm] on the sensor (coords_at_height) at depth_m [m]; options
+        as psf's (mode, n_samples, allow_extrapolation, allow_dark)."""
+        x, y = self.coords_at_height(hx_mm, hy_mm, depth_m, options.get("allow_extrapolation", False))
+        return self.psf(x, y, depth_m, **options)
+
+    def psf_at_angle(self, ax_deg, ay_deg, depth_m=None, **options):
+        """``psf`` at field angles (ax_deg, ay_deg) [deg] (coords_at_angle) at depth_m [m]; options as psf's."""
+        x, y = self.coords_at_angle(ax_deg, ay_deg, options.get("allow_extrapolation", False))
+        return self.psf(x, y, depth_m, **options)
 
     def _decode(self, cond: torch.Tensor, lit: torch.Tensor, mode: str, n_samples: int) -> torch.Tensor:
         """PSFs at conditions cond [B, C]: [B, 3, k, k] (or [B, n_samples, 3, k, k]), zero where not lit.

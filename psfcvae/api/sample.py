@@ -22,12 +22,23 @@ CHUNK = 4096  # PSFs evaluated at once: bounds the decoder's transient memory
 
 
 def sample_psfs(
-    checkpoint, out, points, grid_m, depth_m, mode, allow_extrapolation=False, device="auto", overwrite: bool = False
+    checkpoint,
+    out,
+    points,
+    grid_m,
+    depth_m,
+    mode,
+    allow_extrapolation=False,
+    device="auto",
+    overwrite: bool = False,
+    units: str = "coords",
 ) -> Path:
     """Write PSFs [B, 3, k, k] (or [M*M, ...] for a map, row-major, row 0 at y = +1), each channel summing to 1.
 
-    .npz: psf, coords [B, 2] (x, y in [-1, 1]), depth_m [m] (the model's only depth when none is given), mode,
-    checkpoint;
+    points [B, 2] in ``units``: "coords" (normalised x, y in [-1, 1]), "height_mm" (image heights on the sensor
+    [mm]) or "angle_deg" (field angles [deg]); PSFModel.coords_at_height / coords_at_angle convert them.
+    .npz: psf, coords [B, 2] (x, y in [-1, 1]), height_mm [B, 2] (where their chief rays land [mm]), angle_deg
+    [B, 2], depth_m [m] (the model's only depth when none is given), mode, checkpoint;
     .h5: the same plus the model's step and data fingerprint; .npy: the array alone, in the
     order of --coords (a map: row-major from the top-left corner, x = -1, y = +1);
     .png: display-scaled RGB, an M x M mosaic for a map or a single row for points, captioned.
@@ -48,18 +59,30 @@ def sample_psfs(
         lin = np.linspace(-1, 1, grid_m) if grid_m > 1 else np.zeros(1)
         gx, gy = np.meshgrid(lin, lin[::-1])
         points = np.stack([gx.ravel(), gy.ravel()], axis=1)
+    given = points
+    if units == "height_mm":
+        points = np.stack(model.coords_at_height(points[:, 0], points[:, 1], depth_m, allow_extrapolation), axis=1)
+    elif units == "angle_deg":
+        points = np.stack(model.coords_at_angle(points[:, 0], points[:, 1], allow_extrapolation), axis=1)
     used_depth = float(depth_m) if depth_m is not None else model.depth_range[0]  # the depth the model was given
     psf, illum = _psfs_and_illumination(model, points, depth_m, mode, allow_extrapolation, dark_ok=grid_m is not None)
+    physical = {
+        "height_mm": np.stack(model.height_at(points[:, 0], points[:, 1], used_depth), axis=1),
+        "angle_deg": np.stack(model.angle_at(points[:, 0], points[:, 1]), axis=1),
+    }
+    caption = (units, points if grid_m is not None or units == "coords" else given)
     try:
         with tempfiles.replacing(out) as tmp:  # a failed write leaves the old --out, never a fragment
-            _write(tmp, out.suffix, psf, illum, points, grid_m, used_depth, mode, checkpoint, model)
+            _write(tmp, out.suffix, psf, illum, points, physical, caption, grid_m, used_depth, mode, checkpoint, model)
     except OSError as exc:
         raise InputError(f"cannot write {out}: {os_reason(exc)}") from None
     return out
 
 
-def _write(tmp: Path, suffix: str, psf, illum, points, grid_m, used_depth, mode, checkpoint, model) -> None:
-    """The PSFs in the format of ``suffix`` into the temporary file ``tmp``."""
+def _write(tmp: Path, suffix: str, psf, illum, points, physical, caption, grid_m, used_depth, mode, checkpoint,
+           model) -> None:  # fmt: skip
+    """The PSFs in the format of ``suffix`` into the temporary file ``tmp``; physical: {height_mm, angle_deg} [B, 2]
+    of the points; caption: (units, the points as given) for a PNG."""
     with open(tmp, "wb") if suffix in (".npy", ".npz") else contextlib.nullcontext(tmp) as f:
         if suffix == ".npy":
             np.save(f, psf)
@@ -69,6 +92,7 @@ def _write(tmp: Path, suffix: str, psf, illum, points, grid_m, used_depth, mode,
                 psf=psf,
                 illumination=illum,
                 coords=points,
+                **physical,
                 depth_m=used_depth,
                 mode=mode,
                 checkpoint=str(checkpoint),
@@ -77,6 +101,8 @@ def _write(tmp: Path, suffix: str, psf, illum, points, grid_m, used_depth, mode,
             with h5py.File(tmp, "w") as h5:
                 h5["psf"] = psf
                 h5["coords"] = points
+                for key, value in physical.items():
+                    h5[key] = value
                 h5.attrs["depth_m"] = used_depth  # [m]: the depth the model was given
                 h5.attrs["mode"] = mode
                 h5.attrs["checkpoint"] = str(checkpoint)
@@ -90,11 +116,11 @@ def _write(tmp: Path, suffix: str, psf, illum, points, grid_m, used_depth, mode,
             tiles = Image.fromarray((np.moveaxis(img, 0, -1) * 255).astype(np.uint8)).resize(
                 (img.shape[2] * 8, img.shape[1] * 8), Image.NEAREST
             )
-            caption = _caption(points, grid_m, used_depth, mode, model.net.args.kernel_size_small)
+            caption = _caption(*caption, grid_m, used_depth, mode, model.net.args.kernel_size_small)
             _captioned(tiles, caption).save(tmp, format="PNG")
 
 
-def _caption(points, grid_m, depth_m, mode: str, k: int) -> list[str]:
+def _caption(units: str, points, grid_m, depth_m, mode: str, k: int) -> list[str]:
     """The lines under a PNG: what each tile is, where it is in the field, at which depth."""
     depth = f"depth {depth_m:g} m"
     what = "prior mean" if mode == "mean" else "one prior sample"
@@ -104,7 +130,9 @@ def _caption(points, grid_m, depth_m, mode: str, k: int) -> list[str]:
         lines.append("field coordinates: +-1 = the sensor's edges")
     else:
         where = " ".join(f"({x:.3g}, {y:.3g})" for x, y in points[:12]) + (" ..." if len(points) > 12 else "")
-        lines.append(f"field points (x, y), left to right: {where}")
+        what = {"coords": "field points (x, y)", "height_mm": "image heights (x, y) [mm]", "angle_deg": "field angles "
+                "(x, y) [deg]"}[units]  # fmt: skip
+        lines.append(f"{what}, left to right: {where}")
     return lines
 
 

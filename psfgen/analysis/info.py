@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from psfgen.analysis.litfield import summary_lines
 from psfgen.analysis.spacing import check_file as check_spacing
 from psfgen.analysis.symmetry import check_file as check_symmetry
 from psfgen.config import NOISE_POINTS, default_noise_points
-from psfgen.gridfile import FORMAT, KEPT_LIMIT, SCHEMA_VERSION, GridFile
+from psfgen.gridfile import FORMAT, KEPT_LIMIT, LENS_FORMATS, SCHEMA_VERSION, GridFile
 from psfgen.shared.metrics import rel_l2
 
 
@@ -47,6 +49,25 @@ def _plan_note(grid: GridFile) -> str:
     return f"  (num_depths auto; pilot's error of interpolating in depth by number of depths {errs})"
 
 
+def lens_lines(grid: GridFile) -> list[str]:
+    """What was read of the lens file: its format, surfaces and glasses (from the normalised JSON DeepLens wrote
+    of it), and the sensor with where its size and resolution came from."""
+    surfaces = json.loads(grid.lens_json).get("surfaces", [])
+    glasses = sorted({str(s.get("mat2", "air")).lower() for s in surfaces} - {"air"})
+    (w, h), (cols, rows) = grid.sensor_size_mm, grid.sensor_res
+    origin = grid.sensor_from
+    where = (
+        f"both from {origin['size']}"
+        if origin.get("size") == origin.get("res")
+        else f"size from {origin.get('size')}, resolution from {origin.get('res')}"
+    )
+    return [
+        f"read        {LENS_FORMATS[grid.lens_format]} file: {len(surfaces)} surfaces, "
+        f"glasses {', '.join(glasses) or 'none'}",
+        f"sensor      {w:.4g} x {h:.4g} mm, {cols} x {rows} px ({1000 * w / cols:.3g} um pixels): {where}",
+    ]
+
+
 def summary(path) -> str:
     grid = GridFile.open(path)
     cfg = grid.config
@@ -55,6 +76,7 @@ def summary(path) -> str:
     lines = [
         f"file        {grid.path}  (format {FORMAT} v{SCHEMA_VERSION}, run {grid.run_id})",
         f"lens        {grid.lens_path}  sha256 {grid.lens_sha256[:16]}…  foclen {grid.foclen_mm:.3f} mm",
+        *lens_lines(grid),
         f"grid        {n} x {n} points, kernel_size {grid.kernel_size} px traced -> "
         f"kernel_size_small {grid.kernel_size_small} px stored",
         f"depths [m]  {', '.join(f'{d:.4g}' for d in depths)}"
