@@ -7,17 +7,44 @@ and exit code 2.
 
 from __future__ import annotations
 
-import functools
-import logging
-import os
-import shlex
+import signal
 import sys
-from pathlib import Path
 
-import click
-from click.core import ParameterSource
+INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C (128 + SIGINT)
 
-from psfgen.shared.errors import InputError
+
+def _interrupted_line(text: str = "Interrupted.") -> str:
+    """What Ctrl-C prints, on a line of its own: on a terminal the ``^C`` echo (or a progress bar) is
+    still open, so a newline first closes it."""
+    return ("\n" if sys.stderr.isatty() else "") + text
+
+
+def _stop_while_starting(_signum, _frame):
+    """Ctrl-C while this module loads (click, the commands): nothing to clean up, so stop as anywhere
+    else, with one line and exit code 130, not a traceback of the imports. SystemExit, unlike
+    KeyboardInterrupt, leaves Python without a traceback."""
+    sys.stderr.write(_interrupted_line() + "\n")
+    raise SystemExit(INTERRUPTED)
+
+
+# Only where Python's own handler is in place: a process started with SIGINT ignored keeps ignoring it.
+_starting = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+if _starting:
+    try:
+        signal.signal(signal.SIGINT, _stop_while_starting)
+    except ValueError:  # imported from a thread other than the main one: signals are not ours to handle
+        _starting = False
+
+import functools  # noqa: E402  (after the handler: Ctrl-C during these imports is handled)
+import logging  # noqa: E402
+import os  # noqa: E402
+import shlex  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import click  # noqa: E402
+from click.core import ParameterSource  # noqa: E402
+
+from psfgen.shared.errors import InputError  # noqa: E402
 
 
 def _versions_line() -> str:
@@ -57,7 +84,6 @@ API_OPTIONS = {
         "field": "--field",
     },
 }
-INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C (128 + SIGINT)
 
 
 def _spellings(ctx: click.Context) -> dict[str, str]:
@@ -119,8 +145,53 @@ def user_errors(fn):
     return wrapper
 
 
+class Interruption(click.ClickException):
+    """Ctrl-C: its line as given (no ``Error:``), exit code 130. A command that can be resumed says how."""
+
+    exit_code = INTERRUPTED
+
+    def __init__(self, message: str = "Interrupted."):
+        super().__init__(message)
+
+    def show(self, file=None):
+        if self.message:
+            click.echo(_interrupted_line(self.message), err=True)
+
+
+# The commands in the order a user runs them.
+PIPELINE = ("generate", "info", "train", "eval", "sample", "render", "merge")
+
+
+# Options that name a file, by config key, and the kind of file each takes (psfgen.shared.filekinds).
+FILE_OPTIONS = {"data": "grid", "checkpoint": "checkpoint", "lens": "lens", "image": "image", "config_path": "config"}
+
+
+def expect_file(path, key: str) -> None:
+    """Refuse a file of another kind than option or config key ``key`` takes (a checkpoint as --data), in one
+    line naming the option as the user set it and the option that takes the file; ``key`` "PATH" or "SHARDS":
+    the command's argument."""
+    from psfgen.shared.filekinds import refuse_other_kind
+
+    def is_grid(hdf5: Path) -> bool:
+        from psfgen.gridfile import GridFile
+
+        try:
+            GridFile.open(hdf5)
+        except InputError:
+            return False
+        return True
+
+    ctx = click.get_current_context()
+    takes = {FILE_OPTIONS[p.name]: p.opts[-1] for p in ctx.command.params if p.name in FILE_OPTIONS}
+    if key in FILE_OPTIONS:
+        refuse_other_kind(path, FILE_OPTIONS[key], "{" + key + "}", takes, is_grid, {key: f"config key '{key}'"})
+    else:  # psf info and psf merge read grid files
+        refuse_other_kind(path, "grid", f"psf {ctx.command.name}", takes, is_grid)
+
+
 class OneLineGroup(click.Group):
-    """Usage errors of any kind (click's own parsing too) as one ``Error:`` line, exit 2."""
+    """Usage errors of any kind (click's own parsing too) as one ``Error:`` line, exit 2; Ctrl-C anywhere
+    as one line, exit 130 (click's own answer is ``Aborted!`` and 1); commands listed in pipeline order."""
 
     @staticmethod
     def _one_line(exc: click.UsageError):
@@ -128,17 +199,78 @@ class OneLineGroup(click.Group):
             return exc
         return BadInput(exc.format_message())
 
+    def list_commands(self, ctx):
+        return sorted(self.commands, key=lambda name: PIPELINE.index(name) if name in PIPELINE else len(PIPELINE))
+
     def parse_args(self, ctx, args):
         try:
             return super().parse_args(ctx, args)
         except click.UsageError as exc:
             raise self._one_line(exc) from None
+        except KeyboardInterrupt:
+            pass
+        raise Interruption()
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except click.UsageError as exc:
             raise self._one_line(exc) from None
+        except KeyboardInterrupt:
+            pass
+        # Raised after the handler, not in it: the interrupted frames (DataLoader workers, the traced lens) are freed
+        # now, not kept alive through the exception's context until after Python's exit handlers, which would wait
+        # for the workers for ever.
+        raise Interruption()
+
+
+# Each command: the one line `psf --help` lists it with, and the examples its own help ends with.
+ABOUT = {
+    "generate": (
+        "Ray-trace a lens's PSFs over the field and depth into a grid file.",
+        [
+            "psf generate --lens cooke_triplet_f5 --depths 0.5,1,5 --out grid.h5",
+            "psf generate --config configs/generate.yaml --shard 0/4",
+        ],
+    ),
+    "info": ("Summarise a grid file: lens, grid, depths, rays, progress, noise.", ["psf info grid.h5"]),
+    "train": (
+        "Train the conditional VAE on a grid file; write its checkpoints.",
+        ["psf train --data grid.h5 --run-dir runs/cvae", "psf train --data grid.h5 --run-dir runs/cvae --resume"],
+    ),
+    "eval": (
+        "Score a model against traced PSFs and baselines; write a report.",
+        [
+            "psf eval --checkpoint runs/cvae/best.pt --data grid.h5 --out eval",
+            "psf eval --baselines-only --data grid.h5 --out baselines",
+        ],
+    ),
+    "sample": (
+        "PSFs at any field points, or a dense map, from a trained model.",
+        [
+            "psf sample --checkpoint best.pt --depth 2 --coords '0,0;1,1' --out psfs.npz",
+            "psf sample --checkpoint best.pt --depth 2 --grid 9 --out map.png",
+        ],
+    ),
+    "render": (
+        "Blur an image through the lens, each pixel with its own PSF.",
+        [
+            "psf render --checkpoint best.pt --image scene.png --depth 2 --out out.png",
+            "psf render --checkpoint best.pt --image scene.png --depth-map depth.npy \\\n      --out out.png",
+        ],
+    ),
+    "merge": (
+        "Merge the shard files of one 'psf generate --shard K/N' run.",
+        ["psf merge grid.shard*-of-0004.h5 --out grid.h5"],
+    ),
+}
+
+
+def about(name: str) -> dict:
+    """click's ``short_help`` (listed whole, where click cuts the docstring's first sentence with "...")
+    and ``epilog`` (the examples; ``\\b`` keeps click from rewrapping them)."""
+    line, examples = ABOUT[name]
+    return {"short_help": line, "epilog": "\b\nExamples:\n" + "\n".join(f"  {e}" for e in examples)}
 
 
 def set_option(example: str):
@@ -187,7 +319,7 @@ def _logs_above_bars():
     return logging_redirect_tqdm() if console else contextlib.nullcontext()
 
 
-@main.command()
+@main.command(**about("generate"))
 @click.option(
     "--config",
     "config_path",
@@ -278,6 +410,7 @@ def generate(config_path, sets, overwrite, **options):
     if overwrite:
         options["overwrite"] = True
     cfg = configio.load(GenerateConfig, config_path, options, sets)
+    expect_file(cfg.lens, "lens")
     from psfgen import (
         generate as run,  # torch and DeepLens: after the config is known to be good
     )
@@ -285,20 +418,20 @@ def generate(config_path, sets, overwrite, **options):
     try:
         path = run(cfg)
     except KeyboardInterrupt:
+        path = None  # said below, outside the handler (see OneLineGroup.invoke)
+    if path is None:
         from psfgen.generation import resolve_shard, shard_path
 
         where = cfg.out if cfg.shard is None else shard_path(Path(cfg.out), *resolve_shard(cfg.shard))
         # --overwrite would start the file again: the command that resumes leaves it out.
-        click.echo(
-            f"\nInterrupted; the finished blocks are kept in {where}. Resume with:\n  "
-            f"{_same_command(click.get_current_context(), omit=('overwrite',))}",
-            err=True,
+        raise Interruption(
+            f"Interrupted; the finished blocks are kept in {where}. Resume with:\n  "
+            f"{_same_command(click.get_current_context(), omit=('overwrite',))}"
         )
-        sys.exit(INTERRUPTED)
     click.echo(str(path))
 
 
-@main.command()
+@main.command(**about("merge"))
 @click.argument("shards", nargs=-1, required=True)
 @click.option("--out", type=str, required=True, help="The merged grid file.")
 @click.option(
@@ -310,22 +443,25 @@ def generate(config_path, sets, overwrite, **options):
 @user_errors
 def merge(shards, out, virtual, overwrite):
     """Merge the shard files of one 'psf generate --shard K/N' run into one grid file."""
+    for shard in shards:
+        expect_file(shard, "SHARDS")
     from psfgen.merge import merge as run
 
     click.echo(str(run(list(shards), out, overwrite=overwrite, virtual=virtual)))
 
 
-@main.command()
+@main.command(**about("info"))
 @click.argument("path", type=str)
 @user_errors
 def info(path):
     """Summarise a grid file: lens, grid, depths, spp, progress, truncation, noise floor."""
+    expect_file(path, "PATH")
     from psfgen.analysis.info import summary
 
     click.echo(summary(path))
 
 
-@main.command()
+@main.command(**about("train"))
 @click.option(
     "--data", type=str, help="Grid HDF5 file written by 'psf generate' [required, unless the --config file sets data]."
 )
@@ -358,30 +494,27 @@ def train(config_path, sets, resume, **options):
     from psfgen.shared import configio
 
     cfg = configio.load(TrainConfig, config_path, options, sets)
+    expect_file(cfg.data, "data")
     from psfcvae import train as run
     from psfcvae.training.interrupt import Interrupted
 
     main_rank = int(os.environ.get("RANK", "0")) == 0  # print once, also under torchrun
+    stopped = None  # what to say when a signal stopped the run: said after the handlers (see OneLineGroup.invoke)
     try:
         run_dir = run(cfg, resume=resume)
     except Interrupted as stop:
-        if main_rank:
-            again = _same_command(click.get_current_context(), "--resume")
-            click.echo(
-                f"\nInterrupted at step {stop.step}; saved {stop.checkpoint}. Resume with:\n  {again}"
-                + (
-                    "\n  (under torchrun: the same torchrun command with --resume)"
-                    if int(os.environ.get("WORLD_SIZE", "1")) > 1
-                    else ""
-                ),
-                err=True,
-            )
-        sys.exit(INTERRUPTED)
+        again = _same_command(click.get_current_context(), "--resume")
+        stopped = f"Interrupted at step {stop.step}; saved {stop.checkpoint}. Resume with:\n  {again}" + (
+            "\n  (under torchrun: the same torchrun command with --resume)"
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1
+            else ""
+        )
     except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, the last checkpoint written stays
         latest = Path(cfg.run_dir) / "latest.pt"
         kept = f"{latest} (written earlier) is kept" if latest.exists() else "no checkpoint was written yet"
-        click.echo(f"\nStopped at once by a second interrupt; {kept}.", err=True)
-        sys.exit(INTERRUPTED)
+        stopped = f"Stopped at once by a second interrupt; {kept}."
+    if stopped is not None:
+        raise Interruption(stopped if main_rank else "")  # the main rank says it
     if main_rank:
         best = run_dir / "best.pt"
         click.echo(
@@ -398,7 +531,7 @@ def train(config_path, sets, resume, **options):
         )
 
 
-@main.command(name="eval")
+@main.command(name="eval", **about("eval"))
 @click.option("--checkpoint", type=str, help="Checkpoint written by 'psf train' (latest.pt or best.pt).")
 @click.option(
     "--data", type=str, required=True, help="Grid HDF5 file with a held-out set (the one the model trained on)."
@@ -418,6 +551,9 @@ def evaluate_cmd(baselines_only, **options):
     from psfcvae import EvalConfig, evaluate
 
     cfg = configio.load(EvalConfig, None, options)  # the one loader: typed, unknown keys refused, validated
+    expect_file(cfg.data, "data")
+    if cfg.checkpoint is not None:
+        expect_file(cfg.checkpoint, "checkpoint")
     result = evaluate(cfg)
     click.echo(result["table"])
     click.echo(f"report: {Path(cfg.out) / 'report.html'}")
@@ -433,7 +569,7 @@ def _parse_coords(text: str, option: str = "--coords", example: str = "0.5,0.5;-
     return pts
 
 
-@main.command()
+@main.command(**about("sample"))
 @click.option("--checkpoint", type=str, required=True, help="Checkpoint written by 'psf train'.")
 @click.option("--coords", type=str, help="Field points 'x,y;x,y;...' in [-1, 1].")
 @click.option(
@@ -482,6 +618,7 @@ def sample(checkpoint, coords, height_mm, angle_deg, grid_m, depth, mode, out, a
     option = {"coords": "--coords", "height_mm": "--height-mm", "angle_deg": "--angle-deg"}
     example = "0.5,0.5;-0.3,0.8" if units == ["coords"] else "1.2,-0.5;0,0.8"
     pts = _parse_coords(given[units[0]], option[units[0]], example) if units else None
+    expect_file(checkpoint, "checkpoint")
     import numpy as np
 
     from psfcvae.api.sample import sample_psfs
@@ -492,7 +629,7 @@ def sample(checkpoint, coords, height_mm, angle_deg, grid_m, depth, mode, out, a
     click.echo(str(path))
 
 
-@main.command()
+@main.command(**about("render"))
 @click.option("--checkpoint", type=str, required=True, help="Checkpoint written by 'psf train'.")
 @click.option("--image", type=str, required=True, help="Sharp input image: PNG, 8 or 16 bits, covering the sensor.")
 @click.option("--depth", type=float, help="Object depth [m] of the whole image.")
@@ -523,6 +660,8 @@ def sample(checkpoint, coords, height_mm, angle_deg, grid_m, depth, mode, out, a
 @user_errors
 def render(checkpoint, image, depth, depth_map, out, psf_every, field, linear, allow_extrapolation, device, overwrite):
     """Blur an image through the lens, every pixel with its own PSF from the model."""
+    expect_file(checkpoint, "checkpoint")
+    expect_file(image, "image")
     from psfcvae.rendering.renderfile import render_file
 
     path = render_file(
@@ -541,6 +680,9 @@ def render(checkpoint, image, depth, depth_map, out, psf_every, field, linear, a
     )
     click.echo(str(path))
 
+
+if _starting:  # loaded: from here on Ctrl-C raises KeyboardInterrupt, and OneLineGroup answers it
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 if __name__ == "__main__":
     main()

@@ -403,11 +403,14 @@ def _trace_blocks(run: Run, lens, blocks: list[Block], todo: list[int], points: 
         for i in todo:
             block = blocks[i]
             torch.manual_seed(block_seed(cfg.seed, block))
-            # The bar moves a third of the block per colour traced: DeepLens traces a block per call.
-            third = (block.stop - block.start) / 3
+            # The bar counts whole PSFs and moves after each colour, as DeepLens traces a block per call:
+            # after colour c of 3 it stands at floor(n (c + 1) / 3) of the block's n PSFs, never past them
+            # (fractions of a PSF summed in floating point overshoot the total: a negative ETA, a TqdmWarning).
+            n, colours = block.stop - block.start, iter(range(1, 4))
 
-            def tick(third=third):
-                bar.update(third)
+            def tick(n=n, colours=colours):
+                c = next(colours)
+                bar.update(n * c // 3 - n * (c - 1) // 3)
 
             try:
                 _trace_block(run, lens, i, block, points, axis, tick)

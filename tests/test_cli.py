@@ -329,3 +329,104 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_exits_130(tiny_grid
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err and torch.load(run_dir / "latest.pt", weights_only=True)["step"] > 0
+
+
+# Python's own SIGINT handling in a child: a shell that runs the tests in the background starts them with SIGINT
+# ignored, and Python would keep ignoring it.
+SIGINT_AT_DEFAULT = {"preexec_fn": lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)}
+
+
+def test_ctrl_c_in_psf_info_is_one_line_and_exit_130(tiny_grid):
+    """A `psf info` process stopped while it summarises the file (held there, so that the signal cannot come
+    after it is done): one line, exit 130, where click says `Aborted!` and exits 1."""
+    held = (
+        "import sys, time\n"
+        "import psfgen.analysis.info as info\n"
+        "def held(path):\n"
+        "    print('summarising', file=sys.stderr, flush=True)\n"
+        "    time.sleep(60)\n"
+        "info.summary = held\n"
+        "from cli import main\n"
+        "main(sys.argv[1:])\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", held, "info", str(tiny_grid)], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **SIGINT_AT_DEFAULT)  # fmt: skip
+    assert proc.stderr.readline() == "summarising\n"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, out, err) == (130, "", "Interrupted.\n")
+
+
+def test_ctrl_c_while_psf_starts_is_one_line_and_exit_130():
+    """SIGINT while the command line loads click (a quick Ctrl-C after Enter): no traceback of the imports."""
+    early = (
+        "import builtins, os, signal, sys\n"
+        "load = builtins.__import__\n"
+        "def loading(name, *args, **kwargs):\n"
+        "    if name == 'click':\n"
+        "        builtins.__import__ = load\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "    return load(name, *args, **kwargs)\n"
+        "builtins.__import__ = loading\n"
+        "from cli import main\n"
+        "main(sys.argv[1:])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", early, "info", "grid.h5"], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=60, **SIGINT_AT_DEFAULT)  # fmt: skip
+    assert (done.returncode, done.stdout, done.stderr) == (130, "", "Interrupted.\n")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["generate", "--out", "OUT/g.h5", "--grid-size", "3", "--depths", "1", "--device", "cpu"],
+        ["info", "OUT/g.h5"],
+        ["train", "--data", "OUT/g.h5", "--run-dir", "OUT/run", "--device", "cpu"],
+        ["eval", "--data", "OUT/g.h5", "--baselines-only", "--out", "OUT/eval"],
+        ["sample", "--checkpoint", "OUT/c.pt", "--coords", "0,0", "--out", "OUT/s.npz"],
+        ["render", "--checkpoint", "OUT/c.pt", "--image", "OUT/i.png", "--depth", "1", "--out", "OUT/o.png"],
+        ["merge", "OUT/a.h5", "--out", "OUT/m.h5"],
+    ],
+    ids=lambda args: args[0],
+)
+def test_ctrl_c_in_every_command_is_one_line_and_exit_130(args, tmp_path, monkeypatch):
+    import cli
+
+    def ctrl_c(*_args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "expect_file", ctrl_c)  # each command checks its files first
+    result = run_cli([a.replace("OUT", str(tmp_path)) for a in args])
+    assert (result.exit_code, result.stdout, result.stderr) == (130, "", "Interrupted.\n")
+
+
+PIPELINE = ["generate", "info", "train", "eval", "sample", "render", "merge"]
+
+
+def test_help_lists_the_commands_in_pipeline_order_each_with_its_whole_line():
+    from cli import main
+
+    result = run_cli(["--help"])
+    assert result.exit_code == 0, result.output
+    listed = result.output.split("Commands:\n")[1].splitlines()
+    assert [line.split()[0] for line in listed] == PIPELINE == sorted(main.commands, key=PIPELINE.index)
+    for line in listed:
+        name, text = line.split(None, 1)
+        assert text == main.commands[name].short_help and not text.endswith("..."), line  # whole, on one line
+    assert max(map(len, result.output.splitlines())) <= 80
+
+
+@pytest.mark.parametrize("name", PIPELINE)
+def test_each_command_help_ends_with_examples_that_parse(name):
+    from cli import main
+
+    result = run_cli([name, "--help"])
+    assert result.exit_code == 0, result.output
+    last = result.output.rstrip("\n").split("\n\n")[-1]  # the help's last paragraph
+    heading, examples = last.replace("\\\n", " ").split("\n", 1)
+    assert heading.strip() == "Examples:", last
+    commands = [shlex.split(line) for line in examples.splitlines()]
+    assert commands and all(words[:2] == ["psf", name] for words in commands), examples
+    for words in commands:  # options that exist, values of their types, the required ones there
+        main.commands[name].make_context(name, words[2:])
+    assert max(map(len, result.output.splitlines())) <= 80

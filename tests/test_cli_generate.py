@@ -344,3 +344,36 @@ def test_a_window_that_cuts_light_is_warned_with_the_measured_share_and_one_that
     assert "keep less than" not in caplog.text
     with h5py.File(tmp_path / "whole.h5") as f:
         assert (f["grid/kept"][:] >= 0.99).all() and f["grid/valid"][:].all()
+
+
+def test_the_progress_bar_counts_whole_psfs_up_to_its_total(tmp_path, monkeypatch):
+    """Blocks of 5 and 4 points: thirds of them per colour are no whole numbers, and summed in floating point they
+    overshot the total (a negative ETA and a TqdmWarning on the bar)."""
+    import io
+    import warnings
+
+    from tqdm import TqdmWarning, tqdm
+
+    import psfgen.generation as generation
+
+    steps, bars = [], []
+
+    class Shown(tqdm):  # the bar as a terminal shows it (the tests' log level would hide it)
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "disable": False, "file": io.StringIO()})
+            bars.append(self)
+
+        def update(self, n=1):
+            steps.append(n)
+            return super().update(n)
+
+    monkeypatch.setattr(generation, "tqdm", Shown)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TqdmWarning)
+        generate(tiny_config(tmp_path / "g.h5", grid_size=3, depths=(1.0,), heldout=0, noise_points=0,
+                             block_rays=5 * TINY["spp"]))  # fmt: skip
+    (bar,) = bars
+    assert len(steps) == 3 * 2 and all(type(s) is int for s in steps), steps  # 2 blocks, after each colour
+    assert bar.total == 9 and bar.n == sum(steps) == 9
+    shown = bar.fp.getvalue()
+    assert "9/9" in shown and "<-" not in shown, shown  # no fraction of a PSF, no negative time left

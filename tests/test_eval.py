@@ -532,7 +532,8 @@ def test_eval_baselines_only_and_bad_input(tiny_run, tiny_grid, tmp_path):
     junk.write_text("not a checkpoint")
     assert_one_line_error(
         run("--checkpoint", str(junk), "--data", str(tiny_grid), "--out", str(tmp_path / "e")),
-        "not a readable psf-cvae checkpoint",
+        "--checkpoint expects a checkpoint from 'psf train'",
+        "is not a PyTorch file",
     )
     other = generate(tiny_config(tmp_path / "other.h5", seed=99, noise_points=0))
     assert_one_line_error(

@@ -328,7 +328,7 @@ def test_bad_input(tiny_grid, tmp_path):
     assert_one_line_error(run(_train_args(foreign, tmp_path / "r")), "not a psf-cvae grid file")
     text = tmp_path / "text.h5"
     text.write_text("hello")
-    assert_one_line_error(run(_train_args(text, tmp_path / "r")), "not a readable HDF5 file")
+    assert_one_line_error(run(_train_args(text, tmp_path / "r")), "--data expects a grid file", "is not an HDF5 file")
     unfinished = tmp_path / "unfinished.h5"
     shutil.copy(tiny_grid, unfinished)
     with h5py.File(unfinished, "r+") as f:
