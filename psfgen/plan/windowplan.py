@@ -7,7 +7,7 @@ measured at 99% of the valid rays, the default condenser needs 80-108 px on the 
 at the corners over 0.4-20 m, the LA1131 singlet ~118 px half way to its corners, the Cooke
 triplet ~42 px.
 
-The pilot traces PILOT_FIELD (a 9 x 9 grid over the whole field: axis, edges, corners and the
+The pilot traces PILOT_FIELD (an 11 x 11 grid over the whole field: axis, edges, corners and the
 rings between them, with no symmetry assumed) at the extreme depths of the run's range, and at
 the focus distance when one is given and lies between them, at PILOT_SPP rays. It keeps each
 valid ray's Chebyshev distance from the chief ray, so one trace answers for every window: a ks
@@ -35,7 +35,9 @@ from psfgen.trace import illumination
 log = logging.getLogger(__name__)
 
 PILOT_SPP = 8000  # rays per pilot point and colour
-PILOT_FIELD = np.linspace(-1.0, 1.0, 9)  # x and y of the pilot points (normalised field)
+# x and y of the pilot points (normalised field): every quarter, and 0.9, where a stop begins to block the chief ray of
+# la1131_f50 and DeepLens's chief-ray framing moves its PSFs off centre (docs/dataset.md, "Truncation")
+PILOT_FIELD = np.array([-1.0, -0.9, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 0.9, 1.0])
 PILOT_BLOCK = 27  # pilot points traced at once (memory: 27 x 3 x PILOT_SPP rays)
 # The chosen side over the pilot's. Measured (docs/dataset.md, "Truncation"): on full grids of every shipped lens,
 # the least kept of the lit grid PSFs in the pilot's side itself fell to 98.6% (points between the pilot's), and
