@@ -373,7 +373,12 @@ def _logs_above_bars():
     help="Rays per colour for the grid over all depths (depths x grid size² x spp): picks both as measured "
     "best for each depth's share (docs/ray_budget.md), or with --grid-size or --spp the other.",
 )
-@click.option("--kernel-size", type=int, help="Traced kernel side [px] (DeepLens's ks) [default: 64].")
+@click.option(
+    "--kernel-size",
+    type=str,
+    help="Traced kernel side [px] (DeepLens's ks), or auto: a short pilot trace picks the smallest that keeps 99% "
+    "of every PSF's rays (docs/dataset.md, Truncation) [default: auto].",
+)
 @click.option(
     "--kernel-size-small", type=int, help="Stored kernel side [px] after exact-area downsampling [default: 15]."
 )

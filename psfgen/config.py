@@ -52,7 +52,10 @@ class GenerateConfig:
     # (with num_depths auto and neither given: the default 5 depths' rays). With one of them it fixes the other;
     # alone, psfgen.plan.budget.choose picks both from each depth's share (docs/ray_budget.md).
     ray_budget: int | None = None
-    kernel_size: int = 64  # traced kernel side [px] (DeepLens's ks)
+    # Traced kernel side [px] (DeepLens's ks); "auto" (the default): a pilot trace picks the smallest even side that
+    # keeps 99% of the valid rays of every PSF (psfgen/plan/windowplan.py), and psf generate records it here. 64
+    # before the kept light was measured (configs/generate.yaml keeps the spec's 64).
+    kernel_size: int | str = "auto"
     kernel_size_small: int = 15  # stored kernel side [px] after exact-area downsampling
     heldout: int = 256  # off-grid evaluation points by radius band: a quarter validation, the rest test
     heldout_spp: int | None = None  # rays of the held-out reference, split in two halves; None: 4*spp
@@ -104,8 +107,15 @@ class GenerateConfig:
         if self.focus_m is not None and not self.focus_m > 0:
             raise InputError.for_key("focus_m", f"must be positive (metres), got {self.focus_m}")
         check_at_least(self, 1, "spp", "block_rays")
-        check_at_least(self, 2, "kernel_size")
-        if self.kernel_size_small < 1 or self.kernel_size_small > self.kernel_size:
+        if isinstance(self.kernel_size, str) and self.kernel_size != "auto":
+            raise InputError.for_key(
+                "kernel_size", f"must be a whole number of pixels or auto, got {self.kernel_size!r}"
+            )
+        if self.auto_window():  # the pilot's side is at least kernel_size_small
+            check_at_least(self, 1, "kernel_size_small")
+        else:
+            check_at_least(self, 2, "kernel_size")
+        if not self.auto_window() and not 1 <= self.kernel_size_small <= self.kernel_size:
             raise InputError.for_keys(
                 f"{{kernel_size_small}} ({self.kernel_size_small}) must be between 1 and "
                 f"{{kernel_size}} ({self.kernel_size})",
@@ -128,13 +138,19 @@ class GenerateConfig:
             budget.resolve(self.budget(), self.grid_size, self.spp, budget.DEPTH_CHOICES[0])
         elif self.ray_budget is not None:  # the budget must afford the depths given
             budget.resolve(self.budget(), self.grid_size, self.spp, self.depth_count())
-        if self.shard is not None and self.auto_depths():
-            raise InputError.for_keys(
-                "{num_depths} auto cannot be combined with {shard}: every shard must trace the same depths; "
-                "give the number of depths a run without it chose (its log and psf info say it)",
-                "num_depths",
-                "shard",
-            )
+        # A pilot on each shard could choose otherwise: every shard must trace the same depths and window.
+        pilots = (
+            (self.auto_depths(), "num_depths", "depths", "number of depths"),
+            (self.auto_window(), "kernel_size", "window", "kernel size"),
+        )
+        for auto, key, what, give in pilots:
+            if self.shard is not None and auto:
+                raise InputError.for_keys(
+                    f"{{{key}}} auto cannot be combined with {{shard}}: every shard must trace the same {what}; "
+                    f"give the {give} a run without it chose (its log and psf info say it)",
+                    key,
+                    "shard",
+                )
         if self.shard is not None and self.shard != "auto":
             m = re.fullmatch(r"(\d+)/(\d+)", self.shard)
             if not m or not int(m.group(1)) < int(m.group(2)):
@@ -155,6 +171,16 @@ class GenerateConfig:
     def auto_depths(self) -> bool:
         """num_depths auto, the depths not chosen yet."""
         return self.depths is None and self.num_depths == "auto"
+
+    def auto_window(self) -> bool:
+        """kernel_size auto, the window not chosen yet."""
+        return self.kernel_size == "auto"
+
+    def depth_range(self) -> tuple[float, float]:
+        """The nearest and farthest object depth [m] a run traces: of the depths given, or the range."""
+        if self.depths is not None:
+            return min(self.depths), max(self.depths)
+        return self.depth_min, self.depth_max
 
     def depth_count(self) -> int | None:
         """How many depths; None while num_depths auto waits for its pilot."""
@@ -198,12 +224,15 @@ def check_noise_points(noise_points: int, grid_size: int) -> None:
         )
 
 
-def resolve(cfg: GenerateConfig, num_depths: int | None = None) -> GenerateConfig:
+def resolve(cfg: GenerateConfig, num_depths: int | None = None, kernel_size: int | None = None) -> GenerateConfig:
     """The config a run traces, every auto or default value decided: depths, grid_size and spp (from the ray
-    budget), noise_points, heldout_spp. The one step that resolves them; the grid file records its result.
+    budget), noise_points, heldout_spp, kernel_size. The one step that resolves them; the grid file records its result.
 
     num_depths: num_depths auto's choice (the pilot's, or the number of depths of the file a run resumes).
+    kernel_size: kernel_size auto's choice [px] (likewise).
     """
+    if cfg.auto_window() and kernel_size is None:
+        raise ValueError("kernel_size auto: psf generate chooses the window (psfgen.plan.windowplan)")
     depths = cfg.depth_values(num_depths)
     grid_size, spp = budget.resolve(cfg.budget(), cfg.grid_size, cfg.spp, len(depths))
     noise_points = default_noise_points(grid_size) if cfg.noise_points is None else cfg.noise_points
@@ -216,5 +245,6 @@ def resolve(cfg: GenerateConfig, num_depths: int | None = None) -> GenerateConfi
         grid_size=grid_size,
         spp=spp,
         noise_points=noise_points,
+        kernel_size=kernel_size if cfg.auto_window() else cfg.kernel_size,
         heldout_spp=2 * max(1, heldout_spp // 2),  # two equal halves
     )

@@ -27,7 +27,7 @@ from psfgen import gridfile
 from psfgen.analysis import litfield, spacing
 from psfgen.config import GenerateConfig, resolve
 from psfgen.gridfile import Block, GridFile
-from psfgen.plan import budget, depthplan
+from psfgen.plan import budget, depthplan, windowplan
 from psfgen.plan.grid import (
     MIN_TEST_PER_BAND,
     band_test_counts,
@@ -116,6 +116,7 @@ class Run:
     shard: tuple[int, int] | None  # (K, N)
     device: torch.device
     plan: depthplan.DepthPlan | None  # num_depths auto's pilot, recorded in a new file
+    window: windowplan.WindowPlan | None  # kernel_size auto's pilot, recorded in a new file
     started: float  # time.time() at the start
 
 
@@ -232,11 +233,16 @@ def generate(cfg: GenerateConfig) -> Path:
     local_rank = int(os.environ["LOCAL_RANK"]) if shard is not None and "LOCAL_RANK" in os.environ else None
     device = resolve_device(cfg.device, local_rank)
     spent = cfg.budget()  # before auto resolves the grid: its default budget is said too
-    plan, num_depths = None, None
-    if cfg.auto_depths():  # GenerateConfig.validate refuses a shard here
-        _make_parent(out)  # what the file check would refuse, refused before the pilot's minute
-        plan, num_depths = _choose_depths(cfg, _existing(cfg, out), lens_file, device)
-    cfg = resolve(cfg, num_depths)  # every auto and default value decided: the file records this config
+    plan, num_depths, window, kernel_size = None, None, None, None
+    if cfg.auto_window() or cfg.auto_depths():  # GenerateConfig.validate refuses a shard with either
+        _make_parent(out)  # what the file check would refuse, refused before the pilots' minute
+        existing = _existing(cfg, out)
+        pilot_lens = _PilotLens(cfg, lens_file, device)
+        if cfg.auto_window():  # first: the depth pilot traces in the chosen window
+            window, kernel_size = _choose_window(cfg, existing, pilot_lens)
+        if cfg.auto_depths():
+            plan, num_depths = _choose_depths(cfg, existing, pilot_lens, kernel_size or cfg.kernel_size)
+    cfg = resolve(cfg, num_depths, kernel_size)  # every auto and default value decided: the file records this config
     if spent is not None:
         log.info("%s", budget.explain(spent, cfg.grid_size, cfg.spp, cfg.depth_count()))
     identity = {"params": cfg.run_params(), "lens_sha256": lens_file.sha256, "tracer": illumination.TRACER_VERSION}
@@ -244,19 +250,43 @@ def generate(cfg: GenerateConfig) -> Path:
     check_memory(cfg, device)
     _make_parent(out)
     with locking.exclusive(out, "psf generate"):  # from the check of the file to the last block
-        return _trace_all(Run(cfg, out, run_id, lens_file, shard, device, plan, t_start))
+        return _trace_all(Run(cfg, out, run_id, lens_file, shard, device, plan, window, t_start))
 
 
-def _choose_depths(cfg: GenerateConfig, existing: GridFile | None, lens_file, device):
+class _PilotLens:
+    """The lens the pilots trace, focused as the run is; built once, when a pilot first needs it."""
+
+    def __init__(self, cfg: GenerateConfig, lens_file: LensFile, device: torch.device):
+        self.cfg, self.lens_file, self.device, self.lens = cfg, lens_file, device, None
+
+    def get(self):
+        if self.lens is None:
+            torch.manual_seed(self.cfg.seed)  # refocusing samples rays
+            self.lens = build_lens(self.lens_file, self.device, self.cfg.focus_m)
+        return self.lens
+
+
+def _choose_window(cfg: GenerateConfig, existing: GridFile | None, pilot_lens: _PilotLens):
+    """kernel_size auto: (the pilot's WindowPlan or None, the side [px]). A resumed run keeps the side its file
+    records (a second pilot could choose another, and the file would no longer be this run's)."""
+    if existing is not None and existing.window_plan is not None:
+        log.info("kernel_size auto: %d px, as chosen when %s was started", existing.kernel_size, existing.path)
+        return None, existing.kernel_size
+    depths = windowplan.pilot_depths(*cfg.depth_range(), cfg.focus_m)
+    window = windowplan.pilot(pilot_lens.get(), depths, cfg.kernel_size_small, cfg.seed)
+    log.info("%s", window.describe())
+    return window, window.kernel_size
+
+
+def _choose_depths(cfg: GenerateConfig, existing: GridFile | None, pilot_lens: _PilotLens, kernel_size: int):
     """num_depths auto: (the pilot's DepthPlan or None, the number of depths). A resumed run keeps the number its
-    file records (a second pilot could choose another, and the file would no longer be this run's)."""
+    file records (a second pilot could choose another, and the file would no longer be this run's).
+    kernel_size: the traced window's side [px]."""
     if existing is not None and existing.depth_plan is not None:
         n = existing.depth_plan["num_depths"]
         log.info("num_depths auto: %d depths, as chosen when %s was started", n, existing.path)
         return None, n
-    torch.manual_seed(cfg.seed)  # refocusing samples rays
-    lens = build_lens(lens_file, device, cfg.focus_m)
-    plan = depthplan.pilot(lens, cfg.depth_min, cfg.depth_max, cfg.kernel_size, cfg.kernel_size_small, cfg.seed)
+    plan = depthplan.pilot(pilot_lens.get(), cfg.depth_min, cfg.depth_max, kernel_size, cfg.kernel_size_small, cfg.seed)
     log.info("%s", plan.describe())
     n = plan.num_depths
     choices = budget.DEPTH_CHOICES
@@ -374,6 +404,8 @@ def _header(run: Run, lens) -> dict:
         attrs.update(shard_index=run.shard[0], shard_count=run.shard[1])
     if run.plan is not None:  # num_depths auto: what the pilot measured, and the count a resume keeps
         attrs["depth_plan"] = run.plan.to_json()
+    if run.window is not None:  # kernel_size auto: what the pilot measured, and the side a resume keeps
+        attrs["window_plan"] = run.window.to_json()
     return attrs
 
 

@@ -560,6 +560,7 @@ class GridFile:
     valid_min_rays: int
     valid_min_rays_heldout: int
     depth_plan: dict | None  # num_depths auto: the pilot's figures and choice
+    window_plan: dict | None  # kernel_size auto: the pilot's figures and choice
     shard: tuple[int, int] | None  # (K, N) for a shard file: it owns blocks i with i % N == K
     merged_from: tuple[str, ...] | None
     virtual: bool  # a psf merge --virtual file: its PSFs live in the shard files beside it
@@ -700,6 +701,9 @@ class GridFile:
         plan = _json(attrs, "depth_plan", dict, optional=True)
         if plan is not None and not isinstance(plan.get("num_depths"), int):
             raise _Damaged("attribute depth_plan has no whole num_depths")
+        window = _json(attrs, "window_plan", dict, optional=True)
+        if window is not None and window.get("kernel_size") != kernel_size:
+            raise _Damaged(f"attribute window_plan's kernel_size is not the file's {kernel_size} px")
         size = _json(attrs, "sensor_size_mm", list)
         res = _json(attrs, "sensor_res", list)
         if not (len(size) == 2 and all(isinstance(v, (int, float)) and np.isfinite(v) and v > 0 for v in size)):
@@ -767,6 +771,7 @@ class GridFile:
             valid_min_rays=_scalar(attrs, "valid_min_rays", int, low=1),
             valid_min_rays_heldout=_scalar(attrs, "valid_min_rays_heldout", int, low=1),
             depth_plan=plan,
+            window_plan=window,
             shard=shard,
             merged_from=tuple(str(p) for p in merged) if merged is not None else None,
             virtual=bool(_scalar(attrs, "virtual", bool, optional=True)),

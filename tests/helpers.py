@@ -32,6 +32,7 @@ TINY = dict(
     heldout=8,
     heldout_spp=4000,
     noise_points=4,
+    kernel_size=64,  # the original design's window: no pilot, and the figures the tests know
     block_rays=8000,  # 4 points per block: several blocks per depth
     seed=7,
     device="cpu",
@@ -90,6 +91,7 @@ def tiny_args(out, **changes):
                     "kernel_size_small": "--kernel-size-small",
                     "lens": "--lens",
                     "depth_min": "--depth-min",
+                    "shard": "--shard",
                 }[key],
                 str(value),
             ]

@@ -75,8 +75,9 @@ def test_help_and_usage_errors_answer_without_torch():
 
 def test_noise_points_default_adapts_to_the_grid_and_info_says_so(tmp_path):
     for n, points in ((4, 16), (5, 25), (20, 32)):  # 32 where 32 fit
-        assert resolve(configio.load(GenerateConfig, None, {"grid_size": n, "num_depths": 5})).noise_points == points
-    assert resolve(GenerateConfig(grid_size=4, num_depths=5)).run_params()["noise_points"] == 16  # the value used
+        cfg = configio.load(GenerateConfig, None, {"grid_size": n, "num_depths": 5})
+        assert resolve(cfg, kernel_size=64).noise_points == points
+    assert resolve(GenerateConfig(grid_size=4, num_depths=5), kernel_size=64).run_params()["noise_points"] == 16
     # `psf generate --grid-size 4` with nothing else set: no complaint about an option never given.
     out = tmp_path / "g.h5"
     result = run_cli(
@@ -90,6 +91,8 @@ def test_noise_points_default_adapts_to_the_grid_and_info_says_so(tmp_path):
             "300",
             "--heldout",
             "0",
+            "--kernel-size",
+            "64",
             "--device",
             "cpu",
             "--out",

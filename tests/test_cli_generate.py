@@ -57,6 +57,10 @@ def bad_lenses(tmp_path):
             ("--kernel-size-small (17) must be between 1 and --kernel-size (16)",),
         ),
         ({"device": "gpu"}, ("--device must be", "gpu")),
+        ({"kernel_size": "abc"}, ("--kernel-size must be a whole number of pixels or auto, got 'abc'",)),
+        ({"kernel_size": 0}, ("--kernel-size must be at least 2, got 0",)),
+        ({"kernel_size": 3}, ("kernel_size_small' (15) must be between 1 and --kernel-size (3)",)),
+        ({"kernel_size": "auto", "shard": "0/2"}, ("--kernel-size auto cannot be combined with --shard",)),
     ],
 )
 def test_bad_input_one_line_exit_2_no_file(tmp_path, bad_lenses, change, needles):

@@ -78,7 +78,9 @@ def summary(path) -> str:
         f"lens        {grid.lens_path}  sha256 {grid.lens_sha256[:16]}…  foclen {grid.foclen_mm:.3f} mm",
         *lens_lines(grid),
         f"grid        {n} x {n} points, kernel_size {grid.kernel_size} px traced -> "
-        f"kernel_size_small {grid.kernel_size_small} px stored",
+        f"kernel_size_small {grid.kernel_size_small} px stored"
+        + (" (kernel_size auto: the pilot's side)" if grid.window_plan is not None else "")
+        + f"; kernel pitch {1000 * grid.kernel_pitch_mm:.3g} um",
         f"depths [m]  {', '.join(f'{d:.4g}' for d in depths)}"
         + (f"  (focus {cfg['focus_m']} m)" if cfg.get("focus_m") else "")
         + _plan_note(grid),

@@ -71,17 +71,41 @@ def trace_with_chief(lens, xy: np.ndarray, depth_m: np.ndarray, spp: int, ks: in
     primary wavelength's window centre (the centroid of its valid rays, see _binned)).
     on_channel: called with no argument after each of the three colours (a progress bar's tick).
     """
+    out = [None] * 3
+    for c, ray, centre in _bundles(lens, xy, depth_m, spp):
+        out[c] = _binned(lens, ray, centre, spp, ks)
+        if on_channel is not None:
+            on_channel()
+    # After the PSFs: its rays leave theirs as DeepLens's psf_rgb draws them.
+    with torch.no_grad(), deeplens_notes(log, logging.WARNING):
+        chief, found = chief_landing(lens, _objects(lens, xy, depth_m))
+    psfs, valid, window, centres = zip(*out)
+    primary = list(lens.wvln_rgb).index(lens.primary_wvln)
+    chief = torch.where(found[:, None], chief, centres[primary].to(chief.dtype))
+    return torch.stack(psfs, dim=-3), torch.stack(valid, dim=-1), torch.stack(window, dim=-1), chief.double()
+
+
+def _objects(lens, xy: np.ndarray, depth_m: np.ndarray) -> torch.Tensor:
+    """The object points [B, 3] [mm] of normalised field points xy [B, 2] at depths depth_m [B] [m], placed as
+    DeepLens's point_source_grid places them (z negative)."""
     points = np.concatenate([xy, -1000.0 * depth_m[:, None]], axis=1)  # DeepLens z [mm], negative
     points = torch.as_tensor(points, dtype=lens.dtype, device=lens.device)
     sensor_w, sensor_h = lens.sensor_size
     scale = lens.calc_scale(points[:, 2])
-    obj = torch.stack([points[:, 0] * scale * sensor_w / 2, points[:, 1] * scale * sensor_h / 2, points[:, 2]], dim=-1)
+    return torch.stack([points[:, 0] * scale * sensor_w / 2, points[:, 1] * scale * sensor_h / 2, points[:, 2]], dim=-1)
+
+
+def _bundles(lens, xy: np.ndarray, depth_m: np.ndarray, spp: int):
+    """Yield (channel, its bundle of ``spp`` rays a point traced to the sensor, the chief-ray centres [B, 2] [mm]) for
+    the three colours, the primary wavelength first: DeepLens GeoLens.psf_geometric, step for step, but one chief-ray
+    search per point. xy: [B, 2] normalised field coordinates; depth_m: [B] object depths [m]."""
+    obj = _objects(lens, xy, depth_m)
     channels = list(lens.wvln_rgb)
     # The primary wavelength first: its bundle gives the chief ray that centres all three channels.
     order = sorted(range(3), key=lambda c: channels[c] != lens.primary_wvln)
-    centre, out = None, [None] * 3
+    centre = None
     with torch.no_grad(), deeplens_notes(log, logging.WARNING):
-        for c in order:  # DeepLens GeoLens.psf_geometric, step for step, but one chief-ray search per point
+        for c in order:
             ray = lens.sample_from_points(points=obj, num_rays=spp, wvln=channels[c])
             ray.is_coherent = False
             ray = lens.trace2sensor(ray)
@@ -89,14 +113,26 @@ def trace_with_chief(lens, xy: np.ndarray, depth_m: np.ndarray, spp: int, ks: in
                 # DeepLens's psf_rgb searches it again for each colour; one search serves all three.
                 reuse = ray if channels[c] == lens.primary_wvln and spp >= SPP_CALC else None
                 centre = lens.psf_center(obj, method="chief_ray", ray=reuse)
-            out[c] = _binned(lens, ray, centre, spp, ks)
-            if on_channel is not None:
-                on_channel()
-        # After the PSFs: its rays leave theirs as DeepLens's psf_rgb draws them.
-        chief, found = chief_landing(lens, obj)
-    psfs, valid, window, centres = zip(*out)
-    chief = torch.where(found[:, None], chief, centres[order[0]].to(chief.dtype))
-    return torch.stack(psfs, dim=-3), torch.stack(valid, dim=-1), torch.stack(window, dim=-1), chief.double()
+            yield c, ray, centre
+
+
+def ray_offsets(lens, xy: np.ndarray, depth_m: np.ndarray, spp: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where each traced ray lands, as the window rule sees it: its Chebyshev distance [px] from the chief-ray centre
+    and from the valid rays' centroid (the centre ``_binned`` falls back on), inf for a ray not valid at the sensor.
+    A ks window holds a ray when its distance is below ks/2 - 0.5 px (DeepLens's forward_integral, less 0.001 px).
+
+    xy: [B, 2] normalised field coordinates; depth_m: [B] object depths [m].
+    Returns (chief, centroid): [B, 3, spp] float64 each."""
+    chief, centroid = [None] * 3, [None] * 3
+    for c, ray, centre in _bundles(lens, xy, depth_m, spp):
+        flipped = ray.flip_xy()
+        hit, valid = flipped.o[..., :2], flipped.is_valid > 0  # [B, spp, 2] mm, [B, spp]
+        v = valid.unsqueeze(-1).to(hit.dtype)
+        mean = (hit * v).sum(-2) / v.sum(-2).clamp_min(1)  # [B, 2]
+        for into, at in ((chief, centre), (centroid, mean)):
+            dist = (hit - at.to(hit.dtype).unsqueeze(-2)).abs().amax(dim=-1) / lens.pixel_size  # [B, spp] px
+            into[c] = torch.where(valid, dist, torch.inf).double().cpu().numpy()
+    return np.stack(chief, axis=1), np.stack(centroid, axis=1)
 
 
 # The chief ray, found among CHIEF_RAYS rays through the central CHIEF_PUPIL of the entrance pupil's radius: the
