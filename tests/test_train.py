@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import ROOT, SMALL, assert_one_line_error, scalars, small_config
+from helpers import ROOT, SMALL, assert_one_line_error, scalars, small_config, tiny_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import distributions as dist
 
@@ -21,7 +21,7 @@ from cli import main
 from psfcvae import CVAE, ModelArgs, TrainConfig, load_model, train
 from psfcvae.model.losses import kl_loss, smooth_loss
 from psfcvae.training.data import Conditions, GridBatches, make_loader
-from psfgen import GridFile
+from psfgen import GridFile, generate
 from psfgen.shared import configio
 from psfgen.shared.errors import InputError
 
@@ -639,3 +639,13 @@ def test_best_pt_is_chosen_on_the_validation_points_alone(tiny_grid, tiny_run, t
     assert a["selection"]["chosen_by"] == "lowest val_points_rel_l2"
     latest = torch.load(tiny_run / "latest.pt", weights_only=True)["selection"]
     assert latest["chosen_by"] == "last step saved" and latest["points"] == val.tolist()
+
+
+def test_the_kernel_side_is_the_files_unless_the_config_names_another(tmp_path):
+    grid = generate(tiny_config(tmp_path / "k9.h5", kernel_size=36, kernel_size_small=9, depths=(1.0,)))
+    run = train(small_config(grid, tmp_path / "r", max_steps=2, val_every=2, checkpoint_every=2))
+    ckpt = torch.load(run / "latest.pt", weights_only=True)
+    assert ckpt["model_args"]["kernel_size_small"] == 9 and ckpt["config"]["kernel_size_small"] == 9
+    assert load_model(run / "latest.pt").psf(0.2, 0.1).shape == (1, 3, 9, 9)
+    with pytest.raises(InputError, match=r"config kernel_size_small is 15 but .* holds 9x9 PSFs"):
+        train(small_config(grid, tmp_path / "r2", max_steps=2, kernel_size_small=15))

@@ -26,7 +26,7 @@ class TrainConfig:
     data: str = ""  # grid HDF5 file written by `psf generate`
     run_dir: str = "runs/cvae"  # TensorBoard logs, checkpoints and the resolved config
     grid_size: int | None = None  # N; None: take it from the file, else it must match
-    kernel_size_small: int = 15  # PSF side [px]; must match the file
+    kernel_size_small: int | None = None  # PSF side [px]; None: the file's, else it must match
     condition_on_depth: str = "auto"  # auto | true | false; auto: true when the file has >1 depth
     condition_frame: str = (
         "auto"  # auto | canonical | cartesian; auto: canonical when the lens is rotationally symmetric
@@ -150,7 +150,10 @@ BYTES_PER_PARAMETER = 16
 def check_model_size(cfg: TrainConfig) -> None:
     """Refuse, before a run directory exists, networks whose training state cannot fit in this machine's memory
     (--set hidden_dim=1000000000 would otherwise fail in the allocator). The count is an upper estimate of the
-    encoder, prior and decoder MLPs (psfcvae/model/cvae.py) with the canonical decoder's supersampled output."""
+    encoder, prior and decoder MLPs (psfcvae/model/cvae.py) with the canonical decoder's supersampled output.
+    With kernel_size_small left to the file, the check waits for training.resolve."""
+    if cfg.kernel_size_small is None:
+        return
     k_out = 3 * (cfg.kernel_size_small * cfg.supersample) ** 2
     cond_features = 2 * cfg.num_frequencies * 3
     h, layers = cfg.hidden_dim, cfg.num_layers

@@ -32,7 +32,7 @@ from psfcvae import checkpoint, optics
 from psfcvae.images import mosaic
 from psfcvae.model.cvae import CVAE, ModelArgs
 from psfcvae.training import interrupt, tblog
-from psfcvae.training.config import TrainConfig
+from psfcvae.training.config import TrainConfig, check_model_size
 from psfcvae.training.data import (
     Conditions,
     GridBatches,
@@ -85,14 +85,14 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 
 
 def resolve(cfg: TrainConfig, info: GridFile, ckpt: dict | None = None) -> TrainConfig:
-    """``cfg`` with every value it leaves to the file decided for ``info``: grid_size, and the auto of
+    """``cfg`` with every value it leaves to the file decided for ``info``: grid_size, kernel_size_small, the auto of
     max_steps (on --resume, ``ckpt``'s own), condition_on_depth, condition_frame and in_memory. What
     the run records (config.yaml, every checkpoint). Checks the file fits the config."""
     if cfg.grid_size is not None and cfg.grid_size != info.grid_size:
         raise InputError(
             f"config grid_size is {cfg.grid_size} but {info.path} has a {info.grid_size}x{info.grid_size} grid"
         )
-    if cfg.kernel_size_small != info.kernel_size_small:
+    if cfg.kernel_size_small is not None and cfg.kernel_size_small != info.kernel_size_small:
         raise InputError(
             f"config kernel_size_small is {cfg.kernel_size_small} but {info.path} holds "
             f"{info.kernel_size_small}x{info.kernel_size_small} PSFs; set kernel_size_small: {info.kernel_size_small}"
@@ -105,14 +105,17 @@ def resolve(cfg: TrainConfig, info: GridFile, ckpt: dict | None = None) -> Train
             "encoding (their codes are -1 and +1); use pe_scale 0.5 or less, or condition_frame: cartesian"
         )
     grid_bytes = len(info.depths) * info.grid_size**2 * 3 * info.kernel_size_small**2 * 4
-    return dataclasses.replace(
+    resolved = dataclasses.replace(
         cfg,
         grid_size=info.grid_size,
+        kernel_size_small=info.kernel_size_small,
         max_steps=max_steps,
         condition_on_depth=_decide(cfg.condition_on_depth, len(info.depths) > 1),
         condition_frame=frame,
         in_memory=_decide(cfg.in_memory, grid_bytes < IN_MEMORY_AUTO_LIMIT),
     )
+    check_model_size(resolved)  # the file's kernel side decides the decoder's output
+    return resolved
 
 
 def _decide(choice: str, when_auto: bool) -> str:
