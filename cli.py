@@ -53,7 +53,7 @@ API_OPTIONS = {
         "method": "--exact",
     },
 }
-DEFAULT_RENDER_ERROR = 0.003  # psfcvae.rendering.lowrank.DEFAULT_ERROR (tested equal), without importing torch here
+DEFAULT_RENDER_ERROR = 0.05  # psfcvae.rendering.lowrank.DEFAULT_ERROR (tested equal), without importing torch here
 INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C (128 + SIGINT)
 
 

@@ -361,7 +361,7 @@ def test_cli_bad_depth_maps_and_a_checkpoint_without_kernel_pitch(tiny_run, tiny
     assert_one_line_error(r, "50 m", "--allow-extrapolation")
     r = run_cli(["render", "--checkpoint", ckpt, "--image", str(src), "--depth", "1", "--out", str(out)])
     assert_one_line_error(r, "exists", "--overwrite")
-    for opt, value in (("--psf-every", "0"), ("--field", "0.5,0.2,-1,1"), ("--depth", "-1")):
+    for opt, value in (("--psf-every", "0"), ("--field", "0.5,0.2,-1,1"), ("--depth", "-1"), ("--error", "1.5")):
         r = run_cli(
             [
                 "render",

@@ -25,8 +25,7 @@ import math
 import numpy as np
 import torch
 
-DEFAULT_ERROR = 0.003  # the basis's relative L2 error on the kernels sampled over the image
-MAX_RANK = 64  # beyond, the per-pixel gather is about as cheap: the fast path is not used
+DEFAULT_ERROR = 0.05  # the basis's relative L2 error on a tile's kernels (pooled); docs/render.md: >= 70 dB on noise
 
 
 class Basis:

@@ -109,10 +109,10 @@ def render(
     [H, W] (a depth map: each pixel blurred with the PSF of its own depth).
 
     method: "exact" gathers every pixel with its own kernel (cost H·W·m², m the kernel's width
-    at the image's pitch); "fast" is the low-rank expansion (psfcvae/rendering/lowrank.py),
-    K basis kernels chosen so that their relative L2 error on the kernels over the image is at
-    most ``error``, and K FFT convolutions; "auto" is "fast" where the kernel is wide enough for
-    it to pay off (wider than AUTO_EXACT_MAX_PX) and K stays within MAX_RANK, else "exact".
+    at the image's pitch); "fast" is the low-rank expansion (psfcvae/rendering/lowrank.py), per
+    tile of one kernel width K basis kernels whose relative L2 error on the tile's kernels is at
+    most ``error`` (rank: a fixed K instead), and K FFT convolutions; "auto" is "fast" where the
+    kernel is wider than AUTO_EXACT_MAX_PX at the image's pitch, else "exact".
 
     psf_every S > 1 evaluates the PSFs every S pixels (and, with a depth map, at
     ``depth_levels`` depths uniform in 1/depth over the map's range) and interpolates the
