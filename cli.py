@@ -82,8 +82,11 @@ API_OPTIONS = {
         "allow_extrapolation": "--allow-extrapolation",
         "psf_every": "--psf-every",
         "field": "--field",
+        "error": "--error",
+        "method": "--exact",
     },
 }
+DEFAULT_RENDER_ERROR = 0.05  # psfcvae.rendering.lowrank.DEFAULT_ERROR (tested equal), without importing torch here
 
 
 def _spellings(ctx: click.Context) -> dict[str, str]:
@@ -636,20 +639,37 @@ def sample(checkpoint, coords, height_mm, angle_deg, grid_m, depth, mode, out, a
 
 @main.command(**about("render"))
 @click.option("--checkpoint", type=str, required=True, help="Checkpoint written by 'psf train'.")
-@click.option("--image", type=str, required=True, help="Sharp input image: PNG, 8 or 16 bits, covering the sensor.")
+@click.option("--image", type=str, help="Sharp input image: PNG, 8 or 16 bits, covering the sensor.")
+@click.option(
+    "--images",
+    type=str,
+    help="Instead of --image, many: a folder of PNGs (each with <stem>.npy as its depth map when present) or a "
+    "text list, one 'image.png [depth]' a line; --out is then a folder, outputs already there are skipped.",
+)
 @click.option("--depth", type=float, help="Object depth [m] of the whole image.")
 @click.option(
     "--depth-map",
     type=str,
     help="Instead of --depth: depth per pixel, .npy [H, W] in metres or a 16-bit PNG in millimetres.",
 )
-@click.option("--out", type=str, required=True, help="Output PNG (the input's bit depth).")
+@click.option("--out", type=str, required=True, help="Output PNG (the input's bit depth); a folder with --images.")
+@click.option(
+    "--exact",
+    is_flag=True,
+    help="Gather every pixel with its own kernel (the reference; slow for wide kernels) instead of the fast "
+    "low-rank expansion (see docs/render.md).",
+)
+@click.option(
+    "--error",
+    type=float,
+    default=DEFAULT_RENDER_ERROR,
+    show_default=True,
+    help="Fast path: the low-rank kernels' largest relative L2 error over the image (sets their number K).",
+)
 @click.option(
     "--psf-every",
     type=int,
-    default=1,
-    show_default=True,
-    help="Evaluate the model every S pixels and interpolate the kernels between (faster, see docs/render.md).",
+    help="Evaluate the PSFs every S pixels and interpolate between [default: 1 with --exact, else 1% of the field].",
 )
 @click.option(
     "--field", type=str, help="The part of the sensor the image covers: 'x0,x1,y0,y1' in [-1, 1] [default: -1,1,-1,1]."
@@ -661,27 +681,56 @@ def sample(checkpoint, coords, height_mm, angle_deg, grid_m, depth, mode, out, a
 )
 @click.option("--allow-extrapolation", is_flag=True, help="Accept depths outside the trained range.")
 @click.option("--device", type=str, default="auto", show_default=True, help="auto, cpu, cuda or cuda:K.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out (with --images: render every image again).")
 @user_errors
-def render(checkpoint, image, depth, depth_map, out, psf_every, field, linear, allow_extrapolation, device, overwrite):
-    """Blur an image through the lens, every pixel with its own PSF from the model."""
+def render(
+    checkpoint,
+    image,
+    images,
+    depth,
+    depth_map,
+    out,
+    exact,
+    error,
+    psf_every,
+    field,
+    linear,
+    allow_extrapolation,
+    device,
+    overwrite,
+):
+    """Blur an image (or many) through the lens, every pixel with its own PSF from the model."""
     expect_file(checkpoint, "checkpoint")
-    expect_file(image, "image")
-    from psfcvae.rendering.renderfile import render_file
+    if image is not None:
+        expect_file(image, "image")
+    from psfcvae.rendering.renderfile import render_batch, render_file
 
+    if (image is None) == (images is None):
+        raise click.UsageError("give either --image or --images")
+    options = dict(
+        srgb=not linear,
+        method="exact" if exact else "auto",
+        error=error,
+        psf_every=psf_every,
+        field=field,
+        device=device,
+        allow_extrapolation=allow_extrapolation,
+    )
+    if images is not None:
+        if depth_map is not None:
+            raise click.UsageError("--depth-map is for one --image; with --images a depth map is <stem>.npy or listed")
+        written = render_batch(checkpoint, images, out, depth, overwrite=overwrite, **options)
+        click.echo(f"{len(written)} image(s) written to {out}")
+        return
     path = render_file(
         checkpoint,
         image,
         out,
         depth,
         depth_map,
-        srgb=not linear,
-        psf_every=psf_every,
-        field=field,
-        device=device,
-        allow_extrapolation=allow_extrapolation,
         overwrite=overwrite,
         progress=logging.getLogger().level <= logging.INFO,
+        **options,
     )
     click.echo(str(path))
 

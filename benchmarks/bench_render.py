@@ -15,6 +15,14 @@ resolution chart and a natural image (scikit-image's astronaut), both covering t
 
 Times: model = PSF evaluation + gather; patch-* = tracing the N x N map + convolution. --memory
 renders larger images in subprocesses and prints their peak resident memory.
+
+Then the whole sensor at its native resolution (--sensor, default the lens's own pixels, 2000 x 2000
+for the default lens): the fast path (low-rank, PSFs from the model's table cached beside the checkpoint)
+timed with the table's loading; its PSNR against the exact per-pixel gather on two --crop x --crop
+crops (centre, corner; the exact path only there, both paths given the crop and its field window);
+DeepLens's patch-wise conv_psf_map with the file's N x N map at the same size, timed in this process;
+the exact path's time at that size estimated from the crops' (it is H·W·m²); and --big x --big (4096)
+in a fresh process: time and peak resident memory.
 """
 
 from __future__ import annotations
@@ -85,21 +93,25 @@ def centres(g: int) -> np.ndarray:
     return np.stack([gx.ravel(), gy.ravel()], axis=1)
 
 
-def memory_probe(ckpt: Path, size: int, every: int) -> dict:
+def memory_probe(ckpt: Path, size: int, every: int | None, method: str = "exact") -> dict:
     """Render a size x size chart in a fresh process: its resident memory after loading and at its peak [MiB]
-    (VmHWM, which starts afresh at exec, unlike ru_maxrss that inherits this process's peak) and the time [s]."""
+    (VmHWM, which starts afresh at exec, unlike ru_maxrss that inherits this process's peak) and the time [s].
+    method "fast": PSFs from the table cached beside the checkpoint, its loading in the time."""
+    table = "cached_table(m, ckpt)" if method == "fast" else "None"
     code = (
         "import time, torch\n"
         "from psfcvae import load_model, render; from psfcvae.rendering.chart import resolution_chart\n"
+        "from psfcvae.rendering.renderfile import cached_table\n"
         "def hwm(): return next(int(v.split()[1]) for v in open('/proc/self/status') if v.startswith('VmHWM'))\n"
-        f"m = load_model({str(ckpt)!r}); img = resolution_chart({size}, {size}); base = hwm()\n"
-        f"t = time.perf_counter(); render(m, img, 1.0, psf_every={every})\n"
+        f"ckpt = {str(ckpt)!r}; m = load_model(ckpt); img = resolution_chart({size}, {size}); base = hwm()\n"
+        f"t = time.perf_counter(); render(m, img, 1.0, psf_every={every}, method={method!r}, table={table})\n"
         "print(base / 1024, hwm() / 1024, time.perf_counter() - t)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     return {
         "size": size,
         "psf_every": every,
+        "method": method,
         "rss_before_mib": float(out[0]),
         "peak_rss_mib": float(out[1]),
         "seconds": float(out[2]),
@@ -115,6 +127,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--ref-grid", type=int, default=48)
     ap.add_argument("--ref-spp", type=int, default=10000)
     ap.add_argument("--memory", default="512,1024", help="image sizes for the memory probe ('' to skip; 2048: ~17 min)")
+    ap.add_argument("--sensor", type=int, default=0, help="the whole-sensor image's side [px] (0: the lens's own)")
+    ap.add_argument("--crop", type=int, default=256, help="side of the crops where the exact path is computed [px]")
+    ap.add_argument("--big", type=int, default=4096, help="side of the large image timed in a fresh process (0: skip)")
     return ap
 
 
@@ -129,6 +144,7 @@ def main() -> None:
     optics = model.info["optics"]
     lens = build_lens(read_lens_file(info.lens_path), torch.device("cpu"))
     n, size, d = info.grid_size, args.size, args.depth
+    args.grid_n = n
     pitch64, sensor = optics["sensor_size_mm"][0] / optics["sensor_res"][0], optics["sensor_size_mm"]
 
     t = time.perf_counter()
@@ -182,7 +198,23 @@ def main() -> None:
             f"max |diff| {float((a - b).abs().max()):.2e}"
         )
 
+    table, table_note = timed_table(model, ckpt)
+    for name in results:  # the fast path against the same reference: no more than 0.5 dB below the exact one
+        image = resolution_chart(size, size) if name == "chart" else natural_image(size)
+        ref = results[name]["reference"][0]
+        t = time.perf_counter()
+        fast = render(model, image, d, method="fast", table=table)
+        secs = time.perf_counter() - t
+        exact_db = psnr(results[name]["model (psf every 1)"][0], ref)
+        row = {"image": name, "method": "model, fast (table)", "psnr_db": psnr(fast, ref), "ssim": ssim(fast, ref)}
+        rows.append({**row, "seconds": secs})
+        print(
+            f"{name}: fast path (table) {row['psnr_db']:.2f} dB / SSIM {row['ssim']:.4f} against the reference "
+            f"({secs:.2f} s), exact per pixel {exact_db:.2f} dB: {row['psnr_db'] - exact_db:+.2f} dB"
+        )
+
     depth_rows = rgbd(model, work, size)
+    sensor_rows = whole_sensor(model, ckpt, grid, table, table_note, args)
     memory = [memory_probe(ckpt, int(s), 16) for s in args.memory.split(",") if s.strip()]
     for m in memory:
         above = m["peak_rss_mib"] - m["rss_before_mib"]
@@ -191,7 +223,9 @@ def main() -> None:
             f"{above:.0f} MiB above the {m['rss_before_mib']:.0f} MiB after loading; {m['seconds']:.1f} s"
         )
     (work / "bench_render.json").write_text(
-        json.dumps({"rows": rows, "depth": depth_rows, "memory": memory, "args": vars(args)}, indent=1)
+        json.dumps(
+            {"rows": rows, "depth": depth_rows, "memory": memory, "sensor": sensor_rows, "args": vars(args)}, indent=1
+        )
     )
 
 
@@ -202,6 +236,67 @@ def _trace_seconds(lens, n: int, d: float, spp: int) -> float:
     t = time.perf_counter()
     traced_map(lens, np.stack([gx.ravel(), gy.ravel()], axis=1), d, spp)
     return time.perf_counter() - t
+
+
+def timed_table(model, ckpt: Path):
+    """(the model's table, a line saying whether it was built or loaded and in how long)."""
+    from psfcvae.rendering.renderfile import cached_table, table_path
+
+    cached = table_path(ckpt).is_file()
+    t = time.perf_counter()
+    table = cached_table(model, ckpt)
+    secs = time.perf_counter() - t
+    return table, f"table {'loaded from its cache' if cached else 'built and cached'} in {secs:.1f} s"
+
+
+def whole_sensor(model, ckpt: Path, grid: Path, table, table_note: str, args) -> list[dict]:
+    """The fast path over the whole sensor at its native resolution, against the exact one on two crops, the
+    patch-wise map at the same size, and a large image in a fresh process (time, peak memory)."""
+    from psfcvae.rendering.renderfile import cached_table
+
+    optics = model.info["optics"]
+    size, crop, d = args.sensor or optics["sensor_res"][0], args.crop, args.depth
+    t = time.perf_counter()
+    cached_table(model, ckpt)  # what a fresh `psf render` pays: the table loaded from beside the checkpoint
+    t_load = time.perf_counter() - t
+    file_map = grid_psf_map(grid, d)
+    print(f"whole sensor {size}x{size} px at depth {d:g} m; {table_note}; loading the cached table {t_load:.1f} s")
+    rows = []
+    for name, image in (("chart", resolution_chart(size, size)), ("astronaut", natural_image(size))):
+        t = time.perf_counter()
+        fast = render(model, image, d, method="fast", table=table)
+        t_fast = time.perf_counter() - t + t_load
+        write_image(Path(args.work) / f"sensor_{name}_fast.png", linear_to_srgb(fast), 8)
+        t = time.perf_counter()
+        patchwise_render(image, file_map, optics["kernel_pitch_mm"], optics["sensor_size_mm"])
+        t_patch = time.perf_counter() - t
+        row = {"image": name, "size": size, "fast_s": t_fast, "patchwise_s": t_patch, "crops": []}
+        exact_s = 0.0
+        for where, (r0, c0) in (("centre", ((size - crop) // 2, (size - crop) // 2)), ("corner", (0, 0))):
+            window = (-1 + 2 * c0 / size, -1 + 2 * (c0 + crop) / size, 1 - 2 * (r0 + crop) / size, 1 - 2 * r0 / size)
+            part = image[:, r0 : r0 + crop, c0 : c0 + crop]
+            t = time.perf_counter()
+            exact = render(model, part, d, method="exact", field=window, table=table)
+            exact_s += time.perf_counter() - t
+            fast_crop = render(model, part, d, method="fast", field=window, table=table)
+            row["crops"].append({"where": where, "psnr_db": psnr(fast_crop, exact)})
+        row["exact_s_estimated"] = exact_s / (2 * crop * crop) * size * size  # the gather's cost is per pixel
+        rows.append(row)
+        crops = ", ".join(f"{c['where']} {c['psnr_db']:.1f} dB" for c in row["crops"])
+        print(
+            f"{name} {size}x{size}: fast {t_fast:.1f} s (with the table's loading); against the exact path on "
+            f"{crop}x{crop} crops: {crops}; patch-wise {args.grid_n}x{args.grid_n} {t_patch:.1f} s (fast path's "
+            f"speed-up {t_patch / t_fast:.2f}x); exact ~{row['exact_s_estimated']:.0f} s estimated from the crops "
+            f"(speed-up {row['exact_s_estimated'] / t_fast:.0f}x)"
+        )
+    if args.big:
+        big = memory_probe(ckpt, args.big, None, method="fast")
+        rows.append({"image": "chart", "size": args.big, **big})
+        print(
+            f"chart {args.big}x{args.big} (fresh process, fast path, table loaded): {big['seconds']:.1f} s, peak RSS "
+            f"{big['peak_rss_mib']:.0f} MiB ({big['rss_before_mib']:.0f} MiB after loading the model and the chart)"
+        )
+    return rows
 
 
 def rgbd(model, work: Path, size: int) -> dict:

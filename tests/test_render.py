@@ -250,6 +250,8 @@ def test_ssim_and_psnr_known_values():
 
 
 def test_cli_16_bit_round_trip_and_8_bit(model, tiny_run, tmp_path):
+    from psfcvae.rendering.renderfile import cached_table
+
     image = resolution_chart(16, 16)
     src16, src8 = tmp_path / "in16.png", tmp_path / "in8.png"
     write_image(src16, image, 16)
@@ -277,7 +279,8 @@ def test_cli_16_bit_round_trip_and_8_bit(model, tiny_run, tmp_path):
     )
     assert r.exit_code == 0, r.output
     out, bits = read_image(tmp_path / "o16.png")
-    expect = render(model, back, 1.0, psf_every=2, field=FIELD).clamp(0, 1)
+    table = cached_table(model, tiny_run / "latest.pt")  # the CLI's PSFs: the model's table, cached
+    expect = render(model, back, 1.0, psf_every=2, field=FIELD, table=table).clamp(0, 1)
     assert bits == 16 and torch.allclose(out, expect, atol=0.51 / 65535)
     r = run_cli(
         [
@@ -358,7 +361,7 @@ def test_cli_bad_depth_maps_and_a_checkpoint_without_kernel_pitch(tiny_run, tiny
     assert_one_line_error(r, "50 m", "--allow-extrapolation")
     r = run_cli(["render", "--checkpoint", ckpt, "--image", str(src), "--depth", "1", "--out", str(out)])
     assert_one_line_error(r, "exists", "--overwrite")
-    for opt, value in (("--psf-every", "0"), ("--field", "0.5,0.2,-1,1"), ("--depth", "-1")):
+    for opt, value in (("--psf-every", "0"), ("--field", "0.5,0.2,-1,1"), ("--depth", "-1"), ("--error", "1.5")):
         r = run_cli(
             [
                 "render",
@@ -427,3 +430,172 @@ def test_the_patchwise_map_carries_the_files_illumination(vignetted_grid):
         light = f["grid/illumination"][0] * f["grid/valid"][0]  # [16, 3]
     np.testing.assert_allclose(psf_map.sum(dim=(-2, -1)).reshape(16, 3).numpy(), light, rtol=1e-5, atol=1e-6)
     assert light.min() == 0 and 0 < light[light > 0].min() < 0.5  # both dark and dim points are in the map
+
+
+# --- the fast path: the low-rank expansion ---------------------------------------------------------------------------
+
+
+def skewed_kernel(seed: int = 0) -> torch.Tensor:
+    """A lopsided 15 x 15 RGB kernel [3, 15, 15] summing to 1 per channel: a flip or a transpose changes it."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.rand(3, 15, 15, generator=g) ** 4
+    k[:, 2:6, 9:13] += 0.5  # a bright blob up and right of the centre
+    return k / k.sum((-2, -1), keepdim=True)
+
+
+def test_fast_path_is_deeplens_convolution_for_one_kernel(tiny_grid):
+    """A spatially invariant PSF: the expansion needs one kernel per distinct channel and is DeepLens's conv_psf
+    (a flipped or transposed basis, or weights on the input instead of the output, would not be)."""
+    from deeplens.imgsim.psf import conv_psf
+
+    from psfcvae.optics import grid_optics
+    from psfgen.gridfile import GridFile
+
+    optics = grid_optics(GridFile.open(tiny_grid))
+    kern = skewed_kernel()
+    torch.manual_seed(3)
+    image = torch.rand(3, 26, 26)  # square: DeepLens's conv_psf takes square kernels
+    ours = render_with(lambda x, y, d: kern.expand(len(x), 3, 15, 15), image, 1.0, optics, method="fast", field=FIELD)
+    h, w = image.shape[1:]
+    ay = resample_matrix(15, optics["kernel_pitch_mm"], optics["sensor_size_mm"][1] * (FIELD[3] - FIELD[2]) / 2 / h)
+    ax = resample_matrix(15, optics["kernel_pitch_mm"], optics["sensor_size_mm"][0] * (FIELD[1] - FIELD[0]) / 2 / w)
+    kernel = torch.from_numpy(ay @ kern.double().numpy() @ ax.T).float()
+    assert kernel.shape[-1] >= 7  # a real blur
+    assert torch.allclose(ours, conv_psf(image[None], kernel)[0], atol=1e-5)
+
+
+def test_fast_path_equals_the_gather_with_as_many_kernels_as_distinct_ones(tiny_grid):
+    """Two kernels (the same in each channel), one left of x = 0.38 and its mirror image right of it, at any
+    illumination: K = 2 is exact."""
+    from psfcvae.optics import grid_optics
+    from psfgen.gridfile import GridFile
+
+    optics = grid_optics(GridFile.open(tiny_grid))
+    left = skewed_kernel(1)[:1].expand(3, 15, 15)
+    right = left.flip(-1)
+
+    def kernel_fn(x, y, d):
+        side = torch.from_numpy(np.asarray(x) < 0.38)[:, None, None, None]
+        light = torch.from_numpy(0.6 + 0.4 * np.asarray(y, dtype=np.float32))[:, None, None, None]  # dimmer below
+        return torch.where(side, left, right) * light
+
+    torch.manual_seed(4)
+    image = torch.rand(3, 20, 26)
+    exact = render_with(kernel_fn, image, 1.0, optics, method="exact", field=FIELD)
+    for every in (1, 3):
+        fast = render_with(kernel_fn, image, 1.0, optics, method="fast", rank=2, psf_every=every, field=FIELD)
+        interp = render_with(kernel_fn, image, 1.0, optics, method="exact", psf_every=every, field=FIELD)
+        assert torch.allclose(fast, interp, atol=1e-5)
+    assert (
+        torch.allclose(fast, interp, atol=1e-5)
+        and every == 3
+        and torch.allclose(
+            render_with(kernel_fn, image, 1.0, optics, method="fast", rank=2, psf_every=1, field=FIELD),
+            exact,
+            atol=1e-5,
+        )
+    )
+    one = render_with(kernel_fn, image, 1.0, optics, method="fast", rank=1, psf_every=1, field=FIELD)
+    assert float((one - exact).abs().max()) > 1e-2  # one kernel is not enough: the test can tell
+
+
+def test_fast_path_converges_to_the_exact_one_on_the_model(model):
+    torch.manual_seed(5)
+    image = torch.rand(3, 21, 24)
+    exact = render(model, image, 1.0, method="exact", field=FIELD)
+    errs = []
+    for rank in (1, 3, 226):  # 226: every component of the 15 x 15 kernels and the mean one
+        fast = render(model, image, 1.0, method="fast", rank=rank, psf_every=1, field=FIELD)
+        errs.append(float((fast - exact).abs().max()))
+    assert errs[0] > errs[1] > errs[2] and errs[2] < 1e-5
+    default = render(model, image, 1.0, method="fast", psf_every=1, field=FIELD)  # DEFAULT_ERROR on the kernels
+    assert psnr(default, exact) > 50
+
+
+def test_fast_path_keeps_energy_whatever_k(model):
+    """A flat scene renders to each pixel's illumination even with one basis kernel: the mean kernel carries each
+    kernel's sum, the other components sum to zero."""
+    xs, ys = pixel_coords(24, 24, FIELD)
+    xx, yy = np.meshgrid(xs, ys)
+    lum = model.illumination(xx.ravel(), yy.ravel(), 1.0).T.reshape(3, 24, 24)
+    for rank in (1, 2):
+        out = render(model, torch.full((3, 24, 24), 0.4), 1.0, method="fast", rank=rank, psf_every=1, field=FIELD)
+        assert torch.allclose(out[:, 4:-4, 4:-4], 0.4 * lum[:, 4:-4, 4:-4], atol=1e-5)
+
+
+def test_fast_path_with_a_depth_map_and_vignetting_agrees_with_the_exact_one(model):
+    """On the fast path a pixel's weights are those of its own depth's kernel, lit by its illumination: the two-plane
+    and slanted scenes and a vignetted flat field agree with the exact gather to 45 dB."""
+    h = w = 24
+    image, depth = rgbd_scene(h, w, 0.5, 2.0)
+    exact = render(model, image, depth, method="exact", field=FIELD)
+    fast = render(model, image, depth, method="fast", psf_every=1, field=FIELD)
+    assert psnr(fast, exact) > 45
+    two = torch.full((h, w), 0.5, dtype=torch.float64)
+    two[:, w // 2 :] = 2.0
+    exact = render(model, image, two, method="exact", field=FIELD)
+    fast = render(model, image, two, method="fast", psf_every=3, field=FIELD)
+    assert psnr(fast, exact) > 45
+    near = render(model, image, 0.5, method="fast", psf_every=3, field=FIELD)
+    assert psnr(fast[:, :, : w // 2 - 4], near[:, :, : w // 2 - 4]) > 45  # away from the edge between the planes
+
+
+def test_fast_path_on_a_vignetting_lens(vignetted_run):
+    vig = load_model(vignetted_run / "latest.pt")
+    out = render(vig, torch.ones(3, 16, 16), 1.0, method="fast", psf_every=1)
+    exact = render(vig, torch.ones(3, 16, 16), 1.0, method="exact")
+    torch.testing.assert_close(out, exact, atol=1e-5, rtol=1e-5)  # a flat scene: the illumination, energy kept
+    torch.manual_seed(6)
+    image = torch.rand(3, 16, 16)
+    assert psnr(render(vig, image, 1.0, method="fast"), render(vig, image, 1.0, method="exact")) > 45
+
+
+def test_the_cli_default_error_is_the_librarys():
+    import cli
+    from psfcvae.rendering.lowrank import DEFAULT_ERROR
+
+    assert cli.DEFAULT_RENDER_ERROR == DEFAULT_ERROR
+
+
+def test_batch_renders_a_folder_resumes_and_refuses_bad_entries(model, tiny_run, tmp_path):
+    """A folder of PNGs, one with <stem>.npy as its depth map: all rendered (the table built once and cached
+    beside the checkpoint), a second run skips what is written; a bad list entry is one line, nothing written."""
+    import shutil
+
+    from psfcvae.rendering.renderfile import cached_table, table_path
+
+    ckpt = tmp_path / "run" / "latest.pt"
+    ckpt.parent.mkdir()
+    shutil.copy(tiny_run / "latest.pt", ckpt)
+    src = tmp_path / "in"
+    src.mkdir()
+    for i, name in enumerate(("a", "b")):
+        write_image(src / f"{name}.png", resolution_chart(12 + i, 14), 16)
+    np.save(src / "b.npy", np.full((13, 14), 2.0))
+    out = tmp_path / "out"
+    args = ["render", "--checkpoint", str(ckpt), "--images", str(src), "--out", str(out), "--depth", "1"]
+    args += ["--field", ",".join(map(str, FIELD)), "--linear"]
+    r = run_cli(args)
+    assert r.exit_code == 0, r.output
+    assert "2 image(s) written" in r.output and table_path(ckpt).is_file()
+    table = cached_table(model, ckpt)
+    for name, depth in (("a", 1.0), ("b", 2.0)):
+        img, bits = read_image(src / f"{name}.png")
+        expect = render(model, img, depth, field=FIELD, table=table).clamp(0, 1)
+        got, bits_out = read_image(out / f"{name}.png")
+        assert bits_out == 16 and torch.allclose(got, expect, atol=0.51 / 65535)
+    (out / "a.png").unlink()
+    before = sha(out / "b.png"), (out / "b.png").stat().st_mtime_ns
+    r = run_cli(args)
+    assert r.exit_code == 0 and "1 image(s) written" in r.output, r.output
+    assert (out / "a.png").is_file() and (sha(out / "b.png"), (out / "b.png").stat().st_mtime_ns) == before
+    listing = tmp_path / "list.txt"
+    listing.write_text("# image [depth]\nin/a.png\nin/missing.png in/b.npy\n")
+    r = run_cli([*args[:4], str(listing), "--out", str(tmp_path / "out2"), "--depth", "1"])
+    assert_one_line_error(r, "line 3", "missing.png", "does not exist")
+    assert not (tmp_path / "out2").exists()
+    listing.write_text("in/a.png in/nothing.npy\n")
+    r = run_cli([*args[:4], str(listing), "--out", str(tmp_path / "out2")])
+    assert_one_line_error(r, "line 1", "nothing.npy")
+    r = run_cli([*args[:4], str(tmp_path / "nowhere"), "--out", str(tmp_path / "out2"), "--depth", "1"])
+    assert_one_line_error(r, "--images", "does not exist")

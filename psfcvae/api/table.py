@@ -65,18 +65,7 @@ class PSFTable:
         """sizes: (radii, angles, depths) samples; None: the fewest that keep each axis's linear
         interpolation error near target / √3 (measured on the network, ``choose_sizes``), at most
         MAX_ENTRIES kernels in all."""
-        net = model.net
-        if not net.canonical:
-            raise InputError(
-                "a table needs a canonical-frame model (a rotationally symmetric lens, condition_frame "
-                "canonical); this checkpoint conditions on (x, y): use model.psf"
-            )
-        self.model = model
-        self.scale = tuple(net.args.field_scale)
-        self.r_max = max_radius(self.scale)
-        self.has_depth = net.args.cond_dim == 3
-        self.spans = (self.r_max, math.pi / 4, 2.0)  # lengths of the radius, angle and depth-code axes
-        self.k = net.args.kernel_size_small
+        self._frame(model)
         if not isinstance(target, (int, float)) or isinstance(target, bool) or not 0 < target < 1:
             raise InputError(f"the table's target deviation must be between 0 and 1, got {target!r:.60}")
         if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
@@ -95,6 +84,43 @@ class PSFTable:
         # (radii, angles, depths): samples per axis; depths is 1 for a model without depth
         self.shape = (sizes[0], sizes[1], sizes[2] if self.has_depth else 1)
         self.psfs, self.light = self._build(dtype)
+
+    def _frame(self, model) -> None:
+        """The model and the geometry of its octant; a model without the canonical frame is refused."""
+        net = model.net
+        if not net.canonical:
+            raise InputError(
+                "a table needs a canonical-frame model (a rotationally symmetric lens, condition_frame "
+                "canonical); this checkpoint conditions on (x, y): use model.psf"
+            )
+        self.model = model
+        self.scale = tuple(net.args.field_scale)
+        self.r_max = max_radius(self.scale)
+        self.has_depth = net.args.cond_dim == 3
+        self.spans = (self.r_max, math.pi / 4, 2.0)  # lengths of the radius, angle and depth-code axes
+        self.k = net.args.kernel_size_small
+
+    def state(self) -> dict:
+        """The table's arrays and sizes for ``torch.save``; ``from_state`` makes the table again (a cached table)."""
+        return {"shape": list(self.shape), "psfs": self.psfs, "light": self.light}
+
+    @classmethod
+    def from_state(cls, model, state: dict) -> PSFTable:
+        """The table of ``model`` saved by ``state()``; one InputError when it does not fit the model."""
+        table = cls.__new__(cls)
+        table._frame(model)
+        shape = tuple(state.get("shape", ()))
+        psfs, light = state.get("psfs"), state.get("light")
+        if (
+            len(shape) != 3
+            or not isinstance(psfs, torch.Tensor)
+            or not isinstance(light, torch.Tensor)
+            or tuple(psfs.shape) != (math.prod(shape), 3 * table.k**2)
+            or tuple(light.shape) != (math.prod(shape), 4)
+        ):
+            raise InputError("a saved table does not fit this model; build it again with model.tabulate()")
+        table.shape, table.psfs, table.light = shape, psfs, light
+        return table
 
     def _cond(self, r: torch.Tensor, theta: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         """Model-space conditions [N, C] of physical radius r, octant angle θ [rad] and depth code d ([N] each)."""
@@ -185,6 +211,22 @@ class PSFTable:
             refuse_dark(lit)
         psf = psf * lit.view(-1, 1, 1, 1)
         return (psf, lit) if allow_dark else psf
+
+    @torch.no_grad()
+    def psf_and_illumination(self, x, y, depth_m=None, allow_extrapolation: bool = False):
+        """As ``PSFModel.psf_and_illumination`` (mode "mean"), from one lookup: (psf [B, 3, k, k], zero where
+        dark; illumination [B, 3], 0 where dark; lit [B] bool), float32 on the CPU. What a rendering needs."""
+        cond = self.model.conditions(x, y, depth_m, allow_extrapolation).cpu()
+        psf, light = self._lookup(cond)
+        lit = self._lit(light)
+        illum = light[:, :3].exp()
+        beyond = self._beyond(cond)
+        if beyond.any():
+            net_psf, net_light, net_lit = self.model.psf_and_illumination(
+                *_pick(beyond, x, y, depth_m), allow_extrapolation=True
+            )
+            psf[beyond], illum[beyond], lit[beyond] = net_psf.cpu(), net_light.cpu(), net_lit.cpu()
+        return psf * lit.view(-1, 1, 1, 1), illum * lit[:, None], lit
 
     def _beyond(self, cond: torch.Tensor) -> torch.Tensor:
         """[B] bool: conditions outside the table (radius past the corner, depth code outside [-1, 1])."""

@@ -7,7 +7,6 @@ linear light: an sRGB file is decoded with the IEC 61966-2-1 curve before and en
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import cv2
@@ -34,8 +33,8 @@ def linear_to_srgb(v: torch.Tensor) -> torch.Tensor:
 MAX_PIXELS = 8192 * 8192
 
 
-def _check_png_size(path: Path, option: str) -> None:
-    """Refuse, from the PNG's header alone, an image of more than MAX_PIXELS."""
+def _check_png_size(path: Path, option: str) -> tuple[int, int]:
+    """(height, width) from the PNG's header alone; an image of more than MAX_PIXELS is refused."""
     with open(path, "rb") as f:
         head = f.read(24)
     if len(head) < 24 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
@@ -43,17 +42,24 @@ def _check_png_size(path: Path, option: str) -> None:
     w, h = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
     if w * h > MAX_PIXELS:
         raise InputError(f"{option} {path} is {w}x{h} pixels, more than {MAX_PIXELS:,} in all; give a smaller image")
+    return h, w
+
+
+def check_png(path: str | Path, option: str = "--image") -> tuple[int, int]:
+    """(height, width) of the PNG image ``path`` from its header, or one line: missing, not a PNG, too large."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{option} {path} does not exist")
+    if path.suffix.lower() != ".png":
+        raise InputError(f"{option} {path}: only PNG images are read (8 or 16 bits per channel)")
+    return _check_png_size(path, option)
 
 
 def read_image(path: str | Path, option: str = "--image") -> tuple[torch.Tensor, int]:
     """(image [3, H, W] float32 in [0, 1] as stored, bit depth 8 or 16). Grey becomes RGB, alpha is dropped."""
 
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{option} {path} does not exist")
-    if path.suffix.lower() != ".png":
-        raise InputError(f"{option} {path}: only PNG images are read (8 or 16 bits per channel)")
-    _check_png_size(path, option)
+    check_png(path, option)
     img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if img is None:
         raise InputError(f"{option} {path} is not a readable PNG image")
@@ -83,14 +89,8 @@ def write_image(path: str | Path, image: torch.Tensor, bits: int = 8) -> Path:
         raise InputError(f"cannot encode {path} as PNG")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tempfiles.remove_stale(path)
-        tmp = tempfiles.temp_path(path)  # whole or not at all: written beside, renamed onto the target
-        try:
+        with tempfiles.replacing(path) as tmp:  # whole or not at all: written beside, renamed onto the target
             tmp.write_bytes(encoded.tobytes())
-            os.replace(tmp, path)
-        except BaseException:
-            tempfiles.discard(tmp)
-            raise
     except OSError as exc:
         raise InputError(f"cannot write {path}: {os_reason(exc)}") from None
     return path

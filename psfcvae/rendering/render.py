@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from psfcvae.optics import model_optics
 from psfcvae.rendering.imageio import checked_depth
+from psfcvae.rendering.lowrank import DEFAULT_ERROR, Basis, convolve_weighted
 from psfgen.shared.errors import InputError
 from psfgen.trace.resample import overlap_matrix
 
@@ -38,6 +39,10 @@ PSF_CHUNK = 8192  # model PSFs evaluated at once
 # The widest kernel at the image's pitch [px]: beyond, one tile's patches outgrow memory (a field window far
 # smaller than the sensor magnifies the kernel).
 MAX_KERNEL_PX = 1024
+AUTO_EXACT_MAX_PX = 15  # method "auto": kernels up to this width [px] at the image's pitch are gathered exactly
+NODE_STEP = 0.02  # the fast path's PSF nodes: at most this far apart in normalised field units (1% of the width)
+BASIS_SAMPLES = 4096  # with a PSF at every pixel, a tile's basis is found from at most about this many
+TILE_KERNELS = 1  # the fast path's tiles are this many kernel widths wide (fast_tile)
 
 
 def resample_matrix(k: int, pitch_in: float, pitch_out: float) -> np.ndarray:
@@ -72,39 +77,74 @@ def model_kernels(model, allow_extrapolation: bool = False):
     return kernel_fn
 
 
+def table_kernels(table, allow_extrapolation: bool = False):
+    """As :func:`model_kernels`, from a ``PSFTable`` (psfcvae/api/table.py): no network runs."""
+
+    def kernel_fn(x, y, d):
+        psf, light, _ = table.psf_and_illumination(x, y, d, allow_extrapolation=allow_extrapolation)
+        return psf * light[:, :, None, None]
+
+    return kernel_fn
+
+
 def render(
     model,
     image: torch.Tensor,
     depth,
     *,
-    psf_every: int = 1,
+    method: str = "auto",
+    error: float = DEFAULT_ERROR,
+    rank: int | None = None,
+    psf_every: int | None = None,
     field=(-1.0, 1.0, -1.0, 1.0),
     depth_levels: int = 16,
     allow_extrapolation: bool = False,
+    table=None,
     progress: bool = False,
     tile_bytes: int = TILE_BYTES,
 ) -> torch.Tensor:
     """The image seen through the lens: [3, H, W], same units as ``image``.
 
     image: [3, H, W] linear light (not sRGB-encoded). depth: object depth [m], a number or
-    [H, W] (a depth map: each pixel blurred with the PSF of its own depth). psf_every S > 1
-    evaluates the model every S pixels (and, with a depth map, at ``depth_levels`` depths
-    uniform in 1/depth over the map's range) and interpolates the kernels between.
+    [H, W] (a depth map: each pixel blurred with the PSF of its own depth).
+
+    method: "exact" gathers every pixel with its own kernel (cost H·W·m², m the kernel's width
+    at the image's pitch); "fast" is the low-rank expansion (psfcvae/rendering/lowrank.py), per
+    tile of one kernel width K basis kernels whose relative L2 error on the tile's kernels is at
+    most ``error`` (rank: a fixed K instead), and K FFT convolutions; "auto" is "fast" where the
+    kernel is wider than AUTO_EXACT_MAX_PX at the image's pitch, else "exact".
+
+    psf_every S > 1 evaluates the PSFs every S pixels (and, with a depth map, at
+    ``depth_levels`` depths uniform in 1/depth over the map's range) and interpolates the
+    kernels (or, on the fast path, their weights: the same thing) between. None: 1 on the
+    exact path, on the fast path a node every NODE_STEP of the field (auto_every).
+    table: a ``PSFTable`` of the model (``model.tabulate()``): the PSFs from it, not the network.
     """
     optics = model_optics(model)
     h, w = _checked_image(image)
     depth_t = _checked_depth(model, depth, (h, w), allow_extrapolation)
+    fn = table_kernels(table, allow_extrapolation) if table is not None else model_kernels(model, allow_extrapolation)
     return render_with(
-        model_kernels(model, allow_extrapolation),
+        fn,
         image.to(model.device),
         depth_t,
         optics,
+        method=method,
+        error=error,
+        rank=rank,
         psf_every=psf_every,
         field=field,
         depth_levels=depth_levels,
         progress=progress,
         tile_bytes=tile_bytes,
+        source="table" if table is not None else "network",
     )
+
+
+def auto_every(w: int, h: int, field) -> int:
+    """The fast path's node spacing [px]: the largest S with S pixels at most NODE_STEP of the field."""
+    step = min((field[1] - field[0]) / w, (field[3] - field[2]) / h)  # one pixel in normalised field units
+    return max(1, int(NODE_STEP / step))
 
 
 def render_with(
@@ -113,17 +153,26 @@ def render_with(
     depth,
     optics: dict,
     *,
-    psf_every: int = 1,
+    method: str = "auto",
+    error: float = DEFAULT_ERROR,
+    rank: int | None = None,
+    psf_every: int | None = None,
     field=(-1.0, 1.0, -1.0, 1.0),
     depth_levels: int = 16,
     progress: bool = False,
     tile_bytes: int = TILE_BYTES,
+    source: str = "kernel_fn",
 ) -> torch.Tensor:
     """:func:`render` with any kernel source: kernel_fn(x, y, depth_m) -> [N, 3, k, k] at optics' pitch.
 
-    depth: a float [m] or a float64 tensor [H, W] [m], already checked.
+    depth: a float [m] or a float64 tensor [H, W] [m], already checked. rank: a fixed K for the
+    fast path instead of the one ``error`` asks for. source: what the PSFs come from, for the log.
     """
-    if psf_every < 1:
+    if method not in ("auto", "fast", "exact"):
+        raise InputError(f"{{method}} must be auto, fast or exact, got {method!r:.40}", {"method": "method"})
+    if not (isinstance(error, (int, float)) and 0 < error < 1):
+        raise InputError(f"{{error}} must be between 0 and 1, got {error!r:.40}", {"error": "error"})
+    if psf_every is not None and psf_every < 1:
         raise InputError(f"{{psf_every}} must be at least 1, got {psf_every}", {"psf_every": "psf_every"})
     x0, x1, y0, y1 = field
     if not (-1 <= x0 < x1 <= 1 and -1 <= y0 < y1 <= 1):
@@ -139,24 +188,35 @@ def render_with(
             f"{k}-px kernel {span:.3g} pixels across (at most {MAX_KERNEL_PX}); widen the field or use fewer pixels",
             {"field": "field window"},
         )
-    ax = torch.as_tensor(resample_matrix(k, pitch, px), dtype=torch.float32, device=image.device)
-    ay = torch.as_tensor(resample_matrix(k, pitch, py), dtype=torch.float32, device=image.device)
-    my, mx = ay.shape[0], ax.shape[0]
+    ay_np, ax_np = resample_matrix(k, pitch, py), resample_matrix(k, pitch, px)
+    my, mx = ay_np.shape[0], ax_np.shape[0]
+    fast = method == "fast" or (method == "auto" and max(my, mx) > AUTO_EXACT_MAX_PX)
+    every = psf_every or (auto_every(w, h, field) if fast else 1)
+    src = _KernelSource(kernel_fn, h, w, field, depth, every, depth_levels, image.device)
+    where = f"render {w}x{h} px of {1000 * px:.3g} x {1000 * py:.3g} um: kernel {mx}x{my} px at the image's pitch"
+    nodes = f"PSFs every {every} px from the {source}"
     padded = _mirror_pad(image, my // 2, mx // 2)
-    src = _KernelSource(kernel_fn, h, w, field, depth, psf_every, depth_levels, image.device)
+    if fast:
+        out, ranks, errors, tile = _render_fast(src, ay_np, ax_np, error, rank, padded, h, w, progress)
+        log.info(
+            "%s, fast low-rank K=%d-%d (mean %.1f) in %d tiles of %d px, kernel error <= %.2g%% (asked %.2g%%), %s",
+            where,
+            min(ranks),
+            max(ranks),
+            sum(ranks) / len(ranks),
+            len(ranks),
+            tile,
+            100 * max(errors),
+            100 * error,
+            nodes,
+        )
+        return out
+    log.info("%s, exact per-pixel gather, %s", where, nodes)
+    ay = torch.as_tensor(ay_np, dtype=torch.float32, device=image.device)
+    ax = torch.as_tensor(ax_np, dtype=torch.float32, device=image.device)
     per_pixel = 4 * (3 * my * mx * 3 + 3 * k * k * 10)  # bytes: kernels, patches, product; interpolation terms
-    t = max(8, int(math.sqrt(tile_bytes / per_pixel)) // psf_every * psf_every or psf_every)
+    t = max(8, int(math.sqrt(tile_bytes / per_pixel)) // every * every or every)
     tiles = [(r, c) for r in range(0, h, t) for c in range(0, w, t)]
-    log.info(
-        "render %dx%d: kernels %dx%d image px, tiles of %d px, %d tiles, PSF every %d px",
-        w,
-        h,
-        mx,
-        my,
-        t,
-        len(tiles),
-        psf_every,
-    )
     out = torch.empty_like(image)
     for r0, c0 in tqdm(tiles, desc="render", unit="tile", disable=not progress, leave=False):
         r1, c1 = min(r0 + t, h), min(c0 + t, w)
@@ -165,6 +225,33 @@ def render_with(
         weights = ker.flip(-2, -1).reshape(-1, 3 * my * mx).T  # patch[a] = img(p + a - c): K(u) pairs with a = c - u
         out[:, r0:r1, c0:c1] = (patches[0] * weights).reshape(3, my * mx, -1).sum(1).reshape(3, r1 - r0, c1 - c0)
     return out
+
+
+def fast_tile(my: int, mx: int) -> int:
+    """The fast path's tile side [px]: TILE_KERNELS kernel widths (at least 64 px).
+
+    Each tile has its own basis, from the kernels of its own pixels: the smaller the tile, the
+    fewer basis kernels it needs (K falls about as the tile's side), but the more its FFTs pay
+    for the halo of half a kernel on each side; cost ∝ (t + m)² K(t) / t², least near t ≈ m..2m."""
+    return max(64, TILE_KERNELS * max(my, mx))
+
+
+def _render_fast(src, ay, ax, error, rank, padded, h, w, progress):
+    """The low-rank expansion, tile by tile, each tile with its own basis; its FFTs span the tile and a halo
+    of half a kernel. Returns (image [3, H, W], K per tile, kernel error per tile, tile side)."""
+    my, mx = ay.shape[0], ax.shape[0]
+    t = fast_tile(my, mx)
+    th, tw = math.ceil(h / math.ceil(h / t)), math.ceil(w / math.ceil(w / t))  # equal tiles: no thin strip
+    tiles = [(r, c) for r in range(0, h, th) for c in range(0, w, tw)]
+    out = torch.empty(padded.shape[0], h, w, dtype=padded.dtype, device=padded.device)
+    ranks, errors = [], []
+    for r0, c0 in tqdm(tiles, desc="render", unit="tile", disable=not progress, leave=False):
+        r1, c1 = min(r0 + th, h), min(c0 + tw, w)
+        basis, weights = src.expansion(r0, r1, c0, c1, lambda psf: Basis(psf, ay, ax, error, rank))
+        out[:, r0:r1, c0:c1] = convolve_weighted(padded[:, r0 : r1 + my - 1, c0 : c1 + mx - 1], basis.kernels, weights)
+        ranks.append(basis.rank)
+        errors.append(basis.error)
+    return out, ranks, errors, max(th, tw)
 
 
 class _KernelSource:
@@ -179,26 +266,55 @@ class _KernelSource:
             self.d0, self.depth = float(self.depth.min()), None  # one plane: no depth interpolation needed
         self.nodes_r = _nodes(h, every)
         self.nodes_c = _nodes(w, every)
-        if self.depth is not None and every > 1:
+        if self.depth is not None:
             inv = 1.0 / self.depth
             self.levels = np.linspace(float(inv.min()), float(inv.max()), max(2, levels))  # [L] 1/m
 
-    def _eval(self, x, y, d) -> torch.Tensor:
+    def _eval(self, x, y, d, project=None) -> torch.Tensor:
+        """kernel_fn at the points, PSF_CHUNK at a time; project: applied to each chunk (the fast path's weights)."""
+        project = project or (lambda v: v)
         parts = [
-            self.fn(x[i : i + PSF_CHUNK], y[i : i + PSF_CHUNK], d[i : i + PSF_CHUNK])
+            project(self.fn(x[i : i + PSF_CHUNK], y[i : i + PSF_CHUNK], d[i : i + PSF_CHUNK]).to(torch.float32))
             for i in range(0, len(x), PSF_CHUNK)
         ]
         return torch.cat(parts).to(self.device, torch.float32)
 
     def kernels(self, r0, r1, c0, c1) -> torch.Tensor:
-        ii, jj = np.meshgrid(np.arange(r0, r1), np.arange(c0, c1), indexing="ij")
         if self.every == 1:
-            d = np.full(ii.size, self.d0) if self.depth is None else self.depth[r0:r1, c0:c1].reshape(-1).numpy()
-            return self._eval(self.x[jj.ravel()], self.y[ii.ravel()], d)
-        return self._interpolated(r0, r1, c0, c1)
+            return self._eval(*self._pixels(r0, r1, c0, c1))
+        (x, y, d), terms = self._corners(r0, r1, c0, c1)
+        node = self._eval(x, y, d)
+        return sum(wgt[:, None, None, None] * node[idx] for idx, wgt in terms)
 
-    def _interpolated(self, r0, r1, c0, c1) -> torch.Tensor:
-        """Bilinear in the pixel grid between nodes (and linear in 1/depth between levels)."""
+    def expansion(self, r0, r1, c0, c1, make_basis):
+        """(basis, weights [K, 3, th, tw]) for a tile: make_basis(kernels [N, 3, k, k]) -> Basis, from the tile's
+        own kernels (its nodes', or with a PSF at every pixel a sub-grid of them); weights[k]: the weight of basis
+        kernel k at each pixel of the tile."""
+        th, tw = r1 - r0, c1 - c0
+        if self.every == 1:
+            x, y, d = self._pixels(r0, r1, c0, c1)
+            pick = np.arange(0, len(x), max(1, len(x) // BASIS_SAMPLES))
+            basis = make_basis(self._eval(x[pick], y[pick], d[pick]))
+            vals = self._eval(x, y, d, project=basis.weights)  # [T, 3, K]
+        else:
+            (x, y, d), terms = self._corners(r0, r1, c0, c1)
+            kernels = self._eval(x, y, d)
+            basis = make_basis(kernels)
+            node = basis.weights(kernels).to(self.device).flatten(1)  # [n, 3K]
+            vals = sum(wgt[:, None] * node.index_select(0, idx) for idx, wgt in terms)  # [T, 3K]
+        return basis, vals.reshape(th, tw, 3, -1).permute(3, 2, 0, 1).contiguous()
+
+    def _pixels(self, r0, r1, c0, c1):
+        """(x, y, depth) of each pixel of the tile, row-major."""
+        ii, jj = np.meshgrid(np.arange(r0, r1), np.arange(c0, c1), indexing="ij")
+        d = np.full(ii.size, self.d0) if self.depth is None else self.depth[r0:r1, c0:c1].reshape(-1).numpy()
+        return self.x[jj.ravel()], self.y[ii.ravel()], d
+
+    def _corners(self, r0, r1, c0, c1):
+        """The nodes around a tile's pixels: ((x, y, depth) of the nodes, [(node index [T], weight [T])]).
+
+        Bilinear in the pixel grid between nodes (and linear in 1/depth between levels); terms whose
+        weights are all zero (the second level of a single plane) are left out."""
         (ra, rb, wr), (ca, cb, wc) = _brackets(self.nodes_r, r0, r1), _brackets(self.nodes_c, c0, c1)
         nr = self.nodes_r[ra.min() : rb.max() + 1]
         nc = self.nodes_c[ca.min() : cb.max() + 1]
@@ -212,20 +328,25 @@ class _KernelSource:
             first = la.min()
             levels, la, lb = self.levels[first : lb.max() + 1], la - first, lb - first
         gi, gj, gl = np.meshgrid(nr, nc, np.arange(len(levels)), indexing="ij")
-        node = self._eval(self.x[gj.ravel()], self.y[gi.ravel()], 1.0 / levels[gl.ravel()])
-        node = node.reshape(len(nr), len(nc), len(levels), *node.shape[1:])
-        base_r, base_c = ra.min(), ca.min()
-        ra, rb, ca, cb = ra - base_r, rb - base_r, ca - base_c, cb - base_c
-        ri, ci = ra[:, None], ca[None, :]
-        rj, cj = rb[:, None], cb[None, :]
-        out = 0
-        for rsel, wrow in ((ri, 1 - wr[:, None]), (rj, wr[:, None])):
-            for csel, wcol in ((ci, 1 - wc[None, :]), (cj, wc[None, :])):
+        points = (self.x[gj.ravel()], self.y[gi.ravel()], 1.0 / levels[gl.ravel()])
+        ra, rb, ca, cb = ra - ra.min(), rb - ra.min(), ca - ca.min(), cb - ca.min()
+        terms = []
+        for rsel, wrow in ((ra[:, None], 1 - wr[:, None]), (rb[:, None], wr[:, None])):
+            for csel, wcol in ((ca[None, :], 1 - wc[None, :]), (cb[None, :], wc[None, :])):
                 for lsel, wlev in ((la, 1 - wl), (lb, wl)):
-                    wgt = torch.as_tensor((wrow * wcol * wlev).reshape(-1), dtype=torch.float32, device=self.device)
-                    rr, cc = np.broadcast_to(rsel, la.shape).ravel(), np.broadcast_to(csel, la.shape).ravel()
-                    out = out + wgt[:, None, None, None] * node[rr, cc, lsel.ravel()]
-        return out
+                    wgt = (wrow * wcol * wlev).reshape(-1)
+                    if not wgt.any():
+                        continue
+                    idx = (np.broadcast_to(rsel, la.shape) * len(nc) + np.broadcast_to(csel, la.shape)) * len(
+                        levels
+                    ) + lsel
+                    terms.append(
+                        (
+                            torch.as_tensor(idx.reshape(-1), device=self.device),
+                            torch.as_tensor(wgt, dtype=torch.float32, device=self.device),
+                        )
+                    )
+        return points, terms
 
 
 def _nodes(n: int, every: int) -> np.ndarray:

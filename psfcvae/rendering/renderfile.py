@@ -1,48 +1,127 @@
-"""``psf render``: a PNG (and optionally a depth map) through the model to a PNG of the same bit depth."""
+"""``psf render``: PNGs (and optionally depth maps) through the model to PNGs of the same bit depth.
+
+One image (``render_file``) or many (``render_batch``: a folder or a list, the model and its
+table loaded once, resumable). The PSFs come from the model's table when the model has one
+(a canonical-frame model: psfcvae/api/table.py), cached beside the checkpoint, else from the network.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import math
+import shlex
 import time
 from pathlib import Path
 
+import torch
+from tqdm import tqdm
+
 from psfcvae.api.psfmodel import load_model
+from psfcvae.api.table import PSFTable
 from psfcvae.rendering.imageio import (
+    check_png,
     linear_to_srgb,
     read_depth_map,
     read_image,
     srgb_to_linear,
     write_image,
 )
+from psfcvae.rendering.lowrank import DEFAULT_ERROR
 from psfcvae.rendering.render import render
+from psfgen.shared import tempfiles
 from psfgen.shared.devices import resolve_device
 from psfgen.shared.errors import InputError
-from psfgen.shared.tempfiles import make_parent
 
 log = logging.getLogger(__name__)
 
+TABLE_VERSION = 1  # of the cached table's file; another version is rebuilt
+
+
+def table_path(checkpoint: Path) -> Path:
+    """Where the table of a checkpoint is cached: beside it, ``<name>.table``."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(checkpoint.name + ".table")
+
+
+def cached_table(model, checkpoint) -> PSFTable | None:
+    """The model's PSFTable, read from beside the checkpoint when it was built from the same checkpoint bytes,
+    else built and saved there (a folder that cannot be written only costs the rebuild next time).
+    None for a model without the canonical frame: its PSFs come from the network."""
+    if not model.net.canonical:
+        log.info("PSFs from the network (the model has no canonical frame, so no table)")
+        return None
+    checkpoint = Path(checkpoint)
+    key = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    path = table_path(checkpoint)
+    if path.is_file():
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if state.get("version") == TABLE_VERSION and state.get("checkpoint_sha256") == key:
+                table = PSFTable.from_state(model, state)
+                log.info("PSFs from the table cached in %s (%s kernels)", path, "x".join(map(str, table.shape)))
+                return table
+        except (OSError, RuntimeError, ValueError, AttributeError, InputError):
+            pass  # unreadable or stale: built again below
+    t0 = time.perf_counter()
+    table = model.tabulate()
+    built = time.perf_counter() - t0
+    try:
+        with tempfiles.replacing(path) as tmp:
+            torch.save({"version": TABLE_VERSION, "checkpoint_sha256": key, **table.state()}, tmp)
+        where = f"cached in {path}"
+    except OSError as exc:
+        where = f"not cached ({path}: {exc.strerror})"
+    log.info("PSFs from the table: built in %.1f s (%s kernels), %s", built, "x".join(map(str, table.shape)), where)
+    return table
+
+
+class Renderer:
+    """The model (and its table) loaded once; ``render_one`` per image. Options as ``render_file``'s."""
+
+    def __init__(
+        self,
+        checkpoint,
+        *,
+        srgb: bool = True,
+        method: str = "auto",
+        error: float = DEFAULT_ERROR,
+        psf_every: int | None = None,
+        field: str | None = None,
+        device: str = "auto",
+        allow_extrapolation: bool = False,
+    ):
+        self.window = parse_field(field)
+        if psf_every is not None and psf_every < 1:
+            raise InputError(f"--psf-every must be at least 1, got {psf_every}")
+        if not 0 < error < 1:
+            raise InputError(f"--error must be between 0 and 1, got {error:g}")
+        self.model = load_model(checkpoint, resolve_device(device))
+        self.table = cached_table(self.model, checkpoint)
+        self.options = dict(method=method, error=error, psf_every=psf_every, allow_extrapolation=allow_extrapolation)
+        self.srgb = srgb
+
+    def render_one(self, image, out, depth_m=None, depth_map=None, progress: bool = False) -> Path:
+        """Read ``image``, blur it at depth_m [m] or per pixel at depth_map, write ``out`` (atomically)."""
+        img, bits = read_image(image)
+        depth = depth_m if depth_map is None else read_depth_map(depth_map, tuple(img.shape[1:]))
+        linear = srgb_to_linear(img) if self.srgb else img
+        t0 = time.perf_counter()
+        blurred = render(
+            self.model, linear, depth, field=self.window, table=self.table, progress=progress, **self.options
+        )
+        log.debug("rendered %s (%dx%d) in %.1f s", image, img.shape[2], img.shape[1], time.perf_counter() - t0)
+        return write_image(out, linear_to_srgb(blurred) if self.srgb else blurred, bits)
+
 
 def render_file(
-    checkpoint,
-    image,
-    out,
-    depth_m=None,
-    depth_map=None,
-    *,
-    srgb: bool = True,
-    psf_every: int = 1,
-    field: str | None = None,
-    device: str = "auto",
-    allow_extrapolation: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
+    checkpoint, image, out, depth_m=None, depth_map=None, *, overwrite: bool = False, progress: bool = True, **options
 ) -> Path:
     """Read ``image`` (PNG, 8/16 bit), blur it at depth_m [m] or per pixel at depth_map (.npy metres,
-    16-bit PNG millimetres), write ``out`` at the input's bit depth. srgb: the PNG is sRGB-encoded
-    (decoded to linear light before the blur, encoded after); False: its values are linear already.
-    field: 'x0,x1,y0,y1', the part of the sensor the image covers. Everything is checked before
-    anything is written; an existing ``out`` is kept unless overwrite."""
+    16-bit PNG millimetres), write ``out`` at the input's bit depth. options: ``Renderer``'s: srgb (the
+    PNG is sRGB-encoded: decoded to linear light before the blur, encoded after; False: its values are
+    linear already), field ('x0,x1,y0,y1', the part of the sensor the image covers), method, error,
+    psf_every (as ``psfcvae.render``), device, allow_extrapolation. Everything is checked before anything
+    is written; an existing ``out`` is kept unless overwrite."""
     out = Path(out)
     if (depth_m is None) == (depth_map is None):
         raise InputError("give either --depth (metres) or --depth-map (a file)")
@@ -50,26 +129,104 @@ def render_file(
         raise InputError(f"--out {out}: the output is a PNG; name it .png")
     if out.exists() and not overwrite:
         raise InputError(f"--out {out} exists; choose another --out or pass --overwrite to replace it")
-    make_parent(out, "--out")  # before the work: a path that cannot be written is said at once
-    window = parse_field(field)
-    img, bits = read_image(image)
-    depth = depth_m if depth_map is None else read_depth_map(depth_map, tuple(img.shape[1:]))
-    if depth_map is None and not 0 < depth_m < math.inf:
-        raise InputError(f"--depth must be a positive, finite number of metres, got {depth_m}")
-    model = load_model(checkpoint, resolve_device(device))
-    linear = srgb_to_linear(img) if srgb else img
+    _check_depth(depth_m)
+    tempfiles.make_parent(out, "--out")  # before the work: a path that cannot be written is said at once
+    parse_field(options.get("field"))
+    h, w = check_png(image)
+    if depth_map is not None:
+        read_depth_map(depth_map, (h, w))
+    renderer = Renderer(checkpoint, **options)
     t0 = time.perf_counter()
-    blurred = render(
-        model,
-        linear,
-        depth,
-        psf_every=psf_every,
-        field=window,
-        allow_extrapolation=allow_extrapolation,
-        progress=progress,
-    )
-    log.info("rendered %dx%d in %.1f s", img.shape[2], img.shape[1], time.perf_counter() - t0)
-    return write_image(out, linear_to_srgb(blurred) if srgb else blurred, bits)
+    path = renderer.render_one(image, out, depth_m, depth_map, progress=progress)
+    log.info("rendered %dx%d in %.1f s", w, h, time.perf_counter() - t0)
+    return path
+
+
+def batch_entries(images, depth_m=None) -> list[tuple[Path, Path | None]]:
+    """(image, depth map or None) of a folder (its *.png, each with ``<stem>.npy`` beside it as depth map when
+    present) or of a text list (one entry a line: an image and optionally its depth map, .npy or 16-bit PNG;
+    relative paths from the list's folder; blank lines and # comments skipped). Each entry is checked here:
+    the files exist, the images are PNGs, and an image without a depth map has --depth."""
+    images = Path(images)
+    if images.is_dir():
+        pngs = sorted(p for p in images.iterdir() if p.suffix.lower() == ".png" and p.is_file())
+        if not pngs:
+            raise InputError(f"--images {images} holds no .png images")
+        entries = [(p, p.with_suffix(".npy") if p.with_suffix(".npy").is_file() else None) for p in pngs]
+        where = {p: f"--images {p}" for p, _ in entries}
+    elif images.is_file():
+        entries, where = [], {}
+        try:
+            lines = images.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"--images {images} is not a readable text list ({exc})") from None
+        for n, line in enumerate(lines, 1):
+            at = f"--images {images} line {n}"
+            try:
+                words = shlex.split(line, comments=True)
+            except ValueError as exc:
+                raise InputError(f"{at}: {exc}") from None
+            if not words:
+                continue
+            if len(words) > 2:
+                raise InputError(f"{at}: expected 'image.png [depth.npy]', got {len(words)} fields")
+            paths = [p if p.is_absolute() else images.parent / p for p in map(Path, words)]
+            entries.append((paths[0], paths[1] if len(paths) == 2 else None))
+            where[paths[0]] = at
+        if not entries:
+            raise InputError(f"--images {images} lists no images")
+    else:
+        raise InputError(f"--images {images} does not exist; give a folder of PNGs or a text list of them")
+    stems: dict[str, Path] = {}
+    for image, depth in entries:
+        at = where[image]
+        check_png(image, f"{at}:")
+        if depth is not None and not depth.is_file():
+            raise InputError(f"{at}: depth map {depth} does not exist")
+        if depth is not None and depth.suffix.lower() not in (".npy", ".png"):
+            raise InputError(f"{at}: depth map {depth}: give a .npy array of metres or a 16-bit PNG of millimetres")
+        if depth is None and depth_m is None:
+            raise InputError(f"{at}: {image.name} has no depth map; give --depth for such images")
+        if image.stem in stems:
+            raise InputError(f"{at}: {image.name} has the output name of {stems[image.stem]} (both {image.stem}.png)")
+        stems[image.stem] = image
+    return entries
+
+
+def render_batch(checkpoint, images, out_dir, depth_m=None, *, overwrite: bool = False, **options) -> list[Path]:
+    """Render every entry of ``images`` (``batch_entries``) into out_dir/<stem>.png, the model loaded once.
+
+    Resumable: an output already written is skipped (each one is written whole or not at all), unless
+    overwrite. options: as ``Renderer``'s. Returns the outputs written now."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--out {out_dir} is a file; with --images give a folder")
+    _check_depth(depth_m)
+    entries = batch_entries(images, depth_m)
+    tempfiles.make_parent(out_dir / "x.png", "--out")
+    todo = [(img, dep) for img, dep in entries if overwrite or not (out_dir / f"{img.stem}.png").exists()]
+    if len(todo) < len(entries):
+        log.info("%d of %d outputs already in %s: skipped", len(entries) - len(todo), len(entries), out_dir)
+    if not todo:
+        return []
+    renderer = Renderer(checkpoint, **options)
+    written = []
+    method_log = logging.getLogger("psfcvae.rendering.render")
+    level = method_log.level
+    try:
+        for i, (image, depth) in enumerate(tqdm(todo, desc="render", unit="image")):
+            if i == 1:  # the method line once, not once per image
+                method_log.setLevel(logging.WARNING)
+            out = out_dir / f"{image.stem}.png"
+            written.append(renderer.render_one(image, out, None if depth else depth_m, depth))
+    finally:
+        method_log.setLevel(level)
+    return written
+
+
+def _check_depth(depth_m) -> None:
+    if depth_m is not None and not 0 < depth_m < float("inf"):
+        raise InputError(f"--depth must be a positive, finite number of metres, got {depth_m}")
 
 
 def parse_field(text: str | None) -> tuple[float, float, float, float]:
