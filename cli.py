@@ -82,6 +82,7 @@ API_OPTIONS = {
         "allow_extrapolation": "--allow-extrapolation",
         "psf_every": "--psf-every",
         "field": "--field",
+        "field_mm": "--field-mm",
         "error": "--error",
         "method": "--exact",
     },
@@ -675,6 +676,11 @@ def sample(checkpoint, coords, height_mm, angle_deg, grid_m, depth, mode, out, a
     "--field", type=str, help="The part of the sensor the image covers: 'x0,x1,y0,y1' in [-1, 1] [default: -1,1,-1,1]."
 )
 @click.option(
+    "--field-mm",
+    type=str,
+    help="Instead of --field, in mm on the sensor: 'x0,x1,y0,y1', x right, y up, 0 on the axis.",
+)
+@click.option(
     "--linear",
     is_flag=True,
     help="The PNG holds linear values (default: sRGB-encoded; blurred in linear light either way).",
@@ -694,6 +700,7 @@ def render(
     error,
     psf_every,
     field,
+    field_mm,
     linear,
     allow_extrapolation,
     device,
@@ -713,6 +720,7 @@ def render(
         error=error,
         psf_every=psf_every,
         field=field,
+        field_mm=field_mm,
         device=device,
         allow_extrapolation=allow_extrapolation,
     )

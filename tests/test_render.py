@@ -599,3 +599,18 @@ def test_batch_renders_a_folder_resumes_and_refuses_bad_entries(model, tiny_run,
     assert_one_line_error(r, "line 1", "nothing.npy")
     r = run_cli([*args[:4], str(tmp_path / "nowhere"), "--out", str(tmp_path / "out2"), "--depth", "1"])
     assert_one_line_error(r, "--images", "does not exist")
+
+
+def test_field_mm_is_the_same_part_of_the_sensor_as_field(model, tiny_run, tmp_path):
+    image = tmp_path / "in.png"
+    write_image(image, resolution_chart(16, 16), 8)
+    w, h = model.info["optics"]["sensor_size_mm"]
+    args = ["render", "--checkpoint", str(tiny_run / "latest.pt"), "--image", str(image), "--depth", "1"]
+    assert run_cli([*args, "--field", "0.2,0.6,-0.4,0", "--out", str(tmp_path / "a.png")]).exit_code == 0
+    mm = f"{0.1 * w},{0.3 * w},{-0.2 * h},0"
+    assert run_cli([*args, "--field-mm", mm, "--out", str(tmp_path / "b.png")]).exit_code == 0
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    beyond = run_cli([*args, "--field-mm", f"0,{w},0,1", "--out", str(tmp_path / "c.png")])
+    assert_one_line_error(beyond, "--field-mm", "beyond the", "mm sensor")
+    both = run_cli([*args, "--field", "0,1,0,1", "--field-mm", "0,1,0,1", "--out", str(tmp_path / "c.png")])
+    assert_one_line_error(both, "--field or --field-mm, not both")

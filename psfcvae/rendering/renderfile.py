@@ -87,15 +87,21 @@ class Renderer:
         error: float = DEFAULT_ERROR,
         psf_every: int | None = None,
         field: str | None = None,
+        field_mm: str | None = None,
         device: str = "auto",
         allow_extrapolation: bool = False,
     ):
+        if field is not None and field_mm is not None:
+            raise InputError("give --field or --field-mm, not both")
         self.window = parse_field(field)
+        mm = parse_field_mm(field_mm)
         if psf_every is not None and psf_every < 1:
             raise InputError(f"--psf-every must be at least 1, got {psf_every}")
         if not 0 < error < 1:
             raise InputError(f"--error must be between 0 and 1, got {error:g}")
         self.model = load_model(checkpoint, resolve_device(device))
+        if mm is not None:
+            self.window = window_of_mm(mm, self.model.info["optics"]["sensor_size_mm"])
         self.table = cached_table(self.model, checkpoint)
         self.options = dict(method=method, error=error, psf_every=psf_every, allow_extrapolation=allow_extrapolation)
         self.srgb = srgb
@@ -132,6 +138,7 @@ def render_file(
     _check_depth(depth_m)
     tempfiles.make_parent(out, "--out")  # before the work: a path that cannot be written is said at once
     parse_field(options.get("field"))
+    parse_field_mm(options.get("field_mm"))
     h, w = check_png(image)
     if depth_map is not None:
         read_depth_map(depth_map, (h, w))
@@ -227,6 +234,32 @@ def render_batch(checkpoint, images, out_dir, depth_m=None, *, overwrite: bool =
 def _check_depth(depth_m) -> None:
     if depth_m is not None and not 0 < depth_m < float("inf"):
         raise InputError(f"--depth must be a positive, finite number of metres, got {depth_m}")
+
+
+def parse_field_mm(text: str | None) -> tuple[float, float, float, float] | None:
+    """'x0,x1,y0,y1' [mm] on the sensor (x right, y up, 0 on the axis) -> those four numbers; None -> None."""
+    if text is None:
+        return None
+    try:
+        v = tuple(float(p) for p in text.split(","))
+    except ValueError:
+        v = ()
+    if len(v) != 4 or not (v[0] < v[1] and v[2] < v[3]) or not all(abs(x) < float("inf") for x in v):
+        raise InputError(f"--field-mm {text!r}: expected 'x0,x1,y0,y1' in mm with x0 < x1 and y0 < y1")
+    return v
+
+
+def window_of_mm(mm: tuple[float, float, float, float], sensor_size_mm) -> tuple[float, float, float, float]:
+    """A part of the sensor in mm -> the same part in normalised coordinates (±1 at the sensor's edges: x·w/2 mm,
+    y·h/2 mm, as the image covers the sensor); refused beyond the sensor."""
+    w, h = (float(s) for s in sensor_size_mm)
+    window = (2 * mm[0] / w, 2 * mm[1] / w, 2 * mm[2] / h, 2 * mm[3] / h)
+    if not all(-1 - 1e-9 <= v <= 1 + 1e-9 for v in window):
+        raise InputError(
+            f"--field-mm {','.join(f'{v:g}' for v in mm)}: beyond the {w:g} x {h:g} mm sensor "
+            f"(x within ±{w / 2:g} mm, y within ±{h / 2:g} mm)"
+        )
+    return tuple(min(1.0, max(-1.0, v)) for v in window)
 
 
 def parse_field(text: str | None) -> tuple[float, float, float, float]:
