@@ -100,7 +100,10 @@ def _spellings(ctx: click.Context) -> dict[str, str]:
         and p.name not in from_set
         and ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE
     }
-    return {**typed, **API_OPTIONS.get(ctx.command.name, {})}
+    api = dict(API_OPTIONS.get(ctx.command.name, {}))
+    if ctx.params.get("depth_map") is not None:  # the depths the library checks came from the map
+        api["depth_m"] = "--depth-map"
+    return {**typed, **api}
 
 
 def _same_command(ctx: click.Context, *extra: str, omit: tuple[str, ...] = ()) -> str:

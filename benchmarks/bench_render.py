@@ -11,7 +11,7 @@ resolution chart and a natural image (scikit-image's astronaut), both covering t
   patch-file DeepLens's conv_psf_map with the grid file's N x N traced PSFs (the rays the model learnt from)
   patch-dl   DeepLens's conv_psf_map with its own psf_map_rgb (an N x N point_source_grid traced at the file's spp)
   reference  DeepLens's conv_psf_map on a dense --ref-grid map traced at each patch's centre at --ref-spp,
-             the 64-px traced kernels resampled straight to the image pitch (no 15 x 15 step)
+             traced in the grid file's window, downsampled to at most 64 px, then resampled to the image pitch
 
 Times: model = PSF evaluation + gather; patch-* = tracing the N x N map + convolution. --memory
 renders larger images in subprocesses and prints their peak resident memory.
@@ -46,6 +46,7 @@ from psfcvae.rendering.quality import psnr, ssim
 from psfgen.generation import trace_points
 from psfgen.gridfile import GridFile
 from psfgen.trace.lens import build_lens, read_lens_file
+from psfgen.trace.resample import downsample
 
 ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger("bench_render")
@@ -76,14 +77,26 @@ def natural_image(size: int) -> torch.Tensor:
     return srgb_to_linear(torch.from_numpy(img.astype(np.float32).transpose(2, 0, 1) / 255.0))
 
 
-def traced_map(lens, xy: np.ndarray, depth_m: float, spp: int) -> torch.Tensor:
-    """64-px traced RGB PSFs [n, 3, 64, 64] at the field points xy [n, 2], in blocks of 64 points."""
+# The traced maps are kept at most this many pixels across: a wider traced window is area-downsampled to it (a
+# 318-px window of 2.52-um pixels to 64 pixels of 12.5 um, still finer than the 192-px image's 26 um).
+MAP_PX = 64
+
+
+def traced_map(lens, xy: np.ndarray, depth_m: float, spp: int, ks: int) -> torch.Tensor:
+    """RGB PSFs [n, 3, m, m] traced in the ks-px window at the field points xy [n, 2], in blocks of 64 points,
+    area-downsampled to m = min(ks, MAP_PX) pixels of ks/m sensor pixels (map_pitch)."""
+    m = min(ks, MAP_PX)
     return torch.cat(
         [
-            trace_points(lens, xy[i : i + 64], np.full(len(xy[i : i + 64]), depth_m), spp, 64)
+            downsample(trace_points(lens, xy[i : i + 64], np.full(len(xy[i : i + 64]), depth_m), spp, ks), m)
             for i in range(0, len(xy), 64)
         ]
     ).cpu()
+
+
+def map_pitch(optics: dict, ks: int) -> float:
+    """The pixel pitch [mm] of traced_map's kernels."""
+    return optics["sensor_size_mm"][0] / optics["sensor_res"][0] * ks / min(ks, MAP_PX)
 
 
 def centres(g: int) -> np.ndarray:
@@ -145,23 +158,26 @@ def main() -> None:
     lens = build_lens(read_lens_file(info.lens_path), torch.device("cpu"))
     n, size, d = info.grid_size, args.size, args.depth
     args.grid_n = n
-    pitch64, sensor = optics["sensor_size_mm"][0] / optics["sensor_res"][0], optics["sensor_size_mm"]
+    ks = info.kernel_size  # the file's traced window: every traced map keeps the light the file keeps
+    map_mm, sensor = map_pitch(optics, ks), optics["sensor_size_mm"]
 
     t = time.perf_counter()
     file_map = grid_psf_map(grid, d)  # [n, n, 3, 15, 15]
-    t_file = (time.perf_counter() - t) + _trace_seconds(lens, n, d, info.spp)
+    t_file = (time.perf_counter() - t) + _trace_seconds(lens, n, d, info.spp, ks)
     t = time.perf_counter()
-    dl_map = lens.psf_map_rgb(grid=(n, n), ks=64, depth=-1000.0 * d, spp=info.spp).cpu()  # [n, n, 3, 64, 64]
+    dl_map = lens.psf_map_rgb(grid=(n, n), ks=ks, depth=-1000.0 * d, spp=info.spp)  # [n, n, 3, ks, ks]
+    dl_map = downsample(dl_map, min(ks, MAP_PX)).cpu()
     t_dl_trace = time.perf_counter() - t
     t = time.perf_counter()
-    ref_map = traced_map(lens, centres(args.ref_grid), d, args.ref_spp).reshape(args.ref_grid, args.ref_grid, 3, 64, 64)
+    ref_map = traced_map(lens, centres(args.ref_grid), d, args.ref_spp, ks)
+    ref_map = ref_map.reshape(args.ref_grid, args.ref_grid, *ref_map.shape[1:])
     t_ref_trace = time.perf_counter() - t
 
     rows, results = [], {}
     for name, image in (("chart", resolution_chart(size, size)), ("astronaut", natural_image(size))):
         out = {}
         t = time.perf_counter()
-        ref = patchwise_render(image, ref_map, pitch64, sensor)
+        ref = patchwise_render(image, ref_map, map_mm, sensor)
         out["reference"] = (ref, t_ref_trace + time.perf_counter() - t)
         for every in (1, 4):
             t = time.perf_counter()
@@ -173,7 +189,7 @@ def main() -> None:
         )
         t = time.perf_counter()
         out[f"patch-dl ({n}x{n})"] = (
-            patchwise_render(image, dl_map, pitch64, sensor),
+            patchwise_render(image, dl_map, map_mm, sensor),
             t_dl_trace + time.perf_counter() - t,
         )
         out["no blur"] = (image, 0.0)
@@ -229,12 +245,12 @@ def main() -> None:
     )
 
 
-def _trace_seconds(lens, n: int, d: float, spp: int) -> float:
-    """Seconds to trace the file's n x n map at one depth, as psf generate does (64 px, downsampled)."""
+def _trace_seconds(lens, n: int, d: float, spp: int, ks: int) -> float:
+    """Seconds to trace the file's n x n map at one depth in its ks-px window, as psf generate does."""
     lin = np.linspace(-1, 1, n)
     gx, gy = np.meshgrid(lin, lin[::-1])
     t = time.perf_counter()
-    traced_map(lens, np.stack([gx.ravel(), gy.ravel()], axis=1), d, spp)
+    traced_map(lens, np.stack([gx.ravel(), gy.ravel()], axis=1), d, spp, ks)
     return time.perf_counter() - t
 
 

@@ -559,3 +559,15 @@ def test_render_names_the_option_for_an_infinite_depth(tiny_run, tmp_path, depth
     args = ["render", "--checkpoint", str(tiny_run / "latest.pt"), "--image", str(tmp_path / "in.png"), "--depth"]
     result = run_cli([*args, depth, "--out", str(tmp_path / "o.png")])
     assert_one_line_error(result, "--depth must be a positive, finite number of metres, got inf")
+
+
+def test_a_depth_map_whose_inverse_overflows_is_named_as_the_map(tiny_run, tmp_path):
+    from psfcvae.rendering.imageio import write_image
+
+    img, depth = tmp_path / "in.png", tmp_path / "d.npy"
+    write_image(img, torch.rand(3, 8, 8))
+    np.save(depth, np.full((8, 8), 1e-320))
+    args = ["render", "--checkpoint", str(tiny_run / "latest.pt"), "--image", str(img), "--depth-map", str(depth)]
+    result = run_cli([*args, "--allow-extrapolation", "--out", str(tmp_path / "o.png")])
+    assert_one_line_error(result, "--depth-map", "1/depth overflows")
+    assert not (tmp_path / "o.png").exists()

@@ -218,13 +218,20 @@ def render_with(
     t = max(8, int(math.sqrt(tile_bytes / per_pixel)) // every * every or every)
     tiles = [(r, c) for r in range(0, h, t) for c in range(0, w, t)]
     out = torch.empty_like(image)
-    for r0, c0 in tqdm(tiles, desc="render", unit="tile", disable=not progress, leave=False):
-        r1, c1 = min(r0 + t, h), min(c0 + t, w)
-        ker = ay @ src.kernels(r0, r1, c0, c1) @ ax.T  # [T, 3, my, mx] at the image's pitch
-        patches = F.unfold(padded[None, :, r0 : r1 + my - 1, c0 : c1 + mx - 1], (my, mx))  # [1, 3*my*mx, T]
-        weights = ker.flip(-2, -1).reshape(-1, 3 * my * mx).T  # patch[a] = img(p + a - c): K(u) pairs with a = c - u
-        out[:, r0:r1, c0:c1] = (patches[0] * weights).reshape(3, my * mx, -1).sum(1).reshape(3, r1 - r0, c1 - c0)
+    with _bar(tiles, progress) as bar:
+        for r0, c0 in bar:
+            r1, c1 = min(r0 + t, h), min(c0 + t, w)
+            ker = ay @ src.kernels(r0, r1, c0, c1) @ ax.T  # [T, 3, my, mx] at the image's pitch
+            patches = F.unfold(padded[None, :, r0 : r1 + my - 1, c0 : c1 + mx - 1], (my, mx))  # [1, 3*my*mx, T]
+            weights = ker.flip(-2, -1).reshape(-1, 3 * my * mx).T  # patch[a] = img(p + a - c): K(u) pairs, a = c - u
+            out[:, r0:r1, c0:c1] = (patches[0] * weights).reshape(3, my * mx, -1).sum(1).reshape(3, r1 - r0, c1 - c0)
     return out
+
+
+def _bar(tiles: list, progress: bool) -> tqdm:
+    """The tiles' progress bar, used as a context manager: an error inside closes it, and it leaves no line, so the
+    one Error: line stands alone."""
+    return tqdm(tiles, desc="render", unit="tile", disable=not progress, leave=False)
 
 
 def fast_tile(my: int, mx: int) -> int:
@@ -245,12 +252,14 @@ def _render_fast(src, ay, ax, error, rank, padded, h, w, progress):
     tiles = [(r, c) for r in range(0, h, th) for c in range(0, w, tw)]
     out = torch.empty(padded.shape[0], h, w, dtype=padded.dtype, device=padded.device)
     ranks, errors = [], []
-    for r0, c0 in tqdm(tiles, desc="render", unit="tile", disable=not progress, leave=False):
-        r1, c1 = min(r0 + th, h), min(c0 + tw, w)
-        basis, weights = src.expansion(r0, r1, c0, c1, lambda psf: Basis(psf, ay, ax, error, rank))
-        out[:, r0:r1, c0:c1] = convolve_weighted(padded[:, r0 : r1 + my - 1, c0 : c1 + mx - 1], basis.kernels, weights)
-        ranks.append(basis.rank)
-        errors.append(basis.error)
+    with _bar(tiles, progress) as bar:
+        for r0, c0 in bar:
+            r1, c1 = min(r0 + th, h), min(c0 + tw, w)
+            basis, weights = src.expansion(r0, r1, c0, c1, lambda psf: Basis(psf, ay, ax, error, rank))
+            part = padded[:, r0 : r1 + my - 1, c0 : c1 + mx - 1]
+            out[:, r0:r1, c0:c1] = convolve_weighted(part, basis.kernels, weights)
+            ranks.append(basis.rank)
+            errors.append(basis.error)
     return out, ranks, errors, max(th, tw)
 
 
@@ -407,4 +416,7 @@ def _checked_depth(model, depth, shape, allow_extrapolation: bool):
             "({allow_extrapolation} to go beyond)",
             {"allow_extrapolation": "allow_extrapolation=True"},
         )
+    # The model's own checks on the extreme depths (a condition that overflows, far beyond the trained range), before
+    # any tile is drawn: one PSF each.
+    model.psf(np.zeros(2), np.zeros(2), np.array([lo_d, hi_d]), allow_extrapolation=allow_extrapolation)
     return d
