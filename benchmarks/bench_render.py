@@ -140,7 +140,12 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--ref-grid", type=int, default=48)
     ap.add_argument("--ref-spp", type=int, default=10000)
     ap.add_argument("--memory", default="512,1024", help="image sizes for the memory probe ('' to skip; 2048: ~17 min)")
-    ap.add_argument("--sensor", type=int, default=0, help="the whole-sensor image's side [px] (0: the lens's own)")
+    ap.add_argument(
+        "--sensor",
+        type=int,
+        default=0,
+        help="the whole-sensor image's side [px] (0: the lens's own; -1: skip that part)",
+    )
     ap.add_argument("--crop", type=int, default=256, help="side of the crops where the exact path is computed [px]")
     ap.add_argument("--big", type=int, default=4096, help="side of the large image timed in a fresh process (0: skip)")
     return ap
@@ -230,7 +235,7 @@ def main() -> None:
         )
 
     depth_rows = rgbd(model, work, size)
-    sensor_rows = whole_sensor(model, ckpt, grid, table, table_note, args)
+    sensor_rows = whole_sensor(model, ckpt, grid, table, table_note, args) if args.sensor >= 0 else []
     memory = [memory_probe(ckpt, int(s), 16) for s in args.memory.split(",") if s.strip()]
     for m in memory:
         above = m["peak_rss_mib"] - m["rss_before_mib"]
