@@ -58,10 +58,11 @@ def _check_shards(paths: list[str]) -> list[GridFile]:
     if missing:
         raise InputError(f"missing shard(s) {', '.join(f'{k}/{n}' for k in missing)}; pass all {n} shard files")
     for info in infos:
-        if not info.complete:
+        # Every block written but no closing marks: stopped before psf generate stamped its finish.
+        if not info.complete or info.finished_at is None:
             raise InputError(
                 f"shard {info.shard[0]}/{n} ({info.path}) is unfinished ({info.blocks_done}/{info.blocks_total} "
-                f"blocks); "
+                f"blocks{'' if not info.complete else ', its finish not stamped'}); "
                 f"resume it with the same 'psf generate --shard {info.shard[0]}/{n}' command"
             )
     return sorted(infos, key=lambda i: i.shard[0])

@@ -614,3 +614,22 @@ def test_field_mm_is_the_same_part_of_the_sensor_as_field(model, tiny_run, tmp_p
     assert_one_line_error(beyond, "--field-mm", "beyond the", "mm sensor")
     both = run_cli([*args, "--field", "0,1,0,1", "--field-mm", "0,1,0,1", "--out", str(tmp_path / "c.png")])
     assert_one_line_error(both, "--field or --field-mm, not both")
+
+
+def test_batch_refuses_an_out_folder_that_holds_its_inputs(tiny_run, tmp_path):
+    """--out the folder of the images: each output would be its own input, skipped as written or, with --overwrite,
+    the sharp image replaced by its blur. One line, before any work; the images stay as they were."""
+    src = tmp_path / "in"
+    src.mkdir()
+    write_image(src / "a.png", resolution_chart(12, 14), 8)
+    before = sha(src / "a.png")
+    args = ["render", "--checkpoint", str(tiny_run / "latest.pt"), "--images", str(src), "--depth", "1"]
+    for extra in ([], ["--overwrite"]):
+        r = run_cli([*args, "--out", str(src), *extra])
+        assert_one_line_error(r, "--out", "would be the input")
+        assert sha(src / "a.png") == before and sorted(p.name for p in src.iterdir()) == ["a.png"]
+    listing = tmp_path / "list.txt"  # a list naming an image inside --out: the same
+    listing.write_text("in/a.png\n")
+    r = run_cli([*args[:4], str(listing), "--depth", "1", "--out", str(tmp_path / "." / "in"), "--overwrite"])
+    assert_one_line_error(r, "--out", "would be the input")
+    assert sha(src / "a.png") == before

@@ -112,6 +112,20 @@ def test_merge_refuses_missing_duplicate_foreign_and_unfinished(three_shards, tm
     assert_one_line_error(r, "is shard 0/3", "psf merge")
 
 
+def test_merge_refuses_shards_whose_finish_is_not_stamped(three_shards, tmp_path):
+    """Shards with every block written but no closing marks (stopped before psf generate stamped its finish): one
+    line saying which shard to resume, not a traceback from the merged file's finish time."""
+    copies = []
+    for path in three_shards:
+        copies.append(tmp_path / path.name)
+        shutil.copy(path, copies[-1])
+        with h5py.File(copies[-1], "r+") as f:
+            f["closing"][...] = 0
+    r = CliRunner().invoke(main, ["merge", *map(str, copies), "--out", str(tmp_path / "m.h5")])
+    assert_one_line_error(r, "shard 0/3", "finish not stamped", "--shard 0/3")
+    assert not (tmp_path / "m.h5").exists()
+
+
 def test_shard_auto_under_torchrun(tiny_grid, tmp_path):
     out = tmp_path / "g.h5"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}

@@ -210,6 +210,7 @@ def render_batch(checkpoint, images, out_dir, depth_m=None, *, overwrite: bool =
         raise InputError(f"--out {out_dir} is a file; with --images give a folder")
     _check_depth(depth_m)
     entries = batch_entries(images, depth_m)
+    _refuse_outputs_onto_inputs(entries, out_dir)
     tempfiles.make_parent(out_dir / "x.png", "--out")
     todo = [(img, dep) for img, dep in entries if overwrite or not (out_dir / f"{img.stem}.png").exists()]
     if len(todo) < len(entries):
@@ -229,6 +230,19 @@ def render_batch(checkpoint, images, out_dir, depth_m=None, *, overwrite: bool =
     finally:
         method_log.setLevel(level)
     return written
+
+
+def _refuse_outputs_onto_inputs(entries: list[tuple[Path, Path | None]], out_dir: Path) -> None:
+    """An output out_dir/<stem>.png that is one of the inputs (--out the folder of the images) would be taken for
+    an output already written and skipped, or with --overwrite replace the sharp image: refused before any work."""
+    inputs = {p.resolve() for entry in entries for p in entry if p is not None}
+    for image, _ in entries:
+        out = out_dir / f"{image.stem}.png"
+        if out.resolve() in inputs:
+            raise InputError(
+                f"--out {out_dir}: the output {out} would be the input {out.resolve()}; give an --out folder that "
+                "holds none of the inputs"
+            )
 
 
 def _check_depth(depth_m) -> None:
