@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -633,3 +634,19 @@ def test_batch_refuses_an_out_folder_that_holds_its_inputs(tiny_run, tmp_path):
     r = run_cli([*args[:4], str(listing), "--depth", "1", "--out", str(tmp_path / "." / "in"), "--overwrite"])
     assert_one_line_error(r, "--out", "would be the input")
     assert sha(src / "a.png") == before
+
+
+def test_a_table_that_cannot_be_cached_is_built_and_used_all_the_same(model, tiny_run, tmp_path, monkeypatch, caplog):
+    from psfcvae.rendering import renderfile
+
+    ckpt = tmp_path / "c.pt"
+    ckpt.write_bytes((tiny_run / "latest.pt").read_bytes())
+
+    def full_disk(obj, f, *a, **k):
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+    monkeypatch.setattr(renderfile.torch, "save", full_disk)
+    with caplog.at_level(logging.INFO, logger="psfcvae.rendering.renderfile"):
+        table = renderfile.cached_table(model, ckpt)
+    assert table is not None and "not cached" in caplog.text and "file write failed" in caplog.text
+    assert not renderfile.table_path(ckpt).exists() and not list(tmp_path.glob(".*.tmp"))

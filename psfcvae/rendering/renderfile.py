@@ -69,8 +69,8 @@ def cached_table(model, checkpoint) -> PSFTable | None:
         with tempfiles.replacing(path) as tmp:
             torch.save({"version": TABLE_VERSION, "checkpoint_sha256": key, **table.state()}, tmp)
         where = f"cached in {path}"
-    except OSError as exc:
-        where = f"not cached ({path}: {exc.strerror})"
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
+        where = f"not cached ({path}: {getattr(exc, 'strerror', None) or str(exc).splitlines()[0]})"
     log.info("PSFs from the table: built in %.1f s (%s kernels), %s", built, "x".join(map(str, table.shape)), where)
     return table
 
