@@ -354,7 +354,7 @@ def _logs_above_bars():
     "--grid-size",
     type=int,
     help="N: trace an N x N field grid [default: from each depth's share of the default rays, 2e8 per colour, "
-    "e.g. 41 at 9 depths; 46 when --num-depths is a number].",
+    "e.g. 51 at the default lens's 3 depths; 46 when --num-depths is a number].",
 )
 @click.option("--depths", type=str, help="Object depths in metres, comma separated, e.g. 0.4,1,2,5,20.")
 @click.option(
