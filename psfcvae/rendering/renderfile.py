@@ -250,14 +250,19 @@ def _check_depth(depth_m) -> None:
         raise InputError(f"--depth must be a positive, finite number of metres, got {depth_m}")
 
 
+def _four_numbers(text: str) -> tuple[float, ...]:
+    """'a,b,c,d' -> its numbers; () when a part is no number (the callers say what four they expected)."""
+    try:
+        return tuple(float(p) for p in text.split(","))
+    except ValueError:
+        return ()
+
+
 def parse_field_mm(text: str | None) -> tuple[float, float, float, float] | None:
     """'x0,x1,y0,y1' [mm] on the sensor (x right, y up, 0 on the axis) -> those four numbers; None -> None."""
     if text is None:
         return None
-    try:
-        v = tuple(float(p) for p in text.split(","))
-    except ValueError:
-        v = ()
+    v = _four_numbers(text)
     if len(v) != 4 or not (v[0] < v[1] and v[2] < v[3]) or not all(abs(x) < float("inf") for x in v):
         raise InputError(f"--field-mm {text!r}: expected 'x0,x1,y0,y1' in mm with x0 < x1 and y0 < y1")
     return v
@@ -280,10 +285,7 @@ def parse_field(text: str | None) -> tuple[float, float, float, float]:
     """'x0,x1,y0,y1' -> the field window; None -> the whole sensor."""
     if text is None:
         return (-1.0, 1.0, -1.0, 1.0)
-    try:
-        v = tuple(float(p) for p in text.split(","))
-    except ValueError:
-        v = ()
+    v = _four_numbers(text)
     if len(v) != 4 or not (-1 <= v[0] < v[1] <= 1 and -1 <= v[2] < v[3] <= 1):
         raise InputError(f"--field {text!r}: expected 'x0,x1,y0,y1' with x0 < x1 and y0 < y1 in [-1, 1]")
     return v
