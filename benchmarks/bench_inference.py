@@ -43,15 +43,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def yardstick(args, model) -> tuple[str, float | None, int]:
-    """(lens file, focus [m] or None, traced window [px]): the model's own, read from its grid file,
-    unless --lens gives another."""
+    """(lens file, focus [m] or None, traced window [px]): the model's own, read from its grid file (its first
+    focus setting), unless --lens gives another."""
     if args.lens is not None:
         return args.lens, args.focus_m, 64
     data = model.info["config"].get("data", "")
     if not Path(data).is_file():
         raise SystemExit(f"the model's grid file {data!r} is not here: give --lens (and --focus-m)")
     cfg = GridFile.open(data).config
-    return cfg["lens"], cfg.get("focus_m"), int(cfg["kernel_size"])
+    focus = cfg.get("focus_m") or [None]  # a list of focus settings: tracing at the first is the yardstick
+    return cfg["lens"], focus[0], int(cfg["kernel_size"])
 
 
 def best_rate(fn, n: int, repeats: int = 5) -> float:
