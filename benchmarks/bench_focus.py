@@ -1,0 +1,126 @@
+"""One model over focus against a model trained at one focus alone, at the same rays per focus setting.
+
+Traces two grid files of one lens with the same depths, grid, spp and seed: a multi-focus file over --focus-m
+and a single-focus file at one of its focus settings (--single; default the middle one). The seed fixes the
+held-out points' positions and depths, so the single-focus file's test points are the multi-focus file's
+points, all at that focus. It trains a model on each (the multi-focus one for F times the steps: the same
+passes over each PSF) and prints:
+
+1. ``psf eval`` of the multi-focus model on its own test points, at grid focus settings and between them,
+   against the interpolation baselines (bicubic in the field x linear in 1/depth x linear in 1/focus) and
+   tracing the point at the grid's spp;
+2. on the single-focus file's test points (all at the --single focus): the multi-focus model, the model trained
+   at that focus alone, the single-focus file's best interpolation and tracing at the grid's spp, each
+   noise-corrected and pooled (docs/metrics.md).
+
+    python benchmarks/bench_focus.py [--lens acl12708u] [--focus-m 0.5,2,inf] [--single 2]
+                                     [--config configs/demo.yaml] [--steps-per-focus 1500] [--work DIR]
+
+The default grid is the demo's (configs/demo.yaml: 8x8 points, depths 0.5, 1, 5 m, spp 20 000), a CPU-sized
+check of the design, not the accuracy of psf generate's defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import yaml
+
+from psfcvae import EvalConfig, TrainConfig, evaluate, load_model, train
+from psfcvae.evaluation.metrics import rel_l2_corrected
+from psfgen import GenerateConfig, generate
+from psfgen.gridfile import GridFile
+from psfgen.shared import configio
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lens", default="acl12708u", help="a shipped lens's name or a lens file")
+    ap.add_argument("--focus-m", default="0.5,2,inf", help="the multi-focus file's focus settings [m]")
+    ap.add_argument("--single", default=None, help="the single-focus file's focus [m], one of --focus-m")
+    ap.add_argument("--config", default=str(ROOT / "configs/demo.yaml"), help="psf generate config of both files")
+    ap.add_argument("--steps-per-focus", type=int, default=1500, help="training steps per focus setting")
+    ap.add_argument("--work", default=None)
+    ap.add_argument("--device", default="auto")
+    return ap
+
+
+def _focus(text: str) -> float:
+    return float("inf") if text.strip().lower() in ("inf", "infinity") else float(text)
+
+
+def _trained(data: Path, run_dir: Path, steps: int, device: str) -> Path:
+    """latest.pt of psf train's defaults on ``data`` for ``steps`` steps (reused when it got there)."""
+    latest = run_dir / "latest.pt"
+    if not latest.is_file() or load_model(latest, device="cpu").info["step"] < steps:
+        cfg = configio.build(
+            TrainConfig, {"data": str(data), "run_dir": str(run_dir), "max_steps": steps, "device": device}
+        )
+        train(cfg)
+    return latest
+
+
+def _pooled_on(model, grid: GridFile, focus_m: float) -> tuple[float, int]:
+    """The model's noise-corrected pooled relative L2 on ``grid``'s lit test points, called at ``focus_m``."""
+    ho = grid.heldout("test")
+    lit = ho["lit"]
+    kwargs = {} if len(model.focus) == 1 else {"focus_m": focus_m}
+    pred = model.psf(ho["coords"][lit, 0], ho["coords"][lit, 1], ho["depth"][lit], **kwargs).cpu().numpy()
+    return rel_l2_corrected(pred, ho["psf_a"][lit], ho["psf_b"][lit])[1], int(lit.sum())
+
+
+def main() -> None:
+    args = _parser().parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    focus = [_focus(f) for f in args.focus_m.split(",")]
+    single = _focus(args.single) if args.single else sorted(focus)[len(focus) // 2]
+    if single not in focus:
+        raise SystemExit(f"--single {single:g} is not one of --focus-m {args.focus_m}")
+    work = Path(args.work or f"runs/bench_focus/{Path(args.lens).stem}")
+    base = yaml.safe_load(Path(args.config).read_text())
+    base.update(lens=args.lens, device=args.device)
+
+    t0 = time.time()
+    multi = generate(configio.build(GenerateConfig, {**base, "focus_m": focus, "out": str(work / "multi.h5")}))
+    one = generate(configio.build(GenerateConfig, {**base, "focus_m": [single], "out": str(work / "single.h5")}))
+    times = {"generate": time.time() - t0}
+
+    t = time.time()
+    multi_ckpt = _trained(multi, work / "run_multi", args.steps_per_focus * len(focus), args.device)
+    times["train multi"] = time.time() - t
+    t = time.time()
+    one_ckpt = _trained(one, work / "run_single", args.steps_per_focus, args.device)
+    times["train single"] = time.time() - t
+
+    ev_multi = evaluate(EvalConfig(data=str(multi), checkpoint=str(multi_ckpt), out=str(work / "eval_multi")))
+    ev_one = evaluate(EvalConfig(data=str(one), checkpoint=str(one_ckpt), out=str(work / "eval_single")))
+
+    grid = GridFile.open(one)
+    m_multi, n = _pooled_on(load_model(multi_ckpt, device="cpu"), grid, single)
+    m_one, _ = _pooled_on(load_model(one_ckpt, device="cpu"), grid, single)
+    heldout = {k: v["all"]["corrected"]["pooled"] for k, v in ev_one["heldout"].items() if not k.startswith("cvae")}
+    best = min(heldout, key=heldout.get)
+    trace = ev_one.get("raytrace_at_training_spp", {}).get("all", {}).get("mean", float("nan"))
+
+    n_grid = base["grid_size"]
+    print(
+        f"lens {args.lens}: focus {args.focus_m} m; {n_grid}x{n_grid} grid, depths {base.get('depths')}, "
+        f"spp {base['spp']} per focus setting; {args.steps_per_focus} steps per focus"
+    )
+    print("\n1. the multi-focus model on its own test points (psf eval):")
+    print(ev_multi["table"])
+    print(f"\n2. on the {n} lit test points of the file traced at focus {single:g} m alone:")
+    print(f"| multi-focus model ({len(focus)} focus settings) | {100 * m_multi:.1f}% |")
+    print(f"| model trained at {single:g} m alone | {100 * m_one:.1f}% |")
+    print(f"| best interpolation of the {single:g} m grid ({best}) | {100 * heldout[best]:.1f}% |")
+    print(f"| tracing the point at the grid's spp (mean over the re-traced grid points) | {100 * trace:.1f}% |")
+    print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
+
+
+if __name__ == "__main__":
+    main()
