@@ -69,7 +69,7 @@ def _untrained(cond_dim: int, field_scale=(1.0, 1.0)) -> PSFModel:
         depth_max=max(depths),
         field_scale=field_scale,
     )
-    return PSFModel(CVAE(args).eval(), {"data_fingerprint": {"depths": depths}})
+    return PSFModel(CVAE(args).eval(), {"data_fingerprint": {"depths": depths, "focus": [np.nan]}})
 
 
 @pytest.mark.parametrize("cond_dim, field_scale", [(3, (1.0, 0.6)), (2, (0.75, 1.0))])
@@ -143,7 +143,7 @@ def test_dark_points_follow_the_illumination_head(vignetted_grid, tmp_path):
 
 def test_a_cartesian_model_has_no_table():
     net = CVAE(ModelArgs(latent_dim=4, hidden_dim=8, num_layers=1, num_frequencies=1))
-    model = PSFModel(net, {"data_fingerprint": {"depths": [1.0]}})
+    model = PSFModel(net, {"data_fingerprint": {"depths": [1.0], "focus": [np.nan]}})
     with pytest.raises(InputError, match="canonical-frame model"):
         model.tabulate()
     with pytest.raises(InputError, match="target deviation must be between 0 and 1, got 0"):
