@@ -236,7 +236,7 @@ class OneLineGroup(click.Group):
 # Each command: the one line `psf --help` lists it with, and the examples its own help ends with.
 ABOUT = {
     "generate": (
-        "Ray-trace a lens's PSFs over the field, depth and focus into a grid file.",
+        "Ray-trace PSFs over field, depth and focus into a grid file.",
         [
             "psf generate --lens cooke_triplet_f5 --depths 0.5,1,5 --out grid.h5",
             "psf generate --focus-m 0.5,2,inf --out refocus.h5",

@@ -187,10 +187,10 @@ class GenerateConfig:
             return
         missing = [k for k, v in ranged.items() if v is None]
         if missing:
-            raise InputError.for_keys(
-                f"{{{given[0]}}} needs {' and '.join(missing)}: a focus range is focus_min, focus_max and num_focus",
+            raise InputError.for_key(
                 given[0],
-                *missing,
+                f"needs {' and '.join(missing)} too: a focus range is focus_min, focus_max and num_focus "
+                "(--focus-min, --focus-max, --num-focus)",
             )
         if not (self.focus_min > 0 and np.isfinite(self.focus_min)):
             raise InputError.for_key("focus_min", f"must be positive (metres), got {self.focus_min}")

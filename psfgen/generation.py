@@ -65,7 +65,8 @@ def plan_blocks(
 
     groups = [(0, n_heldout)]
     if heldout_focus is not None and n_heldout:
-        same = (heldout_focus[1:] == heldout_focus[:-1]) | np.isnan(heldout_focus[1:] + heldout_focus[:-1])  # nan: F = 1
+        pair = heldout_focus[1:] + heldout_focus[:-1]
+        same = (heldout_focus[1:] == heldout_focus[:-1]) | np.isnan(pair)  # nan: F = 1, one group
         cuts = np.flatnonzero(~same) + 1
         edges = [0, *cuts.tolist(), n_heldout]
         groups = list(zip(edges[:-1], edges[1:]))
@@ -85,8 +86,9 @@ def _focus_entropy(focus: float | None) -> list[int]:
 
 def block_seed(seed: int, block: Block, focus: float | None = None, n_depths: int | None = None) -> int:
     """The torch seed of one block: a function of (seed, kind, depth index, start, focus) only. A grid or noise
-    block of plane p = f*D + d (n_depths = D; None: p is the depth index) is seeded by its depth index d and its focus value, never by f: a run
-    over several focus settings traces each one's PSFs as a run at that focus alone does, each focus independently."""
+    block of plane p = f*D + d (n_depths = D; None: p is the depth index) is seeded by its depth index d and its
+    focus value [m], never by f: a run over several focus settings traces each one's PSFs as a run at that focus
+    alone does, each focus independently of the others."""
     d = block.plane % n_depths if block.plane >= 0 and n_depths else block.plane  # held-out: -1
     entropy = [seed, gridfile.KINDS.index(block.kind), d + 1, block.start, *_focus_entropy(focus)]
     ss = np.random.SeedSequence(entropy)
@@ -546,7 +548,7 @@ def _trace_block(run: Run, lens, index: int, block: Block, points: Points, axis:
     t0 = time.perf_counter()
     xy, depth_m, focus = points.of(block)  # [B, 2], [B] m, m
     spp = cfg.spp if block.kind in ("grid", "noise") else cfg.heldout_half_spp()
-    at_focus = "" if np.isnan(focus) else f", focus {focus:g} m"
+    at_focus = "" if np.isnan(focus) else f", focus {gridfile.focus_text(focus)}"
     where = f"{block.kind} points {block.start}-{block.stop - 1} at {_depths_text(depth_m)}{at_focus}"
     try:
         psf, rays, window, chief = illumination.trace_with_chief(
@@ -600,7 +602,7 @@ def _trace_axis(lens, depths: np.ndarray, cfg: GenerateConfig, focus: float = fl
     gets (almost) no light means nothing is lit there: an input error, before any file is written.
     """
     spp = max(cfg.spp, cfg.heldout_half_spp())
-    at_focus = "" if np.isnan(focus) else f" focused at {focus:g} m"
+    at_focus = "" if np.isnan(focus) else f" focused at {gridfile.focus_text(focus)}"
     entropy = [cfg.seed, 0x41584953, *_focus_entropy(focus)]  # "AXIS"
     torch.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
     try:

@@ -81,6 +81,11 @@ SUM_TOLERANCE = 1e-3
 MAX_ILLUMINATION = 100.0
 
 
+def focus_text(focus_m: float) -> str:
+    """'0.5 m', or 'infinity'."""
+    return "infinity" if focus_m == np.inf else f"{focus_m:g} m"
+
+
 @dataclass(frozen=True)
 class Block:
     kind: str  # one of KINDS
@@ -117,7 +122,7 @@ class LightKept:
 
     def where(self) -> str:
         """'channel B of point (-1, -1) at 1 m' (and ', focus 0.5 m' in a file of several focus settings)"""
-        focus = "" if self.focus_m is None else f", focus {self.focus_m:g} m"
+        focus = "" if self.focus_m is None else f", focus {focus_text(self.focus_m)}"
         return (
             f"channel {'RGB'[self.channel]} of point ({self.xy[0]:.3g}, {self.xy[1]:.3g}) at {self.depth_m:g} m{focus}"
         )
@@ -847,9 +852,9 @@ class GridFile:
         return np.tile(self.depths, len(self.focus))
 
     def plane_label(self, p: int) -> str:
-        """'2 m', or '2 m at focus 0.5 m' in a file of several focus settings."""
+        """'2 m', or '2 m at focus 0.5 m' (or 'at focus infinity') in a file of several focus settings."""
         depth = f"{self.plane_depth[p]:g} m"
-        return depth if self.n_focus == 1 else f"{depth} at focus {self.plane_focus[p]:g} m"
+        return depth if self.n_focus == 1 else f"{depth} at focus {focus_text(self.plane_focus[p])}"
 
     def n_part(self, part: str) -> int:
         """How many held-out points are validation points, test points, or both ("all")."""
