@@ -1,0 +1,110 @@
+"""psf eval over focus settings: the baselines extended to focus, on synthetic grids."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from psfcvae.evaluation import baselines as B
+from psfgen.plan.grid import grid_coords
+
+FOCUS = np.array([0.5, 1.0, 2.0, np.inf])  # [F] m, ascending, inf last
+DEPTHS = np.array([0.4, 1.5, 20.0])  # [D] m
+N = 6  # field lattice N x N
+
+
+def _psf_field(g: np.ndarray, seed: int = 4) -> np.ndarray:
+    """PSFs base + g * pattern [..., 3, 5, 5] for values g [...]: the pattern sums to 0 per channel, so every
+    PSF sums to 1 and interpolating the PSFs is interpolating g."""
+    rng = np.random.default_rng(seed)
+    base = rng.random((3, 5, 5)) + 1.0
+    base /= base.sum(axis=(-2, -1), keepdims=True)
+    pattern = rng.normal(size=(3, 5, 5)) * 0.002  # small enough that no pixel goes below 0
+    pattern -= pattern.mean(axis=(-2, -1), keepdims=True)
+    return base + g[..., None, None, None] * pattern
+
+
+def _g(x, y, depth_m, focus_m, quadratic: bool):
+    """Quadratic (or linear) in the field, bilinear in (1/depth, 1/focus), 1/inf = 0."""
+    u, v = 1.0 / depth_m, 1.0 / focus_m
+    field = 0.7 * x**2 - 0.4 * x * y + 0.3 * y**2 if quadratic else 0.0
+    return 1.0 + field + 0.2 * x - 0.1 * y + 0.3 * u - 0.5 * v + 0.4 * u * v
+
+
+def _grid(quadratic: bool) -> np.ndarray:
+    """[F*D, P, 3, 5, 5] on the planes p = f*D + d."""
+    coords = grid_coords(N)
+    f, d = np.divmod(np.arange(len(FOCUS) * len(DEPTHS)), len(DEPTHS))
+    g = _g(coords[None, :, 0], coords[None, :, 1], DEPTHS[d][:, None], FOCUS[f][:, None], quadratic)
+    return _psf_field(g)
+
+
+def _queries(m: int = 60, seed: int = 1):
+    """Points inside the lattice's interior cells, at depths and focus settings between the grid's (and on them)."""
+    rng = np.random.default_rng(seed)
+    step = 2.0 / (N - 1)
+    x, y = rng.uniform(-1 + step, 1 - step, m), rng.uniform(-1 + step, 1 - step, m)
+    depth = 1.0 / rng.uniform(1 / DEPTHS[-1], 1 / DEPTHS[0], m)
+    focus = 1.0 / rng.uniform(0.0, 1 / FOCUS[0], m)  # 1/focus from 0 (inf) to 2 dioptres
+    focus[:4] = FOCUS  # on each grid focus, inf included
+    focus[4] = np.inf
+    return x, y, depth, focus
+
+
+@pytest.mark.parametrize("method, quadratic", [("bicubic", True), ("bilinear", False)])
+def test_a_field_linear_in_inverse_focus_is_reproduced_between_focus_settings(method, quadratic):
+    """The oracle: PSFs exactly bilinear in (1/depth, 1/focus) (and quadratic over the field for bicubic, linear
+    for bilinear) are what the baselines give anywhere between the grid's depths and focus settings, inf too."""
+    grid = _grid(quadratic)
+    x, y, depth, focus = _queries()
+    want = _psf_field(_g(x, y, depth, focus, quadratic))
+    got = getattr(B, method)(grid, DEPTHS, N, x, y, depth, focus=FOCUS, focus_m=focus)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    # Eigen-PSF with every component: its coefficients are linear in the PSFs, so as exact.
+    eigen = B.EigenPSF(grid, DEPTHS, N, components=1000, focus=FOCUS)
+    if quadratic:
+        np.testing.assert_allclose(eigen(x, y, depth, focus_m=focus), want, atol=1e-6)
+    # Not the nearest focus: between two settings the PSF is a blend of both.
+    nearest_focus = FOCUS[np.abs(1 / FOCUS - 1 / focus[:, None]).argmin(1)]
+    near = getattr(B, method)(grid, DEPTHS, N, x, y, depth, focus=FOCUS, focus_m=nearest_focus)
+    between = ~np.isin(focus, FOCUS)
+    assert np.abs(got[between] - near[between]).max() > 1e-4
+
+
+def test_beyond_the_focus_range_the_end_focus_is_used():
+    grid = _grid(True)
+    x, y, depth, _ = _queries(8)
+    near = B.bicubic(grid, DEPTHS, N, x, y, depth, focus=FOCUS, focus_m=np.full(8, 0.2))
+    at = B.bicubic(grid, DEPTHS, N, x, y, depth, focus=FOCUS, focus_m=np.full(8, FOCUS[0]))
+    np.testing.assert_array_equal(near, at)
+
+
+def test_nearest_takes_the_plane_nearest_in_inverse_depth_and_focus():
+    grid = _grid(True)
+    coords = grid_coords(N)
+    p = 7  # a grid point
+    for f, d, focus_m, depth_m in ((0, 0, 0.55, 0.41), (2, 1, 2.5, 1.2), (3, 2, 30.0, 25.0), (3, 0, np.inf, 0.3)):
+        got = B.nearest(
+            grid, DEPTHS, N, coords[p : p + 1, 0] + 0.05, coords[p : p + 1, 1], np.array([depth_m]), FOCUS, focus_m
+        )
+        np.testing.assert_allclose(got[0], grid[f * len(DEPTHS) + d, p], rtol=1e-6)
+
+
+def test_one_focus_ignores_the_query_focus_and_gives_the_depth_only_figures():
+    """A single-focus file (/focus = [nan], or one distance) scores as a file without focus did."""
+    grid = _grid(True)[: len(DEPTHS)]  # the first focus's planes
+    x, y, depth, focus = _queries(20)
+    for method in (B.nearest, B.bilinear, B.bicubic):
+        plain = method(grid, DEPTHS, N, x, y, depth)
+        np.testing.assert_array_equal(method(grid, DEPTHS, N, x, y, depth, focus=[np.nan], focus_m=np.nan), plain)
+        np.testing.assert_array_equal(method(grid, DEPTHS, N, x, y, depth, focus=[2.0], focus_m=focus), plain)
+    eigen = B.EigenPSF(grid, DEPTHS, N, components=4)
+    np.testing.assert_array_equal(
+        B.EigenPSF(grid, DEPTHS, N, components=4, focus=[np.nan])(x, y, depth, np.nan), eigen(x, y, depth)
+    )
+
+
+def test_a_grid_that_is_not_focus_by_depth_planes_is_refused():
+    grid = _grid(True)
+    with pytest.raises(ValueError, match="12 planes, not 3 focus x 3 depths"):
+        B.bicubic(grid, DEPTHS, N, np.zeros(1), np.zeros(1), np.ones(1), focus=FOCUS[:3], focus_m=1.0)
