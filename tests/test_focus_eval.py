@@ -108,3 +108,56 @@ def test_a_grid_that_is_not_focus_by_depth_planes_is_refused():
     grid = _grid(True)
     with pytest.raises(ValueError, match="12 planes, not 3 focus x 3 depths"):
         B.bicubic(grid, DEPTHS, N, np.zeros(1), np.zeros(1), np.ones(1), focus=FOCUS[:3], focus_m=1.0)
+
+
+def test_test_points_are_grouped_at_and_between_grid_focus_settings():
+    from psfcvae.evaluation.evaluate import heldout_groups
+
+    focus = np.array([0.5, 2.0, np.inf])
+    point_focus = np.array([0.5, 0.8, 2.0, 4.0, np.inf, np.inf, 0.5, 0.8])  # 0.8 and 4: midway in 1/focus
+    heldout = {
+        "coords": np.zeros((8, 2)),
+        "depth": np.ones(8),
+        "at_grid_depth": np.ones(8, bool),
+        "focus": point_focus,
+        "at_grid_focus": np.isin(point_focus, focus),
+    }
+    groups = heldout_groups(heldout, np.array([1.0]), focus)["focus"]
+    want = {
+        "all": [0, 1, 2, 3, 4, 5, 6, 7],
+        "at grid focus": [0, 2, 4, 5, 6],
+        "between grid focus": [1, 3, 7],
+        "at focus 0.5 m": [0, 6],
+        "between focus 0.5 and 2 m": [1, 7],
+        "at focus 2 m": [2],
+        "between focus 2 m and ∞": [3],
+        "at focus ∞": [4, 5],
+    }
+    assert list(groups) == list(want)  # nearest first, as the tables show them
+    assert {g: np.flatnonzero(m).tolist() for g, m in groups.items()} == want
+    # One focus: no focus groups, the depth and radius-band groups as a single-focus file had them.
+    assert set(heldout_groups(heldout, np.array([1.0]), np.array([np.nan]))) == {"depth", "radius band"}
+    assert set(heldout_groups(heldout, np.array([1.0]))) == {"depth", "radius band"}
+
+
+def test_bench_accuracy_table_shows_the_focus_groups():
+    import importlib.util
+
+    from helpers import ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_accuracy", ROOT / "benchmarks" / "bench_accuracy.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench._parser().parse_args(["--focus-m", "0.5,2,inf"]).focus_m == (0.5, 2.0, np.inf)
+    cell = lambda v: {"corrected": {"pooled": v}}  # noqa: E731
+    groups = ("all", "at grid depths", "between grid depths", "at grid focus", "between grid focus")
+    result = {
+        "checkpoint": None,
+        "heldout": {"bicubic": {g: cell(0.01 * (i + 1)) for i, g in enumerate(groups)}},
+        "heldout_groups": {"depth": list(groups[:3]), "focus": ["all", *groups[3:]]},
+    }
+    lines = bench.summary_table({"baselines": result}).splitlines()
+    assert lines[0] == "| method | all | at grid depths | between grid depths | at grid focus | between grid focus |"
+    assert lines[2] == "| bicubic | 1.0% | 2.0% | 3.0% | 4.0% | 5.0% |"
+    del result["heldout_groups"]["focus"]  # a single-focus file: the three columns of before
+    assert bench.summary_table({"baselines": result}).splitlines()[2] == "| bicubic | 1.0% | 2.0% | 3.0% |"
