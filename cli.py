@@ -234,9 +234,10 @@ class OneLineGroup(click.Group):
 # Each command: the one line `psf --help` lists it with, and the examples its own help ends with.
 ABOUT = {
     "generate": (
-        "Ray-trace a lens's PSFs over the field and depth into a grid file.",
+        "Ray-trace PSFs over field, depth and focus into a grid file.",
         [
             "psf generate --lens cooke_triplet_f5 --depths 0.5,1,5 --out grid.h5",
+            "psf generate --focus-m 0.5,2,inf --out refocus.h5",
             "psf generate --config configs/generate.yaml --shard 0/4",
         ],
     ),
@@ -367,7 +368,15 @@ def _logs_above_bars():
     help="Number of depths in the range, or auto: a short pilot trace picks 3, 5, 9, 17 or 33 from how fast "
     "the lens's PSFs change with depth (docs/ray_budget.md) [default: auto].",
 )
-@click.option("--focus-m", type=float, help="Refocus the lens to this object distance [m] before tracing.")
+@click.option(
+    "--focus-m",
+    type=str,
+    help="Focus distances [m] to refocus the lens to (the sensor moves), comma separated, inf for infinity, e.g. "
+    "0.5,1,2,inf: every depth is traced at each [default: the sensor where the lens file puts it].",
+)
+@click.option("--focus-min", type=float, help="Nearest focus [m] of a range spaced uniformly in 1/focus.")
+@click.option("--focus-max", type=float, help="Farthest focus [m] of the range (inf allowed).")
+@click.option("--num-focus", type=int, help="Number of focus settings in the range (at least 2).")
 @click.option(
     "--spp",
     type=int,

@@ -46,7 +46,13 @@ class GenerateConfig:
     # or 33 from how fast the lens's PSFs change with depth (psfgen/plan/depthplan.py), and psf generate records them
     # in depths. 5 before this was measured (configs/generate.yaml keeps the spec's 5).
     num_depths: int | str = "auto"
-    focus_m: float | None = None  # refocus the lens to this object distance [m] before tracing
+    # Focus distances [m] the lens is refocused to (DeepLens's refocus: the sensor moves), each traced at every depth;
+    # inf (YAML .inf or "inf") focuses at infinity. None: the sensor where the lens file puts it.
+    focus_m: tuple[float, ...] | None = None
+    # Or a range of num_focus focus distances uniform in 1/focus from focus_min to focus_max [m] (which may be inf).
+    focus_min: float | None = None
+    focus_max: float | None = None
+    num_focus: int | None = None
     spp: int | None = None  # rays per point source and wavelength for the grid; None: 18903, or from ray_budget
     # Rays per colour for the grid over all depths (depths x grid_size^2 x spp); None: grid_size and spp as given
     # (with num_depths auto and neither given: the default 5 depths' rays). With one of them it fixes the other;
@@ -104,8 +110,7 @@ class GenerateConfig:
                     "depth_min",
                     "num_depths",
                 )
-        if self.focus_m is not None and not self.focus_m > 0:
-            raise InputError.for_key("focus_m", f"must be positive (metres), got {self.focus_m}")
+        self._check_focus()
         check_at_least(self, 1, "spp", "block_rays")
         if isinstance(self.kernel_size, str) and self.kernel_size != "auto":
             raise InputError.for_key(
@@ -135,9 +140,9 @@ class GenerateConfig:
         if self.noise_points is not None and self.grid_size is not None:
             check_noise_points(self.noise_points, self.grid_size)
         if self.auto_depths():  # the budget must afford the fewest depths the pilot may choose
-            budget.resolve(self.budget(), self.grid_size, self.spp, budget.DEPTH_CHOICES[0])
+            budget.resolve(self.budget(), self.grid_size, self.spp, budget.DEPTH_CHOICES[0], self.focus_count())
         elif self.ray_budget is not None:  # the budget must afford the depths given
-            budget.resolve(self.budget(), self.grid_size, self.spp, self.depth_count())
+            budget.resolve(self.budget(), self.grid_size, self.spp, self.depth_count(), self.focus_count())
         # A pilot on each shard could choose otherwise: every shard must trace the same depths and window.
         pilots = (
             (self.auto_depths(), "num_depths", "depths", "number of depths"),
@@ -159,14 +164,68 @@ class GenerateConfig:
                 )
         check_device(self)
 
+    def _check_focus(self) -> None:
+        """focus_m: positive, distinct metres (inf allowed); or focus_min, focus_max and num_focus together."""
+        ranged = {k: getattr(self, k) for k in ("focus_min", "focus_max", "num_focus")}
+        given = [k for k, v in ranged.items() if v is not None]
+        if self.focus_m is not None:
+            if given:
+                raise InputError.for_keys(
+                    f"{{focus_m}} and {{{given[0]}}} both give the focus settings: give the list or the range",
+                    "focus_m",
+                    given[0],
+                )
+            if len(self.focus_m) == 0:
+                raise InputError.for_key("focus_m", "is empty; give at least one focus distance in metres (or inf)")
+            bad = [f for f in self.focus_m if not f > 0]  # NaN too
+            if bad:
+                raise InputError.for_key("focus_m", f"must be positive metres or inf, got {bad[0]}")
+            if len(set(self.focus_m)) != len(self.focus_m):
+                raise InputError.for_key("focus_m", f"must not repeat, got {', '.join(f'{f:g}' for f in self.focus_m)}")
+            return
+        if not given:
+            return
+        missing = [k for k, v in ranged.items() if v is None]
+        if missing:
+            raise InputError.for_key(
+                given[0],
+                f"needs {' and '.join(missing)} too: a focus range is focus_min, focus_max and num_focus "
+                "(--focus-min, --focus-max, --num-focus)",
+            )
+        if not (self.focus_min > 0 and np.isfinite(self.focus_min)):
+            raise InputError.for_key("focus_min", f"must be positive (metres), got {self.focus_min}")
+        if not self.focus_max > self.focus_min:  # NaN too
+            raise InputError.for_keys(
+                f"{{focus_max}} ({self.focus_max}) must be beyond {{focus_min}} ({self.focus_min})",
+                "focus_max",
+                "focus_min",
+            )
+        check_at_least(self, 2, "num_focus")
+
     # Derived values. Kept as methods, not fields, so they cannot disagree with the fields.
     def budget(self) -> int | None:
-        """The rays per colour the grid spends over all depths: ray_budget; with num_depths auto and not both
-        grid_size and spp given, the default 5 depths' rays (auto moves them between depths, it adds none);
-        None: grid_size and spp as given or by default."""
+        """The rays per colour the grid spends over all planes (depths x focus settings): ray_budget; with
+        num_depths auto and not both grid_size and spp given, the default 5 depths' rays at each focus (auto moves
+        them between depths, it adds none); None: grid_size and spp as given or by default."""
         if self.ray_budget is None and self.auto_depths() and (self.grid_size is None or self.spp is None):
-            return budget.DEFAULT_RAY_BUDGET * budget.DEFAULT_NUM_DEPTHS
+            return budget.DEFAULT_RAY_BUDGET * budget.DEFAULT_NUM_DEPTHS * self.focus_count()
         return self.ray_budget
+
+    def focus_values(self) -> np.ndarray | None:
+        """The focus distances [m], ascending (inf last); None without any (the lens file's sensor). A range is
+        spaced uniformly in 1/focus."""
+        if self.focus_m is not None:
+            return np.array(sorted(self.focus_m), dtype=np.float64)
+        if self.num_focus is None:
+            return None
+        inv = np.linspace(1.0 / self.focus_min, 1.0 / self.focus_max, self.num_focus)  # 1/inf = 0
+        with np.errstate(divide="ignore"):
+            return 1.0 / inv
+
+    def focus_count(self) -> int:
+        """F: how many focus settings (1 without any)."""
+        values = self.focus_values()
+        return 1 if values is None else len(values)
 
     def auto_depths(self) -> bool:
         """num_depths auto, the depths not chosen yet."""
@@ -211,7 +270,9 @@ class GenerateConfig:
             d.pop(k)
         d["depths"] = [float(x) for x in self.depth_values()]
         d["heldout_spp"] = 2 * self.heldout_half_spp()
-        for k in ("depth_min", "depth_max", "num_depths"):
+        focus = self.focus_values()
+        d["focus_m"] = None if focus is None else [float(f) for f in focus]
+        for k in ("depth_min", "depth_max", "num_depths", "focus_min", "focus_max", "num_focus"):
             d.pop(k)
         return d
 
@@ -225,8 +286,9 @@ def check_noise_points(noise_points: int, grid_size: int) -> None:
 
 
 def resolve(cfg: GenerateConfig, num_depths: int | None = None, kernel_size: int | None = None) -> GenerateConfig:
-    """The config a run traces, every auto or default value decided: depths, grid_size and spp (from the ray
-    budget), noise_points, heldout_spp, kernel_size. The one step that resolves them; the grid file records its result.
+    """The config a run traces, every auto or default value decided: depths, focus_m (ascending), grid_size and spp
+    (from the ray budget), noise_points, heldout_spp, kernel_size. The one step that resolves them; the grid file
+    records its result.
 
     num_depths: num_depths auto's choice (the pilot's, or the number of depths of the file a run resumes).
     kernel_size: kernel_size auto's choice [px] (likewise).
@@ -234,7 +296,8 @@ def resolve(cfg: GenerateConfig, num_depths: int | None = None, kernel_size: int
     if cfg.auto_window() and kernel_size is None:
         raise ValueError("kernel_size auto: psf generate chooses the window (psfgen.plan.windowplan)")
     depths = cfg.depth_values(num_depths)
-    grid_size, spp = budget.resolve(cfg.budget(), cfg.grid_size, cfg.spp, len(depths))
+    focus = cfg.focus_values()
+    grid_size, spp = budget.resolve(cfg.budget(), cfg.grid_size, cfg.spp, len(depths), cfg.focus_count())
     noise_points = default_noise_points(grid_size) if cfg.noise_points is None else cfg.noise_points
     check_noise_points(noise_points, grid_size)
     heldout_spp = 4 * spp if cfg.heldout_spp is None else cfg.heldout_spp
@@ -242,6 +305,10 @@ def resolve(cfg: GenerateConfig, num_depths: int | None = None, kernel_size: int
         cfg,
         depths=tuple(float(d) for d in depths),
         num_depths=len(depths),
+        focus_m=None if focus is None else tuple(float(f) for f in focus),
+        focus_min=None,
+        focus_max=None,
+        num_focus=None,
         grid_size=grid_size,
         spp=spp,
         noise_points=noise_points,

@@ -1,7 +1,8 @@
 """``psfgen.generate(config)``: ray-trace the PSF grid, held-out set and noise floor into HDF5.
 
-The work is cut into blocks (one depth x a range of points); each block is seeded from
-(seed, block) alone, traced as DeepLens ``psf_rgb`` does (illumination.trace_counted),
+The work is cut into blocks (one plane, a depth at a focus, x a range of points; held-out
+blocks one focus each); each block is seeded from (seed, block, its focus) alone, traced as
+DeepLens ``psf_rgb`` does (illumination.trace_counted),
 area-downsampled and written with a completion mark. Running the same command again skips
 finished blocks, so a killed run resumes and ends identical, PSF for PSF, to an
 uninterrupted one.
@@ -32,6 +33,7 @@ from psfgen.plan.grid import (
     MIN_TEST_PER_BAND,
     band_test_counts,
     grid_coords,
+    heldout_focus,
     heldout_points,
     neighbour_pairs,
     noise_indices,
@@ -48,24 +50,48 @@ from psfgen.trace.resample import METHOD, downsample
 log = logging.getLogger(__name__)
 
 
-def plan_blocks(cfg: GenerateConfig, n_depths: int, n_heldout: int) -> list[Block]:
-    """All blocks of a run, in tracing order: grid, noise floor, held-out halves."""
+def plan_blocks(
+    cfg: GenerateConfig, n_planes: int, n_heldout: int, heldout_focus: np.ndarray | None = None
+) -> list[Block]:
+    """All blocks of a run, in tracing order: grid and noise floor plane by plane (p = f*D + d), held-out halves.
+
+    heldout_focus: [n_heldout] m, grouped by focus (equal values together): a held-out block never spans two, so
+    the tracer refocuses once per block. None: one focus."""
     P = cfg.grid_size**2
 
-    def ranges(n: int, spp: int):
+    def ranges(lo: int, hi: int, spp: int):
         step = max(1, cfg.block_rays // spp)
-        return [(a, min(a + step, n)) for a in range(0, n, step)]
+        return [(a, min(a + step, hi)) for a in range(lo, hi, step)]
 
-    blocks = [Block("grid", d, a, b) for d in range(n_depths) for a, b in ranges(P, cfg.spp)]
-    blocks += [Block("noise", d, a, b) for d in range(n_depths) for a, b in ranges(cfg.noise_points, cfg.spp)]
+    groups = [(0, n_heldout)]
+    if heldout_focus is not None and n_heldout:
+        pair = heldout_focus[1:] + heldout_focus[:-1]
+        same = (heldout_focus[1:] == heldout_focus[:-1]) | np.isnan(pair)  # nan: F = 1, one group
+        cuts = np.flatnonzero(~same) + 1
+        edges = [0, *cuts.tolist(), n_heldout]
+        groups = list(zip(edges[:-1], edges[1:]))
+    blocks = [Block("grid", p, a, b) for p in range(n_planes) for a, b in ranges(0, P, cfg.spp)]
+    blocks += [Block("noise", p, a, b) for p in range(n_planes) for a, b in ranges(0, cfg.noise_points, cfg.spp)]
     for kind in ("heldout_a", "heldout_b"):
-        blocks += [Block(kind, -1, a, b) for a, b in ranges(n_heldout, cfg.heldout_half_spp())]
+        blocks += [Block(kind, -1, a, b) for lo, hi in groups for a, b in ranges(lo, hi, cfg.heldout_half_spp())]
     return blocks
 
 
-def block_seed(seed: int, block: Block) -> int:
-    """The torch seed of one block: a function of (seed, block) only."""
-    ss = np.random.SeedSequence([seed, gridfile.KINDS.index(block.kind), block.depth + 1, block.start])
+def _focus_entropy(focus: float | None) -> list[int]:
+    """A focus distance [m] as seed entropy: its float64 bits; nothing without one (nan or None)."""
+    if focus is None or np.isnan(focus):
+        return []
+    return [int(np.float64(focus).view(np.uint64))]
+
+
+def block_seed(seed: int, block: Block, focus: float | None = None, n_depths: int | None = None) -> int:
+    """The torch seed of one block: a function of (seed, kind, depth index, start, focus) only. A grid or noise
+    block of plane p = f*D + d (n_depths = D; None: p is the depth index) is seeded by its depth index d and its
+    focus value [m], never by f: a run over several focus settings traces each one's PSFs as a run at that focus
+    alone does, each focus independently of the others."""
+    d = block.plane % n_depths if block.plane >= 0 and n_depths else block.plane  # held-out: -1
+    entropy = [seed, gridfile.KINDS.index(block.kind), d + 1, block.start, *_focus_entropy(focus)]
+    ss = np.random.SeedSequence(entropy)
     return int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
@@ -84,25 +110,38 @@ def trace_points(lens, xy: np.ndarray, depth_m: np.ndarray, spp: int, kernel_siz
 
 @dataclass(frozen=True)
 class Points:
-    """Where a run's points lie: depths [D] m; grid coords [P, 2]; the noise floor's grid indices [S]; held-out
-    coords [M, 2] and depths [M] m."""
+    """Where a run's points lie: depths [D] m; focus [F] m ([nan]: none); grid coords [P, 2]; the noise floor's grid
+    indices [S]; held-out coords [M, 2], depths [M] m and focus [M] m (grouped by focus)."""
 
     depths: np.ndarray
+    focus: np.ndarray
     coords: np.ndarray
     noise_idx: np.ndarray
     ho_coords: np.ndarray
     ho_depth: np.ndarray
+    ho_focus: np.ndarray
 
-    def of(self, block: Block) -> tuple[np.ndarray, np.ndarray]:
-        """(xy [B, 2], depth [B] in metres) of the points a block traces."""
+    def of(self, block: Block) -> tuple[np.ndarray, np.ndarray, float]:
+        """(xy [B, 2], depth [B] in metres, focus [m], nan for none) of the points a block traces."""
         sl = slice(block.start, block.stop)
         if block.kind == "grid":
             xy = self.coords[sl]
         elif block.kind == "noise":
             xy = self.coords[self.noise_idx[sl]]
         else:
-            return self.ho_coords[sl], self.ho_depth[sl]
-        return xy, np.full(len(xy), self.depths[block.depth])
+            return self.ho_coords[sl], self.ho_depth[sl], float(self.ho_focus[block.start])
+        f, d = divmod(block.plane, len(self.depths))
+        return xy, np.full(len(xy), self.depths[d]), float(self.focus[f])
+
+    def focus_of(self, block: Block) -> float:
+        """The focus [m] a block traces at (nan: the lens file's)."""
+        if block.kind in ("grid", "noise"):
+            return float(self.focus[block.plane // len(self.depths)])
+        return float(self.ho_focus[block.start])
+
+    def seed(self, seed: int, block: Block) -> int:
+        """block_seed of a block of this run."""
+        return block_seed(seed, block, self.focus_of(block), len(self.depths))
 
 
 @dataclass(frozen=True)
@@ -181,7 +220,7 @@ def check_memory(cfg: GenerateConfig, device: torch.device) -> None:
 
 def _check_disk(out: Path, sizes: dict, share: float) -> None:
     """Refuse a new file whose PSFs would not fit on the disk (they are written block by block)."""
-    D, P, S, M, k = (sizes[x] for x in ("D", "P", "S", "M", "k"))
+    D, P, S, M, k = (sizes[x] for x in ("planes", "P", "S", "M", "k"))  # D: planes
     need = share * (4 * (3 * k * k + 6) + 3) * (D * P + D * S + 2 * M)  # psf, kept, illumination, valid
     free = shutil.disk_usage(out.parent).free
     if need > free:
@@ -244,7 +283,7 @@ def generate(cfg: GenerateConfig) -> Path:
             plan, num_depths = _choose_depths(cfg, existing, pilot_lens, kernel_size or cfg.kernel_size)
     cfg = resolve(cfg, num_depths, kernel_size)  # every auto and default value decided: the file records this config
     if spent is not None:
-        log.info("%s", budget.explain(spent, cfg.grid_size, cfg.spp, cfg.depth_count()))
+        log.info("%s", budget.explain(spent, cfg.grid_size, cfg.spp, cfg.depth_count(), cfg.focus_count()))
     identity = {"params": cfg.run_params(), "lens_sha256": lens_file.sha256, "tracer": illumination.TRACER_VERSION}
     run_id = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     check_memory(cfg, device)
@@ -253,44 +292,74 @@ def generate(cfg: GenerateConfig) -> Path:
         return _trace_all(Run(cfg, out, run_id, lens_file, shard, device, plan, window, t_start))
 
 
+def build_lenses(lens_file: LensFile, device: torch.device, seed: int, focus) -> dict:
+    """{focus [m] or None: the lens refocused there} for each of ``focus`` (m, inf allowed; None or nan: the lens
+    file's sensor), built once each, torch seeded with ``seed`` before each build (refocusing samples rays), so a
+    lens is the same whatever else is built with it."""
+    lenses = {}
+    for f in focus:
+        key = None if f is None or np.isnan(f) else float(f)
+        if key not in lenses:
+            torch.manual_seed(seed)
+            lenses[key] = build_lens(lens_file, device, key)
+    return lenses
+
+
+def _pilot_focus(cfg: GenerateConfig) -> list[float | None]:
+    """The focus settings the pilots trace at: the nearest and the farthest [m] (None: the lens file's sensor)."""
+    focus = cfg.focus_values()
+    return [None] if focus is None else sorted({float(focus[0]), float(focus[-1])})
+
+
 class _PilotLens:
-    """The lens the pilots trace, focused as the run is; built once, when a pilot first needs it."""
+    """The lenses the pilots trace, focused as the run is at its extreme focus settings; each built once, when a
+    pilot first needs it."""
 
     def __init__(self, cfg: GenerateConfig, lens_file: LensFile, device: torch.device):
-        self.cfg, self.lens_file, self.device, self.lens = cfg, lens_file, device, None
+        self.cfg, self.lens_file, self.device, self.lenses = cfg, lens_file, device, {}
 
-    def get(self):
-        if self.lens is None:
-            torch.manual_seed(self.cfg.seed)  # refocusing samples rays
-            self.lens = build_lens(self.lens_file, self.device, self.cfg.focus_m)
-        return self.lens
+    def get(self, focus: float | None):
+        if focus not in self.lenses:
+            self.lenses |= build_lenses(self.lens_file, self.device, self.cfg.seed, [focus])
+        return self.lenses[focus]
 
 
 def _choose_window(cfg: GenerateConfig, existing: GridFile | None, pilot_lens: _PilotLens):
     """kernel_size auto: (the pilot's WindowPlan or None, the side [px]). A resumed run keeps the side its file
-    records (a second pilot could choose another, and the file would no longer be this run's)."""
+    records (a second pilot could choose another, and the file would no longer be this run's). Over several focus
+    settings the pilot runs at the nearest and the farthest, and the larger side wins."""
     if existing is not None and existing.window_plan is not None:
         log.info("kernel_size auto: %d px, as chosen when %s was started", existing.kernel_size, existing.path)
         return None, existing.kernel_size
-    depths = windowplan.pilot_depths(*cfg.depth_range(), cfg.focus_m)
-    window = windowplan.pilot(pilot_lens.get(), depths, cfg.kernel_size_small, cfg.seed)
-    log.info("%s", window.describe())
+    plans = []
+    for focus in _pilot_focus(cfg):
+        depths = windowplan.pilot_depths(*cfg.depth_range(), focus)
+        plans.append(windowplan.pilot(pilot_lens.get(focus), depths, cfg.kernel_size_small, cfg.seed, focus))
+        log.info("%s", plans[-1].describe())
+    window = max(plans, key=lambda w: w.kernel_size)  # the first of equals: the nearest focus
     return window, window.kernel_size
 
 
 def _choose_depths(cfg: GenerateConfig, existing: GridFile | None, pilot_lens: _PilotLens, kernel_size: int):
     """num_depths auto: (the pilot's DepthPlan or None, the number of depths). A resumed run keeps the number its
-    file records (a second pilot could choose another, and the file would no longer be this run's).
+    file records (a second pilot could choose another, and the file would no longer be this run's). Over several
+    focus settings the pilot runs at the nearest and the farthest, and the larger count wins.
     kernel_size: the traced window's side [px]."""
     if existing is not None and existing.depth_plan is not None:
         n = existing.depth_plan["num_depths"]
         log.info("num_depths auto: %d depths, as chosen when %s was started", n, existing.path)
         return None, n
-    plan = depthplan.pilot(pilot_lens.get(), cfg.depth_min, cfg.depth_max, kernel_size, cfg.kernel_size_small, cfg.seed)
-    log.info("%s", plan.describe())
+    plans = []
+    for focus in _pilot_focus(cfg):
+        lens = pilot_lens.get(focus)
+        plans.append(
+            depthplan.pilot(lens, cfg.depth_min, cfg.depth_max, kernel_size, cfg.kernel_size_small, cfg.seed, focus)
+        )
+        log.info("%s", plans[-1].describe())
+    plan = max(plans, key=lambda p: p.num_depths)  # the first of equals: the nearest focus
     n = plan.num_depths
     choices = budget.DEPTH_CHOICES
-    while n > choices[0] and not budget.affords(cfg.budget(), cfg.grid_size, cfg.spp, n):
+    while n > choices[0] and not budget.affords(cfg.budget(), cfg.grid_size, cfg.spp, n, cfg.focus_count()):
         n = choices[choices.index(n) - 1]  # validate() checked the fewest fit
     if n != plan.num_depths:
         log.warning("num_depths auto: the ray budget affords %d depths, not the %d the pilot chose", n, plan.num_depths)
@@ -303,23 +372,30 @@ def _trace_all(run: Run) -> Path:
     cfg, out, shard, device = run.cfg, run.out, run.shard, run.device
     resume = _check_output(cfg, out, run.run_id)
 
-    # Build the lens before any file is written, so a bad lens leaves nothing behind.
-    torch.manual_seed(cfg.seed)  # refocusing samples rays
-    lens = build_lens(run.lens_file, device, cfg.focus_m)
-
     depths = cfg.depth_values()
+    focus = cfg.focus_values()
+    focus = np.array([np.nan]) if focus is None else focus  # [F] m; nan: the lens file's sensor
     N = cfg.grid_size
     coords = grid_coords(N)
     noise_idx = noise_indices(N, cfg.noise_points, cfg.seed)
     ho_coords, ho_depth, ho_at, ho_part = heldout_points(N, depths, cfg.heldout, cfg.seed)
-    points = Points(depths, coords, noise_idx, ho_coords.reshape(-1, 2), ho_depth)
-    blocks = plan_blocks(cfg, len(depths), cfg.heldout)
+    ho_focus, ho_at_focus = heldout_focus(ho_part, focus, cfg.seed)
+    # Grouped by focus, each group in its band and radius order: a held-out block traces one focus.
+    order = np.argsort(ho_focus, kind="stable") if len(focus) > 1 else np.arange(cfg.heldout)
+    ho_coords, ho_depth, ho_at, ho_part = ho_coords.reshape(-1, 2)[order], ho_depth[order], ho_at[order], ho_part[order]
+    ho_focus, ho_at_focus = ho_focus[order], ho_at_focus[order]
+    points = Points(depths, focus, coords, noise_idx, ho_coords, ho_depth, ho_focus)
+    blocks = plan_blocks(cfg, len(focus) * len(depths), cfg.heldout, ho_focus)
+
+    # Build the lenses (each grid focus, each held-out one between them) before any file is written, so a bad lens
+    # or focus leaves nothing behind.
+    lenses = build_lenses(run.lens_file, device, cfg.seed, [*focus, *np.unique(ho_focus)])
     # A shard owns every N-th block: round-robin keeps the shards' work about equal.
     mine = np.array([shard is None or i % shard[1] == shard[0] for i in range(len(blocks))])
 
     if resume:
         existing = GridFile.open(out)
-        axis, done = existing.axis_fraction, existing.done  # [D, 3]: traced when the file was created
+        axis, done = existing.axis_fraction, existing.done  # [F*D, 3]: traced when the file was created
         if done[mine].all() and existing.finished_at is not None:
             log.info("%s is already complete; nothing to trace", out)
             return out
@@ -331,10 +407,13 @@ def _trace_all(run: Run) -> Path:
             )
         log.info("resuming %s: %d/%d blocks already traced", out, done[mine].sum(), mine.sum())
     else:
-        axis = _trace_axis(lens, depths, cfg)  # before the file exists: a lens that lights nothing leaves none
+        # before the file exists: a lens that lights nothing leaves none
+        axis = np.concatenate([_trace_axis(lenses[_key(f)], depths, cfg, f) for f in focus])  # [F*D, 3]
         _warn_few_test_points(cfg.heldout)
+        lens = lenses[_key(focus[0])]
         arrays = {
             "depths": depths,
+            "focus": focus,
             "wvln": np.asarray(lens.wvln_rgb, dtype=np.float64),
             "grid/coords": coords,
             "grid/neighbors": neighbour_pairs(N),
@@ -342,6 +421,8 @@ def _trace_all(run: Run) -> Path:
             "heldout/coords": points.ho_coords,
             "heldout/depth": ho_depth,
             "heldout/at_grid_depth": ho_at,
+            "heldout/focus": ho_focus,
+            "heldout/at_grid_focus": ho_at_focus,
             "heldout/part": ho_part,
             "axis/fraction": axis,
             "lens/file": np.frombuffer(run.lens_file.raw, dtype=np.uint8),
@@ -351,7 +432,7 @@ def _trace_all(run: Run) -> Path:
         log.info("tracing %d blocks into %s on %s", mine.sum(), out, device)
 
     todo = [i for i in range(len(blocks)) if mine[i] and not done[i]]
-    _trace_blocks(run, lens, blocks, todo, points, axis, resume)
+    _trace_blocks(run, lenses, blocks, todo, points, axis, resume)
 
     written = GridFile.open(out)
     gridfile.finish(
@@ -359,7 +440,8 @@ def _trace_all(run: Run) -> Path:
     )
     _warn_truncation(written)
     if shard is None:
-        litfield.report_dark(written.lights, depths, out)  # light reaching the sensor, wherever in the window
+        # light reaching the sensor, wherever in the window
+        litfield.report_dark(written.lights, [written.plane_label(p) for p in range(written.n_planes)], out)
         log.info("sampling: %s", spacing.check_file(written).describe())
     log.info("wrote %s", out)
     return out
@@ -412,9 +494,8 @@ def _header(run: Run, lens) -> dict:
 def _create(run: Run, attrs: dict, arrays: dict, blocks: list) -> None:
     """Create the file with every dataset at full size (after checking the disk has room for it)."""
     cfg = run.cfg
-    sizes = dict(
-        D=len(arrays["depths"]), P=cfg.grid_size**2, S=cfg.noise_points, M=cfg.heldout, k=cfg.kernel_size_small
-    )
+    planes = len(arrays["focus"]) * len(arrays["depths"])
+    sizes = dict(planes=planes, P=cfg.grid_size**2, S=cfg.noise_points, M=cfg.heldout, k=cfg.kernel_size_small)
     _check_disk(run.out, sizes, 1.0 if run.shard is None else 1.0 / run.shard[1])
     try:
         # A shard's file reserves no space: it fills only the blocks it traces, the rest stays a hole.
@@ -423,10 +504,15 @@ def _create(run: Run, attrs: dict, arrays: dict, blocks: list) -> None:
         raise InputError(f"cannot write {run.out}: {os_reason(exc)}; choose a writable --out") from None
 
 
-def _trace_blocks(run: Run, lens, blocks: list[Block], todo: list[int], points: Points, axis: np.ndarray,
+def _key(focus: float) -> float | None:
+    """The key of build_lenses' dict for a focus [m]: None for nan (the lens file's sensor)."""
+    return None if np.isnan(focus) else float(focus)
+
+
+def _trace_blocks(run: Run, lenses: dict, blocks: list[Block], todo: list[int], points: Points, axis: np.ndarray,
                   resume: bool) -> None:  # fmt: skip
     """Trace the blocks ``todo`` (indices into ``blocks``) into the file in order, one seed each, behind a progress
-    bar. axis [D, 3]: the on-axis ray fraction per depth."""
+    bar, each on the lens of its focus (lenses: build_lenses'). axis [F*D, 3]: the on-axis ray fraction per plane."""
     cfg = run.cfg
     quiet = not log.isEnabledFor(logging.INFO)
     total = sum(blocks[i].stop - blocks[i].start for i in todo)
@@ -434,7 +520,7 @@ def _trace_blocks(run: Run, lens, blocks: list[Block], todo: list[int], points: 
     with tqdm(total=total, unit="PSF", desc="tracing", disable=True if quiet else None, dynamic_ncols=True) as bar:
         for i in todo:
             block = blocks[i]
-            torch.manual_seed(block_seed(cfg.seed, block))
+            torch.manual_seed(points.seed(cfg.seed, block))
             # The bar counts whole PSFs and moves after each colour, as DeepLens traces a block per call:
             # after colour c of 3 it stands at floor(n (c + 1) / 3) of the block's n PSFs, never past them
             # (fractions of a PSF summed in floating point overshoot the total: a negative ETA, a TqdmWarning).
@@ -445,24 +531,25 @@ def _trace_blocks(run: Run, lens, blocks: list[Block], todo: list[int], points: 
                 bar.update(n * c // 3 - n * (c - 1) // 3)
 
             try:
-                _trace_block(run, lens, i, block, points, axis, tick)
+                _trace_block(run, lenses[_key(points.focus_of(block))], i, block, points, axis, tick)
             except InputError:
                 if not resume and traced == 0:  # a file this run created holds nothing yet: leave no trace of it
                     tempfiles.discard(run.out)
                 raise
             traced += 1
-            log.debug("block %d/%d done (%s, depth %d, points %d:%d)", i + 1, len(blocks), block.kind, block.depth,
+            log.debug("block %d/%d done (%s, plane %d, points %d:%d)", i + 1, len(blocks), block.kind, block.plane,
                       block.start, block.stop)  # fmt: skip
 
 
 def _trace_block(run: Run, lens, index: int, block: Block, points: Points, axis: np.ndarray, tick=None) -> None:
-    """Trace block ``index``, measure its illumination (axis [D, 3]: the on-axis ray fraction per depth),
-    downsample it and write it with its done mark."""
+    """Trace block ``index`` on ``lens`` (refocused to the block's focus), measure its illumination (axis [F*D, 3]:
+    the on-axis ray fraction per plane), downsample it and write it with its done mark."""
     cfg = run.cfg
     t0 = time.perf_counter()
-    xy, depth_m = points.of(block)  # [B, 2], [B] m
+    xy, depth_m, focus = points.of(block)  # [B, 2], [B] m, m
     spp = cfg.spp if block.kind in ("grid", "noise") else cfg.heldout_half_spp()
-    where = f"{block.kind} points {block.start}-{block.stop - 1} at {_depths_text(depth_m)}"
+    at_focus = "" if np.isnan(focus) else f", focus {gridfile.focus_text(focus)}"
+    where = f"{block.kind} points {block.start}-{block.stop - 1} at {_depths_text(depth_m)}{at_focus}"
     try:
         psf, rays, window, chief = illumination.trace_with_chief(
             lens, xy, depth_m, spp, cfg.kernel_size, tick
@@ -472,7 +559,7 @@ def _trace_block(run: Run, lens, index: int, block: Block, points: Points, axis:
             f"tracing {where} failed: {str(exc).splitlines()[0][:200] or type(exc).__name__}; "
             "finished blocks are kept: fix the cause and run the same command again"
         ) from None
-    at_axis = illumination.axis_at(points.depths, axis, depth_m)  # [B, 3]
+    at_axis = axis_at(points, axis, depth_m, focus)  # [B, 3]
     rays, window = rays.cpu().numpy(), window.cpu().numpy()  # [B, 3] valid rays, of them inside the window
     illum, valid = illumination.relative(rays, window, spp, at_axis)
     kept = illumination.kept(rays, window)  # [B, 3]
@@ -492,19 +579,37 @@ def _trace_block(run: Run, lens, index: int, block: Block, points: Points, axis:
         ) from None
 
 
-def _trace_axis(lens, depths: np.ndarray, cfg: GenerateConfig) -> np.ndarray:
-    """The on-axis valid-ray fraction per depth [D, 3], the reference of the relative illumination.
+def axis_at(points: Points, axis: np.ndarray, depth_m: np.ndarray, focus: float) -> np.ndarray:
+    """The on-axis fraction [B, 3] at depths depth_m [B] m and one focus [m] (nan: the file's only one), from the
+    planes' axis [F*D, 3]: linear in 1/depth at each grid focus (illumination.axis_at), then linear in 1/focus
+    between the two grid focus settings around it (held-out points between them)."""
+    D, F = len(points.depths), len(points.focus)
+    per = [illumination.axis_at(points.depths, axis[f * D : (f + 1) * D], depth_m) for f in range(F)]  # F x [B, 3]
+    if F == 1:
+        return per[0]
+    inv = 1.0 / points.focus  # descending; 1/inf = 0
+    q = 1.0 / focus
+    j = int(np.clip(np.searchsorted(-inv, -q), 1, F - 1))  # inv[j - 1] >= q >= inv[j]
+    w = (q - inv[j]) / (inv[j - 1] - inv[j])  # the weight of the nearer focus
+    return w * per[j - 1] + (1 - w) * per[j]
 
-    Traced at the larger of the two spps, with its own seed. A depth whose axis gets
-    (almost) no light means nothing is lit there: an input error, before any file is written.
+
+def _trace_axis(lens, depths: np.ndarray, cfg: GenerateConfig, focus: float = float("nan")) -> np.ndarray:
+    """The on-axis valid-ray fraction per depth [D, 3] at one focus [m] (nan: none), the reference of the relative
+    illumination.
+
+    Traced at the larger of the two spps, with its own seed (and the focus's, as blocks are). A depth whose axis
+    gets (almost) no light means nothing is lit there: an input error, before any file is written.
     """
     spp = max(cfg.spp, cfg.heldout_half_spp())
-    torch.manual_seed(int(np.random.SeedSequence([cfg.seed, 0x41584953]).generate_state(1)[0]))  # "AXIS"
+    at_focus = "" if np.isnan(focus) else f" focused at {gridfile.focus_text(focus)}"
+    entropy = [cfg.seed, 0x41584953, *_focus_entropy(focus)]  # "AXIS"
+    torch.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
     try:
         axis, window = illumination.axis_fraction(lens, depths, spp, cfg.kernel_size)
     except (RuntimeError, ValueError, AssertionError, MemoryError) as exc:
         raise InputError(
-            f"tracing the on-axis point at {_depths_text(depths)} failed: "
+            f"tracing the on-axis point at {_depths_text(depths)}{at_focus} failed: "
             f"{str(exc).splitlines()[0][:200] or type(exc).__name__}; check the lens file and --depths"
         ) from None
     # Darkness is the light reaching the sensor (axis), wherever it lands; too little of it inside the window is
@@ -516,9 +621,9 @@ def _trace_axis(lens, depths: np.ndarray, cfg: GenerateConfig) -> np.ndarray:
         n = int(np.nan_to_num(np.rint(axis[d, c] * spp)))
         raise InputError(
             f"{'no ray' if n == 0 else f'only {n} rays'} of channel {'RGB'[c]} reached the sensor from the axis "
-            f"at {depths[d]:g} m (of {spp} launched, {need} needed; {len(dark)} dark axis channels): nothing is lit, "
-            "the lens vignettes completely or the depth is outside its range; check the lens file's apertures "
-            "and --depths"
+            f"at {depths[d]:g} m{at_focus} (of {spp} launched, {need} needed; {len(dark)} dark axis channels): "
+            "nothing is lit, the lens vignettes completely or the depth is outside its range; check the lens file's "
+            "apertures and --depths"
         )
     cut = np.argwhere(~(np.rint(window * spp) >= need))
     if len(cut):
@@ -526,8 +631,8 @@ def _trace_axis(lens, depths: np.ndarray, cfg: GenerateConfig) -> np.ndarray:
         n, lit = int(np.rint(window[d, c] * spp)), int(np.rint(axis[d, c] * spp))
         raise InputError(
             f"the {cfg.kernel_size}-px window holds only {n} of the {lit} rays of channel {'RGB'[c]} that reach the "
-            f"sensor from the axis at {depths[d]:g} m ({need} needed for a PSF): the PSF is larger than the window; "
-            "give a larger --kernel-size, or a depth the lens images (--depths)"
+            f"sensor from the axis at {depths[d]:g} m{at_focus} ({need} needed for a PSF): the PSF is larger than the "
+            "window; give a larger --kernel-size, or a depth the lens images (--depths)"
         )
     return axis
 

@@ -1,27 +1,33 @@
 """The HDF5 grid file: the one module that creates, writes, opens and reads it.
 
-Layout (schema 7; docs/dataset.md):
+Layout (schema 8; docs/dataset.md):
 
     /depths             [D] float64, object depths [m], strictly ascending
+    /focus              [F] float64, focus distances [m] the lens was refocused to, strictly ascending, inf allowed
+                        (last); [nan] for a run without focus_m (F = 1: the sensor where the lens file puts it)
     /wvln               [3] float64, wavelengths [µm], order R, G, B
     /grid/coords        [P, 2] float64, (x, y) in [-1, 1], P = N*N, flat index = row*N + col
     /grid/neighbors     [E, 2] int32, undirected pairs, E = 2N(N-1) + 2(N-1)^2
-    /grid/psf           [D, P, 3, k, k] float32, each channel sums to 1 (0 where dark)
-    /grid/kept          [D, P, 3] float32, valid rays inside the traced kernel_size window / valid rays (0: none)
-    /grid/illumination  [D, P, 3] float32, valid rays / launched, over the same on axis (1 on axis, 0 dark)
-    /grid/valid         [D, P, 3] uint8, 1 where enough rays arrived for a PSF (else the PSF channel is 0)
-    /grid/chief         [D, P, 2] float64, where each point's chief ray lands on the sensor [mm] (x right, y up,
+    PLANES: every per-depth axis below has F*D planes, plane p = f*D + d (f into /focus, d into /depths); with
+    F = 1 a plane is a depth.
+    /grid/psf           [F*D, P, 3, k, k] float32, each channel sums to 1 (0 where dark)
+    /grid/kept          [F*D, P, 3] float32, valid rays inside the traced kernel_size window / valid rays (0: none)
+    /grid/illumination  [F*D, P, 3] float32, valid rays / launched, over the same on axis (1 on axis, 0 dark)
+    /grid/valid         [F*D, P, 3] uint8, 1 where enough rays arrived for a PSF (else the PSF channel is 0)
+    /grid/chief         [F*D, P, 2] float64, where each point's chief ray lands on the sensor [mm] (x right, y up,
                         0 on the axis), distortion included (where a stop blocks it: the PSF window's centre)
-    /axis/fraction      [D, 3] float64, valid-ray fraction of the on-axis point at each depth
+    /axis/fraction      [F*D, 3] float64, valid-ray fraction of the on-axis point at each plane
     /noise/index        [S] int64, grid points traced a second time, strictly ascending
-    /noise/psf          [D, S, 3, k, k], /noise/kept, illumination, valid [D, S, 3], /noise/chief [D, S, 2]
+    /noise/psf          [F*D, S, 3, k, k], /noise/kept, illumination, valid [F*D, S, 3], /noise/chief [F*D, S, 2]
     /heldout/coords     [M, 2], /heldout/depth [M] [m], /heldout/at_grid_depth [M] bool
+    /heldout/focus      [M] [m] (inf allowed; nan only when /focus is [nan]), /heldout/at_grid_focus [M] bool;
+                        points are grouped by focus (a held-out block traces one focus)
     /heldout/part       [M] uint8, 0 validation (psf train chooses best.pt on them), 1 test (psf eval scores them)
     /heldout/psf_a, psf_b    [M, 3, k, k], two independent traces at heldout_spp/2 each
     /heldout/kept_a|b, illumination_a|b, valid_a|b  [M, 3], /heldout/chief_a|b [M, 2]
     /lens/file          [n] uint8, the lens file's bytes as given (.json, .zmx or .seq); the attribute lens_json
                         holds DeepLens's normalised JSON of it, which is what everything parses
-    /blocks/table       [B, 4] int64 (kind, depth index or -1, start, stop)
+    /blocks/table       [B, 4] int64 (kind, plane index or -1, start, stop)
     /blocks/done        [B] uint8, 1 once the block's PSFs are written
     /blocks/seconds     [B] float64, tracing time of each block [s]
     /closing            [3] float64, finished_at [Unix s], wall_time_s [s], trace_seconds [s]; 0 until finished
@@ -61,7 +67,7 @@ from psfgen.shared import tempfiles
 from psfgen.shared.errors import DamagedFile, InputError, os_reason
 
 FORMAT = "psf-cvae.grid"
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 LENS_FORMATS = {"json": "DeepLens JSON", "zmx": "Zemax .zmx", "seq": "CODE V .seq"}  # lens_format: its name
 # A lit PSF channel should keep at least this fraction of its valid rays inside the traced window: DeepLens
 # drops the rays beyond it before binning, so a channel keeping less is truncated (generate warns, info and
@@ -75,15 +81,20 @@ SUM_TOLERANCE = 1e-3
 MAX_ILLUMINATION = 100.0
 
 
+def focus_text(focus_m: float) -> str:
+    """'0.5 m', or 'infinity'."""
+    return "infinity" if focus_m == np.inf else f"{focus_m:g} m"
+
+
 @dataclass(frozen=True)
 class Block:
     kind: str  # one of KINDS
-    depth: int  # depth index for grid/noise blocks, -1 for held-out blocks
+    plane: int  # plane index (f*D + d) for grid/noise blocks, -1 for held-out blocks
     start: int  # first point (index into the kind's point list)
     stop: int  # one past the last point
 
     def row(self) -> list[int]:
-        return [KINDS.index(self.kind), self.depth, self.start, self.stop]
+        return [KINDS.index(self.kind), self.plane, self.start, self.stop]
 
     @staticmethod
     def from_row(row) -> Block:
@@ -107,10 +118,14 @@ class LightKept:
     xy: tuple[float, float]  # its normalised (x, y)
     depth_m: float  # its depth [m]
     channel: int  # 0, 1, 2: R, G, B
+    focus_m: float | None = None  # its focus [m] in a file of several focus settings (else None)
 
     def where(self) -> str:
-        """'channel B of point (-1, -1) at 1 m'"""
-        return f"channel {'RGB'[self.channel]} of point ({self.xy[0]:.3g}, {self.xy[1]:.3g}) at {self.depth_m:g} m"
+        """'channel B of point (-1, -1) at 1 m' (and ', focus 0.5 m' in a file of several focus settings)"""
+        focus = "" if self.focus_m is None else f", focus {focus_text(self.focus_m)}"
+        return (
+            f"channel {'RGB'[self.channel]} of point ({self.xy[0]:.3g}, {self.xy[1]:.3g}) at {self.depth_m:g} m{focus}"
+        )
 
 
 def block_datasets(kind: str) -> tuple[str, ...]:
@@ -124,6 +139,7 @@ def block_datasets(kind: str) -> tuple[str, ...]:
 # Datasets fixed when the run starts, identical in every shard of a run.
 FIXED = (
     "depths",
+    "focus",
     "wvln",
     "grid/coords",
     "grid/neighbors",
@@ -131,6 +147,8 @@ FIXED = (
     "heldout/coords",
     "heldout/depth",
     "heldout/at_grid_depth",
+    "heldout/focus",
+    "heldout/at_grid_focus",
     "heldout/part",
     "blocks/table",
     "axis/fraction",
@@ -142,7 +160,7 @@ PER_BLOCK = tuple(name for kind in KINDS for name in block_datasets(kind))
 
 def _where(block: Block):
     if block.kind in ("grid", "noise"):
-        return (block.depth, slice(block.start, block.stop))
+        return (block.plane, slice(block.start, block.stop))
     return slice(block.start, block.stop)
 
 
@@ -164,7 +182,7 @@ def _early(f: h5py.File, name: str, shape, dtype, zero_fill: bool = False) -> h5
 
 
 def _write_header(f: h5py.File, attrs: dict, arrays: dict) -> None:
-    """The file's attributes and its fixed datasets (depths [m], wvln [um], coords, ...)."""
+    """The file's attributes and its fixed datasets (depths [m], focus [m], wvln [um], coords, ...)."""
     for key, value in attrs.items():
         f.attrs[key] = value
     f.attrs["format"] = FORMAT
@@ -172,6 +190,7 @@ def _write_header(f: h5py.File, attrs: dict, arrays: dict) -> None:
     for name, value in arrays.items():
         f.create_dataset(name, data=value)
     f["depths"].attrs["units"] = "m"
+    f["focus"].attrs["units"] = "m"
     f["wvln"].attrs["units"] = "um"
 
 
@@ -179,9 +198,9 @@ def create(path: Path, *, attrs: dict, arrays: dict, sizes: dict, blocks: list[B
     """Write the file's skeleton to a temporary file, then rename it onto ``path``.
 
     attrs: the header (format and schema version are added here); arrays: fixed content known
-    up front (FIXED less blocks/table); sizes: D, P, S, M, k, the shapes of the PSF datasets.
+    up front (FIXED less blocks/table); sizes: planes (F*D), P, S, M, k, the shapes of the PSF datasets.
     """
-    D, P, S, M, k = (sizes[x] for x in ("D", "P", "S", "M", "k"))
+    D, P, S, M, k = (sizes[x] for x in ("planes", "P", "S", "M", "k"))  # D: planes
     tempfiles.remove_stale(path)
     tmp = tempfiles.temp_path(path)
     try:
@@ -238,7 +257,7 @@ def write_block(
     fd = os.open(path, os.O_WRONLY)
     try:
         for name, value in zip(names, (psf, kept, illumination, valid, chief, np.float64(seconds))):
-            first = (block.depth, block.start) if block.kind in ("grid", "noise") else (block.start,)
+            first = (block.plane, block.start) if block.kind in ("grid", "noise") else (block.start,)
             if name == "blocks/seconds":
                 first = (index,)
             _pwrite(fd, where[name], first, value)
@@ -316,7 +335,7 @@ def write_virtual(tmp: Path, attrs: dict, shards: list[GridFile], out_dir: Path)
             for i, block in enumerate(blocks):
                 src = h5py.VirtualSource(rel[i % n], name, shape=shape)
                 if kind in ("grid", "noise") and block.kind == kind:
-                    sl = (block.depth, slice(block.start, block.stop))
+                    sl = (block.plane, slice(block.start, block.stop))
                 elif kind == "heldout" and block.kind == f"heldout_{name[-1]}":  # psf_a, valid_b, ...: the half
                     sl = slice(block.start, block.stop)
                 else:
@@ -339,7 +358,7 @@ def write_copy(tmp: Path, attrs: dict, shards: list[GridFile]) -> None:
     with h5py.File(first.path, "r", locking=False) as f:
         arrays = {name: f[name][:] for name in FIXED if name != "blocks/table"}
     sizes = dict(
-        D=len(first.depths), P=first.grid_size**2, S=first.n_noise, M=first.n_heldout, k=first.kernel_size_small
+        planes=first.n_planes, P=first.grid_size**2, S=first.n_noise, M=first.n_heldout, k=first.kernel_size_small
     )
     create(tmp, attrs=attrs, arrays=arrays, sizes=sizes, blocks=first.blocks)
     n = len(shards)
@@ -527,6 +546,7 @@ class GridFile:
     heldout_spp: int  # rays of the held-out reference, both halves together
     seed: int
     depths: np.ndarray  # [D] m, strictly ascending
+    focus: np.ndarray  # [F] m, strictly ascending, inf allowed; [nan]: no focus_m, the lens file's sensor
     wvln: np.ndarray  # [3] µm, R, G, B
     coords: np.ndarray  # [P, 2] normalised (x, y)
     neighbors: np.ndarray  # [E, 2] flat indices
@@ -534,11 +554,13 @@ class GridFile:
     heldout_coords: np.ndarray  # [M, 2]
     heldout_depth: np.ndarray  # [M] m
     heldout_at_grid_depth: np.ndarray  # [M] bool
+    heldout_focus: np.ndarray  # [M] m (inf allowed; the file's nan in a file without focus_m)
+    heldout_at_grid_focus: np.ndarray  # [M] bool
     heldout_part: np.ndarray  # [M] uint8, VALIDATION (0) or TEST (1)
-    axis_fraction: np.ndarray  # [D, 3]
-    illumination: np.ndarray  # [D, P, 3] float32, relative illumination of the grid
-    valid: np.ndarray  # [D, P, 3] bool, channels that hold a PSF
-    kept: np.ndarray  # [D, P, 3] float32, share of the valid rays inside the traced window (0: no valid ray)
+    axis_fraction: np.ndarray  # [F*D, 3]
+    illumination: np.ndarray  # [F*D, P, 3] float32, relative illumination of the grid
+    valid: np.ndarray  # [F*D, P, 3] bool, channels that hold a PSF
+    kept: np.ndarray  # [F*D, P, 3] float32, share of the valid rays inside the traced window (0: no valid ray)
     blocks: tuple[Block, ...]
     done: np.ndarray  # [B] bool, blocks written
     seconds: np.ndarray  # [B] s, tracing time per block
@@ -548,7 +570,9 @@ class GridFile:
     lens_format: str  # json, zmx or seq: the lens file's format
     lens_bytes: bytes  # the lens file as given
     sensor_from: dict  # {"size": ..., "res": ...}: where the sensor's size and resolution came from
-    chief_mm: np.ndarray  # [D, P, 2] float64: where the grid points' chief rays land [mm], x right, y up (0: unwritten)
+    chief_mm: (
+        np.ndarray
+    )  # [F*D, P, 2] float64: where the grid points' chief rays land [mm], x right, y up (0: unwritten)
     versions: dict  # package versions that wrote it
     sensor_size_mm: tuple[float, float]  # (width, height)
     sensor_res: tuple[int, int]  # (columns, rows) DeepLens traced with
@@ -629,6 +653,12 @@ class GridFile:
         D = len(depths)
         if D == 0 or not (np.isfinite(depths).all() and (depths > 0).all() and (np.diff(depths) > 0).all()):
             raise _Damaged("depths must be positive metres, strictly ascending")
+        focus = _array(f, "focus", ndim=1).astype(np.float64)
+        F = len(focus)
+        single = F == 1 and np.isnan(focus[0])  # no focus_m: the sensor where the lens file puts it
+        if F == 0 or not (single or ((focus > 0).all() and (np.diff(focus) > 0).all())):
+            raise _Damaged("focus must be positive metres (inf allowed), strictly ascending, or [nan] alone")
+        D = F * D  # from here on every per-depth axis is a plane axis, p = f*D + d
         wvln = _array(f, "wvln", (3,)).astype(np.float64)
         _check_range("wvln", wvln, 1e-3, 1e3)
         coords = _array(f, "grid/coords", (P, 2)).astype(np.float64)
@@ -650,6 +680,16 @@ class GridFile:
         if not np.isfinite(ho_depth).all():
             raise _Damaged("heldout/depth holds NaN or inf")
         ho_at = _array(f, "heldout/at_grid_depth", (M,)).astype(bool)
+        ho_focus = _array(f, "heldout/focus", (M,)).astype(np.float64)
+        ho_at_focus = _array(f, "heldout/at_grid_focus", (M,)).astype(bool)
+        if F == 1:  # every held-out point at the one focus, nan included
+            if not (np.array_equal(ho_focus, np.full(M, focus[0]), equal_nan=True) and ho_at_focus.all()):
+                raise _Damaged("heldout/focus or heldout/at_grid_focus is not the file's one focus")
+        elif M and not (
+            (ho_focus >= focus[0]).all() and (ho_focus <= focus[-1]).all()
+            and np.array_equal(ho_at_focus, np.isin(ho_focus, focus))
+        ):  # fmt: skip
+            raise _Damaged("heldout/focus holds values outside the file's focus range, or at_grid_focus disagrees")
         ho_part = _array(f, "heldout/part", (M,))
         if not np.isin(ho_part, (VALIDATION, TEST)).all():
             raise _Damaged("heldout/part holds values other than 0 (validation) and 1 (test)")
@@ -688,7 +728,7 @@ class GridFile:
             if row.shape != (4,) or not 0 <= row[0] < len(KINDS):
                 raise _Damaged(f"blocks/table holds a row {row.tolist()} of no known kind")
             block = Block.from_row(row)
-            depth_ok = (0 <= block.depth < D) if block.kind in ("grid", "noise") else block.depth == -1
+            depth_ok = (0 <= block.plane < D) if block.kind in ("grid", "noise") else block.plane == -1
             if not (depth_ok and 0 <= block.start < block.stop <= counts[block.kind]):
                 raise _Damaged(f"blocks/table holds a {block.kind} block {row.tolist()} outside its points")
             blocks.append(block)
@@ -738,6 +778,7 @@ class GridFile:
             heldout_spp=heldout_spp,
             seed=seed,
             depths=depths,
+            focus=focus,
             wvln=wvln,
             coords=coords,
             neighbors=neighbors.astype(np.int64),
@@ -745,6 +786,8 @@ class GridFile:
             heldout_coords=ho_coords,
             heldout_depth=ho_depth,
             heldout_at_grid_depth=ho_at,
+            heldout_focus=ho_focus,
+            heldout_at_grid_focus=ho_at_focus,
             heldout_part=ho_part.astype(np.uint8),
             axis_fraction=axis,
             illumination=illumination,
@@ -784,6 +827,35 @@ class GridFile:
     def n_heldout(self) -> int:
         return len(self.heldout_depth)
 
+    @property
+    def n_focus(self) -> int:
+        """F: the focus settings traced (1 without focus_m)."""
+        return len(self.focus)
+
+    @property
+    def n_planes(self) -> int:
+        """F*D: the leading axis of every grid, noise and axis array."""
+        return len(self.focus) * len(self.depths)
+
+    def plane(self, f: int, d: int) -> int:
+        """The plane index of focus index f and depth index d: f*D + d."""
+        return f * len(self.depths) + d
+
+    @property
+    def plane_focus(self) -> np.ndarray:
+        """[F*D] m: each plane's focus (nan in a file without focus_m)."""
+        return np.repeat(self.focus, len(self.depths))
+
+    @property
+    def plane_depth(self) -> np.ndarray:
+        """[F*D] m: each plane's depth."""
+        return np.tile(self.depths, len(self.focus))
+
+    def plane_label(self, p: int) -> str:
+        """'2 m', or '2 m at focus 0.5 m' (or 'at focus infinity') in a file of several focus settings."""
+        depth = f"{self.plane_depth[p]:g} m"
+        return depth if self.n_focus == 1 else f"{depth} at focus {focus_text(self.plane_focus[p])}"
+
     def n_part(self, part: str) -> int:
         """How many held-out points are validation points, test points, or both ("all")."""
         return self.n_heldout if part == "all" else int((self.heldout_part == PARTS[part]).sum())
@@ -794,7 +866,7 @@ class GridFile:
 
     @property
     def lit(self) -> np.ndarray:
-        """[D, P] bool: grid points with a PSF in every channel."""
+        """[F*D, P] bool: grid points with a PSF in every channel."""
         return self.valid.all(axis=-1)
 
     def _mine(self) -> np.ndarray:
@@ -836,10 +908,10 @@ class GridFile:
             )
 
     def written(self, kind: str) -> np.ndarray:
-        """bool, True where a finished block wrote the point: [D, P] (grid), [D, S] (noise), [M] (heldout_a|b)."""
+        """bool, True where a finished block wrote the point: [F*D, P] (grid), [F*D, S] (noise), [M] (heldout_a|b)."""
         cache = self.__dict__.setdefault("_written", {})  # blocks and done marks are fixed once opened
         if kind not in cache:
-            shape = {"grid": (len(self.depths), self.grid_size**2), "noise": (len(self.depths), self.n_noise)}
+            shape = {"grid": (self.n_planes, self.grid_size**2), "noise": (self.n_planes, self.n_noise)}
             out = np.zeros(shape.get(kind, (self.n_heldout,)), dtype=bool)
             for block, done in zip(self.blocks, self.done):
                 if done and block.kind == kind:
@@ -848,7 +920,7 @@ class GridFile:
         return cache[kind]
 
     def traced_grid(self) -> np.ndarray:
-        """[D, P] bool: grid PSFs whose block is written (all of them in a complete file)."""
+        """[F*D, P] bool: grid PSFs whose block is written (all of them in a complete file)."""
         return self.written("grid")
 
     def grid_speed(self) -> tuple[float, int] | None:
@@ -860,22 +932,22 @@ class GridFile:
 
     @property
     def lights(self) -> np.ndarray:
-        """[D, P] bool: grid points whose every channel gets at least valid_min_rays valid rays, wherever they land
+        """[F*D, P] bool: grid points whose every channel gets at least valid_min_rays valid rays, wherever they land
         (lit, or stored as dark only because the traced window holds too few of them)."""
         # illumination = (valid rays / spp) / the axis's fraction, in float32: a whole count once rounded
-        rays = np.rint(self.illumination * self.axis_fraction[:, None, :] * self.spp)  # [D, P, 3]
+        rays = np.rint(self.illumination * self.axis_fraction[:, None, :] * self.spp)  # [F*D, P, 3]
         return (rays >= self.valid_min_rays).all(axis=-1) | self.lit
 
     def light_kept(self) -> LightKept:
         """The share of their valid rays the lit grid PSFs (:attr:`lights`) keep inside the traced window, over the
         written blocks. A dark channel (no valid ray: kept 0) is never counted as truncated."""
-        lit = self.traced_grid() & self.lights  # [D, P]
+        lit = self.traced_grid() & self.lights  # [F*D, P]
         if not lit.any():
             nan = float("nan")
             return LightKept(self.kernel_size, 0, 0, 0, nan, 1.0, -1, (nan, nan), nan, -1)
-        masked = np.where(lit[..., None], self.kept, np.inf)  # [D, P, 3]
+        masked = np.where(lit[..., None], self.kept, np.inf)  # [F*D, P, 3]
         d, p, c = np.unravel_index(int(np.argmin(masked)), masked.shape)
-        cut = lit & (self.kept.min(axis=-1) < KEPT_LIMIT)  # [D, P]: a PSF is as truncated as its worst channel
+        cut = lit & (self.kept.min(axis=-1) < KEPT_LIMIT)  # [F*D, P]: a PSF is as truncated as its worst channel
         return LightKept(
             window_px=self.kernel_size,
             total=int(lit.sum()),
@@ -885,8 +957,9 @@ class GridFile:
             worst=float(masked[d, p, c]),
             point=int(p),
             xy=(float(self.coords[p, 0]), float(self.coords[p, 1])),
-            depth_m=float(self.depths[d]),
+            depth_m=float(self.plane_depth[d]),
             channel=int(c),
+            focus_m=float(self.plane_focus[d]) if self.n_focus > 1 else None,
         )
 
     @property
@@ -925,27 +998,27 @@ class GridFile:
                 )
         return psf
 
-    def _grid_where(self, d: int):
-        return lambda idx: f"point {int(idx[0])}, depth {self.depths[d]:g} m"
+    def _grid_where(self, p: int):
+        return lambda idx: f"point {int(idx[0])}, depth {self.plane_label(p)}"
 
-    def grid_psf(self, d: int) -> np.ndarray:
-        """The grid PSFs of depth index d: [P, 3, k, k], checked."""
-        psf = self._dataset("grid/psf", d)
-        return self._checked("grid/psf", psf, self.valid[d], self._grid_where(d), self.written("grid")[d])
+    def grid_psf(self, p: int) -> np.ndarray:
+        """The grid PSFs of plane p (f*D + d; with one focus the depth index): [P, 3, k, k], checked."""
+        psf = self._dataset("grid/psf", p)
+        return self._checked("grid/psf", psf, self.valid[p], self._grid_where(p), self.written("grid")[p])
 
     def grid_psfs(self) -> np.ndarray:
-        """Every grid PSF: [D, P, 3, k, k], checked (the whole grid in RAM: check its size first)."""
+        """Every grid PSF: [F*D, P, 3, k, k], checked (the whole grid in RAM: check its size first)."""
         psf = self._dataset("grid/psf")
-        where = lambda i: f"point {int(i[1])}, depth {self.depths[i[0]]:g} m"
+        where = lambda i: f"point {int(i[1])}, depth {self.plane_label(int(i[0]))}"
         return self._checked("grid/psf", psf, self.valid, where, self.written("grid"))
 
     def check_grid(self) -> None:
-        """Read and check every grid PSF, one depth at a time (files may exceed RAM)."""
-        for d in range(len(self.depths)):
-            self.grid_psf(d)
+        """Read and check every grid PSF, one plane at a time (files may exceed RAM)."""
+        for p in range(self.n_planes):
+            self.grid_psf(p)
 
     def grid_psf_flat(self, lo: int, hi: int, handle: h5py.File | None = None) -> np.ndarray:
-        """Grid PSFs with flat indices [lo, hi) in [depth, point] order: [hi - lo, 3, k, k], checked.
+        """Grid PSFs with flat indices [lo, hi) in [plane, point] order: [hi - lo, 3, k, k], checked.
 
         handle: an open h5py handle from :meth:`reader` (a training loader reads many small runs)."""
         P = self.grid_size**2
@@ -968,21 +1041,28 @@ class GridFile:
         return h5py.File(self.path, "r", locking=False)
 
     def noise(self) -> dict:
-        """The noise floor's re-traces: psf [D, S, 3, k, k] (checked), valid [D, S, 3] bool, index [S]."""
+        """The noise floor's re-traces: psf [F*D, S, 3, k, k] (checked), valid [F*D, S, 3] bool, index [S]."""
         valid = self._dataset("noise/valid").astype(bool)
         psf = self._dataset("noise/psf")
-        where = lambda i: f"noise point {int(i[1])}, depth {self.depths[i[0]]:g} m"
+        where = lambda i: f"noise point {int(i[1])}, depth {self.plane_label(int(i[0]))}"
         psf = self._checked("noise/psf", psf, valid, where, self.written("noise"))
         return {"psf": psf, "valid": valid, "index": self.noise_index}
 
     def heldout(self, part: str = "all") -> dict:
         """The held-out points of ``part`` ("validation": what training chooses a checkpoint on, "test": what
         evaluation scores, "all"): index [n] (into the file's M points), coords [n, 2], depth [n] m,
-        at_grid_depth [n], psf_a / psf_b [n, 3, k, k] (checked), ref (their mean), illumination [n, 3] (mean of
+        at_grid_depth [n], focus [n] m (inf allowed; nan in a file without focus_m), at_grid_focus [n],
+        psf_a / psf_b [n, 3, k, k] (checked), ref (their mean), illumination [n, 3] (mean of
         the halves) and lit [n] (both halves valid in every channel)."""
         if part not in PARTS:
             raise ValueError(f"part must be one of {', '.join(PARTS)}, not {part!r}")
-        out = {"coords": self.heldout_coords, "depth": self.heldout_depth, "at_grid_depth": self.heldout_at_grid_depth}
+        out = {
+            "coords": self.heldout_coords,
+            "depth": self.heldout_depth,
+            "at_grid_depth": self.heldout_at_grid_depth,
+            "focus": self.heldout_focus,
+            "at_grid_focus": self.heldout_at_grid_focus,
+        }
         valid = {}
         for half in "ab":
             valid[half] = self._dataset(f"heldout/valid_{half}").astype(bool)

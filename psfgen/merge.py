@@ -102,5 +102,6 @@ def merge(paths: list[str], out: str | Path, overwrite: bool = False, virtual: b
         raise
     log.info("merged %d shards into %s%s", n, out, " (virtual datasets)" if virtual else "")
     merged = GridFile.open(out)
-    litfield.report_dark(merged.lights, merged.depths, out)  # the lit field of the whole grid, as an unsharded run's
+    labels = [merged.plane_label(p) for p in range(merged.n_planes)]
+    litfield.report_dark(merged.lights, labels, out)  # the lit field of the whole grid, as an unsharded run's
     return out

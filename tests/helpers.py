@@ -160,3 +160,11 @@ def as_schema_2(src, dst) -> Path:
             assert {"ks", "ks_small"} <= set(params), params  # src was a schema-3 file
             f.attrs[key] = json.dumps(params, sort_keys=True)
     return Path(dst)
+
+
+def make_focus_grid(tmp, focus=(0.5, float("inf")), name: str = "focus.h5", **changes) -> Path:
+    """A finished tiny grid file traced at several focus settings (focus [m], inf allowed): TINY's 4x4 grid, two
+    depths and 8 held-out points at each focus, so 2 x 2 planes by default. tmp: the folder it is written in."""
+    from psfgen import generate
+
+    return generate(tiny_config(Path(tmp) / name, focus_m=tuple(focus), **changes))

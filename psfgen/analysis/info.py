@@ -15,13 +15,13 @@ from psfgen.shared.metrics import rel_l2
 
 
 def noise_floor(grid: GridFile) -> np.ndarray | None:
-    """Per depth, mean relative L2 between a grid PSF and its independent re-trace
-    at the same spp: [D], or None without noise points. Only finished blocks count."""
+    """Per plane (depth at a focus), mean relative L2 between a grid PSF and its independent re-trace
+    at the same spp: [F*D], or None without noise points. Only finished blocks count."""
     if grid.n_noise == 0:
         return None
-    again = grid.noise()["psf"]  # [D, S, 3, k, k]
+    again = grid.noise()["psf"]  # [F*D, S, 3, k, k]
     err = []
-    for d in range(len(grid.depths)):
+    for d in range(grid.n_planes):
         here = grid.grid_psf(d)[grid.noise_index]
         ok = (here.sum(axis=(-3, -2, -1)) > 0) & (again[d].sum(axis=(-3, -2, -1)) > 0)  # untraced: all zeros
         err.append(rel_l2(again[d][ok], here[ok]).mean() if ok.any() else np.nan)
@@ -47,6 +47,21 @@ def _plan_note(grid: GridFile) -> str:
     errors = grid.depth_plan.get("errors", {})
     errs = ", ".join(f"{d}: {100 * e:.1f}%" for d, e in errors.items() if isinstance(e, (int, float)))
     return f"  (num_depths auto; pilot's error of interpolating in depth by number of depths {errs})"
+
+
+def focus_line(grid: GridFile) -> str:
+    """The focus settings: where the lens file puts the sensor, or those traced, and how the held-out points
+    sit among them."""
+    if grid.n_focus == 1 and np.isnan(grid.focus[0]):
+        return "focus       the lens file's sensor position (no focus_m)"
+    values = ", ".join(f"{f:.4g}" for f in grid.focus)
+    text = f"focus [m]   {values}: each refocused as DeepLens does (the sensor moves), every depth at each"
+    if grid.n_focus > 1:
+        text += f"; {grid.n_focus} x {len(grid.depths)} = {grid.n_planes} planes"
+        if grid.n_heldout:
+            between = int((~grid.heldout_at_grid_focus).sum())
+            text += f"; held-out: {grid.n_heldout - between} at a grid focus, {between} between"
+    return text
 
 
 def lens_lines(grid: GridFile) -> list[str]:
@@ -81,14 +96,19 @@ def summary(path) -> str:
         f"kernel_size_small {grid.kernel_size_small} px stored"
         + (" (kernel_size auto: the pilot's side)" if grid.window_plan is not None else "")
         + f"; kernel pitch {1000 * grid.kernel_pitch_mm:.3g} um",
-        f"depths [m]  {', '.join(f'{d:.4g}' for d in depths)}"
-        + (f"  (focus {cfg['focus_m']} m)" if cfg.get("focus_m") else "")
-        + _plan_note(grid),
+        f"depths [m]  {', '.join(f'{d:.4g}' for d in depths)}" + _plan_note(grid),
+        focus_line(grid),
         f"spp         {grid.spp} (grid), {grid.heldout_spp} (held-out reference, two halves)",
-        f"budget      {len(depths) * n**2 * grid.spp:,} rays per colour "
-        f"({len(depths)} depths x grid size² x spp)" + _requested_budget(cfg),
+        f"budget      {grid.n_planes * n**2 * grid.spp:,} rays per colour "
+        + (
+            f"({len(depths)} depths x grid size² x spp)"
+            if grid.n_focus == 1
+            else f"({grid.n_focus} focus settings x {len(depths)} depths x grid size² x spp)"
+        )
+        + _requested_budget(cfg),
         f"held-out    {grid.n_heldout} points ({grid.n_part('validation')} validation, {grid.n_part('test')} test);  "
-        f"noise re-traces: {grid.n_noise} grid points per depth" + _default_note(cfg.get("noise_points"), n),
+        f"noise re-traces: {grid.n_noise} grid points per {'depth' if grid.n_focus == 1 else 'plane'}"
+        + _default_note(cfg.get("noise_points"), n),
         f"blocks      {grid.blocks_done}/{grid.blocks_total} traced"
         + ("" if grid.complete else "  (unfinished: run the same 'psf generate' again to resume)"),
         f"device      {devices}, seed {grid.seed}, started {grid.started_at}"
@@ -124,7 +144,8 @@ def summary(path) -> str:
     nf = noise_floor(grid)
     if nf is not None:
         per = ", ".join(
-            f"{d:.4g} m: " + ("not measured yet" if np.isnan(v) else f"{100 * v:.2f}%") for d, v in zip(depths, nf)
+            f"{grid.plane_label(p)}: " + ("not measured yet" if np.isnan(v) else f"{100 * v:.2f}%")
+            for p, v in enumerate(nf)
         )
         lines.append(f"noise floor two traces at spp {grid.spp} differ by (relative L2) {per}")
     lines += summary_lines(grid)

@@ -48,13 +48,14 @@ def falloff(r: np.ndarray, illum: np.ndarray, at=FALLOFF_RADII) -> np.ndarray:
 
 def summary_lines(grid: GridFile) -> list[str]:
     """The 'lit field' lines of ``psf info``."""
-    traced = grid.traced_grid()  # [D, P]
-    valid, illum = grid.valid, grid.illumination  # [D, P, 3] each
+    traced = grid.traced_grid()  # [F*D, P]
+    valid, illum = grid.valid, grid.illumination  # [F*D, P, 3] each
     rho, half = radii(grid.coords, grid.sensor_size_mm)
     lines = []
-    for d, depth in enumerate(grid.depths):
+    for d in range(grid.n_planes):
+        depth = grid.plane_label(d)
         if not traced[d].all():
-            lines.append(f"lit field   {depth:g} m: not fully traced yet")
+            lines.append(f"lit field   {depth}: not fully traced yet")
             continue
         lit = valid[d].all(axis=-1)
         curve = falloff(rho / half, illum[d].mean(axis=-1))
@@ -69,20 +70,21 @@ def summary_lines(grid: GridFile) -> list[str]:
             )
         )
         lines.append(
-            f"lit field   {depth:g} m: {int((~lit).sum())} of {len(lit)} grid points dark, {where}; "
+            f"lit field   {depth}: {int((~lit).sum())} of {len(lit)} grid points dark, {where}; "
             f"illumination at r = {'/'.join(f'{v:g}' for v in FALLOFF_RADII)}: {text}"
         )
     return lines
 
 
-def report_dark(lit: np.ndarray, depths: np.ndarray, out: Path) -> None:
-    """One line on the lit field (lit [D, P] bool); an input error when (almost) nothing is lit."""
+def report_dark(lit: np.ndarray, planes: list[str], out: Path) -> None:
+    """One line on the lit field (lit [F*D, P] bool; planes: each plane's label, GridFile.plane_label); an input
+    error when (almost) nothing is lit."""
     P = lit.shape[1]
     if lit.all():
         return
-    per = ", ".join(f"{d:g} m: {int(P - n)}" for d, n in zip(depths, lit.sum(axis=1)))
+    per = ", ".join(f"{d}: {int(P - n)}" for d, n in zip(planes, lit.sum(axis=1)))
     log.warning(
-        "dark grid points (outside the lit field, stored as dark, left out of training) of %d per depth: %s; "
+        "dark grid points (outside the lit field, stored as dark, left out of training) of %d per plane: %s; "
         "'psf info %s' shows the image circle",
         P,
         per,
@@ -91,7 +93,7 @@ def report_dark(lit: np.ndarray, depths: np.ndarray, out: Path) -> None:
     few = int(lit.sum(axis=1).min())
     if few < 4:
         raise InputError(
-            f"only {few} of {P} grid points receive light at {depths[int(lit.sum(axis=1).argmin())]:g} m: the lens's "
+            f"only {few} of {P} grid points receive light at {planes[int(lit.sum(axis=1).argmin())]}: the lens's "
             f"image circle is much smaller than the sensor; {out} is kept, but use a smaller sensor_size in the lens "
             "file (or a lens that covers it)"
         )

@@ -93,15 +93,18 @@ def _depth_sums(near, mid, far, inv: tuple[float, float, float], lit, noise2: fl
 
 
 def spacing_errors(read, depths: np.ndarray, lit: np.ndarray, noise2: float = 0.0) -> Spacing:
-    """read(d) -> the grid PSFs of depth index d [N, N, 3, k, k] (float64); depths [D] m; lit [D, N, N] bool
-    (PSFs to use); noise2: one trace's pooled squared relative noise. Holds three depths at a time."""
+    """read(p) -> the grid PSFs of plane p = f*D + d [N, N, 3, k, k] (float64); depths [D] m; lit [F*D, N, N] bool
+    (PSFs to use; F focus settings, each at every depth); noise2: one trace's pooled squared relative noise. Depth
+    is predicted within each focus. Holds three planes at a time."""
     inv = 1.0 / np.asarray(depths, dtype=np.float64)
+    D = len(inv)
     field, depth, window = (0.0, 0.0), (0.0, 0.0), []
-    for d in range(len(inv)):
-        window = [*window[-2:], read(d)]
-        field = tuple(t + v for t, v in zip(field, _field_sums(window[-1], lit[d], noise2)))
+    for p in range(lit.shape[0]):
+        d = p % D
+        window = [*window[-2:], read(p)] if d else [read(p)]
+        field = tuple(t + v for t, v in zip(field, _field_sums(window[-1], lit[p], noise2)))
         if d >= 2:
-            pair = _depth_sums(*window, tuple(inv[d - 2 : d + 1]), lit[d - 2 : d + 1], noise2)
+            pair = _depth_sums(*window, tuple(inv[d - 2 : d + 1]), lit[p - 2 : p + 1], noise2)
             depth = tuple(t + v for t, v in zip(depth, pair))
     return Spacing(
         field=corrected(field) if lit.shape[1] >= 3 else float("nan"),
@@ -112,12 +115,12 @@ def spacing_errors(read, depths: np.ndarray, lit: np.ndarray, noise2: float = 0.
 
 def check_file(grid: GridFile) -> Spacing:
     """spacing_errors of a grid file's traced, lit PSFs, the noise taken from its re-traced points."""
-    n, d = grid.grid_size, len(grid.depths)
-    lit = grid.traced_grid() & grid.lit  # [D, P]
+    n, d = grid.grid_size, grid.n_planes
+    lit = grid.traced_grid() & grid.lit  # [F*D, P]
     idx = grid.noise_index
     noise2 = 0.0
     if idx.size:
-        again = grid.noise()["psf"]  # [D, S, 3, k, k]
+        again = grid.noise()["psf"]  # [F*D, S, 3, k, k]
         ok = lit[:, idx] & (again.sum(axis=(-3, -2, -1)) > 0)
         diff, norm = pooled(again, np.stack([grid.grid_psf(i)[idx] for i in range(d)]), ok)
         noise2 = diff / norm / 2 if norm > 0 else 0.0  # two traces differ by twice one trace's variance

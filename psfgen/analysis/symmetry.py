@@ -72,8 +72,8 @@ class SymmetryCheck:
 def grid_symmetry_errors(psf, n: int, square: bool) -> dict:
     """Mean relative L2 between grid PSFs mapped by the field's symmetries and the PSFs there.
 
-    psf: [D, P, 3, k, k] on the N x N grid (row 0 at y = +1), an array or an HDF5 dataset,
-    read one depth at a time. Mirror x: column c <-> N-1-c
+    psf: [F*D, P, 3, k, k] on the N x N grid (row 0 at y = +1), an array or an HDF5 dataset,
+    read one plane at a time. Mirror x: column c <-> N-1-c
     with the kernel's columns flipped; mirror y: rows likewise; quarter turn (square
     sensors): the point (x, y) -> (-y, x) is grid (r, c) -> (N-1-c, r), the kernel turned by
     rot90. Points that map onto themselves are left out.
@@ -104,9 +104,7 @@ def check_file(grid: GridFile) -> SymmetryCheck:
     sx, sy = field_scale(grid.sensor_size_mm)
     errors = grid_symmetry_errors(_Depths(grid), n, square=abs(sx - sy) < 1e-9)
     noise = grid.noise()["psf"]
-    pairs = (
-        [rel_l2(noise[d], grid.grid_psf(d)[grid.noise_index]) for d in range(len(grid.depths))] if grid.n_noise else []
-    )
+    pairs = [rel_l2(noise[p], grid.grid_psf(p)[grid.noise_index]) for p in range(grid.n_planes)] if grid.n_noise else []
     ok, reason = lens_symmetry(grid.lens_json)
     pairs = np.concatenate(pairs) if pairs else np.zeros(0)
     pairs = pairs[np.isfinite(pairs)]  # a dark point (zeros) in either trace has no PSF to compare
@@ -114,12 +112,12 @@ def check_file(grid: GridFile) -> SymmetryCheck:
 
 
 class _Depths:
-    """The grid PSFs as grid_symmetry_errors indexes them, psf[d] -> [P, 3, k, k], one depth at a time: files may
+    """The grid PSFs as grid_symmetry_errors indexes them, psf[p] -> [P, 3, k, k], one plane at a time: files may
     exceed RAM."""
 
     def __init__(self, grid: GridFile):
         self.grid = grid
-        self.shape = (len(grid.depths), grid.grid_size**2, 3, grid.kernel_size_small, grid.kernel_size_small)
+        self.shape = (grid.n_planes, grid.grid_size**2, 3, grid.kernel_size_small, grid.kernel_size_small)
 
     def __getitem__(self, d: int) -> np.ndarray:
         return self.grid.grid_psf(d)

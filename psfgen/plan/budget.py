@@ -1,8 +1,9 @@
 """The ray budget of ``psf generate``: how many grid points, and how many rays each, for R rays.
 
-R (``ray_budget``) counts the grid's rays per colour over all its depths: depths × grid_size²
-× spp. Each depth gets R / depths. Spread over more points at fewer rays each, a depth's rays
-trade interpolation error between grid points for Monte Carlo noise in every grid PSF.
+R (``ray_budget``) counts the grid's rays per colour over all its planes: focus settings × depths
+× grid_size² × spp. Each plane (one depth at one focus) gets R / planes. Spread over more points
+at fewer rays each, a plane's rays trade interpolation error between grid points for Monte Carlo
+noise in every grid PSF.
 ``choose`` is the split measured best for one depth's rays; ``resolve`` turns the config's
 keys into the grid size and spp that are traced. How many depths is the config's choice
 (``num_depths: auto`` lets a pilot trace choose: psfgen/plan/depthplan.py).
@@ -53,9 +54,21 @@ def choose(ray_budget: int) -> tuple[int, int]:
     return n, ray_budget // n**2
 
 
-def resolve(ray_budget: int | None, grid_size: int | None, spp: int | None, num_depths: int = 1) -> tuple[int, int]:
+def _planes(num_depths: int, num_focus: int) -> tuple[int, str]:
+    """(planes, ' at each of 3 depths x 2 focus settings' or '' for one plane)."""
+    planes = num_depths * num_focus
+    if planes == 1:
+        return 1, ""
+    if num_focus == 1:
+        return planes, f" at each of {num_depths} depths"
+    return planes, f" at each of {num_depths} depth{'s' if num_depths > 1 else ''} x {num_focus} focus settings"
+
+
+def resolve(
+    ray_budget: int | None, grid_size: int | None, spp: int | None, num_depths: int = 1, num_focus: int = 1
+) -> tuple[int, int]:
     """The traced (grid_size, spp) from the config's keys; None means not given. ray_budget counts
-    rays per colour over all ``num_depths`` depths; each depth gets ray_budget // num_depths.
+    rays per colour over all num_depths x num_focus planes; each plane gets ray_budget // planes.
 
     Without a budget: each as given, else its default (46, 18 903: DEFAULT_RAY_BUDGET split by
     the rule). With one: grid_size and spp from ``choose``; with grid_size, spp = R // N²; with
@@ -64,7 +77,7 @@ def resolve(ray_budget: int | None, grid_size: int | None, spp: int | None, num_
     """
     if ray_budget is None:
         return (DEFAULT_GRID_SIZE if grid_size is None else grid_size), (DEFAULT_SPP if spp is None else spp)
-    at = "" if num_depths == 1 else f" at each of {num_depths} depths"
+    num_depths, at = _planes(num_depths, num_focus)  # from here on a plane is what a depth was
     least = MIN_GRID_SIZE**2 * MIN_SPP * num_depths
     if ray_budget < least:
         raise InputError.for_key(
@@ -102,19 +115,25 @@ def resolve(ray_budget: int | None, grid_size: int | None, spp: int | None, num_
     return choose(per_depth)
 
 
-def affords(ray_budget: int | None, grid_size: int | None, spp: int | None, num_depths: int) -> bool:
-    """Whether ``resolve`` accepts these keys at ``num_depths`` depths (no budget: always)."""
+def affords(
+    ray_budget: int | None, grid_size: int | None, spp: int | None, num_depths: int, num_focus: int = 1
+) -> bool:
+    """Whether ``resolve`` accepts these keys at num_depths x num_focus planes (no budget: always)."""
     try:
-        resolve(ray_budget, grid_size, spp, num_depths)
+        resolve(ray_budget, grid_size, spp, num_depths, num_focus)
     except InputError:
         return False
     return True
 
 
-def explain(ray_budget: int, grid_size: int, spp: int, num_depths: int = 1) -> str:
+def explain(ray_budget: int, grid_size: int, spp: int, num_depths: int = 1, num_focus: int = 1) -> str:
     """One line for the log: what a budget became, and why."""
-    used = grid_size**2 * spp * num_depths
-    rule = choose(ray_budget // num_depths)
+    planes = num_depths * num_focus
+    used = grid_size**2 * spp * planes
+    rule = choose(ray_budget // planes)
+    over = f"{num_depths} depth{'s' if num_depths > 1 else ''}"
+    if num_focus > 1:
+        over += f" x {num_focus} focus settings"
     why = (
         f"the measured rule ({REF_GRID}x{REF_GRID} at {REF_BUDGET:.3g} rays a depth, scaled as R^{EXPONENT}; "
         "docs/ray_budget.md)"
@@ -122,7 +141,7 @@ def explain(ray_budget: int, grid_size: int, spp: int, num_depths: int = 1) -> s
         else "the grid size or spp given with it"
     )
     return (
-        f"ray budget {ray_budget:,} rays per colour over {num_depths} depth{'s' if num_depths > 1 else ''}: "
+        f"ray budget {ray_budget:,} rays per colour over {over}: "
         f"{grid_size}x{grid_size} grid at spp {spp:,} ({used:,} rays traced) from {why}"
     )
 

@@ -12,7 +12,8 @@ For D in 3, 5, 9, 17 (nested: every (33 - 1) / (D - 1)-th pilot depth), the pilo
 half way between D's neighbours are predicted linearly in 1/depth from them: the pooled
 relative L2 of those predictions, with the two traces' Monte Carlo noise taken out, is the
 error of interpolating in depth on D depths. The fewest D whose error is at most
-DEPTH_ERROR is chosen; 33 when none is.
+DEPTH_ERROR is chosen; 33 when none is. A run over several focus settings runs the pilot at the
+nearest and the farthest and takes the larger count.
 """
 
 from __future__ import annotations
@@ -51,18 +52,26 @@ class DepthPlan:
     errors: dict[int, float]  # D -> error of interpolating in depth on D depths (pooled relative L2, noise removed)
     noise: float  # the pilot's noise, one trace (pooled relative L2)
     seconds: float
+    focus_m: float | None = None  # the focus [m] the pilot traced at (None: the lens file's sensor)
 
     def describe(self) -> str:
         errs = ", ".join(f"{d}: {100 * e:.1f}%" for d, e in self.errors.items())
         return (
-            f"num_depths auto: {self.num_depths} depths (pilot of {len(PILOT_FIELD) ** 2} points x {PILOT_DEPTHS} "
+            f"num_depths auto: {self.num_depths} depths"
+            + ("" if self.focus_m is None else f" at focus {self.focus_m:g} m")
+            + f" (pilot of {len(PILOT_FIELD) ** 2} points x {PILOT_DEPTHS} "
             f"depths at spp {PILOT_SPP}, {self.seconds:.0f} s; interpolation error in depth, noise "
             f"{100 * self.noise:.1f}% removed, by number of depths: {errs}; at most {100 * DEPTH_ERROR:g}% wanted)"
         )
 
     def to_json(self) -> str:
         return json.dumps(
-            {"num_depths": self.num_depths, "errors": {str(k): v for k, v in self.errors.items()}, "noise": self.noise}
+            {
+                "num_depths": self.num_depths,
+                "errors": {str(k): v for k, v in self.errors.items()},
+                "noise": self.noise,
+                "focus_m": self.focus_m,
+            }
         )
 
 
@@ -89,8 +98,10 @@ def choose(errors: dict[int, float]) -> int:
     return next((d for d in CHOICES[:-1] if errors[d] <= DEPTH_ERROR), CHOICES[-1])
 
 
-def pilot(lens, depth_min: float, depth_max: float, kernel_size: int, kernel_size_small: int, seed: int) -> DepthPlan:
-    """Trace the pilot on ``lens`` over [depth_min, depth_max] [m] and choose the number of depths."""
+def pilot(lens, depth_min: float, depth_max: float, kernel_size: int, kernel_size_small: int, seed: int,
+          focus_m: float | None = None) -> DepthPlan:  # fmt: skip
+    """Trace the pilot on ``lens`` (refocused to focus_m [m], recorded; None: the lens file's sensor) over
+    [depth_min, depth_max] [m] and choose the number of depths."""
     t = time.time()
     torch.manual_seed(seed)
     depths = 1.0 / np.linspace(1.0 / depth_min, 1.0 / depth_max, PILOT_DEPTHS)  # [M] m
@@ -110,7 +121,7 @@ def pilot(lens, depth_min: float, depth_max: float, kernel_size: int, kernel_siz
             f"the pilot of num_depths auto found no field point lit at three neighbouring depths between "
             f"{depth_min:g} and {depth_max:g} m; give the depths (--num-depths N or --depths)"
         )
-    plan = DepthPlan(choose(errors), errors, noise, time.time() - t)
+    plan = DepthPlan(choose(errors), errors, noise, time.time() - t, focus_m)
     if errors[CHOICES[-2]] > 4 * DEPTH_ERROR:  # interpolation error falls ~4x a halving: 33 will not do either
         log.warning(
             "%s depths over %g-%g m leave about %.0f%% error in depth between them (%d depths: %.0f%%): narrow "

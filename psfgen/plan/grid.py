@@ -173,6 +173,42 @@ def heldout_points(n: int, depths: np.ndarray, m: int, seed: int):
     return np.array(coords).reshape(m, 2), depth, at_grid, part
 
 
+def focus_midpoints(focus: np.ndarray) -> np.ndarray:
+    """The midpoints in 1/focus of adjacent focus settings focus [F] m (ascending, inf allowed): [F - 1] m."""
+    inv = 1.0 / np.asarray(focus, dtype=np.float64)  # 1/inf = 0
+    with np.errstate(divide="ignore"):
+        return 1.0 / (0.5 * (inv[:-1] + inv[1:]))
+
+
+def heldout_focus(part: np.ndarray, focus: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The focus [m] of each held-out point of heldout_points (part [m], in its order: by radius band, then radius)
+    and whether it is a grid focus: ([m] float64, [m] bool).
+
+    focus: the grid's focus settings [F] m, ascending (inf allowed), or [nan] for a run without one. With one focus
+    every point is at it. With several, within each band and part, points go in pairs between a grid focus and the
+    midpoint in 1/focus of two adjacent grid focus settings (focus_midpoints), so the pairs cross the depths'
+    alternation: about a quarter of the points in each of at/between grid depth x at/between grid focus. Each kind
+    cycles through its values from a random start. Drawn from their own stream: the depths stay as without focus.
+    """
+    m, F = len(part), len(focus)
+    if F == 1:
+        return np.full(m, focus[0], dtype=np.float64), np.ones(m, bool)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x464F4355]))  # "FOCU"
+    mids = focus_midpoints(focus)
+    out, at_grid = np.empty(m), np.ones(m, bool)
+    counts = band_counts(m)
+    for b in range(len(counts)):
+        band = np.arange(counts[:b].sum(), counts[: b + 1].sum())
+        for which in (VALIDATION, TEST):
+            idx = band[part[band] == which]
+            at = (np.arange(len(idx)) // 2 + b // 2) % 2 == 0
+            at_grid[idx] = at
+            start_at, start_between = rng.integers(F), rng.integers(F - 1)
+            out[idx[at]] = focus[(start_at + np.arange(at.sum())) % F]
+            out[idx[~at]] = mids[(start_between + np.arange((~at).sum())) % (F - 1)]
+    return out, at_grid
+
+
 def noise_indices(n: int, count: int, seed: int) -> np.ndarray:
     """Indices of the grid points traced a second time (the noise floor), sorted."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x4E4F4953]))  # "NOIS"

@@ -9,7 +9,8 @@ triplet ~44 px over 3-20 m.
 
 The pilot traces PILOT_FIELD (an 11 x 11 grid over the whole field: axis, edges, corners and the
 rings between them, with no symmetry assumed) at the extreme depths of the run's range, and at
-the focus distance when one is given and lies between them, at PILOT_SPP rays. It keeps each
+the focus distance when one is given and lies between them, at PILOT_SPP rays (a run over several
+focus settings runs it at the nearest and the farthest and takes the larger side). It keeps each
 valid ray's Chebyshev distance from the chief ray, so one trace answers for every window: a ks
 window holds the rays closer than ks/2 - 0.5 px (DeepLens's forward_integral), centred as the
 tracer centres it (on the valid rays' centroid when the chief-ray window would hold too few rays
@@ -56,19 +57,26 @@ class WindowPlan:
     depths: tuple[float, ...]  # the pilot's depths [m]
     cap: int  # the largest side allowed: the sensor's shorter side [px]
     seconds: float
+    focus_m: float | None = None  # the focus [m] the pilot traced at (None: the lens file's sensor)
 
     def describe(self) -> str:
         x, y, depth, c = self.where
         return (
-            f"kernel_size auto: {self.kernel_size} px (pilot of {len(PILOT_FIELD) ** 2} points x "
-            f"{len(self.depths)} depths ({', '.join(f'{d:g}' for d in self.depths)} m) at spp {PILOT_SPP}, "
+            f"kernel_size auto: {self.kernel_size} px{_focused(self.focus_m)} (pilot of {len(PILOT_FIELD) ** 2} "
+            f"points x {len(self.depths)} depths ({', '.join(f'{d:g}' for d in self.depths)} m) at spp {PILOT_SPP}, "
             f"{self.seconds:.0f} s; {self.needed} px keep {100 * KEPT:g}% of every lit pilot PSF, the most needed at "
             f"({x:+.2f}, {y:+.2f}), {depth:g} m, channel {'RGB'[c]}; x {MARGIN:g} margin; the pilot's least kept "
             f"{100 * self.kept:.2f}%)"
         )
 
     def to_json(self) -> str:
-        return json.dumps({"kernel_size": self.kernel_size, "needed": self.needed, "kept": self.kept})
+        return json.dumps(
+            {"kernel_size": self.kernel_size, "needed": self.needed, "kept": self.kept, "focus_m": self.focus_m}
+        )
+
+
+def _focused(focus_m: float | None) -> str:
+    return "" if focus_m is None else f" at focus {focus_m:g} m"
 
 
 def pilot_depths(depth_lo: float, depth_hi: float, focus_m: float | None) -> tuple[float, ...]:
@@ -108,8 +116,11 @@ def choose(kept: np.ndarray, lit: np.ndarray, sides: np.ndarray) -> int:
     return int(good[0]) if len(good) else len(sides) - 1
 
 
-def pilot(lens, depths: tuple[float, ...], kernel_size_small: int, seed: int) -> WindowPlan:
-    """Trace the pilot on ``lens`` (focused as the run is) at ``depths`` [m] and choose the traced window's side."""
+def pilot(
+    lens, depths: tuple[float, ...], kernel_size_small: int, seed: int, focus_m: float | None = None
+) -> WindowPlan:
+    """Trace the pilot on ``lens`` (refocused to focus_m [m], recorded; None: the lens file's sensor) at ``depths``
+    [m] and choose the traced window's side."""
     t = time.time()
     torch.manual_seed(seed)
     cap = int(min(lens.sensor_res))
@@ -134,7 +145,7 @@ def pilot(lens, depths: tuple[float, ...], kernel_size_small: int, seed: int) ->
     side = int(min(cap - cap % 2, 2 * np.ceil(side / 2)))  # even, as DeepLens centres the window between pixels
     at = int(np.searchsorted(sides, side))
     least = float(np.where(lit, kept[..., min(at, len(sides) - 1)], np.inf).min()) if lit.any() else 1.0
-    plan = WindowPlan(side, needed, least, (*where[b], int(c)), tuple(depths), cap, time.time() - t)
+    plan = WindowPlan(side, needed, least, (*where[b], int(c)), tuple(depths), cap, time.time() - t, focus_m)
     if needed * MARGIN > cap:
         log.warning(
             "kernel_size auto: the PSFs need a window of about %d px, more than the sensor's %d px; traced in %d px, "

@@ -43,6 +43,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if origin is tuple:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):  # YAML's `focus_m: 2`: one value
+            value = [value]
         if not isinstance(value, (list, tuple)):
             raise InputError.for_key(key, f"must be a list, got {value!r}")
         return tuple(_coerce(key, v, args[0]) for v in value)
