@@ -161,3 +161,104 @@ def test_bench_accuracy_table_shows_the_focus_groups():
     assert lines[2] == "| bicubic | 1.0% | 2.0% | 3.0% | 4.0% | 5.0% |"
     del result["heldout_groups"]["focus"]  # a single-focus file: the three columns of before
     assert bench.summary_table({"baselines": result}).splitlines()[2] == "| bicubic | 1.0% | 2.0% | 3.0% |"
+
+
+@pytest.fixture(scope="module")
+def focus_grid(tmp_path_factory):
+    """A tiny grid file at focus 0.5 m and inf (2 focus x 2 depths planes), held-out points at both and at 1 m."""
+    from helpers import make_focus_grid
+
+    return make_focus_grid(tmp_path_factory.mktemp("focus"))
+
+
+def test_eval_scores_points_at_and_between_grid_focus(focus_grid, tmp_path):
+    """Baselines alone on a 2-focus file: every figure is the baselines' own at each test point's focus, grouped at
+    and between grid focus in metrics.json, the text table and the report."""
+    import json
+
+    from click.testing import CliRunner
+
+    from cli import main
+    from psfcvae.evaluation.metrics import rel_l2_corrected
+    from psfgen import GridFile
+
+    out = tmp_path / "eval"
+    r = CliRunner().invoke(main, ["eval", "--baselines-only", "--data", str(focus_grid), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    info = GridFile.open(focus_grid)
+    test = info.heldout("test")
+    test = {k: v[test["lit"]] for k, v in test.items()}
+    at = test["at_grid_focus"]
+    assert at.any() and (~at).any()  # the tiny file holds both kinds of test points
+    assert metrics["data"]["focus_m"] == [0.5, "inf"]
+    groups = metrics["heldout_groups"]["focus"]
+    assert (
+        {"all", "at grid focus", "between grid focus"}
+        <= set(groups)
+        <= {
+            "all",
+            "at grid focus",
+            "between grid focus",
+            "at focus 0.5 m",
+            "between focus 0.5 m and ∞",
+            "at focus ∞",
+        }
+    )
+    (x, y), depth, focus = test["coords"].T, test["depth"], test["focus"]
+    pred = B.bicubic(info.grid_psfs(), info.depths, info.grid_size, x, y, depth, info.focus, focus)
+    for name, mask in (("all", np.ones(len(at), bool)), ("at grid focus", at), ("between grid focus", ~at)):
+        _, pooled = rel_l2_corrected(pred[mask], test["psf_a"][mask], test["psf_b"][mask])
+        assert metrics["heldout"]["bicubic"][name]["corrected"]["pooled"] == pytest.approx(pooled, rel=1e-6)
+        assert metrics["heldout"]["bicubic"][name]["raw"]["n"] == mask.sum()
+    # Tracing at the training spp, per plane: all, per depth over both focus settings, per focus over both depths.
+    rt = metrics["raytrace_at_training_spp"]
+    assert {"all", "at 0.5 m", "at 2 m", "at focus 0.5 m", "at focus ∞"} == set(rt)
+    assert (
+        rt["all"]["n"] == rt["at focus 0.5 m"]["n"] + rt["at focus ∞"]["n"] == rt["at 0.5 m"]["n"] + rt["at 2 m"]["n"]
+    )
+    assert "by focus distance" in r.stdout and "grid focus" in r.stdout and "0.5 m–∞" in r.stdout
+    assert max(map(len, r.stdout.splitlines())) <= 100, r.stdout
+    page = (out / "report.html").read_text()
+    per_focus = page[page.index('id="per-focus"') : page.index('id="per-band"')]
+    assert "<th>between grid focus</th>" in per_focus and "<td>ray tracing (grid points)</td>" in per_focus
+    assert "at 0.5, 2 m, spp 2000 (rays per point and colour), at focus 0.5 m and ∞" in page
+    assert {"grid_focus0_0.5m_depth0_0.5m.png", "grid_focus1_inf_depth1_2m.png"} <= {p.name for p in out.glob("*.png")}
+
+
+@pytest.mark.slow  # trains a model: about 15 s
+def test_eval_calls_a_multi_focus_model_at_each_points_focus(focus_grid, tmp_path):
+    """A 2-focus model, end to end: the CVAE's figures are the model's at each test point's own focus, its table is
+    built at each focus the points hold, and the groups at and between grid focus hold every method."""
+    import json
+
+    from click.testing import CliRunner
+    from helpers import small_config
+
+    from cli import main
+    from psfcvae import load_model, train
+    from psfcvae.evaluation.metrics import rel_l2_corrected
+    from psfgen import GridFile
+
+    run_dir = train(small_config(focus_grid, tmp_path / "run", max_steps=10, val_every=5, checkpoint_every=5))
+    out = tmp_path / "eval"
+    r = CliRunner().invoke(
+        main, ["eval", "--checkpoint", str(run_dir / "best.pt"), "--data", str(focus_grid), "--out", str(out)]
+    )
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    test = GridFile.open(focus_grid).heldout("test")
+    test = {k: v[test["lit"]] for k, v in test.items()}
+    (x, y), depth, focus, at = test["coords"].T, test["depth"], test["focus"], test["at_grid_focus"]
+    model = load_model(run_dir / "best.pt")
+    pred = model.psf(x, y, depth, focus_m=focus, allow_extrapolation=True).numpy()
+    table = np.zeros_like(pred)
+    for f in np.unique(focus):
+        table[focus == f] = model.tabulate(focus_m=f).psf(x[focus == f], y[focus == f], depth[focus == f]).numpy()
+    for name, want in (("cvae prior mean", pred), ("cvae prior mean (table)", table)):
+        for group, mask in (("at grid focus", at), ("between grid focus", ~at)):
+            _, pooled = rel_l2_corrected(want[mask], test["psf_a"][mask], test["psf_b"][mask])
+            assert metrics["heldout"][name][group]["corrected"]["pooled"] == pytest.approx(pooled, rel=1e-4, abs=1e-7)
+    assert all({"at grid focus", "between grid focus"} <= set(m) for m in metrics["heldout"].values())
+    assert metrics["illumination"]["n"] == len(GridFile.open(focus_grid).heldout("test")["lit"])
+    assert "cvae prior mean" in r.stdout and "by focus distance" in r.stdout
