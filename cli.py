@@ -72,6 +72,7 @@ class BadInput(click.ClickException):
 API_OPTIONS = {
     "sample": {
         "depth_m": "--depth",
+        "focus_m": "--focus-m",
         "allow_extrapolation": "--allow-extrapolation",
         "coords": "--coords",
         "height": "--height-mm",
@@ -79,6 +80,7 @@ API_OPTIONS = {
     },
     "render": {
         "depth_m": "--depth",
+        "focus_m": "--focus-m",
         "allow_extrapolation": "--allow-extrapolation",
         "psf_every": "--psf-every",
         "field": "--field",
@@ -607,6 +609,11 @@ def _parse_coords(text: str, option: str = "--coords", example: str = "0.5,0.5;-
 @click.option("--grid", "grid_m", type=int, help="Instead of --coords: a dense M x M map over the field.")
 @click.option("--depth", type=float, help="Object depth [m] (needed when the model knows several depths).")
 @click.option(
+    "--focus-m",
+    type=float,
+    help="The distance the camera is focused at [m], inf allowed (needed when the model knows several).",
+)
+@click.option(
     "--mode",
     type=click.Choice(["mean", "sample"]),
     default="mean",
@@ -617,15 +624,19 @@ def _parse_coords(text: str, option: str = "--coords", example: str = "0.5,0.5;-
     "--out",
     type=str,
     required=True,
-    help="Output: .npz or .h5 (PSFs [B, 3, k, k] with coords [B, 2] and depth_m), .npy (PSFs alone, in --coords "
-    "order; a --grid map row-major from the top-left, x = -1, y = +1) or .png (captioned mosaic for --grid, "
+    help="Output: .npz or .h5 (PSFs [B, 3, k, k] with coords [B, 2], depth_m and focus_m), .npy (PSFs alone, in "
+    "--coords order; a --grid map row-major from the top-left, x = -1, y = +1) or .png (captioned mosaic for --grid, "
     "a row otherwise).",
 )
-@click.option("--allow-extrapolation", is_flag=True, help="Accept coordinates or depths outside the trained range.")
+@click.option(
+    "--allow-extrapolation", is_flag=True, help="Accept coordinates, depths or focus outside the trained range."
+)
 @click.option("--device", type=str, default="auto", show_default=True, help="auto, cpu, cuda or cuda:K.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 @user_errors
-def sample(checkpoint, coords, height_mm, angle_deg, grid_m, depth, mode, out, allow_extrapolation, device, overwrite):
+def sample(
+    checkpoint, coords, height_mm, angle_deg, grid_m, depth, focus_m, mode, out, allow_extrapolation, device, overwrite
+):
     """PSFs at arbitrary field points (or a dense map) from a trained model."""
     given = {"coords": coords, "height_mm": height_mm, "angle_deg": angle_deg}
     units = [k for k, v in given.items() if v is not None]
@@ -646,7 +657,9 @@ def sample(checkpoint, coords, height_mm, angle_deg, grid_m, depth, mode, out, a
 
     pts = np.array(pts) if pts is not None else None
     unit = units[0] if units else "coords"
-    path = sample_psfs(checkpoint, out, pts, grid_m, depth, mode, allow_extrapolation, device, overwrite, unit)
+    path = sample_psfs(
+        checkpoint, out, pts, grid_m, depth, mode, allow_extrapolation, device, overwrite, unit, focus_m=focus_m
+    )
     click.echo(str(path))
 
 
@@ -664,6 +677,12 @@ def sample(checkpoint, coords, height_mm, angle_deg, grid_m, depth, mode, out, a
     "--depth-map",
     type=str,
     help="Instead of --depth: depth per pixel, .npy [H, W] in metres or a 16-bit PNG in millimetres.",
+)
+@click.option(
+    "--focus-m",
+    type=float,
+    help="The distance the camera is focused at [m], inf allowed (needed when the model knows several): with "
+    "--depth-map, a refocused photograph.",
 )
 @click.option("--out", type=str, required=True, help="Output PNG (the input's bit depth); a folder with --images.")
 @click.option(
@@ -697,7 +716,7 @@ def sample(checkpoint, coords, height_mm, angle_deg, grid_m, depth, mode, out, a
     is_flag=True,
     help="The PNG holds linear values (default: sRGB-encoded; blurred in linear light either way).",
 )
-@click.option("--allow-extrapolation", is_flag=True, help="Accept depths outside the trained range.")
+@click.option("--allow-extrapolation", is_flag=True, help="Accept depths or focus outside the trained range.")
 @click.option("--device", type=str, default="auto", show_default=True, help="auto, cpu, cuda or cuda:K.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out (with --images: render every image again).")
 @user_errors
@@ -707,6 +726,7 @@ def render(
     images,
     depth,
     depth_map,
+    focus_m,
     out,
     exact,
     error,
@@ -735,6 +755,7 @@ def render(
         field_mm=field_mm,
         device=device,
         allow_extrapolation=allow_extrapolation,
+        focus_m=focus_m,
     )
     if images is not None:
         if depth_map is not None:

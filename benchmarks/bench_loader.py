@@ -93,7 +93,7 @@ def main() -> None:
         big = build_big_file(Path(tmp), 100, (0.4, 0.5, 0.6, 0.8, 1.0, 1.5, 2.0, 4.0, 8.0, 20.0))
         info = GridFile.open(big)
         cfg = configio.build(TrainConfig, {"data": str(big)})  # the spec's defaults, batch 64
-        n_psf = len(info.depths) * info.grid_size**2
+        n_psf = info.n_planes * info.grid_size**2
         print(
             f"file: {n_psf} PSFs, {big.stat().st_size / 2**20:.0f} MiB; batch {cfg.batch_size}, read_run {cfg.read_run}"
         )
@@ -104,7 +104,7 @@ def main() -> None:
 
         model = CVAE(model_args_for(resolve(cfg, info), info)).to(device)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
-        conds = Conditions(info.coords, info.depths, info.neighbors, True, device)
+        conds = Conditions(info.coords, info.depths, info.neighbors, True, device, focus=info.focus)
         ds = GridBatches(info, cfg.batch_size, cfg.read_run, seed=0, in_memory=False)
         batches = [ds[g] for g in range(args.steps + 5)]
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -114,9 +114,9 @@ def main() -> None:
                 sync()
                 t0 = time.perf_counter()
             psf = batch["psf"].to(device)
-            point, depth = batch["point"].to(device), batch["depth_index"].to(device)
-            src, pc = conds.pairs(point, depth)
-            out = model(psf, conds(point, depth), src, pc)
+            point, plane = batch["point"].to(device), batch["plane"].to(device)
+            src, pc = conds.pairs(point, plane)
+            out = model(psf, conds(point, plane), src, pc)
             opt.zero_grad()
             out.loss.backward()
             opt.step()

@@ -28,11 +28,14 @@ REQUIRED = (
     "optics",
     "selection",  # the validation points and score that chose it (psfcvae/training/loop.py selection())
 )
-SCHEMA_VERSION = 6  # the only one read: a checkpoint of another is refused (retrain); 6: optics v2 (chief rays)
+# The only one read: a checkpoint of another is refused (retrain). 6: optics v2 (chief rays); 7: focus settings
+# (data_fingerprint focus, model_args has_focus / focus_min / focus_max, optics v3 per plane).
+SCHEMA_VERSION = 7
 
 
 def data_fingerprint(info: GridFile) -> dict:
-    """What a model is tied to: the grid run, its lens, grid, kernel and depths."""
+    """What a model is tied to: the grid run, its lens, grid, kernel, depths and focus settings (focus [F] m, inf
+    allowed; [nan]: one focus, where the lens file puts the sensor)."""
     return {
         "run_id": info.run_id,
         "lens_sha256": info.lens_sha256,
@@ -40,6 +43,7 @@ def data_fingerprint(info: GridFile) -> dict:
         "grid_size": info.grid_size,
         "kernel_size_small": info.kernel_size_small,
         "depths": [float(d) for d in info.depths],
+        "focus": [float(f) for f in info.focus],
         "spp": info.spp,
     }
 
@@ -110,11 +114,23 @@ def check_same_data(ckpt: dict, info: GridFile, what: str) -> None:
     """Refuse a checkpoint (or its ``data_fingerprint``) trained on another dataset, naming what differs."""
     mine = ckpt["data_fingerprint"]
     theirs = data_fingerprint(info)
-    keys = ("lens_sha256", "grid_size", "kernel_size_small", "depths", "spp", "run_id")
-    diff = [k for k in keys if mine.get(k) != theirs[k]]
+    keys = ("lens_sha256", "grid_size", "kernel_size_small", "depths", "focus", "spp", "run_id")
+    diff = [k for k in keys if not _same(mine.get(k), theirs[k])]
     if diff:
-        names = {"lens_sha256": "lens", "run_id": "grid run", "kernel_size_small": "kernel size"}
+        names = {
+            "lens_sha256": "lens",
+            "run_id": "grid run",
+            "kernel_size_small": "kernel size",
+            "focus": "focus settings",
+        }
         raise InputError(
             f"{what} was trained on another dataset than {info.path} (different "
             f"{', '.join(names.get(d, d) for d in diff)}); use the matching data file or another checkpoint"
         )
+
+
+def _same(a, b) -> bool:
+    """a == b, where a list of numbers may hold nan (the focus of a single-focus file), equal to nan."""
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(x == y or (x != x and y != y) for x, y in zip(a, b))
+    return a == b

@@ -12,6 +12,7 @@ from helpers import small_config
 
 import psfcvae
 from psfcvae.api.psfmodel import PSFModel
+from psfcvae.api.table import PSFTable
 from psfcvae.model.cvae import CVAE, ModelArgs
 from psfgen.shared.errors import InputError
 
@@ -53,13 +54,16 @@ def test_the_table_is_the_network_at_its_nodes_in_every_octant(tiny_run):
     torch.testing.assert_close(got.sum(dim=(-2, -1)), torch.ones(len(x), 3), atol=1e-5, rtol=0)
 
 
-def _untrained(cond_dim: int, field_scale=(1.0, 1.0)) -> PSFModel:
-    """A small canonical network with random weights: a deterministic, fast field to tabulate."""
+def _untrained(cond_dim: int, field_scale=(1.0, 1.0), focus=(math.nan,)) -> PSFModel:
+    """A small canonical network with random weights: a deterministic, fast field to tabulate. cond_dim counts
+    x, y and the depth code; several ``focus`` settings [m] add the focus code."""
     torch.manual_seed(0)
     depths = [1.0, 4.0] if cond_dim == 3 else [1.0]
+    over_focus = dict(has_focus=True, focus_min=min(focus), focus_max=max(focus)) if len(focus) > 1 else {}
     args = ModelArgs(
+        **over_focus,
         frame="canonical",
-        cond_dim=cond_dim,
+        cond_dim=cond_dim + len(over_focus) // 3,
         latent_dim=4,
         hidden_dim=32,
         num_layers=2,
@@ -69,7 +73,7 @@ def _untrained(cond_dim: int, field_scale=(1.0, 1.0)) -> PSFModel:
         depth_max=max(depths),
         field_scale=field_scale,
     )
-    return PSFModel(CVAE(args).eval(), {"data_fingerprint": {"depths": depths}})
+    return PSFModel(CVAE(args).eval(), {"data_fingerprint": {"depths": depths, "focus": list(focus)}})
 
 
 @pytest.mark.parametrize("cond_dim, field_scale", [(3, (1.0, 0.6)), (2, (0.75, 1.0))])
@@ -86,6 +90,28 @@ def test_nodes_on_a_non_square_sensor_and_without_depth(cond_dim, field_scale):
     rng = np.random.default_rng(1)
     x, y, d = rng.uniform(-1, 1, 400), rng.uniform(-1, 1, 400), rng.uniform(*model.depth_range, 400)
     assert model.tabulate(target=0.02).deviation(x, y, d) < 0.04
+
+
+def test_a_table_at_one_focus_is_the_network_at_that_focus():
+    model = _untrained(3, focus=(0.5, 2.0, math.inf))
+    assert model.net.args.cond_dim == 4 and model.focus_range == (0.5, math.inf)
+    tables = {}
+    for focus in (0.5, 1.0, math.inf):  # at a grid focus, between two, at infinity
+        tables[focus] = table = model.tabulate(focus_m=focus, sizes=(5, 4, 3), dtype=torch.float32)
+        x, y, d = _nodes(table, model)
+        torch.testing.assert_close(table.psf(x, y, d), model.psf(x, y, d, focus_m=focus), atol=2e-6, rtol=1e-4)
+        ox, oy, od = _nodes(table, model, octant_only=True)  # the head is the network's at the octant's point
+        torch.testing.assert_close(
+            table.illumination(ox, oy, od), model.illumination(ox, oy, od, focus_m=focus), atol=1e-5, rtol=1e-4
+        )
+        # the saved table keeps its focus
+        assert PSFTable.from_state(model, table.state()).focus_m == focus
+    # the focus is an input: the tables differ far beyond their match with the network
+    assert (tables[0.5].psf(x, y, d) - tables[math.inf].psf(x, y, d)).abs().max() > 10 * 2e-6
+    with pytest.raises(InputError, match="give focus_m"):
+        model.tabulate(sizes=(5, 4, 3))
+    with pytest.raises(InputError, match="focus_m 0.3 m is outside the trained focus range 0.5-inf m"):
+        model.tabulate(focus_m=0.3, sizes=(5, 4, 3))
 
 
 def test_between_nodes_a_finer_table_is_closer_to_the_network(tiny_run):
@@ -143,7 +169,7 @@ def test_dark_points_follow_the_illumination_head(vignetted_grid, tmp_path):
 
 def test_a_cartesian_model_has_no_table():
     net = CVAE(ModelArgs(latent_dim=4, hidden_dim=8, num_layers=1, num_frequencies=1))
-    model = PSFModel(net, {"data_fingerprint": {"depths": [1.0]}})
+    model = PSFModel(net, {"data_fingerprint": {"depths": [1.0], "focus": [np.nan]}})
     with pytest.raises(InputError, match="canonical-frame model"):
         model.tabulate()
     with pytest.raises(InputError, match="target deviation must be between 0 and 1, got 0"):

@@ -115,12 +115,12 @@ def test_dataset_streams_every_psf_once_per_epoch_with_2_workers(tiny_grid):
     for a, b in zip(batches, single):  # same order and content as in one process
         torch.testing.assert_close(a["psf"], b["psf"])
     for epoch in range(2):
-        seen = torch.cat([torch.stack([x["depth_index"], x["point"]], 1) for x in batches[epoch * n : (epoch + 1) * n]])
+        seen = torch.cat([torch.stack([x["plane"], x["point"]], 1) for x in batches[epoch * n : (epoch + 1) * n]])
         assert len({tuple(r) for r in seen.tolist()}) == 32
     for batch in batches:
-        np.testing.assert_array_equal(batch["psf"].numpy(), grid[batch["depth_index"].numpy(), batch["point"].numpy()])
+        np.testing.assert_array_equal(batch["psf"].numpy(), grid[batch["plane"].numpy(), batch["point"].numpy()])
     assert not torch.equal(batches[0]["point"], batches[n]["point"]) or not torch.equal(
-        batches[0]["depth_index"], batches[n]["depth_index"]
+        batches[0]["plane"], batches[n]["plane"]
     )
     mem = GridBatches(info, batch_size=8, read_run=4, seed=1, in_memory=True)
     torch.testing.assert_close(mem[5]["psf"], single[5]["psf"])
@@ -459,6 +459,7 @@ def test_cvae_v1_yaml_is_the_spec():
 
     class OneDepth:  # the file facts resolve and model_args_for read: one depth, 15 px kernels
         grid_size, kernel_size_small, depths, path = 4, 15, np.array([1.0]), "x.h5"
+        focus, n_focus, n_planes = np.array([np.nan]), 1, 1
 
     one_depth = resolve(configio.build(TrainConfig, {**configio.to_dict(cfg), "condition_on_depth": "false"}), OneDepth)
     args = model_args_for(one_depth, OneDepth)
@@ -528,7 +529,7 @@ def test_a_checkpoint_of_another_schema_is_refused_in_one_line(tiny_run, tiny_gr
     shutil.copytree(tiny_run, run_dir)
     latest = run_dir / "latest.pt"
     ckpt = torch.load(latest, weights_only=True)
-    assert ckpt["schema_version"] == checkpoint.SCHEMA_VERSION == 6
+    assert ckpt["schema_version"] == checkpoint.SCHEMA_VERSION == 7
     sample = [
         "sample",
         "--checkpoint",
@@ -540,7 +541,7 @@ def test_a_checkpoint_of_another_schema_is_refused_in_one_line(tiny_run, tiny_gr
         "--out",
         str(tmp_path / "p.npy"),
     ]
-    for version, which in ((5, "an earlier"), (7, "a later")):
+    for version, which in ((6, "an earlier"), (8, "a later")):
         torch.save({**ckpt, "schema_version": version}, latest)
         before = latest.read_bytes()
         want = f"checkpoint {latest} has schema version {version} ({which} psf-cvae); retrain with 'psf train'"

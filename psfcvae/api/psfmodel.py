@@ -7,6 +7,7 @@ rel = model.illumination([0.5, -0.3], [0.5, 0.8], 1.0)    # [2, 3]: 1 on axis, 0
 psf, lit = model.psf(x, y, 1.0, allow_dark=True)         # zeros and lit False outside the lit field
 psf = model.psf_at_height(1.2, -0.5, depth_m=1.0)          # at an image height on the sensor [mm]
 psf = model.psf_at_angle(10.0, 0.0, depth_m=1.0)           # at a field angle [deg]
+psf = model.psf(x, y, depth_m=1.0, focus_m=2.0)           # a model over focus: the camera focused at 2 m
 """
 
 from __future__ import annotations
@@ -40,9 +41,21 @@ _API_NAMES = {
     "coords": "coordinates x and y",
     "allow_extrapolation": "allow_extrapolation=True",
     "depth_m": "depth_m",
+    "focus_m": "focus_m",
     "height": "image height",
     "angle": "field angle",
 }
+
+
+def _focus_values(values) -> bool:
+    """A checkpoint's focus settings: [nan] (one focus, the lens file's own) or positive numbers, inf allowed."""
+    try:
+        v = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        return False
+    if v.ndim != 1 or v.size == 0:
+        return False
+    return bool((v.size == 1 and np.isnan(v[0])) or (~np.isnan(v)).all() and (v > 0).all())
 
 
 class PSFModel:
@@ -52,6 +65,8 @@ class PSFModel:
         self.net = net
         self.info = info  # step, config, data_fingerprint, versions of the checkpoint
         self.depths = np.asarray(info["data_fingerprint"]["depths"])  # [D] training depths [m]
+        # [F] training focus distances [m], ascending, inf allowed; [nan]: one focus, the lens file's own
+        self.focus = np.asarray(info["data_fingerprint"]["focus"], dtype=np.float64)
         self.device = next(net.parameters()).device
 
     def to(self, device) -> PSFModel:
@@ -67,18 +82,59 @@ class PSFModel:
     def depth_range(self) -> tuple[float, float]:
         return float(self.depths.min()), float(self.depths.max())
 
+    @property
+    def focus_range(self) -> tuple[float, float]:
+        """(nearest, farthest) training focus distance [m] (inf allowed; nan for a model of the lens file's own)."""
+        return float(self.focus.min()), float(self.focus.max())
+
+    def _focus(self, focus_m, n: int, allow_extrapolation: bool) -> np.ndarray | None:
+        """focus_m checked against the model's focus settings: [n] metres for a model over focus (inf allowed),
+        None for a single-focus model (which takes None or its own focus)."""
+        lo, hi = self.focus_range
+        if not self.net.args.has_focus:
+            if focus_m is not None:
+                f = _numbers("focus_m", focus_m)
+                if not (np.isfinite(lo) and np.allclose(f, lo, rtol=1e-9, atol=0)):
+                    at = f"{lo:g} m" if np.isfinite(lo) else "the lens file's own focus"
+                    raise InputError(
+                        f"this model was trained at one focus ({at}): leave out {{focus_m}}, or train on a file over "
+                        "several (psf generate --focus-m)",
+                        _API_NAMES,
+                    )
+            return None
+        if focus_m is None:
+            raise InputError(f"this model was trained on focus {lo:g}-{hi:g} m: give {{focus_m}}", _API_NAMES)
+        f = _numbers("focus_m", focus_m)
+        if f.size not in (1, n) or f.ndim > 1:
+            raise InputError(f"{{focus_m}} must be one focus or one per point ({n}), got shape {f.shape}", _API_NAMES)
+        f = np.broadcast_to(f.reshape(-1), (n,))
+        if np.isnan(f).any() or (f <= 0).any():
+            bad = f[np.isnan(f) | (f <= 0)][0]
+            raise InputError(f"{{focus_m}} must be a positive number of metres (inf allowed), got {bad:g}", _API_NAMES)
+        outside = (f < lo * (1 - 1e-9)) | (f > hi * (1 + 1e-9))
+        if not allow_extrapolation and outside.any():
+            raise InputError(
+                f"{{focus_m}} {f[outside][0]:g} m is outside the trained focus range {lo:g}-{hi:g} m; pass "
+                "{allow_extrapolation} to go beyond",
+                _API_NAMES,
+            )
+        return f
+
     def __repr__(self) -> str:
         fp, args, optics = self.info["data_fingerprint"], self.net.args, self.info["optics"]
         lens = fp["lens_file"]
         lo, hi = self.depth_range
-        depths = f"depths [{lo:g}, {hi:g}] m" + (" (not an input)" if args.cond_dim == 2 else "")
+        depths = f"depths [{lo:g}, {hi:g}] m" + ("" if args.has_depth else " (not an input)")
+        if args.has_focus:
+            depths += ", focus [{:g}, {:g}] m".format(*self.focus_range)
         k = args.kernel_size_small
         kernel = f"kernel {k}x{k} px of {optics['kernel_pitch_mm']:.4g} mm"
         step = self.info["step"]
         return f"<PSFModel lens {lens}, {depths}, {args.frame} frame, {kernel}, step {step}, {self.device}>"
 
-    def conditions(self, x, y, depth_m=None, allow_extrapolation: bool = False) -> torch.Tensor:
-        """cond [B, C] for field points x, y (scalars or [B]) and depth_m [m] (scalar or [B])."""
+    def conditions(self, x, y, depth_m=None, focus_m=None, allow_extrapolation: bool = False) -> torch.Tensor:
+        """cond [B, C] for field points x, y (scalars or [B]), depth_m [m] and focus_m [m] (scalars or [B];
+        focus_m: a model over focus only, inf allowed)."""
         x, y = _numbers("x", x), _numbers("y", y)
         if x.shape != y.shape or x.ndim != 1 or x.size == 0:
             raise InputError(
@@ -94,7 +150,7 @@ class PSFModel:
             )
         lo, hi = self.depth_range
         if depth_m is None:
-            if self.net.args.cond_dim == 3 and lo != hi:
+            if self.net.args.has_depth and lo != hi:
                 raise InputError(f"this model was trained on depths {lo:g}-{hi:g} m: give {{depth_m}}", _API_NAMES)
             depth_m = lo
         d = _numbers("depth_m", depth_m)
@@ -112,7 +168,7 @@ class PSFModel:
                 "{allow_extrapolation} to go beyond",
                 _API_NAMES,
             )
-        cond = self.net.condition(np.stack([x, y], axis=1), d)
+        cond = self.net.condition(np.stack([x, y], axis=1), d, self._focus(focus_m, x.size, allow_extrapolation))
         if not torch.isfinite(cond).all():  # e.g. 1/depth overflowing for a depth of 1e-300 m
             bad = d[~torch.isfinite(cond).all(dim=1).cpu().numpy()][0]
             raise InputError(
@@ -127,6 +183,7 @@ class PSFModel:
         x,
         y,
         depth_m=None,
+        focus_m=None,
         mode: str = "mean",
         n_samples: int = 1,
         allow_extrapolation: bool = False,
@@ -139,6 +196,9 @@ class PSFModel:
         sensor's edges, (0, 0) on the optical axis; beyond [-1, 1] is an InputError unless
         allow_extrapolation=True. depth_m: metres, a scalar or [N]; outside the trained depth
         range (``depth_range``) likewise; None only for a model trained on one depth.
+        focus_m: the distance the camera is focused at [m], a scalar or [N], inf allowed; needed
+        by a model trained over several (``focus``), outside ``focus_range`` likewise; a model
+        trained at one focus takes None (or that focus).
 
         Each kernel: k x k pixels, k the model's kernel_size_small (15 by default, pitch in
         ``repr(model)``), centred on the point's chief ray (on its light's centroid where a stop
@@ -158,7 +218,7 @@ class PSFModel:
         """
         _choice("mode", mode, ("mean", "sample"))
         n_samples = _count("n_samples", n_samples)
-        cond = self.conditions(x, y, depth_m, allow_extrapolation)
+        cond = self.conditions(x, y, depth_m, focus_m, allow_extrapolation)
         lit = self._lit(cond)
         if not allow_dark:
             refuse_dark(lit)
@@ -166,11 +226,13 @@ class PSFModel:
         return (out, lit) if allow_dark else out
 
     @torch.no_grad()
-    def psf_and_illumination(self, x, y, depth_m=None, mode: str = "mean", allow_extrapolation: bool = False):
+    def psf_and_illumination(
+        self, x, y, depth_m=None, focus_m=None, mode: str = "mean", allow_extrapolation: bool = False
+    ):
         """(psf [B, 3, k, k], zero where dark; illumination [B, 3], 0 where dark; lit [B] bool) with one
         condition and one pass of the head: what a rendering needs per pixel."""
         _choice("mode", mode, ("mean", "sample"))
-        cond = self.conditions(x, y, depth_m, allow_extrapolation)
+        cond = self.conditions(x, y, depth_m, focus_m, allow_extrapolation)
         light, lit = self._head(cond)
         return self._decode(cond, lit, mode, 1), light.float(), lit
 
@@ -196,21 +258,22 @@ class PSFModel:
             return np.array([lo])
         return _numbers("depth_m", depth_m)
 
-    def coords_at_height(self, hx_mm, hy_mm, depth_m=None, allow_extrapolation: bool = False):
+    def coords_at_height(self, hx_mm, hy_mm, depth_m=None, focus_m=None, allow_extrapolation: bool = False):
         """(x, y) [B] normalised coordinates whose chief ray lands at image height (hx_mm, hy_mm) on the sensor
-        [mm] (x right, y up, 0 on the axis) at depth_m [m]. A height beyond the sensor's edges, where their chief
-        rays land, is an InputError unless allow_extrapolation=True."""
+        [mm] (x right, y up, 0 on the axis) at depth_m and focus_m [m]. A height beyond the sensor's edges, where
+        their chief rays land, is an InputError unless allow_extrapolation=True."""
         hx, hy = _numbers("hx_mm", hx_mm), _numbers("hy_mm", hy_mm)
         if hx.shape != hy.shape or hx.ndim != 1 or not (np.isfinite(hx).all() and np.isfinite(hy).all()):
             raise InputError("{height} must be finite numbers, hx_mm and hy_mm of one length", _API_NAMES)
         depth = self._one_depth(depth_m)
         if depth.size not in (1, hx.size) or not (np.isfinite(depth).all() and (depth > 0).all()):
             raise InputError(f"{{depth_m}} must be one positive depth or one per point ({hx.size})", _API_NAMES)
-        xy = self.field.coords_from_height(hx, hy, np.broadcast_to(depth, hx.shape))
+        focus = self._focus(focus_m, hx.size, allow_extrapolation)
+        xy = self.field.coords_from_height(hx, hy, np.broadcast_to(depth, hx.shape), focus)
         out = np.abs(xy).max(axis=1) > 1 + 1e-9
         if out.any() and not allow_extrapolation:
             i = int(np.argmax(out))
-            ex, ey = self.field.edge_heights(float(np.broadcast_to(depth, hx.shape)[i]))
+            ex, ey = self.field.edge_heights(float(np.broadcast_to(depth, hx.shape)[i]), _at(focus, i))
             raise InputError(
                 f"{{height}} ({hx[i]:g}, {hy[i]:g}) mm lies beyond the sensor's edges, whose chief rays land at "
                 f"x = ±{ex:.4g} mm, y = ±{ey:.4g} mm at {float(np.broadcast_to(depth, hx.shape)[i]):g} m; pass "
@@ -239,10 +302,11 @@ class PSFModel:
             )
         return xy[:, 0], xy[:, 1]
 
-    def height_at(self, x, y, depth_m=None) -> tuple[np.ndarray, np.ndarray]:
-        """(hx, hy) [B] mm: where the chief rays of the normalised points (x, y) land at depth_m [m]."""
+    def height_at(self, x, y, depth_m=None, focus_m=None, allow_extrapolation: bool = False):
+        """(hx, hy) [B] mm: where the chief rays of the normalised points (x, y) land at depth_m and focus_m [m]."""
         x, y = _numbers("x", x), _numbers("y", y)
-        h = self.field.height(x, y, np.broadcast_to(self._one_depth(depth_m), x.shape))
+        focus = self._focus(focus_m, x.size, allow_extrapolation)
+        h = self.field.height(x, y, np.broadcast_to(self._one_depth(depth_m), x.shape), focus)
         return h[:, 0], h[:, 1]
 
     def angle_at(self, x, y) -> tuple[np.ndarray, np.ndarray]:
@@ -250,16 +314,17 @@ class PSFModel:
         a = self.field.angle(_numbers("x", x), _numbers("y", y))
         return a[:, 0], a[:, 1]
 
-    def psf_at_height(self, hx_mm, hy_mm, depth_m=None, **options):
-        """``psf`` at image heights (hx_mm, hy_mm) [mm] on the sensor (coords_at_height) at depth_m [m]; options
-        as psf's (mode, n_samples, allow_extrapolation, allow_dark)."""
-        x, y = self.coords_at_height(hx_mm, hy_mm, depth_m, options.get("allow_extrapolation", False))
-        return self.psf(x, y, depth_m, **options)
+    def psf_at_height(self, hx_mm, hy_mm, depth_m=None, focus_m=None, **options):
+        """``psf`` at image heights (hx_mm, hy_mm) [mm] on the sensor (coords_at_height) at depth_m and focus_m
+        [m]; options as psf's (mode, n_samples, allow_extrapolation, allow_dark)."""
+        x, y = self.coords_at_height(hx_mm, hy_mm, depth_m, focus_m, options.get("allow_extrapolation", False))
+        return self.psf(x, y, depth_m, focus_m, **options)
 
-    def psf_at_angle(self, ax_deg, ay_deg, depth_m=None, **options):
-        """``psf`` at field angles (ax_deg, ay_deg) [deg] (coords_at_angle) at depth_m [m]; options as psf's."""
+    def psf_at_angle(self, ax_deg, ay_deg, depth_m=None, focus_m=None, **options):
+        """``psf`` at field angles (ax_deg, ay_deg) [deg] (coords_at_angle) at depth_m and focus_m [m]; options
+        as psf's. A field angle is the same object point at every focus."""
         x, y = self.coords_at_angle(ax_deg, ay_deg, options.get("allow_extrapolation", False))
-        return self.psf(x, y, depth_m, **options)
+        return self.psf(x, y, depth_m, focus_m, **options)
 
     def _decode(self, cond: torch.Tensor, lit: torch.Tensor, mode: str, n_samples: int) -> torch.Tensor:
         """PSFs at conditions cond [B, C]: [B, 3, k, k] (or [B, n_samples, 3, k, k]), zero where not lit.
@@ -289,20 +354,23 @@ class PSFModel:
         return self._head(cond)[1]
 
     @torch.no_grad()
-    def illumination(self, x, y, depth_m=None, allow_extrapolation: bool = False) -> torch.Tensor:
+    def illumination(self, x, y, depth_m=None, focus_m=None, allow_extrapolation: bool = False) -> torch.Tensor:
         """Relative illumination [B, 3] float32 on the model's device: per channel, the light reaching the
-        sensor from (x, y) at depth_m [m] over that on the axis at the same depth; 0 outside the lit field.
+        sensor from (x, y) at depth_m [m] (focused at focus_m [m]) over that on the axis at the same depth and
+        focus; 0 outside the lit field.
 
         Mechanical vignetting as DeepLens traces it (rays lost on apertures and rims), not the cos⁴ law.
         """
-        return self._head(self.conditions(x, y, depth_m, allow_extrapolation))[0].float()
+        return self._head(self.conditions(x, y, depth_m, focus_m, allow_extrapolation))[0].float()
 
-    def tabulate(self, **options):
+    def tabulate(self, focus_m=None, **options):
         """Returns a ``PSFTable`` (psfcvae/api/table.py): this model's prior mean precomputed over the field
-        and the trained depths, whose ``psf(x, y, depth_m)`` runs no network; canonical models only.
-        options: sizes (radii, angles, depths), target (deviation from the network), dtype."""
+        and the trained depths at one focus focus_m [m] (a model over focus needs it; inf allowed), whose
+        ``psf(x, y, depth_m)`` runs no network; canonical models only.
+        options: sizes (radii, angles, depths), target (deviation from the network), dtype,
+        allow_extrapolation (a focus outside the trained range)."""
 
-        return PSFTable(self, **options)
+        return PSFTable(self, focus_m=focus_m, **options)
 
     @torch.no_grad()
     def sample_from_prior(self, coords) -> torch.Tensor:
@@ -310,10 +378,15 @@ class PSFModel:
         return self.net.sample_from_prior(torch.as_tensor(coords, dtype=torch.float32, device=self.device))
 
     @torch.no_grad()
-    def prior_std(self, x, y, depth_m=None, allow_extrapolation: bool = False) -> torch.Tensor:
+    def prior_std(self, x, y, depth_m=None, focus_m=None, allow_extrapolation: bool = False) -> torch.Tensor:
         """The prior's standard deviation per position, RMS over latent dimensions: [B]."""
-        _, logvar = self.net.prior_params(self.conditions(x, y, depth_m, allow_extrapolation))
+        _, logvar = self.net.prior_params(self.conditions(x, y, depth_m, focus_m, allow_extrapolation))
         return logvar.exp().mean(dim=1).sqrt()
+
+
+def _at(values: np.ndarray | None, i: int) -> float | None:
+    """values[i] as a float, None for None."""
+    return None if values is None else float(values[i])
 
 
 def _numbers(name: str, value) -> np.ndarray:
@@ -359,10 +432,11 @@ def load_model(path: str | Path, device="auto") -> PSFModel:
         net.load_state_dict(ckpt["model"])
     except (TypeError, KeyError, RuntimeError):
         raise InputError(mismatch) from None
-    depths = ckpt["data_fingerprint"].get("depths") if isinstance(ckpt["data_fingerprint"], dict) else None
-    if not _positive_numbers(depths):
+    fingerprint = ckpt["data_fingerprint"] if isinstance(ckpt["data_fingerprint"], dict) else {}
+    if not _positive_numbers(fingerprint.get("depths")) or not _focus_values(fingerprint.get("focus")):
         raise InputError(
-            f"checkpoint {path} has no valid training depths; it was not written by 'psf train' or was edited"
+            f"checkpoint {path} has no valid training depths or focus settings; it was not written by 'psf train' "
+            "or was edited"
         )
     info = {k: ckpt[k] for k in ("step", "config", "data_fingerprint", "versions", "selection")}
     info["path"] = str(path)

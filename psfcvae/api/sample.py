@@ -32,13 +32,15 @@ def sample_psfs(
     device="auto",
     overwrite: bool = False,
     units: str = "coords",
+    focus_m=None,
 ) -> Path:
     """Write PSFs [B, 3, k, k] (or [M*M, ...] for a map, row-major, row 0 at y = +1), each channel summing to 1.
 
     points [B, 2] in ``units``: "coords" (normalised x, y in [-1, 1]), "height_mm" (image heights on the sensor
     [mm]) or "angle_deg" (field angles [deg]); PSFModel.coords_at_height / coords_at_angle convert them.
     .npz: psf, coords [B, 2] (x, y in [-1, 1]), height_mm [B, 2] (where their chief rays land [mm]), angle_deg
-    [B, 2], depth_m [m] (the model's only depth when none is given), mode, checkpoint;
+    [B, 2], depth_m [m] (the model's only depth when none is given), focus_m [m] (the focus the model was given:
+    inf allowed; nan for a single-focus model's own), mode, checkpoint;
     .h5: the same plus the model's step and data fingerprint; .npy: the array alone, in the
     order of --coords (a map: row-major from the top-left corner, x = -1, y = +1);
     .png: display-scaled RGB, an M x M mosaic for a map or a single row for points, captioned.
@@ -61,28 +63,36 @@ def sample_psfs(
         points = np.stack([gx.ravel(), gy.ravel()], axis=1)
     given = points
     if units == "height_mm":
-        points = np.stack(model.coords_at_height(points[:, 0], points[:, 1], depth_m, allow_extrapolation), axis=1)
+        points = np.stack(
+            model.coords_at_height(points[:, 0], points[:, 1], depth_m, focus_m, allow_extrapolation), axis=1
+        )
     elif units == "angle_deg":
         points = np.stack(model.coords_at_angle(points[:, 0], points[:, 1], allow_extrapolation), axis=1)
     used_depth = float(depth_m) if depth_m is not None else model.depth_range[0]  # the depth the model was given
-    psf, illum = _psfs_and_illumination(model, points, depth_m, mode, allow_extrapolation, dark_ok=grid_m is not None)
+    used = (used_depth, float(focus_m) if focus_m is not None else model.focus_range[0])  # and its focus
+    psf, illum = _psfs_and_illumination(
+        model, points, depth_m, focus_m, mode, allow_extrapolation, dark_ok=grid_m is not None
+    )
     physical = {
-        "height_mm": np.stack(model.height_at(points[:, 0], points[:, 1], used_depth), axis=1),
+        "height_mm": np.stack(
+            model.height_at(points[:, 0], points[:, 1], used_depth, focus_m, allow_extrapolation), axis=1
+        ),
         "angle_deg": np.stack(model.angle_at(points[:, 0], points[:, 1]), axis=1),
     }
     caption = (units, points if grid_m is not None or units == "coords" else given)
     try:
         with tempfiles.replacing(out) as tmp:  # a failed write leaves the old --out, never a fragment
-            _write(tmp, out.suffix, psf, illum, points, physical, caption, grid_m, used_depth, mode, checkpoint, model)
+            _write(tmp, out.suffix, psf, illum, points, physical, caption, grid_m, used, mode, checkpoint, model)
     except OSError as exc:
         raise InputError(f"cannot write {out}: {os_reason(exc)}") from None
     return out
 
 
-def _write(tmp: Path, suffix: str, psf, illum, points, physical, caption, grid_m, used_depth, mode, checkpoint,
+def _write(tmp: Path, suffix: str, psf, illum, points, physical, caption, grid_m, used, mode, checkpoint,
            model) -> None:  # fmt: skip
     """The PSFs in the format of ``suffix`` into the temporary file ``tmp``; physical: {height_mm, angle_deg} [B, 2]
-    of the points; caption: (units, the points as given) for a PNG."""
+    of the points; caption: (units, the points as given) for a PNG; used: (depth, focus) [m] the model was given."""
+    used_depth, used_focus = used
     with open(tmp, "wb") if suffix in (".npy", ".npz") else contextlib.nullcontext(tmp) as f:
         if suffix == ".npy":
             np.save(f, psf)
@@ -94,6 +104,7 @@ def _write(tmp: Path, suffix: str, psf, illum, points, physical, caption, grid_m
                 coords=points,
                 **physical,
                 depth_m=used_depth,
+                focus_m=used_focus,
                 mode=mode,
                 checkpoint=str(checkpoint),
             )
@@ -104,6 +115,7 @@ def _write(tmp: Path, suffix: str, psf, illum, points, physical, caption, grid_m
                 for key, value in physical.items():
                     h5[key] = value
                 h5.attrs["depth_m"] = used_depth  # [m]: the depth the model was given
+                h5.attrs["focus_m"] = used_focus  # [m]: and its focus (inf allowed; nan: the lens file's own)
                 h5.attrs["mode"] = mode
                 h5.attrs["checkpoint"] = str(checkpoint)
                 h5.attrs["model"] = json.dumps({k: model.info[k] for k in ("step", "data_fingerprint")})
@@ -116,13 +128,14 @@ def _write(tmp: Path, suffix: str, psf, illum, points, physical, caption, grid_m
             tiles = Image.fromarray((np.moveaxis(img, 0, -1) * 255).astype(np.uint8)).resize(
                 (img.shape[2] * 8, img.shape[1] * 8), Image.NEAREST
             )
-            caption = _caption(*caption, grid_m, used_depth, mode, model.net.args.kernel_size_small)
+            caption = _caption(*caption, grid_m, used, mode, model.net.args.kernel_size_small)
             _captioned(tiles, caption).save(tmp, format="PNG")
 
 
-def _caption(units: str, points, grid_m, depth_m, mode: str, k: int) -> list[str]:
-    """The lines under a PNG: what each tile is, where it is in the field, at which depth."""
-    depth = f"depth {depth_m:g} m"
+def _caption(units: str, points, grid_m, used, mode: str, k: int) -> list[str]:
+    """The lines under a PNG: what each tile is, where it is in the field, at which depth (and focus)."""
+    depth_m, focus_m = used
+    depth = f"depth {depth_m:g} m" + (f", focused at {focus_m:g} m" if not np.isnan(focus_m) else "")
     what = "prior mean" if mode == "mean" else "one prior sample"
     lines = [f"psf sample: {what}, {depth}, {k}x{k} px per PSF, each PSF scaled to its own peak"]
     if grid_m is not None:
@@ -151,7 +164,7 @@ def _captioned(tiles, lines: list[str]):
     return canvas
 
 
-def _psfs_and_illumination(model, points, depth_m, mode, allow_extrapolation, dark_ok: bool):
+def _psfs_and_illumination(model, points, depth_m, focus_m, mode, allow_extrapolation, dark_ok: bool):
     """(psf [B, 3, k, k] numpy, illumination [B, 3] numpy), in chunks.
 
     dark_ok: a dense map covers the whole sensor, dark corners included: zeros there. Points
@@ -160,7 +173,9 @@ def _psfs_and_illumination(model, points, depth_m, mode, allow_extrapolation, da
     psf, illum = [], []
     for i in range(0, len(points), CHUNK):
         x, y = points[i : i + CHUNK, 0], points[i : i + CHUNK, 1]
-        out, light, lit = model.psf_and_illumination(x, y, depth_m, mode=mode, allow_extrapolation=allow_extrapolation)
+        out, light, lit = model.psf_and_illumination(
+            x, y, depth_m, focus_m, mode=mode, allow_extrapolation=allow_extrapolation
+        )
         if not dark_ok and not bool(lit.all()):
             j = int((~lit).nonzero()[0, 0])
             raise InputError(

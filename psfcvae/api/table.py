@@ -61,11 +61,20 @@ class PSFTable:
     of the lit field the table and ``model.psf`` can disagree where the head is not symmetric.
     """
 
-    def __init__(self, model, sizes: tuple[int, int, int] | None = None, target: float = TARGET, dtype=torch.float16):
+    def __init__(
+        self,
+        model,
+        sizes: tuple[int, int, int] | None = None,
+        target: float = TARGET,
+        dtype=torch.float16,
+        focus_m=None,
+    ):
         """sizes: (radii, angles, depths) samples; None: the fewest that keep each axis's linear
         interpolation error near target / √3 (measured on the network, ``choose_sizes``), at most
-        MAX_ENTRIES kernels in all."""
-        self._frame(model)
+        MAX_ENTRIES kernels in all. focus_m [m]: the one focus of the table (inf allowed), as
+        ``model.psf`` takes it: needed by a model over focus, within its trained focus range (beyond
+        it, ``model.psf`` extrapolates), None (or its own) otherwise."""
+        self._frame(model, focus_m)
         if not isinstance(target, (int, float)) or isinstance(target, bool) or not 0 < target < 1:
             raise InputError(f"the table's target deviation must be between 0 and 1, got {target!r:.60}")
         if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
@@ -85,8 +94,9 @@ class PSFTable:
         self.shape = (sizes[0], sizes[1], sizes[2] if self.has_depth else 1)
         self.psfs, self.light = self._build(dtype)
 
-    def _frame(self, model) -> None:
-        """The model and the geometry of its octant; a model without the canonical frame is refused."""
+    def _frame(self, model, focus_m=None) -> None:
+        """The model, the table's focus and the geometry of its octant; a model without the canonical frame is
+        refused."""
         net = model.net
         if not net.canonical:
             raise InputError(
@@ -94,21 +104,25 @@ class PSFTable:
                 "canonical); this checkpoint conditions on (x, y): use model.psf"
             )
         self.model = model
+        # [1] metres, or None for a single-focus model: the focus every query is at (checked as model.psf checks it)
+        focus = model._focus(focus_m, 1, allow_extrapolation=False)
+        self.focus_m = None if focus is None else float(focus[0])
         self.scale = tuple(net.args.field_scale)
         self.r_max = max_radius(self.scale)
-        self.has_depth = net.args.cond_dim == 3
+        self.has_depth = net.args.has_depth
         self.spans = (self.r_max, math.pi / 4, 2.0)  # lengths of the radius, angle and depth-code axes
         self.k = net.args.kernel_size_small
 
     def state(self) -> dict:
-        """The table's arrays and sizes for ``torch.save``; ``from_state`` makes the table again (a cached table)."""
-        return {"shape": list(self.shape), "psfs": self.psfs, "light": self.light}
+        """The table's arrays, sizes and focus for ``torch.save``; ``from_state`` makes the table again (a cached
+        table)."""
+        return {"shape": list(self.shape), "psfs": self.psfs, "light": self.light, "focus_m": self.focus_m}
 
     @classmethod
     def from_state(cls, model, state: dict) -> PSFTable:
         """The table of ``model`` saved by ``state()``; one InputError when it does not fit the model."""
         table = cls.__new__(cls)
-        table._frame(model)
+        table._frame(model, state.get("focus_m"))
         shape = tuple(state.get("shape", ()))
         psfs, light = state.get("psfs"), state.get("light")
         if (
@@ -123,10 +137,14 @@ class PSFTable:
         return table
 
     def _cond(self, r: torch.Tensor, theta: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        """Model-space conditions [N, C] of physical radius r, octant angle θ [rad] and depth code d ([N] each)."""
+        """Model-space conditions [N, C] of physical radius r, octant angle θ [rad] and depth code d ([N] each), at
+        the table's focus."""
         x = r * torch.cos(theta) / self.scale[0]
         y = r * torch.sin(theta) / self.scale[1]
         cols = [x, y, d] if self.has_depth else [x, y]
+        if self.focus_m is not None:
+            phi = self.model.net.focus_code(torch.tensor(self.focus_m, dtype=torch.float64))
+            cols.append(phi.expand_as(x))
         return torch.stack(cols, dim=-1).float().to(self.model.device)
 
     @torch.no_grad()
@@ -196,16 +214,18 @@ class PSFTable:
         return self.psfs.numel() * self.psfs.element_size() + self.light.numel() * self.light.element_size()
 
     def psf(self, x, y, depth_m=None, allow_extrapolation: bool = False, allow_dark: bool = False):
-        """As ``PSFModel.psf`` with mode "mean", at field points x, y (scalars or [B], in [-1, 1]) and
-        depth_m [m] (scalar or [B]): [B, 3, k, k] float32 on the CPU, each channel sums to 1 (with
+        """As ``PSFModel.psf`` with mode "mean" at the table's focus ``focus_m``, at field points x, y (scalars or
+        [B], in [-1, 1]) and depth_m [m] (scalar or [B]): [B, 3, k, k] float32 on the CPU, each channel sums to 1 (with
         allow_dark=True: (psf, lit [B] bool), psf zero where lit is False). Points beyond the table
         (an extrapolated depth) are computed by the network."""
-        cond = self.model.conditions(x, y, depth_m, allow_extrapolation).cpu()
+        cond = self._conditions(x, y, depth_m, allow_extrapolation)
         psf, light = self._lookup(cond)
         lit = self._lit(light)
         beyond = self._beyond(cond)
         if beyond.any():
-            net_psf, net_lit = self.model.psf(*_pick(beyond, x, y, depth_m), allow_extrapolation=True, allow_dark=True)
+            net_psf, net_lit = self.model.psf(
+                *_pick(beyond, x, y, depth_m), self.focus_m, allow_extrapolation=True, allow_dark=True
+            )
             psf[beyond], lit[beyond] = net_psf.cpu(), net_lit.cpu()
         if not allow_dark:
             refuse_dark(lit)
@@ -216,17 +236,21 @@ class PSFTable:
     def psf_and_illumination(self, x, y, depth_m=None, allow_extrapolation: bool = False):
         """As ``PSFModel.psf_and_illumination`` (mode "mean"), from one lookup: (psf [B, 3, k, k], zero where
         dark; illumination [B, 3], 0 where dark; lit [B] bool), float32 on the CPU. What a rendering needs."""
-        cond = self.model.conditions(x, y, depth_m, allow_extrapolation).cpu()
+        cond = self._conditions(x, y, depth_m, allow_extrapolation)
         psf, light = self._lookup(cond)
         lit = self._lit(light)
         illum = light[:, :3].exp()
         beyond = self._beyond(cond)
         if beyond.any():
             net_psf, net_light, net_lit = self.model.psf_and_illumination(
-                *_pick(beyond, x, y, depth_m), allow_extrapolation=True
+                *_pick(beyond, x, y, depth_m), self.focus_m, allow_extrapolation=True
             )
             psf[beyond], illum[beyond], lit[beyond] = net_psf.cpu(), net_light.cpu(), net_lit.cpu()
         return psf * lit.view(-1, 1, 1, 1), illum * lit[:, None], lit
+
+    def _conditions(self, x, y, depth_m, allow_extrapolation: bool) -> torch.Tensor:
+        """model.conditions at the table's focus, on the CPU: [B, C]."""
+        return self.model.conditions(x, y, depth_m, self.focus_m, allow_extrapolation).cpu()
 
     def _beyond(self, cond: torch.Tensor) -> torch.Tensor:
         """[B] bool: conditions outside the table (radius past the corner, depth code outside [-1, 1])."""
@@ -239,12 +263,14 @@ class PSFTable:
     @torch.no_grad()
     def illumination(self, x, y, depth_m=None, allow_extrapolation: bool = False) -> torch.Tensor:
         """As ``PSFModel.illumination``, from the table: [B, 3] float32 on the CPU, 0 where dark."""
-        cond = self.model.conditions(x, y, depth_m, allow_extrapolation).cpu()
+        cond = self._conditions(x, y, depth_m, allow_extrapolation)
         _, light = self._lookup(cond)
         out = light[:, :3].exp() * self._lit(light)[:, None]
         beyond = self._beyond(cond)
         if beyond.any():
-            out[beyond] = self.model.illumination(*_pick(beyond, x, y, depth_m), allow_extrapolation=True).cpu()
+            out[beyond] = self.model.illumination(
+                *_pick(beyond, x, y, depth_m), self.focus_m, allow_extrapolation=True
+            ).cpu()
         return out
 
     def _lit(self, light: torch.Tensor) -> torch.Tensor:
@@ -291,7 +317,7 @@ class PSFTable:
         """Pooled relative L2 between the table and the network at the points x, y (in [-1, 1]) and
         depths depth_m [m] that the table calls lit."""
         got, lit = self.psf(x, y, depth_m, allow_dark=True)
-        want, _ = self.model.psf(x, y, depth_m, allow_dark=True)
+        want, _ = self.model.psf(x, y, depth_m, self.focus_m, allow_dark=True)
         want = want.cpu()[lit]
         return float(((got[lit] - want) ** 2).sum().sqrt() / (want**2).sum().sqrt())
 

@@ -32,7 +32,9 @@ class ModelArgs:
     """Everything needed to rebuild the network (stored in every checkpoint)."""
 
     kernel_size_small: int = 15  # PSF side [px]: the grid file's stored kernel side
-    cond_dim: int = 2  # 2: c = (x, y); 3: c = (x, y, d) with d the inverse depth mapped to [-1, 1]
+    # c = (x, y[, d][, φ]): d the inverse depth mapped to [-1, 1] (when the file has several depths), φ the
+    # inverse focus distance mapped to [-1, 1] (when it has several focus settings: has_focus).
+    cond_dim: int = 2
     latent_dim: int = 128
     hidden_dim: int = 512
     num_layers: int = 4
@@ -41,6 +43,9 @@ class ModelArgs:
     depth_frequencies: int | None = None  # bands used for d (the rest are held constant); None: all
     depth_min: float = 1.0  # [m] nearest training depth: d = +1
     depth_max: float = 1.0  # [m] farthest training depth: d = -1
+    has_focus: bool = False  # the condition's last column is the focus code φ
+    focus_min: float = 1.0  # [m] nearest training focus: φ = +1
+    focus_max: float = 1.0  # [m] farthest training focus (inf allowed): φ = -1
     recon_weight: float = 1.0
     kl_weight: float = 1e-4
     smooth_weight: float = 1e-3
@@ -57,6 +62,11 @@ class ModelArgs:
     # The weight of the illumination head's loss (psfcvae/model/illumination.py): the head, an addition
     # to the spec's networks, is part of every model.
     illumination_weight: float = 1.0
+
+    @property
+    def has_depth(self) -> bool:
+        """Whether the condition holds the depth code d (after x, y)."""
+        return self.cond_dim - int(self.has_focus) == 3
 
 
 @dataclass
@@ -98,7 +108,12 @@ class CVAE(nn.Module):
         self.canonical = args.frame == "canonical"
         enc_dim = args.cond_dim - 1 if self.canonical else args.cond_dim  # (x, y) -> r
         self.pe = PositionalEncoding(
-            args.num_frequencies, args.pe_scale, enc_dim, args.depth_frequencies, has_depth=args.cond_dim == 3
+            args.num_frequencies,
+            args.pe_scale,
+            enc_dim,
+            args.depth_frequencies,
+            has_depth=args.has_depth,
+            has_focus=args.has_focus,
         )
         pe_dim = self.pe.out_dim(enc_dim)
         k_dim = 3 * args.kernel_size_small**2
@@ -280,16 +295,20 @@ class CVAE(nn.Module):
             prior.append(self.sample_from_prior(c, mean=True).cpu().numpy())
         return np.concatenate(recon), np.concatenate(prior)
 
-    def condition(self, xy, depth_m) -> torch.Tensor:
-        """cond [B, C] of field points xy [B, 2] at depths depth_m [B] in metres: (x, y) or (x, y, d)."""
+    def condition(self, xy, depth_m, focus_m=None) -> torch.Tensor:
+        """cond [B, C] of field points xy [B, 2] at depths depth_m [B] and focus distances focus_m [B] (inf
+        allowed; read only by a model with has_focus) in metres: (x, y[, d][, φ])."""
         device = self.prior[0].weight.device
         xy = torch.as_tensor(np.asarray(xy), dtype=torch.float32, device=device)
-        if self.args.cond_dim == 2:
+        cols = [xy]
+        if self.args.has_depth:
+            # torch.tensor copies: depth_m may be a read-only view
+            cols.append(self.depth_code(torch.tensor(np.asarray(depth_m, dtype=np.float64), device=device)).float())
+        if self.args.has_focus:
+            cols.append(self.focus_code(torch.tensor(np.asarray(focus_m, dtype=np.float64), device=device)).float())
+        if len(cols) == 1:
             return xy
-        d = self.depth_code(
-            torch.tensor(np.asarray(depth_m, dtype=np.float64), device=device)
-        ).float()  # a copy: depth_m may be a read-only view
-        return torch.cat([xy, d[:, None]], dim=1)
+        return torch.cat([cols[0], *(c[:, None] for c in cols[1:])], dim=1)
 
     def depth_code(self, depth_m: torch.Tensor) -> torch.Tensor:
         """Depth [m] -> d in [-1, 1], linear in 1/depth: +1 at depth_min, -1 at depth_max."""
@@ -298,3 +317,11 @@ class CVAE(nn.Module):
             return torch.zeros_like(depth_m)
         lo, hi = 1.0 / a.depth_max, 1.0 / a.depth_min
         return 2.0 * (1.0 / depth_m - lo) / (hi - lo) - 1.0
+
+    def focus_code(self, focus_m: torch.Tensor) -> torch.Tensor:
+        """Focus distance [m] (inf allowed) -> φ in [-1, 1], linear in 1/focus: +1 at focus_min, -1 at focus_max."""
+        a = self.args
+        lo, hi = 1.0 / a.focus_max, 1.0 / a.focus_min  # 1/inf = 0
+        if hi == lo:
+            return torch.zeros_like(focus_m)
+        return 2.0 * (1.0 / focus_m - lo) / (hi - lo) - 1.0

@@ -23,16 +23,18 @@ class PositionalEncoding(nn.Module):
         cond_dim: int = 2,
         depth_frequencies: int | None = None,
         has_depth: bool | None = None,
+        has_focus: bool = False,
     ):
         super().__init__()
         freqs = (2.0 ** torch.arange(num_frequencies)) * math.pi * scale  # [L]
         freqs = freqs[:, None].repeat(1, cond_dim)  # [L, C]
-        has_depth = cond_dim == 3 if has_depth is None else has_depth  # depth is the last column
-        if has_depth and depth_frequencies is not None:
-            # Only the lowest bands vary with depth: with a few grid depths, higher ones
-            # would oscillate between them. Zeroed bands give constant features, so the
-            # network's input size stays 2 L C.
-            freqs[depth_frequencies:, -1] = 0.0
+        has_depth = cond_dim == 3 if has_depth is None else has_depth
+        limited = int(has_depth) + int(has_focus)  # the depth and focus codes are the last columns, in that order
+        if limited and depth_frequencies is not None:
+            # Only the lowest bands vary with depth (and focus): with a few grid depths (focus
+            # settings), higher ones would oscillate between them. Zeroed bands give constant
+            # features, so the network's input size stays 2 L C.
+            freqs[depth_frequencies:, cond_dim - limited :] = 0.0
         self.register_buffer("freqs", freqs, persistent=False)
 
     def forward(self, c: torch.Tensor) -> torch.Tensor:

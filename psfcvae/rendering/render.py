@@ -3,6 +3,7 @@
     import psfcvae
     model = psfcvae.load_model("runs/v1/best.pt")
     blurred = psfcvae.render(model, image, depth=2.0)      # image [3, H, W] linear light
+    refocused = psfcvae.render(model, image, depth_map, focus_m=0.8)  # a model over focus: focused at 0.8 m
 
 Geometry (docs/render.md): the image covers the sensor, or the field window ``field =
 (x0, x1, y0, y1)`` of it, in DeepLens's normalised coordinates (x right, y up, +-1 at the
@@ -63,22 +64,23 @@ def pixel_coords(h: int, w: int, field=(-1.0, 1.0, -1.0, 1.0)) -> tuple[np.ndarr
     return x0 + (np.arange(w) + 0.5) * (x1 - x0) / w, y1 - (np.arange(h) + 0.5) * (y1 - y0) / h
 
 
-def model_kernels(model, allow_extrapolation: bool = False):
-    """kernel_fn(x [N], y [N], depth_m [N]) -> [N, 3, k, k] at the model's pitch, times the relative illumination.
+def model_kernels(model, allow_extrapolation: bool = False, focus_m=None):
+    """kernel_fn(x [N], y [N], depth_m [N]) -> [N, 3, k, k] at the model's pitch, times the relative illumination,
+    with the camera focused at focus_m [m] (None: a single-focus model's own).
 
     A dark point's kernel is zero and a dim one's sums to its illumination, so vignetting
     shows in the image.
     """
 
     def kernel_fn(x, y, d):
-        psf, light, _ = model.psf_and_illumination(x, y, d, allow_extrapolation=allow_extrapolation)
+        psf, light, _ = model.psf_and_illumination(x, y, d, focus_m, allow_extrapolation=allow_extrapolation)
         return psf * light[:, :, None, None].to(psf.dtype)
 
     return kernel_fn
 
 
 def table_kernels(table, allow_extrapolation: bool = False):
-    """As :func:`model_kernels`, from a ``PSFTable`` (psfcvae/api/table.py): no network runs."""
+    """As :func:`model_kernels`, from a ``PSFTable`` (psfcvae/api/table.py) at its own focus: no network runs."""
 
     def kernel_fn(x, y, d):
         psf, light, _ = table.psf_and_illumination(x, y, d, allow_extrapolation=allow_extrapolation)
@@ -92,6 +94,7 @@ def render(
     image: torch.Tensor,
     depth,
     *,
+    focus_m=None,
     method: str = "auto",
     error: float = DEFAULT_ERROR,
     rank: int | None = None,
@@ -106,7 +109,9 @@ def render(
     """The image seen through the lens: [3, H, W], same units as ``image``.
 
     image: [3, H, W] linear light (not sRGB-encoded). depth: object depth [m], a number or
-    [H, W] (a depth map: each pixel blurred with the PSF of its own depth).
+    [H, W] (a depth map: each pixel blurred with the PSF of its own depth). focus_m: the distance
+    the camera is focused at [m], inf allowed, as ``model.psf`` takes it (a model over focus needs
+    it; with a depth map, a refocused photograph).
 
     method: "exact" gathers every pixel with its own kernel (cost H·W·m², m the kernel's width
     at the image's pitch); "fast" is the low-rank expansion (psfcvae/rendering/lowrank.py), per
@@ -118,12 +123,23 @@ def render(
     ``depth_levels`` depths uniform in 1/depth over the map's range) and interpolates the
     kernels (or, on the fast path, their weights: the same thing) between. None: 1 on the
     exact path, on the fast path a node every NODE_STEP of the field (auto_every).
-    table: a ``PSFTable`` of the model (``model.tabulate()``): the PSFs from it, not the network.
+    table: a ``PSFTable`` of the model at focus_m (``model.tabulate(focus_m=...)``): the PSFs from it, not the network.
     """
     optics = model_optics(model)
     h, w = _checked_image(image)
-    depth_t = _checked_depth(model, depth, (h, w), allow_extrapolation)
-    fn = table_kernels(table, allow_extrapolation) if table is not None else model_kernels(model, allow_extrapolation)
+    focus = model._focus(focus_m, 1, allow_extrapolation)  # checked as model.psf checks it: [1] m or None
+    focus_m = None if focus is None else float(focus[0])
+    if table is not None and table.focus_m != focus_m:
+        raise InputError(
+            f"the table is at focus {_focus_text(table.focus_m)}, not at {{focus_m}} {_focus_text(focus_m)}; "
+            "tabulate the model at that focus",
+            {"focus_m": "focus_m"},
+        )
+    depth_t = _checked_depth(model, depth, (h, w), allow_extrapolation, focus_m)
+    if table is not None:
+        fn = table_kernels(table, allow_extrapolation)
+    else:
+        fn = model_kernels(model, allow_extrapolation, focus_m)
     return render_with(
         fn,
         image.to(model.device),
@@ -139,6 +155,10 @@ def render(
         tile_bytes=tile_bytes,
         source="table" if table is not None else "network",
     )
+
+
+def _focus_text(focus_m: float | None) -> str:
+    return "(the model's own)" if focus_m is None else f"{focus_m:g} m"
 
 
 def auto_every(w: int, h: int, field) -> int:
@@ -397,7 +417,7 @@ def _checked_image(image) -> tuple[int, int]:
     return int(image.shape[1]), int(image.shape[2])
 
 
-def _checked_depth(model, depth, shape, allow_extrapolation: bool):
+def _checked_depth(model, depth, shape, allow_extrapolation: bool, focus_m=None):
     """A float [m] or a float64 tensor [H, W] [m], inside the model's trained depths unless extrapolating."""
     if isinstance(depth, (int, float, np.floating, np.integer)):
         d = float(depth)
@@ -418,5 +438,5 @@ def _checked_depth(model, depth, shape, allow_extrapolation: bool):
         )
     # The model's own checks on the extreme depths (a condition that overflows, far beyond the trained range), before
     # any tile is drawn: one PSF each.
-    model.psf(np.zeros(2), np.zeros(2), np.array([lo_d, hi_d]), allow_extrapolation=allow_extrapolation)
+    model.psf(np.zeros(2), np.zeros(2), np.array([lo_d, hi_d]), focus_m, allow_extrapolation=allow_extrapolation)
     return d

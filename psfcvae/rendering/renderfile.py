@@ -34,36 +34,46 @@ from psfgen.shared.errors import InputError
 
 log = logging.getLogger(__name__)
 
-TABLE_VERSION = 1  # of the cached table's file; another version is rebuilt
+TABLE_VERSION = 2  # of the cached table's file; another version is rebuilt. 2: the table's focus
 
 
-def table_path(checkpoint: Path) -> Path:
-    """Where the table of a checkpoint is cached: beside it, ``<name>.table``."""
+def table_path(checkpoint: Path, focus_m: float | None = None) -> Path:
+    """Where the table of a checkpoint at focus focus_m [m] is cached: beside it, ``<name>.table`` (a single-focus
+    model), ``<name>.focus-<focus_m>.table`` (one per focus of a model over focus)."""
     checkpoint = Path(checkpoint)
-    return checkpoint.with_name(checkpoint.name + ".table")
+    focus = "" if focus_m is None else f".focus-{focus_m:.9g}"
+    return checkpoint.with_name(f"{checkpoint.name}{focus}.table")
 
 
-def cached_table(model, checkpoint) -> PSFTable | None:
-    """The model's PSFTable, read from beside the checkpoint when it was built from the same checkpoint bytes,
-    else built and saved there (a folder that cannot be written only costs the rebuild next time).
-    None for a model without the canonical frame: its PSFs come from the network."""
+def cached_table(model, checkpoint, focus_m=None) -> PSFTable | None:
+    """The model's PSFTable at focus focus_m [m] (as model.tabulate takes it), read from beside the checkpoint when
+    it was built from the same checkpoint bytes at the same focus, else built and saved there (a folder that cannot
+    be written only costs the rebuild next time). None for a model without the canonical frame (its PSFs come
+    from the network), or at a focus outside the trained range (the network extrapolates)."""
     if not model.net.canonical:
         log.info("PSFs from the network (the model has no canonical frame, so no table)")
         return None
+    focus = model._focus(focus_m, 1, allow_extrapolation=True)
+    focus_m = None if focus is None else float(focus[0])
+    lo, hi = model.focus_range
+    if focus_m is not None and not lo * (1 - 1e-9) <= focus_m <= hi * (1 + 1e-9):
+        log.info("PSFs from the network (focus %g m is beyond the trained focus, where a table has none)", focus_m)
+        return None
     checkpoint = Path(checkpoint)
     key = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
-    path = table_path(checkpoint)
+    path = table_path(checkpoint, focus_m)
     if path.is_file():
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-            if state.get("version") == TABLE_VERSION and state.get("checkpoint_sha256") == key:
+            same = state.get("checkpoint_sha256") == key and state.get("focus_m") == focus_m
+            if state.get("version") == TABLE_VERSION and same:
                 table = PSFTable.from_state(model, state)
                 log.info("PSFs from the table cached in %s (%s kernels)", path, "x".join(map(str, table.shape)))
                 return table
         except (OSError, RuntimeError, ValueError, AttributeError, InputError):
             pass  # unreadable or stale: built again below
     t0 = time.perf_counter()
-    table = model.tabulate()
+    table = model.tabulate(focus_m=focus_m)
     built = time.perf_counter() - t0
     try:
         with tempfiles.replacing(path) as tmp:
@@ -90,6 +100,7 @@ class Renderer:
         field_mm: str | None = None,
         device: str = "auto",
         allow_extrapolation: bool = False,
+        focus_m: float | None = None,
     ):
         if field is not None and field_mm is not None:
             raise InputError("give --field or --field-mm, not both")
@@ -102,8 +113,12 @@ class Renderer:
         self.model = load_model(checkpoint, resolve_device(device))
         if mm is not None:
             self.window = window_of_mm(mm, self.model.info["optics"]["sensor_size_mm"])
-        self.table = cached_table(self.model, checkpoint)
-        self.options = dict(method=method, error=error, psf_every=psf_every, allow_extrapolation=allow_extrapolation)
+        # The focus checked once, before any table is built (the CLI's --focus-m): every image is at this focus.
+        self.model._focus(focus_m, 1, allow_extrapolation)
+        self.table = cached_table(self.model, checkpoint, focus_m)
+        self.options = dict(
+            method=method, error=error, psf_every=psf_every, allow_extrapolation=allow_extrapolation, focus_m=focus_m
+        )
         self.srgb = srgb
 
     def render_one(self, image, out, depth_m=None, depth_map=None, progress: bool = False) -> Path:
@@ -123,7 +138,9 @@ def render_file(
     checkpoint, image, out, depth_m=None, depth_map=None, *, overwrite: bool = False, progress: bool = True, **options
 ) -> Path:
     """Read ``image`` (PNG, 8/16 bit), blur it at depth_m [m] or per pixel at depth_map (.npy metres,
-    16-bit PNG millimetres), write ``out`` at the input's bit depth. options: ``Renderer``'s: srgb (the
+    16-bit PNG millimetres), write ``out`` at the input's bit depth. options: ``Renderer``'s: focus_m (the
+    distance the camera is focused at [m], inf allowed: a model over focus needs it; with a depth map, a
+    refocused photograph), srgb (the
     PNG is sRGB-encoded: decoded to linear light before the blur, encoded after; False: its values are
     linear already), field ('x0,x1,y0,y1', the part of the sensor the image covers), method, error,
     psf_every (as ``psfcvae.render``), device, allow_extrapolation. Everything is checked before anything

@@ -104,7 +104,7 @@ def resolve(cfg: TrainConfig, info: GridFile, ckpt: dict | None = None) -> Train
             f"pe_scale {cfg.pe_scale} with the canonical frame gives the centre and the sensor corner the same "
             "encoding (their codes are -1 and +1); use pe_scale 0.5 or less, or condition_frame: cartesian"
         )
-    grid_bytes = len(info.depths) * info.grid_size**2 * 3 * info.kernel_size_small**2 * 4
+    grid_bytes = info.n_planes * info.grid_size**2 * 3 * info.kernel_size_small**2 * 4
     resolved = dataclasses.replace(
         cfg,
         grid_size=info.grid_size,
@@ -129,11 +129,17 @@ def _max_steps(cfg: TrainConfig, info: GridFile, ckpt: dict | None) -> int:
         return cfg.max_steps
     if ckpt is not None:
         return int(ckpt["config"]["max_steps"])
-    num_psfs = len(info.depths) * info.grid_size**2
+    num_psfs = info.n_planes * info.grid_size**2
     steps = cfg.with_steps_for(num_psfs).max_steps
-    log.info("max_steps auto: %d steps for %d grid PSFs (%d depths x %d²)", steps, num_psfs, len(info.depths),
+    log.info("max_steps auto: %d steps for %d grid PSFs (%s x %d²)", steps, num_psfs, _planes(info),
              info.grid_size)  # fmt: skip
     return steps
+
+
+def _planes(info: GridFile) -> str:
+    """'3 depths' or '4 focus settings x 3 depths': the file's planes, for the log."""
+    depths = f"{len(info.depths)} depths"
+    return depths if info.n_focus == 1 else f"{info.n_focus} focus settings x {depths}"
 
 
 def resolve_frame(choice: str, info: GridFile) -> str:
@@ -165,9 +171,15 @@ def model_args_for(cfg: TrainConfig, info: GridFile) -> ModelArgs:
     if "auto" in (cfg.condition_on_depth, cfg.condition_frame):
         raise ValueError("model_args_for takes a resolved config: resolve(cfg, info)")
     canonical = cfg.condition_frame == "canonical"
+    # Several focus settings: the focus code φ is the condition's last column (linear in 1/focus, inf allowed).
+    # One: no focus input, the network of a file without focus.
+    has_focus = info.n_focus > 1
+    focus = (
+        dict(has_focus=True, focus_min=float(info.focus.min()), focus_max=float(info.focus.max())) if has_focus else {}
+    )
     return ModelArgs(
         kernel_size_small=cfg.kernel_size_small,
-        cond_dim=3 if cfg.condition_on_depth == "true" else 2,
+        cond_dim=2 + int(cfg.condition_on_depth == "true") + int(has_focus),
         latent_dim=cfg.latent_dim,
         hidden_dim=cfg.hidden_dim,
         num_layers=cfg.num_layers,
@@ -187,6 +199,7 @@ def model_args_for(cfg: TrainConfig, info: GridFile) -> ModelArgs:
         supersample=cfg.supersample if canonical else ModelArgs.supersample,
         field_scale=symmetry.field_scale(info.sensor_size_mm) if canonical else ModelArgs.field_scale,
         illumination_weight=cfg.illumination_weight,
+        **focus,
     )
 
 
@@ -306,9 +319,9 @@ def _train(cfg: TrainConfig, info: GridFile, args: ModelArgs, ckpt: dict | None,
 
         # forward: the batch, its neighbour pairs (both ends lit), the loss
         psf = batch["psf"].to(device, non_blocking=True)  # [B, 3, k, k]
-        point, depth_index = batch["point"].to(device), batch["depth_index"].to(device)  # [B]
-        pair_src, pair_cond = conds.pairs(point, depth_index)  # [Q], [Q, C]
-        out = net(psf, conds(point, depth_index), pair_src, pair_cond, **_lit_terms(batch, device))
+        point, plane = batch["point"].to(device), batch["plane"].to(device)  # [B]
+        pair_src, pair_cond = conds.pairs(point, plane)  # [Q], [Q, C]
+        out = net(psf, conds(point, plane), pair_src, pair_cond, **_lit_terms(batch, device))
         _check_finite(run, out, step)
 
         # set this step's learning rate, then step
@@ -432,8 +445,8 @@ def _lit_data(run: Run) -> tuple[Conditions, dict | None]:
     """The grid's conditions and the file's validation points, both without dark points (one log line says how
     many). The test points are never read here: they are psf eval's."""
     info, model = run.info, run.model
-    lit = info.lit  # [D, P]
-    conds = Conditions(info.coords, info.depths, info.neighbors, model.args.cond_dim == 3, run.device, lit)
+    lit = info.lit  # [F*D, P]
+    conds = Conditions(info.coords, info.depths, info.neighbors, model.args.has_depth, run.device, lit, info.focus)
     n_val = info.n_part("validation")
     heldout, dark_heldout = lit_only(info.heldout("validation")) if n_val else (None, 0)
     model.illumination.any_dark.fill_(bool((~lit).any()))
@@ -475,12 +488,12 @@ def _loader(run: Run, step: int):
     in_memory = cfg.in_memory == "true"
     dataset = GridBatches(info, cfg.batch_size, cfg.read_run, cfg.seed, in_memory, rank=run.rank, world=run.world)
     (log.info if run.main else log.debug)(  # once, not once per rank
-        "training on %s%s: %d depths x %d points, cond %s, %s, %d parameters, run dir %s",
+        "training on %s%s: %s x %d points, cond %s, %s, %d parameters, run dir %s",
         run.device,
         f" ({run.world} processes)" if run.world > 1 else "",
-        len(info.depths),
+        _planes(info),
         info.grid_size**2,
-        "(x, y, d)" if run.model.args.cond_dim == 3 else "(x, y)",
+        "(" + ", ".join(["x", "y"] + ["d"] * run.model.args.has_depth + ["φ"] * run.model.args.has_focus) + ")",
         "in memory" if in_memory else "streamed from disk",
         sum(p.numel() for p in run.model.parameters()),
         run.run_dir,
@@ -586,23 +599,24 @@ def _log_means(run: Run, bar: tqdm, means: dict, step: int) -> None:
 
 
 @torch.no_grad()
-def validate(model: CVAE, conds: Conditions, info: GridFile, heldout: dict | None, device, image_depth: int):
-    """Whole-grid posterior reconstruction and prior mean; prior mean and illumination on ``heldout``, the
-    lit validation points (never the test points: psf eval scores those).
+def validate(model: CVAE, conds: Conditions, info: GridFile, heldout: dict | None, device, image_plane: int):
+    """Whole-grid posterior reconstruction and prior mean (the mean over every plane); prior mean and
+    illumination on ``heldout``, the lit validation points, each at its own depth and focus (never the test
+    points: psf eval scores those).
 
-    Returns (metrics, images); images are [3, H, W] mosaics of depth ``image_depth``.
+    Returns (metrics, images); images are [3, H, W] mosaics of plane ``image_plane``.
     """
     model.eval()
     P = info.grid_size**2
     sums = {"recon": 0.0, "prior": 0.0}
     images = {}
-    for d in range(len(info.depths)):
+    for d in range(info.n_planes):
         gt = info.grid_psf(d)  # [P, 3, k, k]
         recon, prior = model.predict_grid(gt, conds(torch.arange(P, device=device), torch.full((P,), d, device=device)))
         lit = conds.lit_np[d]  # dark points have no PSF to compare with
         sums["recon"] += float(((recon - gt)[lit] ** 2).mean()) if lit.any() else 0.0
         sums["prior"] += float(((prior - gt)[lit] ** 2).mean()) if lit.any() else 0.0
-        if d == image_depth:
+        if d == image_plane:
             n = info.grid_size
             images = {
                 "val_psf_gt": mosaic(gt, n),
@@ -610,10 +624,10 @@ def validate(model: CVAE, conds: Conditions, info: GridFile, heldout: dict | Non
                 "val_psf_prior": mosaic(prior, n),
                 "val_psf_compare": tblog.grid_comparison(gt, recon, prior, n),
             }
-    D = len(info.depths)
-    metrics = {"val_mse": sums["recon"] / D, "val_prior_mse": sums["prior"] / D}
+    N = info.n_planes
+    metrics = {"val_mse": sums["recon"] / N, "val_prior_mse": sums["prior"] / N}
     if heldout is not None and len(heldout["ref"]):
-        cond = model.condition(heldout["coords"], heldout["depth"])
+        cond = model.condition(heldout["coords"], heldout["depth"], heldout["focus"])
         pred = model.sample_from_prior(cond, mean=True).cpu().numpy()
         ref = heldout["ref"]
         metrics["val_points_mse"] = float(((pred - ref) ** 2).mean())
@@ -628,7 +642,9 @@ def validate(model: CVAE, conds: Conditions, info: GridFile, heldout: dict | Non
 
 def _validate_and_log(run: Run, conds: Conditions, heldout: dict | None, step: int) -> dict:
     """validate(), its scalars and images in TensorBoard and one log line: the metrics."""
-    metrics, images = validate(run.model, conds, run.info, heldout, run.device, image_depth=len(run.info.depths) // 2)
+    info = run.info
+    middle = info.plane(info.n_focus // 2, len(info.depths) // 2)  # the middle depth (at the middle focus)
+    metrics, images = validate(run.model, conds, info, heldout, run.device, image_plane=middle)
     for key, value in metrics.items():
         run.writer.add_scalar(key, value, step)
     for key, img in images.items():

@@ -1,0 +1,175 @@
+"""One model over field, depth and focus (issue 25): training over planes f*D + d, the focus code φ, focus_m across
+the API, FieldMap over focus, and psf sample / psf render --focus-m. A single-focus file conditions as before."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from helpers import assert_one_line_error, make_focus_grid, run_cli, small_config
+
+from psfcvae import load_model, train
+from psfcvae.rendering.chart import rgbd_scene
+from psfcvae.rendering.imageio import read_image, write_image
+from psfcvae.training.data import Conditions, depth_codes
+from psfcvae.training.loop import model_args_for, resolve
+from psfgen.gridfile import GridFile
+from psfgen.shared.errors import InputError
+
+FOCUS = (0.5, math.inf)
+
+
+@pytest.fixture(scope="module")
+def focus_grid(tmp_path_factory):
+    """A tiny grid traced focused at 0.5 m and at infinity (2 focus settings x 2 depths): read-only."""
+    return make_focus_grid(tmp_path_factory.mktemp("focus"), FOCUS)
+
+
+@pytest.fixture(scope="module")
+def focus_run(focus_grid, tmp_path_factory):
+    """A small canonical model trained a few steps on focus_grid: its run directory."""
+    run_dir = tmp_path_factory.mktemp("focusrun") / "run"
+    return train(small_config(focus_grid, run_dir, max_steps=10, val_every=5, checkpoint_every=5))
+
+
+def test_a_single_focus_file_conditions_as_before(tiny_grid):
+    # The network and its conditioning table of a file without focus settings: (x, y, d), no focus input.
+    info = GridFile.open(tiny_grid)
+    assert info.n_focus == 1 and info.n_planes == len(info.depths)
+    args = model_args_for(resolve(small_config(tiny_grid, "unused"), info), info)
+    assert args.cond_dim == 3 and args.has_depth and not args.has_focus
+    conds = Conditions(info.coords, info.depths, info.neighbors, True, "cpu", info.lit, info.focus)
+    D, P = len(info.depths), len(info.coords)
+    codes = np.broadcast_to(depth_codes(info.depths)[:, None, None], (D, P, 1))
+    table = np.concatenate([np.broadcast_to(info.coords[None], (D, P, 2)), codes], axis=2)
+    torch.testing.assert_close(conds.table, torch.as_tensor(table, dtype=torch.float32), rtol=0, atol=0)
+
+
+def test_neighbours_cross_depth_within_a_focus_and_focus_at_a_depth():
+    # 3 focus settings x 2 depths of a 2-point field: plane p = f*2 + d.
+    coords = np.array([[0.0, 0.0], [1.0, 0.0]])
+    conds = Conditions(coords, np.array([1.0, 4.0]), np.array([[0, 1]]), True, "cpu", focus=np.array([0.5, 2, np.inf]))
+    assert conds.table.shape == (6, 2, 4)
+    torch.testing.assert_close(conds.table[:, 0, 3], torch.tensor([1.0, 1, -0.5, -0.5, -1, -1]))  # φ: linear in 1/focus
+    torch.testing.assert_close(conds.table[:, 0, 2], torch.tensor([1.0, -1, 1, -1, 1, -1]))  # d, 1/depth
+    for plane, others in ((0, {1, 2}), (1, {0, 3}), (2, {3, 0, 4}), (3, {2, 1, 5}), (5, {4, 3})):
+        src, cond = conds.pairs(torch.tensor([0]), torch.tensor([plane]))
+        rows = {tuple(c.tolist()) for c in cond}
+        want = {tuple(conds.table[plane, 1].tolist())} | {tuple(conds.table[p, 0].tolist()) for p in others}
+        assert rows == want and len(src) == len(want), plane  # never across a focus boundary by a depth step
+    assert conds.dark_pairs(np.array([[0, 1]])) == 0
+
+
+def test_cond_dim_counts_depth_and_focus(tiny_grid):
+    info = GridFile.open(tiny_grid)
+
+    class OneDepthTwoFocus:  # the file facts resolve and model_args_for read
+        grid_size, kernel_size_small, depths, path, sensor_size_mm = 4, 15, np.array([1.0]), "x.h5", (1.0, 1.0)
+        focus, n_focus, n_planes = np.array([0.5, np.inf]), 2, 2
+
+    cfg = resolve(small_config(tiny_grid, "unused", condition_frame="cartesian"), info)
+    args = model_args_for(cfg, OneDepthTwoFocus)  # condition_on_depth true here: (x, y, d, φ)
+    assert args.cond_dim == 4 and args.has_focus and (args.focus_min, args.focus_max) == FOCUS
+    no_depth = model_args_for(small_config(tiny_grid, "u", condition_frame="cartesian", condition_on_depth="false"),
+                              OneDepthTwoFocus)  # fmt: skip
+    assert no_depth.cond_dim == 3 and no_depth.has_focus and not no_depth.has_depth
+
+
+def test_a_model_over_focus_trains_and_conditions_on_the_focus(focus_grid, focus_run):
+    info = GridFile.open(focus_grid)
+    model = load_model(focus_run / "latest.pt", device="cpu")
+    assert model.net.args.cond_dim == 4 and model.net.args.has_focus
+    np.testing.assert_array_equal(model.focus, info.focus)
+    assert model.focus_range == FOCUS and "focus [0.5, inf] m" in repr(model)
+    # The API's conditions at every grid plane are the training table's.
+    conds = Conditions(info.coords, info.depths, info.neighbors, True, "cpu", info.lit, info.focus)
+    x, y = info.coords[:, 0], info.coords[:, 1]
+    for p in range(info.n_planes):
+        got = model.conditions(x, y, info.plane_depth[p], focus_m=info.plane_focus[p])
+        torch.testing.assert_close(got, conds.table[p])
+    # psf() at each focus differs, and is the network's prior mean at the condition with that focus.
+    depth = 2.0
+    psfs = {}
+    for f, phi in zip(FOCUS, (1.0, -1.0)):
+        psfs[f] = model.psf(x, y, depth, focus_m=f)
+        cond = torch.as_tensor(
+            np.column_stack([x, y, np.full_like(x, -1.0), np.full_like(x, phi)]), dtype=torch.float32
+        )
+        assert torch.equal(psfs[f], model.net.sample_from_prior(cond, mean=True))
+    assert (psfs[0.5] - psfs[math.inf]).abs().max() > 1e-6
+    mid = model.psf(x, y, depth, focus_m=np.full(len(x), 1.0))  # one focus per point works too
+    assert mid.shape == psfs[0.5].shape
+
+
+def test_focus_outside_the_range_is_refused_unless_extrapolating(focus_run, tiny_run):
+    model = load_model(focus_run / "latest.pt", device="cpu")
+    with pytest.raises(InputError, match="trained on focus 0.5-inf m: give focus_m"):
+        model.psf(0.0, 0.0, 1.0)
+    with pytest.raises(InputError, match="focus_m 0.3 m is outside the trained focus range 0.5-inf m; pass allow_ext"):
+        model.psf(0.0, 0.0, 1.0, focus_m=0.3)
+    assert model.psf(0.0, 0.0, 1.0, focus_m=0.3, allow_extrapolation=True).shape[0] == 1
+    for bad in (0.0, -1.0, math.nan):
+        with pytest.raises(InputError, match="focus_m must be a positive number of metres"):
+            model.psf(0.0, 0.0, 1.0, focus_m=bad, allow_extrapolation=True)
+    with pytest.raises(InputError, match="focus_m must be one focus or one per point"):
+        model.psf([0.0, 0.1], [0.0, 0.0], 1.0, focus_m=[1.0, 2.0, 3.0])
+    with pytest.raises(InputError, match="focus_m 0.3 m is outside"):
+        model.height_at(0.5, 0.5, 1.0, focus_m=0.3)
+    # A single-focus model takes no other focus, extrapolating or not.
+    single = load_model(tiny_run / "latest.pt", device="cpu")
+    assert single.focus.shape == (1,) and math.isnan(single.focus_range[0])
+    for allow in (False, True):
+        with pytest.raises(InputError, match="trained at one focus .*: leave out focus_m"):
+            single.psf(0.0, 0.0, 1.0, focus_m=2.0, allow_extrapolation=allow)
+
+
+def test_the_field_map_at_a_grid_focus_is_the_files_chief_rays(focus_grid, focus_run):
+    info = GridFile.open(focus_grid)
+    model = load_model(focus_run / "latest.pt", device="cpu")
+    x, y = info.coords[:, 0], info.coords[:, 1]
+    for p in range(info.n_planes):
+        hx, hy = model.height_at(x, y, info.plane_depth[p], focus_m=info.plane_focus[p])
+        np.testing.assert_allclose(np.column_stack([hx, hy]), info.chief_mm[p], rtol=0, atol=1e-9)
+    # Refocusing moves the landing points: the two focus settings' chief rays differ (the field map follows).
+    assert np.abs(info.chief_mm[info.plane(0, 0)] - info.chief_mm[info.plane(1, 0)]).max() > 1e-6
+    # Between the grid's focus settings: linear in 1/focus (2 m is a quarter of the way from inf to 0.5 m).
+    d = info.depths[0]
+    hx, _ = model.height_at(x, y, d, focus_m=2.0)
+    near, far = info.chief_mm[info.plane(0, 0), :, 0], info.chief_mm[info.plane(1, 0), :, 0]
+    np.testing.assert_allclose(hx, 0.25 * near + 0.75 * far, rtol=0, atol=1e-9)
+
+
+def test_sample_and_render_take_focus_m(focus_run, tmp_path):
+    ckpt = str(focus_run / "latest.pt")
+    model = load_model(ckpt, device="cpu")
+    outs = {}
+    for f in ("0.5", "inf"):
+        out = tmp_path / f"p{f}.npz"
+        args = ["sample", "--checkpoint", ckpt, "--coords", "0,0;0.5,0.5", "--depth", "2", "--focus-m", f]
+        r = run_cli([*args, "--out", str(out), "--device", "cpu"])
+        assert r.exit_code == 0, r.output
+        outs[f] = np.load(out)
+        assert float(outs[f]["focus_m"]) == float(f)
+        np.testing.assert_allclose(outs[f]["psf"], model.psf([0, 0.5], [0, 0.5], 2.0, focus_m=float(f)).numpy())
+    assert np.abs(outs["0.5"]["psf"] - outs["inf"]["psf"]).max() > 1e-6
+    base = ["sample", "--checkpoint", ckpt, "--coords", "0,0", "--depth", "2", "--out", str(tmp_path / "x.npz")]
+    assert_one_line_error(run_cli(base), "give --focus-m")
+    assert_one_line_error(run_cli([*base, "--focus-m", "0.2"]), "--focus-m 0.2 m is outside", "--allow-extrapolation")
+    # psf render: a refocused photograph of a scene with a depth map, its table cached per focus.
+    image, depth = rgbd_scene(12, 12, 0.5, 2.0)
+    src, dmap = tmp_path / "scene.png", tmp_path / "scene.npy"
+    write_image(src, image, 8)
+    np.save(dmap, depth.numpy())
+    shots = {}
+    for f in ("0.5", "inf"):
+        out = tmp_path / f"r{f}.png"
+        args = ["render", "--checkpoint", ckpt, "--image", str(src), "--depth-map", str(dmap), "--focus-m", f]
+        r = run_cli([*args, "--out", str(out), "--device", "cpu"])
+        assert r.exit_code == 0, r.output
+        shots[f] = read_image(out)[0]
+        assert (focus_run / f"latest.pt.focus-{float(f):.9g}.table").is_file()
+    assert (shots["0.5"] - shots["inf"]).abs().max() > 0
+    r = run_cli(["render", "--checkpoint", ckpt, "--image", str(src), "--depth", "1", "--out", str(tmp_path / "n.png")])
+    assert_one_line_error(r, "give --focus-m")
