@@ -28,8 +28,8 @@ DEFINITIONS = [
     ),
     (
         "prior mean",
-        "the CVAE's PSF from position and depth alone: the decoder at the mean of its learned prior "
-        "p(z | x, y, depth). This is what the model gives a user.",
+        "the CVAE's PSF from position and depth (and focus, for a model over focus settings) alone: the decoder at "
+        "the mean of its learned prior p(z | x, y, depth[, focus]). This is what the model gives a user.",
     ),
     (
         "prior mean (table)",
