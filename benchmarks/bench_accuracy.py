@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from psfcvae import EvalConfig, TrainConfig, evaluate, train
+from psfcvae.evaluation.metrics import focus_label
 from psfgen import GenerateConfig, generate, gridfile
 from psfgen.plan import budget
 from psfgen.shared import configio
@@ -204,7 +205,7 @@ def main() -> None:
     built = configio.build(GenerateConfig, grid_cfg)
     depths = ", ".join(f"{d:g}" for d in built.depth_values())
     focus = built.focus_values()
-    focus = "" if focus is None else f" at focus {', '.join(f'{f:g}' for f in focus)} m"
+    focus = "" if focus is None else f" at focus {', '.join(focus_label(f) for f in focus)}"
     print(
         f"lens {args.lens}: grid {grid_cfg['grid_size']}x{grid_cfg['grid_size']}, depths {depths} m{focus}, "
         f"spp {grid_cfg['spp']}, {heldout[0]} held-out points at spp {heldout[1]} (scored: the "
