@@ -3,14 +3,20 @@
 Prints one table: each trained configuration's prior mean (the PSF `psf sample` returns)
 and every interpolation baseline, as relative L2 on the file's test points (held-out points
 the model never saw and that chose no checkpoint; psf eval scores nothing else),
-noise-corrected and pooled (docs/metrics.md), overall, at grid depths and between them;
-ray tracing at the training spp; the model's PSFs/s over ray tracing's. Files go to
---work (default runs/bench_accuracy/LENS); an existing grid file there is reused, so a
-second run only retrains and evaluates.
+noise-corrected and pooled (docs/metrics.md), overall, at grid depths and between them
+(and, over several focus settings, at grid focus settings and between them); ray tracing at
+the training spp; the model's PSFs/s over ray tracing's. Files go to --work (default
+runs/bench_accuracy/LENS, LENS_focusF1,F2,... with --focus-m); an existing grid file there is
+reused, so a second run only retrains and evaluates.
 
     python benchmarks/bench_accuracy.py [--lens acl12708u|cooke|la1131] [--configs default,cartesian,spec]
                                         [--work DIR] [--max-steps N] [--set key=value ...]
                                         [--grid-size N | --budget-rule] [--split-depths S | --auto-depths]
+                                        [--focus-m 0.5,1,2,inf]
+
+--focus-m traces every depth at each of these focus distances [m] (inf: focus at infinity;
+psf generate --focus-m): the same rays per focus setting as the single-focus run, so F times
+the rays in all; one model over them all.
 
 Configurations: default (psf train's defaults), cartesian (the defaults conditioned on
 (x, y[, d]) instead of the lens's symmetry), spec (configs/cvae_v1.yaml, verbatim), or a
@@ -37,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from psfcvae import EvalConfig, TrainConfig, evaluate, train
+from psfcvae.evaluation.metrics import focus_label
 from psfgen import GenerateConfig, generate, gridfile
 from psfgen.plan import budget
 from psfgen.shared import configio
@@ -106,8 +113,23 @@ def _parser() -> argparse.ArgumentParser:
         default=1,
         help="split each depth interval into S steps in 1/depth, at the same rays in all (see above)",
     )
+    ap.add_argument(
+        "--focus-m",
+        type=_focus_list,
+        default=None,
+        help="comma separated focus distances [m], inf allowed: every depth traced at each (the lens's own focus "
+        "otherwise)",
+    )
     ap.add_argument("--smoke", action="store_true", help="a 4x4 grid at spp 2000: checks this script, measures nothing")
     return ap
+
+
+def _focus_list(text: str) -> tuple[float, ...]:
+    """'0.5,1,inf' -> (0.5, 1.0, inf); psf generate checks the values."""
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects comma separated metres or inf, got {text!r}") from None
 
 
 def main() -> None:
@@ -127,8 +149,11 @@ def main() -> None:
         names.append(name)
     if args.split_depths < 1:
         ap.error(f"--split-depths must be at least 1, got {args.split_depths}")
-    work = Path(args.work or f"runs/bench_accuracy/{args.lens}")
+    focus_tag = "" if args.focus_m is None else "_focus" + ",".join(f"{f:g}" for f in args.focus_m)
+    work = Path(args.work or f"runs/bench_accuracy/{args.lens}{focus_tag}")
     grid_cfg = {**BUDGET, **LENSES[args.lens], "out": str(work / "grid.h5"), "device": args.device}
+    if args.focus_m is not None:
+        grid_cfg["focus_m"] = args.focus_m
     if args.grid_size:
         rays = grid_cfg["grid_size"] ** 2 * grid_cfg["spp"]
         grid_cfg.update(grid_size=args.grid_size, spp=round(rays / args.grid_size**2))
@@ -177,9 +202,12 @@ def main() -> None:
         )
         results[name]["max_steps"] = results[name]["checkpoint"]["step"]  # the steps max_steps auto resolved to
 
-    depths = ", ".join(f"{d:g}" for d in configio.build(GenerateConfig, grid_cfg).depth_values())
+    built = configio.build(GenerateConfig, grid_cfg)
+    depths = ", ".join(f"{d:g}" for d in built.depth_values())
+    focus = built.focus_values()
+    focus = "" if focus is None else f" at focus {', '.join(focus_label(f) for f in focus)}"
     print(
-        f"lens {args.lens}: grid {grid_cfg['grid_size']}x{grid_cfg['grid_size']}, depths {depths} m, "
+        f"lens {args.lens}: grid {grid_cfg['grid_size']}x{grid_cfg['grid_size']}, depths {depths} m{focus}, "
         f"spp {grid_cfg['spp']}, {heldout[0]} held-out points at spp {heldout[1]} (scored: the "
         f"{next(iter(results.values()))['protocol']['test_points']} test points)"
         + (f"; train overrides {args.sets}" if args.sets else "")
@@ -234,8 +262,11 @@ def auto_depths(grid_cfg: dict) -> dict:
 
 
 def summary_table(results: dict) -> str:
-    """Markdown rows: each configuration's prior mean, then the baselines of the first evaluation."""
-    groups = ("all", "at grid depths", "between grid depths")
+    """Markdown rows: each configuration's prior mean, then the baselines of the first evaluation; columns: all
+    test points, at and between grid depths and (several focus settings) at and between grid focus settings."""
+    first = next(iter(results.values()))
+    groups = ["all", "at grid depths", "between grid depths"]
+    groups += [g for g in ("at grid focus", "between grid focus") if g in first["heldout_groups"].get("focus", [])]
     lines = ["| method | " + " | ".join(groups) + " |", "|---" * (len(groups) + 1) + "|"]
 
     def row(label, m):
@@ -247,7 +278,6 @@ def summary_table(results: dict) -> str:
             continue
         frame = r["checkpoint"]["frame"]
         lines.append(row(f"CVAE prior mean, {name} ({frame}, {r['max_steps']} steps)", r["heldout"]["cvae prior mean"]))
-    first = next(iter(results.values()))
     for method, m in first["heldout"].items():
         if not method.startswith("cvae"):
             lines.append(row(method, m))
@@ -255,7 +285,7 @@ def summary_table(results: dict) -> str:
     if rt:
         lines.append(
             f"| ray tracing at spp {first['data']['spp']} (mean over {rt['all']['n']} re-traced grid points, "
-            f"not pooled) | {100 * rt['all']['mean']:.1f}% | | |"
+            f"not pooled) | {100 * rt['all']['mean']:.1f}% |" + " |" * (len(groups) - 1)
         )
     return "\n".join(lines)
 

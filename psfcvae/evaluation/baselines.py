@@ -1,9 +1,13 @@
 """What a user would do instead of the CVAE: interpolate the grid PSFs of the same file.
 
-All methods take the grid (coords on a regular N x N lattice, PSFs [D, P, 3, k, k] at
-depths [D]) and query points (x, y, depth [m]) and return [M, 3, k, k], non-negative with
-each channel summing to 1. Between grid depths they are linear in 1/depth (defocus is);
-beyond the first or last depth they use that depth.
+All methods take the grid (coords on a regular N x N lattice, PSFs [F*D, P, 3, k, k] on the
+file's planes p = f*D + d: focus settings focus [F] m (inf allowed) x depths [D] m) and query
+points (x, y, depth [m], focus [m]) and return [M, 3, k, k], non-negative with each channel
+summing to 1. Within each of the two focus settings bracketing a point they interpolate over
+the field and linearly in 1/depth between the bracketing depths (defocus is linear in 1/depth),
+then linearly in 1/focus between the two (as it is in 1/focus); beyond the first or last depth
+or focus they use that one. A single-focus grid (F = 1, focus None or [nan]: the sensor where
+the lens file puts it) ignores the query's focus and gives what a depth-only grid gives.
 """
 
 from __future__ import annotations
@@ -24,34 +28,55 @@ def _lattice(n: int, x: np.ndarray, y: np.ndarray):
     return row, col
 
 
-def _depth_weights(depths: np.ndarray, depth_m: np.ndarray):
-    """For each query, two depth indices and weights, linear in 1/depth: ([M], [M], [M])."""
-    inv = 1.0 / depths  # depths ascending -> inverse descending
-    q = np.clip(1.0 / depth_m, inv.min(), inv.max())
-    order = np.argsort(inv)  # ascending inverse depth
+def _weights(values: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """[M, V]: each query's weights over values [V] m (depths or focus distances, ascending, inf allowed):
+    the two neighbours in 1/value, linear in 1/value; queries beyond the ends take the end. All on the one
+    value when there is one (a single depth, or a single focus, nan included)."""
+    m = len(query)
+    if len(values) == 1:
+        return np.ones((m, 1))
+    inv = 1.0 / values  # ascending -> inverse descending (1/inf = 0)
+    q = np.clip(1.0 / query, inv.min(), inv.max())
+    order = np.argsort(inv)  # ascending inverse
     inv_sorted = inv[order]
-    hi = (
-        np.clip(np.searchsorted(inv_sorted, q, side="right"), 1, len(inv) - 1)
-        if len(inv) > 1
-        else np.zeros(len(q), int)
-    )
-    if len(inv) == 1:
-        return np.zeros(len(q), int), np.zeros(len(q), int), np.zeros(len(q))
+    hi = np.clip(np.searchsorted(inv_sorted, q, side="right"), 1, len(inv) - 1)
     lo = hi - 1
     t = (q - inv_sorted[lo]) / (inv_sorted[hi] - inv_sorted[lo])
-    return order[lo], order[hi], t
+    w = np.zeros((m, len(values)))
+    w[np.arange(m), order[lo]] = 1 - t
+    w[np.arange(m), order[hi]] = t
+    return w
 
 
-def nearest(grid_psf, depths, n, x, y, depth_m):
-    """The lit grid PSF nearest in the field, at the grid depth nearest in 1/depth.
+def _focus_of(grid_psf, depths, focus, focus_m, m: int):
+    """(focus [F], focus_m [M]) checked against the grid's planes; None means one focus."""
+    focus = np.array([np.nan]) if focus is None else np.asarray(focus, dtype=np.float64)
+    if grid_psf.shape[0] != len(focus) * len(depths):
+        raise ValueError(f"grid has {grid_psf.shape[0]} planes, not {len(focus)} focus x {len(depths)} depths")
+    focus_m = np.full(m, np.nan) if focus_m is None else np.broadcast_to(np.asarray(focus_m, np.float64), (m,))
+    return focus, focus_m
 
-    A dark grid point (a channel with no light: stored as zeros) is never the answer: a lit
-    query takes its nearest lit neighbour instead, as a user of the grid would.
+
+def _plane_weights(depths, depth_m, focus, focus_m) -> np.ndarray:
+    """[M, F*D]: each query's weight on each plane p = f*D + d, bilinear in (1/focus, 1/depth)."""
+    wd, wf = _weights(depths, depth_m), _weights(focus, focus_m)  # [M, D], [M, F]
+    return (wf[:, :, None] * wd[:, None, :]).reshape(len(depth_m), -1)
+
+
+def nearest(grid_psf, depths, n, x, y, depth_m, focus=None, focus_m=None):
+    """The lit grid PSF nearest in the field, on the plane nearest in (1/depth, 1/focus).
+
+    The planes are every focus x every depth, so the nearest plane is the nearest focus in 1/focus and
+    the nearest depth in 1/depth. A dark grid point (a channel with no light: stored as zeros) is never
+    the answer: a lit query takes its nearest lit neighbour instead, as a user of the grid would.
     """
+    focus, focus_m = _focus_of(grid_psf, depths, focus, focus_m, len(x))
     row, col = _lattice(n, x, y)
     inv = 1.0 / depths
     d = np.abs(inv[None, :] - 1.0 / depth_m[:, None]).argmin(axis=1)
-    lit = grid_psf.sum(axis=(-2, -1)).min(axis=-1) > 0  # [D, P]
+    if len(focus) > 1:
+        d = d + len(depths) * np.abs(1.0 / focus[None, :] - 1.0 / focus_m[:, None]).argmin(axis=1)
+    lit = grid_psf.sum(axis=(-2, -1)).min(axis=-1) > 0  # [F*D, P]
     pr, pc = np.divmod(np.arange(n * n), n)  # each grid point's lattice row and column
     dist = (pr[None, :] - row[:, None]) ** 2 + (pc[None, :] - col[:, None]) ** 2  # [M, P]
     idx = np.where(lit[d], dist, np.inf).argmin(axis=1)
@@ -73,37 +98,38 @@ def _bilinear_field(values: np.ndarray, n: int, row: np.ndarray, col: np.ndarray
     )
 
 
-def _in_depth(field_interp, grid_values, depths, depth_m):
-    """Interpolate over the field at the bracketing grid depths, then linearly in 1/depth.
+def _in_planes(field_interp, grid_values, depths, depth_m, focus=None, focus_m=None):
+    """Interpolate over the field on the bracketing planes, then linearly in 1/depth and in 1/focus.
 
-    field_interp maps one depth's grid values [P, ...] to the queries' values [M, ...].
+    field_interp maps one plane's grid values [P, ...] to the queries' values [M, ...]; grid_values
+    [F*D, P, ...]; only the planes some query weighs are interpolated.
     """
-    lo, hi, t = _depth_weights(depths, depth_m)
+    focus, focus_m = _focus_of(grid_values, depths, focus, focus_m, len(depth_m))
+    w = _plane_weights(depths, depth_m, focus, focus_m)  # [M, F*D]
     out = 0.0
-    for d in np.unique(np.concatenate([lo, hi])):
-        w = np.where(lo == d, 1 - t, 0.0) + np.where(hi == d, t, 0.0)  # lo == hi (one depth): 1
-        at = field_interp(grid_values[d])
-        out = out + w.reshape((-1,) + (1,) * (at.ndim - 1)) * at
+    for p in np.flatnonzero(w.any(axis=0)):
+        at = field_interp(grid_values[p])
+        out = out + w[:, p].reshape((-1,) + (1,) * (at.ndim - 1)) * at
     return out
 
 
-def bilinear(grid_psf, depths, n, x, y, depth_m):
-    """Bilinear over the field, linear in 1/depth between the bracketing grid depths."""
+def bilinear(grid_psf, depths, n, x, y, depth_m, focus=None, focus_m=None):
+    """Bilinear over the field, linear in 1/depth between the bracketing grid depths and in 1/focus."""
     row, col = _lattice(n, x, y)
-    out = _in_depth(lambda v: _bilinear_field(v.astype(np.float64), n, row, col), grid_psf, depths, depth_m)
-    return _normalise(out)
+    field = lambda v: _bilinear_field(v.astype(np.float64), n, row, col)  # noqa: E731
+    return _normalise(_in_planes(field, grid_psf, depths, depth_m, focus, focus_m))
 
 
-def bicubic(grid_psf, depths, n, x, y, depth_m):
-    """Bicubic (Catmull-Rom) over the field, linear in 1/depth; exact at grid points.
+def bicubic(grid_psf, depths, n, x, y, depth_m, focus=None, focus_m=None):
+    """Bicubic (Catmull-Rom) over the field, linear in 1/depth and in 1/focus; exact at grid points.
 
     The classical interpolant to beat: it follows curvature that bilinear cuts across,
     and may overshoot below 0, which the final clip-and-renormalise removes.
     """
     row, col = _lattice(n, x, y)
     k_shape = grid_psf.shape[2:]
-    flat = grid_psf.reshape(grid_psf.shape[:2] + (-1,)).astype(np.float64)  # [D, P, 3*k*k]
-    out = _in_depth(lambda v: _bicubic_field(v, n, row, col), flat, depths, depth_m)
+    flat = grid_psf.reshape(grid_psf.shape[:2] + (-1,)).astype(np.float64)  # [F*D, P, 3*k*k]
+    out = _in_planes(lambda v: _bicubic_field(v, n, row, col), flat, depths, depth_m, focus, focus_m)
     return _normalise(out.reshape((len(x),) + k_shape))
 
 
@@ -140,23 +166,26 @@ class EigenPSF:
     """Eigen-PSF interpolation: a truncated SVD of all grid PSFs, coefficients interpolated.
 
     basis: the top ``components`` right singular vectors of the mean-subtracted grid PSFs
-    [D*P, 3*k*k]; coefficients are interpolated bicubically over the field and linearly in
-    1/depth; the PSF is mean + coefficients @ basis, clipped at 0 and renormalised.
+    [F*D*P, 3*k*k] (every plane); coefficients are interpolated bicubically over the field and
+    linearly in 1/depth and 1/focus; the PSF is mean + coefficients @ basis, clipped at 0 and
+    renormalised. focus [F] m: the grid's focus settings (None: one).
     """
 
-    def __init__(self, grid_psf: np.ndarray, depths: np.ndarray, n: int, components: int = 32):
-        D, P = grid_psf.shape[:2]
+    def __init__(self, grid_psf: np.ndarray, depths: np.ndarray, n: int, components: int = 32, focus=None):
+        planes, P = grid_psf.shape[:2]
+        _focus_of(grid_psf, depths, focus, None, 0)  # the planes are focus x depths
         self.shape = grid_psf.shape[2:]
-        flat = grid_psf.reshape(D * P, -1).astype(np.float64)
+        flat = grid_psf.reshape(planes * P, -1).astype(np.float64)
         self.mean = flat.mean(axis=0)
         _, s, vt = np.linalg.svd(flat - self.mean, full_matrices=False)
         self.components = min(components, len(s))
         self.basis = vt[: self.components]  # [K, 3*k*k]
         self.explained = float((s[: self.components] ** 2).sum() / max((s**2).sum(), 1e-300))
-        self.coef = ((flat - self.mean) @ self.basis.T).reshape(D, P, self.components)  # [D, P, K]
-        self.depths, self.n = depths, n
+        self.coef = ((flat - self.mean) @ self.basis.T).reshape(planes, P, self.components)  # [F*D, P, K]
+        self.depths, self.n, self.focus = depths, n, focus
 
-    def __call__(self, x, y, depth_m):
+    def __call__(self, x, y, depth_m, focus_m=None):
         row, col = _lattice(self.n, x, y)
-        c = _in_depth(lambda v: _bicubic_field(v, self.n, row, col), self.coef, self.depths, depth_m)
+        field = lambda v: _bicubic_field(v, self.n, row, col)  # noqa: E731
+        c = _in_planes(field, self.coef, self.depths, depth_m, self.focus, focus_m)
         return _normalise((self.mean + c @ self.basis).reshape((len(x),) + self.shape))

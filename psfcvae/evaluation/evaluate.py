@@ -7,11 +7,12 @@ content, plus the arrays behind it), ``eval_figures.make_figures`` (the PNGs) an
 ``report.write_report`` (report.html); ``evaluate`` runs the three.
 
 Methods, all on the same test points: the CVAE's prior mean and one prior sample;
-nearest grid PSF; bilinear and bicubic (field) x linear (1/depth); eigen-PSF interpolation.
-Ray tracing itself at the training spp is measured on the file's re-traced grid subset.
-Errors are relative L2 against the held-out reference, raw and noise-corrected
-(docs/metrics.md), overall, per grid depth, per interval between grid depths and per
-radius band. A checkpoint chosen on any of the test points is refused.
+nearest grid PSF; bilinear and bicubic (field) x linear (1/depth) x linear (1/focus);
+eigen-PSF interpolation. Ray tracing itself at the training spp is measured on the file's
+re-traced grid subset. Errors are relative L2 against the held-out reference, raw and
+noise-corrected (docs/metrics.md), overall, per grid depth, per interval between grid depths,
+per radius band and, in a file of several focus settings, at and between grid focus settings.
+A checkpoint chosen on any of the test points is refused.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from psfcvae import checkpoint
 from psfcvae.api.psfmodel import PSFModel, load_model
 from psfcvae.evaluation import baselines, report
 from psfcvae.evaluation import figures as eval_figures
-from psfcvae.evaluation.metrics import measured_points, rel_l2_corrected, spearman, summarize
+from psfcvae.evaluation.metrics import focus_groups, focus_label, measured_points, rel_l2_corrected, spearman, summarize
 from psfcvae.optics import grid_optics
 from psfcvae.training.data import lit_only
 from psfgen.analysis.litfield import image_circle, radii
@@ -66,21 +67,23 @@ class EvalConfig:
         check_device(self)
 
 
-def _model_speed(model, device, n: int = 4096, repeats: int = 3, table=None) -> float:
-    """PSFs/s of the prior-mean path, batched, on ``device``: the network's, or ``table``'s (a PSFTable, CPU)."""
+def _model_speed(model, device, focus_m=None, n: int = 4096, repeats: int = 3, table=None) -> float:
+    """PSFs/s of the prior-mean path, batched, on ``device``: the network's at focus_m [m] (None: a single-focus
+    model), or ``table``'s (a PSFTable at one focus, CPU)."""
     model.to(device)
     rng = np.random.default_rng(0)
     x, y = rng.uniform(-1, 1, n), rng.uniform(-1, 1, n)
     lo, hi = model.depth_range
     d = np.full(n, np.sqrt(lo * hi))
+    focus = {} if focus_m is None or table is not None else {"focus_m": focus_m}
     model = table if table is not None else model
-    model.psf(x[:16], y[:16], d[:16], allow_dark=True)  # warm-up; random points may fall outside the lit field
+    model.psf(x[:16], y[:16], d[:16], allow_dark=True, **focus)  # warm-up; random points may fall outside the lit field
     best = np.inf
     for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        model.psf(x, y, d, allow_dark=True)
+        model.psf(x, y, d, allow_dark=True, **focus)
         if device.type == "cuda":
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
@@ -91,11 +94,12 @@ def _model_speed(model, device, n: int = 4096, repeats: int = 3, table=None) -> 
 class EvalArrays:
     """The arrays behind the metrics, for the figures (and for a reader's own plots).
 
-    grid [D, P, 3, k, k] training PSFs, coords [P, 2], depths [D] m; heldout: the lit test points, as
-    GridFile.heldout gives them (coords [M, 2], depth [M] m, at_grid_depth [M], psf_a, psf_b, ref [M, 3, k, k]);
-    preds: method -> [M, 3, k, k]; corrected: method -> [M] per-point noise-corrected error;
-    recon, prior: the model's posterior reconstruction and prior mean of the grid [D, P, 3, k, k];
-    eigen: the eigen-PSF baseline fitted to the grid; lit [D, P]: grid points that hold a PSF;
+    grid [F*D, P, 3, k, k] training PSFs on the file's planes p = f*D + d, coords [P, 2], depths [D] m,
+    focus [F] m ([nan]: a single-focus file); heldout: the lit test points, as GridFile.heldout gives them
+    (coords [M, 2], depth [M] m, at_grid_depth [M], focus [M] m, at_grid_focus [M], psf_a, psf_b, ref
+    [M, 3, k, k]); preds: method -> [M, 3, k, k]; corrected: method -> [M] per-point noise-corrected error;
+    recon, prior: the model's posterior reconstruction and prior mean of the grid [F*D, P, 3, k, k];
+    eigen: the eigen-PSF baseline fitted to the grid; lit [F*D, P]: grid points that hold a PSF;
     circle: (image-circle radius [mm], sensor (width, height) [mm]) where part of the field is dark, else None.
     """
 
@@ -103,6 +107,7 @@ class EvalArrays:
     coords: np.ndarray
     depths: np.ndarray
     heldout: dict
+    focus: np.ndarray = field(default_factory=lambda: np.array([np.nan]))
     preds: dict = field(default_factory=dict)
     corrected: dict = field(default_factory=dict)
     recon: np.ndarray | None = None
@@ -110,7 +115,32 @@ class EvalArrays:
     eigen: baselines.EigenPSF | None = None
     lit: np.ndarray | None = None
     circle: tuple | None = None
-    table: object | None = None  # the model's PSFTable (canonical models), scored as TABLE
+    table: object | None = None  # the model's PSFTable (canonical models; one of them over focus), scored as TABLE
+
+    @property
+    def multi_focus(self) -> bool:
+        """Several focus settings: the model takes focus_m and the points are grouped by focus."""
+        return len(self.focus) > 1
+
+    @property
+    def plane_depth(self) -> np.ndarray:
+        """[F*D] m: each plane's depth."""
+        return np.tile(self.depths, len(self.focus))
+
+    @property
+    def plane_focus(self) -> np.ndarray:
+        """[F*D] m: each plane's focus (nan in a single-focus file)."""
+        return np.repeat(self.focus, len(self.depths))
+
+    def plane_label(self, p: int) -> str:
+        """'2 m', or '2 m, focus 0.5 m' in a file of several focus settings."""
+        depth = f"{self.plane_depth[p]:g} m"
+        return f"{depth}, focus {focus_label(self.plane_focus[p])}" if self.multi_focus else depth
+
+    def model_focus(self, focus_m):
+        """What the model takes as focus_m: the value(s) [m] in a multi-focus file, None in a single-focus one
+        (its model knows one focus)."""
+        return focus_m if self.multi_focus else None
 
 
 def evaluate(cfg: EvalConfig, extra_figures: list | None = None) -> dict:
@@ -158,26 +188,24 @@ def compute_metrics(cfg: EvalConfig, info: GridFile, model: PSFModel | None) -> 
 
     Returns (metrics: the content of metrics.json, arrays: what they were computed from).
     """
-    grid, coords = info.grid_psfs(), info.coords  # [D, P, 3, k, k] (checked), [P, 2]
+    grid, coords = info.grid_psfs(), info.coords  # [F*D, P, 3, k, k] (checked), [P, 2]
     ho_all = info.heldout("test")  # the validation points chose the checkpoint: never scored here
     # The PSF metrics use lit points only: a dark point has no PSF to measure against.
     arrays = EvalArrays(
         grid=grid,
         coords=coords,
         depths=info.depths,
+        focus=info.focus,
         heldout=split_heldout(ho_all, info.path),
-        lit=info.lit,  # [D, P]: a dark grid point has no PSF
+        lit=info.lit,  # [F*D, P]: a dark grid point has no PSF
     )
     arrays.circle = lit_circle(info, coords, arrays.lit)
     ho, depths = arrays.heldout, info.depths
-    x, y, depth_m = ho["coords"][:, 0], ho["coords"][:, 1], ho["depth"]
-    eigen = baselines.EigenPSF(arrays.grid, depths, info.grid_size, cfg.eigen_components)
+    eigen = baselines.EigenPSF(arrays.grid, depths, info.grid_size, cfg.eigen_components, focus=info.focus)
     arrays.eigen = eigen
-    arrays.table = _tabulate(model)
-    arrays.preds = _predictions(model, arrays.grid, depths, info.grid_size, eigen, x, y, depth_m, cfg.seed)
-    if arrays.table is not None:  # what model.tabulate() gives a user: scored as a method of its own
-        psf, _ = arrays.table.psf(x, y, depth_m, allow_extrapolation=True, allow_dark=True)
-        arrays.preds[TABLE] = psf.numpy()
+    arrays.preds = _predictions(model, arrays, info.grid_size, cfg.seed)
+    if model is not None and model.net.canonical:  # what model.tabulate() gives a user: a method of its own
+        arrays.preds[TABLE], arrays.table = _tabulated(model, arrays)
 
     methods = _heldout_errors(arrays)
     ref = ho["ref"]
@@ -195,6 +223,8 @@ def compute_metrics(cfg: EvalConfig, info: GridFile, model: PSFModel | None) -> 
             "lens_sha256": info.lens_sha256,
             "grid_size": info.grid_size,
             "depths_m": [float(d) for d in depths],
+            # JSON has no inf: focus at infinity is "inf"; null is a single-focus file's lens-file sensor
+            "focus_m": [None if np.isnan(f) else "inf" if np.isinf(f) else float(f) for f in info.focus],
             "spp": info.spp,
             "heldout_spp": info.heldout_spp,
             "n_heldout": info.n_heldout,
@@ -217,7 +247,7 @@ def compute_metrics(cfg: EvalConfig, info: GridFile, model: PSFModel | None) -> 
         },
         "heldout": methods,
         "heldout_groups": groups_of(arrays),
-        "raytrace_at_training_spp": _raytrace(info, arrays.grid, depths, arrays.lit),
+        "raytrace_at_training_spp": _raytrace(info, arrays),
         "reference_noise": summarize(ref_noise),
         "eigen_explained_variance": eigen.explained,
         "speed_psfs_per_s": {
@@ -226,17 +256,20 @@ def compute_metrics(cfg: EvalConfig, info: GridFile, model: PSFModel | None) -> 
         "heldout_dark": int((~ho_all["lit"]).sum()),
     }
     if model is not None:
-        result["illumination"] = illumination_error(model, ho_all)
+        result["illumination"] = illumination_error(model, ho_all, arrays.model_focus(ho_all["focus"]))
         _model_metrics(result, arrays, model, info.grid_size)
     result["headline"] = headline(result)
     return result, arrays
 
 
-def heldout_groups(heldout: dict, depths: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
-    """The groups the test points are scored in, by kind: {"depth": {name: mask [M]}, "radius band": {...}}.
+def heldout_groups(heldout: dict, depths: np.ndarray, focus=None) -> dict[str, dict[str, np.ndarray]]:
+    """The groups the test points are scored in, by kind: {"depth": {name: mask [M]}, "radius band": {...}
+    [, "focus": {...}]}.
 
     depth: all, at and between grid depths, at each grid depth, between each two neighbouring grid depths;
-    radius band: r = sqrt(x² + y²) in RADIUS_BANDS (psfgen/plan/grid.py). Empty groups are left out."""
+    radius band: r = sqrt(x² + y²) in RADIUS_BANDS (psfgen/plan/grid.py); focus, only where the file has several
+    focus settings focus [F] m: all, at and between grid focus settings, at each, between each two neighbouring
+    ones (heldout's focus [M] m and at_grid_focus [M]). Empty groups are left out."""
     at, depth_m = heldout["at_grid_depth"], heldout["depth"]
     by_depth = {"all": np.ones(len(depth_m), bool), "at grid depths": at, "between grid depths": ~at}
     for d in depths:
@@ -245,20 +278,32 @@ def heldout_groups(heldout: dict, depths: np.ndarray) -> dict[str, dict[str, np.
         by_depth[f"between {lo:g} and {hi:g} m"] = ~at & (depth_m > lo) & (depth_m < hi)
     band = radius_band(heldout["coords"])
     by_band = {band_label(b): band == b for b in range(len(RADIUS_BANDS) - 1)}
-    return {kind: {g: m for g, m in groups.items() if m.any()} for kind, groups in
-            (("depth", by_depth), ("radius band", by_band))}  # fmt: skip
+    kinds = [("depth", by_depth), ("radius band", by_band)]
+    if focus is not None and len(focus) > 1:
+        kinds.append(("focus", _focus_groups(heldout, np.asarray(focus))))
+    return {kind: {g: m for g, m in groups.items() if m.any()} for kind, groups in kinds}
+
+
+def _focus_groups(heldout: dict, focus: np.ndarray) -> dict[str, np.ndarray]:
+    """{name: mask [M]}: all, at and between grid focus settings, at each focus [F] m, between each two."""
+    at, focus_m = heldout["at_grid_focus"], heldout["focus"]
+    groups = {"all": np.ones(len(focus_m), bool), "at grid focus": at, "between grid focus": ~at}
+    for name, _, lo, hi in focus_groups(focus):  # the file's own values, inf included
+        groups[name] = at & (focus_m == lo) if lo == hi else ~at & (focus_m > lo) & (focus_m < hi)
+    return groups
 
 
 def groups_of(arrays: EvalArrays) -> dict[str, list[str]]:
     """metrics.json's heldout_groups: the names of the groups of each kind, in order."""
-    return {kind: list(groups) for kind, groups in heldout_groups(arrays.heldout, arrays.depths).items()}
+    return {kind: list(g) for kind, g in heldout_groups(arrays.heldout, arrays.depths, arrays.focus).items()}
 
 
 def _heldout_errors(arrays: EvalArrays) -> dict:
     """{method: {group: {"raw": stats, "corrected": stats + "pooled"}}} over heldout_groups' groups (all, per
-    depth and per radius band); fills ``arrays.corrected`` [M] per method on the way."""
+    depth, per radius band, per focus); fills ``arrays.corrected`` [M] per method on the way."""
     ho = arrays.heldout
-    groups = {g: m for kind in heldout_groups(ho, arrays.depths).values() for g, m in kind.items()}
+    kinds = heldout_groups(ho, arrays.depths, arrays.focus).values()
+    groups = {g: m for kind in kinds for g, m in kind.items()}
     methods = {}
     for name, pred in arrays.preds.items():
         raw = rel_l2(pred, ho["ref"])
@@ -274,69 +319,99 @@ def _heldout_errors(arrays: EvalArrays) -> dict:
     return methods
 
 
-def _tabulate(model: PSFModel | None):
-    """The model's prior mean as a PSFTable (psfcvae/api/table.py) on the CPU; None for a cartesian model."""
-    if model is None or not model.net.canonical:
-        return None
-    table = model.tabulate()  # built on the model's device, held on the CPU
-    R, A, D = table.shape
-    log.info("tabulated the prior mean: %d radii x %d angles x %d depths, %.0f MiB", R, A, D, table.nbytes / 2**20)
-    return table
+def _tabulated(model: PSFModel, arrays: EvalArrays) -> tuple[np.ndarray, object]:
+    """The model's prior mean through model.tabulate() at the held-out points: (PSFs [M, 3, k, k], the table of
+    the last focus). A table holds one focus: a multi-focus model is tabulated at each focus the points hold, one
+    table at a time (each may be hundreds of MiB)."""
+    ho = arrays.heldout
+    (x, y), depth_m, focus_m = ho["coords"].T, ho["depth"], ho["focus"]
+    out = np.zeros_like(ho["ref"])
+    table = None
+    for f in np.unique(focus_m) if arrays.multi_focus else [None]:
+        at = np.ones(len(x), bool) if f is None else focus_m == f
+        table = None  # the previous focus's table goes before the next is built
+        table = model.tabulate() if f is None else model.tabulate(focus_m=float(f))  # held on the CPU
+        R, A, D = table.shape
+        log.info(
+            "tabulated the prior mean%s: %d radii x %d angles x %d depths, %.0f MiB",
+            "" if f is None else f" at focus {focus_label(f)}",
+            *(R, A, D, table.nbytes / 2**20),
+        )
+        psf, _ = table.psf(x[at], y[at], depth_m[at], allow_extrapolation=True, allow_dark=True)
+        out[at] = psf.numpy()
+    return out, table
 
 
-def _predictions(model, grid, depths, n, eigen, x, y, depth_m, seed: int) -> dict[str, np.ndarray]:
-    """method -> its PSFs [M, 3, k, k] at the held-out points (x, y, depth_m [m])."""
+def _predictions(model, arrays: EvalArrays, n: int, seed: int) -> dict[str, np.ndarray]:
+    """method -> its PSFs [M, 3, k, k] at the held-out points (coords, depth [m], focus [m]) of ``arrays``."""
+    ho = arrays.heldout
+    (x, y), depth_m = ho["coords"].T, ho["depth"]
     preds: dict[str, np.ndarray] = {}
     if model is not None:
         torch.manual_seed(seed)
+        focus = arrays.model_focus(ho["focus"])
         # allow_dark: a lit point the model calls dark gets zeros, which the metrics count as a 100% error.
         for name, mode in (("cvae prior mean", "mean"), ("cvae prior sample", "sample")):
-            psf, _ = model.psf(x, y, depth_m, mode=mode, allow_extrapolation=True, allow_dark=True)
+            psf, _ = model.psf(x, y, depth_m, focus_m=focus, mode=mode, allow_extrapolation=True, allow_dark=True)
             preds[name] = psf.cpu().numpy()
-    preds["nearest"] = baselines.nearest(grid, depths, n, x, y, depth_m)
-    preds["bicubic"] = baselines.bicubic(grid, depths, n, x, y, depth_m)
-    preds["bilinear"] = baselines.bilinear(grid, depths, n, x, y, depth_m)
-    preds[f"eigen-psf ({eigen.components})"] = eigen(x, y, depth_m)
+    where = (x, y, depth_m, arrays.focus, ho["focus"])
+    preds["nearest"] = baselines.nearest(arrays.grid, arrays.depths, n, *where)
+    preds["bicubic"] = baselines.bicubic(arrays.grid, arrays.depths, n, *where)
+    preds["bilinear"] = baselines.bilinear(arrays.grid, arrays.depths, n, *where)
+    preds[f"eigen-psf ({arrays.eigen.components})"] = arrays.eigen(x, y, depth_m, ho["focus"])
     return preds
 
 
-def _raytrace(info: GridFile, grid: np.ndarray, depths: np.ndarray, lit_grid: np.ndarray) -> dict:
-    """Ray tracing at the training spp, from the re-traced grid subset: two independent traces
-    of the same point differ by sqrt(2) times the error of one of them. "pooled" sums the
-    squared norms over points before the ratio, as the held-out pooled figure does."""
-    noise_idx, noise = info.noise_index, info.noise()["psf"]
+def _raytrace(info: GridFile, arrays: EvalArrays) -> dict:
+    """Ray tracing at the training spp, from the re-traced grid subset on every plane: two independent traces
+    of the same point differ by sqrt(2) times the error of one of them. "pooled" sums the squared norms over
+    points before the ratio, as the held-out pooled figure does. Groups: all, at each grid depth (over every
+    focus) and, in a file of several focus settings, at each focus (over every depth)."""
+    noise_idx, noise = info.noise_index, info.noise()["psf"]  # [S], [F*D, S, 3, k, k]
     if not len(noise_idx):
         return {}
-    lit = lit_grid[:, noise_idx]  # [D, S]
-    pair = [(noise[d][lit[d]], grid[d, noise_idx][lit[d]]) for d in range(len(depths))]
-    one = [rel_l2(a, b) / np.sqrt(2) for a, b in pair]  # per depth [S_lit]
+    lit = arrays.lit[:, noise_idx]  # [F*D, S]
+    pair = [(noise[p][lit[p]], arrays.grid[p, noise_idx][lit[p]]) for p in range(len(lit))]
+    one = [rel_l2(a, b) / np.sqrt(2) for a, b in pair]  # per plane [S_lit]
 
-    def pooled(pairs):
-        num = sum(((a.astype(np.float64) - b) ** 2).sum() for a, b in pairs)
-        den = sum((b.astype(np.float64) ** 2).sum() for _, b in pairs)
-        return float(np.sqrt(num / den / 2))
+    def stats(planes):
+        num = sum(((pair[p][0].astype(np.float64) - pair[p][1]) ** 2).sum() for p in planes)
+        den = sum((pair[p][1].astype(np.float64) ** 2).sum() for p in planes)
+        return {**summarize(np.concatenate([one[p] for p in planes])), "pooled": float(np.sqrt(num / den / 2))}
 
-    out = {"all": {**summarize(np.concatenate(one)), "pooled": pooled(pair)}}
-    out.update({f"at {d:g} m": {**summarize(one[i]), "pooled": pooled(pair[i : i + 1])} for i, d in enumerate(depths)})
+    planes = np.arange(len(lit))
+    out = {"all": stats(planes)}
+    out.update({f"at {d:g} m": stats(planes[arrays.plane_depth == d]) for d in arrays.depths})
+    if arrays.multi_focus:
+        out.update({f"at focus {focus_label(f)}": stats(planes[arrays.plane_focus == f]) for f in arrays.focus})
     return out
 
 
 def _model_metrics(result: dict, arrays: EvalArrays, model: PSFModel, n: int) -> None:
     """The CVAE on its own grid, its speed and whether its uncertainty points at its errors."""
-    grid, coords, depths = arrays.grid, arrays.coords, arrays.depths
+    grid, coords = arrays.grid, arrays.coords
     both = [
-        model.net.predict_grid(grid[d], model.conditions(coords[:, 0], coords[:, 1], np.full(n * n, depths[d])))
-        for d in range(len(depths))
+        model.net.predict_grid(
+            grid[p],
+            model.conditions(
+                coords[:, 0],
+                coords[:, 1],
+                np.full(n * n, arrays.plane_depth[p]),
+                focus_m=arrays.model_focus(arrays.plane_focus[p]),
+            ),
+        )
+        for p in range(len(grid))
     ]
-    arrays.recon, arrays.prior = np.stack([b[0] for b in both]), np.stack([b[1] for b in both])  # [D, P, 3, k, k]
-    lit = arrays.lit  # [D, P]: dark points have no PSF
+    arrays.recon, arrays.prior = np.stack([b[0] for b in both]), np.stack([b[1] for b in both])  # [F*D, P, 3, k, k]
+    lit = arrays.lit  # [F*D, P]: dark points have no PSF
     result["grid_vs_training_psfs"] = {
         key: summarize(np.concatenate([rel_l2(p, g)[ok] for p, g, ok in zip(pred, grid, lit)]))
         for key, pred in (("posterior reconstruction", arrays.recon), ("prior mean", arrays.prior))
     }
     device = next(model.net.parameters()).device
     speeds = result["speed_psfs_per_s"]
-    speeds["cvae prior mean (cpu)"] = _model_speed(model, torch.device("cpu"))
+    focus = arrays.model_focus(arrays.focus[len(arrays.focus) // 2])  # the middle focus setting
+    speeds["cvae prior mean (cpu)"] = _model_speed(model, torch.device("cpu"), focus)
     if arrays.table is not None:
         speeds["cvae prior mean, table (cpu)"] = _model_speed(model, torch.device("cpu"), table=arrays.table)
         net, tab = arrays.preds["cvae prior mean"], arrays.preds[TABLE]  # the lit held-out points
@@ -346,10 +421,11 @@ def _model_metrics(result: dict, arrays: EvalArrays, model: PSFModel, n: int) ->
             "deviation_from_network": float(np.sqrt(((tab - net) ** 2).sum() / (net**2).sum())),
         }
     if torch.cuda.is_available():
-        speeds["cvae prior mean (cuda)"] = _model_speed(model, torch.device("cuda"))
+        speeds["cvae prior mean (cuda)"] = _model_speed(model, torch.device("cuda"), focus)
     model.to(device)
     ho = arrays.heldout
-    std = model.prior_std(ho["coords"][:, 0], ho["coords"][:, 1], ho["depth"], allow_extrapolation=True).cpu().numpy()
+    (x, y), focus = ho["coords"].T, arrays.model_focus(ho["focus"])
+    std = model.prior_std(x, y, ho["depth"], focus_m=focus, allow_extrapolation=True).cpu().numpy()
     raw = rel_l2(arrays.preds["cvae prior mean"], ho["ref"])
     corrected = arrays.corrected["cvae prior mean"]
     result["uncertainty"] = {
@@ -469,11 +545,12 @@ def protocol(info: GridFile, model: PSFModel | None) -> dict:
     return {"scored": "test", "test_points": n_test, "validation_points": n_val, "statement": said}
 
 
-def illumination_error(model, heldout: dict) -> dict:
+def illumination_error(model, heldout: dict, focus_m=None) -> dict:
     """The model's relative illumination against the traced one (mean of the two halves) on every held-out
-    point: absolute error on the lit points, and how often the model's lit/dark decision agrees."""
+    point: absolute error on the lit points, and how often the model's lit/dark decision agrees. focus_m: the
+    points' focus [M] m for a multi-focus model, None for a single-focus one."""
     (x, y), depth_m = heldout["coords"].T, heldout["depth"]
-    pred = model.illumination(x, y, depth_m, allow_extrapolation=True).cpu().numpy()  # [M, 3]
+    pred = model.illumination(x, y, depth_m, focus_m=focus_m, allow_extrapolation=True).cpu().numpy()  # [M, 3]
     lit = heldout["lit"]
     err = np.abs(pred - heldout["illumination"])[lit].ravel()
     return {
@@ -485,11 +562,10 @@ def illumination_error(model, heldout: dict) -> dict:
 
 
 def lit_circle(info, coords: np.ndarray, lit: np.ndarray) -> tuple[float, tuple[float, float]] | None:
-    """(image-circle radius [mm], sensor (width, height) [mm]) at the middle depth, None when all is lit.
-
-    coords [P, 2]: the grid's field points; lit [D, P]: which of them hold a PSF."""
+    """(image-circle radius [mm], sensor (width, height) [mm]) at the middle depth of the middle focus, None when
+    all is lit. coords [P, 2]: the grid's field points; lit [F*D, P]: which of them hold a PSF."""
     size = info.sensor_size_mm
-    bounds = image_circle(radii(coords, size)[0], lit[len(info.depths) // 2])
+    bounds = image_circle(radii(coords, size)[0], lit[info.plane(info.n_focus // 2, len(info.depths) // 2)])
     return None if bounds is None else (0.5 * (bounds[0] + bounds[1]), size)
 
 
@@ -528,13 +604,12 @@ def format_table(result: dict) -> str:
         lines.append(
             f"{'tracing, spp ' + str(result['data']['spp']):24s}{100 * figure:14.2f}  (grid points, re-traced subset)"
         )
-    bands = result["heldout_groups"]["radius band"]  # the same points for every method
-    head = f"{'by radius r = √(x²+y²)':24s}" + "".join(f"{b:>15s}" for b in bands)
-    lines += ["", head, "-" * len(head)]
-    for name, m in result["heldout"].items():
-        lines.append(f"{name:24s}" + "".join(f"{100 * m[b]['corrected']['pooled']:15.2f}" for b in bands))
-    counts = next(iter(result["heldout"].values()))
-    lines += [f"{'test points':24s}" + "".join(f"{counts[b]['raw']['n']:15d}" for b in bands), ""]
+    lines += _group_lines(result, "by radius r = √(x²+y²)", result["heldout_groups"]["radius band"])
+    if "focus" in result["heldout_groups"]:
+        focus = [g for g in result["heldout_groups"]["focus"] if g != "all"]
+        for start in range(0, len(focus), 5):  # five columns fit in 100
+            lines += _group_lines(result, "by focus distance", focus[start : start + 5])
+    lines.append("")
     lines.append(f"reference's own noise: {100 * result['reference_noise']['mean']:.2f}% (mean)")
     lines += textwrap.wrap("units: " + "; ".join(f"{k}: {v}" for k, v in report.units(result["optics"])), 99)
     if result.get("heldout_dark"):
@@ -562,3 +637,26 @@ def format_table(result: dict) -> str:
         rho = result["uncertainty"]["spearman_prior_std_vs_error"]
         lines.append(f"rank correlation of prior_std with the prior-mean error: {rho:+.2f}")
     return "\n".join(lines)
+
+
+def _group_lines(result: dict, title: str, groups: list[str]) -> list[str]:
+    """A blank line and one table of every method's pooled error [%] in each of ``groups`` (columns), ray
+    tracing's where it has the group, and the test points in each."""
+    head = f"{title:24s}" + "".join(f"{_column(g):>15s}" for g in groups)
+    lines = ["", head, "-" * len(head)]
+    cell = lambda m, g: f"{100 * m[g]['corrected']['pooled']:15.2f}" if g in m else f"{'—':>15s}"  # noqa: E731
+    for name, m in result["heldout"].items():
+        lines.append(f"{name:24s}" + "".join(cell(m, g) for g in groups))
+    rt = {g: {"corrected": {"pooled": v["pooled"]}} for g, v in result.get("raytrace_at_training_spp", {}).items()}
+    if any(g in rt for g in groups):
+        lines.append(f"{'tracing, spp ' + str(result['data']['spp']):24s}" + "".join(cell(rt, g) for g in groups))
+    counts = next(iter(result["heldout"].values()))
+    return lines + [f"{'test points':24s}" + "".join(f"{counts[g]['raw']['n']:15d}" for g in groups)]
+
+
+def _column(group: str) -> str:
+    """A group's name as a column of the text table: 'at focus 0.5 m' -> '0.5 m', 'between focus 2 m and ∞' ->
+    '2 m–∞', 'at grid focus' -> 'grid focus'; other names as they are."""
+    if group in ("at grid focus", "between grid focus"):
+        return group.removeprefix("at ").replace("between grid focus", "between")
+    return group.removeprefix("at focus ").removeprefix("between focus ").replace(" and ", "–")

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from psfcvae import plots
+from psfcvae.evaluation.metrics import focus_groups, focus_label
 from psfcvae.rendering.figure import chart_figure
 from psfgen.shared.errors import InputError
 
@@ -61,9 +62,10 @@ def render_figure(result, arrays, out: Path, model) -> tuple[str, str, str]:
 
 
 def band_figure(result: dict, out: Path) -> tuple[str, str, str]:
-    """Where the error is: the pooled test-point error [%] per radius band and per depth group, of the method the
-    headline names and of the best interpolation, with ray tracing at the training spp where the file measured it
-    (all re-traced grid points on the left, each grid depth on the right). Drawn from ``result`` alone."""
+    """Where the error is: the pooled test-point error [%] per radius band, per depth group and (several focus
+    settings) per focus group, of the method the headline names and of the best interpolation, with ray tracing at
+    the training spp where the file measured it (all re-traced grid points on the left, each grid depth and each
+    grid focus in the other panels). Drawn from ``result`` alone."""
     h, errors = result["headline"], result["heldout"]
     shown = list(dict.fromkeys([h["named"], h["best_interpolation"]]))
     bands = result["heldout_groups"]["radius band"]
@@ -77,10 +79,15 @@ def band_figure(result: dict, out: Path) -> tuple[str, str, str]:
     order, ticks = [order[i] for i in kept], [ticks[i] for i in kept]
     count = next(iter(errors.values()))
     rt = result.get("raytrace_at_training_spp", {})
+    panels = [bands, order]
+    focus = _focus_order(result)
+    if focus:
+        panels.append(focus[0])
 
-    fig = plots.figure(7.6, 2.7)
-    left, right = fig.subplots(1, 2, sharey=True, width_ratios=[len(bands), max(len(order), 1)])
-    for ax, groups in ((left, bands), (right, order)):
+    fig = plots.figure(7.6 + 3.2 * (len(panels) - 2), 2.7)
+    axes = fig.subplots(1, len(panels), sharey=True, width_ratios=[max(len(g), 1) for g in panels])
+    left, right = axes[:2]
+    for ax, groups in zip(axes, panels):
         for name, style in zip(shown, ("-o", "--s")):
             ax.plot(
                 range(len(groups)),
@@ -108,30 +115,48 @@ def band_figure(result: dict, out: Path) -> tuple[str, str, str]:
             lw=1.2,
             label=f"ray tracing, spp {spp}: all re-traced grid points",
         )
-    traced = [i for i, g in enumerate(order) if g in rt]
-    if traced:
-        right.plot(
-            traced,
-            [100 * rt[order[i]]["pooled"] for i in traced],
-            "x",
-            c="0.4",
-            ms=6,
-            mew=1.5,
-            label=f"ray tracing, spp {spp}: per grid depth",
-        )
+    for ax, groups, what in zip(axes[1:], panels[1:], ("per grid depth", "per grid focus")):
+        traced = [i for i, g in enumerate(groups) if g in rt]
+        if traced:
+            ax.plot(
+                traced,
+                [100 * rt[groups[i]]["pooled"] for i in traced],
+                "x",
+                c="0.4",
+                ms=6,
+                mew=1.5,
+                label=f"ray tracing, spp {spp}: {what}",
+            )
+    if focus:
+        axes[2].set_xticklabels([f"{t}\n{count[g]['raw']['n']} pts" for t, g in zip(focus[1], focus[0])])
+        axes[2].set_xlabel("focus [m]: at a grid focus, or between two", fontsize=8)
     left.set_ylim(bottom=0)
-    handles = {lab: hd for ax in (left, right) for hd, lab in zip(*ax.get_legend_handles_labels())}
+    handles = {lab: hd for ax in axes for hd, lab in zip(*ax.get_legend_handles_labels())}
     fig.legend(
         handles.values(), handles.keys(), loc="outside upper center", ncols=len(handles), fontsize=7, frameon=False
     )
     plots.save(fig, out / BAND_FIGURE)
     return (
         BAND_FIGURE,
-        "Where: the error by radius and depth",
-        f"Pooled noise-corrected error on the test points of each radius band (left) and at each grid depth or "
-        f"between two (right), of {' and '.join(shown)}; pts: test points in the group. Grey: ray tracing at the "
-        "training spp, measured on re-traced grid points (all of them on the left, per grid depth on the right).",
+        "Where: the error by radius and depth" + (" and focus" if focus else ""),
+        "Pooled noise-corrected error on the test points of each radius band (left) and at each grid depth or "
+        + ("between two (middle)" if focus else "between two (right)")
+        + (", at each grid focus or between two (right)" if focus else "")
+        + f", of {' and '.join(shown)}; pts: test points in the group. Grey: ray tracing at the training spp, "
+        "measured on re-traced grid points (all of them on the left, per grid depth"
+        + (" and per grid focus" if focus else "")
+        + " in the others).",
     )
+
+
+def _focus_order(result: dict) -> tuple[list[str], list[str]] | None:
+    """(the focus groups at each grid focus and between each two, nearest first; their tick labels), None in a
+    single-focus file."""
+    if "focus" not in result["heldout_groups"]:
+        return None
+    focus = [np.inf if f == "inf" else f for f in result["data"]["focus_m"]]
+    kept = [(name, tick) for name, tick, _, _ in focus_groups(focus) if name in result["heldout_groups"]["focus"]]
+    return [name for name, _ in kept], [tick for _, tick in kept]
 
 
 def _peak_relative(diff: np.ndarray, ref: np.ndarray) -> np.ndarray:
@@ -155,14 +180,21 @@ def heldout_figure(result, arrays, out: Path, model, log: bool, rows: int, seed:
     notes = {name: [f"error {100 * corr[name][i]:.1f}%" for i in pick] for name in psfs if name in corr}
     maps = {f"|{main} - reference|": _peak_relative(preds[main][pick] - ref, ref)}
     if model is not None:
-        xy, d = ho["coords"][pick], ho["depth"][pick]
+        xy, d, focus = ho["coords"][pick], ho["depth"][pick], arrays.model_focus(ho["focus"][pick])
         torch.manual_seed(seed)
         draws, _ = model.psf(
-            xy[:, 0], xy[:, 1], d, mode="sample", n_samples=SPREAD_SAMPLES, allow_extrapolation=True, allow_dark=True
+            *(xy[:, 0], xy[:, 1], d),
+            focus_m=focus,
+            mode="sample",
+            n_samples=SPREAD_SAMPLES,
+            allow_extrapolation=True,
+            allow_dark=True,
         )  # [R, S, 3, k, k]
         draws = draws.cpu().numpy()
         maps[f"spread of {SPREAD_SAMPLES} prior samples"] = _peak_relative(draws.std(axis=1), ref)
     labels = [f"({x:+.2f}, {y:+.2f})\n{depth:.2f} m" for (x, y), depth in zip(ho["coords"][pick], ho["depth"][pick])]
+    if arrays.multi_focus:
+        labels = [f"{label}, focus {focus_label(f)}" for label, f in zip(labels, ho["focus"][pick])]
     fig = plots.heldout_panels(psfs, notes, labels, maps, log)
     _one_map_scale(fig, maps, log)
     plots.save(fig, out / "heldout.png")
@@ -220,28 +252,32 @@ def error_map_figure(result, arrays, out: Path) -> tuple[str, str, str]:
 
 
 def grid_figures(arrays, out: Path, has_model: bool, log: bool) -> list[tuple[str, str, str]]:
-    """Per grid depth: ground truth, the model's posterior reconstruction and prior mean, |error|."""
+    """Per plane (grid depth, at each grid focus): ground truth, the model's posterior reconstruction and prior
+    mean, |error|."""
     figures = []
     n = int(round(np.sqrt(len(arrays.coords))))
-    for d, depth in enumerate(arrays.depths):
-        truth = arrays.grid[d]
+    for p, (depth, focus) in enumerate(zip(arrays.plane_depth, arrays.plane_focus)):
+        truth = arrays.grid[p]
         if has_model:
-            panels = {"ground truth": truth, "posterior recon": arrays.recon[d], "prior mean": arrays.prior[d]}
-            shown = arrays.prior[d]
+            panels = {"ground truth": truth, "posterior recon": arrays.recon[p], "prior mean": arrays.prior[p]}
+            shown = arrays.prior[p]
         else:
-            shown = arrays.eigen(arrays.coords[:, 0], arrays.coords[:, 1], np.full(n * n, depth))
+            shown = arrays.eigen(arrays.coords[:, 0], arrays.coords[:, 1], np.full(n * n, depth), focus)
             panels = {"ground truth": truth, f"eigen-psf ({arrays.eigen.components})": shown}
         # A dark grid point has no PSF: it shows as black in every panel and has no error (not 1/0).
-        lit = arrays.lit[d]  # [P]
+        lit = arrays.lit[p]  # [P]
         panels = {k: v * lit[:, None, None, None] for k, v in panels.items()}
         peak = np.where(lit, truth.max(axis=(-3, -2, -1)), 1.0)[:, None, None, None]
         panels["|error|"] = np.abs(shown - truth) / peak * lit[:, None, None, None]
+        f, d = divmod(p, len(arrays.depths))
         name = f"grid_depth{d}_{depth:g}m.png"
+        if arrays.multi_focus:
+            name = f"grid_focus{f}_{'inf' if np.isinf(focus) else f'{focus:g}m'}_depth{d}_{depth:g}m.png"
         plots.save(plots.grid_panels(panels, n, float(depth), log), out / name)
         figures.append(
             (
                 name,
-                f"The training grid at {depth:g} m",
+                f"The training grid at {arrays.plane_label(p)}",
                 "The PSFs the model trained on (ground truth), its reconstruction of them through the encoder "
                 "(posterior recon), the PSF it gives from position alone (prior mean), and the |error| of "
                 + ("the prior mean" if has_model else "the eigen-PSF")
@@ -253,17 +289,20 @@ def grid_figures(arrays, out: Path, has_model: bool, log: bool) -> list[tuple[st
 
 
 def std_figure(arrays, out: Path, model, m: int = 64) -> tuple[str, str, str]:
-    """The prior's spread over the field at every grid depth."""
+    """The prior's spread over the field at every grid depth (at the middle grid focus)."""
     lin = np.linspace(-1, 1, m)
     gx, gy = np.meshgrid(lin, lin[::-1])
+    focus = arrays.model_focus(arrays.focus[len(arrays.focus) // 2])
     std = [
-        model.prior_std(gx.ravel(), gy.ravel(), np.full(m * m, float(d))).cpu().numpy().reshape(m, m)
+        model.prior_std(gx.ravel(), gy.ravel(), np.full(m * m, float(d)), focus_m=focus).cpu().numpy().reshape(m, m)
         for d in arrays.depths
     ]
     plots.save(plots.std_maps(std, [float(d) for d in arrays.depths], arrays.coords), out / "prior_std.png")
     return (
         "prior_std.png",
         "How unsure the model is, over the field",
-        "The model's own uncertainty at each grid depth: the RMS standard deviation of its prior p(z|c) over the "
+        "The model's own uncertainty at each grid depth"
+        + (f" at focus {focus_label(arrays.focus[len(arrays.focus) // 2])}" if arrays.multi_focus else "")
+        + ": the RMS standard deviation of its prior p(z|c) over the "
         "latent dimensions, on one scale from 0. Where it is high the model's PSFs vary more from draw to draw.",
     )

@@ -72,3 +72,23 @@ def measured_points(result: dict) -> str:
     """How many test points the PSF metrics stand on: "12 test points", or "8 lit of 12 test points"."""
     n, dark = result["data"]["n_test"], result.get("heldout_dark", 0)
     return f"{n - dark} lit of {n} test points" if dark else f"{n} test points"
+
+
+def focus_label(focus_m: float) -> str:
+    """'0.5 m', '∞' for focus at infinity: a focus distance [m] in group names, tables and figures."""
+    return "∞" if np.isinf(focus_m) else f"{focus_m:g} m"
+
+
+def focus_groups(focus) -> list[tuple[str, str, float, float]]:
+    """The per-focus groups of a file's focus settings focus [F] m, nearest first: (name, tick, lo, hi) at each
+    grid focus (lo == hi: 'at focus 0.5 m', tick '0.5') and between each two ('between focus 0.5 and 1 m',
+    '0.5–1'; 'between focus 2 m and ∞', '2–∞')."""
+    tick = lambda f: "∞" if np.isinf(f) else f"{f:g}"  # noqa: E731
+    out = [(f"at focus {focus_label(focus[0])}", tick(focus[0]), focus[0], focus[0])]
+    for lo, hi in zip(focus[:-1], focus[1:]):
+        span = f"{lo:g} and {hi:g} m" if np.isfinite(hi) else f"{lo:g} m and ∞"
+        out += [
+            (f"between focus {span}", f"{tick(lo)}–{tick(hi)}", lo, hi),
+            (f"at focus {focus_label(hi)}", tick(hi), hi, hi),
+        ]
+    return out

@@ -28,8 +28,8 @@ DEFINITIONS = [
     ),
     (
         "prior mean",
-        "the CVAE's PSF from position and depth alone: the decoder at the mean of its learned prior "
-        "p(z | x, y, depth). This is what the model gives a user.",
+        "the CVAE's PSF from position and depth (and focus, for a model over focus settings) alone: the decoder at "
+        "the mean of its learned prior p(z | x, y, depth[, focus]). This is what the model gives a user.",
     ),
     (
         "prior mean (table)",
@@ -49,13 +49,15 @@ DEFINITIONS = [
     ),
     (
         "nearest, bilinear, bicubic",
-        "the grid PSF nearest the point; bilinear or bicubic (Catmull-Rom) interpolation of "
-        "the grid PSFs over the field, then linear in 1/depth between the two nearest grid depths.",
+        "the grid PSF nearest the point (in a file of several focus settings: at the grid focus nearest in "
+        "1/focus); bilinear or bicubic (Catmull-Rom) interpolation of the grid PSFs over the field, then linear in "
+        "1/depth between the two nearest grid depths and, in a file of several focus settings, linear in 1/focus "
+        "between the two grid focus settings around the point's.",
     ),
     (
         "eigen-PSF (K)",
         "the grid PSFs' K leading principal components; their coefficients interpolated bicubically "
-        "over the field and linearly in 1/depth.",
+        "over the field and linearly in 1/depth (and in 1/focus).",
     ),
     (
         "ray tracing at the training spp",
@@ -70,8 +72,9 @@ DEFINITIONS = [
     (
         "held-out points",
         "positions off the training grid (at least 0.1 grid step from every grid point), traced with more rays "
-        "than the grid; in each radius band half at grid depths and half between them. A quarter of each band "
-        "are validation points: training chose its best checkpoint on them. The rest, the test points, are "
+        "than the grid; in each radius band half at grid depths and half between them (in a file of several focus "
+        "settings, likewise half at grid focus settings and half between two, midway in 1/focus). A quarter of "
+        "each band are validation points: training chose its best checkpoint on them. The rest, the test points, are "
         "the only ones scored on this page: no method saw them, and they chose nothing.",
     ),
     (
@@ -320,7 +323,13 @@ def _breakdown(result: dict) -> str:
     )
     return (
         f'<details id="per-depth"><summary>Per depth</summary>{_group_table(result, kinds["depth"])}</details>'
-        '<details id="per-band" open><summary>Per radius band: r = √(x² + y²), √2 at the corners</summary>'
+        + (
+            '<details id="per-focus" open><summary>Per focus distance: at the grid\'s focus settings and between '
+            f"them</summary>{_group_table(result, kinds['focus'])}</details>"
+            if "focus" in kinds
+            else ""
+        )
+        + '<details id="per-band" open><summary>Per radius band: r = √(x² + y²), √2 at the corners</summary>'
         f"{_group_table(result, kinds['radius band'])}</details>"
         "<details><summary>Per-point statistics and the raw figures</summary>"
         "<p>Per-point corrected values are clipped at 0 and noisy (one point's own noise is one draw): the pooled "
@@ -351,7 +360,8 @@ def _context(result: dict) -> str:
         (
             "training grid",
             f"{d['grid_size']} × {d['grid_size']} field points at "
-            f"{', '.join(f'{v:g}' for v in d['depths_m'])} m, spp {d['spp']} (rays per point and colour)",
+            f"{', '.join(f'{v:g}' for v in d['depths_m'])} m, spp {d['spp']} (rays per point and colour)"
+            + (f", at focus {_focus_list(d['focus_m'])}" if len(d["focus_m"]) > 1 else ""),
         ),
         ("held-out reference", f"{measured_points(result)} at spp {d['heldout_spp']}, in two independent halves"),
         ("data run", f"<code>{d['run_id']}</code>"),
@@ -359,6 +369,12 @@ def _context(result: dict) -> str:
     ]
     rows = "".join(f'<tr><td>{k}</td><td style="text-align:left">{v}</td></tr>' for k, v in items)
     return f'<h2>What was measured</h2><table id="context">{rows}</table>'
+
+
+def _focus_list(focus_m: list) -> str:
+    """metrics.json's data.focus_m ('inf' for infinity) as '0.5, 1, 2 m and ∞'."""
+    finite = [f"{f:g}" for f in focus_m if f != "inf"]
+    return ", ".join(finite) + " m" + (" and ∞" if "inf" in focus_m else "")
 
 
 def _figure(path: Path, title: str, caption: str) -> str:
