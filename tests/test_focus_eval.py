@@ -262,3 +262,7 @@ def test_eval_calls_a_multi_focus_model_at_each_points_focus(focus_grid, tmp_pat
     assert all({"at grid focus", "between grid focus"} <= set(m) for m in metrics["heldout"].values())
     assert metrics["illumination"]["n"] == len(GridFile.open(focus_grid).heldout("test")["lit"])
     assert "cvae prior mean" in r.stdout and "by focus distance" in r.stdout
+    # The chart is rendered at the middle grid focus, beside the file's traced PSFs of that focus.
+    middle = float(model.focus[len(model.focus) // 2])
+    assert metrics["render_chart"]["focus_m"] == ("inf" if np.isinf(middle) else middle)
+    assert metrics["render_chart"]["psnr_db_vs_patchwise"] is not None and (out / "render_chart.png").is_file()

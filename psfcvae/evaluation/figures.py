@@ -43,17 +43,21 @@ def render_figure(result, arrays, out: Path, model) -> tuple[str, str, str]:
     beside DeepLens's patch-wise rendering with the file's traced grid PSFs (psf render, docs/render.md)."""
 
     depth = float(arrays.depths[len(arrays.depths) // 2])
+    focus = None if len(model.focus) == 1 else float(model.focus[len(model.focus) // 2])  # the middle grid focus
     n = int(round(np.sqrt(len(arrays.coords))))
-    scores = chart_figure(model, out / "render_chart.png", depth, data=result["data"]["path"])
+    scores = chart_figure(model, out / "render_chart.png", depth, data=result["data"]["path"], focus_m=focus)
     result["render_chart"] = {
         "depth_m": depth,
+        "focus_m": "inf" if focus == np.inf else focus,  # as data.focus_m writes it: JSON has no inf
         "psnr_db_vs_patchwise": scores["psnr_db"],
         "ssim_vs_patchwise": scores["ssim"],
     }
     return (
         "render_chart.png",
         "The lens on an image",
-        f"A procedural resolution chart at {depth:g} m covering the sensor, blurred by the model with every pixel's "
+        f"A procedural resolution chart at {depth:g} m"
+        + ("" if focus is None else f" (focus {focus:g} m)")
+        + " covering the sensor, blurred by the model with every pixel's "
         f"own PSF and relative illumination (psf render, kernels evaluated every 4 pixels), beside DeepLens's "
         f"patch-wise rendering with the file's {n}x{n} traced PSFs (one PSF per patch) and their difference; "
         f"PSNR {scores['psnr_db']:.1f} dB, SSIM {scores['ssim']:.3f} between the two. docs/render.md compares both "

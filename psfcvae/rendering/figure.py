@@ -35,36 +35,51 @@ def patchwise_render(image: torch.Tensor, psf_map: torch.Tensor, pitch_mm: float
     return conv_psf_map(image.cpu()[None], kernels)[0]
 
 
-def grid_psf_map(data: str | Path, depth_m: float) -> torch.Tensor:
-    """The grid file's traced PSFs at the grid depth depth_m: [N, N, 3, k, k], row 0 at y = +1,
-    each channel summing to its relative illumination (0 where dark), as the model's kernels do."""
+def grid_psf_map(data: str | Path, depth_m: float, focus_m: float | None = None) -> torch.Tensor:
+    """The grid file's traced PSFs at the grid depth depth_m [m] and (a file over several focus settings) the grid
+    focus focus_m [m]: [N, N, 3, k, k], row 0 at y = +1, each channel summing to its relative illumination (0 where
+    dark), as the model's kernels do."""
     grid = GridFile.open(data)
     hit = np.flatnonzero(np.isclose(grid.depths, depth_m, rtol=1e-6))
     if hit.size == 0:
         raise InputError(f"{depth_m:g} m is not a depth of {data} ({', '.join(f'{d:g}' for d in grid.depths)} m)")
-    d = int(hit[0])
-    light = grid.illumination[d] * grid.valid[d]  # [P, 3]
-    psf = grid.grid_psf(d) * light[:, :, None, None].astype(np.float32)
+    f = 0
+    if grid.n_focus > 1:
+        at = np.flatnonzero(np.isclose(grid.focus, np.inf if focus_m is None else focus_m, rtol=1e-6))
+        if focus_m is None or at.size == 0:
+            raise InputError(f"focus {focus_m} m is not a focus setting of {data}")
+        f = int(at[0])
+    p = grid.plane(f, int(hit[0]))
+    light = grid.illumination[p] * grid.valid[p]  # [P, 3]
+    psf = grid.grid_psf(p) * light[:, :, None, None].astype(np.float32)
     n = math.isqrt(psf.shape[0])
     return torch.from_numpy(psf.reshape(n, n, *psf.shape[1:]))
 
 
 def chart_figure(
-    model, out_png: str | Path, depth_m: float, data: str | Path | None = None, size: int = 128, psf_every: int = 4
+    model,
+    out_png: str | Path,
+    depth_m: float,
+    data: str | Path | None = None,
+    size: int = 128,
+    psf_every: int = 4,
+    focus_m: float | None = None,
 ) -> dict:
-    """PNG: the resolution chart, rendered by the model per pixel, beside DeepLens's patch-wise
-    rendering with the grid file's traced PSFs (when ``data`` is given and depth_m is one of its
-    depths) and their difference. Returns {"png", "psnr_db", "ssim"} (model against patch-wise; None without it)."""
+    """PNG: the resolution chart, rendered by the model per pixel (at focus_m [m] for a model over several focus
+    settings), beside DeepLens's patch-wise rendering with the grid file's traced PSFs (when ``data`` is given and
+    depth_m and focus_m are among its grid's) and their difference. Returns {"png", "psnr_db", "ssim"} (model
+    against patch-wise; None without it)."""
     optics = model_optics(model)
     sw, sh = optics["sensor_size_mm"]
     # The chart covers the sensor with square pixels (size rows): DeepLens's patch-wise
     # convolution takes one square kernel per patch, which needs one pitch in x and y.
     chart = resolution_chart(size, max(1, round(size * sw / sh)))
-    blurred = render(model, chart, depth_m, psf_every=psf_every).cpu()
-    panels = [("chart (sharp)", chart), (f"model, per pixel ({depth_m:g} m)", blurred)]
+    blurred = render(model, chart, depth_m, focus_m=focus_m, psf_every=psf_every).cpu()
+    where = f"{depth_m:g} m" + ("" if focus_m is None else f", focus {focus_m:g} m")
+    panels = [("chart (sharp)", chart), (f"model, per pixel ({where})", blurred)]
     scores = {"psnr_db": None, "ssim": None}
     if data is not None:
-        grid = grid_psf_map(data, depth_m)
+        grid = grid_psf_map(data, depth_m, focus_m)
         patch = patchwise_render(chart, grid, optics["kernel_pitch_mm"], optics["sensor_size_mm"])
         panels += [
             (f"patch-wise, {grid.shape[0]}x{grid.shape[1]} traced PSFs", patch),
