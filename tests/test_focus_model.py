@@ -103,6 +103,28 @@ def test_a_model_over_focus_trains_and_conditions_on_the_focus(focus_grid, focus
     assert mid.shape == psfs[0.5].shape
 
 
+def test_the_defocus_code_feeds_the_networks_1_over_depth_minus_1_over_focus(focus_grid):
+    from psfcvae.model.cvae import CVAE
+
+    # focus_code defocus: the networks see (x, y, δ, φ), δ linear in 1/depth - 1/focus over its training range.
+    info = GridFile.open(focus_grid)
+    cfg = resolve(small_config(focus_grid, "unused", condition_frame="cartesian", focus_code="defocus"), info)
+    net = CVAE(model_args_for(cfg, info))
+    depth = np.array([info.depths.min(), info.depths.max(), 1.0, 1.0])
+    focus = np.array([math.inf, 0.5, 0.5, math.inf])
+    seen = net._frame(net.condition(np.zeros((4, 2)), depth, focus))[0]
+    defocus = 1.0 / depth - 1.0 / focus
+    low = 1.0 / info.depths.max() - 1.0 / 0.5  # farthest depth at the nearest focus
+    high = 1.0 / info.depths.min() - 0.0  # nearest depth at focus infinity
+    torch.testing.assert_close(seen[:, 2], torch.tensor(2 * (defocus - low) / (high - low) - 1, dtype=torch.float32))
+    torch.testing.assert_close(seen[:, 3], torch.tensor([-1.0, 1.0, 1.0, -1.0]))  # φ as it was
+    assert seen[0, 2] == 1 and seen[1, 2] == -1
+    # The inverse code (the default) leaves d: the networks see the condition itself.
+    plain = CVAE(model_args_for(resolve(small_config(focus_grid, "u", condition_frame="cartesian"), info), info))
+    cond = plain.condition(np.zeros((4, 2)), depth, focus)
+    assert torch.equal(plain._frame(cond)[0], cond)
+
+
 def test_focus_outside_the_range_is_refused_unless_extrapolating(focus_run, tiny_run):
     model = load_model(focus_run / "latest.pt", device="cpu")
     with pytest.raises(InputError, match="trained on focus 0.5-inf m: give focus_m"):

@@ -46,6 +46,9 @@ class ModelArgs:
     has_focus: bool = False  # the condition's last column is the focus code φ
     focus_min: float = 1.0  # [m] nearest training focus: φ = +1
     focus_max: float = 1.0  # [m] farthest training focus (inf allowed): φ = -1
+    # With depth and focus: inverse, the networks see d; defocus, they see the code of 1/depth - 1/focus instead
+    # (_defocus). The condition c itself, what the API, the data and the table build, is (x, y, d, φ) either way.
+    focus_code: str = "inverse"
     recon_weight: float = 1.0
     kl_weight: float = 1e-4
     smooth_weight: float = 1e-3
@@ -145,6 +148,8 @@ class CVAE(nn.Module):
         of ρ² plus ρ times an odd one (``_draw``), and an N x N grid's points are spread evenly
         in ρ², not in ρ.
         """
+        if self.args.focus_code == "defocus" and self.args.has_depth and self.args.has_focus:
+            cond = self._defocus(cond)
         if not self.canonical:
             return cond, None, None
         scale = tuple(self.args.field_scale)
@@ -152,6 +157,19 @@ class CVAE(nn.Module):
         rho = r / max_radius(scale)
         code = (2.0 * rho * rho - 1.0)[:, None]
         return torch.cat([code, cond[:, 2:]], dim=1), theta, rho
+
+    def _defocus(self, cond: torch.Tensor) -> torch.Tensor:
+        """(x, y, d, φ) -> (x, y, δ, φ), δ the code of 1/depth - 1/focus [1/m] in [-1, 1] over the training range
+        (+1 at the nearest depth and the farthest focus). d and φ are linear in 1/depth and 1/focus, so δ is a fixed
+        linear map of them: the defocus the lens sees, up to its scale, on one input."""
+        a = self.args
+        lo_d, hi_d = 1.0 / a.depth_max, 1.0 / a.depth_min
+        lo_f, hi_f = 1.0 / a.focus_max, 1.0 / a.focus_min  # 1/inf = 0
+        inv_d = lo_d + 0.5 * (cond[:, 2] + 1.0) * (hi_d - lo_d)
+        inv_f = lo_f + 0.5 * (cond[:, 3] + 1.0) * (hi_f - lo_f)
+        low, high = lo_d - hi_f, hi_d - lo_f  # the defocus range over the training depths and focus settings
+        delta = 2.0 * (inv_d - inv_f - low) / (high - low) - 1.0
+        return torch.cat([cond[:, :2], delta[:, None], cond[:, 3:]], dim=1)
 
     # --- the three networks -------------------------------------------------------------
     def encode(self, psf: torch.Tensor, cond: torch.Tensor):

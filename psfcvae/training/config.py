@@ -31,6 +31,10 @@ class TrainConfig:
     condition_frame: str = (
         "auto"  # auto | canonical | cartesian; auto: canonical when the lens is rotationally symmetric
     )
+    # Several focus settings: what the networks see beside the focus code φ (linear in 1/focus). inverse: the depth
+    # code d (linear in 1/depth); defocus: the code of 1/depth - 1/focus (the defocus, linear in both). The API and
+    # the table take (depth, focus) either way.
+    focus_code: str = "inverse"
     supersample: int = 3  # canonical frame: the decoder's kernel is this many times finer than kernel_size_small
     in_memory: str = "auto"  # hold the grid in RAM: auto (files under 2 GiB) | true | false
     read_run: int = 8  # contiguous PSFs per read; a batch gathers batch_size/read_run runs
@@ -121,6 +125,7 @@ class TrainConfig:
             "lr_schedule": ("constant", "cosine"),
             "condition_frame": ("auto", "canonical", "cartesian"),
             "condition_on_depth": ("auto", "true", "false"),
+            "focus_code": ("inverse", "defocus"),
             "in_memory": ("auto", "true", "false"),
         }
         for key, allowed in choices.items():

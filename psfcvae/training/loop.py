@@ -175,7 +175,14 @@ def model_args_for(cfg: TrainConfig, info: GridFile) -> ModelArgs:
     # One: no focus input, the network of a file without focus.
     has_focus = info.n_focus > 1
     focus = (
-        dict(has_focus=True, focus_min=float(info.focus.min()), focus_max=float(info.focus.max())) if has_focus else {}
+        dict(
+            has_focus=True,
+            focus_min=float(info.focus.min()),
+            focus_max=float(info.focus.max()),
+            focus_code=cfg.focus_code,
+        )
+        if has_focus
+        else {}
     )
     return ModelArgs(
         kernel_size_small=cfg.kernel_size_small,
