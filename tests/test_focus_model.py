@@ -186,3 +186,20 @@ def test_sample_and_render_take_focus_m(focus_run, tmp_path):
     assert (shots["0.5"] - shots["inf"]).abs().max() > 0
     r = run_cli(["render", "--checkpoint", ckpt, "--image", str(src), "--depth", "1", "--out", str(tmp_path / "n.png")])
     assert_one_line_error(r, "give --focus-m")
+
+
+def test_bench_inference_queries_a_model_over_focus_at_the_focus_it_traces(focus_run, monkeypatch, caplog):
+    import importlib.util
+    import logging
+    import sys
+
+    from helpers import ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_inference", ROOT / "benchmarks" / "bench_inference.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = ["--checkpoint", str(focus_run / "latest.pt"), "--spp", "500", "--trace-points", "2", "--batch", "32"]
+    monkeypatch.setattr(sys, "argv", ["bench_inference.py", *args])
+    with caplog.at_level(logging.INFO):
+        bench.main()
+    assert "network prior mean" in caplog.text and "table prior mean" in caplog.text
