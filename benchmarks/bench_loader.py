@@ -43,8 +43,10 @@ def build_big_file(tmp: Path, n: int, depths: tuple) -> Path:
     )
     attrs = gridfile.header(GridFile.open(small))
     traced = GridFile.open(small).grid_psf(0)  # [64, 3, 15, 15]
+    window = GridFile.open(small).kernel_size  # the small run's window (kernel_size auto chose it): the header's
     cfg = configio.build(
-        GenerateConfig, dict(grid_size=n, depths=depths, spp=2000, heldout=0, noise_points=0, block_rays=2000 * 2000)
+        GenerateConfig,
+        dict(grid_size=n, depths=depths, spp=2000, heldout=0, noise_points=0, block_rays=4_000_000, kernel_size=window),
     )
     params = cfg.run_params()
     attrs.update(run_params=json.dumps(params, sort_keys=True), run_id="bench-loader", config=configio.to_json(cfg))
