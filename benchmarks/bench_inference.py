@@ -89,13 +89,15 @@ def main() -> None:
     n = args.batch
     x, y = rng.uniform(-1, 1, n), rng.uniform(-1, 1, n)
     d = np.full(n, depth)
-    network = best_rate(lambda: model.psf(x, y, d, allow_dark=True), n, repeats=3)
+    # A model over focus is asked at the focus the yardstick traced (its nearest when that is the lens file's own).
+    at = {} if len(model.focus) == 1 else {"focus_m": float(model.focus[0] if focus_m is None else focus_m)}
+    network = best_rate(lambda: model.psf(x, y, d, allow_dark=True, **at), n, repeats=3)
 
     rows = [("ray tracing, spp %d" % args.spp, tracing), ("network prior mean", network)]
     if model.net.canonical:
         # the table: built once, then every query is a lookup
         t0 = time.perf_counter()
-        table = model.tabulate(**({} if args.target is None else {"target": args.target}))
+        table = model.tabulate(**at, **({} if args.target is None else {"target": args.target}))
         build = time.perf_counter() - t0
         rows.append(("table prior mean", best_rate(lambda: table.psf(x, y, d, allow_dark=True), n)))
         dx, dy = rng.uniform(-1, 1, 2048), rng.uniform(-1, 1, 2048)

@@ -43,8 +43,10 @@ def build_big_file(tmp: Path, n: int, depths: tuple) -> Path:
     )
     attrs = gridfile.header(GridFile.open(small))
     traced = GridFile.open(small).grid_psf(0)  # [64, 3, 15, 15]
+    window = GridFile.open(small).kernel_size  # the small run's window (kernel_size auto chose it): the header's
     cfg = configio.build(
-        GenerateConfig, dict(grid_size=n, depths=depths, spp=2000, heldout=0, noise_points=0, block_rays=2000 * 2000)
+        GenerateConfig,
+        dict(grid_size=n, depths=depths, spp=2000, heldout=0, noise_points=0, block_rays=4_000_000, kernel_size=window),
     )
     params = cfg.run_params()
     attrs.update(run_params=json.dumps(params, sort_keys=True), run_id="bench-loader", config=configio.to_json(cfg))
@@ -52,6 +54,7 @@ def build_big_file(tmp: Path, n: int, depths: tuple) -> Path:
     big = tmp / "big.h5"
     arrays = {
         "depths": np.array(depths),
+        "focus": np.array([np.nan]),  # one focus: the lens file's own
         "wvln": np.array([0.656, 0.587, 0.486]),
         "grid/coords": grid_coords(n),
         "grid/neighbors": neighbour_pairs(n),
@@ -59,11 +62,15 @@ def build_big_file(tmp: Path, n: int, depths: tuple) -> Path:
         "heldout/coords": np.zeros((0, 2)),
         "heldout/depth": np.zeros(0),
         "heldout/at_grid_depth": np.zeros(0, bool),
+        "heldout/focus": np.zeros(0),
+        "heldout/at_grid_focus": np.zeros(0, bool),
         "heldout/part": np.zeros(0, np.uint8),
         "axis/fraction": np.ones((len(depths), 3)),
         "lens/file": np.frombuffer(GridFile.open(small).lens_bytes, np.uint8),
     }
-    gridfile.create(big, attrs=attrs, arrays=arrays, sizes=dict(D=len(depths), P=n * n, S=0, M=0, k=15), blocks=blocks)
+    gridfile.create(
+        big, attrs=attrs, arrays=arrays, sizes=dict(planes=len(depths), P=n * n, S=0, M=0, k=15), blocks=blocks
+    )
     for i, b in enumerate(blocks):
         psf = traced[np.arange(b.start, b.stop) % len(traced)]
         lit = np.ones((len(psf), 3), np.float32)

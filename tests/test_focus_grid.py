@@ -238,3 +238,16 @@ def test_an_older_schema_or_an_inconsistent_focus_is_refused_in_one_line(focus_g
         bad = _altered(focus_grid, tmp_path / "bad.h5", replace(name, value))
         with pytest.raises(DamagedFile, match=why):
             GridFile.open(bad)
+
+
+@pytest.mark.slow  # traces bench_loader's small 8 x 8 grid (its window pilot too): a few seconds
+def test_bench_loaders_big_file_is_a_schema_8_file(tmp_path):
+    import importlib.util
+
+    from helpers import ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_loader", ROOT / "benchmarks" / "bench_loader.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    big = GridFile.open(bench.build_big_file(tmp_path, 4, (1.0, 2.0)))
+    assert big.n_planes == 2 and np.isnan(big.focus).all() and big.done.all()

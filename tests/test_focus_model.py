@@ -11,6 +11,7 @@ import torch
 from helpers import assert_one_line_error, make_focus_grid, run_cli, small_config
 
 from psfcvae import load_model, train
+from psfcvae.api.psfmodel import PSFModel
 from psfcvae.rendering.chart import rgbd_scene
 from psfcvae.rendering.imageio import read_image, write_image
 from psfcvae.training.data import Conditions, depth_codes
@@ -147,6 +148,18 @@ def test_focus_outside_the_range_is_refused_unless_extrapolating(focus_run, tiny
             single.psf(0.0, 0.0, 1.0, focus_m=2.0, allow_extrapolation=allow)
 
 
+def test_a_model_trained_at_one_focus_at_infinity_takes_that_focus(tiny_run):
+    # A single-focus file traced with --focus-m inf: its model takes focus_m=inf (its own focus), as one trained
+    # at 2 m takes 2, and refuses any other naming infinity as its focus.
+    model = load_model(tiny_run / "latest.pt", device="cpu")
+    fingerprint = {**model.info["data_fingerprint"], "focus": [math.inf]}
+    at_inf = PSFModel(model.net, {**model.info, "data_fingerprint": fingerprint})
+    want = at_inf.psf(0.5, 0.5, 1.0)
+    assert torch.equal(at_inf.psf(0.5, 0.5, 1.0, focus_m=math.inf), want)
+    with pytest.raises(InputError, match=r"trained at one focus \(infinity\): leave out focus_m"):
+        at_inf.psf(0.5, 0.5, 1.0, focus_m=2.0)
+
+
 def test_the_field_map_at_a_grid_focus_is_the_files_chief_rays(focus_grid, focus_run):
     info = GridFile.open(focus_grid)
     model = load_model(focus_run / "latest.pt", device="cpu")
@@ -195,3 +208,20 @@ def test_sample_and_render_take_focus_m(focus_run, tmp_path):
     assert (shots["0.5"] - shots["inf"]).abs().max() > 0
     r = run_cli(["render", "--checkpoint", ckpt, "--image", str(src), "--depth", "1", "--out", str(tmp_path / "n.png")])
     assert_one_line_error(r, "give --focus-m")
+
+
+def test_bench_inference_queries_a_model_over_focus_at_the_focus_it_traces(focus_run, monkeypatch, caplog):
+    import importlib.util
+    import logging
+    import sys
+
+    from helpers import ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_inference", ROOT / "benchmarks" / "bench_inference.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = ["--checkpoint", str(focus_run / "latest.pt"), "--spp", "500", "--trace-points", "2", "--batch", "32"]
+    monkeypatch.setattr(sys, "argv", ["bench_inference.py", *args])
+    with caplog.at_level(logging.INFO):
+        bench.main()
+    assert "network prior mean" in caplog.text and "table prior mean" in caplog.text

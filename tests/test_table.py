@@ -110,8 +110,15 @@ def test_a_table_at_one_focus_is_the_network_at_that_focus():
     assert (tables[0.5].psf(x, y, d) - tables[math.inf].psf(x, y, d)).abs().max() > 10 * 2e-6
     with pytest.raises(InputError, match="give focus_m"):
         model.tabulate(sizes=(5, 4, 3))
-    with pytest.raises(InputError, match="focus_m 0.3 m is outside the trained focus range 0.5-inf m"):
+    with pytest.raises(InputError, match="focus_m 0.3 m is outside the trained focus range 0.5-inf m; pass allow_"):
         model.tabulate(focus_m=0.3, sizes=(5, 4, 3))
+    # what that error asks for: a table beyond the trained focus, the network extrapolated there (its queries
+    # extrapolate too, as model.psf's do), saved and read back
+    table = model.tabulate(focus_m=0.3, allow_extrapolation=True, sizes=(5, 4, 3), dtype=torch.float32)
+    x, y, d = _nodes(table, model)
+    want = model.psf(x, y, d, focus_m=0.3, allow_extrapolation=True)
+    torch.testing.assert_close(table.psf(x, y, d, allow_extrapolation=True), want, atol=2e-6, rtol=1e-4)
+    assert PSFTable.from_state(model, table.state()).focus_m == 0.3
 
 
 def test_between_nodes_a_finer_table_is_closer_to_the_network(tiny_run):

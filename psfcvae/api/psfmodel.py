@@ -94,8 +94,9 @@ class PSFModel:
         if not self.net.args.has_focus:
             if focus_m is not None:
                 f = _numbers("focus_m", focus_m)
-                if not (np.isfinite(lo) and np.allclose(f, lo, rtol=1e-9, atol=0)):
-                    at = f"{lo:g} m" if np.isfinite(lo) else "the lens file's own focus"
+                # lo: nan (the lens file's own focus), or the one focus_m it was traced at, inf included
+                if np.isnan(lo) or not np.allclose(f, lo, rtol=1e-9, atol=0):
+                    at = "the lens file's own focus" if np.isnan(lo) else "infinity" if np.isinf(lo) else f"{lo:g} m"
                     raise InputError(
                         f"this model was trained at one focus ({at}): leave out {{focus_m}}, or train on a file over "
                         "several (psf generate --focus-m)",

@@ -68,13 +68,15 @@ class PSFTable:
         target: float = TARGET,
         dtype=torch.float16,
         focus_m=None,
+        allow_extrapolation: bool = False,
     ):
         """sizes: (radii, angles, depths) samples; None: the fewest that keep each axis's linear
         interpolation error near target / √3 (measured on the network, ``choose_sizes``), at most
         MAX_ENTRIES kernels in all. focus_m [m]: the one focus of the table (inf allowed), as
-        ``model.psf`` takes it: needed by a model over focus, within its trained focus range (beyond
-        it, ``model.psf`` extrapolates), None (or its own) otherwise."""
-        self._frame(model, focus_m)
+        ``model.psf`` takes it: needed by a model over focus, within its trained focus range unless
+        allow_extrapolation (the network extrapolated there; its queries then pass allow_extrapolation too, as
+        ``model.psf``'s do), None (or its own) otherwise."""
+        self._frame(model, focus_m, allow_extrapolation)
         if not isinstance(target, (int, float)) or isinstance(target, bool) or not 0 < target < 1:
             raise InputError(f"the table's target deviation must be between 0 and 1, got {target!r:.60}")
         if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
@@ -94,7 +96,7 @@ class PSFTable:
         self.shape = (sizes[0], sizes[1], sizes[2] if self.has_depth else 1)
         self.psfs, self.light = self._build(dtype)
 
-    def _frame(self, model, focus_m=None) -> None:
+    def _frame(self, model, focus_m=None, allow_extrapolation: bool = False) -> None:
         """The model, the table's focus and the geometry of its octant; a model without the canonical frame is
         refused."""
         net = model.net
@@ -105,7 +107,7 @@ class PSFTable:
             )
         self.model = model
         # [1] metres, or None for a single-focus model: the focus every query is at (checked as model.psf checks it)
-        focus = model._focus(focus_m, 1, allow_extrapolation=False)
+        focus = model._focus(focus_m, 1, allow_extrapolation)
         self.focus_m = None if focus is None else float(focus[0])
         self.scale = tuple(net.args.field_scale)
         self.r_max = max_radius(self.scale)
@@ -122,7 +124,7 @@ class PSFTable:
     def from_state(cls, model, state: dict) -> PSFTable:
         """The table of ``model`` saved by ``state()``; one InputError when it does not fit the model."""
         table = cls.__new__(cls)
-        table._frame(model, state.get("focus_m"))
+        table._frame(model, state.get("focus_m"), allow_extrapolation=True)  # its focus was checked when built
         shape = tuple(state.get("shape", ()))
         psfs, light = state.get("psfs"), state.get("light")
         if (
