@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from psfcvae.api.psfmodel import load_model
 from psfcvae.images import mosaic
+from psfgen.gridfile import focus_text
 from psfgen.shared import tempfiles
 from psfgen.shared.devices import resolve_device
 from psfgen.shared.errors import InputError, os_reason
@@ -135,7 +136,7 @@ def _write(tmp: Path, suffix: str, psf, illum, points, physical, caption, grid_m
 def _caption(units: str, points, grid_m, used, mode: str, k: int) -> list[str]:
     """The lines under a PNG: what each tile is, where it is in the field, at which depth (and focus)."""
     depth_m, focus_m = used
-    depth = f"depth {depth_m:g} m" + (f", focused at {focus_m:g} m" if not np.isnan(focus_m) else "")
+    depth = f"depth {depth_m:g} m" + (f", focused at {focus_text(focus_m)}" if not np.isnan(focus_m) else "")
     what = "prior mean" if mode == "mean" else "one prior sample"
     lines = [f"psf sample: {what}, {depth}, {k}x{k} px per PSF, each PSF scaled to its own peak"]
     if grid_m is not None:

@@ -14,6 +14,7 @@ import torch
 from psfcvae import plots
 from psfcvae.evaluation.metrics import focus_groups, focus_label
 from psfcvae.rendering.figure import chart_figure
+from psfgen.gridfile import focus_text
 from psfgen.shared.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def render_figure(result, arrays, out: Path, model) -> tuple[str, str, str]:
         "render_chart.png",
         "The lens on an image",
         f"A procedural resolution chart at {depth:g} m"
-        + ("" if focus is None else f" (focus {focus:g} m)")
+        + ("" if focus is None else f" (focus {focus_text(focus)})")
         + " covering the sensor, blurred by the model with every pixel's "
         f"own PSF and relative illumination (psf render, kernels evaluated every 4 pixels), beside DeepLens's "
         f"patch-wise rendering with the file's {n}x{n} traced PSFs (one PSF per patch) and their difference; "

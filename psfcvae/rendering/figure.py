@@ -16,7 +16,7 @@ from psfcvae.rendering.chart import resolution_chart
 from psfcvae.rendering.imageio import linear_to_srgb
 from psfcvae.rendering.quality import psnr, ssim
 from psfcvae.rendering.render import render, resample_matrix
-from psfgen.gridfile import GridFile
+from psfgen.gridfile import GridFile, focus_text
 from psfgen.shared.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def chart_figure(
     # convolution takes one square kernel per patch, which needs one pitch in x and y.
     chart = resolution_chart(size, max(1, round(size * sw / sh)))
     blurred = render(model, chart, depth_m, focus_m=focus_m, psf_every=psf_every).cpu()
-    where = f"{depth_m:g} m" + ("" if focus_m is None else f", focus {focus_m:g} m")
+    where = f"{depth_m:g} m" + ("" if focus_m is None else f", focus {focus_text(focus_m)}")
     panels = [("chart (sharp)", chart), (f"model, per pixel ({where})", blurred)]
     scores = {"psnr_db": None, "ssim": None}
     if data is not None:

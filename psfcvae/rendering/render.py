@@ -29,6 +29,7 @@ from tqdm import tqdm
 from psfcvae.optics import model_optics
 from psfcvae.rendering.imageio import checked_depth
 from psfcvae.rendering.lowrank import DEFAULT_ERROR, Basis, convolve_weighted
+from psfgen.gridfile import focus_text
 from psfgen.shared.errors import InputError
 from psfgen.trace.resample import overlap_matrix
 
@@ -158,7 +159,7 @@ def render(
 
 
 def _focus_text(focus_m: float | None) -> str:
-    return "(the model's own)" if focus_m is None else f"{focus_m:g} m"
+    return "(the model's own)" if focus_m is None else focus_text(focus_m)
 
 
 def auto_every(w: int, h: int, field) -> int:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from psfgen.analysis.spacing import corrected, noise_removed, pooled
+from psfgen.gridfile import focus_text
 from psfgen.plan.budget import DEPTH_CHOICES as CHOICES
 from psfgen.shared.errors import InputError
 from psfgen.trace import illumination
@@ -58,7 +59,7 @@ class DepthPlan:
         errs = ", ".join(f"{d}: {100 * e:.1f}%" for d, e in self.errors.items())
         return (
             f"num_depths auto: {self.num_depths} depths"
-            + ("" if self.focus_m is None else f" at focus {self.focus_m:g} m")
+            + ("" if self.focus_m is None else f" at focus {focus_text(self.focus_m)}")
             + f" (pilot of {len(PILOT_FIELD) ** 2} points x {PILOT_DEPTHS} "
             f"depths at spp {PILOT_SPP}, {self.seconds:.0f} s; interpolation error in depth, noise "
             f"{100 * self.noise:.1f}% removed, by number of depths: {errs}; at most {100 * DEPTH_ERROR:g}% wanted)"

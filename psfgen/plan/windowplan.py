@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from psfgen.gridfile import KEPT_LIMIT as KEPT  # the share of a lit PSF's valid rays the window must keep
+from psfgen.gridfile import focus_text
 from psfgen.trace import illumination
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ class WindowPlan:
 
 
 def _focused(focus_m: float | None) -> str:
-    return "" if focus_m is None else f" at focus {focus_m:g} m"
+    return "" if focus_m is None else f" at focus {focus_text(focus_m)}"
 
 
 def pilot_depths(depth_lo: float, depth_hi: float, focus_m: float | None) -> tuple[float, ...]:
