@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -45,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--single", default=None, help="the single-focus file's focus [m], one of --focus-m")
     ap.add_argument("--config", default=str(ROOT / "configs/demo.yaml"), help="psf generate config of both files")
     ap.add_argument("--steps-per-focus", type=int, default=1500, help="training steps per focus setting")
+    ap.add_argument(
+        "--set", dest="sets", action="append", default=[], help="train config override key=value (both models)"
+    )
     ap.add_argument("--work", default=None)
     ap.add_argument("--device", default="auto")
     return ap
@@ -54,15 +58,12 @@ def _focus(text: str) -> float:
     return float("inf") if text.strip().lower() in ("inf", "infinity") else float(text)
 
 
-def _trained(data: Path, run_dir: Path, steps: int, device: str) -> Path:
-    """latest.pt of psf train's defaults on ``data`` for ``steps`` steps (reused when it got there)."""
-    latest = run_dir / "latest.pt"
-    if not latest.is_file() or load_model(latest, device="cpu").info["step"] < steps:
-        cfg = configio.build(
-            TrainConfig, {"data": str(data), "run_dir": str(run_dir), "max_steps": steps, "device": device}
-        )
-        train(cfg)
-    return latest
+def _trained(data: Path, run_dir: Path, steps: int, device: str, sets: list[str]) -> Path:
+    """latest.pt of psf train's defaults (and ``sets``, key=value) on ``data`` for ``steps`` steps."""
+    overrides = {"data": str(data), "run_dir": str(run_dir), "max_steps": steps, "device": device}
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run each time
+    train(configio.load(TrainConfig, None, overrides, sets))
+    return run_dir / "latest.pt"
 
 
 def _pooled_on(model, grid: GridFile, focus_m: float) -> tuple[float, int]:
@@ -91,14 +92,15 @@ def main() -> None:
     times = {"generate": time.time() - t0}
 
     t = time.time()
-    multi_ckpt = _trained(multi, work / "run_multi", args.steps_per_focus * len(focus), args.device)
+    tag = "".join(f"_{s.replace('=', '-')}" for s in args.sets)
+    multi_ckpt = _trained(multi, work / f"run_multi{tag}", args.steps_per_focus * len(focus), args.device, args.sets)
     times["train multi"] = time.time() - t
     t = time.time()
-    one_ckpt = _trained(one, work / "run_single", args.steps_per_focus, args.device)
+    one_ckpt = _trained(one, work / f"run_single{tag}", args.steps_per_focus, args.device, args.sets)
     times["train single"] = time.time() - t
 
-    ev_multi = evaluate(EvalConfig(data=str(multi), checkpoint=str(multi_ckpt), out=str(work / "eval_multi")))
-    ev_one = evaluate(EvalConfig(data=str(one), checkpoint=str(one_ckpt), out=str(work / "eval_single")))
+    ev_multi = evaluate(EvalConfig(data=str(multi), checkpoint=str(multi_ckpt), out=str(work / f"eval_multi{tag}")))
+    ev_one = evaluate(EvalConfig(data=str(one), checkpoint=str(one_ckpt), out=str(work / f"eval_single{tag}")))
 
     grid = GridFile.open(one)
     m_multi, n = _pooled_on(load_model(multi_ckpt, device="cpu"), grid, single)
@@ -111,6 +113,7 @@ def main() -> None:
     print(
         f"lens {args.lens}: focus {args.focus_m} m; {n_grid}x{n_grid} grid, depths {base.get('depths')}, "
         f"spp {base['spp']} per focus setting; {args.steps_per_focus} steps per focus"
+        + (f"; train overrides {args.sets}" if args.sets else "")
     )
     print("\n1. the multi-focus model on its own test points (psf eval):")
     print(ev_multi["table"])
