@@ -14,7 +14,8 @@ passes over each PSF) and prints:
    noise-corrected and pooled (docs/metrics.md).
 
     python benchmarks/bench_focus.py [--lens acl12708u] [--focus-m 0.5,2,inf] [--single 2]
-                                     [--config configs/demo.yaml] [--steps-per-focus 1500] [--work DIR]
+                                     [--config configs/demo.yaml] [--depths 3,5,20] [--steps-per-focus 1500]
+                                     [--set key=value] [--work DIR]
 
 The default grid is the demo's (configs/demo.yaml: 8x8 points, depths 0.5, 1, 5 m, spp 20 000), a CPU-sized
 check of the design, not the accuracy of psf generate's defaults.
@@ -45,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--focus-m", default="0.5,2,inf", help="the multi-focus file's focus settings [m]")
     ap.add_argument("--single", default=None, help="the single-focus file's focus [m], one of --focus-m")
     ap.add_argument("--config", default=str(ROOT / "configs/demo.yaml"), help="psf generate config of both files")
+    ap.add_argument("--depths", default=None, help="the config's depths replaced [m], e.g. 3,5,20")
     ap.add_argument("--steps-per-focus", type=int, default=1500, help="training steps per focus setting")
     ap.add_argument(
         "--set", dest="sets", action="append", default=[], help="train config override key=value (both models)"
@@ -85,6 +87,8 @@ def main() -> None:
     work = Path(args.work or f"runs/bench_focus/{Path(args.lens).stem}")
     base = yaml.safe_load(Path(args.config).read_text())
     base.update(lens=args.lens, device=args.device)
+    if args.depths:
+        base["depths"] = [float(d) for d in args.depths.split(",")]
 
     t0 = time.time()
     multi = generate(configio.build(GenerateConfig, {**base, "focus_m": focus, "out": str(work / "multi.h5")}))
