@@ -77,3 +77,28 @@ def test_a_traced_file(tiny_grid):
     # One trace's noise, pooled: two traces differ by about sqrt(2) of it (psf info's noise floor is a mean).
     assert s.noise * np.sqrt(2) == pytest.approx(np.nanmean(noise_floor(GridFile.open(tiny_grid))), rel=0.35)
     assert "sampling    a grid PSF predicted from its neighbours" in summary(tiny_grid)
+
+
+def test_across_focus_linear_in_inverse_focus_is_exact_and_quadratic_by_hand():
+    # 3 focus settings (0.5 m, 2 m, inf: 1/focus 2, 0.5, 0) x 2 depths, planes f*D + d.
+    focus, depths = np.array([0.5, 2.0, np.inf]), np.array([1.0, 2.0])
+    v = 1.0 / focus
+    linear = _field(np.repeat(3 + v, 2))  # [6, ...]: plane f*2 + d scaled by 3 + 1/focus
+    lit = np.ones(linear.shape[:3], bool)
+    s = spacing_errors(lambda p: linear[p], depths, lit, focus=focus)
+    assert s.focus == pytest.approx(0, abs=1e-12) and s.depth != s.depth  # two depths: no depth figure
+    # scale 1 + v² at v = 2, 0.5, 0: the middle (1.25) is predicted as 0.25 * 5 + 0.75 * 1 = 2, off by 0.6.
+    quad = _field(np.repeat(1 + v**2, 2))
+    s = spacing_errors(lambda p: quad[p], depths, lit, focus=focus)
+    assert s.focus == pytest.approx(0.6)
+    assert "60.0% across focus" in s.describe() and "focus limits" in s.describe()
+    # Two focus settings: nothing to measure across focus, and the line says nothing of it.
+    two = spacing_errors(lambda p: quad[p], depths, lit[:4], focus=focus[:2])
+    assert two.focus != two.focus and "focus" not in two.describe()
+
+
+def test_depth_and_focus_limit_together():
+    s = Spacing(field=0.1, depth=0.8, noise=0.0, focus=0.9)
+    assert "depth and focus limit; more depths and more focus settings" in s.describe()
+    assert "the field grid limits" in Spacing(field=0.9, depth=0.1, noise=0.0, focus=0.2).describe()
+    assert "limit" not in Spacing(field=0.5, depth=0.8, noise=0.0, focus=0.9).describe()

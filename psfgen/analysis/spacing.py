@@ -1,7 +1,8 @@
-"""Which sampling limits interpolation, the field grid's or the depths': read from a grid file.
+"""Which sampling limits interpolation, the field grid's, the depths' or the focus settings': read from a grid file.
 
 Each interior grid PSF is predicted from its two neighbours, as if it were missing: along the
-grid's rows and columns (their mean) and along depth (linear in 1/depth). The relative L2 of
+grid's rows and columns (their mean), along depth (linear in 1/depth) and, in a file over three
+focus settings or more, along focus (linear in 1/focus, at the same depth). The relative L2 of
 those predictions, pooled, with the Monte Carlo noise of the three traced PSFs taken out
 (the file's re-traced points give one trace's noise), measures how fast the PSF changes at
 twice the file's spacing, on each axis. Interpolation error grows about as the square of the
@@ -31,6 +32,7 @@ class Spacing:
     field: float  # from the two neighbours along a grid row or column; NaN on a grid under 3 x 3
     depth: float  # from the neighbouring depths, linear in 1/depth; NaN with under 3 depths
     noise: float  # one trace's relative noise (pooled), taken out of both; 0 without re-traced points
+    focus: float = float("nan")  # from the neighbouring focus settings, linear in 1/focus; NaN with under 3
 
     def describe(self) -> str:
         def pct(v):
@@ -38,11 +40,19 @@ class Spacing:
 
         text = (
             f"a grid PSF predicted from its neighbours (twice the spacing, noise {pct(self.noise)} removed) is off by "
+            f"{pct(self.focus) + ' across focus, ' if not np.isnan(self.focus) else ''}"
             f"{pct(self.field)} across the field, {pct(self.depth)} across depth"
         )
-        if self.depth > LIMITING_RATIO * self.field:
-            return text + ": depth limits; more depths (fewer field points for the same rays) pay more"
-        if self.field > LIMITING_RATIO * self.depth:
+        more = {"depth": "more depths", "focus": "more focus settings"}
+        limiting = [axis for axis in more if getattr(self, axis) > LIMITING_RATIO * self.field]  # NaN: never
+        if limiting:
+            verb = "limits" if len(limiting) == 1 else "limit"
+            return (
+                text + f": {' and '.join(limiting)} {verb}; {' and '.join(more[a] for a in limiting)} (fewer field "
+                "points for the same rays) pay more"
+            )
+        others = [v for v in (self.depth, self.focus) if not np.isnan(v)]
+        if others and self.field > LIMITING_RATIO * max(others):
             return text + ": the field grid limits; a denser grid (fewer depths for the same rays) pays more"
         return text
 
@@ -86,16 +96,17 @@ def _field_sums(psf: np.ndarray, lit: np.ndarray, noise2: float) -> tuple[float,
 
 
 def _depth_sums(near, mid, far, inv: tuple[float, float, float], lit, noise2: float) -> tuple[float, float]:
-    """Pooled sums (noise removed) of the prediction of ``mid`` linear in 1/depth from its neighbours (inverse
-    depths ``inv`` [1/m] of near, mid, far); PSFs [N, N, 3, k, k], lit a triple of [N, N] bool."""
+    """Pooled sums (noise removed) of the prediction of ``mid`` linear in 1/depth (or 1/focus) from its neighbours
+    (inverse distances ``inv`` [1/m] of near, mid, far); PSFs [N, N, 3, k, k], lit a triple of [N, N] bool."""
     w = (inv[1] - inv[2]) / (inv[0] - inv[2])  # the weight of the nearer neighbour
     return noise_removed(pooled(w * near + (1 - w) * far, mid, lit[0] & lit[1] & lit[2]), noise2, w)
 
 
-def spacing_errors(read, depths: np.ndarray, lit: np.ndarray, noise2: float = 0.0) -> Spacing:
+def spacing_errors(read, depths: np.ndarray, lit: np.ndarray, noise2: float = 0.0, focus=None) -> Spacing:
     """read(p) -> the grid PSFs of plane p = f*D + d [N, N, 3, k, k] (float64); depths [D] m; lit [F*D, N, N] bool
-    (PSFs to use; F focus settings, each at every depth); noise2: one trace's pooled squared relative noise. Depth
-    is predicted within each focus. Holds three planes at a time."""
+    (PSFs to use; F focus settings, each at every depth); noise2: one trace's pooled squared relative noise; focus
+    [F] m (inf allowed), read with three or more. Depth is predicted within each focus, focus at each depth. Holds
+    three planes at a time."""
     inv = 1.0 / np.asarray(depths, dtype=np.float64)
     D = len(inv)
     field, depth, window = (0.0, 0.0), (0.0, 0.0), []
@@ -106,10 +117,21 @@ def spacing_errors(read, depths: np.ndarray, lit: np.ndarray, noise2: float = 0.
         if d >= 2:
             pair = _depth_sums(*window, tuple(inv[d - 2 : d + 1]), lit[p - 2 : p + 1], noise2)
             depth = tuple(t + v for t, v in zip(depth, pair))
+    across_focus = float("nan")
+    if focus is not None and len(focus) >= 3:
+        inv_f = 1.0 / np.asarray(focus, dtype=np.float64)  # 1/inf = 0
+        sums = (0.0, 0.0)
+        for f in range(1, len(inv_f) - 1):
+            for d in range(D):
+                planes = [(f + step) * D + d for step in (-1, 0, 1)]
+                pair = _depth_sums(*map(read, planes), tuple(inv_f[f - 1 : f + 2]), lit[planes], noise2)
+                sums = tuple(t + v for t, v in zip(sums, pair))
+        across_focus = corrected(sums)
     return Spacing(
         field=corrected(field) if lit.shape[1] >= 3 else float("nan"),
         depth=corrected(depth) if len(inv) >= 3 else float("nan"),
         noise=float(np.sqrt(noise2)),
+        focus=across_focus,
     )
 
 
@@ -128,4 +150,4 @@ def check_file(grid: GridFile) -> Spacing:
     def read(i):
         return grid.grid_psf(i).astype(np.float64).reshape(n, n, 3, grid.kernel_size_small, grid.kernel_size_small)
 
-    return spacing_errors(read, np.asarray(grid.depths), lit.reshape(d, n, n), noise2)
+    return spacing_errors(read, np.asarray(grid.depths), lit.reshape(d, n, n), noise2, grid.focus)
