@@ -22,6 +22,7 @@ from psfcvae import checkpoint
 from psfcvae.api.table import PSFTable, refuse_dark
 from psfcvae.model.cvae import CVAE, ModelArgs
 from psfcvae.optics import FieldMap, model_optics
+from psfgen.gridfile import focus_text
 from psfgen.shared.devices import resolve_device
 from psfgen.shared.errors import InputError
 
@@ -96,7 +97,7 @@ class PSFModel:
                 f = _numbers("focus_m", focus_m)
                 # lo: nan (the lens file's own focus), or the one focus_m it was traced at, inf included
                 if np.isnan(lo) or not np.allclose(f, lo, rtol=1e-9, atol=0):
-                    at = "the lens file's own focus" if np.isnan(lo) else "infinity" if np.isinf(lo) else f"{lo:g} m"
+                    at = "the lens file's own focus" if np.isnan(lo) else focus_text(lo)
                     raise InputError(
                         f"this model was trained at one focus ({at}): leave out {{focus_m}}, or train on a file over "
                         "several (psf generate --focus-m)",
