@@ -129,9 +129,8 @@ class Points:
         elif block.kind == "noise":
             xy = self.coords[self.noise_idx[sl]]
         else:
-            return self.ho_coords[sl], self.ho_depth[sl], float(self.ho_focus[block.start])
-        f, d = divmod(block.plane, len(self.depths))
-        return xy, np.full(len(xy), self.depths[d]), float(self.focus[f])
+            return self.ho_coords[sl], self.ho_depth[sl], self.focus_of(block)
+        return xy, np.full(len(xy), self.depths[block.plane % len(self.depths)]), self.focus_of(block)
 
     def focus_of(self, block: Block) -> float:
         """The focus [m] a block traces at (nan: the lens file's)."""
@@ -298,7 +297,7 @@ def build_lenses(lens_file: LensFile, device: torch.device, seed: int, focus) ->
     lens is the same whatever else is built with it."""
     lenses = {}
     for f in focus:
-        key = None if f is None or np.isnan(f) else float(f)
+        key = None if f is None else _key(f)
         if key not in lenses:
             torch.manual_seed(seed)
             lenses[key] = build_lens(lens_file, device, key)
