@@ -31,7 +31,15 @@ from psfcvae import checkpoint
 from psfcvae.api.psfmodel import PSFModel, load_model
 from psfcvae.evaluation import baselines, report
 from psfcvae.evaluation import figures as eval_figures
-from psfcvae.evaluation.metrics import focus_groups, focus_label, measured_points, rel_l2_corrected, spearman, summarize
+from psfcvae.evaluation.metrics import (
+    focus_groups,
+    focus_json,
+    focus_label,
+    measured_points,
+    rel_l2_corrected,
+    spearman,
+    summarize,
+)
 from psfcvae.optics import grid_optics
 from psfcvae.training.data import lit_only
 from psfgen.analysis.litfield import image_circle, radii
@@ -223,8 +231,7 @@ def compute_metrics(cfg: EvalConfig, info: GridFile, model: PSFModel | None) -> 
             "lens_sha256": info.lens_sha256,
             "grid_size": info.grid_size,
             "depths_m": [float(d) for d in depths],
-            # JSON has no inf: focus at infinity is "inf"; null is a single-focus file's lens-file sensor
-            "focus_m": [None if np.isnan(f) else "inf" if np.isinf(f) else float(f) for f in info.focus],
+            "focus_m": [focus_json(f) for f in info.focus],
             "spp": info.spp,
             "heldout_spp": info.heldout_spp,
             "n_heldout": info.n_heldout,

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from psfcvae import plots
-from psfcvae.evaluation.metrics import focus_groups, focus_label
+from psfcvae.evaluation.metrics import focus_groups, focus_json, focus_label
 from psfcvae.rendering.figure import chart_figure
 from psfgen.gridfile import focus_text
 from psfgen.shared.errors import InputError
@@ -49,7 +49,7 @@ def render_figure(result, arrays, out: Path, model) -> tuple[str, str, str]:
     scores = chart_figure(model, out / "render_chart.png", depth, data=result["data"]["path"], focus_m=focus)
     result["render_chart"] = {
         "depth_m": depth,
-        "focus_m": "inf" if focus == np.inf else focus,  # as data.focus_m writes it: JSON has no inf
+        "focus_m": focus_json(focus),
         "psnr_db_vs_patchwise": scores["psnr_db"],
         "ssim_vs_patchwise": scores["ssim"],
     }

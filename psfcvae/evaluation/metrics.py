@@ -79,6 +79,14 @@ def focus_label(focus_m: float) -> str:
     return "∞" if np.isinf(focus_m) else f"{focus_m:g} m"
 
 
+def focus_json(focus_m: float | None) -> str | float | None:
+    """A focus distance [m] as metrics.json writes it: "inf" for infinity (JSON has no inf), null for none (nan:
+    a single-focus file's lens-file sensor)."""
+    if focus_m is None or np.isnan(focus_m):
+        return None
+    return "inf" if np.isinf(focus_m) else float(focus_m)
+
+
 def focus_groups(focus) -> list[tuple[str, str, float, float]]:
     """The per-focus groups of a file's focus settings focus [F] m, nearest first: (name, tick, lo, hi) at each
     grid focus (lo == hi: 'at focus 0.5 m', tick '0.5') and between each two ('between focus 0.5 and 1 m',
