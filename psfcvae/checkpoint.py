@@ -27,10 +27,11 @@ REQUIRED = (
     "loss_window",
     "optics",
     "selection",  # the validation points and score that chose it (psfcvae/training/loop.py selection())
+    "blend",  # None, or the grid and the network's weight per radius band (psfcvae/api/blend.py)
 )
 # The only one read: a checkpoint of another is refused (retrain). 6: optics v2 (chief rays); 7: focus settings
-# (data_fingerprint focus, model_args has_focus / focus_min / focus_max, optics v3 per plane).
-SCHEMA_VERSION = 7
+# (data_fingerprint focus, model_args has_focus / focus_min / focus_max, optics v3 per plane); 8: blend.
+SCHEMA_VERSION = 8
 
 
 def data_fingerprint(info: GridFile) -> dict:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from psfcvae import checkpoint
+from psfcvae.api.blend import Blend
 from psfcvae.api.table import PSFTable, refuse_dark
 from psfcvae.model.cvae import CVAE, ModelArgs
 from psfcvae.optics import FieldMap, model_optics
@@ -62,9 +63,12 @@ def _focus_values(values) -> bool:
 class PSFModel:
     """A trained CVAE with the ranges it was trained on, behind a coordinate API."""
 
-    def __init__(self, net: CVAE, info: dict):
+    def __init__(self, net: CVAE, info: dict, blend: Blend | None = None):
         self.net = net
         self.info = info  # step, config, data_fingerprint, versions of the checkpoint
+        # The network blended with bicubic interpolation of its grid where the validation points say so
+        # (psfcvae/api/blend.py); None: the network alone (blend: none)
+        self.blend = blend
         self.depths = np.asarray(info["data_fingerprint"]["depths"])  # [D] training depths [m]
         # [F] training focus distances [m], ascending, inf allowed; [nan]: one focus, the lens file's own
         self.focus = np.asarray(info["data_fingerprint"]["focus"], dtype=np.float64)
@@ -344,7 +348,19 @@ class PSFModel:
                 "the model gives no finite PSF at these coordinates or depths (too far outside the "
                 "trained range to extrapolate); bring them closer to the field and the trained depths"
             )
-        return out * lit.view(-1, *[1] * (out.dim() - 1))
+        return self.blended(out, cond) * lit.view(-1, *[1] * (out.dim() - 1))
+
+    def blended(self, psf: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The network's PSFs psf [B, 3, k, k] (or [B, S, 3, k, k]) at conditions cond [B, C], blended with the
+        grid's bicubic interpolation as the checkpoint's blend says (psfcvae/api/blend.py); unchanged without one."""
+        if self.blend is None:
+            return psf
+        c = cond.detach().cpu()
+        x, y = c[:, 0].double().numpy(), c[:, 1].double().numpy()
+        args = self.net.args
+        depth = self.net.depth_of(c[:, 2]).numpy() if args.has_depth else np.full(len(c), self.depths[0])
+        focus = self.net.focus_of(c[:, -1]).numpy() if args.has_focus else None
+        return self.blend.apply(psf, x, y, depth, focus)
 
     def _head(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(relative illumination [B, 3], lit [B] bool) at conditions cond [B, C], CHUNK at a time."""
@@ -443,5 +459,11 @@ def load_model(path: str | Path, device="auto") -> PSFModel:
     info = {k: ckpt[k] for k in ("step", "config", "data_fingerprint", "versions", "selection")}
     info["path"] = str(path)
     info["optics"] = ckpt["optics"]  # kernel pitch for psf render (psfcvae/optics.py); None: the file lacked it
-    model = PSFModel(net.eval(), info)
+    try:
+        blend = None if ckpt["blend"] is None else Blend.from_state(ckpt["blend"])
+    except (TypeError, KeyError, ValueError):
+        raise InputError(
+            f"checkpoint {path} holds no valid 'blend'; it was not written by 'psf train' or was edited"
+        ) from None
+    model = PSFModel(net.eval(), info, blend)
     return model.to(device if isinstance(device, torch.device) else resolve_device(device or "auto"))

@@ -9,6 +9,7 @@ angle in that octant, depth code) and answers a query by trilinear interpolation
 grid's 15 x 15 kernels, then the symmetry that takes the octant to the query's point.
 No network runs and nothing is rotated per query: the cost is eight kernel reads.
 
+With a blend (psfcvae/api/blend.py), the table holds the blended PSFs, as ``model.psf`` gives them.
 The table is an approximation of the network, not of the lens: its deviation from the
 network is measured (``deviation``, ``psf eval``'s speed lines, docs/speed.md) and is a
 small fraction of the network's own error. Cartesian models have no symmetry to fold the
@@ -151,13 +152,11 @@ class PSFTable:
 
     @torch.no_grad()
     def _prior_mean(self, cond: torch.Tensor) -> torch.Tensor:
-        """The network's prior mean [N, 3 k²] on the CPU, float32, in chunks."""
-        net = self.model.net
+        """The model's prior mean [N, 3 k²] on the CPU, float32, in chunks: the network, blended with the grid's
+        interpolation as model.psf blends it (PSFModel.blended)."""
+        model = self.model
         return torch.cat(
-            [
-                net.sample_from_prior(cond[lo : lo + CHUNK], mean=True).flatten(1).cpu()
-                for lo in range(0, len(cond), CHUNK)
-            ]
+            [model.blended(model.net.sample_from_prior(c, mean=True), c).flatten(1).cpu() for c in cond.split(CHUNK)]
         )
 
     def choose_sizes(self, target: float, seed: int = 0) -> tuple[int, int, int]:

@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 
 INTERPOLATION = ("nearest", "bilinear", "bicubic", "eigen-psf")  # name prefixes of the baselines
 TABLE = "cvae prior mean (table)"  # the model's prior mean through model.tabulate()
+NETWORK = "cvae network alone"  # the network's prior mean without the blend (a model with one: psfcvae/api/blend.py)
 
 
 @dataclass(frozen=True)
@@ -251,6 +252,14 @@ def compute_metrics(cfg: EvalConfig, info: GridFile, model: PSFModel | None) -> 
             "frame": model.net.args.frame,
             "selection": {k: v for k, v in model.info["selection"].items() if k != "points"}
             | {"n_points": len(model.info["selection"]["points"])},
+            "blend": None
+            if model.blend is None
+            else {
+                "radius_bands": [float(r) for r in RADIUS_BANDS],
+                "network_weight": [float(w) for w in model.blend.weights],
+                "validation_points": [int(n) for n in model.blend.points],
+                "description": model.blend.describe(),
+            },
         },
         "heldout": methods,
         "heldout_groups": groups_of(arrays),
@@ -361,6 +370,10 @@ def _predictions(model, arrays: EvalArrays, n: int, seed: int) -> dict[str, np.n
         for name, mode in (("cvae prior mean", "mean"), ("cvae prior sample", "sample")):
             psf, _ = model.psf(x, y, depth_m, focus_m=focus, mode=mode, allow_extrapolation=True, allow_dark=True)
             preds[name] = psf.cpu().numpy()
+        if model.blend is not None:  # what the blend adds: the network on its own
+            cond = model.conditions(x, y, depth_m, focus, allow_extrapolation=True)
+            preds[NETWORK] = (model.net.sample_from_prior(cond, mean=True) * model._lit(cond).view(-1, 1, 1, 1)).cpu()
+            preds[NETWORK] = preds[NETWORK].numpy()
     where = (x, y, depth_m, arrays.focus, ho["focus"])
     preds["nearest"] = baselines.nearest(arrays.grid, arrays.depths, n, *where)
     preds["bicubic"] = baselines.bicubic(arrays.grid, arrays.depths, n, *where)

@@ -231,7 +231,11 @@ def _one_map_scale(fig, maps: dict[str, np.ndarray], log: bool) -> None:
 def error_map_figure(result, arrays, out: Path) -> tuple[str, str, str]:
     """Per method and depth, held-out points coloured by their error."""
     ho = arrays.heldout
-    names = [n for n in result["heldout"] if not n.startswith(("cvae prior sample", "cvae prior mean (table)"))]
+    names = [
+        n
+        for n in result["heldout"]
+        if not n.startswith(("cvae prior sample", "cvae prior mean (table)", "cvae network alone"))
+    ]
     groups = {f"at {d:g} m": ho["at_grid_depth"] & np.isclose(ho["depth"], d) for d in arrays.depths}
     groups["between grid depths"] = ~ho["at_grid_depth"]
     pooled = {

@@ -162,6 +162,7 @@ def _header(result: dict) -> str:
 # What each method is, beside its error in the first table.
 WHAT = {
     "cvae prior mean": "the model: what its API returns",
+    "cvae network alone": "the network without the blend with bicubic interpolation",
     "cvae prior mean (table)": "the prior mean, tabulated (model.tabulate())",
     "cvae prior sample": "one random draw of the model, not what it returns",
     "nearest": "the nearest grid PSF",

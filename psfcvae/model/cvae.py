@@ -336,6 +336,18 @@ class CVAE(nn.Module):
         lo, hi = 1.0 / a.depth_max, 1.0 / a.depth_min
         return 2.0 * (1.0 / depth_m - lo) / (hi - lo) - 1.0
 
+    def depth_of(self, d: torch.Tensor) -> torch.Tensor:
+        """The inverse of depth_code: d in [-1, 1] -> depth [m] (depth_min for a model of one depth)."""
+        a = self.args
+        lo, hi = 1.0 / a.depth_max, 1.0 / a.depth_min
+        return 1.0 / (lo + 0.5 * (d.double() + 1.0) * (hi - lo))
+
+    def focus_of(self, phi: torch.Tensor) -> torch.Tensor:
+        """The inverse of focus_code: φ in [-1, 1] -> focus distance [m] (inf where 1/focus is 0)."""
+        a = self.args
+        lo, hi = 1.0 / a.focus_max, 1.0 / a.focus_min
+        return 1.0 / (lo + 0.5 * (phi.double() + 1.0) * (hi - lo))
+
     def focus_code(self, focus_m: torch.Tensor) -> torch.Tensor:
         """Focus distance [m] (inf allowed) -> φ in [-1, 1], linear in 1/focus: +1 at focus_min, -1 at focus_max."""
         a = self.args

@@ -59,6 +59,10 @@ class TrainConfig:
     # Optimiser steps (spec: 20000); auto: STEPS_PER_BLOCK for each PSFS_PER_BLOCK grid PSFs (depths x
     # grid_size²), rounded up: the passes over the grid the two benchmark lenses needed (README)
     max_steps: int | str = "auto"
+    # What the model answers with (not in the spec): bicubic, the network blended with bicubic interpolation of the
+    # grid by radius band, each band's weight fitted on the validation points at every checkpoint
+    # (psfcvae/api/blend.py); none, the network alone
+    blend: str = "bicubic"
     # Schedule and bookkeeping
     log_every: int = 50  # steps between scalar logs
     val_every: int = 500  # steps between validations (and image logs)
@@ -126,6 +130,7 @@ class TrainConfig:
             "condition_frame": ("auto", "canonical", "cartesian"),
             "condition_on_depth": ("auto", "true", "false"),
             "focus_code": ("inverse", "defocus"),
+            "blend": ("bicubic", "none"),
             "in_memory": ("auto", "true", "false"),
         }
         for key, allowed in choices.items():

@@ -29,6 +29,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from psfcvae import checkpoint, optics
+from psfcvae.api import blend
 from psfcvae.images import mosaic
 from psfcvae.model.cvae import CVAE, ModelArgs
 from psfcvae.training import interrupt, tblog
@@ -114,6 +115,12 @@ def resolve(cfg: TrainConfig, info: GridFile, ckpt: dict | None = None) -> Train
         condition_frame=frame,
         in_memory=_decide(cfg.in_memory, grid_bytes < IN_MEMORY_AUTO_LIMIT),
     )
+    if resolved.blend == "bicubic" and resolved.condition_on_depth == "false" and len(info.depths) > 1:
+        raise InputError.for_key(
+            "blend",
+            f"is bicubic, which needs the depth in the condition, but condition_on_depth is false on a file of "
+            f"{len(info.depths)} depths: set blend: none, or condition_on_depth: true",
+        )
     check_model_size(resolved)  # the file's kernel side decides the decoder's output
     return resolved
 
@@ -263,6 +270,8 @@ class Run:
     optimizer: torch.optim.Optimizer
     writer: SummaryWriter | None  # TensorBoard, on the main process only
     selection: dict | None = None  # what chooses best.pt (selection()): every checkpoint records it
+    validation: dict | None = None  # the lit validation points (GridFile.heldout's entries): what fits the blend
+    blend_grid: np.ndarray | None = None  # [F*D, P, 3, k, k] the grid PSFs the blend interpolates; None: blend none
 
     @property
     def main(self) -> bool:
@@ -304,7 +313,8 @@ def _train(cfg: TrainConfig, info: GridFile, args: ModelArgs, ckpt: dict | None,
 
     # --- the data: the grid's conditions and the validation points without dark points, batches from step on
     conds, heldout = _lit_data(run)
-    run = dataclasses.replace(run, selection=selection(info, heldout))
+    grid = info.grid_psfs() if cfg.blend == "bicubic" else None
+    run = dataclasses.replace(run, selection=selection(info, heldout), validation=heldout, blend_grid=grid)
     loader = _loader(run, step)
 
     # --- the loop ------------------------------------------------------------------------
@@ -694,8 +704,25 @@ def _save(run: Run, path: Path, step: int, best: float, metrics: dict, window: L
                 **run.selection,
                 "chosen_by": f"lowest {run.selection['metric']}" if which == BEST else "last step saved",
             },
+            "blend": None if run.blend_grid is None else fit_blend(run).state(),
         },
     )
+
+
+@torch.no_grad()
+def fit_blend(run: Run) -> blend.Blend:
+    """The blend of the network as it is now with the grid's bicubic interpolation, fitted on the lit validation
+    points (psfcvae/api/blend.py): the same points that choose best.pt, never the test points."""
+    info, model, val = run.info, run.model, run.validation
+    if val is None:  # no lit validation point: every weight stays 1, the network alone
+        val = {"coords": np.zeros((0, 2))}
+        pred = None
+    else:
+        model.eval()
+        pred = model.sample_from_prior(model.condition(val["coords"], val["depth"], val["focus"]), mean=True)
+        pred = pred.cpu().numpy()
+        model.train()
+    return blend.fit(run.blend_grid, info.grid_size, info.depths, info.focus, pred, val)
 
 
 def _finish(run: Run, metrics: dict, steps: int, elapsed: float) -> None:
@@ -703,6 +730,8 @@ def _finish(run: Run, metrics: dict, steps: int, elapsed: float) -> None:
     if run.main:
         rate = steps / elapsed if elapsed > 0 else float("nan")
         log.info("%d steps in %.1f s (%.1f steps/s); logs: %s", steps, elapsed, rate, run.run_dir / "tb")
+        if run.blend_grid is not None:
+            log.info("blend: %s", fit_blend(run).describe())
         hparams = {k: v for k, v in configio.to_dict(run.cfg).items() if isinstance(v, (int, float, str, bool))}
         tblog.write_hparams(run.writer, hparams, metrics)
         run.writer.close()

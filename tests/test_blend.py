@@ -1,0 +1,142 @@
+"""The blend of the network with bicubic interpolation of its grid (psfcvae/api/blend.py): the profile, the fit, the
+API and the table, and that psf train fits it on the validation points alone."""
+
+from __future__ import annotations
+
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from helpers import small_config
+
+from psfcvae import load_model, train
+from psfcvae.api import blend
+from psfcvae.evaluation import baselines
+from psfgen.gridfile import GridFile
+from psfgen.plan.grid import TEST
+
+
+def _gaussians(centres: np.ndarray, sigma, k: int = 9) -> np.ndarray:
+    """[M, 3, k, k] normalised Gaussian spots of width sigma (px, scalar or [M]) at sub-pixel offsets centres [M, 2]
+    (px, x then y) from the kernel's centre."""
+    t = np.arange(k) - k // 2
+    s = np.broadcast_to(np.asarray(sigma, dtype=np.float64), (len(centres),))[:, None]
+    gx = np.exp(-0.5 * ((t[None, :] - centres[:, :1]) / s) ** 2)  # [M, k] along columns
+    gy = np.exp(-0.5 * ((t[None, :] - centres[:, 1:]) / s) ** 2)  # [M, k] along rows
+    spot = gy[:, :, None] * gx[:, None, :]
+    spot = np.repeat(spot[:, None], 3, axis=1)
+    return (spot / spot.sum(axis=(-2, -1), keepdims=True)).astype(np.float32)
+
+
+def _field(xy: np.ndarray) -> np.ndarray:
+    """A PSF field that bicubic interpolation of a 5 x 5 grid follows to a few per cent, not exactly: the spot moves
+    as the cube of the field position and widens with r²."""
+    return _gaussians(2.0 * xy**3, 0.6 + 0.8 * (xy**2).sum(axis=1))
+
+
+def test_profile_holds_each_band_weight_at_its_middle_and_is_linear_between():
+    w = np.array([0.0, 0.6, 0.8, 1.0])
+    r = np.array([0.0, 0.075, 0.2, 0.325, 0.7, 1.3])
+    # by hand: 0.2 lies 0.125 / 0.25 of the way from the first middle (0.075) to the second (0.325)
+    np.testing.assert_allclose(blend.profile(r, w), [0.0, 0.0, 0.3, 0.6, 0.8, 1.0])
+
+
+def test_fit_chooses_interpolation_where_the_network_is_off_and_the_network_where_it_is_exact():
+    n = 5
+    lin = np.linspace(-1, 1, n)
+    coords = np.array([(x, y) for y in lin[::-1] for x in lin])  # rows from y = +1, as the grid file
+    grid = _field(coords)[None]  # one plane [1, P, 3, k, k]
+    rng = np.random.default_rng(0)
+    # validation points: 4 near the axis, 4 in each other band
+    radii = np.repeat([0.08, 0.3, 0.7, 1.0], 4)
+    angles = rng.uniform(0, 2 * np.pi, len(radii))
+    val_xy = np.column_stack([radii * np.cos(angles), radii * np.sin(angles)])
+    truth = _field(val_xy)
+    net = truth.copy()
+    centre = radii < 0.15
+    net[centre] = _gaussians(2.0 * val_xy[centre] ** 3 + 1.5, 0.6)  # the network's spot 1.5 px off near the axis
+    val = {"coords": val_xy, "depth": np.full(len(radii), 1.0), "focus": np.full(len(radii), np.nan)}
+    val |= {"psf_a": truth, "psf_b": truth}  # noise-free references
+    fitted = blend.fit(grid, n, np.array([1.0]), np.array([np.nan]), net, val)
+    assert fitted.weights[0] == 0.0  # near the axis: interpolation alone
+    np.testing.assert_array_equal(fitted.weights[1:], 1.0)  # elsewhere the network is exact: it alone
+    np.testing.assert_array_equal(fitted.points, [4, 4, 4, 4])
+    # applied: w(r) · network + (1 - w(r)) · the bicubic interpolation of the grid, computed here from the baseline
+    # itself; near the axis w is nearly 0 (2% at r = 0.08, on the way to the next band's 1)
+    for pts, net_pts in ((val_xy[centre], net[centre]), (np.array([[0.2, 0.0]]), _gaussians(np.zeros((1, 2)), 1.0))):
+        (x, y), one = pts.T, np.ones(len(pts))
+        w = blend.profile(np.hypot(x, y), fitted.weights)[:, None, None, None]
+        bic = baselines.bicubic(grid, np.array([1.0]), n, x, y, one)
+        got = fitted.apply(torch.as_tensor(net_pts), x, y, one).numpy()
+        np.testing.assert_allclose(got, w * net_pts + (1 - w) * bic, atol=2e-3)  # the grid is stored in float16
+    assert blend.profile(np.array([0.08, 0.2]), fitted.weights).tolist() == pytest.approx([0.02, 0.5])
+
+
+def test_a_band_with_too_few_validation_points_keeps_the_network():
+    coords = np.array([[0.05, 0.0], [0.3, 0.1], [0.35, 0.0]])  # one near the axis: too few to fit its band
+    truth = _field(coords)
+    net = _gaussians(2.0 * coords**3 + 2.0, 0.6)  # off everywhere
+    lin = np.linspace(-1, 1, 4)
+    grid = _field(np.array([(x, y) for y in lin[::-1] for x in lin]))[None]
+    val = {"coords": coords, "depth": np.ones(3), "focus": np.full(3, np.nan), "psf_a": truth, "psf_b": truth}
+    fitted = blend.fit(grid, 4, np.array([1.0]), np.array([np.nan]), net, val)
+    assert fitted.weights[0] == 1.0 and fitted.weights[1] < 1.0
+    np.testing.assert_array_equal(fitted.points, [1, 2, 0, 0])
+
+
+def test_the_api_and_the_table_answer_with_the_blend(tiny_run, tiny_grid):
+    model = load_model(tiny_run / "latest.pt", device="cpu")
+    assert model.blend is not None  # psf train's default
+    info = GridFile.open(tiny_grid)
+    x, y = np.array([0.05, -0.4, 0.7]), np.array([-0.1, 0.3, -0.8])
+    depth = np.array([0.5, 0.9, 2.0])
+    net = model.net.sample_from_prior(model.conditions(x, y, depth), mean=True).numpy()
+    bic = baselines.bicubic(info.grid_psfs(), info.depths, info.grid_size, x, y, depth)
+    model.blend.weights[:] = 0.0  # interpolation alone
+    np.testing.assert_allclose(model.psf(x, y, depth).numpy(), bic, atol=2e-3)
+    model.blend.weights[:] = 1.0  # the network alone
+    np.testing.assert_allclose(model.psf(x, y, depth).numpy(), net, atol=1e-6)
+    model.blend.weights[:] = 0.5
+    half = 0.5 * (net + bic)
+    np.testing.assert_allclose(model.psf(x, y, depth).numpy(), half, atol=2e-3)
+    # The table holds the first octant and takes every other point there by the lens's symmetry, which the grid's
+    # noisy PSFs (spp 2000) do not have: it is checked in the octant.
+    x, y = np.array([0.05, 0.4, 0.8]), np.array([0.02, 0.3, 0.1])
+    net = model.net.sample_from_prior(model.conditions(x, y, depth), mean=True).numpy()
+    bic = baselines.bicubic(info.grid_psfs(), info.depths, info.grid_size, x, y, depth)
+    half = 0.5 * (net + bic)
+    table = model.tabulate(sizes=(64, 16, 16))
+    got = table.psf(x, y, depth).numpy()
+    assert np.sqrt(((got - half) ** 2).sum() / (half**2).sum()) < 0.03  # the table holds the blend too
+    assert np.sqrt(((got - net) ** 2).sum() / (net**2).sum()) > 0.03
+
+
+def test_psf_train_fits_the_blend_on_the_validation_points_alone(vignetted_grid, tmp_path):
+    """Garbage in the test points' references leaves the blend as it is; garbage in the validation points' changes
+    it (so the comparison can see a point that fits it)."""
+
+    def garbled(part_name: str, value: int | None) -> dict:
+        data = tmp_path / f"{part_name}.h5"
+        shutil.copy(vignetted_grid, data)
+        if value is not None:
+            with h5py.File(data, "r+") as f:
+                part = f["heldout/part"][:]
+                for half in ("a", "b"):
+                    psf = f[f"heldout/psf_{half}"][:]
+                    rng = np.random.default_rng(1)
+                    at = (part == value) & (psf.sum(axis=(1, 2, 3)) > 0)  # lit points only: a dark one holds zeros
+                    noise = rng.uniform(size=psf[at].shape).astype(np.float32)
+                    psf[at] = noise / noise.sum(axis=(-2, -1), keepdims=True)
+                    f[f"heldout/psf_{half}"][...] = psf
+        run = train(small_config(data, tmp_path / f"run_{part_name}", max_steps=20, val_every=20))
+        return torch.load(run / "latest.pt", weights_only=True)["blend"]
+
+    clean, test_garbled = garbled("clean", None), garbled("test", TEST)
+    assert clean["weights"] == test_garbled["weights"] and clean["points"] == test_garbled["points"]
+    assert torch.equal(clean["grid"], test_garbled["grid"])
+    with h5py.File(vignetted_grid) as f:
+        validation = int(np.setdiff1d(np.unique(f["heldout/part"][:]), [TEST])[0])
+    val_garbled = garbled("validation", validation)
+    assert val_garbled["weights"] != clean["weights"]
