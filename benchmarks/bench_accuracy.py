@@ -278,6 +278,8 @@ def summary_table(results: dict) -> str:
             continue
         frame = r["checkpoint"]["frame"]
         lines.append(row(f"CVAE prior mean, {name} ({frame}, {r['max_steps']} steps)", r["heldout"]["cvae prior mean"]))
+        if "cvae network alone" in r["heldout"]:  # the model blends with bicubic interpolation: the network without
+            lines.append(row(f"the network alone, {name}", r["heldout"]["cvae network alone"]))
     for method, m in first["heldout"].items():
         if not method.startswith("cvae"):
             lines.append(row(method, m))

@@ -88,9 +88,10 @@ def test_a_band_with_too_few_validation_points_keeps_the_network():
 
 def test_the_api_and_the_table_answer_with_the_blend(tiny_run, tiny_grid):
     model = load_model(tiny_run / "latest.pt", device="cpu")
-    assert model.blend is not None  # psf train's default
+    assert model.blend is not None and model.blend.fold is not None  # psf train's default; a canonical model
     info = GridFile.open(tiny_grid)
-    x, y = np.array([0.05, -0.4, 0.7]), np.array([-0.1, 0.3, -0.8])
+    # in the first octant (x >= y >= 0 on the sensor), where the interpolation is the plain bicubic baseline
+    x, y = np.array([0.05, 0.4, 0.8]), np.array([0.02, 0.3, 0.1])
     depth = np.array([0.5, 0.9, 2.0])
     net = model.net.sample_from_prior(model.conditions(x, y, depth), mean=True).numpy()
     bic = baselines.bicubic(info.grid_psfs(), info.depths, info.grid_size, x, y, depth)
@@ -101,16 +102,30 @@ def test_the_api_and_the_table_answer_with_the_blend(tiny_run, tiny_grid):
     model.blend.weights[:] = 0.5
     half = 0.5 * (net + bic)
     np.testing.assert_allclose(model.psf(x, y, depth).numpy(), half, atol=2e-3)
-    # The table holds the first octant and takes every other point there by the lens's symmetry, which the grid's
-    # noisy PSFs (spp 2000) do not have: it is checked in the octant.
-    x, y = np.array([0.05, 0.4, 0.8]), np.array([0.02, 0.3, 0.1])
-    net = model.net.sample_from_prior(model.conditions(x, y, depth), mean=True).numpy()
-    bic = baselines.bicubic(info.grid_psfs(), info.depths, info.grid_size, x, y, depth)
-    half = 0.5 * (net + bic)
+    # The table holds the blend: within its interpolation error of model.psf in the octant and out of it (the
+    # interpolation is taken in the octant and turned back, as the table takes every point)
     table = model.tabulate(sizes=(64, 16, 16))
     got = table.psf(x, y, depth).numpy()
-    assert np.sqrt(((got - half) ** 2).sum() / (half**2).sum()) < 0.03  # the table holds the blend too
-    assert np.sqrt(((got - net) ** 2).sum() / (net**2).sum()) > 0.03
+    assert np.sqrt(((got - half) ** 2).sum() / (half**2).sum()) < 0.03
+    assert np.sqrt(((got - net) ** 2).sum() / (net**2).sum()) > 0.03  # not the network's table
+    xs, ys = np.array([-0.4, 0.1, -0.7, 0.3]), np.array([0.3, -0.6, -0.2, 0.9])
+    want = model.psf(xs, ys, depth[:1]).numpy()
+    got = table.psf(xs, ys, depth[:1]).numpy()
+    assert np.sqrt(((got - want) ** 2).sum() / (want**2).sum()) < 0.03
+
+
+def test_a_canonical_models_interpolation_has_the_lens_symmetry(tiny_run, tiny_grid):
+    """The grid's noisy PSFs are not symmetric; the blend's interpolation of them is, as the lens is: the point
+    mirrored in x (in y) gives the kernel with its columns (rows) reversed."""
+    model = load_model(tiny_run / "latest.pt", device="cpu")
+    model.blend.weights[:] = 0.0  # interpolation alone
+    x, y, d = np.array([0.3, 0.7, 0.1]), np.array([0.2, -0.5, 0.6]), np.array([0.5, 1.0, 2.0])
+    at = model.psf(x, y, d)
+    torch.testing.assert_close(model.psf(-x, y, d), at.flip(-1))
+    torch.testing.assert_close(model.psf(x, -y, d), at.flip(-2))
+    info = GridFile.open(tiny_grid)  # the plain baseline is not symmetric: the grid holds Monte Carlo noise
+    plain = [baselines.bicubic(info.grid_psfs(), info.depths, info.grid_size, u, y, d) for u in (x, -x)]
+    assert np.abs(plain[1] - plain[0][..., ::-1]).max() > 1e-3
 
 
 def test_psf_train_fits_the_blend_on_the_validation_points_alone(vignetted_grid, tmp_path):

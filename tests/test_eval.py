@@ -262,7 +262,7 @@ def test_eval_cli_writes_report(tiny_run, tiny_grid, tmp_path):
     got = table.psf(xy[:, 0], xy[:, 1], d, allow_extrapolation=True).numpy()
     assert metrics["tabulated"]["shape"] == list(table.shape)
     deviation = np.sqrt(sq(got - pred).sum() / sq(pred).sum())
-    assert metrics["tabulated"]["deviation_from_network"] == pytest.approx(deviation, rel=1e-3)
+    assert metrics["tabulated"]["deviation_from_model"] == pytest.approx(deviation, rel=1e-3)
     assert 0 < deviation < 0.05
     assert metrics["heldout"]["cvae prior mean (table)"]["all"]["raw"]["n"] == 4
     assert "cvae prior mean, table (cpu)" in metrics["speed_psfs_per_s"] and "x the file's ray tracing" in r.stdout

@@ -2,8 +2,9 @@
 
 The network's PSFs are smooth in the field but not exact: on a coarse grid its fit near the optical axis,
 where the PSF is sharpest, is a few per cent, while the four grid PSFs around the axis are nearly the same
-PSF and bicubic interpolation between them errs by less (docs/results.md, "The centre"). A model that
-answers with the better of the two where each is better is never worse than either there. So::
+PSF and bicubic interpolation between them errs by less (docs/results.md, "The centre and the blend"). A
+model that answers with the better of the two where the validation points say each is better is, on them,
+never worse than either. So::
 
     K(c) = w(r) K_net(c) + (1 - w(r)) K_bicubic(c), each channel renormalised to sum 1
 
@@ -14,8 +15,12 @@ The weights, each one of 0, 0.05, ..., 1, minimise the sum over bands of the poo
 the file's lit validation points in the band, w(r) applied as it will be (``fit``, by coordinate descent:
 psf train, at every checkpoint); never the test points, which psf eval scores. A band with fewer than
 MIN_POINTS validation points keeps the network alone at its node (w = 1). K_bicubic is the evaluation's
-bicubic baseline (psfcvae/evaluation/baselines.py): Catmull-Rom over the field, linear in 1/depth and in
-1/focus between the grid's planes.
+bicubic baseline (psfcvae/evaluation/baselines.py: Catmull-Rom over the field, linear in 1/depth and in
+1/focus between the grid's planes), computed here in torch on the model's device; for a rotationally symmetric
+(canonical-frame) model it is taken at the point's image in the first octant and turned back, as the model's
+table takes every point, so that the table and ``model.psf`` agree everywhere (the grid's own noise is not
+symmetric). Outside the grid (beyond the sensor's edge, or a depth or focus beyond the grid's, which
+allow_extrapolation admits) w is 1: interpolation would only repeat the edge.
 """
 
 from __future__ import annotations
@@ -25,16 +30,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from psfcvae.api.table import anti_transpose
 from psfcvae.evaluation import baselines
 from psfcvae.evaluation.metrics import rel_l2_corrected
 from psfgen.plan.grid import RADIUS_BANDS, radius_band
 
-STEPS = 21  # candidate weights 0, 0.05, ..., 1
+STEPS = 21  # candidate weights 1, 0.95, ..., 0
 MIN_POINTS = 2  # validation points a band needs before its weight is fitted
 SWEEPS = 5  # coordinate-descent passes over the weights at most
 BANDS = len(RADIUS_BANDS) - 1
 # Where each band's weight holds: the middle of the band; w is linear in r between two middles.
 NODES = tuple(0.5 * (lo + hi) for lo, hi in zip(RADIUS_BANDS[:-1], RADIUS_BANDS[1:]))
+SLACK = 1e-9  # relative: a coordinate, depth or focus this close to the grid's range is inside it
 
 
 def profile(r: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -47,8 +54,10 @@ class Blend:
     """The training grid and the network's weight per radius band.
 
     grid [F*D, P, 3, k, k] float16: the file's grid PSFs on its planes p = f*D + d (zeros where dark);
-    grid_size N (P = N²); depths [D] m; focus [F] m ([nan]: one focus); weights [bands] in [0, 1];
-    points [bands]: the validation points that fitted each weight.
+    grid_size N (P = N²); depths [D] m; focus [F] m ([nan]: one focus); weights [BANDS] in [0, 1];
+    points [BANDS]: the validation points that fitted each weight; fold: the sensor's (half-width,
+    half-height) over the longer for a canonical-frame model, whose interpolation is taken in the first octant
+    (module docstring), None otherwise.
     """
 
     grid: torch.Tensor
@@ -57,35 +66,93 @@ class Blend:
     focus: np.ndarray
     weights: np.ndarray
     points: np.ndarray
-    _grid32: np.ndarray | None = field(default=None, repr=False)
+    fold: tuple[float, float] | None = None
+    _ext: dict = field(default_factory=dict, repr=False)  # device -> the grid with ghost borders, float32
 
-    def weight(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """The network's weight w [M] at field points x, y [M]."""
-        return profile(np.hypot(x, y), self.weights)
+    def weight(self, x, y, depth_m, focus_m=None) -> np.ndarray:
+        """The network's weight w [M] at field points x, y [M], depth_m [M] m and focus_m [M] m (None: one focus):
+        profile(r) on the grid, 1 beyond it."""
+        x, y, depth_m = (np.asarray(v, dtype=np.float64) for v in (x, y, depth_m))
+        w = profile(np.hypot(x, y), self.weights)
+        beyond = (np.abs(x) > 1 + SLACK) | (np.abs(y) > 1 + SLACK)
+        beyond |= (depth_m < self.depths.min() * (1 - SLACK)) | (depth_m > self.depths.max() * (1 + SLACK))
+        if focus_m is not None and len(self.focus) > 1:
+            f = np.asarray(focus_m, dtype=np.float64)
+            beyond |= (f < self.focus.min() * (1 - SLACK)) | (f > self.focus.max() * (1 + SLACK))
+        return np.where(beyond, 1.0, w)
 
-    def interpolate(self, x, y, depth_m, focus_m=None) -> np.ndarray:
-        """Bicubic interpolation of the grid at (x, y) [M], depth_m [M] m, focus_m [M] m (None: one focus):
-        [M, 3, k, k] float32, each channel sums to 1 (0 where every neighbour is dark)."""
-        if self._grid32 is None:  # converted once: the table and the API call this chunk by chunk
-            self._grid32 = self.grid.float().numpy()
-        return baselines.bicubic(self._grid32, self.depths, self.grid_size, x, y, depth_m, self.focus, focus_m)
+    def interpolate(self, x, y, depth_m, focus_m=None, device="cpu") -> torch.Tensor:
+        """Bicubic interpolation of the grid at (x, y) [M], depth_m [M] m, focus_m [M] m (None: one focus), in the
+        first octant for a canonical model: [M, 3, k, k] float32 on ``device``, non-negative, each channel sums to
+        1 (0 where every neighbour is dark)."""
+        x, y, depth_m = (np.asarray(v, dtype=np.float64).reshape(-1) for v in (x, y, depth_m))
+        device = torch.device(device)
+        if self.fold is None:
+            return _normalise(self._bicubic(x, y, depth_m, focus_m, device))
+        sx, sy = self.fold
+        px, py = x * sx, y * sy
+        a, b = np.abs(px), np.abs(py)
+        k = self._bicubic(np.maximum(a, b) / sx, np.minimum(a, b) / sy, depth_m, focus_m, device)
+        flag = lambda v: torch.as_tensor(v, device=device).view(-1, 1, 1, 1)  # noqa: E731
+        k = torch.where(flag(b > a), anti_transpose(k), k)  # from the octant back: the table's own order
+        k = torch.where(flag(px < 0), k.flip(-1), k)
+        k = torch.where(flag(py < 0), k.flip(-2), k)
+        return _normalise(k)
+
+    def _bicubic(self, x, y, depth_m, focus_m, device) -> torch.Tensor:
+        """baselines.bicubic before its clip and normalisation, in float32 torch: [M, 3, k, k]."""
+        n, m = self.grid_size, len(x)
+        ext = self._extended(device)  # [F*D * (n+2)², 3k²]
+        row, col = baselines._lattice(n, x, y)
+        r0 = np.clip(np.floor(row).astype(np.int64), 0, n - 2)
+        c0 = np.clip(np.floor(col).astype(np.int64), 0, n - 2)
+        wr, wc = baselines._cubic_weights(row - r0), baselines._cubic_weights(col - c0)  # [M, 4]
+        focus_m = np.full(m, np.nan) if focus_m is None else np.asarray(focus_m, dtype=np.float64).reshape(-1)
+        planes = baselines._plane_weights(self.depths, depth_m, self.focus, focus_m)  # [M, F*D], 4 nonzero at most
+        slots = np.argsort(-planes, axis=1, kind="stable")[:, :4]
+        slot_w = np.take_along_axis(planes, slots, axis=1)
+        side = n + 2
+        out = torch.zeros(m, ext.shape[1], device=device)
+        for s in range(slots.shape[1]):
+            if not slot_w[:, s].any():
+                continue
+            for i in range(4):
+                for j in range(4):
+                    flat = (slots[:, s] * side + r0 + i) * side + c0 + j  # taps r0-1..r0+2 -> ext r0..r0+3
+                    w = torch.as_tensor(slot_w[:, s] * wr[:, i] * wc[:, j], dtype=torch.float32, device=device)
+                    out.addcmul_(ext[torch.as_tensor(flat, device=device)], w[:, None])
+        return out.view(m, *self.grid.shape[2:])
+
+    def _extended(self, device: torch.device) -> torch.Tensor:
+        """The grid on ``device`` as float32 with baselines._bicubic_field's ghost border (2·edge − inner), built
+        once per device: [F*D * (n+2)², 3k²]."""
+        if device not in self._ext:
+            n = self.grid_size
+            v = self.grid.to(device=device, dtype=torch.float32).reshape(len(self.grid), n, n, -1)
+            ext = torch.empty(len(v), n + 2, n + 2, v.shape[-1], device=device)
+            ext[:, 1:-1, 1:-1] = v
+            ext[:, 0, 1:-1], ext[:, -1, 1:-1] = 2 * v[:, 0] - v[:, 1], 2 * v[:, -1] - v[:, -2]
+            ext[:, :, 0], ext[:, :, -1] = 2 * ext[:, :, 1] - ext[:, :, 2], 2 * ext[:, :, -2] - ext[:, :, -3]
+            self._ext[device] = ext.reshape(-1, v.shape[-1])
+        return self._ext[device]
 
     def apply(self, psf: torch.Tensor, x, y, depth_m, focus_m=None) -> torch.Tensor:
         """The network's psf [M, 3, k, k] (or [M, S, 3, k, k], S samples per point) at (x, y, depth_m [m],
         focus_m [m]) [M] blended with the grid's bicubic interpolation: same shape, each channel sums to 1."""
-        w = self.weight(x, y)
+        w = self.weight(x, y, depth_m, focus_m)
         need = np.flatnonzero(w < 1.0)  # w = 1: the network alone, no interpolation to compute
         if not len(need):
             return psf
         pick = lambda v: None if v is None else np.broadcast_to(np.asarray(v, np.float64), w.shape)[need]  # noqa: E731
-        bic = torch.as_tensor(self.interpolate(*(pick(v) for v in (x, y, depth_m, focus_m))), device=psf.device)
+        bic = self.interpolate(*(pick(v) for v in (x, y, depth_m, focus_m)), device=psf.device)
         if psf.dim() == 5:
             bic = bic[:, None]
+        at = torch.as_tensor(need, device=psf.device)
         wt = torch.as_tensor(w[need], dtype=psf.dtype, device=psf.device).view(-1, *[1] * (psf.dim() - 1))
-        mixed = wt * psf[need] + (1.0 - wt) * bic
+        mixed = wt * psf[at] + (1.0 - wt) * bic
         s = mixed.sum(dim=(-2, -1), keepdim=True)
         out = psf.clone()
-        out[need] = torch.where(s > 0, mixed / s.clamp_min(1e-30), psf[need])
+        out[at] = torch.where(s > 0, mixed / s.clamp_min(1e-30), psf[at])
         return out
 
     def state(self) -> dict:
@@ -97,52 +164,71 @@ class Blend:
             "focus": [float(f) for f in self.focus],
             "weights": [float(v) for v in self.weights],
             "points": [int(v) for v in self.points],
+            "fold": None if self.fold is None else [float(v) for v in self.fold],
         }
 
     @classmethod
-    def from_state(cls, state: dict) -> Blend:
-        return cls(
-            grid=state["grid"],
-            grid_size=int(state["grid_size"]),
+    def from_state(cls, state: dict, kernel_size: int, depths, focus) -> Blend:
+        """The blend a checkpoint stored; ValueError where it does not fit the model (its kernel side, depths [m]
+        and focus [m]) or is not a blend."""
+        grid = state["grid"]
+        n = int(state["grid_size"])
+        blend = cls(
+            grid=grid,
+            grid_size=n,
             depths=np.asarray(state["depths"], dtype=np.float64),
             focus=np.asarray(state["focus"], dtype=np.float64),
             weights=np.asarray(state["weights"], dtype=np.float64),
             points=np.asarray(state["points"], dtype=np.int64),
+            fold=None if state["fold"] is None else tuple(float(v) for v in state["fold"]),
         )
+        planes = len(blend.depths) * len(blend.focus)
+        if (
+            not isinstance(grid, torch.Tensor)
+            or tuple(grid.shape) != (planes, n * n, 3, kernel_size, kernel_size)
+            or blend.weights.shape != (BANDS,)
+            or not ((blend.weights >= 0) & (blend.weights <= 1)).all()
+            or not np.array_equal(blend.depths, np.asarray(depths, dtype=np.float64))
+            or not np.array_equal(blend.focus, np.asarray(focus, dtype=np.float64), equal_nan=True)
+        ):
+            raise ValueError("the blend does not fit the model")
+        return blend
 
     def describe(self) -> str:
-        """'network weight 0.00 / 0.75 / 0.80 / 0.95 by radius band (2 / 2 / 3 / 3 validation points)'."""
+        """'network weight 0.00 / 0.75 / 0.80 / 0.95 by radius band, ... (2 / 2 / 3 / 3 validation points)'."""
         w = " / ".join(f"{v:.2f}" for v in self.weights)
         n = " / ".join(str(int(v)) for v in self.points)
         return f"network weight {w} by radius band, the rest bicubic interpolation ({n} validation points)"
 
 
-def fit(grid: np.ndarray, grid_size: int, depths, focus, net_psf: np.ndarray, validation: dict) -> Blend:
+def fit(grid, grid_size: int, depths, focus, net_psf: np.ndarray | None, validation: dict, fold=None) -> Blend:
     """The blend of the network's PSFs net_psf [V, 3, k, k] at the lit validation points ``validation``
     (GridFile.heldout's entries: coords [V, 2], depth [V] m, focus [V] m, psf_a, psf_b [V, 3, k, k]) with the
-    grid [F*D, P, 3, k, k] (depths [D] m, focus [F] m): the weights of the lowest sum over bands of the pooled
-    noise-corrected error (the module's docstring)."""
+    grid [F*D, P, 3, k, k] float16 (depths [D] m, focus [F] m; fold: Blend.fold): the weights of the lowest sum over
+    bands of the pooled noise-corrected error (the module's docstring)."""
     focus = np.asarray(focus, dtype=np.float64)
     blend = Blend(
-        grid=torch.as_tensor(np.asarray(grid), dtype=torch.float16),
+        grid=torch.as_tensor(grid, dtype=torch.float16),  # no copy when it already is (psf train's)
         grid_size=int(grid_size),
         depths=np.asarray(depths, dtype=np.float64),
         focus=focus,
         weights=np.ones(BANDS),
         points=np.zeros(BANDS, dtype=np.int64),
+        fold=None if fold is None else tuple(float(v) for v in fold),
     )
     coords = validation["coords"]
     if not len(coords):
         return blend
     focus_m = None if len(focus) == 1 else validation["focus"]
-    bic = blend.interpolate(coords[:, 0], coords[:, 1], validation["depth"], focus_m)
+    bic = blend.interpolate(coords[:, 0], coords[:, 1], validation["depth"], focus_m).numpy()
     band = radius_band(coords)
     blend.points[:] = np.bincount(band, minlength=BANDS)
     scored = [b for b in range(BANDS) if blend.points[b] >= MIN_POINTS]
     a, c = validation["psf_a"], validation["psf_b"]
+    r = np.hypot(coords[:, 0], coords[:, 1])
 
     def loss(weights: np.ndarray) -> float:
-        mixed = _mix(profile(np.hypot(coords[:, 0], coords[:, 1]), weights), net_psf, bic)
+        mixed = _mix(profile(r, weights), net_psf, bic)
         return sum(rel_l2_corrected(mixed[band == b], a[band == b], c[band == b])[1] for b in scored)
 
     candidates = np.linspace(1.0, 0.0, STEPS)  # from the network alone down: a tie keeps the larger weight
@@ -162,3 +248,10 @@ def _mix(w: np.ndarray, net: np.ndarray, bic: np.ndarray) -> np.ndarray:
     mixed = w * net + (1.0 - w) * bic
     s = mixed.sum(axis=(-2, -1), keepdims=True)
     return np.where(s > 0, mixed / np.where(s > 0, s, 1.0), net)
+
+
+def _normalise(k: torch.Tensor) -> torch.Tensor:
+    """k [M, 3, k, k] clipped at 0, each channel divided by its sum (left 0 where the sum is 0)."""
+    k = k.clamp_min(0.0)
+    s = k.sum(dim=(-2, -1), keepdim=True)
+    return torch.where(s > 0, k / s.clamp_min(1e-30), k)

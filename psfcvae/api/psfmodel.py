@@ -336,19 +336,20 @@ class PSFModel:
         """PSFs at conditions cond [B, C]: [B, 3, k, k] (or [B, n_samples, 3, k, k]), zero where not lit.
         CHUNK conditions at a time: the networks' intermediates grow with the batch, the output alone is kept."""
         parts = []
-        for c in cond.split(CHUNK):
+        for c, ok in zip(cond.split(CHUNK), lit.split(CHUNK)):
             if mode == "mean":
-                parts.append(self.net.sample_from_prior(c, mean=True))
+                out = self.net.sample_from_prior(c, mean=True)
             else:
                 draws = torch.stack([self.net.sample_from_prior(c) for _ in range(n_samples)], dim=1)
-                parts.append(draws[:, 0] if n_samples == 1 else draws)
+                out = draws[:, 0] if n_samples == 1 else draws
+            if not torch.isfinite(out[ok]).all():  # far outside the trained range the encoding can overflow
+                raise InputError(
+                    "the model gives no finite PSF at these coordinates or depths (too far outside the "
+                    "trained range to extrapolate); bring them closer to the field and the trained depths"
+                )
+            parts.append(self.blended(out, c))
         out = torch.cat(parts)
-        if not torch.isfinite(out[lit]).all():  # far outside the trained range the encoding can overflow
-            raise InputError(
-                "the model gives no finite PSF at these coordinates or depths (too far outside the "
-                "trained range to extrapolate); bring them closer to the field and the trained depths"
-            )
-        return self.blended(out, cond) * lit.view(-1, *[1] * (out.dim() - 1))
+        return out * lit.view(-1, *[1] * (out.dim() - 1))
 
     def blended(self, psf: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """The network's PSFs psf [B, 3, k, k] (or [B, S, 3, k, k]) at conditions cond [B, C], blended with the
@@ -392,7 +393,8 @@ class PSFModel:
 
     @torch.no_grad()
     def sample_from_prior(self, coords) -> torch.Tensor:
-        """As in the spec: coords [B, C] (x, y[, d]) already in model space -> [B, 3, k, k], z ~ p(z|c)."""
+        """As in the spec: coords [B, C] (x, y[, d]) already in model space -> [B, 3, k, k], z ~ p(z|c): the
+        network alone, without the blend that ``psf`` applies."""
         return self.net.sample_from_prior(torch.as_tensor(coords, dtype=torch.float32, device=self.device))
 
     @torch.no_grad()
@@ -460,8 +462,14 @@ def load_model(path: str | Path, device="auto") -> PSFModel:
     info["path"] = str(path)
     info["optics"] = ckpt["optics"]  # kernel pitch for psf render (psfcvae/optics.py); None: the file lacked it
     try:
-        blend = None if ckpt["blend"] is None else Blend.from_state(ckpt["blend"])
-    except (TypeError, KeyError, ValueError):
+        blend = (
+            None
+            if ckpt["blend"] is None
+            else Blend.from_state(
+                ckpt["blend"], net.args.kernel_size_small, fingerprint["depths"], fingerprint["focus"]
+            )
+        )
+    except (TypeError, KeyError, ValueError, AttributeError):
         raise InputError(
             f"checkpoint {path} holds no valid 'blend'; it was not written by 'psf train' or was edited"
         ) from None

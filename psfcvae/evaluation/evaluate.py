@@ -438,7 +438,7 @@ def _model_metrics(result: dict, arrays: EvalArrays, model: PSFModel, n: int) ->
         result["tabulated"] = {
             "shape": list(arrays.table.shape),
             "mib": arrays.table.nbytes / 2**20,
-            "deviation_from_network": float(np.sqrt(((tab - net) ** 2).sum() / (net**2).sum())),
+            "deviation_from_model": float(np.sqrt(((tab - net) ** 2).sum() / (net**2).sum())),
         }
     if torch.cuda.is_available():
         speeds["cvae prior mean (cuda)"] = _model_speed(model, torch.device("cuda"), focus)
@@ -651,7 +651,7 @@ def format_table(result: dict) -> str:
         t = result["tabulated"]
         lines.append(
             f"table: {' x '.join(map(str, t['shape']))} (radii x angles x depths), {t['mib']:.0f} MiB; "
-            f"{100 * t['deviation_from_network']:.2f}% from the network at the test points"
+            f"{100 * t['deviation_from_model']:.2f}% from model.psf at the test points"
         )
     if "uncertainty" in result:
         rho = result["uncertainty"]["spearman_prior_std_vs_error"]

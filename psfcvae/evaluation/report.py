@@ -35,7 +35,7 @@ DEFINITIONS = [
         "prior mean (table)",
         "canonical models only: the same prior mean precomputed over (radius, angle, depth) and "
         "interpolated, as model.tabulate() gives it (psfcvae/api/table.py, docs/speed.md): tens of "
-        "times faster on a CPU; its deviation from the network is in metrics.json ('tabulated').",
+        "times faster on a CPU; its deviation from the model (model.psf) is in metrics.json ('tabulated').",
     ),
     (
         "posterior recon",

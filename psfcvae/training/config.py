@@ -20,7 +20,7 @@ class TrainConfig:
     bilinear interpolation (README, "Why these defaults"). configs/cvae_v1.yaml is the spec.
 
     The keys that may say auto (grid_size None, condition_on_depth, condition_frame, in_memory,
-    max_steps) are decided for the grid file by ``training.resolve``; a run records the result."""
+    max_steps, blend) are decided for the grid file by ``training.resolve``; a run records the result."""
 
     # Data
     data: str = ""  # grid HDF5 file written by `psf generate`
@@ -60,9 +60,10 @@ class TrainConfig:
     # grid_size²), rounded up: the passes over the grid the two benchmark lenses needed (README)
     max_steps: int | str = "auto"
     # What the model answers with (not in the spec): bicubic, the network blended with bicubic interpolation of the
-    # grid by radius band, each band's weight fitted on the validation points at every checkpoint
-    # (psfcvae/api/blend.py); none, the network alone
-    blend: str = "bicubic"
+    # grid by radius band, each band's weight fitted on the validation points at every checkpoint, which carries the
+    # grid (psfcvae/api/blend.py); none, the network alone; auto: bicubic unless the model does not take the depth
+    # of a file of several, or the grid would add over BLEND_GRID_LIMIT to every checkpoint
+    blend: str = "auto"
     # Schedule and bookkeeping
     log_every: int = 50  # steps between scalar logs
     val_every: int = 500  # steps between validations (and image logs)
@@ -130,7 +131,7 @@ class TrainConfig:
             "condition_frame": ("auto", "canonical", "cartesian"),
             "condition_on_depth": ("auto", "true", "false"),
             "focus_code": ("inverse", "defocus"),
-            "blend": ("bicubic", "none"),
+            "blend": ("auto", "bicubic", "none"),
             "in_memory": ("auto", "true", "false"),
         }
         for key, allowed in choices.items():

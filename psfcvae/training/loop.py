@@ -52,6 +52,8 @@ from psfgen.shared.provenance import now, versions
 log = logging.getLogger(__name__)
 
 IN_MEMORY_AUTO_LIMIT = 2 * 2**30  # bytes: 'auto' holds grids below this in RAM
+# bytes: blend auto carries grids up to this (float16) in every checkpoint; a 51 x 51 grid on 33 planes is 116 MiB
+BLEND_GRID_LIMIT = 2**30
 
 
 class TrainingError(RuntimeError):
@@ -115,14 +117,30 @@ def resolve(cfg: TrainConfig, info: GridFile, ckpt: dict | None = None) -> Train
         condition_frame=frame,
         in_memory=_decide(cfg.in_memory, grid_bytes < IN_MEMORY_AUTO_LIMIT),
     )
-    if resolved.blend == "bicubic" and resolved.condition_on_depth == "false" and len(info.depths) > 1:
+    resolved = dataclasses.replace(resolved, blend=_blend(resolved, info))
+    check_model_size(resolved)  # the file's kernel side decides the decoder's output
+    return resolved
+
+
+def _blend(cfg: TrainConfig, info: GridFile) -> str:
+    """blend decided (bicubic | none): auto is bicubic unless the model does not take the depth of a file of several
+    (the blend interpolates at the query's depth, which such a model's condition lacks) or the grid, carried in
+    every checkpoint, is over BLEND_GRID_LIMIT; one log line says why not."""
+    blind = cfg.condition_on_depth == "false" and len(info.depths) > 1
+    if cfg.blend == "bicubic" and blind:
         raise InputError.for_key(
             "blend",
             f"is bicubic, which needs the depth in the condition, but condition_on_depth is false on a file of "
             f"{len(info.depths)} depths: set blend: none, or condition_on_depth: true",
         )
-    check_model_size(resolved)  # the file's kernel side decides the decoder's output
-    return resolved
+    if cfg.blend != "auto":
+        return cfg.blend
+    size = info.n_planes * info.grid_size**2 * 3 * info.kernel_size_small**2 * 2  # float16
+    if blind or size > BLEND_GRID_LIMIT:
+        why = "the model does not take the depth" if blind else f"the grid would add {size / 2**30:.1f} GiB to it"
+        log.info("blend auto: none (the network alone): %s", why)
+        return "none"
+    return "bicubic"
 
 
 def _decide(choice: str, when_auto: bool) -> str:
@@ -271,7 +289,7 @@ class Run:
     writer: SummaryWriter | None  # TensorBoard, on the main process only
     selection: dict | None = None  # what chooses best.pt (selection()): every checkpoint records it
     validation: dict | None = None  # the lit validation points (GridFile.heldout's entries): what fits the blend
-    blend_grid: np.ndarray | None = None  # [F*D, P, 3, k, k] the grid PSFs the blend interpolates; None: blend none
+    blend_grid: torch.Tensor | None = None  # [F*D, P, 3, k, k] float16: the grid the blend interpolates (main only)
 
     @property
     def main(self) -> bool:
@@ -313,7 +331,8 @@ def _train(cfg: TrainConfig, info: GridFile, args: ModelArgs, ckpt: dict | None,
 
     # --- the data: the grid's conditions and the validation points without dark points, batches from step on
     conds, heldout = _lit_data(run)
-    grid = info.grid_psfs() if cfg.blend == "bicubic" else None
+    # the blend's grid, held once as the float16 every checkpoint stores (the main process alone writes them)
+    grid = torch.as_tensor(info.grid_psfs(), dtype=torch.float16) if cfg.blend == "bicubic" and run.main else None
     run = dataclasses.replace(run, selection=selection(info, heldout), validation=heldout, blend_grid=grid)
     loader = _loader(run, step)
 
@@ -722,7 +741,8 @@ def fit_blend(run: Run) -> blend.Blend:
         pred = model.sample_from_prior(model.condition(val["coords"], val["depth"], val["focus"]), mean=True)
         pred = pred.cpu().numpy()
         model.train()
-    return blend.fit(run.blend_grid, info.grid_size, info.depths, info.focus, pred, val)
+    fold = tuple(model.args.field_scale) if model.canonical else None  # the table's octant (blend.Blend.fold)
+    return blend.fit(run.blend_grid, info.grid_size, info.depths, info.focus, pred, val, fold)
 
 
 def _finish(run: Run, metrics: dict, steps: int, elapsed: float) -> None:
@@ -731,7 +751,7 @@ def _finish(run: Run, metrics: dict, steps: int, elapsed: float) -> None:
         rate = steps / elapsed if elapsed > 0 else float("nan")
         log.info("%d steps in %.1f s (%.1f steps/s); logs: %s", steps, elapsed, rate, run.run_dir / "tb")
         if run.blend_grid is not None:
-            log.info("blend: %s", fit_blend(run).describe())
+            log.info("blend of latest.pt: %s", fit_blend(run).describe())
         hparams = {k: v for k, v in configio.to_dict(run.cfg).items() if isinstance(v, (int, float, str, bool))}
         tblog.write_hparams(run.writer, hparams, metrics)
         run.writer.close()
