@@ -378,7 +378,12 @@ def _logs_above_bars():
 )
 @click.option("--focus-min", type=float, help="Nearest focus [m] of a range spaced uniformly in 1/focus.")
 @click.option("--focus-max", type=float, help="Farthest focus [m] of the range (inf allowed).")
-@click.option("--num-focus", type=int, help="Number of focus settings in the range (at least 2).")
+@click.option(
+    "--num-focus",
+    type=str,
+    help="Number of focus settings in the range (at least 2), or auto: a short pilot trace picks 3, 5, 9, 17 or 33 "
+    "from how fast the lens's PSFs change with focus (docs/dataset.md, Focus) [default: auto].",
+)
 @click.option(
     "--spp",
     type=int,

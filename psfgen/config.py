@@ -50,9 +50,11 @@ class GenerateConfig:
     # inf (YAML .inf or "inf") focuses at infinity. None: the sensor where the lens file puts it.
     focus_m: tuple[float, ...] | None = None
     # Or a range of num_focus focus distances uniform in 1/focus from focus_min to focus_max [m] (which may be inf).
+    # num_focus "auto" (what None means with a range): a pilot trace picks 3, 5, 9, 17 or 33 from how fast the lens's
+    # PSFs change with focus (psfgen/plan/focusplan.py), and psf generate records them in focus_m.
     focus_min: float | None = None
     focus_max: float | None = None
-    num_focus: int | None = None
+    num_focus: int | str | None = None
     spp: int | None = None  # rays per point source and wavelength for the grid; None: 18903, or from ray_budget
     # Rays per colour for the grid over all depths (depths x grid_size^2 x spp); None: grid_size and spp as given
     # (with num_depths auto and neither given: the default 5 depths' rays). With one of them it fixes the other;
@@ -139,13 +141,14 @@ class GenerateConfig:
         # the budget; given, they are checked here, before a pilot is traced.
         if self.noise_points is not None and self.grid_size is not None:
             check_noise_points(self.noise_points, self.grid_size)
-        if self.auto_depths():  # the budget must afford the fewest depths the pilot may choose
-            budget.resolve(self.budget(), self.grid_size, self.spp, budget.DEPTH_CHOICES[0], self.focus_count())
-        elif self.ray_budget is not None:  # the budget must afford the depths given
-            budget.resolve(self.budget(), self.grid_size, self.spp, self.depth_count(), self.focus_count())
-        # A pilot on each shard could choose otherwise: every shard must trace the same depths and window.
+        # The budget must afford the depths and focus settings given, or the fewest a pilot may choose.
+        depths = budget.DEPTH_CHOICES[0] if self.auto_depths() else self.depth_count()
+        focus = self.least_focus_count()
+        budget.resolve(self.budget(focus), self.grid_size, self.spp, depths, focus)
+        # A pilot on each shard could choose otherwise: every shard must trace the same depths, focus and window.
         pilots = (
             (self.auto_depths(), "num_depths", "depths", "number of depths"),
+            (self.auto_focus(), "num_focus", "focus settings", "number of focus settings"),
             (self.auto_window(), "kernel_size", "window", "kernel size"),
         )
         for auto, key, what, give in pilots:
@@ -165,7 +168,10 @@ class GenerateConfig:
         check_device(self)
 
     def _check_focus(self) -> None:
-        """focus_m: positive, distinct metres (inf allowed); or focus_min, focus_max and num_focus together."""
+        """focus_m: positive, distinct metres (inf allowed); or focus_min and focus_max, with num_focus (a count, or
+        auto: also what none means)."""
+        if isinstance(self.num_focus, str) and self.num_focus != "auto":
+            raise InputError.for_key("num_focus", f"must be a whole number or auto, got {self.num_focus!r}")
         ranged = {k: getattr(self, k) for k in ("focus_min", "focus_max", "num_focus")}
         given = [k for k, v in ranged.items() if v is not None]
         if self.focus_m is not None:
@@ -185,12 +191,12 @@ class GenerateConfig:
             return
         if not given:
             return
-        missing = [k for k, v in ranged.items() if v is None]
+        missing = [k for k in ("focus_min", "focus_max") if ranged[k] is None]
         if missing:
             raise InputError.for_key(
                 given[0],
-                f"needs {' and '.join(missing)} too: a focus range is focus_min, focus_max and num_focus "
-                "(--focus-min, --focus-max, --num-focus)",
+                f"needs {' and '.join(missing)} too: a focus range is focus_min and focus_max (--focus-min, "
+                "--focus-max), with num_focus settings (--num-focus; auto when not given)",
             )
         if not (self.focus_min > 0 and np.isfinite(self.focus_min)):
             raise InputError.for_key("focus_min", f"must be positive (metres), got {self.focus_min}")
@@ -200,32 +206,51 @@ class GenerateConfig:
                 "focus_max",
                 "focus_min",
             )
-        check_at_least(self, 2, "num_focus")
+        if not self.auto_focus():
+            check_at_least(self, 2, "num_focus")
 
     # Derived values. Kept as methods, not fields, so they cannot disagree with the fields.
-    def budget(self) -> int | None:
+    def budget(self, num_focus: int | None = None) -> int | None:
         """The rays per colour the grid spends over all planes (depths x focus settings): ray_budget; with
         num_depths auto and not both grid_size and spp given, the default 5 depths' rays at each focus (auto moves
-        them between depths, it adds none); None: grid_size and spp as given or by default."""
+        them between depths, it adds none); None: grid_size and spp as given or by default.
+        num_focus: num_focus auto's choice, the F of that default (the config's own count otherwise)."""
         if self.ray_budget is None and self.auto_depths() and (self.grid_size is None or self.spp is None):
-            return budget.DEFAULT_RAY_BUDGET * budget.DEFAULT_NUM_DEPTHS * self.focus_count()
+            focus = self.focus_count() if num_focus is None else num_focus
+            if focus is None:
+                raise ValueError("num_focus auto: the default budget needs the chosen number of focus settings")
+            return budget.DEFAULT_RAY_BUDGET * budget.DEFAULT_NUM_DEPTHS * focus
         return self.ray_budget
 
-    def focus_values(self) -> np.ndarray | None:
+    def focus_values(self, num_focus: int | None = None) -> np.ndarray | None:
         """The focus distances [m], ascending (inf last); None without any (the lens file's sensor). A range is
-        spaced uniformly in 1/focus."""
+        spaced uniformly in 1/focus (num_focus of them: the config's, or the given count for num_focus auto)."""
         if self.focus_m is not None:
             return np.array(sorted(self.focus_m), dtype=np.float64)
-        if self.num_focus is None:
+        if self.focus_min is None:
             return None
-        inv = np.linspace(1.0 / self.focus_min, 1.0 / self.focus_max, self.num_focus)  # 1/inf = 0
+        n = self.num_focus if num_focus is None else num_focus
+        if n in (None, "auto"):
+            raise ValueError("num_focus auto: psf generate chooses the focus settings (psfgen.config.resolve)")
+        inv = np.linspace(1.0 / self.focus_min, 1.0 / self.focus_max, n)  # 1/inf = 0
         with np.errstate(divide="ignore"):
             return 1.0 / inv
 
-    def focus_count(self) -> int:
-        """F: how many focus settings (1 without any)."""
+    def focus_count(self) -> int | None:
+        """F: how many focus settings (1 without any); None while num_focus auto waits for its pilot."""
+        if self.auto_focus():
+            return None
         values = self.focus_values()
         return 1 if values is None else len(values)
+
+    def least_focus_count(self) -> int:
+        """The fewest focus settings the run may trace, what a budget must afford: num_focus auto's fewest choice,
+        else F."""
+        return budget.FOCUS_CHOICES[0] if self.auto_focus() else self.focus_count()
+
+    def auto_focus(self) -> bool:
+        """num_focus auto (or none given) with a focus range, the focus settings not chosen yet."""
+        return self.focus_m is None and self.focus_min is not None and self.num_focus in (None, "auto")
 
     def auto_depths(self) -> bool:
         """num_depths auto, the depths not chosen yet."""
@@ -285,19 +310,23 @@ def check_noise_points(noise_points: int, grid_size: int) -> None:
         )
 
 
-def resolve(cfg: GenerateConfig, num_depths: int | None = None, kernel_size: int | None = None) -> GenerateConfig:
+def resolve(
+    cfg: GenerateConfig, num_depths: int | None = None, kernel_size: int | None = None, num_focus: int | None = None
+) -> GenerateConfig:
     """The config a run traces, every auto or default value decided: depths, focus_m (ascending), grid_size and spp
     (from the ray budget), noise_points, heldout_spp, kernel_size. The one step that resolves them; the grid file
     records its result.
 
     num_depths: num_depths auto's choice (the pilot's, or the number of depths of the file a run resumes).
     kernel_size: kernel_size auto's choice [px] (likewise).
+    num_focus: num_focus auto's choice (likewise): the default budget is a single focus's times it.
     """
     if cfg.auto_window() and kernel_size is None:
         raise ValueError("kernel_size auto: psf generate chooses the window (psfgen.plan.windowplan)")
     depths = cfg.depth_values(num_depths)
-    focus = cfg.focus_values()
-    grid_size, spp = budget.resolve(cfg.budget(), cfg.grid_size, cfg.spp, len(depths), cfg.focus_count())
+    focus = cfg.focus_values(num_focus)
+    n_focus = 1 if focus is None else len(focus)
+    grid_size, spp = budget.resolve(cfg.budget(n_focus), cfg.grid_size, cfg.spp, len(depths), n_focus)
     noise_points = default_noise_points(grid_size) if cfg.noise_points is None else cfg.noise_points
     check_noise_points(noise_points, grid_size)
     heldout_spp = 4 * spp if cfg.heldout_spp is None else cfg.heldout_spp

@@ -28,7 +28,7 @@ from psfgen import gridfile
 from psfgen.analysis import litfield, spacing
 from psfgen.config import GenerateConfig, resolve
 from psfgen.gridfile import Block, GridFile
-from psfgen.plan import budget, depthplan, windowplan
+from psfgen.plan import budget, depthplan, focusplan, windowplan
 from psfgen.plan.grid import (
     MIN_TEST_PER_BAND,
     band_test_counts,
@@ -155,6 +155,7 @@ class Run:
     device: torch.device
     plan: depthplan.DepthPlan | None  # num_depths auto's pilot, recorded in a new file
     window: windowplan.WindowPlan | None  # kernel_size auto's pilot, recorded in a new file
+    focus_plan: focusplan.FocusPlan | None  # num_focus auto's pilot, recorded in a new file
     started: float  # time.time() at the start
 
 
@@ -270,17 +271,20 @@ def generate(cfg: GenerateConfig) -> Path:
     out = Path(cfg.out) if shard is None else shard_path(Path(cfg.out), *shard)
     local_rank = int(os.environ["LOCAL_RANK"]) if shard is not None and "LOCAL_RANK" in os.environ else None
     device = resolve_device(cfg.device, local_rank)
-    spent = cfg.budget()  # before auto resolves the grid: its default budget is said too
-    plan, num_depths, window, kernel_size = None, None, None, None
-    if cfg.auto_window() or cfg.auto_depths():  # GenerateConfig.validate refuses a shard with either
+    plan, num_depths, window, kernel_size, focus_plan, num_focus = None, None, None, None, None, None
+    if cfg.auto_window() or cfg.auto_depths() or cfg.auto_focus():  # GenerateConfig.validate refuses a shard with any
         _make_parent(out)  # what the file check would refuse, refused before the pilots' minute
         existing = _existing(cfg, out)
         pilot_lens = _PilotLens(cfg, lens_file, device)
-        if cfg.auto_window():  # first: the depth pilot traces in the chosen window
+        if cfg.auto_window():  # first: the depth and focus pilots trace in the chosen window
             window, kernel_size = _choose_window(cfg, existing, pilot_lens)
-        if cfg.auto_depths():
+        if cfg.auto_depths():  # at the focus range's ends alone: before the focus settings are chosen
             plan, num_depths = _choose_depths(cfg, existing, pilot_lens, kernel_size or cfg.kernel_size)
-    cfg = resolve(cfg, num_depths, kernel_size)  # every auto and default value decided: the file records this config
+        if cfg.auto_focus():  # at the depths the run traces
+            focus_plan, num_focus = _choose_focus(cfg, existing, pilot_lens, kernel_size or cfg.kernel_size, num_depths)
+    spent = cfg.budget(num_focus)  # before auto resolves the grid: its default budget is said too
+    # Every auto and default value decided: the file records this config.
+    cfg = resolve(cfg, num_depths, kernel_size, num_focus)
     if spent is not None:
         log.info("%s", budget.explain(spent, cfg.grid_size, cfg.spp, cfg.depth_count(), cfg.focus_count()))
     identity = {"params": cfg.run_params(), "lens_sha256": lens_file.sha256, "tracer": illumination.TRACER_VERSION}
@@ -288,7 +292,7 @@ def generate(cfg: GenerateConfig) -> Path:
     check_memory(cfg, device)
     _make_parent(out)
     with locking.exclusive(out, "psf generate"):  # from the check of the file to the last block
-        return _trace_all(Run(cfg, out, run_id, lens_file, shard, device, plan, window, t_start))
+        return _trace_all(Run(cfg, out, run_id, lens_file, shard, device, plan, window, focus_plan, t_start))
 
 
 def build_lenses(lens_file: LensFile, device: torch.device, seed: int, focus) -> dict:
@@ -305,14 +309,15 @@ def build_lenses(lens_file: LensFile, device: torch.device, seed: int, focus) ->
 
 
 def _pilot_focus(cfg: GenerateConfig) -> list[float | None]:
-    """The focus settings the pilots trace at: the nearest and the farthest [m] (None: the lens file's sensor)."""
-    focus = cfg.focus_values()
+    """The focus settings the window and depth pilots trace at: the nearest and the farthest [m] (None: the lens
+    file's sensor); with num_focus auto, the range's ends, which every choice of it has."""
+    focus = cfg.focus_values(budget.FOCUS_CHOICES[0] if cfg.auto_focus() else None)
     return [None] if focus is None else sorted({float(focus[0]), float(focus[-1])})
 
 
 class _PilotLens:
-    """The lenses the pilots trace, focused as the run is at its extreme focus settings; each built once, when a
-    pilot first needs it."""
+    """The lenses the pilots trace, each refocused as the run refocuses (build_lenses: at the range's ends for the
+    window and depth pilots, across it for the focus pilot); each built once, when a pilot first needs it."""
 
     def __init__(self, cfg: GenerateConfig, lens_file: LensFile, device: torch.device):
         self.cfg, self.lens_file, self.device, self.lenses = cfg, lens_file, device, {}
@@ -356,14 +361,50 @@ def _choose_depths(cfg: GenerateConfig, existing: GridFile | None, pilot_lens: _
         )
         log.info("%s", plans[-1].describe())
     plan = max(plans, key=lambda p: p.num_depths)  # the first of equals: the nearest focus
-    n = plan.num_depths
-    choices = budget.DEPTH_CHOICES
-    while n > choices[0] and not budget.affords(cfg.budget(), cfg.grid_size, cfg.spp, n, cfg.focus_count()):
-        n = choices[choices.index(n) - 1]  # validate() checked the fewest fit
-    if n != plan.num_depths:
-        log.warning("num_depths auto: the ray budget affords %d depths, not the %d the pilot chose", n, plan.num_depths)
-        plan = dataclasses.replace(plan, num_depths=n)
-    return plan, n
+    # With num_focus auto too, at its fewest focus settings: the focus pilot then fits its count to these depths.
+    focus = cfg.least_focus_count()
+    n = _afforded(
+        plan.num_depths,
+        budget.DEPTH_CHOICES,
+        "num_depths",
+        "depths",
+        lambda n: budget.affords(cfg.budget(focus), cfg.grid_size, cfg.spp, n, focus),
+    )
+    return (plan if n == plan.num_depths else dataclasses.replace(plan, num_depths=n)), n
+
+
+def _choose_focus(cfg: GenerateConfig, existing: GridFile | None, pilot_lens: _PilotLens, kernel_size: int,
+                  num_depths: int | None):  # fmt: skip
+    """num_focus auto: (the pilot's FocusPlan or None, the number of focus settings). A resumed run keeps the number
+    its file records, as _choose_depths does. kernel_size: the traced window's side [px]; num_depths: num_depths
+    auto's choice (None: the config's depths)."""
+    if existing is not None and existing.focus_plan is not None:
+        n = existing.focus_plan["num_focus"]
+        log.info("num_focus auto: %d focus settings, as chosen when %s was started", n, existing.path)
+        return None, n
+    depths = cfg.depth_values(num_depths)
+    plan = focusplan.pilot(pilot_lens.get, cfg.focus_min, cfg.focus_max, depths, kernel_size, cfg.kernel_size_small,
+                           cfg.seed)  # fmt: skip
+    log.info("%s", plan.describe())
+    n = _afforded(
+        plan.num_focus,
+        budget.FOCUS_CHOICES,
+        "num_focus",
+        "focus settings",
+        lambda n: budget.affords(cfg.budget(n), cfg.grid_size, cfg.spp, len(depths), n),
+    )
+    return (plan if n == plan.num_focus else dataclasses.replace(plan, num_focus=n)), n
+
+
+def _afforded(n: int, choices: tuple[int, ...], key: str, what: str, affords) -> int:
+    """The most of ``choices`` up to a pilot's choice n that the ray budget affords (affords(count): bool), said
+    when fewer than n. validate() checked the fewest fit."""
+    chosen = n
+    while n > choices[0] and not affords(n):
+        n = choices[choices.index(n) - 1]
+    if n != chosen:
+        log.warning("%s auto: the ray budget affords %d %s, not the %d the pilot chose", key, n, what, chosen)
+    return n
 
 
 def _trace_all(run: Run) -> Path:
@@ -487,6 +528,8 @@ def _header(run: Run, lens) -> dict:
         attrs["depth_plan"] = run.plan.to_json()
     if run.window is not None:  # kernel_size auto: what the pilot measured, and the side a resume keeps
         attrs["window_plan"] = run.window.to_json()
+    if run.focus_plan is not None:  # num_focus auto: what the pilot measured, and the count a resume keeps
+        attrs["focus_plan"] = run.focus_plan.to_json()
     return attrs
 
 

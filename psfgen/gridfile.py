@@ -1,6 +1,6 @@
 """The HDF5 grid file: the one module that creates, writes, opens and reads it.
 
-Layout (schema 8; docs/dataset.md):
+Layout (schema 9; docs/dataset.md):
 
     /depths             [D] float64, object depths [m], strictly ascending
     /focus              [F] float64, focus distances [m] the lens was refocused to, strictly ascending, inf allowed
@@ -67,7 +67,7 @@ from psfgen.shared import tempfiles
 from psfgen.shared.errors import DamagedFile, InputError, os_reason
 
 FORMAT = "psf-cvae.grid"
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 LENS_FORMATS = {"json": "DeepLens JSON", "zmx": "Zemax .zmx", "seq": "CODE V .seq"}  # lens_format: its name
 # A lit PSF channel should keep at least this fraction of its valid rays inside the traced window: DeepLens
 # drops the rays beyond it before binning, so a channel keeping less is truncated (generate warns, info and
@@ -585,6 +585,7 @@ class GridFile:
     valid_min_rays_heldout: int
     depth_plan: dict | None  # num_depths auto: the pilot's figures and choice
     window_plan: dict | None  # kernel_size auto: the pilot's figures and choice
+    focus_plan: dict | None  # num_focus auto: the pilot's figures and choice
     shard: tuple[int, int] | None  # (K, N) for a shard file: it owns blocks i with i % N == K
     merged_from: tuple[str, ...] | None
     virtual: bool  # a psf merge --virtual file: its PSFs live in the shard files beside it
@@ -744,6 +745,9 @@ class GridFile:
         window = _json(attrs, "window_plan", dict, optional=True)
         if window is not None and window.get("kernel_size") != kernel_size:
             raise _Damaged(f"attribute window_plan's kernel_size is not the file's {kernel_size} px")
+        focus_plan = _json(attrs, "focus_plan", dict, optional=True)
+        if focus_plan is not None and focus_plan.get("num_focus") != F:
+            raise _Damaged(f"attribute focus_plan's num_focus is not the file's {F} focus settings")
         size = _json(attrs, "sensor_size_mm", list)
         res = _json(attrs, "sensor_res", list)
         if not (len(size) == 2 and all(isinstance(v, (int, float)) and np.isfinite(v) and v > 0 for v in size)):
@@ -815,6 +819,7 @@ class GridFile:
             valid_min_rays_heldout=_scalar(attrs, "valid_min_rays_heldout", int, low=1),
             depth_plan=plan,
             window_plan=window,
+            focus_plan=focus_plan,
             shard=shard,
             merged_from=tuple(str(p) for p in merged) if merged is not None else None,
             virtual=bool(_scalar(attrs, "virtual", bool, optional=True)),

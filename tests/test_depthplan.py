@@ -28,7 +28,7 @@ def test_quadratic_in_inverse_depth_by_hand():
     u = np.linspace(1, 3, M)
     truth = _pilot_field(1 + u**2)
     ok = np.ones((M, 2), bool)
-    errors, noise = depthplan.depth_errors(truth, truth, ok)
+    errors, noise = depthplan.midpoint_errors(truth, truth, ok)
     assert noise == 0
     for d in (3, 5, 9, 17):
         step = (M - 1) // (d - 1)
@@ -46,8 +46,8 @@ def test_noise_is_measured_and_removed():
     rng = np.random.default_rng(0)
     a, b = (truth * (1 + 0.02 * rng.normal(size=truth.shape)) for _ in range(2))
     ok = np.ones((M, 2), bool)
-    clean, _ = depthplan.depth_errors(truth, truth, ok)
-    errors, noise = depthplan.depth_errors(a, b, ok)
+    clean, _ = depthplan.midpoint_errors(truth, truth, ok)
+    errors, noise = depthplan.midpoint_errors(a, b, ok)
     assert noise == pytest.approx(0.02, rel=0.05)
     for d in (3, 5):  # where the change is well above the noise
         assert errors[d] == pytest.approx(clean[d], rel=0.1), d
@@ -57,7 +57,7 @@ def test_noise_is_measured_and_removed():
     # A dark pilot PSF (not lit) is left out: zeros there change nothing.
     dark, ok = truth.copy(), np.ones((M, 2), bool)
     dark[4, 1], ok[4, 1] = 0, False
-    assert depthplan.depth_errors(dark, dark, ok)[0] == pytest.approx(depthplan.depth_errors(truth, truth, ok)[0])
+    assert depthplan.midpoint_errors(dark, dark, ok)[0] == pytest.approx(depthplan.midpoint_errors(truth, truth, ok)[0])
 
 
 def test_the_fewest_depths_within_the_bound_win():

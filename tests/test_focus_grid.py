@@ -114,7 +114,7 @@ def test_held_out_focus_alternates_in_pairs_across_the_depths_alternation():
         (["--focus-m", "1,inf,1"], ("--focus-m must not repeat",)),
         (["--focus-m", "nan"], ("--focus-m must be positive",)),
         (["--focus-m", "near"], ("--focus-m must be a number", "near")),
-        (["--focus-min", "0.5"], ("--focus-min needs focus_max and num_focus",)),
+        (["--focus-min", "0.5"], ("--focus-min needs focus_max too",)),
         (["--focus-m", "1", "--num-focus", "3"], ("--focus-m and --num-focus both give the focus settings",)),
         (["--focus-min", "2", "--focus-max", "1", "--num-focus", "3"], ("--focus-max (1.0) must be beyond",)),
         (["--focus-min", "1", "--focus-max", "inf", "--num-focus", "1"], ("--num-focus must be at least 2",)),
@@ -218,8 +218,8 @@ def _altered(src, dst, change):
 
 
 def test_an_older_schema_or_an_inconsistent_focus_is_refused_in_one_line(focus_grid, tmp_path):
-    old = _altered(focus_grid, tmp_path / "old.h5", lambda f: f.attrs.__setitem__("schema_version", 7))
-    with pytest.raises(InputError, match="has schema version 7, this psf-cvae reads 8; regenerate it with"):
+    old = _altered(focus_grid, tmp_path / "old.h5", lambda f: f.attrs.__setitem__("schema_version", 8))
+    with pytest.raises(InputError, match="has schema version 8, this psf-cvae reads 9; regenerate it with"):
         GridFile.open(old)
 
     def replace(name, value):

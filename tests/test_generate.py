@@ -39,7 +39,7 @@ def test_file_layout_and_invariants(tiny_grid):
     N, D, k = 4, 2, 15
     with h5py.File(tiny_grid, "r") as f:
         a = f.attrs
-        assert a["format"] == "psf-cvae.grid" and a["schema_version"] == 8
+        assert a["format"] == "psf-cvae.grid" and a["schema_version"] == 9
         assert set(json.loads(a["versions"])) >= {"psf-cvae", "deeplens-core", "torch", "h5py"}
         lens_bytes = open(DEFAULT_LENS, "rb").read()
         assert a["lens_sha256"] == hashlib.sha256(lens_bytes).hexdigest()

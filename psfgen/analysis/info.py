@@ -40,13 +40,30 @@ def _requested_budget(cfg: dict) -> str:
     return "" if cfg.get("ray_budget") is None else f"; requested ray_budget {cfg['ray_budget']:,}"
 
 
+def _errors_text(plan: dict) -> str:
+    """A pilot's errors by count, '3: 10.5%, 5: 3.1%, ...' (errors: JSON {count: error})."""
+    errors = plan.get("errors", {})
+    return ", ".join(f"{n}: {100 * e:.1f}%" for n, e in errors.items() if isinstance(e, (int, float)))
+
+
 def _plan_note(grid: GridFile) -> str:
     """Says when num_depths auto chose the depths, and from what."""
     if grid.depth_plan is None:
         return ""
-    errors = grid.depth_plan.get("errors", {})
-    errs = ", ".join(f"{d}: {100 * e:.1f}%" for d, e in errors.items() if isinstance(e, (int, float)))
+    errs = _errors_text(grid.depth_plan)
     return f"  (num_depths auto; pilot's error of interpolating in depth by number of depths {errs})"
+
+
+def focus_plan_lines(grid: GridFile) -> list[str]:
+    """Says when num_focus auto chose the focus settings, and from what: one line, or none when it did not."""
+    plan = grid.focus_plan
+    if plan is None:
+        return []
+    at = ", ".join(f"{d:.4g}" for d in plan.get("depths_m", []) if isinstance(d, (int, float)))
+    return [
+        f"focus plan  num_focus auto: {plan['num_focus']} focus settings; pilot's error of interpolating in focus "
+        f"(at {at} m) by number of focus settings {_errors_text(plan)}"
+    ]
 
 
 def focus_line(grid: GridFile) -> str:
@@ -98,6 +115,7 @@ def summary(path) -> str:
         + f"; kernel pitch {1000 * grid.kernel_pitch_mm:.3g} um",
         f"depths [m]  {', '.join(f'{d:.4g}' for d in depths)}" + _plan_note(grid),
         focus_line(grid),
+        *focus_plan_lines(grid),
         f"spp         {grid.spp} (grid), {grid.heldout_spp} (held-out reference, two halves)",
         f"budget      {grid.n_planes * n**2 * grid.spp:,} rays per colour "
         + (

@@ -5,8 +5,9 @@ R (``ray_budget``) counts the grid's rays per colour over all its planes: focus 
 at fewer rays each, a plane's rays trade interpolation error between grid points for Monte Carlo
 noise in every grid PSF.
 ``choose`` is the split measured best for one depth's rays; ``resolve`` turns the config's
-keys into the grid size and spp that are traced. How many depths is the config's choice
-(``num_depths: auto`` lets a pilot trace choose: psfgen/plan/depthplan.py).
+keys into the grid size and spp that are traced. How many depths and focus settings is the config's
+choice (``num_depths: auto`` and ``num_focus: auto`` let a pilot trace choose: psfgen/plan/depthplan.py,
+psfgen/plan/focusplan.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ DEFAULT_RAY_BUDGET = 40_000_000  # per depth
 DEFAULT_NUM_DEPTHS = 5  # num_depths auto spends the rays of this many default depths over those it picks
 # The numbers of depths num_depths auto chooses from (nested in 1/depth: psfgen/plan/depthplan.py's pilot).
 DEPTH_CHOICES = (3, 5, 9, 17, 33)
+# And the numbers of focus settings num_focus auto chooses from, nested in 1/focus (psfgen/plan/focusplan.py).
+FOCUS_CHOICES = DEPTH_CHOICES
 # Below ~1000 rays a point, tracing costs more per ray (each point's chief-ray search is fixed work:
 # benchmarks/bench_generate.py), a PSF is mostly noise (~18% at 1000 on the default lens) and a point needs 10% of
 # its rays valid to count as lit (illumination.MIN_RAYS = 100); a budget may not go lower.

@@ -66,32 +66,66 @@ class DepthPlan:
         )
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "num_depths": self.num_depths,
-                "errors": {str(k): v for k, v in self.errors.items()},
-                "noise": self.noise,
-                "focus_m": self.focus_m,
-            }
-        )
+        return plan_json(num_depths=self.num_depths, errors=self.errors, noise=self.noise, focus_m=self.focus_m)
 
 
-def depth_errors(a: np.ndarray, b: np.ndarray, ok: np.ndarray) -> tuple[dict[int, float], float]:
-    """a, b: two traces [M, P, 3, k, k] at M = PILOT_DEPTHS depths uniform in 1/depth; ok [M, P] bool (lit in
-    both). Returns ({D: error of interpolating in depth on D depths}, one trace's noise)."""
+def plan_json(**fields) -> str:
+    """A pilot's plan as the grid file records it: JSON of fields, the errors' counts as text keys."""
+    return json.dumps({**fields, "errors": {str(k): v for k, v in fields["errors"].items()}})
+
+
+def nested_counts(m: int) -> list[int]:
+    """The counts of the grids nested in m settings, fewer than m, ascending: every (m - 1) / (n - 1)-th setting,
+    halving the spacing from one to the next; 3, 5, 9, 17 of 33."""
+    counts = []
+    while (m - 1) % 2 == 0 and (m - 1) // 2 >= 2:
+        m = (m - 1) // 2 + 1
+        counts.append(m)
+    return counts[::-1]
+
+
+def midpoint_errors(a: np.ndarray, b: np.ndarray, ok: np.ndarray) -> tuple[dict[int, float], float]:
+    """How well a grid of n of M settings uniform in an inverse distance (1/depth, 1/focus) predicts the settings
+    half way between its neighbours, linearly in it, for each nested n (nested_counts(M)).
+
+    a, b: two traces [M, ..., 3, k, k] at the M settings, in order; ok [M, ...] bool (lit in both). Everything
+    past the first axis is pooled. Returns ({n: pooled relative L2 of the predictions, noise removed}, one trace's
+    noise)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     mean = 0.5 * (a + b)
     diff, norm = pooled(a, b, ok)
     noise2 = diff / norm / 2 if norm > 0 else 0.0  # one trace's squared noise: a - b holds two traces' worth
     m = len(mean)
     errors = {}
-    for d in CHOICES[:-1]:
+    for d in nested_counts(m):
         step = (m - 1) // (d - 1)
         mids = np.arange(step // 2, m - 1, step)
         lo, hi = mids - step // 2, mids + step // 2
         pair = pooled(0.5 * (mean[lo] + mean[hi]), mean[mids], ok[lo] & ok[mids] & ok[hi])
         errors[d] = corrected(noise_removed(pair, noise2 / 2, 0.5))  # a mean of two holds half a trace's noise
     return errors, float(np.sqrt(noise2))
+
+
+def pilot_points(field=None) -> np.ndarray:
+    """The pilot's field points [P, 2]: every (x, y) of field (default PILOT_FIELD), normalised."""
+    field = PILOT_FIELD if field is None else field
+    return np.array([(x, y) for y in field for x in field])
+
+
+def trace_twice(settings, spp: int, kernel_size: int, kernel_size_small: int):
+    """Trace every setting (lens, xy [B, 2], depth [B] m) in order, then all of them again, at spp rays in a
+    kernel_size window. Returns (a, b [M, B, 3, k, k] float, downsampled to k = kernel_size_small; ok [M, B] bool:
+    enough rays in the window, every channel, in both)."""
+    traces = []
+    for _ in range(2):
+        psfs, lit = [], []
+        for lens, xy, depth in settings:
+            psf, _, window = illumination.trace_counted(lens, xy, depth, spp, kernel_size)
+            psfs.append(downsample(psf, kernel_size_small).cpu().numpy())
+            lit.append((window.cpu().numpy() >= illumination.min_rays(spp)).all(axis=-1))
+        traces.append((np.stack(psfs), np.stack(lit)))
+    (a, lit_a), (b, lit_b) = traces
+    return a, b, lit_a & lit_b
 
 
 def choose(errors: dict[int, float]) -> int:
@@ -106,17 +140,10 @@ def pilot(lens, depth_min: float, depth_max: float, kernel_size: int, kernel_siz
     t = time.time()
     torch.manual_seed(seed)
     depths = 1.0 / np.linspace(1.0 / depth_min, 1.0 / depth_max, PILOT_DEPTHS)  # [M] m
-    xy = np.array([(x, y) for y in PILOT_FIELD for x in PILOT_FIELD])  # [P, 2]
-    traces = []
-    for _ in range(2):
-        psfs, lit = [], []
-        for d in depths:  # one depth at a time: memory as one block of 9 points
-            psf, _, window = illumination.trace_counted(lens, xy, np.full(len(xy), d), PILOT_SPP, kernel_size)
-            psfs.append(downsample(psf, kernel_size_small).cpu().numpy())
-            lit.append((window.cpu().numpy() >= illumination.min_rays(PILOT_SPP)).all(axis=-1))
-        traces.append((np.stack(psfs), np.stack(lit)))
-    (a, lit_a), (b, lit_b) = traces
-    errors, noise = depth_errors(a, b, lit_a & lit_b)
+    xy = pilot_points()
+    # one depth at a time: memory as one block of 9 points
+    settings = [(lens, xy, np.full(len(xy), d)) for d in depths]
+    errors, noise = midpoint_errors(*trace_twice(settings, PILOT_SPP, kernel_size, kernel_size_small))
     if not np.isfinite(list(errors.values())).any():
         raise InputError(
             f"the pilot of num_depths auto found no field point lit at three neighbouring depths between "
