@@ -555,9 +555,10 @@ def test_xy_only_model_on_a_multi_depth_file(tiny_grid, tmp_path):
     from psfcvae import train
 
     with pytest.raises(InputError, match="config key 'blend' is bicubic, which needs the depth"):
-        train(small_config(tiny_grid, tmp_path / "xy", max_steps=5, condition_on_depth="false"))
-    run_dir = train(small_config(tiny_grid, tmp_path / "xy", max_steps=5, condition_on_depth="false", blend="none"))
+        train(small_config(tiny_grid, tmp_path / "xy", max_steps=5, condition_on_depth="false", blend="bicubic"))
+    run_dir = train(small_config(tiny_grid, tmp_path / "xy", max_steps=5, condition_on_depth="false"))
     model = load_model(run_dir / "latest.pt")
+    assert model.blend is None and model.info["config"]["blend"] == "none"  # blend auto: the network alone
     assert model.net.args.cond_dim == 2
     torch.testing.assert_close(model.psf(0.1, 0.2, 2.0), model.psf(0.1, 0.2, 0.5))  # depth is not an input
     with pytest.raises(InputError, match="trained range"):
