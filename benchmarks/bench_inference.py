@@ -93,7 +93,8 @@ def main() -> None:
     at = {} if len(model.focus) == 1 else {"focus_m": float(model.focus[0] if focus_m is None else focus_m)}
     network = best_rate(lambda: model.psf(x, y, d, allow_dark=True, **at), n, repeats=3)
 
-    rows = [("ray tracing, spp %d" % args.spp, tracing), ("network prior mean", network)]
+    label = "model prior mean" if model.blend else "network prior mean"  # model.psf: with its blend, or without
+    rows = [("ray tracing, spp %d" % args.spp, tracing), (label, network)]
     if model.net.canonical:
         # the table: built once, then every query is a lookup
         t0 = time.perf_counter()
@@ -104,7 +105,7 @@ def main() -> None:
         dd = 1 / rng.uniform(1 / hi, 1 / lo, 2048)
         R, A, D = table.shape
         logging.info(
-            "table: %d x %d x %d (radii x angles x depths), %.0f MiB, built in %.1f s; %.2f%% from the network "
+            "table: %d x %d x %d (radii x angles x depths), %.0f MiB, built in %.1f s; %.2f%% from model.psf "
             "(pooled relative L2, 2048 random points and depths)",
             R,
             A,

@@ -224,4 +224,4 @@ def test_bench_inference_queries_a_model_over_focus_at_the_focus_it_traces(focus
     monkeypatch.setattr(sys, "argv", ["bench_inference.py", *args])
     with caplog.at_level(logging.INFO):
         bench.main()
-    assert "network prior mean" in caplog.text and "table prior mean" in caplog.text
+    assert "model prior mean" in caplog.text and "table prior mean" in caplog.text  # model.psf (blended) and table

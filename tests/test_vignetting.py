@@ -215,6 +215,12 @@ def test_sample_writes_illumination_and_refuses_a_dark_point(vignetted_run, tmp_
     assert result.exit_code == 0, result.output
     with h5py.File(tmp_path / "m.h5") as f:
         psf, illum = f["psf"][:], f["illumination"][:]
+        model = f.attrs["model"]
+
+    def not_json(constant):  # strict JSON has no NaN or Infinity: another reader would refuse the file
+        raise ValueError(constant)
+
+    assert json.loads(model, parse_constant=not_json)["data_fingerprint"]["focus"] == [None]  # one focus: the lens's
     assert psf.shape == (25, 3, 15, 15) and illum.shape == (25, 3)
     dark = (illum == 0).all(axis=1)
     assert dark[[0, 4, 20, 24]].all() and not dark[12]  # corners dark, the centre lit

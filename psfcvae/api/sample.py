@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from psfcvae.api.psfmodel import load_model
+from psfcvae.evaluation.metrics import focus_json
 from psfcvae.images import mosaic
 from psfgen.gridfile import focus_text
 from psfgen.shared import tempfiles
@@ -119,7 +120,9 @@ def _write(tmp: Path, suffix: str, psf, illum, points, physical, caption, grid_m
                 h5.attrs["focus_m"] = used_focus  # [m]: and its focus (inf allowed; nan: the lens file's own)
                 h5.attrs["mode"] = mode
                 h5.attrs["checkpoint"] = str(checkpoint)
-                h5.attrs["model"] = json.dumps({k: model.info[k] for k in ("step", "data_fingerprint")})
+                fp = model.info["data_fingerprint"]  # strict JSON: its focus as metrics.json writes one (inf, nan)
+                fp = {**fp, "focus": [focus_json(f) for f in fp["focus"]]}
+                h5.attrs["model"] = json.dumps({"step": model.info["step"], "data_fingerprint": fp}, allow_nan=False)
                 h5["illumination"] = illum  # [B, 3], relative to the axis at the same depth; 0 where dark
         else:
             if grid_m is not None:

@@ -612,6 +612,7 @@ def format_table(result: dict) -> str:
         "Test-point relative L2 error, %: noise-corrected pooled (docs/metrics.md), and the raw mean",
         result["protocol"]["statement"],
         f"scored: {measured_points(result)}, reference at spp {result['data']['heldout_spp']}",
+        *_blend_line(result),
         head,
         "-" * len(head),
     ]
@@ -657,6 +658,15 @@ def format_table(result: dict) -> str:
         rho = result["uncertainty"]["spearman_prior_std_vs_error"]
         lines.append(f"rank correlation of prior_std with the prior-mean error: {rho:+.2f}")
     return "\n".join(lines)
+
+
+def _blend_line(result: dict) -> list[str]:
+    """The model's blend with bicubic interpolation (psfcvae/api/blend.py), one wrapped line; none without a model."""
+    ck = result["checkpoint"]
+    if ck is None:
+        return []
+    said = f"blend: {ck['blend']['description']}" if ck["blend"] else "blend: none, the network alone"
+    return textwrap.wrap(said, 99)
 
 
 def _group_lines(result: dict, title: str, groups: list[str]) -> list[str]:

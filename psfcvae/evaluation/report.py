@@ -149,6 +149,7 @@ def _header(result: dict) -> str:
     model = (
         f"checkpoint <code>{html.escape(ck['path'])}</code> at step {ck['step']} (chosen by "
         f"{html.escape(ck['selection']['chosen_by'])} on {ck['selection']['n_points']} validation points)"
+        + (f"; blend: {html.escape(ck['blend']['description'])}" if ck.get("blend") else "; the network alone")
         if ck
         else "no model (interpolation baselines only)"
     )
