@@ -13,6 +13,7 @@ from helpers import small_config
 
 from psfcvae import load_model, train
 from psfcvae.api import blend
+from psfcvae.api.table import anti_transpose
 from psfcvae.evaluation import baselines
 from psfgen.gridfile import GridFile
 from psfgen.plan.grid import TEST
@@ -155,3 +156,35 @@ def test_psf_train_fits_the_blend_on_the_validation_points_alone(vignetted_grid,
         validation = int(np.setdiff1d(np.unique(f["heldout/part"][:]), [TEST])[0])
     val_garbled = garbled("validation", validation)
     assert val_garbled["weights"] != clean["weights"]
+
+
+def test_on_a_sensor_that_is_not_square_the_blend_keeps_the_diagonal_symmetry():
+    """A canonical model's blend looks points up in the first octant, weight included: the point mirrored in the
+    sensor's physical diagonal gets the same weight and the transposed interpolation, though its normalised radius
+    differs (3:2 landscape); on a portrait sensor a point whose octant image leaves the grid keeps the network."""
+    rng = np.random.default_rng(2)
+    n, k = 5, 7
+    grid = rng.uniform(size=(1, n * n, 3, k, k)).astype(np.float32)  # noisy: no symmetry of its own
+    grid /= grid.sum(axis=(-2, -1), keepdims=True)
+    sx, sy = 1.0, 2.0 / 3.0
+    fitted = blend.Blend(
+        grid=torch.as_tensor(grid, dtype=torch.float16),
+        grid_size=n,
+        depths=np.array([1.0]),
+        focus=np.array([np.nan]),
+        weights=np.array([0.2, 0.5, 0.7, 0.9]),
+        points=np.full(4, 3),
+        fold=(sx, sy),
+    )
+    phys = np.array([[0.6, 0.2], [0.3, 0.5], [0.55, 0.1]])  # inside the sensor both ways round
+    x, y = phys[:, 0] / sx, phys[:, 1] / sy
+    xm, ym = phys[:, 1] / sx, phys[:, 0] / sy  # the mirror images in the physical diagonal
+    assert not np.allclose(np.hypot(x, y), np.hypot(xm, ym))  # their normalised radii differ
+    one = np.ones(3)
+    np.testing.assert_allclose(fitted.weight(x, y, one), fitted.weight(xm, ym, one))
+    got = fitted.interpolate(xm, ym, one)
+    torch.testing.assert_close(got, anti_transpose(fitted.interpolate(x, y, one)))
+    portrait = blend.Blend(**{**fitted.__dict__, "fold": (sy, sx), "_ext": {}})
+    # (0.2, 0.9) on a 2:3 portrait sensor is physical (0.13, 0.9): its octant image x' = 0.9 / (2/3) lies off the grid
+    assert portrait.weight(np.array([0.2]), np.array([0.9]), np.ones(1))[0] == 1.0
+    assert portrait.weight(np.array([0.2]), np.array([0.3]), np.ones(1))[0] < 1.0

@@ -4,7 +4,7 @@ The network's PSFs are smooth in the field but not exact: on a coarse grid its f
 where the PSF is sharpest, is a few per cent, while the four grid PSFs around the axis are nearly the same
 PSF and bicubic interpolation between them errs by less (docs/results.md, "The centre and the blend"). A
 model that answers with the better of the two where the validation points say each is better is, on them,
-never worse than either. So::
+no worse than the network alone. So::
 
     K(c) = w(r) K_net(c) + (1 - w(r)) K_bicubic(c), each channel renormalised to sum 1
 
@@ -19,8 +19,10 @@ bicubic baseline (psfcvae/evaluation/baselines.py: Catmull-Rom over the field, l
 1/focus between the grid's planes), computed here in torch on the model's device; for a rotationally symmetric
 (canonical-frame) model it is taken at the point's image in the first octant and turned back, as the model's
 table takes every point, so that the table and ``model.psf`` agree everywhere (the grid's own noise is not
-symmetric). Outside the grid (beyond the sensor's edge, or a depth or focus beyond the grid's, which
-allow_extrapolation admits) w is 1: interpolation would only repeat the edge.
+symmetric). The weight is taken at that octant point too, so the answer keeps the lens's symmetry on a sensor
+that is not square. Outside the grid (beyond the sensor's edge, or, for a model of several depths or focus
+settings, beyond the grid's, which allow_extrapolation admits) w is 1: interpolation would only repeat the
+edge.
 """
 
 from __future__ import annotations
@@ -69,12 +71,24 @@ class Blend:
     fold: tuple[float, float] | None = None
     _ext: dict = field(default_factory=dict, repr=False)  # device -> the grid with ghost borders, float32
 
+    def folded(self, x, y) -> tuple[np.ndarray, np.ndarray]:
+        """Where the blend looks up field points x, y [M]: their image in the first octant (0 <= y' <= x' on the
+        sensor, the table's) for a canonical model, themselves otherwise. Normalised coordinates [M] each."""
+        x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        if self.fold is None:
+            return x, y
+        sx, sy = self.fold
+        a, b = np.abs(x * sx), np.abs(y * sy)
+        return np.maximum(a, b) / sx, np.minimum(a, b) / sy
+
     def weight(self, x, y, depth_m, focus_m=None) -> np.ndarray:
         """The network's weight w [M] at field points x, y [M], depth_m [M] m and focus_m [M] m (None: one focus):
-        profile(r) on the grid, 1 beyond it."""
-        x, y, depth_m = (np.asarray(v, dtype=np.float64) for v in (x, y, depth_m))
-        w = profile(np.hypot(x, y), self.weights)
-        beyond = (np.abs(x) > 1 + SLACK) | (np.abs(y) > 1 + SLACK)
+        profile(r) of the point where it is looked up (``folded``: on a sensor that is not square, mirroring a
+        point in the diagonal changes its normalised radius, and the answer must not change), 1 beyond the grid."""
+        fx, fy = self.folded(x, y)
+        depth_m = np.asarray(depth_m, dtype=np.float64)
+        w = profile(np.hypot(fx, fy), self.weights)
+        beyond = (np.abs(fx) > 1 + SLACK) | (np.abs(fy) > 1 + SLACK)
         beyond |= (depth_m < self.depths.min() * (1 - SLACK)) | (depth_m > self.depths.max() * (1 + SLACK))
         if focus_m is not None and len(self.focus) > 1:
             f = np.asarray(focus_m, dtype=np.float64)
@@ -82,21 +96,19 @@ class Blend:
         return np.where(beyond, 1.0, w)
 
     def interpolate(self, x, y, depth_m, focus_m=None, device="cpu") -> torch.Tensor:
-        """Bicubic interpolation of the grid at (x, y) [M], depth_m [M] m, focus_m [M] m (None: one focus), in the
-        first octant for a canonical model: [M, 3, k, k] float32 on ``device``, non-negative, each channel sums to
-        1 (0 where every neighbour is dark)."""
+        """Bicubic interpolation of the grid at (x, y) [M], depth_m [M] m, focus_m [M] m (None: one focus), taken
+        at the ``folded`` point and turned back: [M, 3, k, k] float32 on ``device``, non-negative, each channel sums
+        to 1 (0 where every neighbour is dark)."""
         x, y, depth_m = (np.asarray(v, dtype=np.float64).reshape(-1) for v in (x, y, depth_m))
         device = torch.device(device)
-        if self.fold is None:
-            return _normalise(self._bicubic(x, y, depth_m, focus_m, device))
-        sx, sy = self.fold
-        px, py = x * sx, y * sy
-        a, b = np.abs(px), np.abs(py)
-        k = self._bicubic(np.maximum(a, b) / sx, np.minimum(a, b) / sy, depth_m, focus_m, device)
-        flag = lambda v: torch.as_tensor(v, device=device).view(-1, 1, 1, 1)  # noqa: E731
-        k = torch.where(flag(b > a), anti_transpose(k), k)  # from the octant back: the table's own order
-        k = torch.where(flag(px < 0), k.flip(-1), k)
-        k = torch.where(flag(py < 0), k.flip(-2), k)
+        k = self._bicubic(*self.folded(x, y), depth_m, focus_m, device)
+        if self.fold is not None:
+            sx, sy = self.fold
+            px, py = x * sx, y * sy
+            flag = lambda v: torch.as_tensor(v, device=device).view(-1, 1, 1, 1)  # noqa: E731
+            k = torch.where(flag(np.abs(py) > np.abs(px)), anti_transpose(k), k)  # back: the table's own order
+            k = torch.where(flag(px < 0), k.flip(-1), k)
+            k = torch.where(flag(py < 0), k.flip(-2), k)
         return _normalise(k)
 
     def _bicubic(self, x, y, depth_m, focus_m, device) -> torch.Tensor:
@@ -149,7 +161,7 @@ class Blend:
             bic = bic[:, None]
         at = torch.as_tensor(need, device=psf.device)
         wt = torch.as_tensor(w[need], dtype=psf.dtype, device=psf.device).view(-1, *[1] * (psf.dim() - 1))
-        mixed = wt * psf[at] + (1.0 - wt) * bic
+        mixed = (wt * psf[at] + (1.0 - wt) * bic).to(psf.dtype)
         s = mixed.sum(dim=(-2, -1), keepdim=True)
         out = psf.clone()
         out[at] = torch.where(s > 0, mixed / s.clamp_min(1e-30), psf[at])
@@ -225,7 +237,7 @@ def fit(grid, grid_size: int, depths, focus, net_psf: np.ndarray | None, validat
     blend.points[:] = np.bincount(band, minlength=BANDS)
     scored = [b for b in range(BANDS) if blend.points[b] >= MIN_POINTS]
     a, c = validation["psf_a"], validation["psf_b"]
-    r = np.hypot(coords[:, 0], coords[:, 1])
+    r = np.hypot(*blend.folded(coords[:, 0], coords[:, 1]))  # as weight() takes it
 
     def loss(weights: np.ndarray) -> float:
         mixed = _mix(profile(r, weights), net_psf, bic)
@@ -236,7 +248,7 @@ def fit(grid, grid_size: int, depths, focus, net_psf: np.ndarray | None, validat
         before = blend.weights.copy()
         for b in scored:
             trials = [loss(np.where(np.arange(BANDS) == b, w, blend.weights)) for w in candidates]
-            blend.weights[b] = candidates[int(np.argmin(trials))]
+            blend.weights[b] = round(float(candidates[int(np.argmin(trials))]), 2)  # 0.65, not 0.6499999999999999
         if np.array_equal(before, blend.weights):
             break
     return blend

@@ -76,6 +76,8 @@ class PSFModel:
 
     def to(self, device) -> PSFModel:
         self.net.to(device)
+        if self.blend is not None:
+            self.blend._ext.clear()  # the grid's copy on the device left behind
         self.device = torch.device(device)
         return self
 

@@ -9,9 +9,9 @@ angle in that octant, depth code) and answers a query by trilinear interpolation
 grid's 15 x 15 kernels, then the symmetry that takes the octant to the query's point.
 No network runs and nothing is rotated per query: the cost is eight kernel reads.
 
-With a blend (psfcvae/api/blend.py), the table holds the blended PSFs, as ``model.psf`` gives them.
-The table is an approximation of the network, not of the lens: its deviation from the
-network is measured (``deviation``, ``psf eval``'s speed lines, docs/speed.md) and is a
+With a blend (psfcvae/api/blend.py), the table holds the blended PSFs, as ``model.psf`` gives them (the blend
+looks every point up in the same octant). The table is an approximation of ``model.psf``, not of the lens: its
+deviation from it is measured (``deviation``, ``psf eval``'s speed lines, docs/speed.md) and is a
 small fraction of the network's own error. Cartesian models have no symmetry to fold the
 field into one octant, and a table over the whole field would be eight times larger; they
 are refused.
