@@ -237,10 +237,11 @@ def fit(grid, grid_size: int, depths, focus, net_psf: np.ndarray | None, validat
     blend.points[:] = np.bincount(band, minlength=BANDS)
     scored = [b for b in range(BANDS) if blend.points[b] >= MIN_POINTS]
     a, c = validation["psf_a"], validation["psf_b"]
-    r = np.hypot(*blend.folded(coords[:, 0], coords[:, 1]))  # as weight() takes it
+    fx, fy = blend.folded(coords[:, 0], coords[:, 1])  # as weight() takes them, the grid's edge included
+    r, off_grid = np.hypot(fx, fy), (np.abs(fx) > 1 + SLACK) | (np.abs(fy) > 1 + SLACK)
 
     def loss(weights: np.ndarray) -> float:
-        mixed = _mix(profile(r, weights), net_psf, bic)
+        mixed = _mix(np.where(off_grid, 1.0, profile(r, weights)), net_psf, bic)
         return sum(rel_l2_corrected(mixed[band == b], a[band == b], c[band == b])[1] for b in scored)
 
     candidates = np.linspace(1.0, 0.0, STEPS)  # from the network alone down: a tie keeps the larger weight
