@@ -334,8 +334,9 @@ class PSFModel:
         x, y = self.coords_at_angle(ax_deg, ay_deg, options.get("allow_extrapolation", False))
         return self.psf(x, y, depth_m, focus_m, **options)
 
-    def _decode(self, cond: torch.Tensor, lit: torch.Tensor, mode: str, n_samples: int) -> torch.Tensor:
-        """PSFs at conditions cond [B, C]: [B, 3, k, k] (or [B, n_samples, 3, k, k]), zero where not lit.
+    def _decode(self, cond: torch.Tensor, lit: torch.Tensor, mode: str, n_samples: int, blend: bool = True):
+        """PSFs at conditions cond [B, C]: [B, 3, k, k] (or [B, n_samples, 3, k, k]), zero where not lit; blend=False:
+        the network alone, without the checkpoint's blend.
         CHUNK conditions at a time: the networks' intermediates grow with the batch, the output alone is kept."""
         parts = []
         for c, ok in zip(cond.split(CHUNK), lit.split(CHUNK)):
@@ -349,7 +350,7 @@ class PSFModel:
                     "the model gives no finite PSF at these coordinates or depths (too far outside the "
                     "trained range to extrapolate); bring them closer to the field and the trained depths"
                 )
-            parts.append(self.blended(out, c))
+            parts.append(self.blended(out, c) if blend else out)
         out = torch.cat(parts)
         return out * lit.view(-1, *[1] * (out.dim() - 1))
 

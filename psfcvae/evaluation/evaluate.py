@@ -372,8 +372,7 @@ def _predictions(model, arrays: EvalArrays, n: int, seed: int) -> dict[str, np.n
             preds[name] = psf.cpu().numpy()
         if model.blend is not None:  # what the blend adds: the network on its own
             cond = model.conditions(x, y, depth_m, focus, allow_extrapolation=True)
-            preds[NETWORK] = (model.net.sample_from_prior(cond, mean=True) * model._lit(cond).view(-1, 1, 1, 1)).cpu()
-            preds[NETWORK] = preds[NETWORK].numpy()
+            preds[NETWORK] = model._decode(cond, model._lit(cond), "mean", 1, blend=False).cpu().numpy()
     where = (x, y, depth_m, arrays.focus, ho["focus"])
     preds["nearest"] = baselines.nearest(arrays.grid, arrays.depths, n, *where)
     preds["bicubic"] = baselines.bicubic(arrays.grid, arrays.depths, n, *where)
