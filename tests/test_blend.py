@@ -37,11 +37,56 @@ def _field(xy: np.ndarray) -> np.ndarray:
     return _gaussians(2.0 * xy**3, 0.6 + 0.8 * (xy**2).sum(axis=1))
 
 
-def test_profile_holds_each_band_weight_at_its_middle_and_is_linear_between():
+def test_profile_holds_each_band_weight_over_the_band_and_turns_to_the_next_just_outside_it():
     w = np.array([0.0, 0.6, 0.8, 1.0])
-    r = np.array([0.0, 0.075, 0.2, 0.325, 0.7, 1.3])
-    # by hand: 0.2 lies 0.125 / 0.25 of the way from the first middle (0.075) to the second (0.325)
-    np.testing.assert_allclose(blend.profile(r, w), [0.0, 0.0, 0.3, 0.6, 0.8, 1.0])
+    r = np.array([0.0, 0.149, 0.15, 0.175, 0.2, 0.5, 0.52, 0.9, 0.95, 1.3])
+    # by hand: the first band's 0 up to its edge 0.15, then linear to 0.6 at 0.15 + RAMP (0.05); and so on
+    np.testing.assert_allclose(blend.profile(r, w), [0.0, 0.0, 0.0, 0.3, 0.6, 0.6, 0.68, 0.8, 1.0, 1.0])
+
+
+def _mirror_field(xy: np.ndarray) -> np.ndarray:
+    """A field with a rotationally symmetric lens's mirror symmetries, in the grid file's orientation (kernel rows
+    along -y), and no other: a spot displaced outwards along (x, -y) by 3 r³ px, elongated along the radius."""
+    k, t = 9, np.arange(9) - 4
+    r = np.hypot(xy[:, 0], xy[:, 1])
+    u = np.where(r > 0, xy[:, 0] / np.where(r > 0, r, 1), 1.0)[:, None, None]  # the radial direction
+    v = np.where(r > 0, -xy[:, 1] / np.where(r > 0, r, 1), 0.0)[:, None, None]  # in (column, row) pixels
+    c, rr = t[None, None, :], t[None, :, None]
+    along = (c - 3 * r[:, None, None] ** 3 * u) * u + (rr - 3 * r[:, None, None] ** 3 * v) * v
+    across = -(c - 3 * r[:, None, None] ** 3 * u) * v + (rr - 3 * r[:, None, None] ** 3 * v) * u
+    spot = np.exp(-0.5 * (along / (0.8 + r[:, None, None])) ** 2 - 0.5 * (across / 0.8) ** 2)
+    spot = np.repeat(spot[:, None], 3, axis=1)
+    return (spot / spot.sum(axis=(-2, -1), keepdims=True)).reshape(-1, 3, k, k)
+
+
+@pytest.mark.parametrize("square", [True, False])
+def test_mirror_averaged_leaves_a_symmetric_grid_alone_and_averages_each_point_with_its_mirror_images(square):
+    n = 6
+    lin = np.linspace(-1, 1, n)
+    coords = np.array([(x, y) for y in lin[::-1] for x in lin])  # rows from y = +1, as the grid file
+    grid = _mirror_field(coords)[None].astype(np.float32)  # [1, P, 3, 9, 9]
+    # the oracle: a field that has the mirror symmetries comes back unchanged (a wrong orientation would not)
+    np.testing.assert_allclose(baselines.mirror_averaged(grid, n, square), grid, atol=1e-7)
+    # noise: each point becomes the mean of its images, the same at every image, whatever the noise was
+    noisy = grid * np.random.default_rng(0).uniform(0.5, 1.5, grid.shape).astype(np.float32)
+    noisy[0, 0] = 0.0  # a dark corner (top left): left out of its images' means
+    noisy[0, n * n - 1, 2] = 0.0  # the bottom-right corner's blue channel dark: its red and green still count
+    total = noisy.sum(axis=(-2, -1), keepdims=True)
+    noisy = np.where(total > 0, noisy / np.where(total > 0, total, 1), 0.0).astype(np.float32)  # channels sum to 1
+    sym = torch.as_tensor(baselines.mirror_averaged(noisy, n, square)).reshape(1, n, n, 3, 9, 9)
+    torch.testing.assert_close(sym.flip(2, -1), sym)  # x -> -x
+    torch.testing.assert_close(sym.flip(1, -2), sym)  # y -> -y
+    diagonal = anti_transpose(anti_transpose(sym).movedim((1, 2), (-2, -1))).movedim((-2, -1), (1, 2))
+    assert torch.allclose(diagonal, sym) == square
+    images = torch.as_tensor(noisy).reshape(1, n, n, 3, 9, 9)
+    top_right = [images[0, 0, -1], images[0, -1, -1].flip(-2), images[0, -1, 0].flip(-2, -1)]  # itself, y, x and y
+    if square:
+        top_right += [anti_transpose(c) for c in top_right]  # (x, y) -> (y, x): the corner's own diagonal mirror
+    want = torch.stack(top_right)
+    lit = want.sum(dim=(-2, -1), keepdim=True) > 0  # per image and channel
+    want = (want * lit).sum(dim=0) / lit.sum(dim=0)
+    torch.testing.assert_close(sym[0, 0, -1], want)
+    assert float(sym[0, 0, -1, 2].sum()) == pytest.approx(1.0, abs=1e-5)  # blue: the mean of its lit images alone
 
 
 def test_fit_chooses_interpolation_where_the_network_is_off_and_the_network_where_it_is_exact():
@@ -65,14 +110,14 @@ def test_fit_chooses_interpolation_where_the_network_is_off_and_the_network_wher
     np.testing.assert_array_equal(fitted.weights[1:], 1.0)  # elsewhere the network is exact: it alone
     np.testing.assert_array_equal(fitted.points, [4, 4, 4, 4])
     # applied: w(r) · network + (1 - w(r)) · the bicubic interpolation of the grid, computed here from the baseline
-    # itself; near the axis w is nearly 0 (2% at r = 0.08, on the way to the next band's 1)
-    for pts, net_pts in ((val_xy[centre], net[centre]), (np.array([[0.2, 0.0]]), _gaussians(np.zeros((1, 2)), 1.0))):
+    # itself; near the axis w is 0, halfway through the turn to the next band's 1 it is 0.5
+    for pts, net_pts in ((val_xy[centre], net[centre]), (np.array([[0.175, 0.0]]), _gaussians(np.zeros((1, 2)), 1.0))):
         (x, y), one = pts.T, np.ones(len(pts))
         w = blend.profile(np.hypot(x, y), fitted.weights)[:, None, None, None]
         bic = baselines.bicubic(grid, np.array([1.0]), n, x, y, one)
         got = fitted.apply(torch.as_tensor(net_pts), x, y, one).numpy()
         np.testing.assert_allclose(got, w * net_pts + (1 - w) * bic, atol=2e-3)  # the grid is stored in float16
-    assert blend.profile(np.array([0.08, 0.2]), fitted.weights).tolist() == pytest.approx([0.02, 0.5])
+    assert blend.profile(np.array([0.08, 0.175]), fitted.weights).tolist() == pytest.approx([0.0, 0.5])
 
 
 def test_a_band_with_too_few_validation_points_keeps_the_network():
@@ -91,11 +136,16 @@ def test_the_api_and_the_table_answer_with_the_blend(tiny_run, tiny_grid):
     model = load_model(tiny_run / "latest.pt", device="cpu")
     assert model.blend is not None and model.blend.fold is not None  # psf train's default; a canonical model
     info = GridFile.open(tiny_grid)
-    # in the first octant (x >= y >= 0 on the sensor), where the interpolation is the plain bicubic baseline
+    # in the first octant (x >= y >= 0 on the sensor), where the interpolation is the bicubic baseline on the grid
+    # averaged over its mirror images (tested above), as psf eval's 'bicubic (mirror-averaged)'
     x, y = np.array([0.05, 0.4, 0.8]), np.array([0.02, 0.3, 0.1])
     depth = np.array([0.5, 0.9, 2.0])
     net = model.net.sample_from_prior(model.conditions(x, y, depth), mean=True).numpy()
-    bic = baselines.bicubic(info.grid_psfs(), info.depths, info.grid_size, x, y, depth)
+    square = model.blend.fold[0] == model.blend.fold[1]
+    sym = baselines.mirror_averaged(info.grid_psfs(), info.grid_size, square)
+    bic = baselines.bicubic(sym, info.depths, info.grid_size, x, y, depth)
+    plain = baselines.bicubic(info.grid_psfs(), info.depths, info.grid_size, x, y, depth)
+    assert np.abs(bic - plain).max() > 1e-3  # the tiny grid's ray noise: the mirror images differ
     model.blend.weights[:] = 0.0  # interpolation alone
     np.testing.assert_allclose(model.psf(x, y, depth).numpy(), bic, atol=2e-3)
     model.blend.weights[:] = 1.0  # the network alone
@@ -156,6 +206,18 @@ def test_psf_train_fits_the_blend_on_the_validation_points_alone(vignetted_grid,
         validation = int(np.setdiff1d(np.unique(f["heldout/part"][:]), [TEST])[0])
     val_garbled = garbled("validation", validation)
     assert val_garbled["weights"] != clean["weights"]
+
+
+def test_the_blend_is_fitted_once_a_step_and_both_checkpoints_of_that_step_hold_it(tiny_grid, tmp_path, monkeypatch):
+    calls = []
+    fit = blend.fit
+    monkeypatch.setattr(blend, "fit", lambda *a, **k: calls.append(1) or fit(*a, **k))
+    # step 2 writes best.pt (its first validation) and latest.pt, then logs the blend; step 4 the same again
+    run = train(small_config(tiny_grid, tmp_path / "r", max_steps=4, val_every=2, checkpoint_every=2))
+    assert len(calls) == 2
+    best, latest = (torch.load(run / f"{n}.pt", weights_only=True) for n in ("best", "latest"))
+    if best["step"] == latest["step"]:
+        assert best["blend"]["weights"] == latest["blend"]["weights"]
 
 
 def test_on_a_sensor_that_is_not_square_the_blend_keeps_the_diagonal_symmetry():

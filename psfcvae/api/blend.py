@@ -8,19 +8,25 @@ no worse than the network alone. So::
 
     K(c) = w(r) K_net(c) + (1 - w(r)) K_bicubic(c), each channel renormalised to sum 1
 
-r = √(x² + y²) in normalised field coordinates (√2 at the sensor's corner). w is piecewise linear in r
-through one weight per radius band of RADIUS_BANDS ([0, 0.15), [0.15, 0.5), [0.5, 0.9), [0.9, √2]), placed at
-the band's middle, and constant beyond the first and last middles: continuous, so a rendering shows no seam.
-The weights, each one of 0, 0.05, ..., 1, minimise the sum over bands of the pooled noise-corrected error on
-the file's lit validation points in the band, w(r) applied as it will be (``fit``, by coordinate descent:
-psf train, at every checkpoint); never the test points, which psf eval scores. A band with fewer than
-MIN_POINTS validation points keeps the network alone at its node (w = 1). K_bicubic is the evaluation's
+r = √(x² + y²) in normalised field coordinates (√2 at the sensor's corner). w holds one weight per radius band
+of RADIUS_BANDS ([0, 0.15), [0.15, 0.5), [0.5, 0.9), [0.9, √2]) over the whole band and turns linearly to the
+next band's weight over the first RAMP of that next band: continuous, so a rendering shows no seam. The turn lies
+outside each band, not across its edge, so that the points nearest the axis, where interpolation is best, keep
+their band's weight to its edge (the demo's centre: 3.0% against 3.3% with the turn centred on the edge, 3.2%
+with w linear between the bands' middles; docs/results.md). The weights, each one of 0, 0.05, ..., 1, minimise
+the sum over bands of the pooled noise-corrected error on the file's lit validation points in the band, w(r)
+applied as it will be (``fit``, by coordinate descent: psf train, at every checkpoint); never the test points,
+which psf eval scores. A band with fewer than MIN_POINTS validation points keeps the network alone (w = 1)
+over it, past the turn from the band before. K_bicubic is the evaluation's
 bicubic baseline (psfcvae/evaluation/baselines.py: Catmull-Rom over the field, linear in 1/depth and in
 1/focus between the grid's planes), computed here in torch on the model's device; for a rotationally symmetric
-(canonical-frame) model it is taken at the point's image in the first octant and turned back, as the model's
-table takes every point, so that the table and ``model.psf`` agree everywhere (the grid's own noise is not
-symmetric). The weight is taken at that octant point too, so the answer keeps the lens's symmetry on a sensor
-that is not square. Outside the grid (beyond the sensor's edge, or, for a model of several depths or focus
+(canonical-frame) model the grid is first averaged over each grid point's mirror images (psf train's
+``blend_grid``, with baselines.mirror_averaged: the mirrors in x and y, and the diagonal too on a square sensor),
+which cuts the ray noise of the grid PSFs it interpolates by half or more (psf eval scores that interpolation
+alone as "bicubic (mirror-averaged)"), and the interpolation is taken at the point's image in the first octant and
+turned back, as the model's table takes every point, so that the table and ``model.psf`` agree everywhere. The
+weight is taken at that octant point too, so the answer keeps the lens's symmetry on a sensor that is not
+square. Outside the grid (beyond the sensor's edge, or, for a model of several depths or focus
 settings, beyond the grid's, which allow_extrapolation admits) w is 1: interpolation would only repeat the
 edge.
 """
@@ -41,21 +47,23 @@ STEPS = 21  # candidate weights 1, 0.95, ..., 0
 MIN_POINTS = 2  # validation points a band needs before its weight is fitted
 SWEEPS = 5  # coordinate-descent passes over the weights at most
 BANDS = len(RADIUS_BANDS) - 1
-# Where each band's weight holds: the middle of the band; w is linear in r between two middles.
-NODES = tuple(0.5 * (lo + hi) for lo, hi in zip(RADIUS_BANDS[:-1], RADIUS_BANDS[1:]))
+RAMP = 0.05  # the radius over which w turns from a band's weight to the next's, from the band's outer edge on
+# w's knots (r, index of the band whose weight holds there): each inner edge, then RAMP beyond it
+KNOTS = tuple((e + d, b + (d > 0)) for b, e in enumerate(RADIUS_BANDS[1:-1]) for d in (0.0, RAMP))
 SLACK = 1e-9  # relative: a coordinate, depth or focus this close to the grid's range is inside it
 
 
 def profile(r: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """The network's weight w [M] at radii r [M] from the bands' weights [BANDS]."""
-    return np.interp(r, NODES, weights)
+    """The network's weight w [M] at radii r [M] from the bands' weights [BANDS] (the module's docstring)."""
+    return np.interp(r, [k[0] for k in KNOTS], np.asarray(weights)[[k[1] for k in KNOTS]])
 
 
 @dataclass
 class Blend:
     """The training grid and the network's weight per radius band.
 
-    grid [F*D, P, 3, k, k] float16: the file's grid PSFs on its planes p = f*D + d (zeros where dark);
+    grid [F*D, P, 3, k, k] float16: the file's grid PSFs on its planes p = f*D + d (zeros where dark), a canonical
+    model's averaged over their mirror images (baselines.mirror_averaged);
     grid_size N (P = N²); depths [D] m; focus [F] m ([nan]: one focus); weights [BANDS] in [0, 1];
     points [BANDS]: the validation points that fitted each weight; fold: the sensor's (half-width,
     half-height) over the longer for a canonical-frame model, whose interpolation is taken in the first octant
@@ -216,8 +224,9 @@ class Blend:
 def fit(grid, grid_size: int, depths, focus, net_psf: np.ndarray | None, validation: dict, fold=None) -> Blend:
     """The blend of the network's PSFs net_psf [V, 3, k, k] at the lit validation points ``validation``
     (GridFile.heldout's entries: coords [V, 2], depth [V] m, focus [V] m, psf_a, psf_b [V, 3, k, k]) with the
-    grid [F*D, P, 3, k, k] float16 (depths [D] m, focus [F] m; fold: Blend.fold): the weights of the lowest sum over
-    bands of the pooled noise-corrected error (the module's docstring)."""
+    grid [F*D, P, 3, k, k] float16 (depths [D] m, focus [F] m; fold: Blend.fold; a canonical model's grid already
+    mirror-averaged): the weights of the lowest sum over bands of the pooled noise-corrected error (the module's
+    docstring)."""
     focus = np.asarray(focus, dtype=np.float64)
     blend = Blend(
         grid=torch.as_tensor(grid, dtype=torch.float16),  # no copy when it already is (psf train's)

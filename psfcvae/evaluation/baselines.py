@@ -133,6 +133,39 @@ def bicubic(grid_psf, depths, n, x, y, depth_m, focus=None, focus_m=None):
     return _normalise(out.reshape((len(x),) + k_shape))
 
 
+def mirror_averaged(grid_psf: np.ndarray, n: int, square: bool) -> np.ndarray:
+    """The grid PSFs [F*D, n², 3, k, k] of a rotationally symmetric lens, each channel averaged over the lit
+    images of its grid point under the lens's mirrors: x -> -x, y -> -y and both, and on a square sensor (the
+    normalised grid then symmetric in x = y too) the diagonal mirror of each; each image is the mirrored point's
+    PSF mirrored back. Rows of the grid and of each kernel run along -y, columns along +x (``_lattice``). A channel
+    dark (0) in an image is left out of its mean, and stays 0 where it is dark in every one. float32, same shape.
+
+    Every lit grid PSF is a ray-traced estimate with its own noise, and its images are estimates of the same PSF:
+    the mean of 4 (8 on a square sensor) has about half (a third) the noise, less on the mirror lines, where a
+    point is its own image. The blend (psfcvae/api/blend.py) interpolates this grid, and psf eval scores
+    bicubic interpolation of it as a baseline of its own for a rotationally symmetric model."""
+    out = np.empty(grid_psf.shape, dtype=np.float32)
+    flips = [(), (1, -1), (0, -2), (0, 1, -2, -1)]  # none, x (columns), y (rows), both: field and kernel together
+    for p, plane in enumerate(grid_psf.reshape(len(grid_psf), n, n, *grid_psf.shape[2:])):  # [n, n, 3, k, k]
+        total = np.zeros(plane.shape)
+        count = np.zeros(plane.shape[:3] + (1, 1))
+        for diagonal in (False, True) if square else (False,):
+            base = _anti_transpose(_anti_transpose(plane), axes=(0, 1)) if diagonal else plane
+            for axes in flips:
+                image = np.flip(base, axes) if axes else base
+                lit = image.sum(axis=(-2, -1), keepdims=True) > 0
+                total += np.where(lit, image, 0.0)
+                count += lit
+        out[p] = (total / np.maximum(count, 1)).reshape(out.shape[1:])
+    return out
+
+
+def _anti_transpose(a: np.ndarray, axes=(-2, -1)) -> np.ndarray:
+    """a mirrored in the diagonal x = y over two axes whose first runs along -y and second along +x:
+    A'[i, j] = A[m-1-j, m-1-i] (the kernel's mirror of psfcvae/api/table.py's anti_transpose)."""
+    return np.flip(np.swapaxes(a, *axes), axes)
+
+
 def _cubic_weights(f: np.ndarray) -> np.ndarray:
     """Catmull-Rom (Keys, a = -0.5) weights of the 4 taps around each fraction f: [M] -> [M, 4]."""
     f2, f3 = f * f, f * f * f

@@ -8,8 +8,9 @@ content, plus the arrays behind it), ``eval_figures.make_figures`` (the PNGs) an
 
 Methods, all on the same test points: the CVAE's prior mean and one prior sample;
 nearest grid PSF; bilinear and bicubic (field) x linear (1/depth) x linear (1/focus);
-eigen-PSF interpolation. Ray tracing itself at the training spp is measured on the file's
-re-traced grid subset. Errors are relative L2 against the held-out reference, raw and
+eigen-PSF interpolation; for a rotationally symmetric model, bicubic of the grid averaged over
+its mirror images (what the model's blend interpolates). Ray tracing itself at the training
+spp is measured on the file's re-traced grid subset. Errors are relative L2 against the held-out reference, raw and
 noise-corrected (docs/metrics.md), overall, per grid depth, per interval between grid depths,
 per radius band and, in a file of several focus settings, at and between grid focus settings.
 A checkpoint chosen on any of the test points is refused.
@@ -55,6 +56,9 @@ from psfgen.shared.provenance import now, versions
 log = logging.getLogger(__name__)
 
 INTERPOLATION = ("nearest", "bilinear", "bicubic", "eigen-psf")  # name prefixes of the baselines
+# Bicubic interpolation of the grid averaged over its mirror images (baselines.mirror_averaged), what the blend
+# interpolates: scored for a rotationally symmetric (canonical) model, whose lens has those symmetries.
+MIRRORED = "bicubic (mirror-averaged)"
 TABLE = "cvae prior mean (table)"  # the model's prior mean through model.tabulate()
 NETWORK = "cvae network alone"  # the network's prior mean without the blend (a model with one: psfcvae/api/blend.py)
 
@@ -377,6 +381,10 @@ def _predictions(model, arrays: EvalArrays, n: int, seed: int) -> dict[str, np.n
     preds["nearest"] = baselines.nearest(arrays.grid, arrays.depths, n, *where)
     preds["bicubic"] = baselines.bicubic(arrays.grid, arrays.depths, n, *where)
     preds["bilinear"] = baselines.bilinear(arrays.grid, arrays.depths, n, *where)
+    if model is not None and model.net.canonical:  # the lens is rotationally symmetric: its mirror images too
+        sx, sy = model.net.args.field_scale
+        mirrored = baselines.mirror_averaged(arrays.grid, n, square=sx == sy)
+        preds[MIRRORED] = baselines.bicubic(mirrored, arrays.depths, n, *where)
     preds[f"eigen-psf ({arrays.eigen.components})"] = arrays.eigen(x, y, depth_m, ho["focus"])
     return preds
 

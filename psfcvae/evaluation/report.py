@@ -169,6 +169,7 @@ WHAT = {
     "nearest": "the nearest grid PSF",
     "bilinear": "interpolation of the grid",
     "bicubic": "interpolation of the grid",
+    "bicubic (mirror-averaged)": "interpolation of the grid averaged over its mirror images (a symmetric lens)",
 }
 
 

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from psfcvae import checkpoint, optics
 from psfcvae.api import blend
+from psfcvae.evaluation import baselines
 from psfcvae.images import mosaic
 from psfcvae.model.cvae import CVAE, ModelArgs
 from psfcvae.training import interrupt, tblog
@@ -290,6 +291,8 @@ class Run:
     selection: dict | None = None  # what chooses best.pt (selection()): every checkpoint records it
     validation: dict | None = None  # the lit validation points (GridFile.heldout's entries): what fits the blend
     blend_grid: torch.Tensor | None = None  # [F*D, P, 3, k, k] float16: the grid the blend interpolates (main only)
+    # the blend fitted at one step (fit_blend): best.pt, latest.pt and the closing log line of one step share it
+    blend_fit: dict = dataclasses.field(default_factory=dict)
 
     @property
     def main(self) -> bool:
@@ -332,7 +335,7 @@ def _train(cfg: TrainConfig, info: GridFile, args: ModelArgs, ckpt: dict | None,
     # --- the data: the grid's conditions and the validation points without dark points, batches from step on
     conds, heldout = _lit_data(run)
     # the blend's grid, held once as the float16 every checkpoint stores (the main process alone writes them)
-    grid = torch.as_tensor(info.grid_psfs(), dtype=torch.float16) if cfg.blend == "bicubic" and run.main else None
+    grid = blend_grid(info, model) if cfg.blend == "bicubic" and run.main else None
     run = dataclasses.replace(run, selection=selection(info, heldout), validation=heldout, blend_grid=grid)
     loader = _loader(run, step)
 
@@ -390,7 +393,7 @@ def _train(cfg: TrainConfig, info: GridFile, args: ModelArgs, ckpt: dict | None,
             _save(run, run.latest, step, best, metrics, window, LAST)
         bar.update(1)
     bar.close()
-    _finish(run, metrics, step - step0, time.perf_counter() - t0)
+    _finish(run, metrics, step, step - step0, time.perf_counter() - t0)
     return run_dir
 
 
@@ -723,15 +726,28 @@ def _save(run: Run, path: Path, step: int, best: float, metrics: dict, window: L
                 **run.selection,
                 "chosen_by": f"lowest {run.selection['metric']}" if which == BEST else "last step saved",
             },
-            "blend": None if run.blend_grid is None else fit_blend(run).state(),
+            "blend": None if run.blend_grid is None else fit_blend(run, step).state(),
         },
     )
 
 
+def blend_grid(info: GridFile, model: CVAE) -> torch.Tensor:
+    """The grid the blend interpolates, [F*D, P, 3, k, k] float16 as every checkpoint stores it: the file's grid
+    PSFs, averaged over each point's mirror images for a canonical model (baselines.mirror_averaged)."""
+    grid = info.grid_psfs()
+    if model.canonical:
+        sx, sy = model.args.field_scale
+        grid = baselines.mirror_averaged(grid, info.grid_size, square=sx == sy)
+    return torch.as_tensor(grid, dtype=torch.float16)
+
+
 @torch.no_grad()
-def fit_blend(run: Run) -> blend.Blend:
-    """The blend of the network as it is now with the grid's bicubic interpolation, fitted on the lit validation
-    points (psfcvae/api/blend.py): the same points that choose best.pt, never the test points."""
+def fit_blend(run: Run, step: int) -> blend.Blend:
+    """The blend of the network as it is at ``step`` with the grid's bicubic interpolation, fitted on the lit
+    validation points (psfcvae/api/blend.py): the same points that choose best.pt, never the test points. Fitted
+    once per step: the checkpoints and the closing line of one step share it."""
+    if step in run.blend_fit:
+        return run.blend_fit[step]
     info, model, val = run.info, run.model, run.validation
     if val is None:  # no lit validation point: every weight stays 1, the network alone
         val = {"coords": np.zeros((0, 2))}
@@ -742,16 +758,19 @@ def fit_blend(run: Run) -> blend.Blend:
         pred = pred.cpu().numpy()
         model.train()
     fold = tuple(model.args.field_scale) if model.canonical else None  # the table's octant (blend.Blend.fold)
-    return blend.fit(run.blend_grid, info.grid_size, info.depths, info.focus, pred, val, fold)
+    run.blend_fit.clear()  # the network has moved on since any earlier step
+    run.blend_fit[step] = blend.fit(run.blend_grid, info.grid_size, info.depths, info.focus, pred, val, fold)
+    return run.blend_fit[step]
 
 
-def _finish(run: Run, metrics: dict, steps: int, elapsed: float) -> None:
-    """The run's speed in the log, its hyper-parameters with their final metrics, the process group closed."""
+def _finish(run: Run, metrics: dict, step: int, steps: int, elapsed: float) -> None:
+    """The run's speed in the log (steps run since the start or resume, in elapsed s), the blend of the last step
+    ``step``, its hyper-parameters with their final metrics, the process group closed."""
     if run.main:
         rate = steps / elapsed if elapsed > 0 else float("nan")
         log.info("%d steps in %.1f s (%.1f steps/s); logs: %s", steps, elapsed, rate, run.run_dir / "tb")
         if run.blend_grid is not None:
-            log.info("blend of latest.pt: %s", fit_blend(run).describe())
+            log.info("blend of latest.pt: %s", fit_blend(run, step).describe())
         hparams = {k: v for k, v in configio.to_dict(run.cfg).items() if isinstance(v, (int, float, str, bool))}
         tblog.write_hparams(run.writer, hparams, metrics)
         run.writer.close()
