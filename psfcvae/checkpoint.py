@@ -30,8 +30,9 @@ REQUIRED = (
     "blend",  # None, or the grid and the network's weight per radius band (psfcvae/api/blend.py)
 )
 # The only one read: a checkpoint of another is refused (retrain). 6: optics v2 (chief rays); 7: focus settings
-# (data_fingerprint focus, model_args has_focus / focus_min / focus_max, optics v3 per plane); 8: blend.
-SCHEMA_VERSION = 8
+# (data_fingerprint focus, model_args has_focus / focus_min / focus_max, optics v3 per plane); 8: blend;
+# 9: the illumination head: a canonical model's sees the radius code, not (x, y); depth and focus in its lowest band.
+SCHEMA_VERSION = 9
 
 
 def data_fingerprint(info: GridFile) -> dict:

@@ -159,8 +159,21 @@ def test_dark_points_follow_the_illumination_head(vignetted_grid, tmp_path):
     _, want = model.psf(x, y, d, allow_dark=True)
     assert (~lit).any() and lit.any()  # the corners of this lens are dark
     assert torch.equal(lit, want.cpu())
-    # The table holds the head's answer for the first octant; the other seven are its images
-    # (the head itself, a network on (x, y), need not be exactly symmetric).
+    # The head of a canonical model sees the radius alone: at one radius on the sensor (units of the longer
+    # half-side; the corner at 1.2), every direction gets the same illumination and the same lit/dark answer. Given
+    # (x, y), on LA1131's 3:2 field, the head made a lit point dark (psfcvae/model/illumination.py).
+    sx, sy = model.net.args.field_scale
+    assert sx != sy  # the LA1131's sensor is not square: x and y are not the radius
+    angles = np.linspace(0.0, 2 * np.pi, 13)
+    for r in (0.3, 0.9, 1.15):
+        px, py = r * np.cos(angles) / sx, r * np.sin(angles) / sy
+        keep = (np.abs(px) <= 1) & (np.abs(py) <= 1)
+        light = model.illumination(px[keep], py[keep], 1.0)
+        _, round_lit = model.psf(px[keep], py[keep], 1.0, allow_dark=True)
+        assert keep.sum() >= 3
+        torch.testing.assert_close(light, light[:1].expand_as(light), atol=1e-5, rtol=1e-5)
+        assert bool(round_lit.all()) or not bool(round_lit.any())
+    # The table holds the head's answer for the first octant; the other seven are its images.
     x, y, d = _nodes(table, model)
     psf, lit = table.psf(x, y, d, allow_dark=True)
     a, b = np.abs(x * table.scale[0]), np.abs(y * table.scale[1])

@@ -529,7 +529,7 @@ def test_a_checkpoint_of_another_schema_is_refused_in_one_line(tiny_run, tiny_gr
     shutil.copytree(tiny_run, run_dir)
     latest = run_dir / "latest.pt"
     ckpt = torch.load(latest, weights_only=True)
-    assert ckpt["schema_version"] == checkpoint.SCHEMA_VERSION == 8
+    assert ckpt["schema_version"] == checkpoint.SCHEMA_VERSION == 9
     sample = [
         "sample",
         "--checkpoint",
@@ -541,7 +541,7 @@ def test_a_checkpoint_of_another_schema_is_refused_in_one_line(tiny_run, tiny_gr
         "--out",
         str(tmp_path / "p.npy"),
     ]
-    for version, which in ((7, "an earlier"), (9, "a later")):
+    for version, which in ((8, "an earlier"), (10, "a later")):
         torch.save({**ckpt, "schema_version": version}, latest)
         before = latest.read_bytes()
         want = f"checkpoint {latest} has schema version {version} ({which} psf-cvae); retrain with 'psf train'"

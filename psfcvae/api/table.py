@@ -57,9 +57,9 @@ class PSFTable:
     kernels' relative rounding, 5e-4, is far below the table's interpolation error), and 4
     float32 values of the illumination head per node.
 
-    The lit mask and the illumination are the head's at the octant's point: the lit field of
-    a coaxial lens is symmetric, and the head, a network on (x, y), nearly so; near the edge
-    of the lit field the table and ``model.psf`` can disagree where the head is not symmetric.
+    The lit mask and the illumination are the head's at the octant's point: a canonical model's
+    head sees the radius alone, so its lit field and illumination are round, and the table's
+    differ from ``model.psf``'s only by the interpolation between the table's radii.
     """
 
     def __init__(

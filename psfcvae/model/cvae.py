@@ -130,7 +130,8 @@ class CVAE(nn.Module):
         # as the part even in x (the columns x >= 0) and the part odd in x (x > 0): as many values.
         out_dim = 3 * ((self.out_side + 1) // 2) * self.out_side if self.canonical else k_dim
         self.decoder = mlp(Z + pe_dim, args.hidden_dim, args.num_layers, out_dim)
-        self.illumination = IlluminationHead(args.cond_dim)
+        scale = tuple(args.field_scale) if self.canonical else None
+        self.illumination = IlluminationHead(args.cond_dim, args.has_depth, args.has_focus, scale)
         if self.canonical:
             S, h = self.out_side, (self.out_side + 1) // 2
             g = blur_matrix(S, LOG_BLUR * args.supersample)
