@@ -137,9 +137,8 @@ def band_figure(result: dict, out: Path) -> tuple[str, str, str]:
         axes[2].set_xlabel("focus [m]: at a grid focus, or between two", fontsize=8)
     left.set_ylim(bottom=0)
     handles = {lab: hd for ax in axes for hd, lab in zip(*ax.get_legend_handles_labels())}
-    fig.legend(
-        handles.values(), handles.keys(), loc="outside upper center", ncols=len(handles), fontsize=7, frameon=False
-    )
+    # two columns: four entries in one row overflow the figure's width once a name is long
+    fig.legend(handles.values(), handles.keys(), loc="outside upper center", ncols=2, fontsize=7, frameon=False)
     plots.save(fig, out / BAND_FIGURE)
     return (
         BAND_FIGURE,
