@@ -262,7 +262,8 @@ def auto_depths(grid_cfg: dict) -> dict:
 
 
 def summary_table(results: dict) -> str:
-    """Markdown rows: each configuration's prior mean, then the baselines of the first evaluation; columns: all
+    """Markdown rows: each configuration's prior mean, then every evaluation's baselines (a canonical model's adds
+    bicubic of the mirror-averaged grid), each from the first evaluation that has it; columns: all
     test points, at and between grid depths and (several focus settings) at and between grid focus settings."""
     first = next(iter(results.values()))
     groups = ["all", "at grid depths", "between grid depths"]

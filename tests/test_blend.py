@@ -212,12 +212,14 @@ def test_the_blend_is_fitted_once_a_step_and_both_checkpoints_of_that_step_hold_
     calls = []
     fit = blend.fit
     monkeypatch.setattr(blend, "fit", lambda *a, **k: calls.append(1) or fit(*a, **k))
-    # step 2 writes best.pt (its first validation) and latest.pt, then logs the blend; step 4 the same again
-    run = train(small_config(tiny_grid, tmp_path / "r", max_steps=4, val_every=2, checkpoint_every=2))
-    assert len(calls) == 2
+    # step 2, the last, writes best.pt (its first validation) and latest.pt, then logs the blend
+    run = train(small_config(tiny_grid, tmp_path / "r", max_steps=2, val_every=2, checkpoint_every=2))
+    assert len(calls) == 1
     best, latest = (torch.load(run / f"{n}.pt", weights_only=True) for n in ("best", "latest"))
-    if best["step"] == latest["step"]:
-        assert best["blend"]["weights"] == latest["blend"]["weights"]
+    assert best["step"] == latest["step"] == 2
+    assert best["blend"]["weights"] == latest["blend"]["weights"] and torch.equal(
+        best["blend"]["grid"], latest["blend"]["grid"]
+    )
 
 
 def test_on_a_sensor_that_is_not_square_the_blend_keeps_the_diagonal_symmetry():

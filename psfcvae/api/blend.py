@@ -22,8 +22,9 @@ bicubic baseline (psfcvae/evaluation/baselines.py: Catmull-Rom over the field, l
 1/focus between the grid's planes), computed here in torch on the model's device; for a rotationally symmetric
 (canonical-frame) model the grid is first averaged over each grid point's mirror images (psf train's
 ``blend_grid``, with baselines.mirror_averaged: the mirrors in x and y, and the diagonal too on a square sensor),
-which cuts the ray noise of the grid PSFs it interpolates by half or more (psf eval scores that interpolation
-alone as "bicubic (mirror-averaged)"), and the interpolation is taken at the point's image in the first octant and
+which brings the ray noise of the grid PSFs it interpolates down to about half (a third on a square sensor;
+psf eval scores bicubic of that grid alone as "bicubic (mirror-averaged)", taken at the point itself), and the
+interpolation is taken at the point's image in the first octant and
 turned back, as the model's table takes every point, so that the table and ``model.psf`` agree everywhere. The
 weight is taken at that octant point too, so the answer keeps the lens's symmetry on a sensor that is not
 square. Outside the grid (beyond the sensor's edge, or, for a model of several depths or focus
@@ -218,7 +219,8 @@ class Blend:
         """'network weight 0.00 / 0.75 / 0.80 / 0.95 by radius band, ... (2 / 2 / 3 / 3 validation points)'."""
         w = " / ".join(f"{v:.2f}" for v in self.weights)
         n = " / ".join(str(int(v)) for v in self.points)
-        return f"network weight {w} by radius band, the rest bicubic interpolation ({n} validation points)"
+        grid = "the grid" if self.fold is None else "the mirror-averaged grid"
+        return f"network weight {w} by radius band, the rest bicubic interpolation of {grid} ({n} validation points)"
 
 
 def fit(grid, grid_size: int, depths, focus, net_psf: np.ndarray | None, validation: dict, fold=None) -> Blend:

@@ -59,7 +59,7 @@ class PSFTable:
 
     The lit mask and the illumination are the head's at the octant's point: a canonical model's
     head sees the radius alone, so its lit field and illumination are round, and the table's
-    differ from ``model.psf``'s only by the interpolation between the table's radii.
+    differ from ``model.psf``'s only by the interpolation between the table's radii and depths.
     """
 
     def __init__(

@@ -55,6 +55,12 @@ DEFINITIONS = [
         "between the two grid focus settings around the point's.",
     ),
     (
+        "bicubic (mirror-averaged)",
+        "for a rotationally symmetric model: bicubic interpolation of the grid whose every PSF is first averaged "
+        "with its lit mirror images (x to -x, y to -y, and the diagonal on a square sensor), which a symmetric lens "
+        "makes copies of one PSF with their own ray noise; the model's blend interpolates this grid.",
+    ),
+    (
         "eigen-PSF (K)",
         "the grid PSFs' K leading principal components; their coefficients interpolated bicubically "
         "over the field and linearly in 1/depth (and in 1/focus).",

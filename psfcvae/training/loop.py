@@ -291,7 +291,8 @@ class Run:
     selection: dict | None = None  # what chooses best.pt (selection()): every checkpoint records it
     validation: dict | None = None  # the lit validation points (GridFile.heldout's entries): what fits the blend
     blend_grid: torch.Tensor | None = None  # [F*D, P, 3, k, k] float16: the grid the blend interpolates (main only)
-    # the blend fitted at one step (fit_blend): best.pt, latest.pt and the closing log line of one step share it
+    # a cache, not state: the blend fitted at one step (fit_blend), which best.pt, latest.pt and the closing log line
+    # of that step share
     blend_fit: dict = dataclasses.field(default_factory=dict)
 
     @property
