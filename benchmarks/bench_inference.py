@@ -93,7 +93,8 @@ def main() -> None:
     at = {} if len(model.focus) == 1 else {"focus_m": float(model.focus[0] if focus_m is None else focus_m)}
     network = best_rate(lambda: model.psf(x, y, d, allow_dark=True, **at), n, repeats=3)
 
-    label = "model prior mean" if model.blend else "network prior mean"  # model.psf: with its blend, or without
+    # model.psf: with its blend, or the network alone without one
+    label = "model prior mean" if model.blend is not None else "network prior mean"
     rows = [("ray tracing, spp %d" % args.spp, tracing), (label, network)]
     if model.net.canonical:
         # the table: built once, then every query is a lookup

@@ -10,9 +10,10 @@ Methods, all on the same test points: the CVAE's prior mean and one prior sample
 nearest grid PSF; bilinear and bicubic (field) x linear (1/depth) x linear (1/focus);
 eigen-PSF interpolation; for a rotationally symmetric model, bicubic of the grid averaged over
 its mirror images (the grid the model's blend interpolates). Ray tracing itself at the training
-spp is measured on the file's re-traced grid subset. Errors are relative L2 against the held-out reference, raw and
-noise-corrected (docs/metrics.md), overall, per grid depth, per interval between grid depths,
-per radius band and, in a file of several focus settings, at and between grid focus settings.
+spp is measured on the file's re-traced grid subset. Errors are relative L2 against the
+held-out reference, raw and noise-corrected (docs/metrics.md), overall, per grid depth, per
+interval between grid depths, per radius band and, in a file of several focus settings, at and
+between grid focus settings.
 A checkpoint chosen on any of the test points is refused.
 """
 
