@@ -118,7 +118,7 @@ class Blend:
             k = torch.where(flag(np.abs(py) > np.abs(px)), anti_transpose(k), k)  # back: the table's own order
             k = torch.where(flag(px < 0), k.flip(-1), k)
             k = torch.where(flag(py < 0), k.flip(-2), k)
-        return _normalise(k)
+        return normalise(k)
 
     def _bicubic(self, x, y, depth_m, focus_m, device) -> torch.Tensor:
         """baselines.bicubic before its clip and normalisation, in float32 torch: [M, 3, k, k]."""
@@ -274,8 +274,8 @@ def _mix(w: np.ndarray, net: np.ndarray, bic: np.ndarray) -> np.ndarray:
     return np.where(s > 0, mixed / np.where(s > 0, s, 1.0), net)
 
 
-def _normalise(k: torch.Tensor) -> torch.Tensor:
-    """k [M, 3, k, k] clipped at 0, each channel divided by its sum (left 0 where the sum is 0)."""
+def normalise(k: torch.Tensor) -> torch.Tensor:
+    """k [..., 3, k, k] clipped at 0, each channel divided by its sum (left 0 where the sum is 0)."""
     k = k.clamp_min(0.0)
     s = k.sum(dim=(-2, -1), keepdim=True)
     return torch.where(s > 0, k / s.clamp_min(1e-30), k)

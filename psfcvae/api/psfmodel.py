@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from psfcvae import checkpoint
-from psfcvae.api.blend import Blend
+from psfcvae.api.blend import Blend, normalise
 from psfcvae.api.table import PSFTable, refuse_dark
 from psfcvae.model.cvae import CVAE, ModelArgs
 from psfcvae.optics import FieldMap, model_optics
@@ -215,7 +215,8 @@ class PSFModel:
         shape alone; how much light reaches the sensor from there is ``illumination()``.
 
         mode "mean" decodes z = μ_p(c): a deterministic interpolation. mode "sample" draws
-        z ~ p(z|c); with n_samples > 1 it returns [N, n_samples, 3, k, k].
+        z ~ p(z|c), each draw keeping its offset from the network's mean around the blended mean
+        (``blend``); with n_samples > 1 it returns [N, n_samples, 3, k, k].
         A point outside the lit field (no PSF: the lens does not light it) is an InputError;
         with allow_dark=True the result is (psf, lit [N] bool), psf zero where lit is False.
 
@@ -342,15 +343,22 @@ class PSFModel:
         for c, ok in zip(cond.split(CHUNK), lit.split(CHUNK)):
             if mode == "mean":
                 out = self.net.sample_from_prior(c, mean=True)
+                out = self.blended(out, c) if blend else out
             else:
                 draws = torch.stack([self.net.sample_from_prior(c) for _ in range(n_samples)], dim=1)
+                if blend and self.blend is not None:
+                    # Each draw keeps its offset from the network's mean, around the blended mean: blending the
+                    # draws themselves would shrink their spread by w (none left where w = 0), while prior_std
+                    # reports the network's.
+                    mean = self.net.sample_from_prior(c, mean=True)
+                    draws = normalise(draws + (self.blended(mean, c) - mean)[:, None])
                 out = draws[:, 0] if n_samples == 1 else draws
             if not torch.isfinite(out[ok]).all():  # far outside the trained range the encoding can overflow
                 raise InputError(
                     "the model gives no finite PSF at these coordinates or depths (too far outside the "
                     "trained range to extrapolate); bring them closer to the field and the trained depths"
                 )
-            parts.append(self.blended(out, c) if blend else out)
+            parts.append(out)
         out = torch.cat(parts)
         return out * lit.view(-1, *[1] * (out.dim() - 1))
 
