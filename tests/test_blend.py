@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from helpers import small_config
+from helpers import scalars, small_config
 
 from psfcvae import load_model, train
 from psfcvae.api import blend
@@ -17,6 +17,7 @@ from psfcvae.api.table import anti_transpose
 from psfcvae.evaluation import baselines
 from psfgen.gridfile import GridFile
 from psfgen.plan.grid import TEST
+from psfgen.shared.metrics import rel_l2
 
 
 def _gaussians(centres: np.ndarray, sigma, k: int = 9) -> np.ndarray:
@@ -165,6 +166,28 @@ def test_the_api_and_the_table_answer_with_the_blend(tiny_run, tiny_grid):
     assert np.sqrt(((got - want) ** 2).sum() / (want**2).sum()) < 0.03
 
 
+def test_draws_keep_the_networks_spread_around_the_blended_mean(tiny_run):
+    """mode="sample" where the blend takes interpolation alone (w = 0): the draws differ from each other as the
+    network's do (prior_std reports that spread), each shifted by the blend's change of the mean."""
+    model = load_model(tiny_run / "latest.pt", device="cpu")
+    x, y, depth = np.array([0.05, 0.4]), np.array([0.02, 0.3]), np.array([0.5, 0.9])
+    cond = model.conditions(x, y, depth)
+    net_mean = model.net.sample_from_prior(cond, mean=True)
+    model.blend.weights[:] = 0.0  # interpolation alone: blending each draw would leave no spread at all
+    blended_mean = model.psf(x, y, depth)
+    torch.manual_seed(3)
+    draws = model.psf(x, y, depth, mode="sample", n_samples=4)  # [2, 4, 3, k, k]
+    torch.manual_seed(3)
+    net_draws = torch.stack([model.net.sample_from_prior(cond) for _ in range(4)], dim=1)
+    assert float((net_draws - net_draws.mean(dim=1, keepdim=True)).abs().max()) > 1e-4  # the network has a spread
+    want = (net_draws + (blended_mean - net_mean)[:, None]).clamp_min(0.0)
+    want = want / want.sum(dim=(-2, -1), keepdim=True)
+    torch.testing.assert_close(draws, want, atol=1e-6, rtol=1e-5)
+    np.testing.assert_allclose(draws.sum(dim=(-2, -1)).numpy(), 1.0, atol=1e-5)
+    spread = (draws - draws.mean(dim=1, keepdim=True)).abs().amax(dim=(1, 2, 3, 4))
+    assert (spread > 1e-4).all()
+
+
 def test_a_canonical_models_interpolation_has_the_lens_symmetry(tiny_run, tiny_grid):
     """The grid's noisy PSFs are not symmetric; the blend's interpolation of them is, as the lens is: the point
     mirrored in x (in y) gives the kernel with its columns (rows) reversed."""
@@ -206,6 +229,24 @@ def test_psf_train_fits_the_blend_on_the_validation_points_alone(vignetted_grid,
         validation = int(np.setdiff1d(np.unique(f["heldout/part"][:]), [TEST])[0])
     val_garbled = garbled("validation", validation)
     assert val_garbled["weights"] != clean["weights"]
+
+
+def test_val_blended_rel_l2_is_what_the_api_answers_at_the_validation_points(vignetted_run, vignetted_grid):
+    """TensorBoard's val_blended_rel_l2 at a checkpoint's step is the mean relative L2 of the blended model, as
+    load_model answers, on the lit validation points; best.pt stays chosen on the network's own score."""
+    best = torch.load(vignetted_run / "best.pt", weights_only=True)
+    assert min(best["blend"]["weights"]) < 1.0  # a blend that changes the answer, so the two scores differ
+    val = GridFile.open(vignetted_grid).heldout("validation")
+    lit = val["ref"].sum(axis=(1, 2, 3)) > 0
+    model = load_model(vignetted_run / "best.pt", device="cpu")
+    x, y, depth = val["coords"][lit, 0], val["coords"][lit, 1], val["depth"][lit]
+    answered = rel_l2(model.psf(x, y, depth, allow_extrapolation=True).numpy(), val["ref"][lit]).mean()
+    net = model.net.sample_from_prior(model.conditions(x, y, depth, allow_extrapolation=True), mean=True)
+    network = rel_l2(net.numpy(), val["ref"][lit]).mean()
+    assert abs(answered - network) > 1e-3
+    logged = dict(scalars(vignetted_run, "val_blended_rel_l2"))
+    assert np.isclose(logged[best["step"]], answered, rtol=1e-4)
+    assert best["selection"]["metric"] == "val_points_rel_l2" and np.isclose(best["best_val"], network, rtol=1e-4)
 
 
 def test_the_blend_is_fitted_once_a_step_and_both_checkpoints_of_that_step_hold_it(tiny_grid, tmp_path, monkeypatch):

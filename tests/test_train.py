@@ -631,9 +631,9 @@ def test_best_pt_is_chosen_on_the_validation_points_alone(tiny_grid, tiny_run, t
     run_dir = train(small_config(changed, tmp_path / "run"))
     a, b = (torch.load(d / "best.pt", weights_only=True) for d in (tiny_run, run_dir))
     assert (a["step"], a["best_val"]) == (b["step"], b["best_val"])
-    for tag in ("val_points_rel_l2", "val_points_mse", "val_points_illumination_abs"):
+    for tag in ("val_points_rel_l2", "val_blended_rel_l2", "val_points_mse", "val_points_illumination_abs"):
         assert scalars(tiny_run, tag) == scalars(run_dir, tag), tag
-    # What chose it: the file's validation points, by their relative L2; latest.pt records the same points.
+    # What chose it: the file's validation points, by the network's relative L2; latest.pt records the same points.
     val = np.column_stack([info.heldout_coords, info.heldout_depth])[info.heldout_part == VALIDATION]
     assert a["selection"]["points"] == val.tolist() and a["selection"]["part"] == "validation"
     assert a["selection"]["metric"] == "val_points_rel_l2" and a["selection"]["data_run_id"] == info.run_id

@@ -17,7 +17,7 @@ LOSSES = ["loss_all", "loss_recon", "loss_kl", "loss_smooth", "loss_recon_prior"
 # val_points_*: the file's validation points (a quarter of its held-out set), which choose best.pt; the test
 # points are psf eval's alone and never shown here.
 VALIDATION_MSE = ["val_mse", "val_prior_mse", "val_points_mse"]
-VALIDATION_REL = ["val_points_rel_l2"]
+VALIDATION_REL = ["val_points_rel_l2", "val_blended_rel_l2"]  # the network alone; blended (the API)
 OPTIMISATION = ["learning_rate", "grad_norm"]
 ILLUMINATION = ["loss_illumination", "val_points_illumination_abs"]  # the illumination head
 
@@ -43,7 +43,10 @@ def layout() -> dict:
         },
         "validation": {
             "MSE on the grid (posterior recon, prior mean) and the validation points": ["Multiline", VALIDATION_MSE],
-            "validation points: relative L2 of the prior mean (chooses best.pt)": ["Multiline", VALIDATION_REL],
+            "validation points: relative L2 of the prior mean, the network (chooses best.pt) and blended (the API)": [
+                "Multiline",
+                VALIDATION_REL,
+            ],
             "validation points: relative illumination, mean |model - traced|": ["Multiline", ILLUMINATION[1:]],
         },
         "optimisation": {
