@@ -12,7 +12,7 @@ reused, so a second run only retrains and evaluates.
     python benchmarks/bench_accuracy.py [--lens acl12708u|cooke|la1131] [--configs default,cartesian,spec]
                                         [--work DIR] [--max-steps N] [--set key=value ...]
                                         [--grid-size N | --budget-rule] [--split-depths S | --auto-depths]
-                                        [--focus-m 0.5,1,2,inf]
+                                        [--focus-m 0.5,1,2,inf] [--seed S]
 
 --focus-m traces every depth at each of these focus distances [m] (inf: focus at infinity;
 psf generate --focus-m): the same rays per focus setting as the single-focus run, so F times
@@ -120,6 +120,12 @@ def _parser() -> argparse.ArgumentParser:
         help="comma separated focus distances [m], inf allowed: every depth traced at each (the lens's own focus "
         "otherwise)",
     )
+    ap.add_argument(
+        "--seed",
+        type=int,
+        default=BUDGET["seed"],
+        help="the grid file's seed: its rays and its held-out points (another seed: a freshly drawn test set)",
+    )
     ap.add_argument("--smoke", action="store_true", help="a 4x4 grid at spp 2000: checks this script, measures nothing")
     return ap
 
@@ -150,8 +156,9 @@ def main() -> None:
     if args.split_depths < 1:
         ap.error(f"--split-depths must be at least 1, got {args.split_depths}")
     focus_tag = "" if args.focus_m is None else "_focus" + ",".join(f"{f:g}" for f in args.focus_m)
-    work = Path(args.work or f"runs/bench_accuracy/{args.lens}{focus_tag}")
-    grid_cfg = {**BUDGET, **LENSES[args.lens], "out": str(work / "grid.h5"), "device": args.device}
+    seed_tag = "" if args.seed == BUDGET["seed"] else f"_seed{args.seed}"
+    work = Path(args.work or f"runs/bench_accuracy/{args.lens}{focus_tag}{seed_tag}")
+    grid_cfg = {**BUDGET, **LENSES[args.lens], "out": str(work / "grid.h5"), "device": args.device, "seed": args.seed}
     if args.focus_m is not None:
         grid_cfg["focus_m"] = args.focus_m
     if args.grid_size:
