@@ -186,8 +186,10 @@ def _check_dashboard(run_dir):
         assert f"`{tag}`" in readme, tag
     assert (
         set(tblog.LOSSES + tblog.VALIDATION_MSE + tblog.VALIDATION_REL + tblog.OPTIMISATION + tblog.ILLUMINATION)
+        | {tblog.BLENDED}  # this run fits a blend
         == charted
     )
+    assert tblog.BLENDED not in str(tblog.layout(blended=False))  # a run without one logs no blended score
 
 
 def test_resume_after_kill_equals_uninterrupted_run(tiny_grid, tmp_path):

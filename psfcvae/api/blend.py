@@ -15,7 +15,7 @@ outside each band, not across its edge, so that the points nearest the axis, whe
 their band's weight to its edge (the demo's centre: 3.0% against 3.3% with the turn centred on the edge, 3.2%
 with w linear between the bands' middles; docs/results.md). The weights, each one of 0, 0.05, ..., 1, minimise
 the sum over bands of the pooled noise-corrected error on the file's lit validation points in the band, w(r)
-applied as it will be (``fit``, by coordinate descent: psf train, at every checkpoint); never the test points,
+applied as it will be (``fit``, by coordinate descent: psf train, at every validation step); never the test points,
 which psf eval scores. A band with fewer than MIN_POINTS validation points keeps the network alone (w = 1)
 over it, past the turn from the band before. K_bicubic is the evaluation's
 bicubic baseline (psfcvae/evaluation/baselines.py: Catmull-Rom over the field, linear in 1/depth and in

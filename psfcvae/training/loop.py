@@ -327,7 +327,7 @@ def _train(cfg: TrainConfig, info: GridFile, args: ModelArgs, ckpt: dict | None,
         return run_dir
 
     # --- the run's record (its resolved config, TensorBoard), the module the loop steps ------
-    writer = _writer(run_dir, step, resume) if rank == 0 else None
+    writer = _writer(run_dir, step, resume, cfg.blend == "bicubic") if rank == 0 else None
     run = Run(cfg, info, run_dir, rank, world, device, model, optimizer, writer)
     if run.main:
         configio.save_yaml(cfg, run_dir / "config.yaml")
@@ -451,12 +451,13 @@ def _restore(ckpt: dict, model: CVAE, optimizer, device) -> tuple[int, float]:
     return ckpt["step"], ckpt["best_val"]
 
 
-def _writer(run_dir: Path, step: int, resume: bool) -> SummaryWriter:
-    """The run's TensorBoard writer with its custom-scalars layout; a resumed run drops what came after ``step``."""
+def _writer(run_dir: Path, step: int, resume: bool, blended: bool) -> SummaryWriter:
+    """The run's TensorBoard writer with its custom-scalars layout (blended: the run fits a blend); a resumed run
+    drops what came after ``step``."""
     if resume:
         _wait_for_a_later_second(run_dir / "tb")
     writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=step + 1 if resume else None)
-    tblog.start(writer)
+    tblog.start(writer, blended)
     return writer
 
 
@@ -752,7 +753,7 @@ def blend_grid(info: GridFile, model: CVAE) -> torch.Tensor:
 def fit_blend(run: Run, step: int) -> blend.Blend:
     """The blend of the network as it is at ``step`` with the grid's bicubic interpolation, fitted on the lit
     validation points (psfcvae/api/blend.py): the same points that choose best.pt, never the test points. Fitted
-    once per step: the checkpoints and the closing line of one step share it."""
+    once per step: the validation, the checkpoints and the closing line of one step share it."""
     if step in run.blend_fit:
         return run.blend_fit[step]
     info, model, val = run.info, run.model, run.validation
@@ -769,8 +770,9 @@ def fit_blend(run: Run, step: int) -> blend.Blend:
 
 @torch.no_grad()
 def _blended_score(run: Run, step: int) -> float:
-    """val_blended_rel_l2: the mean raw relative L2 on the lit validation points of what the API answers there,
-    the network at ``step`` blended as fit_blend fits it on the same points."""
+    """val_blended_rel_l2: the mean raw relative L2 on the lit validation points of the blended PSFs the API
+    answers with there (the illumination head's lit/dark call aside), the network at ``step`` blended as fit_blend
+    fits it on the same points."""
     val = run.validation
     focus_m = val["focus"] if run.info.n_focus > 1 else None
     x, y = val["coords"][:, 0], val["coords"][:, 1]

@@ -17,7 +17,8 @@ LOSSES = ["loss_all", "loss_recon", "loss_kl", "loss_smooth", "loss_recon_prior"
 # val_points_*: the file's validation points (a quarter of its held-out set), which choose best.pt; the test
 # points are psf eval's alone and never shown here.
 VALIDATION_MSE = ["val_mse", "val_prior_mse", "val_points_mse"]
-VALIDATION_REL = ["val_points_rel_l2", "val_blended_rel_l2"]  # the network alone; blended (the API)
+VALIDATION_REL = ["val_points_rel_l2"]
+BLENDED = "val_blended_rel_l2"  # the same for the network blended with interpolation (a run with a blend)
 OPTIMISATION = ["learning_rate", "grad_norm"]
 ILLUMINATION = ["loss_illumination", "val_points_illumination_abs"]  # the illumination head
 
@@ -26,8 +27,9 @@ ILLUMINATION = ["loss_illumination", "val_points_illumination_abs"]  # the illum
 READABLE_PX = 512
 
 
-def layout() -> dict:
-    """The custom-scalars layout: losses, validation errors and optimisation, one chart per group."""
+def layout(blended: bool = True) -> dict:
+    """The custom-scalars layout: losses, validation errors and optimisation, one chart per group (blended: the
+    run fits a blend and logs val_blended_rel_l2)."""
     return {
         "losses": {
             # One chart per term: they differ by orders of magnitude (MSE ~1e-4, KL ~1-100).
@@ -45,7 +47,7 @@ def layout() -> dict:
             "MSE on the grid (posterior recon, prior mean) and the validation points": ["Multiline", VALIDATION_MSE],
             "validation points: relative L2 of the prior mean, the network (chooses best.pt) and blended (the API)": [
                 "Multiline",
-                VALIDATION_REL,
+                VALIDATION_REL + [BLENDED] * blended,
             ],
             "validation points: relative illumination, mean |model - traced|": ["Multiline", ILLUMINATION[1:]],
         },
@@ -56,9 +58,9 @@ def layout() -> dict:
     }
 
 
-def start(writer) -> None:
-    """Once per run (again on resume: the layout is idempotent)."""
-    writer.add_custom_scalars(layout())
+def start(writer, blended: bool) -> None:
+    """Once per run (again on resume: the layout is idempotent); blended: the run fits a blend."""
+    writer.add_custom_scalars(layout(blended))
 
 
 def _upsample(img: np.ndarray, width: int) -> np.ndarray:
