@@ -15,6 +15,7 @@ from psfcvae import load_model, train
 from psfcvae.api import blend
 from psfcvae.api.table import anti_transpose
 from psfcvae.evaluation import baselines
+from psfcvae.evaluation.metrics import rel_l2_corrected
 from psfgen.gridfile import GridFile
 from psfgen.plan.grid import TEST
 from psfgen.shared.metrics import rel_l2
@@ -43,6 +44,32 @@ def test_profile_holds_each_band_weight_over_the_band_and_turns_to_the_next_just
     r = np.array([0.0, 0.149, 0.15, 0.175, 0.2, 0.5, 0.52, 0.9, 0.95, 1.3])
     # by hand: the first band's 0 up to its edge 0.15, then linear to 0.6 at 0.15 + RAMP (0.05); and so on
     np.testing.assert_allclose(blend.profile(r, w), [0.0, 0.0, 0.0, 0.3, 0.6, 0.6, 0.68, 0.8, 1.0, 1.0])
+
+
+def test_a_validation_point_both_miss_does_not_choose_the_weight():
+    """Six points where the network is exact and interpolation (a flat grid) is not; one compact point that both
+    miss by ~100% and that interpolation misses a little less. Pooled, that point would carry the band and take its
+    weight to interpolation; it is left out, and the network keeps the band."""
+    n, k = 4, 5
+    flat = np.full((1, n * n, 3, k, k), 1.0 / k**2, dtype=np.float32)  # every grid PSF flat: bicubic gives flat
+    rng = np.random.default_rng(0)
+    angle = rng.uniform(0, 2 * np.pi, 7)
+    coords = 0.3 * np.column_stack([np.cos(angle), np.sin(angle)])  # all in the band [0.15, 0.5)
+    t = np.arange(k) - k // 2
+    blob = np.exp(-0.5 * (t[:, None] ** 2 + t[None, :] ** 2) / 0.8**2)
+    ref = np.repeat((blob / blob.sum())[None, None], 7, axis=0).repeat(3, axis=1).astype(np.float32)
+    net = ref.copy()
+    ref[6] = 0.0
+    ref[6, :, 0, 0] = 1.0  # compact: a delta in one corner
+    net[6] = 0.0
+    net[6, :, -1, -1] = 1.0  # the opposite corner: 141% off; flat interpolation 98% off
+    val = {"coords": coords, "depth": np.ones(7), "focus": np.full(7, np.nan), "psf_a": ref, "psf_b": ref}
+    fitted = blend.fit(flat, n, [1.0], [np.nan], net, val)
+    assert fitted.weights[1] == 1.0 and fitted.points[1] == 6
+    # the oracle the rule guards against: with the point scored, the pooled error moves the weight off the network
+    mixed = lambda w: blend._mix(np.full(7, w), net, np.full_like(net, 1.0 / k**2))  # noqa: E731
+    pooled = [rel_l2_corrected(mixed(w), ref, ref)[1] for w in (1.0, 0.0)]
+    assert pooled[1] < pooled[0]
 
 
 def _mirror_field(xy: np.ndarray) -> np.ndarray:
@@ -202,43 +229,61 @@ def test_a_canonical_models_interpolation_has_the_lens_symmetry(tiny_run, tiny_g
     assert np.abs(plain[1] - plain[0][..., ::-1]).max() > 1e-3
 
 
-def test_psf_train_fits_the_blend_on_the_validation_points_alone(vignetted_grid, tmp_path):
-    """Garbage in the test points' references leaves the blend as it is; garbage in the validation points' changes
-    it (so the comparison can see a point that fits it)."""
+def _interpolated_references(src, dst, part_value: int) -> None:
+    """A copy of grid file src at dst whose lit held-out points of part part_value have the grid's bicubic
+    interpolation as their references: a blend fitted on them leans to interpolation (random references, which both
+    methods miss, would be left out of the fit: blend.FAIL)."""
+    info = GridFile.open(src)
+    interpolated = baselines.bicubic(
+        info.grid_psfs(), info.depths, info.grid_size, *info.heldout_coords.T, info.heldout_depth
+    ).astype(np.float32)
+    shutil.copy(src, dst)
+    with h5py.File(dst, "r+") as f:
+        part = f["heldout/part"][:]
+        for half in ("a", "b"):
+            psf = f[f"heldout/psf_{half}"][:]
+            at = (part == part_value) & (psf.sum(axis=(1, 2, 3)) > 0)  # lit points only: a dark one holds zeros
+            psf[at] = interpolated[at]
+            f[f"heldout/psf_{half}"][...] = psf
 
-    def garbled(part_name: str, value: int | None) -> dict:
+
+def _validation_part(grid) -> int:
+    """The value of heldout/part that marks grid file ``grid``'s validation points."""
+    with h5py.File(grid) as f:
+        return int(np.setdiff1d(np.unique(f["heldout/part"][:]), [TEST])[0])
+
+
+def test_psf_train_fits_the_blend_on_the_validation_points_alone(vignetted_grid, tmp_path):
+    """Other references at the test points leave the blend as it is; at the validation points they change it (so
+    the comparison can see a point that fits it)."""
+
+    def blend_of(part_name: str, value: int | None) -> dict:
         data = tmp_path / f"{part_name}.h5"
-        shutil.copy(vignetted_grid, data)
-        if value is not None:
-            with h5py.File(data, "r+") as f:
-                part = f["heldout/part"][:]
-                for half in ("a", "b"):
-                    psf = f[f"heldout/psf_{half}"][:]
-                    rng = np.random.default_rng(1)
-                    at = (part == value) & (psf.sum(axis=(1, 2, 3)) > 0)  # lit points only: a dark one holds zeros
-                    noise = rng.uniform(size=psf[at].shape).astype(np.float32)
-                    psf[at] = noise / noise.sum(axis=(-2, -1), keepdims=True)
-                    f[f"heldout/psf_{half}"][...] = psf
+        if value is None:
+            shutil.copy(vignetted_grid, data)
+        else:
+            _interpolated_references(vignetted_grid, data, value)
         run = train(small_config(data, tmp_path / f"run_{part_name}", max_steps=20, val_every=20))
         return torch.load(run / "latest.pt", weights_only=True)["blend"]
 
-    clean, test_garbled = garbled("clean", None), garbled("test", TEST)
-    assert clean["weights"] == test_garbled["weights"] and clean["points"] == test_garbled["points"]
-    assert torch.equal(clean["grid"], test_garbled["grid"])
-    with h5py.File(vignetted_grid) as f:
-        validation = int(np.setdiff1d(np.unique(f["heldout/part"][:]), [TEST])[0])
-    val_garbled = garbled("validation", validation)
-    assert val_garbled["weights"] != clean["weights"]
+    clean, test_changed = blend_of("clean", None), blend_of("test", TEST)
+    assert clean["weights"] == test_changed["weights"] and clean["points"] == test_changed["points"]
+    assert torch.equal(clean["grid"], test_changed["grid"])
+    val_changed = blend_of("validation", _validation_part(vignetted_grid))
+    assert val_changed["weights"] != clean["weights"]
 
 
-def test_val_blended_rel_l2_is_what_the_api_answers_at_the_validation_points(vignetted_run, vignetted_grid):
+def test_val_blended_rel_l2_is_what_the_api_answers_at_the_validation_points(vignetted_grid, tmp_path):
     """TensorBoard's val_blended_rel_l2 at a checkpoint's step is the mean relative L2 of the blended PSFs, as the
     loaded model answers, on the lit validation points; best.pt stays chosen on the network's own score."""
-    best = torch.load(vignetted_run / "best.pt", weights_only=True)
-    assert min(best["blend"]["weights"]) < 1.0  # a blend that changes the answer, so the two scores differ
-    val = GridFile.open(vignetted_grid).heldout("validation")
+    data = tmp_path / "leaning.h5"  # validation references that make the blend lean to interpolation
+    _interpolated_references(vignetted_grid, data, _validation_part(vignetted_grid))
+    run = train(small_config(data, tmp_path / "run", max_steps=20, val_every=10, checkpoint_every=10))
+    latest = torch.load(run / "latest.pt", weights_only=True)
+    assert min(latest["blend"]["weights"]) < 1.0  # a blend that changes the answer, so the two scores differ
+    val = GridFile.open(data).heldout("validation")
     lit = val["ref"].sum(axis=(1, 2, 3)) > 0
-    model = load_model(vignetted_run / "best.pt", device="cpu")
+    model = load_model(run / "latest.pt", device="cpu")
     x, y, depth = val["coords"][lit, 0], val["coords"][lit, 1], val["depth"][lit]
     cond = model.conditions(x, y, depth, allow_extrapolation=True)
     net = model.net.sample_from_prior(cond, mean=True)
@@ -246,9 +291,11 @@ def test_val_blended_rel_l2_is_what_the_api_answers_at_the_validation_points(vig
     answered = rel_l2(model.blended(net, cond).numpy(), val["ref"][lit]).mean()
     network = rel_l2(net.numpy(), val["ref"][lit]).mean()
     assert abs(answered - network) > 1e-3
-    logged = dict(scalars(vignetted_run, "val_blended_rel_l2"))
-    assert np.isclose(logged[best["step"]], answered, rtol=1e-4)
-    assert best["selection"]["metric"] == "val_points_rel_l2" and np.isclose(best["best_val"], network, rtol=1e-4)
+    assert np.isclose(dict(scalars(run, "val_blended_rel_l2"))[latest["step"]], answered, rtol=1e-4)
+    assert np.isclose(dict(scalars(run, "val_points_rel_l2"))[latest["step"]], network, rtol=1e-4)
+    best = torch.load(run / "best.pt", weights_only=True)
+    assert best["selection"]["metric"] == "val_points_rel_l2"
+    assert np.isclose(best["best_val"], min(v for _, v in scalars(run, "val_points_rel_l2")), rtol=1e-6)
 
 
 def test_the_blend_is_fitted_once_a_step_and_both_checkpoints_of_that_step_hold_it(tiny_grid, tmp_path, monkeypatch):
