@@ -66,6 +66,12 @@ def test_a_validation_point_both_miss_does_not_choose_the_weight():
     val = {"coords": coords, "depth": np.ones(7), "focus": np.full(7, np.nan), "psf_a": ref, "psf_b": ref}
     fitted = blend.fit(flat, n, [1.0], [np.nan], net, val)
     assert fitted.weights[1] == 1.0 and fitted.points[1] == 6
+    # Unless leaving it out would leave its band fewer than MIN_POINTS to fit on: with two others it goes, with one
+    # other both stay, and the compact point pulls the weight as without the rule.
+    fitted = blend.fit(flat, n, [1.0], [np.nan], net[4:], {key: value[4:] for key, value in val.items()})
+    assert fitted.points[1] == 2 and fitted.weights[1] == 1.0
+    fitted = blend.fit(flat, n, [1.0], [np.nan], net[5:], {key: value[5:] for key, value in val.items()})
+    assert fitted.points[1] == 2 and fitted.weights[1] < 1.0
     # the oracle the rule guards against: with the point scored, the pooled error moves the weight off the network
     mixed = lambda w: blend._mix(np.full(7, w), net, np.full_like(net, 1.0 / k**2))  # noqa: E731
     pooled = [rel_l2_corrected(mixed(w), ref, ref)[1] for w in (1.0, 0.0)]

@@ -17,8 +17,8 @@ with w linear between the bands' middles; docs/results.md). The weights, each on
 the sum over bands of the pooled noise-corrected error on the file's lit validation points in the band, w(r)
 applied as it will be (``fit``, by coordinate descent: psf train, at every validation step); never the test points,
 which psf eval scores. A point that both the network and interpolation miss by more than FAIL is left out (it
-cannot tell them apart, and a compact one would choose the weight alone). A band with fewer than MIN_POINTS
-validation points keeps the network alone (w = 1)
+cannot tell them apart, and a compact one would choose the weight alone), unless that leaves its band fewer than
+MIN_POINTS. A band with fewer than MIN_POINTS validation points keeps the network alone (w = 1)
 over it, past the turn from the band before. K_bicubic is the evaluation's
 bicubic baseline (psfcvae/evaluation/baselines.py: Catmull-Rom over the field, linear in 1/depth and in
 1/focus between the grid's planes), computed here in torch on the model's device; for a rotationally symmetric
@@ -259,8 +259,11 @@ def fit(grid, grid_size: int, depths, focus, net_psf: np.ndarray | None, validat
     with np.errstate(invalid="ignore", divide="ignore"):
         missed = np.minimum(rel_l2_corrected(net_psf, a, c)[0], rel_l2_corrected(bic, a, c)[0])
     told = ~(missed > FAIL)
-    coords, net_psf, bic, a, c = coords[told], net_psf[told], bic[told], a[told], c[told]
     band = radius_band(coords)
+    for b in range(BANDS):  # unless that leaves a band too few to fit on: then it keeps them all
+        if np.sum(told & (band == b)) < MIN_POINTS <= np.sum(band == b):
+            told[band == b] = True
+    coords, net_psf, bic, a, c, band = coords[told], net_psf[told], bic[told], a[told], c[told], band[told]
     blend.points[:] = np.bincount(band, minlength=BANDS)
     scored = [b for b in range(BANDS) if blend.points[b] >= MIN_POINTS]
     fx, fy = blend.folded(coords[:, 0], coords[:, 1])  # as weight() takes them, the grid's edge included
