@@ -6,8 +6,8 @@ the model never saw and that chose no checkpoint; psf eval scores nothing else),
 noise-corrected and pooled (docs/metrics.md), overall, at grid depths and between them
 (and, over several focus settings, at grid focus settings and between them); ray tracing at
 the training spp; the model's PSFs/s over ray tracing's. Files go to --work (default
-runs/bench_accuracy/LENS, LENS_focusF1,F2,... with --focus-m, LENS_seedS with --seed); an existing grid file there is
-reused, so a second run only retrains and evaluates.
+runs/bench_accuracy/LENS, LENS_focusF1,F2,... with --focus-m, LENS_seedS with --seed); an
+existing grid file there is reused, so a second run only retrains and evaluates.
 
     python benchmarks/bench_accuracy.py [--lens acl12708u|cooke|la1131] [--configs default,cartesian,spec]
                                         [--work DIR] [--max-steps N] [--set key=value ...]

@@ -514,7 +514,7 @@ def selection(info: GridFile, validation: dict | None) -> dict:
     checkpoint chosen on any of the points it scores.
 
     The network's score, not the blended answer's (val_blended_rel_l2): the blend is refitted at every
-    checkpoint and can cover for a network that has not learned yet, so the blended score can pick an early
+    validation and can cover for a network that has not learned yet, so the blended score can pick an early
     step whose illumination head still lights dark points (a 150-step run of the vignetted test grid: step 50)."""
     points = np.column_stack([info.heldout_coords, info.heldout_depth])[info.heldout_part == VALIDATION]
     lit = validation is not None and len(validation["ref"]) > 0
