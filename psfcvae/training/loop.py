@@ -291,8 +291,8 @@ class Run:
     selection: dict | None = None  # what chooses best.pt (selection()): every checkpoint records it
     validation: dict | None = None  # the lit validation points (GridFile.heldout's entries): what fits the blend
     blend_grid: torch.Tensor | None = None  # [F*D, P, 3, k, k] float16: the grid the blend interpolates (main only)
-    # a cache, not state: the blend fitted at one step (fit_blend), which best.pt, latest.pt and the closing log line
-    # of that step share
+    # a cache, not state: step -> (the blend fitted at that step, the network's PSFs at the validation points it was
+    # fitted on) (fit_blend), which the validation, best.pt, latest.pt and the closing log line of that step share
     blend_fit: dict = dataclasses.field(default_factory=dict)
 
     @property
@@ -755,17 +755,20 @@ def fit_blend(run: Run, step: int) -> blend.Blend:
     validation points (psfcvae/api/blend.py): the same points that choose best.pt, never the test points. Fitted
     once per step: the validation, the checkpoints and the closing line of one step share it."""
     if step in run.blend_fit:
-        return run.blend_fit[step]
+        return run.blend_fit[step][0]
     info, model, val = run.info, run.model, run.validation
     if val is None:  # no lit validation point: every weight stays 1, the network alone
         val = {"coords": np.zeros((0, 2))}
         pred = None
     else:
-        pred = _validation_prediction(run).numpy()
+        pred = _validation_prediction(run)
     fold = tuple(model.args.field_scale) if model.canonical else None  # the table's octant (blend.Blend.fold)
+    fitted = blend.fit(
+        run.blend_grid, info.grid_size, info.depths, info.focus, None if pred is None else pred.numpy(), val, fold
+    )
     run.blend_fit.clear()  # the network has moved on since any earlier step
-    run.blend_fit[step] = blend.fit(run.blend_grid, info.grid_size, info.depths, info.focus, pred, val, fold)
-    return run.blend_fit[step]
+    run.blend_fit[step] = (fitted, pred)
+    return fitted
 
 
 @torch.no_grad()
@@ -776,7 +779,8 @@ def _blended_score(run: Run, step: int) -> float:
     val = run.validation
     focus_m = val["focus"] if run.info.n_focus > 1 else None
     x, y = val["coords"][:, 0], val["coords"][:, 1]
-    pred = fit_blend(run, step).apply(_validation_prediction(run), x, y, val["depth"], focus_m)
+    fitted = fit_blend(run, step)
+    pred = fitted.apply(run.blend_fit[step][1], x, y, val["depth"], focus_m)  # the network's, as fit_blend took it
     return float(rel_l2(pred.numpy(), val["ref"]).mean())
 
 
