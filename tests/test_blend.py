@@ -348,3 +348,34 @@ def test_on_a_sensor_that_is_not_square_the_blend_keeps_the_diagonal_symmetry():
     # (0.2, 0.9) on a 2:3 portrait sensor is physical (0.13, 0.9): its octant image x' = 0.9 / (2/3) lies off the grid
     assert portrait.weight(np.array([0.2]), np.array([0.9]), np.ones(1))[0] == 1.0
     assert portrait.weight(np.array([0.2]), np.array([0.3]), np.ones(1))[0] < 1.0
+
+
+def test_on_a_sensor_that_is_not_square_a_point_fits_the_weight_it_gets():
+    """On a 3:2 landscape sensor a canonical model's weight at (0.1, 0.9), in the band [0.9, r_max] by its own
+    radius, is taken at its octant image (0.6, 0.15), in [0.5, 0.9): that band's weight is what the point can
+    choose, and fit counts it there. Interpolation is exact at the points and the network 2 px off: the band the
+    points fall in by their octant images leans to interpolation; counted by their own radius, no weight moved."""
+    rng = np.random.default_rng(3)
+    n, k = 5, 7
+    grid = rng.uniform(size=(1, n * n, 3, k, k)).astype(np.float32)
+    grid /= grid.sum(axis=(-2, -1), keepdims=True)
+    fold = (1.0, 2.0 / 3.0)
+    coords = np.array([[0.1, 0.9], [-0.15, 0.95], [0.05, -0.92]])
+    one = np.ones(len(coords))
+    lookup = blend.Blend(
+        torch.as_tensor(grid, dtype=torch.float16),
+        n,
+        one[:1],
+        np.array([np.nan]),
+        np.ones(4),
+        np.zeros(4, dtype=np.int64),
+        fold,
+    )
+    fx, fy = lookup.folded(coords[:, 0], coords[:, 1])
+    assert (np.hypot(*coords.T) >= 0.9).all() and ((np.hypot(fx, fy) >= 0.5) & (np.hypot(fx, fy) < 0.9)).all()
+    truth = lookup.interpolate(coords[:, 0], coords[:, 1], one).numpy()  # interpolation exact
+    net = np.roll(truth, 2, axis=-1)  # the network 2 px off
+    val = {"coords": coords, "depth": one, "focus": np.full(3, np.nan), "psf_a": truth, "psf_b": truth}
+    fitted = blend.fit(grid, n, [1.0], [np.nan], net, val, fold)
+    np.testing.assert_array_equal(fitted.points, [0, 0, 3, 0])
+    assert fitted.weights[2] == 0.0 and fitted.weights[3] == 1.0

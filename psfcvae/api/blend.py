@@ -14,24 +14,23 @@ next band's weight over the first RAMP of that next band: continuous, so a rende
 outside each band, not across its edge, so that the points nearest the axis, where interpolation is best, keep
 their band's weight to its edge (the demo's centre: 3.0% against 3.3% with the turn centred on the edge, 3.2%
 with w linear between the bands' middles; docs/results.md). The weights, each one of 0, 0.05, ..., 1, minimise
-the sum over bands of the pooled noise-corrected error on the file's lit validation points in the band, w(r)
-applied as it will be (``fit``, by coordinate descent: psf train, at every validation step); never the test points,
-which psf eval scores. A point that both the network and interpolation miss by more than FAIL is left out (it
-cannot tell them apart, and a compact one would choose the weight alone), unless that leaves its band fewer than
-MIN_POINTS. A band with fewer than MIN_POINTS validation points keeps the network alone (w = 1)
-over it, past the turn from the band before. K_bicubic is the evaluation's
-bicubic baseline (psfcvae/evaluation/baselines.py: Catmull-Rom over the field, linear in 1/depth and in
-1/focus between the grid's planes), computed here in torch on the model's device; for a rotationally symmetric
-(canonical-frame) model the grid is first averaged over each grid point's mirror images (psf train's
-``blend_grid``, with baselines.mirror_averaged: the mirrors in x and y, and the diagonal too on a square sensor),
-which brings the ray noise of the grid PSFs it interpolates down to about half (a third on a square sensor;
+the sum over bands of the pooled noise-corrected error on the file's lit validation points in the band (by the
+radius w is taken at: a canonical model's octant image's, below), w(r) applied as it will be (``fit``, by
+coordinate descent: psf train, at every validation step); never the test points, which psf eval scores. A point
+that both the network and interpolation miss by more than FAIL is left out (it cannot tell them apart, and a
+compact one would choose the weight alone), unless that leaves its band fewer than MIN_POINTS. A band with fewer
+than MIN_POINTS validation points keeps the network alone (w = 1) over it, past the turn from the band before.
+K_bicubic is the evaluation's bicubic baseline (psfcvae/evaluation/baselines.py: Catmull-Rom over the field, linear
+in 1/depth and in 1/focus between the grid's planes), computed here in torch on the model's device; for a
+rotationally symmetric (canonical-frame) model the grid is first averaged over each grid point's mirror images (psf
+train's ``blend_grid``, with baselines.mirror_averaged: the mirrors in x and y, and the diagonal too on a square
+sensor), which brings the ray noise of the grid PSFs it interpolates down to about half (a third on a square sensor;
 psf eval scores bicubic of that grid alone as "bicubic (mirror-averaged)", taken at the point itself), and the
-interpolation is taken at the point's image in the first octant and
-turned back, as the model's table takes every point, so that the table and ``model.psf`` agree everywhere. The
-weight is taken at that octant point too, so the answer keeps the lens's symmetry on a sensor that is not
-square. Outside the grid (beyond the sensor's edge, or, for a model of several depths or focus
-settings, beyond the grid's, which allow_extrapolation admits) w is 1: interpolation would only repeat the
-edge.
+interpolation is taken at the point's image in the first octant and turned back, as the model's table takes every
+point, so that the table and ``model.psf`` agree everywhere. The weight is taken at that octant point too, so the
+answer keeps the lens's symmetry on a sensor that is not square. Outside the grid (beyond the sensor's edge, or, for
+a model of several depths or focus settings, beyond the grid's, which allow_extrapolation admits) w is 1:
+interpolation would only repeat the edge.
 """
 
 from __future__ import annotations
@@ -259,15 +258,17 @@ def fit(grid, grid_size: int, depths, focus, net_psf: np.ndarray | None, validat
     with np.errstate(invalid="ignore", divide="ignore"):
         missed = np.minimum(rel_l2_corrected(net_psf, a, c)[0], rel_l2_corrected(bic, a, c)[0])
     told = ~(missed > FAIL)
-    band = radius_band(coords)
+    # Each point counts in the band whose weight it gets: that of its octant image's radius (``weight``), which on a
+    # sensor that is not square can lie in the band below its own (LA1131's 3:2 sensor: 1 to 3 of 23 points).
+    fx, fy = blend.folded(coords[:, 0], coords[:, 1])
+    band = radius_band(np.column_stack([fx, fy]))
     for b in range(BANDS):  # unless that leaves a band too few to fit on: then it keeps them all
         if np.sum(told & (band == b)) < MIN_POINTS <= np.sum(band == b):
             told[band == b] = True
-    coords, net_psf, bic, a, c, band = coords[told], net_psf[told], bic[told], a[told], c[told], band[told]
+    fx, fy, net_psf, bic, a, c, band = fx[told], fy[told], net_psf[told], bic[told], a[told], c[told], band[told]
     blend.points[:] = np.bincount(band, minlength=BANDS)
     scored = [b for b in range(BANDS) if blend.points[b] >= MIN_POINTS]
-    fx, fy = blend.folded(coords[:, 0], coords[:, 1])  # as weight() takes them, the grid's edge included
-    r, off_grid = np.hypot(fx, fy), (np.abs(fx) > 1 + SLACK) | (np.abs(fy) > 1 + SLACK)
+    r, off_grid = np.hypot(fx, fy), (np.abs(fx) > 1 + SLACK) | (np.abs(fy) > 1 + SLACK)  # as weight() takes them
 
     def loss(weights: np.ndarray) -> float:
         mixed = _mix(np.where(off_grid, 1.0, profile(r, weights)), net_psf, bic)
