@@ -99,7 +99,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         big = build_big_file(Path(tmp), 100, (0.4, 0.5, 0.6, 0.8, 1.0, 1.5, 2.0, 4.0, 8.0, 20.0))
         info = GridFile.open(big)
-        cfg = configio.build(TrainConfig, {"data": str(big)})  # the spec's defaults, batch 64
+        # the defaults (batch 64), streamed from disk: read_run auto is the streaming run
+        cfg = resolve(configio.build(TrainConfig, {"data": str(big), "in_memory": "false"}), info)
         n_psf = info.n_planes * info.grid_size**2
         print(
             f"file: {n_psf} PSFs, {big.stat().st_size / 2**20:.0f} MiB; batch {cfg.batch_size}, read_run {cfg.read_run}"
@@ -109,7 +110,7 @@ def main() -> None:
             ds = GridBatches(info, cfg.batch_size, cfg.read_run, seed=0, in_memory=False)
             rates[f"loader, disk, {workers} workers"] = loader_rate(ds, workers, args.batches)
 
-        model = CVAE(model_args_for(resolve(cfg, info), info)).to(device)
+        model = CVAE(model_args_for(cfg, info)).to(device)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
         conds = Conditions(info.coords, info.depths, info.neighbors, True, device, focus=info.focus)
         ds = GridBatches(info, cfg.batch_size, cfg.read_run, seed=0, in_memory=False)

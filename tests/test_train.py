@@ -476,7 +476,7 @@ def test_resume_refuses_another_data_order_and_batch_must_fit_runs(tiny_grid, tm
     with pytest.raises(InputError, match="another seed"):
         train(small_config(tiny_grid, run_dir, max_steps=20, seed=4), resume=True)
     with pytest.raises(InputError, match="multiple of read_run"):
-        small_config(tiny_grid, run_dir, batch_size=12)
+        small_config(tiny_grid, run_dir, batch_size=12, read_run=8)
     with pytest.raises(InputError, match="'seed'"):
         small_config(tiny_grid, run_dir, seed=-1)
 
@@ -522,6 +522,32 @@ def test_max_steps_auto_grows_with_the_grid_and_a_resumed_run_keeps_its_own(tiny
     train(small_config(tiny_grid, run_dir, max_steps="auto"), resume=True)
     resumed = torch.load(run_dir / "latest.pt", weights_only=True)
     assert resumed["step"] == 10 and resumed["config"]["max_steps"] == 10
+
+
+def test_read_run_auto_draws_each_psf_on_its_own_in_memory_and_a_resumed_run_keeps_its_own(tiny_grid, tmp_path):
+    from psfcvae.training.loop import resolve
+
+    info = GridFile.open(tiny_grid)
+    for bad in ("some", 0):
+        with pytest.raises(InputError, match="read_run"):
+            configio.build(TrainConfig, {"read_run": bad})
+    streamed = {"in_memory": "false"}
+    assert resolve(configio.build(TrainConfig, {}), info).read_run == 1  # a small grid is held in memory
+    assert resolve(configio.build(TrainConfig, streamed), info).read_run == 8  # one HDF5 read per 8 PSFs
+    assert resolve(configio.build(TrainConfig, {**streamed, "batch_size": 12}), info).read_run == 4  # fits the batch
+    assert resolve(configio.build(TrainConfig, {"read_run": 2}), info).read_run == 2
+    # In memory, one batch holds PSFs from all over the file, not runs of neighbours.
+    batch = GridBatches(info, batch_size=16, read_run=1, seed=0, in_memory=True)[0]
+    flat = (batch["plane"] * info.grid_size**2 + batch["point"]).numpy()
+    assert len(set(flat)) == 16 and not (np.diff(flat) == 1).all()
+    with h5py.File(tiny_grid) as f:
+        np.testing.assert_array_equal(batch["psf"].numpy(), f["grid/psf"][:][batch["plane"], batch["point"]])
+    # On --resume, auto is the run's own value: a run streamed in runs of 4 resumes in runs of 4.
+    run_dir = tmp_path / "run"
+    train(small_config(tiny_grid, run_dir, max_steps=4, in_memory="false", batch_size=12))
+    train(small_config(tiny_grid, run_dir, max_steps=6, batch_size=12), resume=True)  # in memory now
+    resumed = torch.load(run_dir / "latest.pt", weights_only=True)
+    assert resumed["step"] == 6 and resumed["config"]["read_run"] == 4
 
 
 def test_a_checkpoint_of_another_schema_is_refused_in_one_line(tiny_run, tiny_grid, tmp_path):

@@ -11,6 +11,7 @@ from psfgen.shared.errors import InputError
 
 STEPS_PER_BLOCK = 5000  # max_steps auto: steps for each block of grid PSFs ...
 PSFS_PER_BLOCK = 7500  # ... of this many (7 220 PSFs took 5000 steps, 14 297 took 10 000; README)
+READ_RUN_STREAMING = 8  # read_run auto when the grid streams from the file: PSFs per contiguous HDF5 read
 MAX_FREQUENCIES = 24  # band 2^23 pi: beyond it sin(2^l pi c) is noise at float32 precision
 
 
@@ -20,7 +21,7 @@ class TrainConfig:
     bilinear interpolation (README, "Why these defaults"). configs/cvae_v1.yaml is the spec.
 
     The keys that may say auto (grid_size None, condition_on_depth, condition_frame, in_memory,
-    max_steps, blend) are decided for the grid file by ``training.resolve``; a run records the result."""
+    read_run, max_steps, blend) are decided for the grid file by ``training.resolve``; a run records the result."""
 
     # Data
     data: str = ""  # grid HDF5 file written by `psf generate`
@@ -37,7 +38,9 @@ class TrainConfig:
     focus_code: str = "inverse"
     supersample: int = 3  # canonical frame: the decoder's kernel is this many times finer than kernel_size_small
     in_memory: str = "auto"  # hold the grid in RAM: auto (files under 2 GiB) | true | false
-    read_run: int = 8  # contiguous PSFs per read; a batch gathers batch_size/read_run runs
+    # Contiguous PSFs per read; a batch gathers batch_size/read_run runs. auto: 1 for a grid in memory (each PSF of a
+    # batch drawn on its own), gcd(batch_size, READ_RUN_STREAMING) for one that streams from the file
+    read_run: int | str = "auto"
     num_workers: int = 0  # DataLoader worker processes
     # Model (docs/design.md, "What is learned")
     latent_dim: int = 128  # z dimension
@@ -76,7 +79,6 @@ class TrainConfig:
             self,
             1,
             "kernel_size_small",
-            "read_run",
             "supersample",
             "latent_dim",
             "hidden_dim",
@@ -86,11 +88,13 @@ class TrainConfig:
             "val_every",
             "checkpoint_every",
         )
-        if isinstance(self.max_steps, str) and self.max_steps.strip().lower() != "auto":
-            raise InputError.for_key("max_steps", f"must be a whole number or auto, got {self.max_steps!r}")
-        if not isinstance(self.max_steps, str):
-            check_at_least(self, 1, "max_steps")
-        if self.batch_size % self.read_run:
+        for key in ("max_steps", "read_run"):
+            value = getattr(self, key)
+            if isinstance(value, str) and value.strip().lower() != "auto":
+                raise InputError.for_key(key, f"must be a whole number or auto, got {value!r}")
+            if not isinstance(value, str):
+                check_at_least(self, 1, key)
+        if not isinstance(self.read_run, str) and self.batch_size % self.read_run:
             raise InputError.for_keys(
                 f"{{batch_size}} ({self.batch_size}) must be a multiple of {{read_run}} ({self.read_run})",
                 "batch_size",

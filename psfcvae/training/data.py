@@ -4,7 +4,8 @@ A training batch is ``batch_size`` grid PSFs gathered as ``batch_size / read_run
 ``read_run`` consecutive PSFs (consecutive in the file's [plane, point] order, so mostly
 neighbours along a grid row) from random places in the file: each run is one contiguous HDF5 read, and the order of the
 runs is a fresh permutation every epoch, so every PSF is seen once per epoch. Batch ``g``
-depends only on (seed, g), which is what lets ``--resume`` continue the same data order.
+depends only on (seed, g), which is what lets ``--resume`` continue the same data order. A grid held in memory
+needs no runs (read_run auto is 1 there: ``training.resolve``), and a batch is gathered in one indexing.
 
 The HDF5 file is opened lazily inside whichever process reads it (each DataLoader
 worker opens its own handle, never inherited through fork). With ``in_memory`` the
@@ -181,9 +182,7 @@ class GridBatches(Dataset):
         return self._order
 
     def _read(self, lo: int, hi: int) -> np.ndarray:
-        """PSFs with flat indices [lo, hi): [hi - lo, 3, k, k]; a run may cross a plane."""
-        if self.memory is not None:
-            return self.memory[lo:hi]
+        """PSFs with flat indices [lo, hi) from the file: [hi - lo, 3, k, k]; a run may cross a plane."""
         if self._file is None:
             self._file = self.grid.reader()  # opened here, in the reading process
         return self.grid.grid_psf_flat(lo, hi, self._file)
@@ -193,7 +192,10 @@ class GridBatches(Dataset):
         starts = self._runs_of_epoch(epoch)[b * self.runs_per_batch : (b + 1) * self.runs_per_batch]
         n = self.planes * self.P
         flat = np.concatenate([np.arange(s, min(s + self.read_run, n)) for s in starts])
-        psf = np.concatenate([self._read(s, min(s + self.read_run, n)) for s in starts])
+        if self.memory is not None:
+            psf = self.memory[flat]
+        else:
+            psf = np.concatenate([self._read(s, min(s + self.read_run, n)) for s in starts])
         if self.world > 1:  # every rank reads the global batch (a few small reads) and keeps its share
             flat, psf = flat[self.rank :: self.world], psf[self.rank :: self.world]
         plane, point = np.divmod(flat, self.P)

@@ -34,7 +34,7 @@ from psfcvae.evaluation import baselines
 from psfcvae.images import mosaic
 from psfcvae.model.cvae import CVAE, ModelArgs
 from psfcvae.training import interrupt, tblog
-from psfcvae.training.config import TrainConfig, check_model_size
+from psfcvae.training.config import READ_RUN_STREAMING, TrainConfig, check_model_size
 from psfcvae.training.data import (
     Conditions,
     GridBatches,
@@ -90,7 +90,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 
 def resolve(cfg: TrainConfig, info: GridFile, ckpt: dict | None = None) -> TrainConfig:
     """``cfg`` with every value it leaves to the file decided for ``info``: grid_size, kernel_size_small, the auto of
-    max_steps (on --resume, ``ckpt``'s own), condition_on_depth, condition_frame and in_memory. What
+    max_steps (on --resume, ``ckpt``'s own), condition_on_depth, condition_frame, in_memory and read_run. What
     the run records (config.yaml, every checkpoint). Checks the file fits the config."""
     if cfg.grid_size is not None and cfg.grid_size != info.grid_size:
         raise InputError(
@@ -118,6 +118,7 @@ def resolve(cfg: TrainConfig, info: GridFile, ckpt: dict | None = None) -> Train
         condition_frame=frame,
         in_memory=_decide(cfg.in_memory, grid_bytes < IN_MEMORY_AUTO_LIMIT),
     )
+    resolved = dataclasses.replace(resolved, read_run=_read_run(resolved, ckpt))
     resolved = dataclasses.replace(resolved, blend=_blend(resolved, info))
     check_model_size(resolved)  # the file's kernel side decides the decoder's output
     return resolved
@@ -142,6 +143,19 @@ def _blend(cfg: TrainConfig, info: GridFile) -> str:
         log.info("blend auto: none (the network alone): %s", why)
         return "none"
     return "bicubic"
+
+
+def _read_run(cfg: TrainConfig, ckpt: dict | None) -> int:
+    """read_run auto (``cfg`` with in_memory decided): on --resume the run's own, else 1 for a grid in memory, whose
+    reads cost nothing per PSF, so that a batch holds batch_size PSFs from all over the grid rather than runs of
+    neighbours along a row (on the Cooke triplet's 17-depth grid the network alone erred by 2.1% instead of 2.6% at
+    10 000 steps; docs/results.md), and gcd(batch_size, READ_RUN_STREAMING) for one streamed from the file, where
+    each run is one contiguous HDF5 read (benchmarks/bench_loader.py)."""
+    if not isinstance(cfg.read_run, str):
+        return cfg.read_run
+    if ckpt is not None:
+        return int(ckpt["config"]["read_run"])
+    return 1 if cfg.in_memory == "true" else math.gcd(cfg.batch_size, READ_RUN_STREAMING)
 
 
 def _decide(choice: str, when_auto: bool) -> str:
