@@ -39,7 +39,8 @@ class TrainConfig:
     supersample: int = 3  # canonical frame: the decoder's kernel is this many times finer than kernel_size_small
     in_memory: str = "auto"  # hold the grid in RAM: auto (files under 2 GiB) | true | false
     # Contiguous PSFs per read; a batch gathers batch_size/read_run runs. auto: 1 for a grid in memory (each PSF of a
-    # batch drawn on its own), gcd(batch_size, READ_RUN_STREAMING) for one that streams from the file
+    # batch drawn on its own), gcd(batch_size, READ_RUN_STREAMING) for one that streams from the file; on --resume the
+    # run's own
     read_run: int | str = "auto"
     num_workers: int = 0  # DataLoader worker processes
     # Model (docs/design.md, "What is learned")

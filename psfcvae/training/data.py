@@ -156,7 +156,7 @@ class GridBatches(Dataset):
         self.runs_per_batch = batch_size // read_run  # the config checks that read_run divides batch_size
         self.read_run = read_run
         self.seed = seed
-        self.rank, self.world = rank, world  # under DDP each rank takes every world-th run of a batch
+        self.rank, self.world = rank, world  # under DDP each rank takes every world-th PSF of a batch
         n = self.planes * self.P
         self.run_starts = np.arange(0, n, read_run)  # flat index of each run's first PSF
         # Runs that cannot fill a last batch wait for the next epoch's permutation (drop_last):
