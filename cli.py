@@ -387,8 +387,8 @@ def _logs_above_bars():
 @click.option(
     "--spp",
     type=int,
-    help="Rays per point and wavelength for the grid [default: from the same share, e.g. 13219 at 9 depths; "
-    "18903 when --num-depths is a number].",
+    help="Rays per point and wavelength for the grid [default: from the same share, e.g. 25631 at the default "
+    "lens's 3 depths; 18903 when --num-depths is a number].",
 )
 @click.option(
     "--ray-budget",
@@ -593,7 +593,7 @@ def _parse_coords(text: str, option: str = "--coords", example: str = "0.5,0.5;-
     except ValueError:
         pts = []
     if not pts or any(len(p) != 2 for p in pts):
-        raise click.BadParameter(f"expected 'x,y;x,y;...', e.g. '{example}'", param_hint=option)
+        raise click.BadParameter(f"expected 'x,y;x,y;...', e.g. '{example}'; got {text!r}", param_hint=option)
     return pts
 
 
@@ -648,7 +648,7 @@ def sample(
     if len(units) + (grid_m is not None) != 1:
         raise click.UsageError("give one of --coords, --height-mm, --angle-deg or --grid")
     if grid_m is not None and grid_m < 1:
-        raise click.BadParameter("must be at least 1", param_hint="--grid")
+        raise click.BadParameter(f"must be at least 1, got {grid_m}", param_hint="--grid")
     suffix = Path(out).suffix
     if suffix not in (".npz", ".h5", ".npy", ".png"):
         raise click.BadParameter(f"unknown output type {suffix!r}; use .npz, .h5, .npy or .png", param_hint="--out")

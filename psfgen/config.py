@@ -145,6 +145,13 @@ class GenerateConfig:
         depths = budget.DEPTH_CHOICES[0] if self.auto_depths() else self.depth_count()
         focus = self.least_focus_count()
         budget.resolve(self.budget(focus), self.grid_size, self.spp, depths, focus)
+        # Its own form first: what the option is comes before how it combines with others.
+        if self.shard is not None and self.shard != "auto":
+            m = re.fullmatch(r"(\d+)/(\d+)", self.shard)
+            if not m or not int(m.group(1)) < int(m.group(2)):
+                raise InputError.for_key(
+                    "shard", f"must be K/N with 0 <= K < N (e.g. 0/4), or auto; got {self.shard!r}"
+                )
         # A pilot on each shard could choose otherwise: every shard must trace the same depths, focus and window.
         pilots = (
             (self.auto_depths(), "num_depths", "depths", "number of depths"),
@@ -158,12 +165,6 @@ class GenerateConfig:
                     f"give the {give} a run without it chose (its log and psf info say it)",
                     key,
                     "shard",
-                )
-        if self.shard is not None and self.shard != "auto":
-            m = re.fullmatch(r"(\d+)/(\d+)", self.shard)
-            if not m or not int(m.group(1)) < int(m.group(2)):
-                raise InputError.for_key(
-                    "shard", f"must be K/N with 0 <= K < N (e.g. 0/4), or auto; got {self.shard!r}"
                 )
         check_device(self)
 

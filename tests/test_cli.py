@@ -130,6 +130,20 @@ def test_messages_name_the_option_typed_and_the_value(tmp_path):
         run_cli(["eval", "--baselines-only", "--data", out, "--out", str(tmp_path / "e"), "--device", "gpu"]),
         "--device must be auto, cpu, cuda or cuda:K, got 'gpu'",
     )
+    # A malformed value is named before how it combines with other options (--shard with the pilots' autos).
+    assert_one_line_error(run_cli(["generate", "--shard", "4/4", "--out", out]), "--shard must be K/N", "got '4/4'")
+    # Options parsed in the CLI itself echo the value too (a missing checkpoint is checked after them).
+    missing = str(tmp_path / "none.pt")
+    assert_one_line_error(
+        run_cli(["sample", "--checkpoint", missing, "--coords", "0,abc", "--out", str(tmp_path / "s.npz")]),
+        "--coords",
+        "got '0,abc'",
+    )
+    assert_one_line_error(
+        run_cli(["sample", "--checkpoint", missing, "--grid", "0", "--out", str(tmp_path / "s.npz")]),
+        "--grid",
+        "must be at least 1, got 0",
+    )
     assert not (tmp_path / "g.h5").exists()
     # The library's own spelling, where no option is involved.
     with pytest.raises(InputError, match=r"^config key 'noise_points' must be between 0 and 16"):
