@@ -10,7 +10,7 @@ from psfgen.shared.configio import check_at_least, check_device, check_grid_size
 from psfgen.shared.errors import InputError
 
 STEPS_PER_BLOCK = 5000  # max_steps auto: steps for each block of grid PSFs ...
-PSFS_PER_BLOCK = 7500  # ... of this many (7 220 PSFs took 5000 steps, 14 297 took 10 000; README)
+PSFS_PER_BLOCK = 7500  # ... of this many (7 220 PSFs took 5000 steps, 14 297 took 10 000; docs/results.md)
 READ_RUN_STREAMING = 8  # read_run auto when the grid streams from the file: PSFs per contiguous HDF5 read
 MAX_FREQUENCIES = 24  # band 2^23 pi: beyond it sin(2^l pi c) is noise at float32 precision
 
@@ -18,7 +18,7 @@ MAX_FREQUENCIES = 24  # band 2^23 pi: beyond it sin(2^l pi c) is noise at float3
 @dataclass(frozen=True)
 class TrainConfig:
     """Defaults: the spec's network with the training choices that make its prior mean beat
-    bilinear interpolation (README, "Why these defaults"). configs/cvae_v1.yaml is the spec.
+    bilinear interpolation (docs/results.md, "Why these defaults"). configs/cvae_v1.yaml is the spec.
 
     The keys that may say auto (grid_size None, condition_on_depth, condition_frame, in_memory,
     read_run, max_steps, blend) are decided for the grid file by ``training.resolve``; a run records the result."""
@@ -54,14 +54,14 @@ class TrainConfig:
     batch_size: int = 64
     learning_rate: float = 1e-3  # Adam (spec: 1e-4)
     lr_schedule: str = "cosine"  # constant (spec) | cosine (decays to 1% of learning_rate at max_steps)
-    scale_weight: float = 0.01  # pins the decoder's output scale, which the normalisation leaves free (README)
-    recon_weight: float = 1e4  # spec: 1.0; see README, "Why these defaults"
+    scale_weight: float = 0.01  # pins the decoder's output scale, which the normalisation leaves free (docs/results.md)
+    recon_weight: float = 1e4  # spec: 1.0; see docs/results.md, "Why these defaults"
     kl_weight: float = 1e-4
     smooth_weight: float = 1e-3
     prior_recon_weight: float = 1e4  # not in the spec (0 there): MSE of decode(μ_p(c), c), the path `psf sample` uses
     illumination_weight: float = 1.0  # the illumination head's loss (an addition to the spec); above 0
     # Optimiser steps (spec: 20000); auto: STEPS_PER_BLOCK for each PSFS_PER_BLOCK grid PSFs (depths x
-    # grid_size²), rounded up: the passes over the grid the two benchmark lenses needed (README)
+    # grid_size²), rounded up: the passes over the grid the two benchmark lenses needed (docs/results.md)
     max_steps: int | str = "auto"
     # What the model answers with (not in the spec): bicubic, the network blended with bicubic interpolation of the
     # grid by radius band, each band's weight fitted on the validation points at every checkpoint, which carries the
