@@ -318,6 +318,45 @@ def test_the_blend_is_fitted_once_a_step_and_both_checkpoints_of_that_step_hold_
     )
 
 
+def test_beyond_the_grid_the_weight_turns_to_the_network_without_a_seam():
+    """Past the grid's field, depths or focus settings (allow_extrapolation), interpolation only repeats the edge: w
+    turns linearly from its value at the edge to 1 over RAMP, so an answer just past the edge is the edge's."""
+    rng = np.random.default_rng(4)
+    n, k = 5, 7
+    grid = rng.uniform(size=(6, n * n, 3, k, k)).astype(np.float32)  # 2 focus x 3 depths
+    grid /= grid.sum(axis=(-2, -1), keepdims=True)
+    fitted = blend.Blend(
+        grid=torch.as_tensor(grid, dtype=torch.float16),
+        grid_size=n,
+        depths=np.array([0.5, 1.0, 5.0]),
+        focus=np.array([1.0, np.inf]),
+        weights=np.array([0.2, 0.4, 0.6, 0.0]),
+        points=np.full(4, 3),
+    )
+    one = np.ones(1)
+    w = lambda x=0.95, d=1.0, f=2.0: fitted.weight(np.array([x]), np.zeros(1), d * one, f * one)[0]  # noqa: E731
+    assert w(x=0.7) == pytest.approx(0.6) and w() == pytest.approx(0.0, abs=1e-12)  # inside: the bands' weights
+    # by hand: half a RAMP past each edge is halfway from the edge's weight (0 at r = 1) to 1; a whole RAMP is 1
+    span_d, span_f = 1 / 0.5 - 1 / 5.0, 1 / 1.0 - 0.0
+    assert w(x=1.0) == pytest.approx(0.0, abs=1e-12)
+    assert w(x=1.0 + blend.RAMP / 2) == pytest.approx(0.5) and w(x=1.0 + blend.RAMP) == 1.0
+    assert w(x=1.0, d=1 / (2.0 + span_d * blend.RAMP / 2)) == pytest.approx(0.5)
+    assert w(x=1.0, d=1 / (0.2 - span_d * blend.RAMP / 2)) == pytest.approx(0.5)
+    assert w(x=1.0, f=1 / (1.0 + span_f * blend.RAMP / 2)) == pytest.approx(0.5)
+    assert w(x=1.0, d=0.3) == 1.0 and w(x=1.0, d=50.0) == 1.0
+    # no seam: the blended answer just past the nearest depth is the one at it
+    net = torch.as_tensor(_gaussians(np.zeros((2, 2)), 1.0, k))
+    depth = np.array([0.5, 0.5 * (1 - 1e-6)])
+    at = fitted.apply(net, np.array([0.9, 0.9]), np.array([0.3, 0.3]), depth, 2 * np.ones(2))
+    torch.testing.assert_close(at[1], at[0], atol=1e-5, rtol=0)
+    assert not torch.allclose(at[0], net[0], atol=1e-3)  # and it is not the network alone
+    # a model of one depth has no span: another depth gets the network alone
+    flat = blend.Blend(**{**fitted.__dict__, "grid": fitted.grid[:1], "depths": np.array([1.0]), "_ext": {}})
+    flat.focus = np.array([np.nan])
+    assert flat.weight(np.array([0.7]), np.zeros(1), np.array([1.0]))[0] == pytest.approx(0.6)
+    assert flat.weight(np.array([0.7]), np.zeros(1), np.array([1.01]))[0] == 1.0
+
+
 def test_on_a_sensor_that_is_not_square_the_blend_keeps_the_diagonal_symmetry():
     """A canonical model's blend looks points up in the first octant, weight included: the point mirrored in the
     sensor's physical diagonal gets the same weight and the transposed interpolation, though its normalised radius
