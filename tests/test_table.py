@@ -11,6 +11,8 @@ import torch
 from helpers import small_config
 
 import psfcvae
+from psfcvae.api import table as table_module
+from psfcvae.api.blend import Blend
 from psfcvae.api.psfmodel import PSFModel
 from psfcvae.api.table import PSFTable
 from psfcvae.model.cvae import CVAE, ModelArgs
@@ -133,6 +135,36 @@ def test_between_nodes_a_finer_table_is_closer_to_the_network(tiny_run):
     chosen = model.tabulate(target=0.01)
     assert chosen.deviation(x, y, d) < 0.02
     assert math.prod(model.tabulate(target=0.005).shape) > math.prod(chosen.shape)
+
+
+def test_a_blended_models_table_puts_its_depth_nodes_on_the_grid_depths():
+    # The blend interpolates the grid linearly in 1/depth between its depths, so the prior mean bends at each: on the
+    # grid's depths, the nodes leave every table interval inside one straight piece.
+    at = (np.arange(17) / 16)[::-1]  # the Cooke triplet's 17 depths, even in 1/depth
+    assert table_module.on_grid_depths(48, at, 200) == 49 and table_module.on_grid_depths(49, at, 200) == 49
+    assert table_module.on_grid_depths(9, np.array([1.0, 4 / 9, 0.0]), 200) == 10  # 0.5, 1, 5 m: 1/d at 2, 1, 0.2
+    assert table_module.on_grid_depths(9, np.array([1.0, 1 / math.pi, 0.0]), 200) == 9  # none up to 18: as chosen
+    assert table_module.on_grid_depths(40, at, 45) == 40  # 49 would pass the most the table may hold
+    # A model whose blend is interpolation alone (weights 0) of a grid that is one kernel per depth (so that no
+    # bicubic overshoot is clipped): between depth nodes, its table is the model itself, to float precision.
+    model = _untrained(3)  # depths 1 to 4 m
+    n, depths = 5, 1 / np.linspace(1.0, 0.25, 5)  # five grid depths even in 1/depth
+    plane = np.random.default_rng(3).uniform(size=(5, 1, 3, 15, 15)).astype(np.float32)
+    grid = np.repeat(plane / plane.sum(axis=(-2, -1), keepdims=True), n * n, axis=1)
+    model.blend = Blend(
+        grid=torch.as_tensor(grid, dtype=torch.float16),
+        grid_size=n,
+        depths=depths,
+        focus=np.array([np.nan]),
+        weights=np.zeros(4),
+        points=np.full(4, 3),
+        fold=(1.0, 1.0),
+    )
+    table = model.tabulate(target=0.02, dtype=torch.float32)
+    assert (table.shape[2] - 1) % 4 == 0, table.shape
+    x, y, _ = _nodes(table, model, octant_only=True)
+    d = np.random.default_rng(4).uniform(1.0, 4.0, len(x))
+    torch.testing.assert_close(table.psf(x, y, d), model.psf(x, y, d), atol=2e-6, rtol=1e-4)
 
 
 def test_beyond_the_table_the_network_answers(tiny_run):
