@@ -209,7 +209,7 @@ class PSFTable:
             sizes.append(min(MAX_SAMPLES, max(2, math.ceil(span / step) + 1)))
         while math.prod(sizes) > MAX_ENTRIES:  # coarser everywhere, by the same factor
             sizes = [max(2, math.ceil((s - 1) / 1.1) + 1) if s > 1 else 1 for s in sizes]
-        if self.has_depth and self.model.blend is not None:
+        if self.has_depth and self.model.blend is not None and len(self.model.blend.depths) > 1:
             codes = self.model.net.depth_code(torch.as_tensor(self.model.blend.depths, dtype=torch.float64))
             most = min(MAX_SAMPLES, MAX_ENTRIES // (sizes[0] * sizes[1]))
             sizes[2] = on_grid_depths(sizes[2], (codes.numpy() + 1.0) / 2.0, most)
@@ -240,7 +240,7 @@ class PSFTable:
         """As ``PSFModel.psf`` with mode "mean" at the table's focus ``focus_m``, at field points x, y (scalars or
         [B], in [-1, 1]) and depth_m [m] (scalar or [B]): [B, 3, k, k] float32 on the CPU, each channel sums to 1 (with
         allow_dark=True: (psf, lit [B] bool), psf zero where lit is False). Points beyond the table
-        (an extrapolated depth) are computed by the network."""
+        (an extrapolated depth) are computed by ``model.psf``."""
         cond = self._conditions(x, y, depth_m, allow_extrapolation)
         psf, light = self._lookup(cond)
         lit = self._lit(light)

@@ -34,7 +34,9 @@ from psfgen.shared.errors import InputError
 
 log = logging.getLogger(__name__)
 
-TABLE_VERSION = 2  # of the cached table's file; another version is rebuilt. 2: the table's focus
+# Of the cached table's file; another version is rebuilt. 2: the table's focus; 3: a blended model's depth nodes on
+# the grid's depths, and the blend's turn to the network past the grid (the same checkpoint, another table)
+TABLE_VERSION = 3
 
 
 def table_path(checkpoint: Path, focus_m: float | None = None) -> Path:
