@@ -52,7 +52,8 @@ STEPS = 21  # candidate weights 1, 0.95, ..., 0
 MIN_POINTS = 2  # validation points a band needs before its weight is fitted
 SWEEPS = 5  # coordinate-descent passes over the weights at most
 BANDS = len(RADIUS_BANDS) - 1
-RAMP = 0.05  # the radius over which w turns from a band's weight to the next's, from the band's outer edge on
+RAMP = 0.05  # the radius over which w turns from a band's weight to the next's, from the band's outer edge on; and
+# past the grid, to 1 (in the normalised field, or as a share of the grid's span in 1/depth and 1/focus)
 # w's knots (r, index of the band whose weight holds there): each inner edge, then RAMP beyond it
 KNOTS = tuple((e + d, b + (d > 0)) for b, e in enumerate(RADIUS_BANDS[1:-1]) for d in (0.0, RAMP))
 SLACK = 1e-9  # relative: a depth this close to a one-depth grid's is on it
