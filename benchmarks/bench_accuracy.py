@@ -286,7 +286,7 @@ def summary_table(results: dict) -> str:
             continue
         frame = r["checkpoint"]["frame"]
         lines.append(row(f"CVAE prior mean, {name} ({frame}, {r['max_steps']} steps)", r["heldout"]["cvae prior mean"]))
-        if "cvae network alone" in r["heldout"]:  # the model blends with bicubic interpolation: the network without
+        if "cvae network alone" in r["heldout"]:  # the model blends with its grid: the network without
             lines.append(row(f"the network alone, {name}", r["heldout"]["cvae network alone"]))
     baselines: dict = {}  # every evaluation's (a model's adds bicubic of the mirror-averaged grid), the first's figure
     for r in results.values():

@@ -27,12 +27,13 @@ REQUIRED = (
     "loss_window",
     "optics",
     "selection",  # the validation points and score that chose it (psfcvae/training/loop.py selection())
-    "blend",  # None, or the grid and the network's weight per radius band (psfcvae/api/blend.py)
+    "blend",  # None, or the blend's grid, smooth, detail and the network's weight per radius band (api/blend.py)
 )
 # The only one read: a checkpoint of another is refused (retrain). 6: optics v2 (chief rays); 7: focus settings
 # (data_fingerprint focus, model_args has_focus / focus_min / focus_max, optics v3 per plane); 8: blend;
-# 9: the illumination head: a canonical model's sees the radius code, not (x, y); depth and focus in its lowest band.
-SCHEMA_VERSION = 9
+# 9: the illumination head: a canonical model's sees the radius code, not (x, y); depth and focus in its lowest band;
+# 10: the blend's smooth and detail, its grid the smoothed grid less detail of the network's (psfcvae/api/blend.py).
+SCHEMA_VERSION = 10
 
 
 def data_fingerprint(info: GridFile) -> dict:

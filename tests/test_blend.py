@@ -1,5 +1,5 @@
-"""The blend of the network with bicubic interpolation of its grid (psfcvae/api/blend.py): the profile, the fit, the
-API and the table, and that psf train fits it on the validation points alone."""
+"""The blend of the network with its grid (psfcvae/api/blend.py): the smoothed grid, the profile, the fit, the API and
+the table, and that psf train fits it on the validation points alone."""
 
 from __future__ import annotations
 
@@ -63,19 +63,85 @@ def test_a_validation_point_both_miss_does_not_choose_the_weight():
     ref[6, :, 0, 0] = 1.0  # compact: a delta in one corner
     net[6] = 0.0
     net[6, :, -1, -1] = 1.0  # the opposite corner: 141% off; flat interpolation 98% off
+    net_grid = np.broadcast_to(ref[:1], flat.shape)  # the network draws the blob at every grid point
     val = {"coords": coords, "depth": np.ones(7), "focus": np.full(7, np.nan), "psf_a": ref, "psf_b": ref}
-    fitted = blend.fit(flat, n, [1.0], [np.nan], net, val)
+    fitted = blend.fit(flat, net_grid, n, [1.0], [np.nan], net, val)
     assert fitted.weights[1] == 1.0 and fitted.points[1] == 6
     # Unless leaving it out would leave its band fewer than MIN_POINTS to fit on: with two others it goes, with one
     # other both stay, and the compact point pulls the weight as without the rule.
-    fitted = blend.fit(flat, n, [1.0], [np.nan], net[4:], {key: value[4:] for key, value in val.items()})
+    fitted = blend.fit(flat, net_grid, n, [1.0], [np.nan], net[4:], {key: value[4:] for key, value in val.items()})
     assert fitted.points[1] == 2 and fitted.weights[1] == 1.0
-    fitted = blend.fit(flat, n, [1.0], [np.nan], net[5:], {key: value[5:] for key, value in val.items()})
+    fitted = blend.fit(flat, net_grid, n, [1.0], [np.nan], net[5:], {key: value[5:] for key, value in val.items()})
     assert fitted.points[1] == 2 and fitted.weights[1] < 1.0
     # the oracle the rule guards against: with the point scored, the pooled error moves the weight off the network
-    mixed = lambda w: blend._mix(np.full(7, w), net, np.full_like(net, 1.0 / k**2))  # noqa: E731
+    flat_b = torch.full(net.shape, 1.0 / k**2)  # interpolation of the flat grid (detail 0)
+    mixed = lambda w: blend.mix(torch.full((7, 1, 1, 1), w), torch.as_tensor(net), flat_b, 0.0).numpy()  # noqa: E731
     pooled = [rel_l2_corrected(mixed(w), ref, ref)[1] for w in (1.0, 0.0)]
     assert pooled[1] < pooled[0]
+
+
+def test_every_candidate_is_scored_on_the_same_validation_points():
+    """A point left out of one candidate's fit but not another's would let the candidate that misses it win on the
+    rest. Six points the network gets exactly and a compact seventh it misses by 141%, on a grid of the true blob
+    with 20% pixel noise: interpolation of the grid (detail 0) gets the seventh, so it stays in every candidate's
+    fit, and the one chosen is good on all seven."""
+    n, k = 4, 5
+    t = np.arange(k) - k // 2
+    blob = np.exp(-0.5 * (t[:, None] ** 2 + t[None, :] ** 2) / 0.8**2)
+    blob = (blob / blob.sum()).astype(np.float32)
+    noisy = blob * np.random.default_rng(0).uniform(0.8, 1.2, (1, n * n, 3, k, k))
+    grid = (noisy / noisy.sum(axis=(-2, -1), keepdims=True)).astype(np.float32)
+    angle = np.random.default_rng(1).uniform(0, 2 * np.pi, 7)
+    coords = 0.3 * np.column_stack([np.cos(angle), np.sin(angle)])  # all in the band [0.15, 0.5)
+    ref = np.broadcast_to(blob, (7, 3, k, k)).copy()
+    net = ref.copy()
+    net[6] = 0.0
+    net[6, :, -1, -1] = 1.0  # the network misses the seventh
+    val = {"coords": coords, "depth": np.ones(7), "focus": np.full(7, np.nan), "psf_a": ref, "psf_b": ref}
+    fitted = blend.fit(grid, np.broadcast_to(blob, grid.shape), n, [1.0], [np.nan], net, val)
+    assert fitted.points[1] == 7
+    got = fitted.apply(torch.as_tensor(net), coords[:, 0], coords[:, 1], np.ones(7)).numpy()
+    assert rel_l2_corrected(got, ref, ref)[1] < 0.2  # the network alone: 113% pooled
+
+
+@pytest.mark.parametrize(
+    "losses, chosen",
+    [((1.015, 1.0, 1.1, 1.2, 1.3, 1.4), 0), ((1.03, 1.0, 1.1, 1.2, 1.3, 1.01), 1), ((0.0,) * 6, 0)]
+    + [((float("nan"), 1.0, 1.1, 1.2, 1.3, 1.4), 1), ((float("nan"),) * 6, 0)],
+)
+def test_fit_keeps_the_earliest_candidate_within_the_margin_of_the_lowest(monkeypatch, losses, chosen):
+    """Candidates whose validation sums lie within MARGIN (2%) of the lowest are a coin toss: the earliest of them
+    wins (an undefined sum never does)."""
+    n, k = 3, 5
+    grid = np.full((1, n * n, 3, k, k), 1.0 / k**2, dtype=np.float32)
+    coords = np.array([[0.3, 0.1], [0.2, 0.25]])
+    ref = np.full((2, 3, k, k), 1.0 / k**2, dtype=np.float32)
+    val = {"coords": coords, "depth": np.ones(2), "focus": np.full(2, np.nan), "psf_a": ref, "psf_b": ref}
+    given = iter(losses)
+    monkeypatch.setattr(blend, "_fit_weights", lambda *a, **kw: (np.full(4, 0.5), next(given)))
+    fitted = blend.fit(grid, grid, n, [1.0], [np.nan], ref, val)
+    assert (fitted.smooth, fitted.detail) == blend.CANDIDATES[chosen]
+    assert fitted.weights.tolist() == [0.5] * 4
+
+
+def test_a_checkpoint_blend_out_of_range_is_refused():
+    state = {
+        "grid": torch.zeros(1, 4, 3, 5, 5, dtype=torch.float16),
+        "grid_size": 2,
+        "depths": [1.0],
+        "focus": [float("nan")],
+        "weights": [1.0] * 4,
+        "points": [0] * 4,
+        "fold": None,
+        "smooth": 0.5,
+        "detail": 1.0,
+    }
+    assert blend.Blend.from_state(state, 5, [1.0], [np.nan]).detail == 1.0
+    for key, bad in (("detail", 1.5), ("detail", float("nan")), ("smooth", -0.5), ("smooth", float("inf"))):
+        with pytest.raises(ValueError):
+            blend.Blend.from_state({**state, key: bad}, 5, [1.0], [np.nan])
+    with pytest.raises(KeyError):
+        blend.Blend.from_state({k: v for k, v in state.items() if k != "detail"}, 5, [1.0], [np.nan])
 
 
 def _mirror_field(xy: np.ndarray) -> np.ndarray:
@@ -124,6 +190,8 @@ def test_mirror_averaged_leaves_a_symmetric_grid_alone_and_averages_each_point_w
 
 
 def test_fit_chooses_interpolation_where_the_network_is_off_and_the_network_where_it_is_exact():
+    """A network right at the grid points but off near the axis between them: its residual on the grid is 0 and
+    cannot correct it; interpolation of the grid (detail 0) can."""
     n = 5
     lin = np.linspace(-1, 1, n)
     coords = np.array([(x, y) for y in lin[::-1] for x in lin])  # rows from y = +1, as the grid file
@@ -139,7 +207,8 @@ def test_fit_chooses_interpolation_where_the_network_is_off_and_the_network_wher
     net[centre] = _gaussians(2.0 * val_xy[centre] ** 3 + 1.5, 0.6)  # the network's spot 1.5 px off near the axis
     val = {"coords": val_xy, "depth": np.full(len(radii), 1.0), "focus": np.full(len(radii), np.nan)}
     val |= {"psf_a": truth, "psf_b": truth}  # noise-free references
-    fitted = blend.fit(grid, n, np.array([1.0]), np.array([np.nan]), net, val)
+    fitted = blend.fit(grid, grid, n, np.array([1.0]), np.array([np.nan]), net, val)
+    assert (fitted.smooth, fitted.detail) == (0.0, 0.0)  # the grid itself
     assert fitted.weights[0] == 0.0  # near the axis: interpolation alone
     np.testing.assert_array_equal(fitted.weights[1:], 1.0)  # elsewhere the network is exact: it alone
     np.testing.assert_array_equal(fitted.points, [4, 4, 4, 4])
@@ -154,41 +223,140 @@ def test_fit_chooses_interpolation_where_the_network_is_off_and_the_network_wher
     assert blend.profile(np.array([0.08, 0.175]), fitted.weights).tolist() == pytest.approx([0.0, 0.5])
 
 
+def _smoothed_by_hand(grid: np.ndarray, net_grid: np.ndarray, n: int, smooth: float, detail: float) -> np.ndarray:
+    """blend.smoothed's oracle, written out point by point: at each grid point and channel, the mean of grid -
+    detail · net_grid over the lit grid points within ceil(REACH · smooth) rows and columns, weighted by
+    exp(-(di² + dj²) / (2 smooth²)) (the point alone at smooth 0)."""
+    g = grid.reshape(len(grid), n, n, 3, -1).astype(np.float64)
+    r = g - detail * net_grid.reshape(g.shape)
+    out = np.zeros_like(g)
+    reach = int(np.ceil(blend.REACH * smooth))
+    for p, i, j, ch in np.ndindex(len(g), n, n, 3):
+        num, den = 0.0, 0.0
+        for di in range(-reach, reach + 1):
+            for dj in range(-reach, reach + 1):
+                a, b = i + di, j + dj
+                if 0 <= a < n and 0 <= b < n and g[p, a, b, ch].sum() > 0:
+                    w = np.exp(-(di * di + dj * dj) / (2 * smooth**2)) if smooth > 0 else 1.0
+                    num, den = num + w * r[p, a, b, ch], den + w
+        out[p, i, j, ch] = num / den if den > 0 else 0.0
+    return out.reshape(grid.shape)
+
+
+@pytest.mark.parametrize("smooth, detail", [(0.5, 1.0), (0.5, 0.0), (0.0, 0.5), (2.0, 1.0)])
+def test_the_blends_grid_is_the_grid_less_detail_of_the_network_smoothed_over_lit_neighbours(smooth, detail):
+    rng = np.random.default_rng(5)
+    n, k = 6, 3
+    grid = rng.uniform(size=(2, n * n, 3, k, k)).astype(np.float32)
+    grid[0, 7] = 0.0  # a dark grid point: left out of its neighbours' means, and given theirs when smoothed
+    grid[1, 20, 1] = 0.0  # one dark channel
+    net_grid = rng.uniform(size=grid.shape).astype(np.float32)
+    got = blend.smoothed(grid, net_grid, n, smooth, detail)
+    assert got.dtype == torch.float16 and got.shape == grid.shape
+    want = _smoothed_by_hand(grid, net_grid, n, smooth, detail)
+    np.testing.assert_allclose(got.float().numpy(), want, atol=2e-3, rtol=2e-3)
+    assert (float(got[0, 7].abs().min()) > 0) == (smooth > 0)
+    # a residual the same at every point stays as it is: the smoothing is a weighted mean
+    same = blend.smoothed(grid, grid - 0.25, n, smooth, 1.0).float().numpy()
+    lit = grid.sum(axis=(-2, -1), keepdims=True) > 0
+    np.testing.assert_allclose(same[lit.repeat(k, -2).repeat(k, -1)], 0.25, atol=1e-3)
+    assert torch.equal(blend.smoothed(grid, None, n, 0.0, 0.0), torch.as_tensor(grid, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("n, noise, chosen", [(5, 0.0, (0.0, 1.0)), (9, 0.3, (0.5, 1.0))])
+def test_fit_corrects_the_network_by_its_residual_where_its_detail_is_right(n, noise, chosen):
+    """A network that draws the field's moving spot 0.2 px too wide (0.1 px on the finer grid): its residual on the
+    grid is nearly the same everywhere. On a coarse noise-free grid, which bicubic interpolation cannot follow, the
+    fit takes the network corrected by that residual (detail 1); on a finer grid whose PSFs carry 30% pixel noise,
+    the residual smoothed too."""
+    lin = np.linspace(-1, 1, n)
+    coords = np.array([(x, y) for y in lin[::-1] for x in lin])  # rows from y = +1, as the grid file
+    wide = 0.2 if n == 5 else 0.1
+    network = lambda xy: _gaussians(2.0 * xy**3, 0.6 + 0.8 * (xy**2).sum(axis=1) + wide)  # noqa: E731
+    grid = _field(coords)[None] * np.random.default_rng(1).uniform(1 - noise, 1 + noise, (1, n * n, 3, 9, 9))
+    grid = (grid / grid.sum(axis=(-2, -1), keepdims=True)).astype(np.float32)
+    rng = np.random.default_rng(0)
+    radii = np.repeat([0.08, 0.3, 0.7, 1.0], 4)  # validation points: 4 in each band
+    angles = rng.uniform(0, 2 * np.pi, len(radii))
+    val_xy = np.column_stack([radii * np.cos(angles), radii * np.sin(angles)])
+    truth, net = _field(val_xy), network(val_xy)
+    val = {"coords": val_xy, "depth": np.full(len(radii), 1.0), "focus": np.full(len(radii), np.nan)}
+    val |= {"psf_a": truth, "psf_b": truth}  # noise-free references
+    fitted = blend.fit(grid, network(coords)[None], n, np.array([1.0]), np.array([np.nan]), net, val)
+    assert (fitted.smooth, fitted.detail) == chosen
+    one = np.ones(len(radii))
+    got = fitted.apply(torch.as_tensor(net), *val_xy.T, one).numpy()
+    interpolated = baselines.bicubic(grid, np.ones(1), n, *val_xy.T, one)
+    pooled = lambda k: rel_l2_corrected(k, truth, truth)[1]  # noqa: E731
+    assert pooled(got) < 0.8 * min(pooled(net), pooled(interpolated))
+    # applied at a grid point, where bicubic interpolation passes through the blend's grid: by hand, the network plus
+    # (1 - w) of its residual there (smoothed), clipped and renormalised; at w 0 and at w 0.5
+    by_hand = _smoothed_by_hand(grid, network(coords)[None], n, fitted.smooth, 1.0)[0]
+    p = n * (n // 2) + n // 2 + 1  # (2 / (n - 1), 0)
+    for w in (0.0, 0.5):
+        fitted.weights = np.full(4, w)
+        x, y = coords[p : p + 1].T
+        want = np.clip(network(coords[p : p + 1]) + (1 - w) * by_hand[p], 0, None)
+        want /= want.sum(axis=(-2, -1), keepdims=True)
+        got = fitted.apply(torch.as_tensor(network(coords[p : p + 1])), x, y, np.ones(1)).numpy()
+        np.testing.assert_allclose(got, want, atol=2e-4)  # the grid is stored in float16
+
+
 def test_a_band_with_too_few_validation_points_keeps_the_network():
     coords = np.array([[0.05, 0.0], [0.3, 0.1], [0.35, 0.0]])  # one near the axis: too few to fit its band
     truth = _field(coords)
-    net = _gaussians(2.0 * coords**3 + 2.0, 0.6)  # off everywhere
+    network = lambda xy: _gaussians(2.0 * xy**3 + 2.0, 0.6)  # noqa: E731  off everywhere
     lin = np.linspace(-1, 1, 4)
-    grid = _field(np.array([(x, y) for y in lin[::-1] for x in lin]))[None]
+    nodes = np.array([(x, y) for y in lin[::-1] for x in lin])
+    grid = _field(nodes)[None]
     val = {"coords": coords, "depth": np.ones(3), "focus": np.full(3, np.nan), "psf_a": truth, "psf_b": truth}
-    fitted = blend.fit(grid, 4, np.array([1.0]), np.array([np.nan]), net, val)
+    fitted = blend.fit(grid, network(nodes)[None], 4, np.array([1.0]), np.array([np.nan]), network(coords), val)
     assert fitted.weights[0] == 1.0 and fitted.weights[1] < 1.0
     np.testing.assert_array_equal(fitted.points, [1, 2, 0, 0])
 
 
-def test_the_api_and_the_table_answer_with_the_blend(tiny_run, tiny_grid):
-    model = load_model(tiny_run / "latest.pt", device="cpu")
+def _raw_bicubic(grid: np.ndarray, depths, n: int, x, y, depth_m) -> np.ndarray:
+    """baselines.bicubic without its clip and normalisation (the blend's B, in numpy): [M, 3, k, k]."""
+    row, col = baselines._lattice(n, x, y)
+    flat = grid.reshape(grid.shape[:2] + (-1,)).astype(np.float64)
+    out = baselines._in_planes(lambda v: baselines._bicubic_field(v, n, row, col), flat, depths, depth_m)
+    return out.reshape((len(x),) + grid.shape[2:])
+
+
+def test_the_api_and_the_table_answer_with_the_blend(tiny_grid, tmp_path, monkeypatch):
+    # psf train with the one candidate that reads every part: the network at the grid's points, the smoothing
+    monkeypatch.setattr(blend, "CANDIDATES", ((0.5, 1.0),))
+    model = load_model(train(small_config(tiny_grid, tmp_path / "r")) / "latest.pt", device="cpu")
     assert model.blend is not None and model.blend.fold is not None  # psf train's default; a canonical model
+    assert (model.blend.smooth, model.blend.detail) == (0.5, 1.0)
     info = GridFile.open(tiny_grid)
-    # in the first octant (x >= y >= 0 on the sensor), where the interpolation is the bicubic baseline on the grid
-    # averaged over its mirror images (tested above), as psf eval's 'bicubic (mirror-averaged)'
+    n, detail = info.grid_size, model.blend.detail
+    # The grid psf train stored, by hand: the grid and the network's prior mean at the grid points, each averaged over
+    # the mirror images (tested above), smoothed, the one less the other
+    square = model.blend.fold[0] == model.blend.fold[1]
+    sym = baselines.mirror_averaged(info.grid_psfs(), n, square)
+    assert np.abs(sym - info.grid_psfs()).max() > 1e-3  # the tiny grid's ray noise: the mirror images differ
+    prior = lambda x, y, d: model.net.sample_from_prior(model.conditions(x, y, d), mean=True).numpy()  # noqa: E731
+    net_grid = np.stack([prior(*info.coords.T, np.full(n * n, d)) for d in info.depths])
+    net_grid = baselines.mirror_averaged(net_grid, n, square)
+    by_hand = _smoothed_by_hand(sym, net_grid, n, model.blend.smooth, detail)
+    np.testing.assert_allclose(model.blend.grid.float().numpy(), by_hand, atol=1e-4, rtol=1e-2)
+    # in the first octant (x >= y >= 0 on the sensor), where B is bicubic interpolation of that grid
     x, y = np.array([0.05, 0.4, 0.8]), np.array([0.02, 0.3, 0.1])
     depth = np.array([0.5, 0.9, 2.0])
-    net = model.net.sample_from_prior(model.conditions(x, y, depth), mean=True).numpy()
-    square = model.blend.fold[0] == model.blend.fold[1]
-    sym = baselines.mirror_averaged(info.grid_psfs(), info.grid_size, square)
-    bic = baselines.bicubic(sym, info.depths, info.grid_size, x, y, depth)
-    plain = baselines.bicubic(info.grid_psfs(), info.depths, info.grid_size, x, y, depth)
-    assert np.abs(bic - plain).max() > 1e-3  # the tiny grid's ray noise: the mirror images differ
-    model.blend.weights[:] = 0.0  # interpolation alone
-    np.testing.assert_allclose(model.psf(x, y, depth).numpy(), bic, atol=2e-3)
-    model.blend.weights[:] = 1.0  # the network alone
-    np.testing.assert_allclose(model.psf(x, y, depth).numpy(), net, atol=1e-6)
-    model.blend.weights[:] = 0.5
-    half = 0.5 * (net + bic)
-    np.testing.assert_allclose(model.psf(x, y, depth).numpy(), half, atol=2e-3)
+    net = prior(x, y, depth)
+    b = _raw_bicubic(by_hand, info.depths, n, x, y, depth)
+
+    def by_formula(w: float) -> np.ndarray:  # the module's docstring, written out
+        k = np.clip(net + (1 - w) * (b - (1 - detail) * net), 0, None)
+        return k / k.sum(axis=(-2, -1), keepdims=True)
+
+    for w in (0.0, 1.0, 0.5):
+        model.blend.weights[:] = w
+        np.testing.assert_allclose(model.psf(x, y, depth).numpy(), by_formula(w), atol=2e-4)
     # The table holds the blend: within its interpolation error of model.psf in the octant and out of it (the
     # interpolation is taken in the octant and turned back, as the table takes every point)
+    half = by_formula(0.5)
     table = model.tabulate(sizes=(64, 16, 16))
     got = table.psf(x, y, depth).numpy()
     assert np.sqrt(((got - half) ** 2).sum() / (half**2).sum()) < 0.03
@@ -200,13 +368,13 @@ def test_the_api_and_the_table_answer_with_the_blend(tiny_run, tiny_grid):
 
 
 def test_draws_keep_the_networks_spread_around_the_blended_mean(tiny_run):
-    """mode="sample" where the blend takes interpolation alone (w = 0): the draws differ from each other as the
+    """mode="sample" where the blend takes the network's weight to 0: the draws differ from each other as the
     network's do (prior_std reports that spread), each shifted by the blend's change of the mean."""
     model = load_model(tiny_run / "latest.pt", device="cpu")
     x, y, depth = np.array([0.05, 0.4]), np.array([0.02, 0.3]), np.array([0.5, 0.9])
     cond = model.conditions(x, y, depth)
     net_mean = model.net.sample_from_prior(cond, mean=True)
-    model.blend.weights[:] = 0.0  # interpolation alone: blending each draw would leave no spread at all
+    model.blend.weights[:] = 0.0  # with detail 0, interpolation alone: blending each draw would leave no spread
     blended_mean = model.psf(x, y, depth)
     torch.manual_seed(3)
     draws = model.psf(x, y, depth, mode="sample", n_samples=4)  # [2, 4, 3, k, k]
@@ -221,11 +389,11 @@ def test_draws_keep_the_networks_spread_around_the_blended_mean(tiny_run):
     assert (spread > 1e-4).all()
 
 
-def test_a_canonical_models_interpolation_has_the_lens_symmetry(tiny_run, tiny_grid):
-    """The grid's noisy PSFs are not symmetric; the blend's interpolation of them is, as the lens is: the point
-    mirrored in x (in y) gives the kernel with its columns (rows) reversed."""
+def test_a_canonical_models_blend_has_the_lens_symmetry(tiny_run, tiny_grid):
+    """The grid's noisy PSFs are not symmetric; the blend of them is, as the lens is: the point mirrored in x (in y)
+    gives the kernel with its columns (rows) reversed."""
     model = load_model(tiny_run / "latest.pt", device="cpu")
-    model.blend.weights[:] = 0.0  # interpolation alone
+    model.blend.weights[:] = 0.0  # the network's weight 0: the grid's part at its largest
     x, y, d = np.array([0.3, 0.7, 0.1]), np.array([0.2, -0.5, 0.6]), np.array([0.5, 1.0, 2.0])
     at = model.psf(x, y, d)
     torch.testing.assert_close(model.psf(-x, y, d), at.flip(-1))
@@ -237,8 +405,8 @@ def test_a_canonical_models_interpolation_has_the_lens_symmetry(tiny_run, tiny_g
 
 def _interpolated_references(src, dst, part_value: int) -> None:
     """A copy of grid file src at dst whose lit held-out points of part part_value have the grid's bicubic
-    interpolation as their references: a blend fitted on them leans to interpolation (random references, which both
-    methods miss, would be left out of the fit: blend.FAIL)."""
+    interpolation as their references: a blend fitted on them leans to the grid (random references, which both the
+    network and the grid's part miss, would be left out of the fit: blend.FAIL)."""
     info = GridFile.open(src)
     interpolated = baselines.bicubic(
         info.grid_psfs(), info.depths, info.grid_size, *info.heldout_coords.T, info.heldout_depth
@@ -273,10 +441,11 @@ def test_psf_train_fits_the_blend_on_the_validation_points_alone(vignetted_grid,
         return torch.load(run / "latest.pt", weights_only=True)["blend"]
 
     clean, test_changed = blend_of("clean", None), blend_of("test", TEST)
-    assert clean["weights"] == test_changed["weights"] and clean["points"] == test_changed["points"]
+    for key in ("weights", "points", "smooth", "detail"):
+        assert clean[key] == test_changed[key]
     assert torch.equal(clean["grid"], test_changed["grid"])
     val_changed = blend_of("validation", _validation_part(vignetted_grid))
-    assert val_changed["weights"] != clean["weights"]
+    assert any(val_changed[key] != clean[key] for key in ("weights", "smooth", "detail"))
 
 
 def test_val_blended_rel_l2_is_what_the_api_answers_at_the_validation_points(vignetted_grid, tmp_path):
@@ -412,9 +581,10 @@ def test_on_a_sensor_that_is_not_square_a_point_fits_the_weight_it_gets():
     )
     fx, fy = lookup.folded(coords[:, 0], coords[:, 1])
     assert (np.hypot(*coords.T) >= 0.9).all() and ((np.hypot(fx, fy) >= 0.5) & (np.hypot(fx, fy) < 0.9)).all()
-    truth = lookup.interpolate(coords[:, 0], coords[:, 1], one).numpy()  # interpolation exact
+    truth = blend.normalise(lookup.interpolate(coords[:, 0], coords[:, 1], one)).numpy()  # interpolation exact
     net = np.roll(truth, 2, axis=-1)  # the network 2 px off
     val = {"coords": coords, "depth": one, "focus": np.full(3, np.nan), "psf_a": truth, "psf_b": truth}
-    fitted = blend.fit(grid, n, [1.0], [np.nan], net, val, fold)
+    net_grid = np.roll(grid, 2, axis=-1)  # 2 px off at the grid's points too
+    fitted = blend.fit(grid, net_grid, n, [1.0], [np.nan], net, val, fold)
     np.testing.assert_array_equal(fitted.points, [0, 0, 3, 0])
     assert fitted.weights[2] == 0.0 and fitted.weights[3] == 1.0

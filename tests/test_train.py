@@ -558,7 +558,7 @@ def test_a_checkpoint_of_another_schema_is_refused_in_one_line(tiny_run, tiny_gr
     shutil.copytree(tiny_run, run_dir)
     latest = run_dir / "latest.pt"
     ckpt = torch.load(latest, weights_only=True)
-    assert ckpt["schema_version"] == checkpoint.SCHEMA_VERSION == 9
+    assert ckpt["schema_version"] == checkpoint.SCHEMA_VERSION == 10
     sample = [
         "sample",
         "--checkpoint",
@@ -570,7 +570,7 @@ def test_a_checkpoint_of_another_schema_is_refused_in_one_line(tiny_run, tiny_gr
         "--out",
         str(tmp_path / "p.npy"),
     ]
-    for version, which in ((8, "an earlier"), (10, "a later")):
+    for version, which in ((checkpoint.SCHEMA_VERSION - 1, "an earlier"), (checkpoint.SCHEMA_VERSION + 1, "a later")):
         torch.save({**ckpt, "schema_version": version}, latest)
         before = latest.read_bytes()
         want = f"checkpoint {latest} has schema version {version} ({which} psf-cvae); retrain with 'psf train'"

@@ -1,43 +1,59 @@
-"""The network blended with bicubic interpolation of its training grid, where the validation points say so.
+"""The network blended with its training grid, where the validation points say so.
 
-The network's PSFs are smooth in the field but not exact: on a coarse grid its fit near the optical axis,
-where the PSF is sharpest, is a few per cent, while the four grid PSFs around the axis are nearly the same
-PSF and bicubic interpolation between them errs by less (docs/results.md, "The centre and the blend"). A
-model that answers with the better of the two where the validation points say each is better is, on them,
-no worse than the network alone. So::
+The network's PSFs are smooth in the field and free of ray noise, but its fit is off by a bias that moves with the
+PSF: on a coarse grid near the optical axis, where the PSF is sharpest, a few per cent (docs/results.md, "The centre
+and the blend"). The grid's PSFs are right on average but each carries its rays' noise, and bicubic interpolation
+between them misses what changes faster than the grid. The blend takes the better of the two where the validation
+points say so::
 
-    K(c) = w(r) K_net(c) + (1 - w(r)) K_bicubic(c), each channel renormalised to sum 1
+    K(c) = K_net(c) + (1 - w(r)) · (B(c) - (1 - detail) · K_net(c)), clipped at 0, each channel renormalised
+    B = bicubic interpolation of S(grid) - detail · S(K_net at the grid's points), S a Gaussian over the field
+
+w is the weight of the network as it is (1: the network alone), 1 - w that of the grid's part. With detail 0 that
+part is bicubic interpolation of the (smoothed) grid, B clipped and renormalised first as the evaluation's bicubic
+is: w · K_net + (1 - w) · B. With detail 1 it is the network corrected by its residual on the grid, K_net + (1 - w)
+· bicubic of S(grid - K_net): the grid's PSFs less the network's at the same points hold the network's bias and the
+rays' noise, and interpolated to any point they correct the network there, which keeps the network's own detail
+between the grid's points (a network that is exact on a noise-free grid answers unchanged). Smoothing, S a Gaussian
+of ``smooth`` grid spacings, takes out most of the noise and, as long as the network's bias changes slowly across
+the grid, little of the bias. Which is better depends on the grid and the network: on the Cooke triplet's 17 close
+depths, whose grid PSFs are noisy (spp 5 036), detail 1 with smooth 0.5 is best; on the default lens's 16×16 grid of
+3 depths, where the network's detail between the depths is wrong, interpolation's is better there (docs/results.md,
+"The blend with the grid"). So ``fit`` chooses smooth and detail among CANDIDATES, and w, on the validation points.
 
 r = √(x² + y²) in normalised field coordinates (√2 at the sensor's corner). w holds one weight per radius band
 of RADIUS_BANDS ([0, 0.15), [0.15, 0.5), [0.5, 0.9), [0.9, √2]) over the whole band and turns linearly to the
 next band's weight over the first RAMP of that next band: continuous, so a rendering shows no seam. The turn lies
 outside each band, not across its edge, so that the points nearest the axis, where interpolation is best, keep
 their band's weight to its edge (the demo's centre: 3.0% against 3.3% with the turn centred on the edge, 3.2%
-with w linear between the bands' middles; docs/results.md). The weights, each one of 0, 0.05, ..., 1, minimise
-the sum over bands of the pooled noise-corrected error on the file's lit validation points in the band (by the
-radius w is taken at: a canonical model's octant image's, below), w(r) applied as it will be (``fit``, by
-coordinate descent: psf train, at every validation step); never the test points, which psf eval scores. A point
-that both the network and interpolation miss by more than FAIL is left out (it cannot tell them apart, and a
-compact one would choose the weight alone), unless that leaves its band fewer than MIN_POINTS. A band with fewer
-than MIN_POINTS validation points keeps the network alone (w = 1) over it, past the turn from the band before.
-K_bicubic is the evaluation's bicubic baseline (psfcvae/evaluation/baselines.py: Catmull-Rom over the field, linear
-in 1/depth and in 1/focus between the grid's planes), computed here in torch on the model's device; for a
+with w linear between the bands' middles; docs/results.md). For each candidate (smooth, detail) the weights, each
+one of 0, 0.05, ..., 1, minimise the sum over bands of the pooled noise-corrected error on the file's lit validation
+points in the band (by the radius w is taken at: a canonical model's octant image's, below), w(r) applied as it will
+be (by coordinate descent); the earliest candidate within MARGIN (2%) of the lowest sum wins (``fit``: psf train, at
+every validation step). Never the test points, which psf eval scores. A point that the network and every candidate
+at w = 0 miss by more than FAIL is left out of every candidate's fit (it cannot tell them apart, and a compact one
+would choose the weight alone), unless that leaves its band fewer than MIN_POINTS. A band with fewer than MIN_POINTS
+validation points keeps the network alone (w = 1) over it, past the turn from the band before.
+
+B is the evaluation's bicubic (psfcvae/evaluation/baselines.py: Catmull-Rom over the field, linear in 1/depth and
+in 1/focus between the grid's planes) before its clip, computed here in torch on the model's device. For a
 rotationally symmetric (canonical-frame) model the grid is first averaged over each grid point's mirror images (psf
 train's ``blend_grid``, with baselines.mirror_averaged: the mirrors in x and y, and the diagonal too on a square
-sensor), which brings the ray noise of the grid PSFs it interpolates down to about half (a third on a square sensor;
-psf eval scores bicubic of that grid alone as "bicubic (mirror-averaged)", taken at the point itself), and the
-interpolation is taken at the point's image in the first octant and turned back, as the model's table takes every
-point, so that the table and ``model.psf`` agree everywhere. The weight is taken at that octant point too, so the
-answer keeps the lens's symmetry on a sensor that is not square. Outside the grid (beyond the sensor's edge, or, for
-a model of several depths or focus settings, beyond the grid's, which allow_extrapolation admits) interpolation only
-repeats the edge, so w turns linearly to 1 (the network alone) over RAMP past it: RAMP in the normalised field, RAMP
-of the grid's span in 1/depth (1/focus). Continuous, so a render through a depth map that leaves the grid's depths
-shows no seam where it leaves them. (A grid of one depth has no span: ``weight`` gives 1 at any other depth, where
-``model.psf`` never asks, since such a model's condition holds no depth.)
+sensor), which brings its ray noise down to about half (a third on a square sensor; psf eval scores bicubic of that
+grid alone as "bicubic (mirror-averaged)", taken at the point itself), and B is taken at the point's image in the
+first octant and turned back, as the model's table takes every point, so that the table and ``model.psf`` agree
+everywhere. The weight is taken at that octant point too, so the answer keeps the lens's symmetry on a sensor that
+is not square. Outside the grid (beyond the sensor's edge, or, for a model of several depths or focus settings,
+beyond the grid's, which allow_extrapolation admits) interpolation only repeats the edge, so w turns linearly
+to 1 (the network alone) over RAMP past it: RAMP in the normalised field, RAMP of the grid's span in 1/depth
+(1/focus). Continuous, so a render through a depth map that leaves the grid's depths shows no seam where it leaves
+them. (A grid of one depth has no span: ``weight`` gives 1 at any other depth, where ``model.psf`` never asks, since
+such a model's condition holds no depth.)
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -57,11 +73,19 @@ RAMP = 0.05  # the radius over which w turns from a band's weight to the next's,
 # w's knots (r, index of the band whose weight holds there): each inner edge, then RAMP beyond it
 KNOTS = tuple((e + d, b + (d > 0)) for b, e in enumerate(RADIUS_BANDS[1:-1]) for d in (0.0, RAMP))
 SLACK = 1e-9  # relative: a depth this close to a one-depth grid's is on it
-# A validation point whose noise-corrected relative L2 is above this for both the network and interpolation is left
+# A validation point whose noise-corrected relative L2 is above this for both the network and the blend's w = 0 is left
 # out of the fit (``fit``): on LA1131's seed-1 benchmark file two such compact points (missed by 102% and 101%, 96%
 # and 62%) carried all but 1% of their band's pooled error and took its weight from 1 to 0.5, costing 0.8 point on
 # the test points.
 FAIL = 0.5
+# (smooth [grid spacings], detail) that fit tries, in this order (the module's docstring): the first is bicubic
+# interpolation of the grid itself, the blend as it was before the others were measured
+CANDIDATES = ((0.0, 0.0), (0.0, 0.5), (0.0, 1.0), (0.5, 0.0), (0.5, 0.5), (0.5, 1.0))
+REACH = 4  # the Gaussian reaches REACH · smooth grid points each side (rounded up): e^-8 of the centre's weight
+# fit keeps the earliest candidate whose sum is within this share of the lowest: with 2-10 validation points a band,
+# closer sums are a coin toss (on LA1131's benchmark file all six lay within 1% of each other, and the lowest, by
+# 0.03%, was 0.14 point worse on the test points than the first)
+MARGIN = 0.02
 
 
 def _toward_network(w: np.ndarray, past: np.ndarray) -> np.ndarray:
@@ -86,6 +110,18 @@ def _past(values: np.ndarray, query) -> np.ndarray:
     return np.where(past > SLACK * hi, np.inf, 0.0)
 
 
+def folded(fold: tuple[float, float] | None, x, y) -> tuple[np.ndarray, np.ndarray]:
+    """Where a blend of fold ``fold`` (Blend.fold) looks up field points x, y [M]: their image in the first octant
+    (0 <= y' <= x' on the sensor, the table's) for a canonical model, themselves otherwise. Normalised coordinates
+    [M] each."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if fold is None:
+        return x, y
+    sx, sy = fold
+    a, b = np.abs(x * sx), np.abs(y * sy)
+    return np.maximum(a, b) / sx, np.minimum(a, b) / sy
+
+
 def profile(r: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """The network's weight w [M] at radii r [M] from the bands' weights [BANDS] (the module's docstring)."""
     return np.interp(r, [k[0] for k in KNOTS], np.asarray(weights)[[k[1] for k in KNOTS]])
@@ -93,14 +129,13 @@ def profile(r: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Blend:
-    """The training grid and the network's weight per radius band.
+    """The grid the blend interpolates, how it was made, and the network's weight per radius band.
 
-    grid [F*D, P, 3, k, k] float16: the file's grid PSFs on its planes p = f*D + d (zeros where dark), a canonical
-    model's averaged over their mirror images (baselines.mirror_averaged);
+    grid [F*D, P, 3, k, k] float16: S(grid) - detail · S(network) (``smoothed``) on the grid's planes p = f*D + d;
     grid_size N (P = N²); depths [D] m; focus [F] m ([nan]: one focus); weights [BANDS] in [0, 1];
     points [BANDS]: the validation points that fitted each weight; fold: the sensor's (half-width,
     half-height) over the longer for a canonical-frame model, whose interpolation is taken in the first octant
-    (module docstring), None otherwise.
+    (module docstring), None otherwise; smooth [grid spacings] and detail in [0, 1]: the module's docstring.
     """
 
     grid: torch.Tensor
@@ -110,17 +145,13 @@ class Blend:
     weights: np.ndarray
     points: np.ndarray
     fold: tuple[float, float] | None = None
+    smooth: float = 0.0
+    detail: float = 0.0
     _ext: dict = field(default_factory=dict, repr=False)  # device -> the grid with ghost borders, float32
 
     def folded(self, x, y) -> tuple[np.ndarray, np.ndarray]:
-        """Where the blend looks up field points x, y [M]: their image in the first octant (0 <= y' <= x' on the
-        sensor, the table's) for a canonical model, themselves otherwise. Normalised coordinates [M] each."""
-        x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-        if self.fold is None:
-            return x, y
-        sx, sy = self.fold
-        a, b = np.abs(x * sx), np.abs(y * sy)
-        return np.maximum(a, b) / sx, np.minimum(a, b) / sy
+        """Where the blend looks up field points x, y [M]: ``folded`` by its fold."""
+        return folded(self.fold, x, y)
 
     def weight(self, x, y, depth_m, focus_m=None) -> np.ndarray:
         """The network's weight w [M] at field points x, y [M], depth_m [M] m and focus_m [M] m (None: one focus):
@@ -135,9 +166,9 @@ class Blend:
         return _toward_network(w, past)
 
     def interpolate(self, x, y, depth_m, focus_m=None, device="cpu") -> torch.Tensor:
-        """Bicubic interpolation of the grid at (x, y) [M], depth_m [M] m, focus_m [M] m (None: one focus), taken
-        at the ``folded`` point and turned back: [M, 3, k, k] float32 on ``device``, non-negative, each channel sums
-        to 1 (0 where every neighbour is dark)."""
+        """B: bicubic interpolation of the grid at (x, y) [M], depth_m [M] m, focus_m [M] m (None: one focus), taken
+        at the ``folded`` point and turned back: [M, 3, k, k] float32 on ``device``, not clipped (with detail > 0,
+        of either sign)."""
         x, y, depth_m = (np.asarray(v, dtype=np.float64).reshape(-1) for v in (x, y, depth_m))
         device = torch.device(device)
         k = self._bicubic(*self.folded(x, y), depth_m, focus_m, device)
@@ -148,7 +179,7 @@ class Blend:
             k = torch.where(flag(np.abs(py) > np.abs(px)), anti_transpose(k), k)  # back: the table's own order
             k = torch.where(flag(px < 0), k.flip(-1), k)
             k = torch.where(flag(py < 0), k.flip(-2), k)
-        return normalise(k)
+        return k
 
     def _bicubic(self, x, y, depth_m, focus_m, device) -> torch.Tensor:
         """baselines.bicubic before its clip and normalisation, in float32 torch: [M, 3, k, k]."""
@@ -189,21 +220,19 @@ class Blend:
 
     def apply(self, psf: torch.Tensor, x, y, depth_m, focus_m=None) -> torch.Tensor:
         """The network's psf [M, 3, k, k] (or [M, S, 3, k, k], S samples per point) at (x, y, depth_m [m],
-        focus_m [m]) [M] blended with the grid's bicubic interpolation: same shape, each channel sums to 1."""
+        focus_m [m]) [M] blended as the module's docstring says: same shape, each channel sums to 1."""
         w = self.weight(x, y, depth_m, focus_m)
         need = np.flatnonzero(w < 1.0)  # w = 1: the network alone, no interpolation to compute
         if not len(need):
             return psf
         pick = lambda v: None if v is None else np.broadcast_to(np.asarray(v, np.float64), w.shape)[need]  # noqa: E731
-        bic = self.interpolate(*(pick(v) for v in (x, y, depth_m, focus_m)), device=psf.device)
+        b = self.interpolate(*(pick(v) for v in (x, y, depth_m, focus_m)), device=psf.device)
         if psf.dim() == 5:
-            bic = bic[:, None]
+            b = b[:, None]
         at = torch.as_tensor(need, device=psf.device)
-        wt = torch.as_tensor(w[need], dtype=psf.dtype, device=psf.device).view(-1, *[1] * (psf.dim() - 1))
-        mixed = (wt * psf[at] + (1.0 - wt) * bic).to(psf.dtype)
-        s = mixed.sum(dim=(-2, -1), keepdim=True)
+        wt = torch.as_tensor(w[need], dtype=torch.float32, device=psf.device).view(-1, *[1] * (psf.dim() - 1))
         out = psf.clone()
-        out[at] = torch.where(s > 0, mixed / s.clamp_min(1e-30), psf[at])
+        out[at] = mix(wt, psf[at], b, self.detail).to(psf.dtype)
         return out
 
     def state(self) -> dict:
@@ -216,6 +245,8 @@ class Blend:
             "weights": [float(v) for v in self.weights],
             "points": [int(v) for v in self.points],
             "fold": None if self.fold is None else [float(v) for v in self.fold],
+            "smooth": float(self.smooth),
+            "detail": float(self.detail),
         }
 
     @classmethod
@@ -232,6 +263,8 @@ class Blend:
             weights=np.asarray(state["weights"], dtype=np.float64),
             points=np.asarray(state["points"], dtype=np.int64),
             fold=None if state["fold"] is None else tuple(float(v) for v in state["fold"]),
+            smooth=float(state["smooth"]),
+            detail=float(state["detail"]),
         )
         planes = len(blend.depths) * len(blend.focus)
         if (
@@ -239,6 +272,7 @@ class Blend:
             or tuple(grid.shape) != (planes, n * n, 3, kernel_size, kernel_size)
             or blend.weights.shape != (BANDS,)
             or not ((blend.weights >= 0) & (blend.weights <= 1)).all()
+            or not (0 <= blend.detail <= 1 and 0 <= blend.smooth < math.inf)
             or not np.array_equal(blend.depths, np.asarray(depths, dtype=np.float64))
             or not np.array_equal(blend.focus, np.asarray(focus, dtype=np.float64), equal_nan=True)
         ):
@@ -246,76 +280,149 @@ class Blend:
         return blend
 
     def describe(self) -> str:
-        """'network weight 0.00 / 0.75 / 0.80 / 0.95 by radius band, ... (2 / 2 / 3 / 3 validation points used)'."""
+        """'network weight 0.00 / 0.75 / 0.80 / 0.95 by radius band, the rest bicubic interpolation of the
+        mirror-averaged grid (2 / 2 / 3 / 3 validation points used)'."""
         w = " / ".join(f"{v:.2f}" for v in self.weights)
         n = " / ".join(str(int(v)) for v in self.points)
         grid = "the grid" if self.fold is None else "the mirror-averaged grid"
-        rest = f"the rest bicubic interpolation of {grid}"
-        return f"network weight {w} by radius band, {rest} ({n} validation points used)"
+        if self.smooth > 0:
+            grid += f" smoothed over {self.smooth:g} grid spacings"
+        if self.detail == 0:
+            rest = f"bicubic interpolation of {grid}"
+        else:
+            rest = f"the network corrected by its residual on {grid}"
+            if self.detail < 1:
+                rest += f", keeping {self.detail:g} of its detail between the grid's points"
+        return f"network weight {w} by radius band, the rest {rest} ({n} validation points used)"
 
 
-def fit(grid, grid_size: int, depths, focus, net_psf: np.ndarray | None, validation: dict, fold=None) -> Blend:
-    """The blend of the network's PSFs net_psf [V, 3, k, k] at the lit validation points ``validation``
-    (GridFile.heldout's entries: coords [V, 2], depth [V] m, focus [V] m, psf_a, psf_b [V, 3, k, k]) with the
-    grid [F*D, P, 3, k, k] float16 (depths [D] m, focus [F] m; fold: Blend.fold; a canonical model's grid already
-    mirror-averaged): the weights of the lowest sum over bands of the pooled noise-corrected error, on the points
-    that the network or interpolation gets within FAIL (the module's docstring). ``points`` counts those."""
-    focus = np.asarray(focus, dtype=np.float64)
-    blend = Blend(
-        grid=torch.as_tensor(grid, dtype=torch.float16),  # no copy when it already is (psf train's)
-        grid_size=int(grid_size),
-        depths=np.asarray(depths, dtype=np.float64),
-        focus=focus,
-        weights=np.ones(BANDS),
-        points=np.zeros(BANDS, dtype=np.int64),
-        fold=None if fold is None else tuple(float(v) for v in fold),
-    )
+def smoothed(grid, net_grid, n: int, smooth: float, detail: float) -> torch.Tensor:
+    """The blend's grid [F*D, P, 3, k, k] float16 (P = n²): S(grid) - detail · S(net_grid), of the grid's PSFs (a
+    canonical model's mirror-averaged) and the network's prior mean at the same points, both [F*D, P, 3, k, k]
+    (net_grid unread at detail 0). S, on each plane, is the Gaussian of ``smooth`` grid spacings over the field out
+    to REACH · smooth points each side (the identity at 0): each point's channel becomes the weighted mean over its
+    lit neighbours' (a channel dark in the grid is left out of both means and takes its lit neighbours' there; 0 where
+    none is lit, and at smooth 0)."""
+    if smooth == 0 and detail == 0:
+        return torch.as_tensor(grid, dtype=torch.float16)  # the grid itself
+    t = torch.arange(n, dtype=torch.float32)
+    gap = t[:, None] - t[None, :]
+    near = torch.exp(-0.5 * (gap / max(smooth, 1e-30)) ** 2) * (gap.abs() <= math.ceil(REACH * smooth))  # [n, n]
+
+    def over(v: torch.Tensor) -> torch.Tensor:  # [n, n, ...]: along the rows, then along the columns
+        rows = torch.einsum("ai,ij...->aj...", near, v)
+        return torch.einsum("bj,aj...->ab...", near, rows)
+
+    def plane(v) -> torch.Tensor:  # one plane [P, 3, k, k], torch or numpy (read-only too), as [n, n, 3, k²] float32
+        v = v.float() if torch.is_tensor(v) else torch.from_numpy(np.array(v, dtype=np.float32))
+        return v.reshape(n, n, 3, -1)
+
+    out = torch.empty(tuple(grid.shape), dtype=torch.float16)
+    for p in range(len(grid)):  # a plane at a time: one plane in float32 at once
+        g = plane(grid[p])
+        lit = (g.sum(dim=-1, keepdim=True) > 0).float()
+        mixed = (g - detail * plane(net_grid[p])) * lit if detail else g * lit
+        num, den = (over(mixed), over(lit)) if smooth > 0 else (mixed, lit)
+        out[p] = torch.where(den > 0, num / den.clamp_min(1e-30), 0.0).reshape(out.shape[1:])
+    return out
+
+
+def fit(grid, net_grid, grid_size: int, depths, focus, net_psf: np.ndarray | None, validation: dict, fold=None):
+    """The blend (a Blend) of the network, whose prior mean is net_grid [F*D, P, 3, k, k] at the grid's points and
+    net_psf [V, 3, k, k] at the lit validation points ``validation`` (GridFile.heldout's entries: coords [V, 2],
+    depth [V] m, focus [V] m, psf_a, psf_b [V, 3, k, k]), with the grid [F*D, P, 3, k, k] (depths [D] m, focus
+    [F] m; fold: Blend.fold; a canonical model's grid and net_grid already mirror-averaged): of CANDIDATES and
+    the weights, the earliest candidate within MARGIN of the lowest sum over bands of the pooled noise-corrected
+    error, every candidate scored on the same points, and its weights (the module's docstring; ``points`` counts
+    the points). Without a validation point, the first candidate with every weight 1: the network alone. One
+    candidate's grid is held at a time."""
+
+    def make(smooth: float, detail: float) -> Blend:
+        return Blend(
+            grid=smoothed(grid, net_grid, int(grid_size), smooth, detail),
+            grid_size=int(grid_size),
+            depths=np.asarray(depths, dtype=np.float64),
+            focus=np.asarray(focus, dtype=np.float64),
+            weights=np.ones(BANDS),
+            points=np.zeros(BANDS, dtype=np.int64),
+            fold=None if fold is None else tuple(float(v) for v in fold),
+            smooth=smooth,
+            detail=detail,
+        )
+
     coords = validation["coords"]
     if not len(coords):
-        return blend
-    focus_m = None if len(focus) == 1 else validation["focus"]
-    bic = blend.interpolate(coords[:, 0], coords[:, 1], validation["depth"], focus_m).numpy()
+        return make(0.0, 0.0)  # the grid itself (net_grid may be None), every weight 1
+    focus_m = None if len(np.atleast_1d(focus)) == 1 else validation["focus"]
+    at = [make(*c).interpolate(coords[:, 0], coords[:, 1], validation["depth"], focus_m) for c in CANDIDATES]  # B
+    net = torch.as_tensor(net_psf, dtype=torch.float32)
     a, c = validation["psf_a"], validation["psf_b"]
-    # A point that neither the network nor interpolation gets within FAIL says nothing about which is better, yet a
-    # compact one can carry nearly all of its band's pooled error and so choose the weight alone: left out. (A point
-    # whose per-point error is undefined, its two traces not overlapping, stays: it still counts in the pooled sums.)
+    # A point that the network and every candidate (at w = 0) miss by more than FAIL says nothing about which is
+    # better, yet a compact one can carry nearly all of its band's pooled error and so choose the weight alone: left
+    # out, of every candidate's fit alike (a candidate scored without the points it misses would win on that). A point
+    # whose per-point error is undefined, its two traces not overlapping, stays: it still counts in the pooled sums.
+    none = torch.zeros(len(net), 1, 1, 1)  # w = 0
+    answers = [net_psf] + [mix(none, net, b, d).numpy() for b, (_, d) in zip(at, CANDIDATES)]
     with np.errstate(invalid="ignore", divide="ignore"):
-        missed = np.minimum(rel_l2_corrected(net_psf, a, c)[0], rel_l2_corrected(bic, a, c)[0])
+        missed = np.min([rel_l2_corrected(k, a, c)[0] for k in answers], axis=0)
     told = ~(missed > FAIL)
     # Each point counts in the band whose weight it gets: that of its octant image's radius (``weight``), which on a
     # sensor that is not square can lie in the band below its own (LA1131's 3:2 sensor: 1 to 3 of 23 points).
-    fx, fy = blend.folded(coords[:, 0], coords[:, 1])
+    fx, fy = folded(fold, coords[:, 0], coords[:, 1])
     band = radius_band(np.column_stack([fx, fy]))
-    for b in range(BANDS):  # unless that leaves a band too few to fit on: then it keeps them all
-        if np.sum(told & (band == b)) < MIN_POINTS <= np.sum(band == b):
-            told[band == b] = True
-    fx, fy, net_psf, bic, a, c, band = fx[told], fy[told], net_psf[told], bic[told], a[told], c[told], band[told]
-    blend.points[:] = np.bincount(band, minlength=BANDS)
-    scored = [b for b in range(BANDS) if blend.points[b] >= MIN_POINTS]
+    for i in range(BANDS):  # unless that leaves a band too few to fit on: then it keeps them all
+        if np.sum(told & (band == i)) < MIN_POINTS <= np.sum(band == i):
+            told[band == i] = True
+    keep = torch.as_tensor(told)
+    points = np.bincount(band[told], minlength=BANDS)
     # As weight() takes them; a validation point's depth and focus lie within the grid's.
-    r, past = np.hypot(fx, fy), _field_past(fx, fy)
+    told_at = dict(radius=np.hypot(fx, fy)[told], past=_field_past(fx, fy)[told], band=band[told], a=a[told], c=c[told])
+    scored = [i for i in range(BANDS) if points[i] >= MIN_POINTS]
+    fits = [_fit_weights(net[keep], b[keep], detail, scored, **told_at) for b, (_, detail) in zip(at, CANDIDATES)]
+    losses = np.array([loss for _, loss in fits], dtype=np.float64)
+    losses[~np.isfinite(losses)] = np.inf  # a band whose pooled error is undefined cannot choose
+    within = np.flatnonzero(losses <= losses.min() * (1 + MARGIN))
+    chosen = int(within[0]) if len(within) else 0
+    fitted = make(*CANDIDATES[chosen])
+    fitted.weights, fitted.points = fits[chosen][0], points
+    return fitted
+
+
+def _fit_weights(net, b, detail: float, scored: list, radius, past, band, a, c) -> tuple[np.ndarray, float]:
+    """The band weights [BANDS] of one candidate (its detail; B at the points, b [M, 3, k, k]) of the lowest sum over
+    the ``scored`` bands of the pooled noise-corrected error on the points (the network's PSFs net [M, 3, k, k], their
+    radius [M], how far past the grid [M], band [M] and two references a, c [M, 3, k, k]), by coordinate descent from
+    every weight 1; and that sum."""
 
     def loss(weights: np.ndarray) -> float:
-        mixed = _mix(_toward_network(profile(r, weights), past), net_psf, bic)
-        return sum(rel_l2_corrected(mixed[band == b], a[band == b], c[band == b])[1] for b in scored)
+        w = torch.as_tensor(_toward_network(profile(radius, weights), past), dtype=torch.float32)
+        mixed = mix(w.view(-1, 1, 1, 1), net, b, detail).numpy()
+        return sum(rel_l2_corrected(mixed[band == i], a[band == i], c[band == i])[1] for i in scored)
 
+    weights = np.ones(BANDS)
     candidates = np.linspace(1.0, 0.0, STEPS)  # from the network alone down: a tie keeps the larger weight
     for _ in range(SWEEPS):
-        before = blend.weights.copy()
-        for b in scored:
-            trials = [loss(np.where(np.arange(BANDS) == b, w, blend.weights)) for w in candidates]
-            blend.weights[b] = round(float(candidates[int(np.argmin(trials))]), 2)  # 0.65, not 0.6499999999999999
-        if np.array_equal(before, blend.weights):
+        before = weights.copy()
+        for i in scored:
+            trials = [loss(np.where(np.arange(BANDS) == i, w, weights)) for w in candidates]
+            weights[i] = round(float(candidates[int(np.argmin(trials))]), 2)  # 0.65, not 0.6499999999999999
+        if np.array_equal(before, weights):
             break
-    return blend
+    return weights, loss(weights)
 
 
-def _mix(w: np.ndarray, net: np.ndarray, bic: np.ndarray) -> np.ndarray:
-    """w [M] · net + (1 - w) · bic, [M, 3, k, k] each, renormalised per channel (the network where both are 0)."""
-    w = w[:, None, None, None]
-    mixed = w * net + (1.0 - w) * bic
-    s = mixed.sum(axis=(-2, -1), keepdims=True)
-    return np.where(s > 0, mixed / np.where(s > 0, s, 1.0), net)
+def mix(w: torch.Tensor, net: torch.Tensor, b: torch.Tensor, detail: float) -> torch.Tensor:
+    """net + (1 - w) · (b - (1 - detail) · net) for the network's PSFs net [M, 3, k, k] (or [M, S, 3, k, k]), the
+    blend's B there, b (broadcastable), and weights w [M, 1, 1, 1] (...): clipped at 0, each channel renormalised to
+    sum 1 (the network's where nothing is left). At detail 0, b is first clipped and renormalised itself, as bicubic
+    interpolation of a grid of PSFs answers (psfcvae/evaluation/baselines.py): w · net + (1 - w) · b. (A channel the
+    network leaves 0 takes the residual's positive part at detail > 0; the API zeroes the points its head calls
+    dark after the blend.)"""
+    if detail == 0:
+        b = normalise(b)
+    k = (net + (1.0 - w) * (b - (1.0 - detail) * net)).clamp_min(0.0)
+    s = k.sum(dim=(-2, -1), keepdim=True)
+    return torch.where(s > 0, k / s.clamp_min(1e-30), net)
 
 
 def normalise(k: torch.Tensor) -> torch.Tensor:

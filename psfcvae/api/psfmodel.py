@@ -66,8 +66,8 @@ class PSFModel:
     def __init__(self, net: CVAE, info: dict, blend: Blend | None = None):
         self.net = net
         self.info = info  # step, config, data_fingerprint, versions of the checkpoint
-        # The network blended with bicubic interpolation of its grid where the validation points say so
-        # (psfcvae/api/blend.py); None: the network alone (blend: none)
+        # The network blended with its grid where the validation points say so (psfcvae/api/blend.py); None:
+        # the network alone (blend: none)
         self.blend = blend
         self.depths = np.asarray(info["data_fingerprint"]["depths"])  # [D] training depths [m]
         # [F] training focus distances [m], ascending, inf allowed; [nan]: one focus, the lens file's own
@@ -363,8 +363,8 @@ class PSFModel:
         return out * lit.view(-1, *[1] * (out.dim() - 1))
 
     def blended(self, psf: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """The network's PSFs psf [B, 3, k, k] (or [B, S, 3, k, k]) at conditions cond [B, C], blended with the
-        grid's bicubic interpolation as the checkpoint's blend says (psfcvae/api/blend.py); unchanged without one."""
+        """The network's PSFs psf [B, 3, k, k] (or [B, S, 3, k, k]) at conditions cond [B, C], blended with its
+        grid as the checkpoint's blend says (psfcvae/api/blend.py); unchanged without one."""
         if self.blend is None:
             return psf
         c = cond.detach().cpu()

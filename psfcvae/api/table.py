@@ -169,8 +169,8 @@ class PSFTable:
 
     @torch.no_grad()
     def _prior_mean(self, cond: torch.Tensor) -> torch.Tensor:
-        """The model's prior mean [N, 3 k²] on the CPU, float32, in chunks: the network, blended with the grid's
-        interpolation as model.psf blends it (PSFModel.blended)."""
+        """The model's prior mean [N, 3 k²] on the CPU, float32, in chunks: the network, blended with its grid as
+        model.psf blends it (PSFModel.blended)."""
         model = self.model
         return torch.cat(
             [model.blended(model.net.sample_from_prior(c, mean=True), c).flatten(1).cpu() for c in cond.split(CHUNK)]

@@ -142,7 +142,7 @@ def mirror_averaged(grid_psf: np.ndarray, n: int, square: bool) -> np.ndarray:
 
     Every lit grid PSF is a ray-traced estimate with its own noise, and its images are estimates of the same PSF:
     the mean of 4 (8 on a square sensor) has about half (a third) the noise, less on the mirror lines, where a
-    point is its own image. The blend (psfcvae/api/blend.py) interpolates this grid, and psf eval scores
+    point is its own image. The blend (psfcvae/api/blend.py) starts from this grid, and psf eval scores
     bicubic interpolation of it as a baseline of its own for a rotationally symmetric model."""
     out = np.empty(grid_psf.shape, dtype=np.float32)
     flips = [(), (1, -1), (0, -2), (0, 1, -2, -1)]  # none, x (columns), y (rows), both: field and kernel together

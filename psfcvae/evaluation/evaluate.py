@@ -9,7 +9,7 @@ content, plus the arrays behind it), ``eval_figures.make_figures`` (the PNGs) an
 Methods, all on the same test points: the CVAE's prior mean and one prior sample;
 nearest grid PSF; bilinear and bicubic (field) x linear (1/depth) x linear (1/focus);
 eigen-PSF interpolation; for a rotationally symmetric model, bicubic of the grid averaged over
-its mirror images (the grid the model's blend interpolates). Ray tracing itself at the training
+its mirror images (the grid the model's blend starts from). Ray tracing itself at the training
 spp is measured on the file's re-traced grid subset. Errors are relative L2 against the
 held-out reference, raw and noise-corrected (docs/metrics.md), overall, per grid depth, per
 interval between grid depths, per radius band and, in a file of several focus settings, at and
@@ -57,8 +57,8 @@ from psfgen.shared.provenance import now, versions
 log = logging.getLogger(__name__)
 
 INTERPOLATION = ("nearest", "bilinear", "bicubic", "eigen-psf")  # name prefixes of the baselines
-# Bicubic interpolation of the grid averaged over its mirror images (baselines.mirror_averaged), what the blend
-# interpolates: scored for a rotationally symmetric (canonical) model, whose lens has those symmetries.
+# Bicubic interpolation of the grid averaged over its mirror images (baselines.mirror_averaged), the grid the blend
+# starts from: scored for a rotationally symmetric (canonical) model, whose lens has those symmetries.
 MIRRORED = "bicubic (mirror-averaged)"
 TABLE = "cvae prior mean (table)"  # the model's prior mean through model.tabulate()
 NETWORK = "cvae network alone"  # the network's prior mean without the blend (a model with one: psfcvae/api/blend.py)
@@ -263,6 +263,8 @@ def compute_metrics(cfg: EvalConfig, info: GridFile, model: PSFModel | None) -> 
                 "radius_bands": [float(r) for r in RADIUS_BANDS],
                 "network_weight": [float(w) for w in model.blend.weights],
                 "validation_points": [int(n) for n in model.blend.points],
+                "smooth": float(model.blend.smooth),
+                "detail": float(model.blend.detail),
                 "description": model.blend.describe(),
             },
         },
@@ -669,7 +671,7 @@ def format_table(result: dict) -> str:
 
 
 def _blend_line(result: dict) -> list[str]:
-    """The model's blend with bicubic interpolation (psfcvae/api/blend.py), one wrapped line; none without a model."""
+    """The model's blend with its grid (psfcvae/api/blend.py), one wrapped line; none without a model."""
     ck = result["checkpoint"]
     if ck is None:
         return []

@@ -58,7 +58,7 @@ DEFINITIONS = [
         "bicubic (mirror-averaged)",
         "for a rotationally symmetric model: bicubic interpolation of the grid whose every PSF is first averaged "
         "with its lit mirror images (x to -x, y to -y, and the diagonal on a square sensor), which a symmetric lens "
-        "makes copies of one PSF with their own ray noise; the model's blend interpolates this grid.",
+        "makes copies of one PSF with their own ray noise; the model's blend starts from this grid.",
     ),
     (
         "eigen-PSF (K)",
@@ -169,7 +169,7 @@ def _header(result: dict) -> str:
 # What each method is, beside its error in the first table.
 WHAT = {
     "cvae prior mean": "the model: what its API returns",
-    "cvae network alone": "the network without the blend with bicubic interpolation",
+    "cvae network alone": "the network without the blend with its grid",
     "cvae prior mean (table)": "the prior mean, tabulated (model.tabulate())",
     "cvae prior sample": "one random draw of the model, not what it returns",
     "nearest": "the nearest grid PSF",

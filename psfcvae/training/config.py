@@ -63,9 +63,10 @@ class TrainConfig:
     # Optimiser steps (spec: 20000); auto: STEPS_PER_BLOCK for each PSFS_PER_BLOCK grid PSFs (depths x
     # grid_size²), rounded up: the passes over the grid the two benchmark lenses needed (docs/results.md)
     max_steps: int | str = "auto"
-    # What the model answers with (not in the spec): bicubic, the network blended with bicubic interpolation of the
-    # grid by radius band, each band's weight fitted on the validation points at every checkpoint, which carries the
-    # grid (psfcvae/api/blend.py); none, the network alone; auto: bicubic unless the model does not take the depth
+    # What the model answers with (not in the spec): bicubic, the network blended with its grid through bicubic
+    # interpolation, by radius band: interpolation of the grid, or the network corrected by its residual on it, the
+    # kind and each band's weight fitted on the validation points at every checkpoint, which carries the grid
+    # (psfcvae/api/blend.py); none, the network alone; auto: bicubic unless the model does not take the depth
     # of a file of several, or the grid would add over BLEND_GRID_LIMIT to every checkpoint
     blend: str = "auto"
     # Schedule and bookkeeping

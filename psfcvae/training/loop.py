@@ -304,7 +304,8 @@ class Run:
     writer: SummaryWriter | None  # TensorBoard, on the main process only
     selection: dict | None = None  # what chooses best.pt (selection()): every checkpoint records it
     validation: dict | None = None  # the lit validation points (GridFile.heldout's entries): what fits the blend
-    blend_grid: torch.Tensor | None = None  # [F*D, P, 3, k, k] float16: the grid the blend interpolates (main only)
+    blend_grid: torch.Tensor | None = None  # [F*D, P, 3, k, k] float16: the grid the blend takes (main only)
+    conds: Conditions | None = None  # the grid points' conditions: where fit_blend asks the network too
     # a cache, not state: step -> (the blend fitted at that step, the network's PSFs at the validation points it was
     # fitted on) (fit_blend), which the validation, best.pt, latest.pt and the closing log line of that step share
     blend_fit: dict = dataclasses.field(default_factory=dict)
@@ -351,7 +352,7 @@ def _train(cfg: TrainConfig, info: GridFile, args: ModelArgs, ckpt: dict | None,
     conds, heldout = _lit_data(run)
     # the blend's grid, held once as the float16 every checkpoint stores (the main process alone writes them)
     grid = blend_grid(info, model) if cfg.blend == "bicubic" and run.main else None
-    run = dataclasses.replace(run, selection=selection(info, heldout), validation=heldout, blend_grid=grid)
+    run = dataclasses.replace(run, selection=selection(info, heldout), validation=heldout, blend_grid=grid, conds=conds)
     loader = _loader(run, step)
 
     # --- the loop ------------------------------------------------------------------------
@@ -754,8 +755,8 @@ def _save(run: Run, path: Path, step: int, best: float, metrics: dict, window: L
 
 
 def blend_grid(info: GridFile, model: CVAE) -> torch.Tensor:
-    """The grid the blend interpolates, [F*D, P, 3, k, k] float16 as every checkpoint stores it: the file's grid
-    PSFs, averaged over each point's mirror images for a canonical model (baselines.mirror_averaged)."""
+    """The grid the blend takes, [F*D, P, 3, k, k] float16 as psf train holds it: the file's grid PSFs,
+    averaged over each point's mirror images for a canonical model (baselines.mirror_averaged)."""
     grid = info.grid_psfs()
     if model.canonical:
         sx, sy = model.args.field_scale
@@ -765,9 +766,9 @@ def blend_grid(info: GridFile, model: CVAE) -> torch.Tensor:
 
 @torch.no_grad()
 def fit_blend(run: Run, step: int) -> blend.Blend:
-    """The blend of the network as it is at ``step`` with the grid's bicubic interpolation, fitted on the lit
-    validation points (psfcvae/api/blend.py): the same points that choose best.pt, never the test points. Fitted
-    once per step: the validation, the checkpoints and the closing line of one step share it."""
+    """The blend of the network as it is at ``step`` with the grid, fitted on the lit validation points
+    (psfcvae/api/blend.py): the same points that choose best.pt, never the test points. Fitted once per step: the
+    validation, the checkpoints and the closing line of one step share it."""
     if step in run.blend_fit:
         return run.blend_fit[step][0]
     info, model, val = run.info, run.model, run.validation
@@ -777,12 +778,36 @@ def fit_blend(run: Run, step: int) -> blend.Blend:
     else:
         pred = _validation_prediction(run)
     fold = tuple(model.args.field_scale) if model.canonical else None  # the table's octant (blend.Blend.fold)
+    run.blend_fit.clear()  # the network has moved on since any earlier step; its grid need not be held too
     fitted = blend.fit(
-        run.blend_grid, info.grid_size, info.depths, info.focus, None if pred is None else pred.numpy(), val, fold
+        run.blend_grid,
+        None if pred is None else _network_grid(run),
+        info.grid_size,
+        info.depths,
+        info.focus,
+        None if pred is None else pred.numpy(),
+        val,
+        fold,
     )
-    run.blend_fit.clear()  # the network has moved on since any earlier step
     run.blend_fit[step] = (fitted, pred)
     return fitted
+
+
+@torch.no_grad()
+def _network_grid(run: Run, chunk: int = 4096) -> torch.Tensor:
+    """The network's prior mean at every grid point: [F*D, P, 3, k, k] float16 on the CPU, as blend_grid (a
+    canonical model's averaged over the mirror images too, where its rotated kernels differ by their resampling)."""
+    model, n = run.model, run.info.grid_size
+    model.eval()
+    out = torch.empty(tuple(run.blend_grid.shape), dtype=torch.float16)
+    for p, cond in enumerate(run.conds.table):  # [P, C] a plane, one at a time in float32
+        plane = torch.cat([model.sample_from_prior(c, mean=True).cpu() for c in cond.split(chunk)])
+        if model.canonical:
+            sx, sy = model.args.field_scale
+            plane = torch.as_tensor(baselines.mirror_averaged(plane[None].numpy(), n, square=sx == sy)[0])
+        out[p] = plane.half()
+    model.train()
+    return out
 
 
 @torch.no_grad()

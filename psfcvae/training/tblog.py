@@ -18,7 +18,7 @@ LOSSES = ["loss_all", "loss_recon", "loss_kl", "loss_smooth", "loss_recon_prior"
 # points are psf eval's alone and never shown here.
 VALIDATION_MSE = ["val_mse", "val_prior_mse", "val_points_mse"]
 VALIDATION_REL = ["val_points_rel_l2"]
-BLENDED = "val_blended_rel_l2"  # the same for the network blended with interpolation (a run with a blend)
+BLENDED = "val_blended_rel_l2"  # the same for the network blended with its grid (a run with a blend)
 OPTIMISATION = ["learning_rate", "grad_norm"]
 ILLUMINATION = ["loss_illumination", "val_points_illumination_abs"]  # the illumination head
 
