@@ -659,10 +659,11 @@ def _log_means(run: Run, bar: tqdm, means: dict, step: int) -> None:
 
 
 @torch.no_grad()
-def validate(model: CVAE, conds: Conditions, info: GridFile, heldout: dict | None, device, image_plane: int):
+def validate(model: CVAE, conds: Conditions, info: GridFile, heldout: dict | None, device, image_plane: int, keep=None):
     """Whole-grid posterior reconstruction and prior mean (the mean over every plane); prior mean and
     illumination on ``heldout``, the lit validation points, each at its own depth and focus (never the test
-    points: psf eval scores those).
+    points: psf eval scores those). keep(p, prior) is handed each plane's prior mean [P, 3, k, k] float32 numpy
+    (what the blend's fit takes too, so that it is computed once).
 
     Returns (metrics, images); images are [3, H, W] mosaics of plane ``image_plane``.
     """
@@ -673,6 +674,8 @@ def validate(model: CVAE, conds: Conditions, info: GridFile, heldout: dict | Non
     for d in range(info.n_planes):
         gt = info.grid_psf(d)  # [P, 3, k, k]
         recon, prior = model.predict_grid(gt, conds(torch.arange(P, device=device), torch.full((P,), d, device=device)))
+        if keep is not None:
+            keep(d, prior)
         lit = conds.lit_np[d]  # dark points have no PSF to compare with
         sums["recon"] += float(((recon - gt)[lit] ** 2).mean()) if lit.any() else 0.0
         sums["prior"] += float(((prior - gt)[lit] ** 2).mean()) if lit.any() else 0.0
@@ -704,9 +707,15 @@ def _validate_and_log(run: Run, conds: Conditions, heldout: dict | None, step: i
     """validate(), its scalars and images in TensorBoard and one log line: the metrics."""
     info = run.info
     middle = info.plane(info.n_focus // 2, len(info.depths) // 2)  # the middle depth (at the middle focus)
-    metrics, images = validate(run.model, conds, info, heldout, run.device, image_plane=middle)
-    if run.blend_grid is not None and heldout is not None and len(heldout["ref"]):
-        metrics["val_blended_rel_l2"] = _blended_score(run, step)
+    fits = run.blend_grid is not None and heldout is not None and len(heldout["ref"]) > 0
+    net_grid = torch.empty(tuple(run.blend_grid.shape), dtype=torch.float16) if fits else None
+
+    def keep(p: int, prior: np.ndarray) -> None:  # the validation's pass over the grid is the blend's fit's too
+        net_grid[p] = _blend_plane(run, torch.from_numpy(prior))
+
+    metrics, images = validate(run.model, conds, info, heldout, run.device, middle, keep if fits else None)
+    if fits:
+        metrics["val_blended_rel_l2"] = _blended_score(run, step, net_grid)
     for key, value in metrics.items():
         run.writer.add_scalar(key, value, step)
     for key, img in images.items():
@@ -765,10 +774,11 @@ def blend_grid(info: GridFile, model: CVAE) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fit_blend(run: Run, step: int) -> blend.Blend:
+def fit_blend(run: Run, step: int, net_grid: torch.Tensor | None = None) -> blend.Blend:
     """The blend of the network as it is at ``step`` with the grid, fitted on the lit validation points
     (psfcvae/api/blend.py): the same points that choose best.pt, never the test points. Fitted once per step: the
-    validation, the checkpoints and the closing line of one step share it."""
+    validation, the checkpoints and the closing line of one step share it. net_grid: the network's prior mean at the
+    grid points as ``_network_grid`` gives it, when the validation already computed it."""
     if step in run.blend_fit:
         return run.blend_fit[step][0]
     info, model, val = run.info, run.model, run.validation
@@ -781,7 +791,7 @@ def fit_blend(run: Run, step: int) -> blend.Blend:
     run.blend_fit.clear()  # the network has moved on since any earlier step; its grid need not be held too
     fitted = blend.fit(
         run.blend_grid,
-        None if pred is None else _network_grid(run),
+        None if pred is None else net_grid if net_grid is not None else _network_grid(run),
         info.grid_size,
         info.depths,
         info.focus,
@@ -797,28 +807,34 @@ def fit_blend(run: Run, step: int) -> blend.Blend:
 def _network_grid(run: Run, chunk: int = 4096) -> torch.Tensor:
     """The network's prior mean at every grid point: [F*D, P, 3, k, k] float16 on the CPU, as blend_grid (a
     canonical model's averaged over the mirror images too, where its rotated kernels differ by their resampling)."""
-    model, n = run.model, run.info.grid_size
+    model = run.model
     model.eval()
     out = torch.empty(tuple(run.blend_grid.shape), dtype=torch.float16)
     for p, cond in enumerate(run.conds.table):  # [P, C] a plane, one at a time in float32
-        plane = torch.cat([model.sample_from_prior(c, mean=True).cpu() for c in cond.split(chunk)])
-        if model.canonical:
-            sx, sy = model.args.field_scale
-            plane = torch.as_tensor(baselines.mirror_averaged(plane[None].numpy(), n, square=sx == sy)[0])
-        out[p] = plane.half()
+        out[p] = _blend_plane(run, torch.cat([model.sample_from_prior(c, mean=True).cpu() for c in cond.split(chunk)]))
     model.train()
     return out
 
 
+def _blend_plane(run: Run, prior: torch.Tensor) -> torch.Tensor:
+    """One plane of the network's prior mean [P, 3, k, k] float32 as the blend takes it: float16, a canonical
+    model's averaged over the mirror images as blend_grid is."""
+    model = run.model
+    if model.canonical:
+        sx, sy = model.args.field_scale
+        prior = torch.as_tensor(baselines.mirror_averaged(prior[None].numpy(), run.info.grid_size, square=sx == sy)[0])
+    return prior.half()
+
+
 @torch.no_grad()
-def _blended_score(run: Run, step: int) -> float:
+def _blended_score(run: Run, step: int, net_grid: torch.Tensor | None = None) -> float:
     """val_blended_rel_l2: the mean raw relative L2 on the lit validation points of the blended PSFs the API
     answers with there (the illumination head's lit/dark call aside), the network at ``step`` blended as fit_blend
-    fits it on the same points."""
+    fits it on the same points (net_grid: fit_blend's)."""
     val = run.validation
     focus_m = val["focus"] if run.info.n_focus > 1 else None
     x, y = val["coords"][:, 0], val["coords"][:, 1]
-    fitted = fit_blend(run, step)
+    fitted = fit_blend(run, step, net_grid)
     pred = fitted.apply(run.blend_fit[step][1], x, y, val["depth"], focus_m)  # the network's, as fit_blend took it
     return float(rel_l2(pred.numpy(), val["ref"]).mean())
 
