@@ -3,7 +3,10 @@
 Traces two grid files of one lens with the same depths, grid, spp and seed: a multi-focus file over --focus-m
 and a single-focus file at one of its focus settings (--single; default the middle one). The seed fixes the
 held-out points' positions and depths, so the single-focus file's test points are the multi-focus file's
-points, all at that focus. It trains a model on each (the multi-focus one for F times the steps: the same
+points, all at that focus. The single-focus file is traced in the multi-focus file's window (kernel_size): its
+own pilot would choose a smaller one (the multi-focus window covers the largest PSF over every focus setting),
+and two models whose 15x15 pixels span different areas of the sensor cannot be scored on the same points.
+It trains a model on each (the multi-focus one for F times the steps: the same
 passes over each PSF) and prints:
 
 1. ``psf eval`` of the multi-focus model on its own test points, at grid focus settings and between them,
@@ -96,7 +99,12 @@ def main() -> None:
 
     t0 = time.time()
     multi = generate(configio.build(GenerateConfig, {**base, "focus_m": focus, "out": str(work / "multi.h5")}))
-    one = generate(configio.build(GenerateConfig, {**base, "focus_m": [single], "out": str(work / "single.h5")}))
+    window = GridFile.open(multi).kernel_size  # [px]: both files in one frame (the module's docstring)
+    one = generate(
+        configio.build(
+            GenerateConfig, {**base, "focus_m": [single], "kernel_size": window, "out": str(work / "single.h5")}
+        )
+    )
     times = {"generate": time.time() - t0}
 
     t = time.time()
