@@ -32,8 +32,9 @@ REQUIRED = (
 # The only one read: a checkpoint of another is refused (retrain). 6: optics v2 (chief rays); 7: focus settings
 # (data_fingerprint focus, model_args has_focus / focus_min / focus_max, optics v3 per plane); 8: blend;
 # 9: the illumination head: a canonical model's sees the radius code, not (x, y); depth and focus in its lowest band;
-# 10: the blend's smooth and detail, its grid the smoothed grid less detail of the network's (psfcvae/api/blend.py).
-SCHEMA_VERSION = 10
+# 10: the blend's smooth and detail, its grid the smoothed grid less detail of the network's (psfcvae/api/blend.py);
+# 11: a model over focus answers between its focus settings from them (blend.refocused), its blend fitted so.
+SCHEMA_VERSION = 11
 
 
 def data_fingerprint(info: GridFile) -> dict:

@@ -65,13 +65,17 @@ def test_a_validation_point_both_miss_does_not_choose_the_weight():
     net[6, :, -1, -1] = 1.0  # the opposite corner: 141% off; flat interpolation 98% off
     net_grid = np.broadcast_to(ref[:1], flat.shape)  # the network draws the blob at every grid point
     val = {"coords": coords, "depth": np.ones(7), "focus": np.full(7, np.nan), "psf_a": ref, "psf_b": ref}
-    fitted = blend.fit(flat, net_grid, n, [1.0], [np.nan], net, val)
+    fitted = blend.fit(flat, net_grid, n, [1.0], [np.nan], net[None], val)
     assert fitted.weights[1] == 1.0 and fitted.points[1] == 6
     # Unless leaving it out would leave its band fewer than MIN_POINTS to fit on: with two others it goes, with one
     # other both stay, and the compact point pulls the weight as without the rule.
-    fitted = blend.fit(flat, net_grid, n, [1.0], [np.nan], net[4:], {key: value[4:] for key, value in val.items()})
+    fitted = blend.fit(
+        flat, net_grid, n, [1.0], [np.nan], net[None, 4:], {key: value[4:] for key, value in val.items()}
+    )
     assert fitted.points[1] == 2 and fitted.weights[1] == 1.0
-    fitted = blend.fit(flat, net_grid, n, [1.0], [np.nan], net[5:], {key: value[5:] for key, value in val.items()})
+    fitted = blend.fit(
+        flat, net_grid, n, [1.0], [np.nan], net[None, 5:], {key: value[5:] for key, value in val.items()}
+    )
     assert fitted.points[1] == 2 and fitted.weights[1] < 1.0
     # the oracle the rule guards against: with the point scored, the pooled error moves the weight off the network
     flat_b = torch.full(net.shape, 1.0 / k**2)  # interpolation of the flat grid (detail 0)
@@ -98,7 +102,7 @@ def test_every_candidate_is_scored_on_the_same_validation_points():
     net[6] = 0.0
     net[6, :, -1, -1] = 1.0  # the network misses the seventh
     val = {"coords": coords, "depth": np.ones(7), "focus": np.full(7, np.nan), "psf_a": ref, "psf_b": ref}
-    fitted = blend.fit(grid, np.broadcast_to(blob, grid.shape), n, [1.0], [np.nan], net, val)
+    fitted = blend.fit(grid, np.broadcast_to(blob, grid.shape), n, [1.0], [np.nan], net[None], val)
     assert fitted.points[1] == 7
     got = fitted.apply(torch.as_tensor(net), coords[:, 0], coords[:, 1], np.ones(7)).numpy()
     assert rel_l2_corrected(got, ref, ref)[1] < 0.2  # the network alone: 113% pooled
@@ -119,7 +123,7 @@ def test_fit_keeps_the_earliest_candidate_within_the_margin_of_the_lowest(monkey
     val = {"coords": coords, "depth": np.ones(2), "focus": np.full(2, np.nan), "psf_a": ref, "psf_b": ref}
     given = iter(losses)
     monkeypatch.setattr(blend, "_fit_weights", lambda *a, **kw: (np.full(4, 0.5), next(given)))
-    fitted = blend.fit(grid, grid, n, [1.0], [np.nan], ref, val)
+    fitted = blend.fit(grid, grid, n, [1.0], [np.nan], ref[None], val)
     assert (fitted.smooth, fitted.detail) == blend.CANDIDATES[chosen]
     assert fitted.weights.tolist() == [0.5] * 4
 
@@ -207,7 +211,7 @@ def test_fit_chooses_interpolation_where_the_network_is_off_and_the_network_wher
     net[centre] = _gaussians(2.0 * val_xy[centre] ** 3 + 1.5, 0.6)  # the network's spot 1.5 px off near the axis
     val = {"coords": val_xy, "depth": np.full(len(radii), 1.0), "focus": np.full(len(radii), np.nan)}
     val |= {"psf_a": truth, "psf_b": truth}  # noise-free references
-    fitted = blend.fit(grid, grid, n, np.array([1.0]), np.array([np.nan]), net, val)
+    fitted = blend.fit(grid, grid, n, np.array([1.0]), np.array([np.nan]), net[None], val)
     assert (fitted.smooth, fitted.detail) == (0.0, 0.0)  # the grid itself
     assert fitted.weights[0] == 0.0  # near the axis: interpolation alone
     np.testing.assert_array_equal(fitted.weights[1:], 1.0)  # elsewhere the network is exact: it alone
@@ -282,7 +286,7 @@ def test_fit_corrects_the_network_by_its_residual_where_its_detail_is_right(n, n
     truth, net = _field(val_xy), network(val_xy)
     val = {"coords": val_xy, "depth": np.full(len(radii), 1.0), "focus": np.full(len(radii), np.nan)}
     val |= {"psf_a": truth, "psf_b": truth}  # noise-free references
-    fitted = blend.fit(grid, network(coords)[None], n, np.array([1.0]), np.array([np.nan]), net, val)
+    fitted = blend.fit(grid, network(coords)[None], n, np.array([1.0]), np.array([np.nan]), net[None], val)
     assert (fitted.smooth, fitted.detail) == chosen
     one = np.ones(len(radii))
     got = fitted.apply(torch.as_tensor(net), *val_xy.T, one).numpy()
@@ -310,7 +314,7 @@ def test_a_band_with_too_few_validation_points_keeps_the_network():
     nodes = np.array([(x, y) for y in lin[::-1] for x in lin])
     grid = _field(nodes)[None]
     val = {"coords": coords, "depth": np.ones(3), "focus": np.full(3, np.nan), "psf_a": truth, "psf_b": truth}
-    fitted = blend.fit(grid, network(nodes)[None], 4, np.array([1.0]), np.array([np.nan]), network(coords), val)
+    fitted = blend.fit(grid, network(nodes)[None], 4, np.array([1.0]), np.array([np.nan]), network(coords)[None], val)
     assert fitted.weights[0] == 1.0 and fitted.weights[1] < 1.0
     np.testing.assert_array_equal(fitted.points, [1, 2, 0, 0])
 
@@ -461,9 +465,9 @@ def test_val_blended_rel_l2_is_what_the_api_answers_at_the_validation_points(vig
     model = load_model(run / "latest.pt", device="cpu")
     x, y, depth = val["coords"][lit, 0], val["coords"][lit, 1], val["depth"][lit]
     cond = model.conditions(x, y, depth, allow_extrapolation=True)
-    net = model.net.sample_from_prior(cond, mean=True)
+    net, answer = model.answer(cond)
     # the blended PSFs model.psf answers with (model.psf would also zero a point its head calls dark)
-    answered = rel_l2(model.blended(net, cond).numpy(), val["ref"][lit]).mean()
+    answered = rel_l2(answer.numpy(), val["ref"][lit]).mean()
     network = rel_l2(net.numpy(), val["ref"][lit]).mean()
     assert abs(answered - network) > 1e-3
     assert np.isclose(dict(scalars(run, "val_blended_rel_l2"))[latest["step"]], answered, rtol=1e-4)
@@ -585,6 +589,30 @@ def test_on_a_sensor_that_is_not_square_a_point_fits_the_weight_it_gets():
     net = np.roll(truth, 2, axis=-1)  # the network 2 px off
     val = {"coords": coords, "depth": one, "focus": np.full(3, np.nan), "psf_a": truth, "psf_b": truth}
     net_grid = np.roll(grid, 2, axis=-1)  # 2 px off at the grid's points too
-    fitted = blend.fit(grid, net_grid, n, [1.0], [np.nan], net, val, fold)
+    fitted = blend.fit(grid, net_grid, n, [1.0], [np.nan], net[None], val, fold)
     np.testing.assert_array_equal(fitted.points, [0, 0, 3, 0])
     assert fitted.weights[2] == 0.0 and fitted.weights[3] == 1.0
+
+
+def test_fit_scores_points_between_focus_settings_as_the_model_answers_them():
+    """Grid focus 0.5 m and inf, depths 0.5 and 2 m; six validation points at focus 1 m and depth 1 m, which the
+    model answers half from 0.5 m focus at 0.5 m and half from inf at 2 m (blend.refocused). The network is a spot
+    A at the first side and flat at the second, the truth their mean, and the grid flat. Scored as the model
+    answers, the network alone is exact (w = 1); the network at one side alone would need w = 0.5."""
+    n, k = 4, 5
+    flat = np.full((4, n * n, 3, k, k), 1.0 / k**2, dtype=np.float32)  # 2 focus x 2 depths planes
+    angle = np.random.default_rng(2).uniform(0, 2 * np.pi, 6)
+    coords = 0.3 * np.column_stack([np.cos(angle), np.sin(angle)])  # all in the band [0.15, 0.5)
+    spot = np.repeat(_gaussians(np.zeros((6, 2)), 0.7, k)[:, :1], 3, axis=1)
+    sides = blend.refocused(np.ones(6), np.ones(6), [0.5, 2.0], [0.5, np.inf])
+    assert np.allclose(sides.t, 0.5)
+    net = np.where((sides.focus == 0.5)[:, :, None, None, None], spot[None], flat[0, :1][None])  # [2, 6, 3, k, k]
+    truth = 0.5 * (spot + flat[0, :1])
+    val = {"coords": coords, "depth": np.ones(6), "focus": np.ones(6), "psf_a": truth, "psf_b": truth}
+    fitted = blend.fit(flat, flat, n, [0.5, 2.0], [0.5, np.inf], net, val)
+    assert fitted.weights[1] == 1.0 and fitted.points[1] == 6
+    got = fitted.answer(torch.as_tensor(net), coords[:, 0], coords[:, 1], sides).numpy()
+    np.testing.assert_allclose(got, truth, atol=1e-6)
+    # the oracle: the network at the 0.5 m side alone, blended with the flat grid, is exact at w = 0.5
+    half = blend.mix(torch.full((6, 1, 1, 1), 0.5), torch.as_tensor(spot), torch.as_tensor(flat[0, :6]), 0.0)
+    np.testing.assert_allclose(half.numpy(), truth, atol=1e-6)

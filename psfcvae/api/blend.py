@@ -49,6 +49,14 @@ to 1 (the network alone) over RAMP past it: RAMP in the normalised field, RAMP o
 (1/focus). Continuous, so a render through a depth map that leaves the grid's depths shows no seam where it leaves
 them. (A grid of one depth has no span: ``weight`` gives 1 at any other depth, where ``model.psf`` never asks, since
 such a model's condition holds no depth.)
+
+Between focus settings. A model over several focus settings answers a point between two of the grid's from those two
+(``refocused``), weighted linearly in 1/focus, each at the depth of the same defocus 1/depth - 1/focus [1/m]: the
+defocus sets most of the PSF, so a point focused at 2 m and 1 m away looks like one focused at infinity and 2 m
+away far more than like one focused at infinity and 1 m away. Each side is the blended model at a grid focus, where
+the network has seen PSFs and the grid holds them; between them the network's own answer, which has seen none, errs
+by about twice as much (docs/results.md, "One model over focus"). Where the same defocus lies beyond the grid's
+depths, the side holds the nearest. ``fit`` scores the validation points between focus settings as answered so.
 """
 
 from __future__ import annotations
@@ -73,6 +81,7 @@ RAMP = 0.05  # the radius over which w turns from a band's weight to the next's,
 # w's knots (r, index of the band whose weight holds there): each inner edge, then RAMP beyond it
 KNOTS = tuple((e + d, b + (d > 0)) for b, e in enumerate(RADIUS_BANDS[1:-1]) for d in (0.0, RAMP))
 SLACK = 1e-9  # relative: a depth this close to a one-depth grid's is on it
+SNAP = 1e-6  # a share of the grid's span in 1/focus: a focus this close to a grid focus is on it (``refocused``)
 # A validation point whose noise-corrected relative L2 is above this for both the network and the blend's w = 0 is left
 # out of the fit (``fit``): on LA1131's seed-1 benchmark file two such compact points (missed by 102% and 101%, 96%
 # and 62%) carried all but 1% of their band's pooled error and took its weight from 1 to 0.5, costing 0.8 point on
@@ -125,6 +134,54 @@ def folded(fold: tuple[float, float] | None, x, y) -> tuple[np.ndarray, np.ndarr
 def profile(r: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """The network's weight w [M] at radii r [M] from the bands' weights [BANDS] (the module's docstring)."""
     return np.interp(r, [k[0] for k in KNOTS], np.asarray(weights)[[k[1] for k in KNOTS]])
+
+
+@dataclass(frozen=True)
+class Sides:
+    """Where a model answers points: S sides per point, each a (depth [S, M] m, focus [S, M] m or None) it asks
+    the network and the blend at, and a weight t [S, M] (each point's sum to 1): the answer is Σ_s t_s · K(side s)
+    (``refocused``). itself [S, M]: the side is the point itself (its condition can be reused)."""
+
+    depth: np.ndarray
+    focus: np.ndarray | None
+    t: np.ndarray
+    itself: np.ndarray
+
+
+def refocused(depth_m, focus_m, depths, focus) -> Sides:
+    """Where a model over the grid's focus settings focus [F] m (inf allowed) answers points at depth_m [M] m and
+    focus_m [M] m: at a grid focus setting, itself; between two, at each of them, weighted linearly in 1/focus, at
+    the depth of the same defocus 1/depth - 1/focus [1/m] (the module's docstring), held within the grid's depths
+    [D] m (or the point's own, where that lies beyond them). A model of one focus setting (focus_m None, or one
+    grid focus), and a point beyond the grid's focus settings, answer at the point itself: side 0, t = 1. Two
+    sides for a model over focus; a side whose t is 0 need not be asked."""
+    depth_m = np.asarray(depth_m, dtype=np.float64).reshape(-1)
+    if focus_m is None or len(np.atleast_1d(focus)) < 2:
+        same = None if focus_m is None else np.broadcast_to(np.asarray(focus_m, np.float64), depth_m.shape)[None]
+        return Sides(depth_m[None], same, np.ones((1, len(depth_m))), np.ones((1, len(depth_m)), dtype=bool))
+    focus_m = np.broadcast_to(np.asarray(focus_m, dtype=np.float64), depth_m.shape)
+    phi = 1.0 / focus_m  # 1/inf = 0
+    grid = np.sort(1.0 / np.asarray(focus, dtype=np.float64))
+    # A focus within SNAP of the grid's span from a grid focus is on it: a model's condition holds the focus as a
+    # float32 code, which turns a grid focus into its neighbour within 1e-7
+    nearest = grid[np.argmin(np.abs(phi[:, None] - grid[None]), axis=1)]
+    on = np.abs(phi - nearest) <= SNAP * (grid[-1] - grid[0])
+    phi = np.where(on, nearest, phi)
+    j = np.clip(np.searchsorted(grid, phi, side="right") - 1, 0, len(grid) - 2)
+    lo, hi = grid[j], grid[j + 1]
+    inside = (phi >= grid[0]) & (phi <= grid[-1])
+    t = np.where(inside, np.clip((phi - lo) / (hi - lo), 0.0, 1.0), 0.0)  # beyond: side 0 is the point itself
+    inv_d = 1.0 / depth_m
+    near, far = np.maximum(1.0 / np.min(depths), inv_d), np.minimum(1.0 / np.max(depths), inv_d)
+    depth, focus_s, itself = [], [], []
+    for at in (lo, hi):
+        inv = np.clip(inv_d - phi + at, far, near)  # the same defocus, within the grid's depths
+        mine = ~inside | (on & (at == phi))  # the point itself: its own depth and focus, exactly
+        with np.errstate(divide="ignore"):
+            depth.append(np.where(mine, depth_m, 1.0 / inv))
+            focus_s.append(np.where(mine, focus_m, 1.0 / at))
+        itself.append(mine)
+    return Sides(np.stack(depth), np.stack(focus_s), np.stack([1.0 - t, t]), np.stack(itself))
 
 
 @dataclass
@@ -235,6 +292,23 @@ class Blend:
         out[at] = mix(wt, psf[at], b, self.detail).to(psf.dtype)
         return out
 
+    def answer(self, nets: torch.Tensor, x, y, sides: Sides) -> torch.Tensor:
+        """The model's answer at field points x, y [M] from the network's PSFs nets [S, M, 3, k, k] at the points'
+        sides (``refocused``): Σ_s t_s · apply(nets[s], x, y, the side's depth and focus), [M, 3, k, k], each channel
+        summing to 1. A side's PSFs where its t is 0 are not read."""
+        focus = (lambda s: None) if sides.focus is None else (lambda s: sides.focus[s])  # noqa: E731
+        if len(sides.t) == 1:  # one focus setting: the point itself
+            return self.apply(nets[0], x, y, sides.depth[0], focus(0))
+        x, y = (np.broadcast_to(np.asarray(v, dtype=np.float64), sides.t.shape[1:]) for v in (x, y))
+        out = torch.zeros_like(nets[0])
+        for s, t in enumerate(sides.t):
+            need = np.flatnonzero(t > 0)
+            if len(need):
+                k = self.apply(nets[s][need], x[need], y[need], sides.depth[s][need], focus(s)[need])
+                at = torch.as_tensor(need, device=out.device)
+                out[at] += torch.as_tensor(t[need], dtype=out.dtype, device=out.device).view(-1, 1, 1, 1) * k
+        return out
+
     def state(self) -> dict:
         """What a checkpoint stores (torch tensors and lists: loadable with weights_only=True)."""
         return {
@@ -329,13 +403,14 @@ def smoothed(grid, net_grid, n: int, smooth: float, detail: float) -> torch.Tens
 
 def fit(grid, net_grid, grid_size: int, depths, focus, net_psf: np.ndarray | None, validation: dict, fold=None):
     """The blend (a Blend) of the network, whose prior mean is net_grid [F*D, P, 3, k, k] at the grid's points and
-    net_psf [V, 3, k, k] at the lit validation points ``validation`` (GridFile.heldout's entries: coords [V, 2],
-    depth [V] m, focus [V] m, psf_a, psf_b [V, 3, k, k]), with the grid [F*D, P, 3, k, k] (depths [D] m, focus
-    [F] m; fold: Blend.fold; a canonical model's grid and net_grid already mirror-averaged): of CANDIDATES and
-    the weights, the earliest candidate within MARGIN of the lowest sum over bands of the pooled noise-corrected
-    error, every candidate scored on the same points, and its weights (the module's docstring; ``points`` counts
-    the points). Without a validation point, the first candidate with every weight 1: the network alone. One
-    candidate's grid is held at a time."""
+    net_psf [S, V, 3, k, k] at the sides (``refocused``) of the lit validation points ``validation``
+    (GridFile.heldout's entries: coords [V, 2], depth [V] m, focus [V] m, psf_a, psf_b [V, 3, k, k]), with the grid
+    [F*D, P, 3, k, k] (depths [D] m, focus [F] m; fold: Blend.fold; a canonical model's grid and net_grid already
+    mirror-averaged): of CANDIDATES and the weights, the earliest candidate within MARGIN of the lowest sum over
+    bands of the pooled noise-corrected error of the answers as the model gives them (``Blend.answer``), every
+    candidate scored on the same points, and its weights (the module's docstring; ``points`` counts the points).
+    Without a validation point, the first candidate with every weight 1: the network alone. One candidate's grid
+    is held at a time."""
 
     def make(smooth: float, detail: float) -> Blend:
         return Blend(
@@ -354,15 +429,22 @@ def fit(grid, net_grid, grid_size: int, depths, focus, net_psf: np.ndarray | Non
     if not len(coords):
         return make(0.0, 0.0)  # the grid itself (net_grid may be None), every weight 1
     focus_m = None if len(np.atleast_1d(focus)) == 1 else validation["focus"]
-    at = [make(*c).interpolate(coords[:, 0], coords[:, 1], validation["depth"], focus_m) for c in CANDIDATES]  # B
+    sides = refocused(validation["depth"], focus_m, depths, focus)
+
+    def b_at(blend: Blend) -> torch.Tensor:  # B at each side: [S, V, 3, k, k]
+        at = lambda s: None if sides.focus is None else sides.focus[s]  # noqa: E731
+        return torch.stack([blend.interpolate(coords[:, 0], coords[:, 1], d, at(s)) for s, d in enumerate(sides.depth)])
+
+    at = [b_at(make(*c)) for c in CANDIDATES]  # B
     net = torch.as_tensor(net_psf, dtype=torch.float32)
+    t = torch.as_tensor(sides.t, dtype=torch.float32)
     a, c = validation["psf_a"], validation["psf_b"]
     # A point that the network and every candidate (at w = 0) miss by more than FAIL says nothing about which is
     # better, yet a compact one can carry nearly all of its band's pooled error and so choose the weight alone: left
     # out, of every candidate's fit alike (a candidate scored without the points it misses would win on that). A point
     # whose per-point error is undefined, its two traces not overlapping, stays: it still counts in the pooled sums.
-    none = torch.zeros(len(net), 1, 1, 1)  # w = 0
-    answers = [net_psf] + [mix(none, net, b, d).numpy() for b, (_, d) in zip(at, CANDIDATES)]
+    none = torch.zeros(1, len(coords), 1, 1, 1)  # w = 0
+    answers = [_sum(t, net).numpy()] + [_sum(t, mix(none, net, b, d)).numpy() for b, (_, d) in zip(at, CANDIDATES)]
     with np.errstate(invalid="ignore", divide="ignore"):
         missed = np.min([rel_l2_corrected(k, a, c)[0] for k in answers], axis=0)
     told = ~(missed > FAIL)
@@ -375,10 +457,13 @@ def fit(grid, net_grid, grid_size: int, depths, focus, net_psf: np.ndarray | Non
             told[band == i] = True
     keep = torch.as_tensor(told)
     points = np.bincount(band[told], minlength=BANDS)
-    # As weight() takes them; a validation point's depth and focus lie within the grid's.
+    # As weight() takes them; a validation point's depth and focus, and its sides', lie within the grid's.
     told_at = dict(radius=np.hypot(fx, fy)[told], past=_field_past(fx, fy)[told], band=band[told], a=a[told], c=c[told])
     scored = [i for i in range(BANDS) if points[i] >= MIN_POINTS]
-    fits = [_fit_weights(net[keep], b[keep], detail, scored, **told_at) for b, (_, detail) in zip(at, CANDIDATES)]
+    fits = [
+        _fit_weights(net[:, keep], b[:, keep], t[:, keep], detail, scored, **told_at)
+        for b, (_, detail) in zip(at, CANDIDATES)
+    ]
     losses = np.array([loss for _, loss in fits], dtype=np.float64)
     losses[~np.isfinite(losses)] = np.inf  # a band whose pooled error is undefined cannot choose
     within = np.flatnonzero(losses <= losses.min() * (1 + MARGIN))
@@ -388,15 +473,20 @@ def fit(grid, net_grid, grid_size: int, depths, focus, net_psf: np.ndarray | Non
     return fitted
 
 
-def _fit_weights(net, b, detail: float, scored: list, radius, past, band, a, c) -> tuple[np.ndarray, float]:
-    """The band weights [BANDS] of one candidate (its detail; B at the points, b [M, 3, k, k]) of the lowest sum over
-    the ``scored`` bands of the pooled noise-corrected error on the points (the network's PSFs net [M, 3, k, k], their
-    radius [M], how far past the grid [M], band [M] and two references a, c [M, 3, k, k]), by coordinate descent from
-    every weight 1; and that sum."""
+def _sum(t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Σ_s t_s · k_s of the sides' weights t [S, M] and PSFs k [S, M, 3, k, k]: [M, 3, k, k]."""
+    return (t.view(*t.shape, 1, 1, 1) * k).sum(dim=0)
+
+
+def _fit_weights(net, b, t, detail: float, scored: list, radius, past, band, a, c) -> tuple[np.ndarray, float]:
+    """The band weights [BANDS] of one candidate (its detail; B at the points' sides, b [S, M, 3, k, k]) of the
+    lowest sum over the ``scored`` bands of the pooled noise-corrected error on the points (the network's PSFs at
+    their sides net [S, M, 3, k, k], the sides' weights t [S, M], the points' radius [M], how far past the grid
+    [M], band [M] and two references a, c [M, 3, k, k]), by coordinate descent from every weight 1; and that sum."""
 
     def loss(weights: np.ndarray) -> float:
         w = torch.as_tensor(_toward_network(profile(radius, weights), past), dtype=torch.float32)
-        mixed = mix(w.view(-1, 1, 1, 1), net, b, detail).numpy()
+        mixed = _sum(t, mix(w.view(1, -1, 1, 1, 1), net, b, detail)).numpy()
         return sum(rel_l2_corrected(mixed[band == i], a[band == i], c[band == i])[1] for i in scored)
 
     weights = np.ones(BANDS)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from psfcvae import checkpoint
-from psfcvae.api.blend import Blend, normalise
+from psfcvae.api.blend import Blend, normalise, refocused
 from psfcvae.api.table import PSFTable, refuse_dark
 from psfcvae.model.cvae import CVAE, ModelArgs
 from psfcvae.optics import FieldMap, model_optics
@@ -206,7 +206,8 @@ class PSFModel:
         range (``depth_range``) likewise; None only for a model trained on one depth.
         focus_m: the distance the camera is focused at [m], a scalar or [N], inf allowed; needed
         by a model trained over several (``focus``), outside ``focus_range`` likewise; a model
-        trained at one focus takes None (or that focus).
+        trained at one focus takes None (or that focus). Between two of its grid's focus settings
+        such a model answers from them, at the depth of the same defocus (``answer``).
 
         Each kernel: k x k pixels, k the model's kernel_size_small (15 by default, pitch in
         ``repr(model)``), centred on the point's chief ray (on its light's centroid where a stop
@@ -342,16 +343,15 @@ class PSFModel:
         parts = []
         for c, ok in zip(cond.split(CHUNK), lit.split(CHUNK)):
             if mode == "mean":
-                out = self.net.sample_from_prior(c, mean=True)
-                out = self.blended(out, c) if blend else out
+                out = self.answer(c)[1] if blend else self.net.sample_from_prior(c, mean=True)
             else:
                 draws = torch.stack([self.net.sample_from_prior(c) for _ in range(n_samples)], dim=1)
                 if blend and self.blend is not None:
-                    # Each draw keeps its offset from the network's mean, around the blended mean: blending the
+                    # Each draw keeps its offset from the network's mean, around the model's answer: blending the
                     # draws themselves would shrink their spread by w (none left where w = 0), while prior_std
                     # reports the network's.
-                    mean = self.net.sample_from_prior(c, mean=True)
-                    draws = normalise(draws + (self.blended(mean, c) - mean)[:, None])
+                    mean, answer = self.answer(c)
+                    draws = normalise(draws + (answer - mean)[:, None])
                 out = draws[:, 0] if n_samples == 1 else draws
             if not torch.isfinite(out[ok]).all():  # far outside the trained range the encoding can overflow
                 raise InputError(
@@ -362,17 +362,38 @@ class PSFModel:
         out = torch.cat(parts)
         return out * lit.view(-1, *[1] * (out.dim() - 1))
 
-    def blended(self, psf: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """The network's PSFs psf [B, 3, k, k] (or [B, S, 3, k, k]) at conditions cond [B, C], blended with its
-        grid as the checkpoint's blend says (psfcvae/api/blend.py); unchanged without one."""
+    def answer(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the network's prior mean, the model's answer) at conditions cond [B, C]: [B, 3, k, k] each. The answer
+        is the prior mean blended with the grid as the checkpoint's blend says (psfcvae/api/blend.py); a model over
+        focus answers between its grid's focus settings from the two around, at the depth of the same defocus
+        (blend.refocused). Without a blend, the prior mean itself."""
+        mean = self.net.sample_from_prior(cond, mean=True)
         if self.blend is None:
-            return psf
+            return mean, mean
         c = cond.detach().cpu()
         x, y = c[:, 0].double().numpy(), c[:, 1].double().numpy()
         args = self.net.args
         depth = self.net.depth_of(c[:, 2]).numpy() if args.has_depth else np.full(len(c), self.depths[0])
         focus = self.net.focus_of(c[:, -1]).numpy() if args.has_focus else None
-        return self.blend.apply(psf, x, y, depth, focus)
+        sides = refocused(depth, focus, self.blend.depths, self.blend.focus)
+        nets = torch.stack([self._side(cond, mean, sides, s) for s in range(len(sides.t))])
+        return mean, self.blend.answer(nets, x, y, sides)
+
+    def _side(self, cond: torch.Tensor, mean: torch.Tensor, sides, s: int) -> torch.Tensor:
+        """The network's prior mean [B, 3, k, k] at side s of conditions cond [B, C] (blend.Sides): ``mean``, the
+        network's at cond, where the side is the point itself or is not read (t = 0)."""
+        need = np.flatnonzero((sides.t[s] > 0) & ~sides.itself[s])
+        if not len(need):
+            return mean
+        at = torch.as_tensor(need, device=cond.device)
+        c = cond[at].clone()
+        code = lambda f, v: f(torch.as_tensor(v[s][need], dtype=torch.float64, device=cond.device)).float()  # noqa: E731
+        if self.net.args.has_depth:
+            c[:, 2] = code(self.net.depth_code, sides.depth)
+        c[:, -1] = code(self.net.focus_code, sides.focus)
+        out = mean.clone()
+        out[at] = self.net.sample_from_prior(c, mean=True)
+        return out
 
     def _head(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(relative illumination [B, 3], lit [B] bool) at conditions cond [B, C], CHUNK at a time."""

@@ -169,12 +169,9 @@ class PSFTable:
 
     @torch.no_grad()
     def _prior_mean(self, cond: torch.Tensor) -> torch.Tensor:
-        """The model's prior mean [N, 3 k²] on the CPU, float32, in chunks: the network, blended with its grid as
-        model.psf blends it (PSFModel.blended)."""
-        model = self.model
-        return torch.cat(
-            [model.blended(model.net.sample_from_prior(c, mean=True), c).flatten(1).cpu() for c in cond.split(CHUNK)]
-        )
+        """The model's prior mean [N, 3 k²] on the CPU, float32, in chunks: the model's answer, as model.psf gives it
+        (PSFModel.answer)."""
+        return torch.cat([self.model.answer(c)[1].flatten(1).cpu() for c in cond.split(CHUNK)])
 
     def choose_sizes(self, target: float, seed: int = 0) -> tuple[int, int, int]:
         """Samples per axis so that linear interpolation along each one errs by about target / √3.

@@ -35,8 +35,9 @@ from psfgen.shared.errors import InputError
 log = logging.getLogger(__name__)
 
 # Of the cached table's file; another version is rebuilt. 2: the table's focus; 3: a blended model's depth nodes on
-# the grid's depths, and the blend's turn to the network past the grid (the same checkpoint, another table)
-TABLE_VERSION = 3
+# the grid's depths, and the blend's turn to the network past the grid (the same checkpoint, another table); 4: a
+# model over focus refocused between its focus settings
+TABLE_VERSION = 4
 
 
 def table_path(checkpoint: Path, focus_m: float | None = None) -> Path:

@@ -828,25 +828,38 @@ def _blend_plane(run: Run, prior: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def _blended_score(run: Run, step: int, net_grid: torch.Tensor | None = None) -> float:
-    """val_blended_rel_l2: the mean raw relative L2 on the lit validation points of the blended PSFs the API
-    answers with there (the illumination head's lit/dark call aside), the network at ``step`` blended as fit_blend
-    fits it on the same points (net_grid: fit_blend's)."""
+    """val_blended_rel_l2: the mean raw relative L2 on the lit validation points of the PSFs the API answers with
+    there (the illumination head's lit/dark call aside), the network at ``step`` blended as fit_blend fits it on the
+    same points (net_grid: fit_blend's)."""
+    val = run.validation
+    fitted = fit_blend(run, step, net_grid)
+    # the network's at the points' sides, as fit_blend took it
+    pred = fitted.answer(run.blend_fit[step][1], val["coords"][:, 0], val["coords"][:, 1], _validation_sides(run))
+    return float(rel_l2(pred.numpy(), val["ref"]).mean())
+
+
+def _validation_sides(run: Run) -> blend.Sides:
+    """Where the model answers the lit validation points (blend.refocused): the points themselves at one focus."""
     val = run.validation
     focus_m = val["focus"] if run.info.n_focus > 1 else None
-    x, y = val["coords"][:, 0], val["coords"][:, 1]
-    fitted = fit_blend(run, step, net_grid)
-    pred = fitted.apply(run.blend_fit[step][1], x, y, val["depth"], focus_m)  # the network's, as fit_blend took it
-    return float(rel_l2(pred.numpy(), val["ref"]).mean())
+    return blend.refocused(val["depth"], focus_m, run.info.depths, run.info.focus)
 
 
 @torch.no_grad()
 def _validation_prediction(run: Run) -> torch.Tensor:
-    """The network's prior mean at the lit validation points: [V, 3, k, k] float32 on the CPU."""
+    """The network's prior mean at the sides of the lit validation points (``_validation_sides``): [S, V, 3, k, k]
+    float32 on the CPU."""
     model, val = run.model, run.validation
+    sides = _validation_sides(run)
     model.eval()
-    pred = model.sample_from_prior(model.condition(val["coords"], val["depth"], val["focus"]), mean=True)
+    pred = [
+        model.sample_from_prior(
+            model.condition(val["coords"], depth, val["focus"] if sides.focus is None else sides.focus[s]), mean=True
+        )
+        for s, depth in enumerate(sides.depth)
+    ]
     model.train()
-    return pred.cpu()
+    return torch.stack(pred).cpu()
 
 
 def _finish(run: Run, metrics: dict, step: int, steps: int, elapsed: float) -> None:
