@@ -18,7 +18,7 @@ passes over each PSF) and prints:
 
     python benchmarks/bench_focus.py [--lens acl12708u] [--focus-m 0.5,2,inf] [--single 2]
                                      [--config configs/demo.yaml] [--depths 3,5,20] [--grid-size N]
-                                     [--heldout M] [--steps-per-focus 1500]
+                                     [--heldout M] [--seed S] [--steps-per-focus 1500]
                                      [--set key=value] [--work DIR]
 
 The default grid is the demo's (configs/demo.yaml: 8x8 points, depths 0.5, 1, 5 m, spp 20 000), a CPU-sized
@@ -53,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--depths", default=None, help="the config's depths replaced [m], e.g. 3,5,20")
     ap.add_argument("--grid-size", type=int, default=None, help="the config's grid_size replaced")
     ap.add_argument("--heldout", type=int, default=None, help="the config's number of held-out points replaced")
+    ap.add_argument("--seed", type=int, default=None, help="the config's seed replaced: other rays, held-out points")
     ap.add_argument("--steps-per-focus", type=int, default=1500, help="training steps per focus setting")
     ap.add_argument(
         "--set", dest="sets", action="append", default=[], help="train config override key=value (both models)"
@@ -95,7 +96,8 @@ def main() -> None:
     base.update(lens=args.lens, device=args.device)
     if args.depths:
         base["depths"] = [float(d) for d in args.depths.split(",")]
-    base.update({k: v for k, v in (("grid_size", args.grid_size), ("heldout", args.heldout)) if v is not None})
+    changes = (("grid_size", args.grid_size), ("heldout", args.heldout), ("seed", args.seed))
+    base.update({k: v for k, v in changes if v is not None})
 
     t0 = time.time()
     multi = generate(configio.build(GenerateConfig, {**base, "focus_m": focus, "out": str(work / "multi.h5")}))

@@ -465,7 +465,7 @@ def test_val_blended_rel_l2_is_what_the_api_answers_at_the_validation_points(vig
     model = load_model(run / "latest.pt", device="cpu")
     x, y, depth = val["coords"][lit, 0], val["coords"][lit, 1], val["depth"][lit]
     cond = model.conditions(x, y, depth, allow_extrapolation=True)
-    net, answer = model.answer(cond)
+    net, answer = model.net.sample_from_prior(cond, mean=True), model.answer(cond)
     # the blended PSFs model.psf answers with (model.psf would also zero a point its head calls dark)
     answered = rel_l2(answer.numpy(), val["ref"][lit]).mean()
     network = rel_l2(net.numpy(), val["ref"][lit]).mean()
@@ -595,24 +595,33 @@ def test_on_a_sensor_that_is_not_square_a_point_fits_the_weight_it_gets():
 
 
 def test_fit_scores_points_between_focus_settings_as_the_model_answers_them():
-    """Grid focus 0.5 m and inf, depths 0.5 and 2 m; six validation points at focus 1 m and depth 1 m, which the
-    model answers half from 0.5 m focus at 0.5 m and half from inf at 2 m (blend.refocused). The network is a spot
-    A at the first side and flat at the second, the truth their mean, and the grid flat. Scored as the model
-    answers, the network alone is exact (w = 1); the network at one side alone would need w = 0.5."""
-    n, k = 4, 5
-    flat = np.full((4, n * n, 3, k, k), 1.0 / k**2, dtype=np.float32)  # 2 focus x 2 depths planes
+    """Grid focus 0.5 m and inf, depths 0.5 and 2 m; six validation points focused at 2 m and 1 m away, which the
+    model answers 3/4 from inf at 2 m and 1/4 from 0.5 m focus at 0.5 m (blend.refocused: the same defocus, held
+    at the nearest depth). The network is a spot A at the first side and a wider spot B at the second; the grid is
+    a third spot G everywhere, and the truth halfway between the model's network answer N = 3/4 A + 1/4 B and G,
+    so the fit must find w = 0.5 exactly. Scoring N with equal weights, or either side alone, finds another w."""
+    n, k = 4, 7
+    centre = np.zeros((6, 2))
+    spot_a, spot_b = _gaussians(centre, 0.7, k), _gaussians(centre, 1.6, k)
+    spot_g = _gaussians(np.tile([1.0, 0.0], (6, 1)), 1.0, k)
+    grid = np.broadcast_to(spot_g[:1], (4, n * n, 3, k, k)).copy()  # 2 focus x 2 depths planes
     angle = np.random.default_rng(2).uniform(0, 2 * np.pi, 6)
     coords = 0.3 * np.column_stack([np.cos(angle), np.sin(angle)])  # all in the band [0.15, 0.5)
-    spot = np.repeat(_gaussians(np.zeros((6, 2)), 0.7, k)[:, :1], 3, axis=1)
-    sides = blend.refocused(np.ones(6), np.ones(6), [0.5, 2.0], [0.5, np.inf])
-    assert np.allclose(sides.t, 0.5)
-    net = np.where((sides.focus == 0.5)[:, :, None, None, None], spot[None], flat[0, :1][None])  # [2, 6, 3, k, k]
-    truth = 0.5 * (spot + flat[0, :1])
-    val = {"coords": coords, "depth": np.ones(6), "focus": np.ones(6), "psf_a": truth, "psf_b": truth}
-    fitted = blend.fit(flat, flat, n, [0.5, 2.0], [0.5, np.inf], net, val)
-    assert fitted.weights[1] == 1.0 and fitted.points[1] == 6
+    sides = blend.refocused(np.ones(6), np.full(6, 2.0), [0.5, 2.0], [0.5, np.inf])
+    np.testing.assert_allclose(sides.t, [[0.75] * 6, [0.25] * 6])  # side 0: inf, side 1: 0.5 m (sorted in 1/focus)
+    np.testing.assert_allclose(sides.depth, [[2.0] * 6, [0.5] * 6])
+    net = np.stack([spot_a, spot_b])  # [2, 6, 3, k, k]
+    truth = 0.5 * (0.75 * spot_a + 0.25 * spot_b) + 0.5 * spot_g
+    val = {"coords": coords, "depth": np.ones(6), "focus": np.full(6, 2.0), "psf_a": truth, "psf_b": truth}
+    fitted = blend.fit(grid, grid, n, [0.5, 2.0], [0.5, np.inf], net, val)
+    assert fitted.weights[1] == 0.5 and fitted.points[1] == 6
     got = fitted.answer(torch.as_tensor(net), coords[:, 0], coords[:, 1], sides).numpy()
-    np.testing.assert_allclose(got, truth, atol=1e-6)
-    # the oracle: the network at the 0.5 m side alone, blended with the flat grid, is exact at w = 0.5
-    half = blend.mix(torch.full((6, 1, 1, 1), 0.5), torch.as_tensor(spot), torch.as_tensor(flat[0, :6]), 0.0)
-    np.testing.assert_allclose(half.numpy(), truth, atol=1e-6)
+    np.testing.assert_allclose(got, truth, atol=2e-5)  # the blend's grid is float16
+
+    # the oracle of the last sentence: the best w of the 21 for the wrong network answers
+    def best(wrong: np.ndarray) -> float:
+        ws = np.linspace(0, 1, 21)
+        return ws[np.argmin([rel_l2_corrected(w * wrong + (1 - w) * spot_g, truth, truth)[1] for w in ws])]
+
+    for wrong in (0.5 * (spot_a + spot_b), spot_a, spot_b):
+        assert best(wrong) != 0.5

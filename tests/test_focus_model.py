@@ -268,10 +268,13 @@ def test_the_model_between_focus_settings_is_its_answers_at_them_and_its_table_a
     # network is nearly flat, so the margin is small)
     cond = model.conditions(x, y, 1.0, focus_m=1.0)
     assert not torch.allclose(model.net.sample_from_prior(cond, mean=True), want, atol=1e-6, rtol=1e-5)
-    # sample mode keeps each draw's offset around the same answer
+    # sample mode: each draw keeps its offset from the network's mean at the point, around that answer
     torch.manual_seed(0)
     draw = model.psf(x, y, 1.0, focus_m=1.0, mode="sample")
-    assert draw.shape == want.shape and not torch.allclose(draw, want)
+    torch.manual_seed(0)
+    raw = model.net.sample_from_prior(cond)  # the same draw of z
+    offset = raw + (want - model.net.sample_from_prior(cond, mean=True))
+    torch.testing.assert_close(draw, offset / offset.sum(dim=(-2, -1), keepdim=True), atol=1e-6, rtol=1e-5)
     # the table at that focus holds the same answers (its depth nodes: 0.5 and 2 m among them)
     table = model.tabulate(focus_m=1.0, sizes=(5, 4, 3), dtype=torch.float32)
     r = np.array([0.25, 0.5]) * table.r_max  # nodes of its 5 radii
@@ -280,17 +283,23 @@ def test_the_model_between_focus_settings_is_its_answers_at_them_and_its_table_a
         torch.testing.assert_close(
             table.psf(tx, ty, depth), model.psf(tx, ty, depth, focus_m=1.0), atol=2e-6, rtol=1e-4
         )
+    # without a blend (blend: none) the model refocuses the network alike
+    model.blend = None
+    want = 0.5 * model.psf(x, y, 0.5, focus_m=0.5) + 0.5 * model.psf(x, y, 2.0, focus_m=math.inf)
+    torch.testing.assert_close(model.psf(x, y, 1.0, focus_m=1.0), want, atol=1e-6, rtol=1e-5)
 
 
-def test_the_blend_is_fitted_on_the_answers_the_model_gives_between_focus_settings(focus_grid, focus_run):
-    # val_blended_rel_l2, the score of the answers fit_blend fitted, is what model.psf gives at the validation
-    # points, among them points between the grid's focus settings, which the model answers from its neighbours
+def test_training_scores_the_answers_the_api_gives_between_focus_settings(focus_grid, focus_run):
+    # val_blended_rel_l2, which psf train computes from the network at the validation points' sides
+    # (_validation_prediction, the same the blend's fit takes), is what model.psf gives at the validation points,
+    # among them points between the grid's focus settings. That the fit scores those answers:
+    # test_blend.py's test_fit_scores_points_between_focus_settings_as_the_model_answers_them.
     val = GridFile.open(focus_grid).heldout("validation")
     lit = val["lit"]
     assert not val["at_grid_focus"][lit].all()
     model = load_model(focus_run / "latest.pt", device="cpu")
     x, y, depth, focus = val["coords"][lit, 0], val["coords"][lit, 1], val["depth"][lit], val["focus"][lit]
     cond = model.conditions(x, y, depth, focus_m=focus)
-    answered = rel_l2(model.answer(cond)[1].numpy(), val["ref"][lit]).mean()
+    answered = rel_l2(model.answer(cond).numpy(), val["ref"][lit]).mean()
     step = torch.load(focus_run / "latest.pt", weights_only=True)["step"]
     assert np.isclose(dict(scalars(focus_run, "val_blended_rel_l2"))[step], answered, rtol=1e-5)

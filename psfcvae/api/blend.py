@@ -444,9 +444,9 @@ def fit(grid, net_grid, grid_size: int, depths, focus, net_psf: np.ndarray | Non
     # out, of every candidate's fit alike (a candidate scored without the points it misses would win on that). A point
     # whose per-point error is undefined, its two traces not overlapping, stays: it still counts in the pooled sums.
     none = torch.zeros(1, len(coords), 1, 1, 1)  # w = 0
-    answers = [_sum(t, net).numpy()] + [_sum(t, mix(none, net, b, d)).numpy() for b, (_, d) in zip(at, CANDIDATES)]
+    answers = [weighted(t, net)] + [weighted(t, mix(none, net, b, d)) for b, (_, d) in zip(at, CANDIDATES)]
     with np.errstate(invalid="ignore", divide="ignore"):
-        missed = np.min([rel_l2_corrected(k, a, c)[0] for k in answers], axis=0)
+        missed = np.min([rel_l2_corrected(k.numpy(), a, c)[0] for k in answers], axis=0)
     told = ~(missed > FAIL)
     # Each point counts in the band whose weight it gets: that of its octant image's radius (``weight``), which on a
     # sensor that is not square can lie in the band below its own (LA1131's 3:2 sensor: 1 to 3 of 23 points).
@@ -473,9 +473,12 @@ def fit(grid, net_grid, grid_size: int, depths, focus, net_psf: np.ndarray | Non
     return fitted
 
 
-def _sum(t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Σ_s t_s · k_s of the sides' weights t [S, M] and PSFs k [S, M, 3, k, k]: [M, 3, k, k]."""
-    return (t.view(*t.shape, 1, 1, 1) * k).sum(dim=0)
+def weighted(t, k: torch.Tensor) -> torch.Tensor:
+    """Σ_s t_s · k_s of the sides' weights t [S, M] (numpy or torch) and PSFs k [S, M, 3, k, k]: [M, 3, k, k]. A
+    side whose t is 0 is not read (it may hold anything)."""
+    t = torch.as_tensor(t, dtype=k.dtype, device=k.device)
+    t = t.view(*t.shape, 1, 1, 1)
+    return torch.where(t > 0, t * k, 0.0).sum(dim=0)
 
 
 def _fit_weights(net, b, t, detail: float, scored: list, radius, past, band, a, c) -> tuple[np.ndarray, float]:
@@ -486,7 +489,7 @@ def _fit_weights(net, b, t, detail: float, scored: list, radius, past, band, a, 
 
     def loss(weights: np.ndarray) -> float:
         w = torch.as_tensor(_toward_network(profile(radius, weights), past), dtype=torch.float32)
-        mixed = _sum(t, mix(w.view(1, -1, 1, 1, 1), net, b, detail)).numpy()
+        mixed = weighted(t, mix(w.view(1, -1, 1, 1, 1), net, b, detail)).numpy()
         return sum(rel_l2_corrected(mixed[band == i], a[band == i], c[band == i])[1] for i in scored)
 
     weights = np.ones(BANDS)

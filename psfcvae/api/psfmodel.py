@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from psfcvae import checkpoint
-from psfcvae.api.blend import Blend, normalise, refocused
+from psfcvae.api.blend import Blend, normalise, refocused, weighted
 from psfcvae.api.table import PSFTable, refuse_dark
 from psfcvae.model.cvae import CVAE, ModelArgs
 from psfcvae.optics import FieldMap, model_optics
@@ -216,7 +216,7 @@ class PSFModel:
         shape alone; how much light reaches the sensor from there is ``illumination()``.
 
         mode "mean" decodes z = μ_p(c): a deterministic interpolation. mode "sample" draws
-        z ~ p(z|c), each draw keeping its offset from the network's mean around the blended mean
+        z ~ p(z|c), each draw keeping its offset from the network's mean around the model's answer
         (``blend``); with n_samples > 1 it returns [N, n_samples, 3, k, k].
         A point outside the lit field (no PSF: the lens does not light it) is an InputError;
         with allow_dark=True the result is (psf, lit [N] bool), psf zero where lit is False.
@@ -343,15 +343,15 @@ class PSFModel:
         parts = []
         for c, ok in zip(cond.split(CHUNK), lit.split(CHUNK)):
             if mode == "mean":
-                out = self.answer(c)[1] if blend else self.net.sample_from_prior(c, mean=True)
+                out = self.answer(c) if blend else self.net.sample_from_prior(c, mean=True)
             else:
                 draws = torch.stack([self.net.sample_from_prior(c) for _ in range(n_samples)], dim=1)
-                if blend and self.blend is not None:
+                if blend:
                     # Each draw keeps its offset from the network's mean, around the model's answer: blending the
                     # draws themselves would shrink their spread by w (none left where w = 0), while prior_std
                     # reports the network's.
-                    mean, answer = self.answer(c)
-                    draws = normalise(draws + (answer - mean)[:, None])
+                    mean = self.net.sample_from_prior(c, mean=True)
+                    draws = normalise(draws + (self.answer(c, mean) - mean)[:, None])
                 out = draws[:, 0] if n_samples == 1 else draws
             if not torch.isfinite(out[ok]).all():  # far outside the trained range the encoding can overflow
                 raise InputError(
@@ -362,36 +362,44 @@ class PSFModel:
         out = torch.cat(parts)
         return out * lit.view(-1, *[1] * (out.dim() - 1))
 
-    def answer(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the network's prior mean, the model's answer) at conditions cond [B, C]: [B, 3, k, k] each. The answer
-        is the prior mean blended with the grid as the checkpoint's blend says (psfcvae/api/blend.py); a model over
-        focus answers between its grid's focus settings from the two around, at the depth of the same defocus
-        (blend.refocused). Without a blend, the prior mean itself."""
-        mean = self.net.sample_from_prior(cond, mean=True)
-        if self.blend is None:
-            return mean, mean
+    def answer(self, cond: torch.Tensor, mean: torch.Tensor | None = None) -> torch.Tensor:
+        """The model's answer at conditions cond [B, C]: [B, 3, k, k], each channel summing to 1. A model over focus
+        answers between its grid's focus settings from the two around, at the depth of the same defocus
+        (blend.refocused); each of those answers, and the answer at a grid focus, is the network's prior mean
+        blended with the grid as the checkpoint's blend says (psfcvae/api/blend.py; the prior mean itself without
+        one). mean: the network's prior mean at cond [B, 3, k, k] where the caller has it (else it is computed where
+        an answer needs it: not between focus settings)."""
         c = cond.detach().cpu()
-        x, y = c[:, 0].double().numpy(), c[:, 1].double().numpy()
         args = self.net.args
         depth = self.net.depth_of(c[:, 2]).numpy() if args.has_depth else np.full(len(c), self.depths[0])
         focus = self.net.focus_of(c[:, -1]).numpy() if args.has_focus else None
-        sides = refocused(depth, focus, self.blend.depths, self.blend.focus)
-        nets = torch.stack([self._side(cond, mean, sides, s) for s in range(len(sides.t))])
-        return mean, self.blend.answer(nets, x, y, sides)
+        sides = refocused(depth, focus, self.depths, self.focus)
+        if mean is None:
+            own = ((sides.t > 0) & sides.itself).any(axis=0)
+            mean = self.net.sample_from_prior(cond, mean=True) if own.all() else self._net_at(cond, own, None, None)
+        nets = [
+            mean if sides.itself[s].all() else self._net_at(cond, ~sides.itself[s] & (sides.t[s] > 0), sides, s, mean)
+            for s in range(len(sides.t))
+        ]
+        if self.blend is None:
+            return weighted(sides.t, torch.stack(nets))
+        return self.blend.answer(torch.stack(nets), c[:, 0].double().numpy(), c[:, 1].double().numpy(), sides)
 
-    def _side(self, cond: torch.Tensor, mean: torch.Tensor, sides, s: int) -> torch.Tensor:
-        """The network's prior mean [B, 3, k, k] at side s of conditions cond [B, C] (blend.Sides): ``mean``, the
-        network's at cond, where the side is the point itself or is not read (t = 0)."""
-        need = np.flatnonzero((sides.t[s] > 0) & ~sides.itself[s])
+    def _net_at(self, cond: torch.Tensor, where: np.ndarray, sides, s, fill=None) -> torch.Tensor:
+        """The network's prior mean [B, 3, k, k] at conditions cond [B, C] where ``where`` [B] holds, at side s of
+        them (blend.Sides; None: at cond itself), ``fill`` (0 without) elsewhere."""
+        need = np.flatnonzero(where)
+        k = self.net.args.kernel_size_small
+        out = torch.zeros(len(cond), 3, k, k, device=cond.device) if fill is None else fill.clone()
         if not len(need):
-            return mean
+            return out
         at = torch.as_tensor(need, device=cond.device)
         c = cond[at].clone()
-        code = lambda f, v: f(torch.as_tensor(v[s][need], dtype=torch.float64, device=cond.device)).float()  # noqa: E731
-        if self.net.args.has_depth:
-            c[:, 2] = code(self.net.depth_code, sides.depth)
-        c[:, -1] = code(self.net.focus_code, sides.focus)
-        out = mean.clone()
+        if sides is not None:
+            code = lambda f, v: f(torch.as_tensor(v[s][need], dtype=torch.float64, device=cond.device)).float()  # noqa: E731
+            if self.net.args.has_depth:
+                c[:, 2] = code(self.net.depth_code, sides.depth)
+            c[:, -1] = code(self.net.focus_code, sides.focus)
         out[at] = self.net.sample_from_prior(c, mean=True)
         return out
 
