@@ -599,7 +599,8 @@ def test_fit_scores_points_between_focus_settings_as_the_model_answers_them():
     model answers 3/4 from inf at 2 m and 1/4 from 0.5 m focus at 0.5 m (blend.refocused: the same defocus, held
     at the nearest depth). The network is a spot A at the first side and a wider spot B at the second; the grid is
     a third spot G everywhere, and the truth halfway between the model's network answer N = 3/4 A + 1/4 B and G,
-    so the fit must find w = 0.5 exactly. Scoring N with equal weights, or either side alone, finds another w."""
+    which the first candidate, interpolation of the grid, gives at w = 0.5 (the earliest of the exact ones: at
+    detail 0.5, w = 0 is exact too). Scoring N with equal weights, or either side alone, finds another w."""
     n, k = 4, 7
     centre = np.zeros((6, 2))
     spot_a, spot_b = _gaussians(centre, 0.7, k), _gaussians(centre, 1.6, k)

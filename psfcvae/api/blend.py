@@ -55,7 +55,8 @@ Between focus settings. A model over several focus settings answers a point betw
 defocus sets most of the PSF, so a point focused at 2 m and 1 m away looks like one focused at infinity and 2 m
 away far more than like one focused at infinity and 1 m away. Each side is the blended model at a grid focus, where
 the network has seen PSFs and the grid holds them; between them the network's own answer, which has seen none, errs
-by about twice as much (docs/results.md, "One model over focus"). Where the same defocus lies beyond the grid's
+by 1.7-2.4 times as much on the default lens's 16x16 files (about as much on the demo's 8x8 grid, where the network
+is coarse everywhere; docs/results.md, "One model over focus"). Where the same defocus lies beyond the grid's
 depths, the side holds the nearest. ``fit`` scores the validation points between focus settings as answered so.
 """
 

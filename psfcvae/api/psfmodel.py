@@ -346,7 +346,7 @@ class PSFModel:
                 out = self.answer(c) if blend else self.net.sample_from_prior(c, mean=True)
             else:
                 draws = torch.stack([self.net.sample_from_prior(c) for _ in range(n_samples)], dim=1)
-                if blend:
+                if blend and (self.blend is not None or self.net.args.has_focus):  # else the answer is the mean
                     # Each draw keeps its offset from the network's mean, around the model's answer: blending the
                     # draws themselves would shrink their spread by w (none left where w = 0), while prior_std
                     # reports the network's.

@@ -61,7 +61,9 @@ INTERPOLATION = ("nearest", "bilinear", "bicubic", "eigen-psf")  # name prefixes
 # starts from: scored for a rotationally symmetric (canonical) model, whose lens has those symmetries.
 MIRRORED = "bicubic (mirror-averaged)"
 TABLE = "cvae prior mean (table)"  # the model's prior mean through model.tabulate()
-NETWORK = "cvae network alone"  # the network's prior mean without the blend (a model with one: psfcvae/api/blend.py)
+# the network's prior mean at the point itself: without the blend (psfcvae/api/blend.py) and, for a model over
+# focus, without answering from its grid focus settings (blend.refocused)
+NETWORK = "cvae network alone"
 
 
 @dataclass(frozen=True)
@@ -377,7 +379,7 @@ def _predictions(model, arrays: EvalArrays, n: int, seed: int) -> dict[str, np.n
         for name, mode in (("cvae prior mean", "mean"), ("cvae prior sample", "sample")):
             psf, _ = model.psf(x, y, depth_m, focus_m=focus, mode=mode, allow_extrapolation=True, allow_dark=True)
             preds[name] = psf.cpu().numpy()
-        if model.blend is not None:  # what the blend adds: the network on its own
+        if model.blend is not None or model.net.args.has_focus:  # what the blend and refocusing add: the network
             cond = model.conditions(x, y, depth_m, focus, allow_extrapolation=True)
             preds[NETWORK] = model._decode(cond, model._lit(cond), "mean", 1, blend=False).cpu().numpy()
     where = (x, y, depth_m, arrays.focus, ho["focus"])
