@@ -38,7 +38,7 @@ from psfgen.plan.grid import (
     neighbour_pairs,
     noise_indices,
 )
-from psfgen.shared import locking, tempfiles
+from psfgen.shared import interrupts, locking, tempfiles
 from psfgen.shared.configio import to_json
 from psfgen.shared.devices import resolve_device
 from psfgen.shared.errors import InputError, os_reason
@@ -559,8 +559,10 @@ def _trace_blocks(run: Run, lenses: dict, blocks: list[Block], todo: list[int], 
     quiet = not log.isEnabledFor(logging.INFO)
     total = sum(blocks[i].stop - blocks[i].start for i in todo)
     traced = 0
-    with tqdm(total=total, unit="PSF", desc="tracing", disable=True if quiet else None, dynamic_ncols=True) as bar:
+    bar = tqdm(total=total, unit="PSF", desc="tracing", disable=True if quiet else None, dynamic_ncols=True)
+    with interrupts.recorded() as seen, bar:
         for i in todo:
+            interrupts.raise_if_seen(seen)  # a Ctrl-C swallowed during the last block (psfgen/shared/interrupts.py)
             block = blocks[i]
             torch.manual_seed(points.seed(cfg.seed, block))
             # The bar counts whole PSFs and moves after each colour, as DeepLens traces a block per call:

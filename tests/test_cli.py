@@ -312,7 +312,7 @@ def test_ctrl_c_in_generate_prints_the_resume_command(tmp_path):
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0, "the grid finished before the signal: give the test more blocks"
+    assert proc.returncode != 0, f"the grid finished before the signal stopped it:\n{err[-2000:]}"
     assert proc.returncode == 130, err
     again = err.strip().splitlines()[-1].strip()
     assert again.startswith("psf generate ") and f"--out {out}" in again and "--overwrite" not in again, err

@@ -332,3 +332,35 @@ def test_few_held_out_points_warn_that_the_bands_stand_on_few_test_points(caplog
         assert not caplog.records
         _warn_few_test_points(16)
     assert len(caplog.records) == 1 and "3/3/3/3 test points" in caplog.text and "--heldout 40" in caplog.text
+
+
+def test_a_ctrl_c_swallowed_by_a_finalizer_still_stops_the_tracing(tmp_path, monkeypatch):
+    """Python cannot raise KeyboardInterrupt out of a finalizer (a __del__): it prints "Exception ignored in" and
+    goes on. A SIGINT that lands there during block 2 must still stop psf generate before block 3, keeping both."""
+    import os
+    import signal
+
+    from psfgen import generation
+
+    trace = generation._trace_block
+    calls = []
+
+    def swallowing(run, lens, index, *args, **kwargs):
+        calls.append(index)
+        if len(calls) == 2:
+            try:  # as a finalizer that the signal interrupts: the KeyboardInterrupt goes no further
+                os.kill(os.getpid(), signal.SIGINT)
+                for _ in range(1000):  # the handler runs between bytecodes
+                    pass
+            except KeyboardInterrupt:
+                pass
+        return trace(run, lens, index, *args, **kwargs)
+
+    monkeypatch.setattr(generation, "_trace_block", swallowing)
+    out = tmp_path / "g.h5"
+    with pytest.raises(KeyboardInterrupt):
+        generate(tiny_config(out, block_rays=4000, spp=4000))
+    assert len(calls) == 2
+    with h5py.File(out) as f:
+        assert f["blocks/done"][:].sum() == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's own handler back
