@@ -433,8 +433,9 @@ def fit(grid, net_grid, grid_size: int, depths, focus, net_psf: np.ndarray | Non
     sides = refocused(validation["depth"], focus_m, depths, focus)
 
     def b_at(blend: Blend) -> torch.Tensor:  # B at each side: [S, V, 3, k, k]
-        at = lambda s: None if sides.focus is None else sides.focus[s]  # noqa: E731
-        return torch.stack([blend.interpolate(coords[:, 0], coords[:, 1], d, at(s)) for s, d in enumerate(sides.depth)])
+        focus_of = lambda s: None if sides.focus is None else sides.focus[s]  # noqa: E731
+        x, y = coords[:, 0], coords[:, 1]
+        return torch.stack([blend.interpolate(x, y, d, focus_of(s)) for s, d in enumerate(sides.depth)])
 
     at = [b_at(make(*c)) for c in CANDIDATES]  # B
     net = torch.as_tensor(net_psf, dtype=torch.float32)

@@ -346,7 +346,7 @@ class PSFModel:
                 out = self.answer(c) if blend else self.net.sample_from_prior(c, mean=True)
             else:
                 draws = torch.stack([self.net.sample_from_prior(c) for _ in range(n_samples)], dim=1)
-                if blend and (self.blend is not None or self.net.args.has_focus):  # else the answer is the mean
+                if blend and not self.answers_with_network:
                     # Each draw keeps its offset from the network's mean, around the model's answer: blending the
                     # draws themselves would shrink their spread by w (none left where w = 0), while prior_std
                     # reports the network's.
@@ -362,6 +362,11 @@ class PSFModel:
         out = torch.cat(parts)
         return out * lit.view(-1, *[1] * (out.dim() - 1))
 
+    @property
+    def answers_with_network(self) -> bool:
+        """Whether the model's answer is the network's prior mean itself: no blend and one focus setting."""
+        return self.blend is None and not self.net.args.has_focus
+
     def answer(self, cond: torch.Tensor, mean: torch.Tensor | None = None) -> torch.Tensor:
         """The model's answer at conditions cond [B, C]: [B, 3, k, k], each channel summing to 1. A model over focus
         answers between its grid's focus settings from the two around, at the depth of the same defocus
@@ -369,6 +374,8 @@ class PSFModel:
         blended with the grid as the checkpoint's blend says (psfcvae/api/blend.py; the prior mean itself without
         one). mean: the network's prior mean at cond [B, 3, k, k] where the caller has it (else it is computed where
         an answer needs it: not between focus settings)."""
+        if self.answers_with_network:
+            return self.net.sample_from_prior(cond, mean=True) if mean is None else mean
         c = cond.detach().cpu()
         args = self.net.args
         depth = self.net.depth_of(c[:, 2]).numpy() if args.has_depth else np.full(len(c), self.depths[0])

@@ -379,7 +379,7 @@ def _predictions(model, arrays: EvalArrays, n: int, seed: int) -> dict[str, np.n
         for name, mode in (("cvae prior mean", "mean"), ("cvae prior sample", "sample")):
             psf, _ = model.psf(x, y, depth_m, focus_m=focus, mode=mode, allow_extrapolation=True, allow_dark=True)
             preds[name] = psf.cpu().numpy()
-        if model.blend is not None or model.net.args.has_focus:  # what the blend and refocusing add: the network
+        if not model.answers_with_network:  # what the blend and refocusing add: the network alone
             cond = model.conditions(x, y, depth_m, focus, allow_extrapolation=True)
             preds[NETWORK] = model._decode(cond, model._lit(cond), "mean", 1, blend=False).cpu().numpy()
     where = (x, y, depth_m, arrays.focus, ho["focus"])

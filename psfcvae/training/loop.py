@@ -766,11 +766,16 @@ def _save(run: Run, path: Path, step: int, best: float, metrics: dict, window: L
 def blend_grid(info: GridFile, model: CVAE) -> torch.Tensor:
     """The grid the blend takes, [F*D, P, 3, k, k] float16 as psf train holds it: the file's grid PSFs,
     averaged over each point's mirror images for a canonical model (baselines.mirror_averaged)."""
-    grid = info.grid_psfs()
-    if model.canonical:
-        sx, sy = model.args.field_scale
-        grid = baselines.mirror_averaged(grid, info.grid_size, square=sx == sy)
-    return torch.as_tensor(grid, dtype=torch.float16)
+    return torch.as_tensor(_mirrored(model, info.grid_psfs(), info.grid_size), dtype=torch.float16)
+
+
+def _mirrored(model: CVAE, planes: np.ndarray, n: int) -> np.ndarray:
+    """Planes of PSFs on the n x n grid [F, P, 3, k, k] averaged over each point's mirror images for a canonical
+    model (baselines.mirror_averaged: the diagonal too on a square sensor), unchanged otherwise."""
+    if not model.canonical:
+        return planes
+    sx, sy = model.args.field_scale
+    return baselines.mirror_averaged(planes, n, square=sx == sy)
 
 
 @torch.no_grad()
@@ -819,11 +824,7 @@ def _network_grid(run: Run, chunk: int = 4096) -> torch.Tensor:
 def _blend_plane(run: Run, prior: torch.Tensor) -> torch.Tensor:
     """One plane of the network's prior mean [P, 3, k, k] float32 as the blend takes it: float16, a canonical
     model's averaged over the mirror images as blend_grid is."""
-    model = run.model
-    if model.canonical:
-        sx, sy = model.args.field_scale
-        prior = torch.as_tensor(baselines.mirror_averaged(prior[None].numpy(), run.info.grid_size, square=sx == sy)[0])
-    return prior.half()
+    return torch.as_tensor(_mirrored(run.model, prior[None].numpy(), run.info.grid_size)[0]).half()
 
 
 @torch.no_grad()
