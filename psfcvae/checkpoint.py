@@ -34,7 +34,8 @@ REQUIRED = (
 # 9: the illumination head: a canonical model's sees the radius code, not (x, y); depth and focus in its lowest band;
 # 10: the blend's smooth and detail, its grid the smoothed grid less detail of the network's (psfcvae/api/blend.py);
 # 11: a model over focus answers between its focus settings from them (blend.refocused), its blend fitted so.
-SCHEMA_VERSION = 11
+# 12: between focus settings, a side that misses the point's defocus weighs less (the blend's sigma).
+SCHEMA_VERSION = 12
 
 
 def data_fingerprint(info: GridFile) -> dict:

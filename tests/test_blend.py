@@ -3,6 +3,7 @@ the table, and that psf train fits it on the validation points alone."""
 
 from __future__ import annotations
 
+import math
 import shutil
 
 import h5py
@@ -139,9 +140,11 @@ def test_a_checkpoint_blend_out_of_range_is_refused():
         "fold": None,
         "smooth": 0.5,
         "detail": 1.0,
+        "sigma": float("inf"),
     }
     assert blend.Blend.from_state(state, 5, [1.0], [np.nan]).detail == 1.0
-    for key, bad in (("detail", 1.5), ("detail", float("nan")), ("smooth", -0.5), ("smooth", float("inf"))):
+    bad_values = (("detail", 1.5), ("detail", float("nan")), ("smooth", -0.5), ("smooth", float("inf")), ("sigma", 0.0))
+    for key, bad in bad_values:
         with pytest.raises(ValueError):
             blend.Blend.from_state({**state, key: bad}, 5, [1.0], [np.nan])
     with pytest.raises(KeyError):
@@ -626,3 +629,64 @@ def test_fit_scores_points_between_focus_settings_as_the_model_answers_them():
 
     for wrong in (0.5 * (spot_a + spot_b), spot_a, spot_b):
         assert best(wrong) != 0.5
+
+
+def test_a_side_that_misses_the_defocus_weighs_less_by_hand():
+    # t 3/4 and 1/4, the second side 0.5 1/m off the point's defocus: at sigma 0.5 1/m its factor is e^-1
+    sides = blend.refocused([1.0], [2.0], [0.5, 2.0], [0.5, np.inf])
+    np.testing.assert_allclose(sides.miss, [[0.0], [0.5]])  # 1/depth 2.5 wanted at 0.5 m focus, 2 held
+    assert not blend.refocused([1.0, 2.0], None, [0.5, 2.0], [np.nan]).miss.any()  # one focus: the points
+    assert sides.tempered(math.inf) is sides
+    want = np.array([0.75, 0.25 / math.e]) / (0.75 + 0.25 / math.e)
+    np.testing.assert_allclose(sides.tempered(0.5).t[:, 0], want)
+    # both sides far off at a small sigma: no 0/0; the side that misses less keeps the weight, a side of t 0 stays 0
+    far = blend.Sides(
+        np.ones((2, 2)),
+        np.ones((2, 2)),
+        np.array([[0.5, 1.0], [0.5, 0.0]]),
+        np.zeros((2, 2), bool),
+        np.array([[10.0, 20.0], [20.0, 0.0]]),
+    )
+    np.testing.assert_array_equal(far.tempered(0.05).t, [[1.0, 1.0], [0.0, 0.0]])
+
+
+def test_fit_chooses_how_much_a_side_that_misses_the_defocus_weighs():
+    """The setting of test_fit_scores_points_between_focus_settings_as_the_model_answers_them, whose second side
+    (0.5 m focus) is held at the near depth, 0.5 1/m off the points' defocus; the grid is the network at each
+    focus (spot A at inf, spot B at 0.5 m), so the weights cannot matter, and the truth is the sides weighed as
+    sigma 0.5 weighs them. fit finds that sigma, and the answer is the truth; with t alone it is not."""
+    n, k = 4, 7
+    spot_a, spot_b = _gaussians(np.zeros((6, 2)), 0.7, k), _gaussians(np.zeros((6, 2)), 1.6, k)
+    grid = np.concatenate([np.broadcast_to(s[:1], (2, n * n, 3, k, k)) for s in (spot_b, spot_a)])  # 0.5 m, inf
+    angle = np.random.default_rng(3).uniform(0, 2 * np.pi, 6)
+    coords = 0.3 * np.column_stack([np.cos(angle), np.sin(angle)])
+    net = np.stack([spot_a, spot_b])
+    e = 0.25 / math.e
+    truth = (0.75 * spot_a + e * spot_b) / (0.75 + e)
+    val = {"coords": coords, "depth": np.ones(6), "focus": np.full(6, 2.0), "psf_a": truth, "psf_b": truth}
+    fitted = blend.fit(grid, grid, n, [0.5, 2.0], [0.5, np.inf], net, val)
+    assert fitted.sigma == 0.5
+    sides = blend.refocused(val["depth"], val["focus"], [0.5, 2.0], [0.5, np.inf])
+    got = fitted.answer(torch.as_tensor(net), coords[:, 0], coords[:, 1], sides).numpy()
+    np.testing.assert_allclose(got, truth, atol=2e-5)
+    untempered = 0.75 * spot_a + 0.25 * spot_b
+    assert np.abs(untempered - truth).max() > 1e-2
+    assert "exp(-(m / 0.5 m⁻¹)²)" in fitted.describe()
+
+
+@pytest.mark.parametrize(
+    "losses, chosen",
+    [
+        ((1.0, 1.1, 1.2, 0.99, 1.3, 1.4, 1.5), math.inf),  # sigma 0.5 lowest, but t alone within 2%: t alone
+        ((1.05, 1.2, 1.01, 1.0, 0.995, 1.4, 1.5), 1.0),  # 0.25 lowest; 1.0, earlier, within 2%
+        ((float("nan"), 1.2, 1.1, float("nan"), 1.3, 1.4, 1.5), 1.0),  # an undefined sum never wins
+        ((float("nan"),) * 7, math.inf),
+    ],
+)
+def test_fit_keeps_the_earliest_sigma_within_the_margin_of_the_lowest(monkeypatch, losses, chosen):
+    sides = blend.refocused(np.ones(2), np.full(2, 2.0), [0.5, 2.0], [0.5, np.inf])  # the second side misses
+    k = torch.as_tensor(np.stack([_gaussians(np.zeros((2, 2)), w, 5) for w in (0.7, 1.6)]))
+    given = iter(losses)
+    monkeypatch.setattr(blend, "_band_sum", lambda *a, **kw: next(given))
+    got = blend._fit_sigma(sides, k, [1], np.full(2, 0.3), np.zeros(2), np.ones(2, int), k[0].numpy(), k[0].numpy())
+    assert got == chosen and next(given, "spent") == "spent"  # every sigma scored once

@@ -252,6 +252,11 @@ def test_between_focus_settings_the_model_asks_its_neighbours_at_the_same_defocu
         if len(want) == 1:  # the point itself, its depth exactly and flagged as such (its condition is reused)
             s = int(np.argmax(sides.t[:, i]))
             assert sides.depth[s, i] == point[0] and sides.itself[s, i]
+    # how far each side's defocus lies from the point's: 1/depth 3 held at 2.5; -0.05 held at 0.05; else 0
+    # (the side held: at 0.5 m focus, the larger 1/focus, side 1; at inf, side 0)
+    miss = {(0.4, 2 / 3): [0.0, 0.5], (5.0, 4.0): [0.1, 0.0]}
+    for i, point in enumerate(points):
+        np.testing.assert_allclose(sides.miss[:, i], miss.get(point, [0.0, 0.0]), atol=1e-12, err_msg=str(point))
     one = blend.refocused([1.0, 2.0], None, depths, [np.nan])  # one focus setting: the points themselves
     assert one.t.shape == (1, 2) and one.focus is None and np.array_equal(one.depth[0], [1.0, 2.0])
 
@@ -259,10 +264,13 @@ def test_between_focus_settings_the_model_asks_its_neighbours_at_the_same_defocu
 def test_the_model_between_focus_settings_is_its_answers_at_them_and_its_table_agrees(focus_run):
     # focus_run: grid focus 0.5 m and inf, depths 0.5 and 2 m. At 1 m focus (1/focus 1, halfway) and 1 m depth the
     # defocus is 0: at 0.5 m focus that is 1/depth 2 (0.5 m); at inf 1/depth 0, beyond the far depth: 2 m.
+    # The side at inf is held at 2 m, 0.5 1/m off that defocus: it weighs exp(-(0.5 / sigma)²) of the other's.
     model = load_model(focus_run / "latest.pt", device="cpu")
     assert model.blend is not None
     x, y = np.array([0.0, 0.3, -0.6]), np.array([0.0, 0.5, 0.2])
-    want = 0.5 * model.psf(x, y, 0.5, focus_m=0.5) + 0.5 * model.psf(x, y, 2.0, focus_m=math.inf)
+    far = math.exp(-((0.5 / model.blend.sigma) ** 2))
+    near = model.psf(x, y, 0.5, focus_m=0.5)
+    want = (near + far * model.psf(x, y, 2.0, focus_m=math.inf)) / (1 + far)
     torch.testing.assert_close(model.psf(x, y, 1.0, focus_m=1.0), want, atol=1e-6, rtol=1e-5)
     # the network at that point is not that answer within the same tolerance: the test can fail (the 10-step
     # network is nearly flat, so the margin is small)
@@ -283,7 +291,16 @@ def test_the_model_between_focus_settings_is_its_answers_at_them_and_its_table_a
         torch.testing.assert_close(
             table.psf(tx, ty, depth), model.psf(tx, ty, depth, focus_m=1.0), atol=2e-6, rtol=1e-4
         )
-    # without a blend (blend: none) the model refocuses the network alike
+    # another sigma weighs the sides so (the fit's choice on a 10-step network is a coin toss)
+    answers = []
+    for sigma in (0.25, math.inf):
+        model.blend.sigma = sigma
+        far = math.exp(-((0.5 / sigma) ** 2))
+        want = (near + far * model.psf(x, y, 2.0, focus_m=math.inf)) / (1 + far)
+        answers.append(model.psf(x, y, 1.0, focus_m=1.0))
+        torch.testing.assert_close(answers[-1], want, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(answers[0], answers[1], atol=1e-6, rtol=1e-5)  # sigma tells them apart here
+    # without a blend (blend: none) the model refocuses the network alike, t alone
     model.blend = None
     want = 0.5 * model.psf(x, y, 0.5, focus_m=0.5) + 0.5 * model.psf(x, y, 2.0, focus_m=math.inf)
     torch.testing.assert_close(model.psf(x, y, 1.0, focus_m=1.0), want, atol=1e-6, rtol=1e-5)

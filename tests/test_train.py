@@ -558,7 +558,7 @@ def test_a_checkpoint_of_another_schema_is_refused_in_one_line(tiny_run, tiny_gr
     shutil.copytree(tiny_run, run_dir)
     latest = run_dir / "latest.pt"
     ckpt = torch.load(latest, weights_only=True)
-    assert ckpt["schema_version"] == checkpoint.SCHEMA_VERSION == 11
+    assert ckpt["schema_version"] == checkpoint.SCHEMA_VERSION == 12
     sample = [
         "sample",
         "--checkpoint",

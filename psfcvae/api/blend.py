@@ -52,18 +52,25 @@ such a model's condition holds no depth.)
 
 Between focus settings. A model over several focus settings answers a point between two of the grid's from those two
 (``refocused``), weighted linearly in 1/focus, each at the depth of the same defocus 1/depth - 1/focus [1/m]: the
-defocus sets most of the PSF, so a point focused at 2 m and 1 m away looks like one focused at infinity and 2 m
-away far more than like one focused at infinity and 1 m away. Each side is the blended model at a grid focus, where
-the network has seen PSFs and the grid holds them; between them the network's own answer, which has seen none, errs
-by 1.7-2.4 times as much on the default lens's 16x16 files (about as much on the demo's 8x8 grid, where the network
-is coarse everywhere; docs/results.md, "One model over focus"). Where the same defocus lies beyond the grid's
-depths, the side holds the nearest. ``fit`` scores the validation points between focus settings as answered so.
+defocus sets most of the PSF, so a point focused at 2 m and 1 m away looks like one focused at infinity and 2 m away
+far more than like one focused at infinity and 1 m away. Each side is the blended model at a grid focus, where the
+network has seen PSFs and the grid holds them; between them the network's own answer, which has seen none, errs by
+1.7-2.4 times as much on the default lens's 16x16 files (about as much on the demo's 8x8 grid, where the network is
+coarse everywhere; docs/results.md, "One model over focus"). Where the same defocus lies beyond the grid's depths
+(nearer than the nearest, or farther than the farthest, up to past infinity, which no grid holds), the side holds
+the nearest and misses the point's defocus by ``miss`` [1/m]. Such a side weighs less: t_s · exp(-(miss_s /
+sigma)²), renormalised over the point's sides, sigma [1/m] chosen by ``fit`` among SIGMAS on the validation points
+(infinite: t alone), and the band weights fitted again with it. A held side keeps its focus setting but not the
+defocus, the other the defocus at another focus setting: neither is the truth. On the default lens at the
+benchmark's rays (42x42), the 21 of 37 test points between focus settings with a held side err by 2.7% at sigma 0.5,
+by 4.3% with t alone or with the other side alone (the other 16: 2.1%; docs/results.md, "One model over focus").
+``fit`` scores the validation points between focus settings as answered so.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -96,6 +103,12 @@ REACH = 4  # the Gaussian reaches REACH · smooth grid points each side (rounded
 # closer sums are a coin toss (on LA1131's benchmark file all six lay within 1% of each other, and the lowest, by
 # 0.03%, was 0.14 point worse on the test points than the first)
 MARGIN = 0.02
+# sigma [1/m] that fit tries for the sides between focus settings (``Sides.tempered``), in this order, the earliest
+# within MARGIN of the lowest kept: t alone first. How far a side may miss depends on how fast the lens's PSF changes
+# with defocus: the validation points chose 0.5 on each default-lens file measured (f 7.9 mm) and 0.05 on the Cooke
+# triplet's (f 50 mm, whose focus settings lie 0.08 1/m apart; docs/results.md, "One model over focus"). The margin is
+# on the whole band sum, points whose sides miss nothing included: a gain on a few such points may stay under it
+SIGMAS = (math.inf, 2.0, 1.0, 0.5, 0.25, 0.1, 0.05)
 
 
 def _toward_network(w: np.ndarray, past: np.ndarray) -> np.ndarray:
@@ -141,12 +154,25 @@ def profile(r: np.ndarray, weights: np.ndarray) -> np.ndarray:
 class Sides:
     """Where a model answers points: S sides per point, each a (depth [S, M] m, focus [S, M] m or None) it asks
     the network and the blend at, and a weight t [S, M] (each point's sum to 1): the answer is Σ_s t_s · K(side s)
-    (``refocused``). itself [S, M]: the side is the point itself (its condition can be reused)."""
+    (``refocused``). itself [S, M]: the side is the point itself (its condition can be reused). miss [S, M] 1/m:
+    how far the side's defocus 1/depth - 1/focus lies from the point's, 0 unless ``refocused`` held its depth (at
+    the grid's nearest or farthest depth, or at the point's own where that lies beyond them)."""
 
     depth: np.ndarray
     focus: np.ndarray | None
     t: np.ndarray
     itself: np.ndarray
+    miss: np.ndarray
+
+    def tempered(self, sigma: float) -> Sides:
+        """These sides with each point's weights t_s · exp(-(miss_s / sigma)²) renormalised (the module's
+        docstring); sigma [1/m], infinite: these. A side whose t is 0 stays 0; of a point's others, the one that
+        misses least keeps its factor 1 before the renormalisation, so no point's weights all vanish."""
+        if math.isinf(sigma) or not self.miss.any():
+            return self
+        e = np.where(self.t > 0, (self.miss / sigma) ** 2, np.inf)
+        t = self.t * np.exp(-(e - e.min(axis=0)))
+        return replace(self, t=t / t.sum(axis=0))
 
 
 def refocused(depth_m, focus_m, depths, focus) -> Sides:
@@ -159,7 +185,8 @@ def refocused(depth_m, focus_m, depths, focus) -> Sides:
     depth_m = np.asarray(depth_m, dtype=np.float64).reshape(-1)
     if focus_m is None or len(np.atleast_1d(focus)) < 2:
         same = None if focus_m is None else np.broadcast_to(np.asarray(focus_m, np.float64), depth_m.shape)[None]
-        return Sides(depth_m[None], same, np.ones((1, len(depth_m))), np.ones((1, len(depth_m)), dtype=bool))
+        one = np.ones((1, len(depth_m)))
+        return Sides(depth_m[None], same, one, one.astype(bool), np.zeros_like(one))
     focus_m = np.broadcast_to(np.asarray(focus_m, dtype=np.float64), depth_m.shape)
     phi = 1.0 / focus_m  # 1/inf = 0
     grid = np.sort(1.0 / np.asarray(focus, dtype=np.float64))
@@ -174,7 +201,7 @@ def refocused(depth_m, focus_m, depths, focus) -> Sides:
     t = np.where(inside, np.clip((phi - lo) / (hi - lo), 0.0, 1.0), 0.0)  # beyond: side 0 is the point itself
     inv_d = 1.0 / depth_m
     near, far = np.maximum(1.0 / np.min(depths), inv_d), np.minimum(1.0 / np.max(depths), inv_d)
-    depth, focus_s, itself = [], [], []
+    depth, focus_s, itself, miss = [], [], [], []
     for at in (lo, hi):
         inv = np.clip(inv_d - phi + at, far, near)  # the same defocus, within the grid's depths
         mine = ~inside | (on & (at == phi))  # the point itself: its own depth and focus, exactly
@@ -182,7 +209,8 @@ def refocused(depth_m, focus_m, depths, focus) -> Sides:
             depth.append(np.where(mine, depth_m, 1.0 / inv))
             focus_s.append(np.where(mine, focus_m, 1.0 / at))
         itself.append(mine)
-    return Sides(np.stack(depth), np.stack(focus_s), np.stack([1.0 - t, t]), np.stack(itself))
+        miss.append(np.where(mine, 0.0, np.abs(inv - (inv_d - phi + at))))
+    return Sides(np.stack(depth), np.stack(focus_s), np.stack([1.0 - t, t]), np.stack(itself), np.stack(miss))
 
 
 @dataclass
@@ -193,7 +221,8 @@ class Blend:
     grid_size N (P = N²); depths [D] m; focus [F] m ([nan]: one focus); weights [BANDS] in [0, 1];
     points [BANDS]: the validation points that fitted each weight; fold: the sensor's (half-width,
     half-height) over the longer for a canonical-frame model, whose interpolation is taken in the first octant
-    (module docstring), None otherwise; smooth [grid spacings] and detail in [0, 1]: the module's docstring.
+    (module docstring), None otherwise; smooth [grid spacings] and detail in [0, 1]: the module's docstring; sigma
+    [1/m]: the weight of a side between focus settings that misses the point's defocus (``Sides.tempered``).
     """
 
     grid: torch.Tensor
@@ -205,6 +234,7 @@ class Blend:
     fold: tuple[float, float] | None = None
     smooth: float = 0.0
     detail: float = 0.0
+    sigma: float = math.inf
     _ext: dict = field(default_factory=dict, repr=False)  # device -> the grid with ghost borders, float32
 
     def folded(self, x, y) -> tuple[np.ndarray, np.ndarray]:
@@ -296,8 +326,9 @@ class Blend:
     def answer(self, nets: torch.Tensor, x, y, sides: Sides) -> torch.Tensor:
         """The model's answer at field points x, y [M] from the network's PSFs nets [S, M, 3, k, k] at the points'
         sides (``refocused``): Σ_s t_s · apply(nets[s], x, y, the side's depth and focus), [M, 3, k, k], each channel
-        summing to 1. A side's PSFs where its t is 0 are not read."""
+        summing to 1, t as ``sigma`` tempers it. A side's PSFs where its t is 0 are not read."""
         focus = (lambda s: None) if sides.focus is None else (lambda s: sides.focus[s])  # noqa: E731
+        sides = sides.tempered(self.sigma)
         if len(sides.t) == 1:  # one focus setting: the point itself
             return self.apply(nets[0], x, y, sides.depth[0], focus(0))
         x, y = (np.broadcast_to(np.asarray(v, dtype=np.float64), sides.t.shape[1:]) for v in (x, y))
@@ -322,6 +353,7 @@ class Blend:
             "fold": None if self.fold is None else [float(v) for v in self.fold],
             "smooth": float(self.smooth),
             "detail": float(self.detail),
+            "sigma": float(self.sigma),
         }
 
     @classmethod
@@ -340,6 +372,7 @@ class Blend:
             fold=None if state["fold"] is None else tuple(float(v) for v in state["fold"]),
             smooth=float(state["smooth"]),
             detail=float(state["detail"]),
+            sigma=float(state["sigma"]),
         )
         planes = len(blend.depths) * len(blend.focus)
         if (
@@ -347,7 +380,7 @@ class Blend:
             or tuple(grid.shape) != (planes, n * n, 3, kernel_size, kernel_size)
             or blend.weights.shape != (BANDS,)
             or not ((blend.weights >= 0) & (blend.weights <= 1)).all()
-            or not (0 <= blend.detail <= 1 and 0 <= blend.smooth < math.inf)
+            or not (0 <= blend.detail <= 1 and 0 <= blend.smooth < math.inf and blend.sigma > 0)
             or not np.array_equal(blend.depths, np.asarray(depths, dtype=np.float64))
             or not np.array_equal(blend.focus, np.asarray(focus, dtype=np.float64), equal_nan=True)
         ):
@@ -368,7 +401,13 @@ class Blend:
             rest = f"the network corrected by its residual on {grid}"
             if self.detail < 1:
                 rest += f", keeping {self.detail:g} of its detail between the grid's points"
-        return f"network weight {w} by radius band, the rest {rest} ({n} validation points used)"
+        out = f"network weight {w} by radius band, the rest {rest} ({n} validation points used)"
+        if not math.isinf(self.sigma):
+            out += (
+                f"; between focus settings, a side that misses the point's defocus by m weighs "
+                f"exp(-(m / {self.sigma:g} m⁻¹)²)"
+            )
+        return out
 
 
 def smoothed(grid, net_grid, n: int, smooth: float, detail: float) -> torch.Tensor:
@@ -409,9 +448,10 @@ def fit(grid, net_grid, grid_size: int, depths, focus, net_psf: np.ndarray | Non
     [F*D, P, 3, k, k] (depths [D] m, focus [F] m; fold: Blend.fold; a canonical model's grid and net_grid already
     mirror-averaged): of CANDIDATES and the weights, the earliest candidate within MARGIN of the lowest sum over
     bands of the pooled noise-corrected error of the answers as the model gives them (``Blend.answer``), every
-    candidate scored on the same points, and its weights (the module's docstring; ``points`` counts the points).
-    Without a validation point, the first candidate with every weight 1: the network alone. One candidate's grid
-    is held at a time."""
+    candidate scored on the same points, and its weights (the module's docstring; ``points`` counts the points),
+    all with t alone; then, for that blend, sigma of SIGMAS alike (``Sides.tempered``), and with a finite sigma the
+    weights again on the answers so weighed. Without a validation point, the first
+    candidate with every weight 1: the network alone. One candidate's grid is held at a time."""
 
     def make(smooth: float, detail: float) -> Blend:
         return Blend(
@@ -472,6 +512,14 @@ def fit(grid, net_grid, grid_size: int, depths, focus, net_psf: np.ndarray | Non
     chosen = int(within[0]) if len(within) else 0
     fitted = make(*CANDIDATES[chosen])
     fitted.weights, fitted.points = fits[chosen][0], points
+    # Then how much a side that misses the point's defocus weighs, for the blend as fitted (sigma changes only t), and
+    # the weights again with the sides so weighed: the answers the model gives
+    told_sides = replace(sides, t=sides.t[:, told], miss=sides.miss[:, told])
+    k = _at_sides(fitted.weights, net[:, keep], at[chosen][:, keep], fitted.detail, told_at["radius"], told_at["past"])
+    fitted.sigma = _fit_sigma(told_sides, k, scored, **told_at)
+    if not math.isinf(fitted.sigma):
+        tempered = torch.as_tensor(told_sides.tempered(fitted.sigma).t, dtype=torch.float32)
+        fitted.weights = _fit_weights(net[:, keep], at[chosen][:, keep], tempered, fitted.detail, scored, **told_at)[0]
     return fitted
 
 
@@ -490,9 +538,8 @@ def _fit_weights(net, b, t, detail: float, scored: list, radius, past, band, a, 
     [M], band [M] and two references a, c [M, 3, k, k]), by coordinate descent from every weight 1; and that sum."""
 
     def loss(weights: np.ndarray) -> float:
-        w = torch.as_tensor(_toward_network(profile(radius, weights), past), dtype=torch.float32)
-        mixed = weighted(t, mix(w.view(1, -1, 1, 1, 1), net, b, detail)).numpy()
-        return sum(rel_l2_corrected(mixed[band == i], a[band == i], c[band == i])[1] for i in scored)
+        mixed = weighted(t, _at_sides(weights, net, b, detail, radius, past)).numpy()
+        return _band_sum(mixed, scored, band, a, c)
 
     weights = np.ones(BANDS)
     candidates = np.linspace(1.0, 0.0, STEPS)  # from the network alone down: a tie keeps the larger weight
@@ -504,6 +551,31 @@ def _fit_weights(net, b, t, detail: float, scored: list, radius, past, band, a, 
         if np.array_equal(before, weights):
             break
     return weights, loss(weights)
+
+
+def _at_sides(weights: np.ndarray, net, b, detail: float, radius, past) -> torch.Tensor:
+    """The blended answer [S, M, 3, k, k] at each side of points at radius [M], ``past`` [M] the grid (``weight``),
+    of band weights [BANDS], the network's PSFs net and B b there [S, M, 3, k, k], and ``detail``."""
+    w = torch.as_tensor(_toward_network(profile(radius, weights), past), dtype=torch.float32)
+    return mix(w.view(1, -1, 1, 1, 1), net, b, detail)
+
+
+def _band_sum(k: np.ndarray, scored: list, band, a, c) -> float:
+    """Σ over the ``scored`` bands of the pooled noise-corrected error of k [M, 3, k, k] on the points of each
+    (band [M]; references a, c [M, 3, k, k])."""
+    return sum(rel_l2_corrected(k[band == i], a[band == i], c[band == i])[1] for i in scored)
+
+
+def _fit_sigma(sides: Sides, k: torch.Tensor, scored: list, radius, past, band, a, c) -> float:
+    """Of SIGMAS, the earliest within MARGIN of the lowest band sum (``fit``) of the points' answers Σ_s t_s · k_s,
+    t tempered by it (``Sides.tempered``), from the blended answers k [S, M, 3, k, k] at their ``sides``; infinite
+    where no side misses."""
+    if not sides.miss.any():
+        return math.inf
+    losses = np.array([_band_sum(weighted(sides.tempered(v).t, k).numpy(), scored, band, a, c) for v in SIGMAS])
+    losses[~np.isfinite(losses)] = np.inf
+    within = np.flatnonzero(losses <= losses.min() * (1 + MARGIN))
+    return float(SIGMAS[int(within[0])]) if len(within) else math.inf
 
 
 def mix(w: torch.Tensor, net: torch.Tensor, b: torch.Tensor, detail: float) -> torch.Tensor:

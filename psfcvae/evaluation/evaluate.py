@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import textwrap
 import time
 from dataclasses import dataclass, field
@@ -267,6 +268,7 @@ def compute_metrics(cfg: EvalConfig, info: GridFile, model: PSFModel | None) -> 
                 "validation_points": [int(n) for n in model.blend.points],
                 "smooth": float(model.blend.smooth),
                 "detail": float(model.blend.detail),
+                "sigma_per_m": None if math.isinf(model.blend.sigma) else float(model.blend.sigma),
                 "description": model.blend.describe(),
             },
         },
