@@ -358,9 +358,15 @@ def test_a_ctrl_c_swallowed_by_a_finalizer_still_stops_the_tracing(tmp_path, mon
 
     monkeypatch.setattr(generation, "_trace_block", swallowing)
     out = tmp_path / "g.h5"
-    with pytest.raises(KeyboardInterrupt):
-        generate(tiny_config(out, block_rays=4000, spp=4000))
+    # Python's own handler, as in a terminal: a shell that runs the tests in the background starts them with SIGINT
+    # ignored, and then no KeyboardInterrupt arises at all (psf generate relies on Python's handler)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            generate(tiny_config(out, block_rays=4000, spp=4000))
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's own handler back
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert len(calls) == 2
     with h5py.File(out) as f:
         assert f["blocks/done"][:].sum() == 2
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's own handler back
