@@ -688,5 +688,5 @@ def test_fit_keeps_the_earliest_sigma_within_the_margin_of_the_lowest(monkeypatc
     k = torch.as_tensor(np.stack([_gaussians(np.zeros((2, 2)), w, 5) for w in (0.7, 1.6)]))
     given = iter(losses)
     monkeypatch.setattr(blend, "_band_sum", lambda *a, **kw: next(given))
-    got = blend._fit_sigma(sides, k, [1], np.full(2, 0.3), np.zeros(2), np.ones(2, int), k[0].numpy(), k[0].numpy())
+    got = blend._fit_sigma(sides, k, [1], np.ones(2, int), k[0].numpy(), k[0].numpy())
     assert got == chosen and next(given, "spent") == "spent"  # every sigma scored once

@@ -451,8 +451,8 @@ def fit(grid, net_grid, grid_size: int, depths, focus, net_psf: np.ndarray | Non
     bands of the pooled noise-corrected error of the answers as the model gives them (``Blend.answer``), every
     candidate scored on the same points, and its weights (the module's docstring; ``points`` counts the points),
     all with t alone; then, for that blend, sigma of SIGMAS alike (``Sides.tempered``), and with a finite sigma the
-    weights again on the answers so weighed. Without a validation point, the first
-    candidate with every weight 1: the network alone. One candidate's grid is held at a time."""
+    weights again on the answers so weighed. Without a validation point, the first candidate with every weight 1:
+    the network alone. One candidate's grid is held at a time."""
 
     def make(smooth: float, detail: float) -> Blend:
         return Blend(
@@ -517,7 +517,7 @@ def fit(grid, net_grid, grid_size: int, depths, focus, net_psf: np.ndarray | Non
     # the weights again with the sides so weighed: the answers the model gives
     told_sides = replace(sides, t=sides.t[:, told], miss=sides.miss[:, told])
     k = _at_sides(fitted.weights, net[:, keep], at[chosen][:, keep], fitted.detail, told_at["radius"], told_at["past"])
-    fitted.sigma = _fit_sigma(told_sides, k, scored, **told_at)
+    fitted.sigma = _fit_sigma(told_sides, k, scored, told_at["band"], told_at["a"], told_at["c"])
     if not math.isinf(fitted.sigma):
         tempered = torch.as_tensor(told_sides.tempered(fitted.sigma).t, dtype=torch.float32)
         fitted.weights = _fit_weights(net[:, keep], at[chosen][:, keep], tempered, fitted.detail, scored, **told_at)[0]
@@ -567,7 +567,7 @@ def _band_sum(k: np.ndarray, scored: list, band, a, c) -> float:
     return sum(rel_l2_corrected(k[band == i], a[band == i], c[band == i])[1] for i in scored)
 
 
-def _fit_sigma(sides: Sides, k: torch.Tensor, scored: list, radius, past, band, a, c) -> float:
+def _fit_sigma(sides: Sides, k: torch.Tensor, scored: list, band, a, c) -> float:
     """Of SIGMAS, the earliest within MARGIN of the lowest band sum (``fit``) of the points' answers Σ_s t_s · k_s,
     t tempered by it (``Sides.tempered``), from the blended answers k [S, M, 3, k, k] at their ``sides``; infinite
     where no side misses."""
