@@ -175,6 +175,15 @@ class Sides:
         t = self.t * np.exp(-(e - e.min(axis=0)))
         return replace(self, t=t / t.sum(axis=0))
 
+    def focus_of(self, s: int) -> np.ndarray | None:
+        """Side s's focus [M] m, None for a model of one focus setting."""
+        return None if self.focus is None else self.focus[s]
+
+    def subset(self, keep: np.ndarray) -> Sides:
+        """The sides of the points ``keep`` [M] bool selects."""
+        pick = lambda v: None if v is None else v[:, keep]  # noqa: E731
+        return Sides(*(pick(v) for v in (self.depth, self.focus, self.t, self.itself, self.miss)))
+
 
 def refocused(depth_m, focus_m, depths, focus) -> Sides:
     """Where a model over the grid's focus settings focus [F] m (inf allowed) answers points at depth_m [M] m and
@@ -328,16 +337,15 @@ class Blend:
         """The model's answer at field points x, y [M] from the network's PSFs nets [S, M, 3, k, k] at the points'
         sides (``refocused``): Σ_s t_s · apply(nets[s], x, y, the side's depth and focus), [M, 3, k, k], each channel
         summing to 1, t as ``sigma`` tempers it. A side's PSFs where its t is 0 are not read."""
-        focus = (lambda s: None) if sides.focus is None else (lambda s: sides.focus[s])  # noqa: E731
         sides = sides.tempered(self.sigma)
         if len(sides.t) == 1:  # one focus setting: the point itself
-            return self.apply(nets[0], x, y, sides.depth[0], focus(0))
+            return self.apply(nets[0], x, y, sides.depth[0], sides.focus_of(0))
         x, y = (np.broadcast_to(np.asarray(v, dtype=np.float64), sides.t.shape[1:]) for v in (x, y))
         out = torch.zeros_like(nets[0])
         for s, t in enumerate(sides.t):
             need = np.flatnonzero(t > 0)
             if len(need):
-                k = self.apply(nets[s][need], x[need], y[need], sides.depth[s][need], focus(s)[need])
+                k = self.apply(nets[s][need], x[need], y[need], sides.depth[s][need], sides.focus[s][need])
                 at = torch.as_tensor(need, device=out.device)
                 out[at] += torch.as_tensor(t[need], dtype=out.dtype, device=out.device).view(-1, 1, 1, 1) * k
         return out
@@ -474,9 +482,8 @@ def fit(grid, net_grid, grid_size: int, depths, focus, net_psf: np.ndarray | Non
     sides = refocused(validation["depth"], focus_m, depths, focus)
 
     def b_at(blend: Blend) -> torch.Tensor:  # B at each side: [S, V, 3, k, k]
-        focus_of = lambda s: None if sides.focus is None else sides.focus[s]  # noqa: E731
         x, y = coords[:, 0], coords[:, 1]
-        return torch.stack([blend.interpolate(x, y, d, focus_of(s)) for s, d in enumerate(sides.depth)])
+        return torch.stack([blend.interpolate(x, y, d, sides.focus_of(s)) for s, d in enumerate(sides.depth)])
 
     at = [b_at(make(*c)) for c in CANDIDATES]  # B
     net = torch.as_tensor(net_psf, dtype=torch.float32)
@@ -515,7 +522,7 @@ def fit(grid, net_grid, grid_size: int, depths, focus, net_psf: np.ndarray | Non
     fitted.weights, fitted.points = fits[chosen][0], points
     # Then how much a side that misses the point's defocus weighs, for the blend as fitted (sigma changes only t), and
     # the weights again with the sides so weighed: the answers the model gives
-    told_sides = replace(sides, t=sides.t[:, told], miss=sides.miss[:, told])
+    told_sides = sides.subset(told)
     k = _at_sides(fitted.weights, net[:, keep], at[chosen][:, keep], fitted.detail, told_at["radius"], told_at["past"])
     fitted.sigma = _fit_sigma(told_sides, k, scored, told_at["band"], told_at["a"], told_at["c"])
     if not math.isinf(fitted.sigma):
