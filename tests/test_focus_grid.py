@@ -167,7 +167,9 @@ def test_pilots_run_at_the_nearest_and_farthest_focus_and_the_larger_choice_wins
     assert seen == {"window": [0.5, INF], "depths": [0.5, INF]}
     assert grid.kernel_size == 48 and grid.window_plan["focus_m"] == INF  # the larger side: at infinity
     assert len(grid.depths) == 5 and grid.depth_plan["focus_m"] == 0.5  # the more depths: at 0.5 m
-    assert grid.n_planes == 15 and "3 x 5 = 15 planes" in summary(grid.path)
+    text = summary(grid.path)
+    assert grid.n_planes == 15 and "3 x 5 = 15 planes" in text
+    assert "num_depths auto at focus 0.5 m, the larger count" in text, text
 
 
 def test_info_shows_the_focus_settings(focus_grid, tiny_grid):

@@ -10,7 +10,7 @@ from psfgen.analysis.litfield import summary_lines
 from psfgen.analysis.spacing import check_file as check_spacing
 from psfgen.analysis.symmetry import check_file as check_symmetry
 from psfgen.config import NOISE_POINTS, default_noise_points
-from psfgen.gridfile import FORMAT, KEPT_LIMIT, LENS_FORMATS, SCHEMA_VERSION, GridFile
+from psfgen.gridfile import FORMAT, KEPT_LIMIT, LENS_FORMATS, SCHEMA_VERSION, GridFile, focus_text
 from psfgen.shared.metrics import rel_l2
 
 
@@ -51,7 +51,11 @@ def _plan_note(grid: GridFile) -> str:
     if grid.depth_plan is None:
         return ""
     errs = _errors_text(grid.depth_plan)
-    return f"  (num_depths auto; pilot's error of interpolating in depth by number of depths {errs})"
+    # Over several focus settings the pilot ran at the nearest and the farthest: say which one's count won.
+    at = ""
+    if grid.n_focus > 1:
+        at = f" at focus {focus_text(grid.depth_plan['focus_m'])}, the larger count of the nearest and farthest focus"
+    return f"  (num_depths auto{at}; pilot's error of interpolating in depth by number of depths {errs})"
 
 
 def focus_plan_lines(grid: GridFile) -> list[str]:
