@@ -52,9 +52,9 @@ def _plan_note(grid: GridFile) -> str:
         return ""
     errs = _errors_text(grid.depth_plan)
     # Over several focus settings the pilot ran at the nearest and the farthest: say which one's count won.
-    at = ""
-    if grid.n_focus > 1:
-        at = f" at focus {focus_text(grid.depth_plan['focus_m'])}, the larger count of the nearest and farthest focus"
+    at, focus = "", grid.depth_plan.get("focus_m")
+    if grid.n_focus > 1 and isinstance(focus, (int, float)):
+        at = f" at focus {focus_text(focus)}, the larger count of the nearest and farthest focus"
     return f"  (num_depths auto{at}; pilot's error of interpolating in depth by number of depths {errs})"
 
 
