@@ -514,10 +514,7 @@ def fit(grid, net_grid, grid_size: int, depths, focus, net_psf: np.ndarray | Non
         _fit_weights(net[:, keep], b[:, keep], t[:, keep], detail, scored, **told_at)
         for b, (_, detail) in zip(at, CANDIDATES)
     ]
-    losses = np.array([loss for _, loss in fits], dtype=np.float64)
-    losses[~np.isfinite(losses)] = np.inf  # a band whose pooled error is undefined cannot choose
-    within = np.flatnonzero(losses <= losses.min() * (1 + MARGIN))
-    chosen = int(within[0]) if len(within) else 0
+    chosen = _earliest_within_margin([loss for _, loss in fits])
     fitted = make(*CANDIDATES[chosen])
     fitted.weights, fitted.points = fits[chosen][0], points
     # Then how much a side that misses the point's defocus weighs, for the blend as fitted (sigma changes only t), and
@@ -580,10 +577,17 @@ def _fit_sigma(sides: Sides, k: torch.Tensor, scored: list, band, a, c) -> float
     where no side misses."""
     if not sides.miss.any():
         return math.inf
-    losses = np.array([_band_sum(weighted(sides.tempered(v).t, k).numpy(), scored, band, a, c) for v in SIGMAS])
+    losses = [_band_sum(weighted(sides.tempered(v).t, k).numpy(), scored, band, a, c) for v in SIGMAS]
+    return float(SIGMAS[_earliest_within_margin(losses)])
+
+
+def _earliest_within_margin(losses) -> int:
+    """The index of the earliest of ``losses`` within MARGIN of the lowest; 0 when none is finite (a band whose
+    pooled error is undefined cannot choose)."""
+    losses = np.array(losses, dtype=np.float64)
     losses[~np.isfinite(losses)] = np.inf
     within = np.flatnonzero(losses <= losses.min() * (1 + MARGIN))
-    return float(SIGMAS[int(within[0])]) if len(within) else math.inf
+    return int(within[0]) if len(within) else 0
 
 
 def mix(w: torch.Tensor, net: torch.Tensor, b: torch.Tensor, detail: float) -> torch.Tensor:
